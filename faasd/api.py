@@ -1,0 +1,198 @@
+"""The daemon's HTTP surface: HTTP triggers, the Lambda API, health and system views.
+
+Handlers are built by factories that receive what they need (the invoker,
+the registry, ...) and nothing else; the app is assembled in `build_app`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from . import __version__
+from .errors import FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
+from .spec import valid_name
+from .triggers.http import (
+    RouteTable, build_event, build_response, error_response, failure_response, new_request_id,
+)
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("faasd.api")
+
+JSON = "application/json"
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(value), content_type=JSON, headers=headers)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, or PayloadTooLarge past `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(
+            f"Request must be smaller than {limit} bytes for the InvokeFunction operation")
+    try:
+        body = await request.content.read(limit + 1) if request.body_exists else b""
+        if len(body) > limit:
+            raise PayloadTooLarge(
+                f"Request must be smaller than {limit} bytes for the InvokeFunction operation")
+        return body
+    except asyncio.LimitOverrunError:
+        raise PayloadTooLarge(f"Request must be smaller than {limit} bytes") from None
+
+
+# -- HTTP triggers ------------------------------------------------------------------
+
+HTTP_REFUSALS = {
+    404: "Not Found", 429: "Too Many Requests", 413: "Request Entity Too Large",
+    503: "Service Unavailable", 400: "Bad Request",
+}
+
+
+def http_trigger_handler(daemon: "Daemon"):
+    """`/function/NAME[/rest]` and every http trigger route."""
+    invoker = daemon.invoker
+    routes: RouteTable = daemon.routes
+    limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+
+    async def invoke(request: web.Request, name: str, route_key: str,
+                     params: dict[str, str] | None) -> web.Response:
+        request_id = new_request_id()
+        try:
+            body = await read_body(request, limit)
+            event = build_event(request, body, route_key=route_key,
+                                path_parameters=params, request_id=request_id)
+            invocation = await invoker.invoke(name, orjson.dumps(event),
+                                              request_id=request_id, source="http")
+        except InvokeRefused as exc:
+            headers = {"X-Amzn-ErrorType": exc.error_type}
+            if isinstance(exc, Throttled):
+                headers["Retry-After"] = "1"
+            return error_response(exc.status, HTTP_REFUSALS.get(exc.status, exc.message), headers)
+        if invocation.error is not None:
+            return failure_response(invocation.error, request_id)
+        response = build_response(invocation.payload)
+        response.headers["apigw-requestid"] = request_id
+        response.headers["X-Duration-Seconds"] = f"{invocation.duration_ms / 1000:.6f}"
+        return response
+
+    async def by_name(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not valid_name(name):
+            return error_response(400, f"invalid function name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ -")
+        rest = request.match_info.get("rest")
+        if rest is not None and not rest:
+            rest = None
+        route_key = f"ANY /function/{name}/{{proxy+}}" if rest else f"ANY /function/{name}"
+        return await invoke(request, name, route_key, {"proxy": rest} if rest else None)
+
+    async def by_route(request: web.Request) -> web.Response:
+        found = routes.match(request.method, request.path)
+        if found is None:
+            return error_response(404, "Not Found")
+        route, params = found
+        return await invoke(request, route.function, route.route_key(request.method), params or None)
+
+    return by_name, by_route
+
+
+# -- health and system views ----------------------------------------------------------
+
+def system_handlers(daemon: "Daemon"):
+    async def healthz(request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        checks = daemon.readiness()
+        ok = all(check["ok"] for check in checks.values())
+        return json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+    async def functions(request: web.Request) -> web.Response:
+        return json_response({"functions": [daemon.describe(name) for name in sorted(daemon.registry.specs)]})
+
+    async def function(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if daemon.registry.get(name) is None:
+            return json_response({"message": f"Function not found: {name}"}, status=404)
+        return json_response(daemon.describe(name))
+
+    async def info(request: web.Request) -> web.Response:
+        return json_response(daemon.info())
+
+    async def logs(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if not valid_name(name):
+            return json_response({"message": "invalid function name"}, status=400)
+        if daemon.registry.get(name) is None and not daemon.logs.path(name).exists():
+            return json_response({"message": f"Function not found: {name}"}, status=404)
+        try:
+            lines = max(0, min(int(request.query.get("lines", "100")), 100000))
+        except ValueError:
+            return json_response({"message": "lines must be a whole number"}, status=400)
+        follow = request.query.get("follow", "") in ("1", "true", "yes")
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        stream = daemon.logs.follow(name) if follow else None
+        for line in daemon.logs.tail(name, lines):
+            await response.write(line.encode())
+        if stream is not None:
+            async for line in stream:
+                await response.write(line.encode())
+        await response.write_eof()
+        return response
+
+    return healthz, readyz, functions, function, info, logs
+
+
+# -- errors the framework raises before a handler runs -------------------------------
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != JSON:
+            message = exc.reason if exc.status != 413 else "Request Entity Too Large"
+            return error_response(exc.status, message, dict(exc.headers) if exc.status == 405 else None)
+        raise
+    except FunctionNotFound as exc:
+        return error_response(404, exc.message)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error_response(500, "Internal Server Error")
+    if isinstance(response, web.Response) and "X-Duration-Seconds" not in response.headers:
+        response.headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:.6f}"
+    return response
+
+
+def build_app(daemon: "Daemon") -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware],
+        client_max_size=int(daemon.config.server.max_body_mb * 1024 * 1024) + 1024,
+    )
+    by_name, by_route = http_trigger_handler(daemon)
+    healthz, readyz, functions, function, info, logs = system_handlers(daemon)
+    from .lambda_api import lambda_routes
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/system/functions", functions)
+    app.router.add_get("/system/functions/{name}", function)
+    app.router.add_get("/system/functions/{name}/logs", logs)
+    app.router.add_get("/system/info", info)
+    lambda_routes(app, daemon)
+    for extra in daemon.route_hooks:
+        extra(app)
+    app.router.add_route("*", "/function/{name}", by_name)
+    app.router.add_route("*", "/function/{name}/{rest:.*}", by_name)
+    app.router.add_route("*", "/{tail:.*}", by_route)
+    app["server_version"] = __version__
+    return app

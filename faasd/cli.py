@@ -1,0 +1,291 @@
+"""The `faasd` command: `serve` runs the daemon; the rest are its clients and tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .spec import RUNTIMES, valid_name
+
+
+def _config(args: argparse.Namespace):
+    overrides = {
+        "server": {"host": getattr(args, "host", None), "port": getattr(args, "port", None),
+                   "insecure": True if getattr(args, "insecure", False) else None},
+        "paths": {"functions": getattr(args, "functions", None), "data": getattr(args, "data_dir", None)},
+        "log": {"format": getattr(args, "log_format", None), "level": getattr(args, "log_level", None)},
+    }
+    return load_config(args.config, overrides=overrides)
+
+
+def _base_url(args: argparse.Namespace) -> str:
+    if args.url:
+        return args.url.rstrip("/")
+    config = _config(args)
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.server.port}"
+
+
+def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None,
+             method: str | None = None, timeout: float | None = 960):
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        return exc
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"faasd: cannot reach the daemon at {url}: {exc.reason}") from None
+
+
+# -- commands ------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import run
+    from .logfmt import setup_logging
+
+    config = _config(args)
+    setup_logging(config.log.format, config.log.level)
+    return run(config)
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    data = args.data
+    if data is None:
+        payload = b"{}" if sys.stdin.isatty() else sys.stdin.buffer.read() or b"{}"
+    elif data.startswith("@"):
+        try:
+            payload = Path(data[1:]).read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"faasd: cannot read {data[1:]}: {exc.strerror}") from None
+    else:
+        payload = data.encode()
+    try:
+        json.loads(payload)
+    except ValueError as exc:
+        raise SystemExit(f"faasd: the payload is not valid JSON: {exc}") from None
+    headers = {"Content-Type": "application/json",
+               "X-Amz-Invocation-Type": "Event" if args.async_ else "RequestResponse"}
+    url = f"{_base_url(args)}/2015-03-31/functions/{args.name}/invocations"
+    response = _request(url, data=payload, headers=headers, method="POST")
+    body = response.read()
+    if response.status == 202:
+        print(f"queued: request id {response.headers.get('x-amzn-RequestId')}")
+        return 0
+    if response.status >= 400:
+        try:
+            message = json.loads(body).get("message", body.decode())
+        except ValueError:
+            message = body.decode(errors="replace")
+        print(f"faasd: {response.headers.get('x-amzn-ErrorType', response.status)}: {message}",
+              file=sys.stderr)
+        return 2
+    sys.stdout.write(body.decode(errors="replace") + "\n")
+    return 1 if response.headers.get("X-Amz-Function-Error") else 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    response = _request(f"{_base_url(args)}/system/functions")
+    if response.status != 200:
+        print(f"faasd: the daemon answered {response.status}", file=sys.stderr)
+        return 2
+    functions = json.loads(response.read())["functions"]
+    if args.json:
+        print(json.dumps(functions, indent=2))
+        return 0
+    rows = [("NAME", "RUNTIME", "HANDLER", "WORKERS", "TRIGGERS", "STATUS")]
+    for fn in functions:
+        counts = fn.get("worker_counts", {})
+        workers = " ".join(f"{k}={v}" for k, v in counts.items() if v) or "-"
+        triggers = ",".join(t["type"] for t in fn["triggers"]) or "-"
+        status = "error: " + fn["load_error"] if fn["load_error"] else "ok"
+        rows.append((fn["name"], fn["runtime"], fn["handler"], workers, triggers, status))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    query = f"lines={args.lines}" + ("&follow=1" if args.follow else "")
+    response = _request(f"{_base_url(args)}/system/functions/{args.name}/logs?{query}",
+                        timeout=None if args.follow else 60)
+    if response.status != 200:
+        print(f"faasd: {json.loads(response.read()).get('message')}", file=sys.stderr)
+        return 2
+    try:
+        for line in response:
+            sys.stdout.write(line.decode(errors="replace"))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+TEMPLATES = {
+    "python": {
+        "handler.py": '''\
+            import json
+
+
+            def handler(event, context):
+                print(f"{context.function_name} got", json.dumps(event)[:200])
+                return {"statusCode": 200, "body": json.dumps({"hello": "world"})}
+            ''',
+    },
+    "node": {
+        "index.mjs": '''\
+            export const handler = async (event, context) => {
+              console.log(`${context.functionName} got`, JSON.stringify(event).slice(0, 200));
+              return { statusCode: 200, body: JSON.stringify({ hello: "world" }) };
+            };
+            ''',
+    },
+    "provided": {
+        "bootstrap": '''\
+            #!/bin/sh
+            # A custom runtime: poll the Lambda Runtime API, answer each event.
+            set -eu
+            API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+            while true; do
+              HEADERS="$(mktemp)"
+              EVENT="$(curl -sS -LD "$HEADERS" "$API/invocation/next")"
+              REQUEST_ID="$(grep -Fi Lambda-Runtime-Aws-Request-Id "$HEADERS" | tr -d '[:space:]' | cut -d: -f2)"
+              curl -sS -X POST "$API/invocation/$REQUEST_ID/response" -d '{"hello": "world"}' >/dev/null
+              rm -f "$HEADERS"
+            done
+            ''',
+    },
+}
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    if not valid_name(args.name):
+        print(f"faasd: invalid function name {args.name!r}: use 1 to 64 of A-Z a-z 0-9 _ -",
+              file=sys.stderr)
+        return 2
+    config = _config(args)
+    target = config.paths.functions / args.name
+    existing = [p for p in (target, target.with_suffix(".py"), target.with_suffix(".js"),
+                            target.with_suffix(".mjs")) if p.exists()]
+    if existing:
+        print(f"faasd: {existing[0]} already exists", file=sys.stderr)
+        return 2
+    target.mkdir(parents=True)
+    for filename, text in TEMPLATES[args.runtime].items():
+        path = target / filename
+        path.write_text(textwrap.dedent(text))
+        if filename == "bootstrap":
+            path.chmod(0o755)
+    (target / "function.toml").write_text(textwrap.dedent(f'''\
+        runtime = "{args.runtime}"
+        memory_mb = 128
+        timeout_s = 3
+
+        [[triggers]]
+        type = "http"
+        path = "/{args.name}"
+        '''))
+    print(f"created {target}; try: curl {config.url}/function/{args.name}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .registry import scan
+
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        print(f"config: error: {exc}")
+        return 1
+    print(f"config: ok ({config.source or 'built-in defaults'})")
+    if not config.paths.functions.is_dir():
+        print(f"functions: error: {config.paths.functions} is not a directory")
+        return 1
+    specs = scan(config.paths.functions)
+    failed = 0
+    for name, spec in sorted(specs.items()):
+        if spec.load_error:
+            failed += 1
+            print(f"{name}: error: {spec.load_error}")
+        else:
+            triggers = ", ".join(t.type for t in spec.triggers) or "http"
+            print(f"{name}: ok ({spec.runtime}, {spec.handler}; triggers: {triggers})")
+    print(f"{len(specs)} functions, {failed} with errors")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faasd", description="A self-hosted AWS Lambda for one Linux box.")
+    parser.add_argument("--config", help="config file (default: $FAASD_CONFIG, else ./config/faasd.toml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def client(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", help="the daemon's address (default: from the config)")
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--functions", help="functions directory")
+    serve.add_argument("--data-dir", dest="data_dir", help="data directory (queue, logs, dead letters)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--log-format", dest="log_format", choices=("text", "json"))
+    serve.add_argument("--log-level", dest="log_level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow listening on a non-loopback address without [auth] keys")
+    serve.set_defaults(func=cmd_serve)
+
+    invoke = commands.add_parser("invoke", help="invoke a function and print its result")
+    invoke.add_argument("name")
+    invoke.add_argument("--data", help="JSON event, or @FILE (default: stdin, else {})")
+    invoke.add_argument("--async", dest="async_", action="store_true", help="queue it (Event invocation)")
+    client(invoke)
+    invoke.set_defaults(func=cmd_invoke)
+
+    listing = commands.add_parser("list", help="list functions and their workers")
+    listing.add_argument("--json", action="store_true")
+    client(listing)
+    listing.set_defaults(func=cmd_list)
+
+    logs = commands.add_parser("logs", help="print a function's log")
+    logs.add_argument("name")
+    logs.add_argument("--follow", "-f", action="store_true")
+    logs.add_argument("--lines", "-n", type=int, default=100)
+    client(logs)
+    logs.set_defaults(func=cmd_logs)
+
+    new = commands.add_parser("new", help="create a function from a template")
+    new.add_argument("name")
+    new.add_argument("--runtime", choices=RUNTIMES, default="python")
+    new.add_argument("--functions", help="functions directory")
+    new.set_defaults(func=cmd_new)
+
+    check = commands.add_parser("check", help="validate the config and every function")
+    check.add_argument("--functions", help="functions directory")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"faasd: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

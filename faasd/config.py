@@ -1,0 +1,255 @@
+"""The daemon's configuration: one frozen `Config`, loaded and validated once.
+
+Sources, lowest precedence first: built-in defaults, the TOML file
+(`--config`, else `$FAASD_CONFIG`, else `./config/faasd.toml` if it exists),
+`FAASD_<SECTION>_<KEY>` environment variables, then command-line flags.
+Relative paths are relative to the config file's directory (or to the
+current directory when there is no file). Every error names the source, the
+key and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, malformed or out of range."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_mb: float = 6.0
+    insecure: bool = False  # allow a non-loopback bind without auth keys
+
+
+@dataclass(frozen=True, kw_only=True)
+class PathsConfig:
+    functions: Path = Path("functions")
+    data: Path = Path(".faasd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    max_concurrency: int = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkersConfig:
+    freeze_after_ms: int = 100
+    keep_warm_s: float = 600.0
+    run_as: str | None = None
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class AmqpConfig:
+    url: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthConfig:
+    keys: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    format: str = "text"  # text | json
+    level: str = "info"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    amqp: AmqpConfig = field(default_factory=AmqpConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: Path | None = None  # the file it came from, if any
+
+    @property
+    def url(self) -> str:
+        host = self.server.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.server.port}"
+
+
+# Section name -> (dataclass, {key: coercer}). The coercers turn TOML values
+# and environment strings alike into the field's type, or raise ValueError.
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    number = int(value)
+    if number <= 0 or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError("expected a positive whole number")
+    return number
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a whole number")
+    number = int(value)
+    if number < 0:
+        raise ValueError("expected zero or a positive whole number")
+    return number
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    number = float(value)
+    if number <= 0:
+        raise ValueError("expected a positive number")
+    return number
+
+
+def _port(value: Any) -> int:
+    number = _non_negative_int(value)
+    if number > 65535:
+        raise ValueError("expected a port number from 0 to 65535")
+    return number
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return _str(value)
+
+
+def _keys(value: Any) -> dict[str, str]:
+    if isinstance(value, str):  # FAASD_AUTH_KEYS="AKID1=secret1,AKID2=secret2"
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError("expected ACCESS_KEY=SECRET pairs separated by commas")
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
+    ):
+        raise ValueError("expected a table of access key id = secret")
+    return dict(value)
+
+
+def _choice(*options: str):
+    def coerce(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return value
+
+    return coerce
+
+
+_SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
+    "server": (ServerConfig, {"host": _str, "port": _port, "max_body_mb": _positive_float,
+                              "insecure": _bool}),
+    "paths": (PathsConfig, {"functions": Path, "data": Path}),
+    "limits": (LimitsConfig, {"max_concurrency": _positive_int}),
+    "workers": (WorkersConfig, {"freeze_after_ms": _non_negative_int,
+                                "keep_warm_s": _positive_float, "run_as": _optional_str,
+                                "drain_timeout_s": _positive_float}),
+    "amqp": (AmqpConfig, {"url": _optional_str}),
+    "auth": (AuthConfig, {"keys": _keys}),
+    "log": (LogConfig, {"format": _choice("text", "json"),
+                        "level": _choice("debug", "info", "warning", "error")}),
+}
+
+
+def default_config_path(env: Mapping[str, str] = os.environ) -> Path | None:
+    """The config file `faasd` uses when `--config` is not given."""
+    if env.get("FAASD_CONFIG"):
+        return Path(env["FAASD_CONFIG"])
+    candidate = Path("config/faasd.toml")
+    return candidate if candidate.is_file() else None
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    env: Mapping[str, str] = os.environ,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the Config from file, environment and `overrides` (CLI flags).
+
+    `overrides` is `{section: {key: value}}`; None values are ignored so that
+    unset flags fall through to the file.
+    """
+    if path is None:
+        path = default_config_path(env)
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    source: Path | None = None
+    if path is not None:
+        source = Path(path).resolve()
+        try:
+            raw = tomllib.loads(source.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        base = source.parent
+        unknown = set(raw) - set(_SCHEMA)
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown section [{sorted(unknown)[0]}]; "
+                f"known sections: {', '.join(_SCHEMA)}"
+            )
+
+    sections: dict[str, Any] = {}
+    for section, (cls, fields) in _SCHEMA.items():
+        values: dict[str, Any] = {}
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        for key, value in table.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"{path}: unknown key {section}.{key}; known keys: {', '.join(fields)}"
+                )
+            values[key] = _coerce(fields[key], value, f"{path}: {section}.{key}")
+        for key, coercer in fields.items():
+            env_name = f"FAASD_{section.upper()}_{key.upper()}"
+            if env_name in env:
+                values[key] = _coerce(coercer, env[env_name], f"${env_name}")
+            flag = (overrides or {}).get(section, {}).get(key)
+            if flag is not None:
+                values[key] = _coerce(coercer, flag, f"--{key.replace('_', '-')}")
+        sections[section] = cls(**values)
+
+    paths: PathsConfig = sections["paths"]
+    sections["paths"] = replace(
+        paths,
+        functions=(base / paths.functions).resolve(),
+        data=(base / paths.data).resolve(),
+    )
+    return Config(**sections, source=source)
+
+
+def _coerce(coercer: Any, value: Any, where: str) -> Any:
+    try:
+        return coercer(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {value!r} is not valid: {exc}") from None

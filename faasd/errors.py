@@ -1,0 +1,106 @@
+"""The failures a caller can see, each mapped once to its HTTP status and Lambda shape.
+
+Two families:
+  * `InvokeRefused` subclasses: the invocation never ran (unknown function,
+    throttled, payload too large). Raised by the invoker; API layers turn
+    them into Lambda's service errors (`{"Type", "message"}` + `x-amzn-ErrorType`).
+  * `FunctionError`: the invocation ran and failed (handler error, timeout,
+    out of memory, crash, init error). Returned inside an `Invocation`, never
+    raised, in Lambda's function error shape `{"errorMessage", "errorType",
+    "stackTrace"}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class InvokeRefused(Exception):
+    status = 500
+    error_type = "ServiceException"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_lambda(self) -> dict[str, Any]:
+        return {"Type": "User", "message": self.message}
+
+
+class FunctionNotFound(InvokeRefused):
+    status = 404
+    error_type = "ResourceNotFoundException"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Function not found: {name}")
+        self.name = name
+
+
+class InvalidRequest(InvokeRefused):
+    status = 400
+    error_type = "InvalidRequestContentException"
+
+
+class Throttled(InvokeRefused):
+    status = 429
+    error_type = "TooManyRequestsException"
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def to_lambda(self) -> dict[str, Any]:
+        return {"Type": "User", "message": self.message, "Reason": self.reason}
+
+
+class PayloadTooLarge(InvokeRefused):
+    status = 413
+    error_type = "RequestTooLargeException"
+
+
+class ShuttingDown(InvokeRefused):
+    status = 503
+    error_type = "ServiceException"
+
+
+# How a failed run ended; decides the HTTP-trigger status and whether the
+# worker can be reused.
+HANDLED = "error"          # the handler raised; worker reusable
+TIMEOUT = "timeout"        # Sandbox.Timedout; worker killed
+OUT_OF_MEMORY = "oom"      # Runtime.OutOfMemory; worker killed
+CRASH = "crash"            # Runtime.ExitError; worker gone
+INIT = "init"              # the function could not load
+
+HTTP_STATUS = {HANDLED: 502, TIMEOUT: 504, OUT_OF_MEMORY: 502, CRASH: 502, INIT: 502}
+
+
+@dataclass(frozen=True)
+class FunctionError:
+    kind: str
+    error_type: str
+    message: str
+    stack_trace: list[str] = field(default_factory=list)
+
+    def to_lambda(self) -> dict[str, Any]:
+        return {"errorMessage": self.message, "errorType": self.error_type,
+                "stackTrace": self.stack_trace}
+
+    @classmethod
+    def from_payload(cls, kind: str, payload: dict[str, Any]) -> "FunctionError":
+        trace = payload.get("stackTrace") or []
+        if not isinstance(trace, list):
+            trace = [str(trace)]
+        return cls(kind, str(payload.get("errorType") or "Error"),
+                   str(payload.get("errorMessage") or ""), [str(t) for t in trace])
+
+    @classmethod
+    def from_load_error(cls, text: str) -> "FunctionError":
+        error_type, sep, message = text.partition(": ")
+        if not sep or not error_type.startswith("Runtime."):
+            error_type, message = "Runtime.InvalidConfiguration", text
+        return cls(INIT, error_type, message)
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.kind, 502)

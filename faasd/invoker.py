@@ -1,0 +1,238 @@
+"""The one path every invocation takes, whatever triggered it.
+
+trigger -> Invoker.invoke() -> concurrency limits -> pool.acquire() ->
+worker.run() -> logs (START/END/REPORT) -> Invocation.
+
+Limits: a call holds one slot of the global `max_concurrency` and one of the
+function's `concurrency`. A synchronous call that finds either full is
+refused at once (`Throttled`, HTTP 429); an asynchronous one (`wait=True`)
+waits its turn, first come first served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import INIT, FunctionError, FunctionNotFound, ShuttingDown, Throttled
+from .logs import FunctionLogs, LogCapture
+from .pool import WorkerPool
+from .registry import Registry
+from .spec import FunctionSpec
+from .workers import WorkerInitError
+
+log = logging.getLogger("faasd.invoker")
+
+
+class Limiter:
+    """A counting semaphore that can refuse (`try_acquire`) or queue (`acquire`)."""
+
+    __slots__ = ("limit", "used", "_waiters")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    def try_acquire(self) -> bool:
+        if self.limit is not None and (self.used >= self.limit or self._waiters):
+            return False
+        self.used += 1
+        return True
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # the slot was handed over as we were cancelled
+            else:
+                self._waiters.remove(future)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)  # the slot passes straight to the waiter
+                return
+        self.used -= 1
+
+
+@dataclass(slots=True)
+class Invocation:
+    """What happened to one invocation."""
+
+    request_id: str
+    function: str
+    payload: bytes | None = None
+    error: FunctionError | None = None
+    duration_ms: float = 0.0
+    init_ms: float | None = None
+    max_memory_mb: int = 0
+    log_tail: str = ""
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+InvocationObserver = Callable[[FunctionSpec, Invocation, str], None]
+
+
+class Invoker:
+    def __init__(self, registry: Registry, pool: WorkerPool, logs: FunctionLogs,
+                 max_concurrency: int) -> None:
+        self.registry = registry
+        self.pool = pool
+        self.logs = logs
+        self.global_limit = Limiter(max_concurrency)
+        self._function_limits: dict[str, Limiter] = {}
+        self.inflight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.observers: list[InvocationObserver] = []
+
+    def spec(self, name: str) -> FunctionSpec:
+        spec = self.registry.get(name)
+        if spec is None:
+            raise FunctionNotFound(name)
+        return spec
+
+    def function_limit(self, spec: FunctionSpec) -> Limiter:
+        limiter = self._function_limits.get(spec.name)
+        if limiter is None:
+            limiter = self._function_limits[spec.name] = Limiter(spec.concurrency)
+        limiter.limit = spec.concurrency
+        return limiter
+
+    async def invoke(self, name: str, event: bytes, *, request_id: str | None = None,
+                     wait: bool = False, source: str = "api") -> Invocation:
+        """Run `name` on `event` (JSON bytes) and report how it went.
+
+        Raises FunctionNotFound, Throttled (only when `wait` is false) or
+        ShuttingDown; every failure of the function itself is in the result.
+        """
+        if self.draining:
+            raise ShuttingDown("faasd is shutting down")
+        spec = self.spec(name)
+        fn_limit = self.function_limit(spec)
+        if wait:
+            await fn_limit.acquire()
+            try:
+                await self.global_limit.acquire()
+            except BaseException:
+                fn_limit.release()
+                raise
+        else:
+            if not fn_limit.try_acquire():
+                raise Throttled("ReservedFunctionConcurrentInvocationLimitExceeded", "Rate Exceeded.")
+            if not self.global_limit.try_acquire():
+                fn_limit.release()
+                raise Throttled("ConcurrentInvocationLimitExceeded", "Rate Exceeded.")
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            # The spec may have changed while we waited for a slot.
+            spec = self.registry.get(name) or spec
+            invocation = await self._run(spec, event, request_id or str(uuid.uuid4()))
+        finally:
+            self.inflight -= 1
+            fn_limit.release()
+            self.global_limit.release()
+            if self.inflight == 0:
+                self._idle.set()
+        for observer in self.observers:
+            try:
+                observer(spec, invocation, source)
+            except Exception:
+                log.exception("invocation observer failed")
+        return invocation
+
+    async def _run(self, spec: FunctionSpec, event: bytes, request_id: str) -> Invocation:
+        capture = LogCapture(self.logs, spec.name, request_id)
+        invocation = Invocation(request_id=request_id, function=spec.name)
+        if spec.load_error:
+            invocation.error = FunctionError.from_load_error(spec.load_error)
+            self._log_failed_init(capture, invocation, spec, [])
+            return invocation
+        pool = self.pool.get(spec)
+        try:
+            worker, cold = await pool.acquire()
+        except WorkerInitError as exc:
+            invocation.error = exc.error
+            invocation.init_ms = exc.init_ms
+            self._log_failed_init(capture, invocation, spec, exc.logs)
+            return invocation
+        if cold:
+            invocation.init_ms = worker.init_ms
+        capture(f"START RequestId: {request_id} Version: $LATEST")
+        started = time.perf_counter()
+        deadline = time.time() + spec.timeout_s
+        result = None
+        try:
+            result = await worker.run(request_id, event, deadline, capture)
+        finally:
+            invocation.duration_ms = (time.perf_counter() - started) * 1000
+            pool.release(worker, result is not None and result.reusable)
+        invocation.payload = result.payload
+        invocation.error = result.error
+        invocation.max_memory_mb = result.max_memory_mb
+        if result.error is not None and result.error.kind != "error":
+            capture(f"{result.error.message}")
+        capture(f"END RequestId: {request_id}")
+        capture(self._report(spec, invocation))
+        invocation.log_tail = capture.tail_text()
+        return invocation
+
+    def _log_failed_init(self, capture: LogCapture, invocation: Invocation,
+                         spec: FunctionSpec, init_logs: list[str]) -> None:
+        error = invocation.error
+        assert error is not None and error.kind == INIT
+        for line in init_logs[-20:]:
+            capture(line)
+        capture(f"INIT_REPORT Init Duration: {invocation.init_ms or 0:.2f} ms\tPhase: init\t"
+                f"Status: error\tError Type: {error.error_type}")
+        capture(f"[ERROR] {error.error_type}: {error.message}")
+        capture(f"START RequestId: {invocation.request_id} Version: $LATEST")
+        capture(f"END RequestId: {invocation.request_id}")
+        capture(self._report(spec, invocation, status="error"))
+        invocation.log_tail = capture.tail_text()
+
+    @staticmethod
+    def _report(spec: FunctionSpec, invocation: Invocation, status: str | None = None) -> str:
+        duration = invocation.duration_ms
+        line = (f"REPORT RequestId: {invocation.request_id}\tDuration: {duration:.2f} ms\t"
+                f"Billed Duration: {max(1, math.ceil(duration))} ms\t"
+                f"Memory Size: {spec.memory_mb} MB\tMax Memory Used: {invocation.max_memory_mb} MB")
+        if invocation.init_ms is not None:
+            line += f"\tInit Duration: {invocation.init_ms:.2f} ms"
+        error = invocation.error
+        if status is None and error is not None and error.kind in ("timeout", "oom", "crash"):
+            status = {"timeout": "timeout", "oom": "error", "crash": "error"}[error.kind]
+        if status:
+            line += f"\tStatus: {status}"
+            if error is not None and error.kind != "timeout":
+                line += f"\tError Type: {error.error_type}"
+        return line
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new calls; wait up to `timeout` for in-flight ones. True if all ended."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False

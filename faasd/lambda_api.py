@@ -1,0 +1,166 @@
+"""AWS Lambda's own API, so boto3 and the aws CLI talk to faasd as to Lambda.
+
+Invoke (`POST /2015-03-31/functions/NAME/invocations`), ListFunctions and
+GetFunction, with Lambda's headers, status codes and error shapes: service
+errors carry `x-amzn-ErrorType` and `{"Type", "message"}`, which botocore
+turns into `ResourceNotFoundException` and friends.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from .errors import FunctionNotFound, InvalidRequest, InvokeRefused
+from .spec import FunctionSpec, function_arn, valid_name
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+API = "/2015-03-31"
+RUNTIME_IDS = {"python": "python3.11", "node": "nodejs20.x", "provided": "provided.al2023"}
+
+
+def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
+    headers = {"x-amzn-ErrorType": exc.error_type, "x-amzn-RequestId": request_id or _rid()}
+    return web.Response(status=exc.status, body=orjson.dumps(exc.to_lambda()),
+                        content_type="application/json", headers=headers)
+
+
+def _rid() -> str:
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+def function_configuration(spec: FunctionSpec, region: str) -> dict[str, Any]:
+    """FunctionConfiguration as Lambda returns it."""
+    try:
+        modified = spec.source.stat().st_mtime
+    except OSError:
+        modified = time.time()
+    config: dict[str, Any] = {
+        "FunctionName": spec.name,
+        "FunctionArn": function_arn(spec.name, region),
+        "Runtime": RUNTIME_IDS.get(spec.runtime, spec.runtime),
+        "Role": f"arn:aws:iam::000000000000:role/faasd-{spec.name}",
+        "Handler": spec.handler,
+        "CodeSize": _code_size(spec),
+        "Description": "",
+        "Timeout": max(1, int(round(spec.timeout_s))),
+        "MemorySize": spec.memory_mb,
+        "LastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(modified)),
+        "CodeSha256": spec.revision,
+        "Version": "$LATEST",
+        "Environment": {"Variables": dict(spec.env)},
+        "TracingConfig": {"Mode": "PassThrough"},
+        "RevisionId": spec.revision,
+        "PackageType": "Zip",
+        "Architectures": ["x86_64"],
+        "EphemeralStorage": {"Size": spec.tmp_mb},
+        "State": "Failed" if spec.load_error else "Active",
+        "LastUpdateStatus": "Failed" if spec.load_error else "Successful",
+    }
+    if spec.load_error:
+        config["StateReason"] = spec.load_error
+        config["StateReasonCode"] = "InvalidCode"
+    return config
+
+
+def _code_size(spec: FunctionSpec) -> int:
+    if spec.source.is_file():
+        return spec.source.stat().st_size
+    return sum(p.stat().st_size for p in spec.source.rglob("*") if p.is_file())
+
+
+def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
+    invoker = daemon.invoker
+    region = daemon.region
+    limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+
+    def lookup(name: str) -> FunctionSpec:
+        # Lambda accepts a name, a partial or a full ARN.
+        if name.startswith("arn:"):
+            name = name.split(":function:", 1)[-1].split(":", 1)[0]
+        if not valid_name(name):
+            raise FunctionNotFound(name)
+        spec = daemon.registry.get(name)
+        if spec is None:
+            raise FunctionNotFound(name)
+        return spec
+
+    async def invoke(request: web.Request) -> web.StreamResponse:
+        from .api import read_body
+
+        request_id = _rid()
+        invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+        try:
+            spec = lookup(request.match_info["name"])
+            body = await read_body(request, limit)
+            if body:
+                try:
+                    orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    raise InvalidRequest("Could not parse request body into json: the payload is not valid JSON") from None
+            else:
+                body = b"{}"
+            if invocation_type == "DryRun":
+                return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
+            if invocation_type == "Event":
+                if daemon.queue is None:
+                    raise InvokeRefused("asynchronous invocation is not available")
+                await daemon.queue.put(spec.name, body, request_id=request_id, source="api")
+                return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
+            if invocation_type != "RequestResponse":
+                raise InvalidRequest(
+                    f"1 validation error detected: Value '{invocation_type}' at 'invocationType' "
+                    "failed to satisfy constraint: Member must satisfy enum value set: "
+                    "[Event, RequestResponse, DryRun]")
+            invocation = await invoker.invoke(spec.name, body, request_id=request_id, source="api")
+        except InvokeRefused as exc:
+            return service_error(exc, request_id)
+        headers = {"x-amzn-RequestId": request_id, "X-Amz-Executed-Version": "$LATEST"}
+        if request.headers.get("X-Amz-Log-Type") == "Tail":
+            headers["X-Amz-Log-Result"] = base64.b64encode(invocation.log_tail.encode()[-4096:]).decode()
+        if invocation.error is not None:
+            headers["X-Amz-Function-Error"] = "Unhandled"
+            payload = orjson.dumps(invocation.error.to_lambda())
+        else:
+            payload = invocation.payload if invocation.payload is not None else b"null"
+        return web.Response(status=200, body=payload, content_type="application/json", headers=headers)
+
+    async def list_functions(request: web.Request) -> web.Response:
+        specs = [daemon.registry.specs[n] for n in sorted(daemon.registry.specs)]
+        try:
+            start = int(request.query.get("Marker", "0") or 0)
+            count = int(request.query.get("MaxItems", "50") or 50)
+        except ValueError:
+            return service_error(InvalidRequest("Marker and MaxItems must be whole numbers"))
+        count = max(1, min(count, 10000))
+        page = specs[start:start + count]
+        body: dict[str, Any] = {"Functions": [function_configuration(s, region) for s in page]}
+        if start + count < len(specs):
+            body["NextMarker"] = str(start + count)
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def get_function(request: web.Request) -> web.Response:
+        try:
+            spec = lookup(request.match_info["name"])
+        except InvokeRefused as exc:
+            return service_error(exc)
+        body = {
+            "Configuration": function_configuration(spec, region),
+            "Code": {"RepositoryType": "S3", "Location": f"file://{spec.source}"},
+        }
+        if spec.concurrency is not None:
+            body["Concurrency"] = {"ReservedConcurrentExecutions": spec.concurrency}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    app.router.add_post(f"{API}/functions/{{name}}/invocations", invoke)
+    app.router.add_get(f"{API}/functions", list_functions)
+    app.router.add_get(f"{API}/functions/", list_functions)
+    app.router.add_get(f"{API}/functions/{{name}}", get_function)

@@ -1,0 +1,221 @@
+"""Per-worker memory limits: cgroups where the daemon may create them, else a monitor.
+
+`MemoryLimits.detect()` picks, once at start:
+  * cgroup v2 with the memory controller delegated to us (a writable
+    subtree, as systemd's `Delegate=yes` gives), or
+  * cgroup v1's memory hierarchy, writable (root on most hosts), or
+  * RSS monitoring: the worker's process group is sampled while it is busy
+    and killed when it passes the limit (reported as an out-of-memory error).
+Whatever the mode, `Max Memory Used` is the worker's true peak.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+log = logging.getLogger("faasd.limits")
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+MB = 1024 * 1024
+
+
+class WorkerCgroup:
+    """One worker's memory cgroup (v1 or v2)."""
+
+    def __init__(self, path: Path, version: int) -> None:
+        self.path = path
+        self.version = version
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def peak_bytes(self) -> int | None:
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        try:
+            return int((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def oom_killed(self) -> bool:
+        name = "memory.oom_control" if self.version == 1 else "memory.events"
+        try:
+            for line in (self.path / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and int(value) > 0:
+                    return True
+        except (OSError, ValueError):
+            pass
+        if self.version == 1:
+            try:  # kernels without oom_kill in oom_control: a limit hit at all
+                return int((self.path / "memory.failcnt").read_text()) > 0 and not self.pids()
+            except (OSError, ValueError):
+                return False
+        return False
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
+    def kill_all(self) -> None:
+        """SIGKILL everything in the cgroup, including processes that left the group."""
+        if self.version == 2 and (self.path / "cgroup.kill").exists():
+            try:
+                (self.path / "cgroup.kill").write_text("1")
+                return
+            except OSError:
+                pass
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass  # still has members for a moment; the next sweep retries
+
+
+class MemoryLimits:
+    """Creates a memory-limited cgroup for each worker, when it can."""
+
+    def __init__(self, mode: str, base: Path | None, reason: str = "") -> None:
+        self.mode = mode  # "cgroup2" | "cgroup1" | "monitor"
+        self.base = base
+        self.reason = reason
+
+    @classmethod
+    def detect(cls, name: str = "faasd") -> "MemoryLimits":
+        reasons = []
+        v2 = cls._try_v2(name)
+        if isinstance(v2, MemoryLimits):
+            return v2
+        reasons.append(v2)
+        v1 = cls._try_v1(name)
+        if isinstance(v1, MemoryLimits):
+            return v1
+        reasons.append(v1)
+        return cls("monitor", None, "; ".join(r for r in reasons if r))
+
+    @classmethod
+    def _try_v2(cls, name: str) -> "MemoryLimits | str":
+        root = CGROUP_ROOT if (CGROUP_ROOT / "cgroup.controllers").exists() else None
+        if root is None:
+            return "cgroup v2 is not the mounted hierarchy"
+        try:
+            own = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return "cannot read /proc/self/cgroup"
+        rel = next((line[3:] for line in own.splitlines() if line.startswith("0::")), None)
+        if rel is None:
+            return "no cgroup v2 entry in /proc/self/cgroup"
+        mine = root / rel.lstrip("/")
+        # A process may not sit in an inner node whose children take
+        # controllers, so the daemon moves itself into a leaf "daemon" group
+        # and puts workers in sibling groups.
+        try:
+            if "memory" not in (mine / "cgroup.controllers").read_text().split():
+                return "the memory controller is not delegated to faasd's cgroup (systemd Delegate=yes)"
+            leaf = mine / "daemon"
+            leaf.mkdir(exist_ok=True)
+            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+            (mine / "cgroup.subtree_control").write_text("+memory")
+            base = mine / "workers"
+            base.mkdir(exist_ok=True)
+            (base / "cgroup.subtree_control").write_text("+memory")
+        except OSError as exc:
+            return f"cgroup v2 subtree not writable ({exc.strerror})"
+        return cls("cgroup2", base)
+
+    @classmethod
+    def _try_v1(cls, name: str) -> "MemoryLimits | str":
+        root = CGROUP_ROOT / "memory"
+        if not (root / "memory.limit_in_bytes").exists():
+            return "no cgroup v1 memory hierarchy"
+        base = root / f"{name}-{os.getpid()}"
+        try:
+            base.mkdir(exist_ok=True)
+        except OSError as exc:
+            return f"cgroup v1 memory hierarchy not writable ({exc.strerror})"
+        return cls("cgroup1", base)
+
+    def create(self, worker_id: str, memory_mb: int) -> WorkerCgroup | None:
+        if self.base is None:
+            return None
+        path = self.base / worker_id
+        try:
+            path.mkdir()
+            if self.mode == "cgroup1":
+                limit = str(memory_mb * MB)
+                (path / "memory.limit_in_bytes").write_text(limit)
+                try:  # no swapping past the limit either, where swap accounting exists
+                    (path / "memory.memsw.limit_in_bytes").write_text(limit)
+                except OSError:
+                    pass
+                return WorkerCgroup(path, 1)
+            (path / "memory.max").write_text(str(memory_mb * MB))
+            if (path / "memory.swap.max").exists():
+                (path / "memory.swap.max").write_text("0")
+            (path / "memory.oom.group").write_text("1")
+            return WorkerCgroup(path, 2)
+        except OSError as exc:
+            log.warning("cannot create memory cgroup %s: %s; falling back to monitoring", path, exc)
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+            return None
+
+    def close(self) -> None:
+        if self.base is None or self.mode == "cgroup2":
+            return
+        for child in self.base.glob("*"):
+            if child.is_dir():
+                WorkerCgroup(child, 1).kill_all()
+                try:
+                    child.rmdir()
+                except OSError:
+                    pass
+        try:
+            self.base.rmdir()
+        except OSError:
+            pass
+
+
+def rss_bytes(pid: int) -> tuple[int, int] | None:
+    """(current RSS, peak RSS) of one process in bytes, from /proc."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            text = status.read()
+    except OSError:
+        return None
+    rss = hwm = 0
+    for line in text.split(b"\n"):
+        if line.startswith(b"VmRSS:"):
+            rss = int(line.split()[1]) * 1024
+        elif line.startswith(b"VmHWM:"):
+            hwm = int(line.split()[1]) * 1024
+    return rss, hwm
+
+
+def group_rss_bytes(pgid: int) -> int:
+    """The summed RSS of every process in a process group."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[2] is pgrp (field 5 of stat), fields[21] is rss in pages.
+        if int(fields[2]) == pgid:
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return total

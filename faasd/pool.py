@@ -1,0 +1,293 @@
+"""Worker lifecycle: which worker serves the next call, and when workers sleep and die.
+
+Every worker is in one state:
+
+    STARTING --ready--> BUSY --release--> IDLE --freeze_after_ms--> FROZEN
+                          ^                 |                          |
+                          +----acquire------+<------acquire (SIGCONT)--+
+    any --crash / timeout / OOM / stale code / keep_warm_s--> RETIRING --> gone
+
+`acquire()` takes, in order: the most recently used idle worker, the most
+recently frozen worker (thawed with SIGCONT), or a new one. An idle worker is
+frozen with SIGSTOP after `freeze_after_ms`; frozen longer than
+`keep_warm_s`, it is retired, keeping `min_warm` workers per function. A
+new code revision retires idle and frozen workers at once and busy ones as
+they finish, so in-flight calls end on the old code.
+
+Workers come from `workers.create_worker()`; the pool never knows which
+runtime it holds, so a faster source of workers (a forking template) plugs in
+there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .spec import FunctionSpec
+from .workers import Worker, WorkerEnvironment, WorkerInitError, WorkerState, create_worker
+
+log = logging.getLogger("faasd.pool")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSettings:
+    freeze_after_ms: int = 100
+    keep_warm_s: float = 600.0
+
+
+WorkerFactory = Callable[[FunctionSpec, WorkerEnvironment], Worker]
+
+
+def explain_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "an unknown status"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        hint = " (perhaps out of memory, or killed by an operator?)" if name == "SIGKILL" else ""
+        return f"signal {name}{hint}"
+    return f"exit code {returncode}"
+
+
+class FunctionPool:
+    """The workers of one function."""
+
+    def __init__(self, spec: FunctionSpec, env: WorkerEnvironment, settings: PoolSettings,
+                 factory: WorkerFactory = create_worker) -> None:
+        self.spec = spec
+        self.env = env
+        self.settings = settings
+        self.factory = factory
+        self.workers: dict[str, Worker] = {}
+        self._idle: list[Worker] = []    # stack: the most recently used is last
+        self._frozen: list[Worker] = []  # stack: the most recently frozen is last
+        self._freeze_timers: dict[str, asyncio.TimerHandle] = {}
+        self._frozen_at: dict[str, float] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.closing = False
+        self.last_init_error: WorkerInitError | None = None
+        self.cold_starts = 0
+        self.retired = 0
+        self._loop = asyncio.get_running_loop()
+
+    # -- serving ----------------------------------------------------------------
+
+    async def acquire(self) -> tuple[Worker, bool]:
+        """A worker in state BUSY for one call, and whether it was started for it."""
+        revision = self.spec.revision
+        while self._idle:
+            worker = self._idle.pop()
+            timer = self._freeze_timers.pop(worker.id, None)
+            if timer is not None:
+                timer.cancel()
+            if worker.alive and worker.spec.revision == revision:
+                worker.set_state(WorkerState.BUSY)
+                return worker, False
+            self.retire(worker)
+        while self._frozen:
+            worker = self._frozen.pop()
+            self._frozen_at.pop(worker.id, None)
+            if worker.alive and worker.spec.revision == revision:
+                worker.thaw()
+                worker.set_state(WorkerState.BUSY)
+                return worker, False
+            self.retire(worker)
+        worker = await self._spawn()
+        worker.set_state(WorkerState.BUSY)
+        self.cold_starts += 1
+        return worker, True
+
+    def release(self, worker: Worker, reusable: bool) -> None:
+        """Give a worker back after a call; it idles, or retires if it cannot serve again."""
+        if (not reusable or self.closing or not worker.alive
+                or worker.spec.revision != self.spec.revision):
+            self.retire(worker)
+            return
+        worker.set_state(WorkerState.IDLE)
+        self._idle.append(worker)
+        self._schedule_freeze(worker)
+
+    def _schedule_freeze(self, worker: Worker) -> None:
+        delay = self.settings.freeze_after_ms / 1000
+        self._freeze_timers[worker.id] = self._loop.call_later(delay, self._freeze, worker)
+
+    def _freeze(self, worker: Worker) -> None:
+        self._freeze_timers.pop(worker.id, None)
+        if worker.state is not WorkerState.IDLE or not worker.alive:
+            return
+        self._idle.remove(worker)
+        worker.freeze()
+        worker.set_state(WorkerState.FROZEN)
+        # Keep the stack ordered by freeze time: the most recently used worker
+        # (warmest caches) is thawed first, the least recently used retires first.
+        self._frozen.append(worker)
+        self._frozen_at[worker.id] = time.monotonic()
+
+    async def _spawn(self) -> Worker:
+        worker = self.factory(self.spec, self.env)
+        self.workers[worker.id] = worker
+        worker.exited.add_done_callback(lambda _: self._on_exit(worker))
+        try:
+            await worker.start()
+        except WorkerInitError as exc:
+            self.last_init_error = exc
+            self._forget(worker)
+            await worker.stop()
+            raise
+        except BaseException:
+            self._forget(worker)
+            await worker.stop()
+            raise
+        self.last_init_error = None
+        return worker
+
+    def _on_exit(self, worker: Worker) -> None:
+        if worker.state not in (WorkerState.RETIRING, WorkerState.BUSY, WorkerState.STARTING):
+            log.warning("worker %s (pid %s) of %s died while %s, with %s",
+                        worker.id, worker.pid, self.spec.name, worker.state.value,
+                        explain_exit(worker.returncode))
+            self.retire(worker)
+            self._start_prewarm()
+
+    def _forget(self, worker: Worker) -> None:
+        self.workers.pop(worker.id, None)
+        timer = self._freeze_timers.pop(worker.id, None)
+        if timer is not None:
+            timer.cancel()
+        self._frozen_at.pop(worker.id, None)
+        for stack in (self._idle, self._frozen):
+            if worker in stack:
+                stack.remove(worker)
+
+    def retire(self, worker: Worker) -> None:
+        """Stop a worker in the background; it leaves the pool now."""
+        if worker.state is WorkerState.RETIRING:
+            return
+        worker.set_state(WorkerState.RETIRING)
+        self._forget(worker)
+        self.workers[worker.id] = worker  # listed as retiring until it is gone
+        self.retired += 1
+        self._background(self._stop(worker))
+
+    async def _stop(self, worker: Worker) -> None:
+        try:
+            await worker.stop()
+        finally:
+            self.workers.pop(worker.id, None)
+
+    def _background(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- keeping warm -----------------------------------------------------------
+
+    def live_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state is not WorkerState.RETIRING)
+
+    def _start_prewarm(self) -> None:
+        if not self.closing and self.spec.ok and self.live_count() < self.spec.min_warm:
+            self._background(self.prewarm())
+
+    async def prewarm(self) -> None:
+        """Start workers until `min_warm` are alive; each idles (then freezes) when ready."""
+        while not self.closing and self.spec.ok and self.live_count() < self.spec.min_warm:
+            try:
+                worker = await self._spawn()
+            except WorkerInitError as exc:
+                log.error("cannot prewarm %s: %s", self.spec.name, exc)
+                return
+            self.release(worker, True)
+
+    def sweep(self, now: float) -> None:
+        """Retire workers frozen longer than keep_warm_s, oldest first, keeping min_warm."""
+        keep = self.spec.min_warm
+        while self._frozen and self.live_count() > keep:
+            oldest = self._frozen[0]
+            if now - self._frozen_at.get(oldest.id, now) < self.settings.keep_warm_s:
+                break
+            log.info("retiring worker %s of %s: frozen for over %gs",
+                     oldest.id, self.spec.name, self.settings.keep_warm_s)
+            self.retire(oldest)
+
+    def update(self, spec: FunctionSpec) -> None:
+        """New code or config: idle and frozen workers go now, busy ones when done."""
+        self.spec = spec
+        for worker in list(self._idle) + list(self._frozen):
+            if worker.spec.revision != spec.revision:
+                self.retire(worker)
+        self._start_prewarm()
+
+    async def close(self) -> None:
+        """Stop every worker. Busy ones are killed: the invoker drains before this."""
+        self.closing = True
+        for worker in list(self.workers.values()):
+            if worker.state is not WorkerState.RETIRING:
+                self.retire(worker)
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def to_json(self) -> list[dict]:
+        return [w.to_json() for w in self.workers.values()]
+
+    def counts(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in WorkerState}
+        for worker in self.workers.values():
+            counts[worker.state.value] += 1
+        return counts
+
+
+class WorkerPool:
+    """Every function's pool, plus the sweeper that retires long-frozen workers."""
+
+    def __init__(self, env: WorkerEnvironment, settings: PoolSettings,
+                 factory: WorkerFactory = create_worker) -> None:
+        self.env = env
+        self.settings = settings
+        self.factory = factory
+        self.pools: dict[str, FunctionPool] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    def get(self, spec: FunctionSpec) -> FunctionPool:
+        pool = self.pools.get(spec.name)
+        if pool is None:
+            pool = self.pools[spec.name] = FunctionPool(spec, self.env, self.settings, self.factory)
+        elif pool.spec.revision != spec.revision or pool.spec is not spec:
+            pool.update(spec)
+        return pool
+
+    def function_changed(self, old: FunctionSpec | None, new: FunctionSpec | None) -> None:
+        """Registry listener: keep pools in step with functions/."""
+        if new is None:
+            if old is not None and old.name in self.pools:
+                pool = self.pools.pop(old.name)
+                asyncio.get_running_loop().create_task(pool.close())
+            return
+        pool = self.get(new)
+        if new.ok and new.min_warm:
+            pool._start_prewarm()
+
+    async def _sweep_forever(self) -> None:
+        interval = min(1.0, self.settings.keep_warm_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for pool in list(self.pools.values()):
+                pool.sweep(now)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()),
+                             return_exceptions=True)
+        self.pools.clear()

@@ -1,0 +1,100 @@
+"""The daemon <-> worker wire protocol. Standard library only: workers import it.
+
+Each worker inherits one end of a Unix stream socket pair; its descriptor
+number is in the environment variable `_FAASD_CONTROL_FD` (which the shim
+removes before user code runs). Both directions carry frames:
+
+    +----------------+-----------+---------------------+
+    | length: uint32 | kind: u8  | payload: length B   |
+    | big-endian     |           |                     |
+    +----------------+-----------+---------------------+
+
+`length` counts the payload only. Payloads are UTF-8 JSON unless noted.
+
+daemon -> worker
+    INVOKE    header JSON, one b"\\n", then the event's JSON bytes untouched
+              (so the daemon never re-encodes an event it already holds as
+              bytes). Header: {"id": request id, "deadline_ms": epoch ms,
+              "arn": invoked function ARN}.
+    SHUTDOWN  empty; the worker exits 0.
+
+worker -> daemon
+    READY       {"init_ms": float} once the handler is imported.
+    INIT_ERROR  {"errorType", "errorMessage", "stackTrace"}; the worker exits.
+    LOG         raw text: whole lines the handler printed during this
+                invocation, sent as they are written so that a killed worker
+                still leaves its output behind.
+    RESULT      the handler's return value as JSON bytes. Ends an invocation.
+    ERROR       {"errorType", "errorMessage", "stackTrace"}. Ends an invocation.
+
+One invocation is in flight per worker at a time: the daemon sends INVOKE
+only after the previous RESULT or ERROR, so replies need no ids. Anything a
+worker writes to its file descriptors 1 and 2 (C extensions, subprocesses)
+goes to a separate pipe and is attributed to the invocation in flight.
+"""
+
+from __future__ import annotations
+
+import struct
+
+HEADER = struct.Struct("!IB")
+HEADER_SIZE = HEADER.size
+MAX_FRAME = 64 * 1024 * 1024  # larger than any payload Lambda accepts
+
+# daemon -> worker
+INVOKE = 1
+SHUTDOWN = 2
+
+# worker -> daemon
+READY = 10
+INIT_ERROR = 11
+LOG = 12
+RESULT = 13
+ERROR = 14
+
+KIND_NAMES = {
+    INVOKE: "INVOKE", SHUTDOWN: "SHUTDOWN", READY: "READY", INIT_ERROR: "INIT_ERROR",
+    LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR",
+}
+
+CONTROL_FD_ENV = "_FAASD_CONTROL_FD"  # names the control socket's descriptor in a worker
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+def encode(kind: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(len(payload), kind) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get complete (kind, payload) frames."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        offset = 0
+        end = len(buffer)
+        while end - offset >= HEADER_SIZE:
+            length, kind = HEADER.unpack_from(buffer, offset)
+            if length > MAX_FRAME:
+                raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME} byte limit")
+            stop = offset + HEADER_SIZE + length
+            if stop > end:
+                break
+            frames.append((kind, bytes(buffer[offset + HEADER_SIZE:stop])))
+            offset = stop
+        if offset:
+            del buffer[:offset]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)

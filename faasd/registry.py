@@ -1,0 +1,140 @@
+"""functions/ on disk -> the current set of FunctionSpecs, kept fresh by inotify.
+
+The registry owns the answer to "which functions exist, and what is their
+code right now". It rescans on any filesystem event under functions/
+(watchdog; debounced), compares each entry's revision with what it had, and
+tells its listeners about each function that appeared, changed or went
+away. A periodic rescan covers events inotify may drop (queue overflow,
+network filesystems).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from .spec import FunctionSpec, discover, load_spec
+
+log = logging.getLogger("faasd.registry")
+
+Listener = Callable[[FunctionSpec | None, FunctionSpec | None], None]
+
+DEBOUNCE_S = 0.05
+FALLBACK_RESCAN_S = 5.0
+
+
+def scan(functions_dir: Path) -> dict[str, FunctionSpec]:
+    """Load every function in a directory (used by `faasd check` too)."""
+    return {name: load_spec(name, path) for name, path in discover(functions_dir).items()}
+
+
+class Registry:
+    def __init__(self, functions_dir: Path) -> None:
+        self.functions_dir = functions_dir
+        self.specs: dict[str, FunctionSpec] = {}
+        self._listeners: list[Listener] = []
+        self._observer: Observer | None = None
+        self._rescan_handle: asyncio.TimerHandle | None = None
+        self._periodic: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self, name: str) -> FunctionSpec | None:
+        return self.specs.get(name)
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def refresh(self) -> list[tuple[FunctionSpec | None, FunctionSpec | None]]:
+        """Rescan now; tell listeners what changed; return the changes."""
+        found = discover(self.functions_dir)
+        changes: list[tuple[FunctionSpec | None, FunctionSpec | None]] = []
+        for name in list(self.specs):
+            if name not in found:
+                old = self.specs.pop(name)
+                changes.append((old, None))
+        for name, path in found.items():
+            old = self.specs.get(name)
+            new = load_spec(name, path)
+            if old is not None and old.revision == new.revision and old.source == new.source:
+                continue
+            self.specs[name] = new
+            changes.append((old, new))
+        for old, new in changes:
+            self._report(old, new)
+            for listener in self._listeners:
+                try:
+                    listener(old, new)
+                except Exception:
+                    log.exception("listener failed on a change of %s", (new or old).name)
+        return changes
+
+    @staticmethod
+    def _report(old: FunctionSpec | None, new: FunctionSpec | None) -> None:
+        if new is None:
+            log.info("function %s removed", old.name)  # type: ignore[union-attr]
+        elif new.load_error:
+            log.error("function %s cannot load: %s", new.name, new.load_error)
+        else:
+            log.info("function %s %s (%s, %s)", new.name, "loaded" if old is None else "reloaded",
+                     new.runtime, new.handler)
+
+    # -- watching -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.functions_dir.mkdir(parents=True, exist_ok=True)
+        handler = _Handler(self._schedule_threadsafe)
+        self._observer = Observer()
+        self._observer.schedule(handler, str(self.functions_dir), recursive=True)
+        self._observer.daemon = True
+        self._observer.start()
+        self._periodic = self._loop.create_task(self._rescan_periodically())
+
+    def _schedule_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._schedule)
+
+    def _schedule(self) -> None:
+        if self._rescan_handle is not None:
+            self._rescan_handle.cancel()
+        self._rescan_handle = asyncio.get_running_loop().call_later(DEBOUNCE_S, self._rescan)
+
+    def _rescan(self) -> None:
+        self._rescan_handle = None
+        try:
+            self.refresh()
+        except Exception:
+            log.exception("rescanning %s failed", self.functions_dir)
+
+    async def _rescan_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FALLBACK_RESCAN_S)
+            self._rescan()
+
+    def stop(self) -> None:
+        if self._periodic is not None:
+            self._periodic.cancel()
+        if self._rescan_handle is not None:
+            self._rescan_handle.cancel()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=2)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, notify: Callable[[], None]) -> None:
+        self._notify = notify
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return  # reads change nothing
+        path = str(event.src_path)
+        if "/__pycache__" in path:
+            return
+        self._notify()

@@ -1,0 +1,298 @@
+"""The Python runtime shim: one worker process serving one function.
+
+Started by the daemon as `python -I python_worker.py`, with the control
+socket inherited (see faasd/protocol.py for the framing) and the
+function's environment (`_HANDLER`, `LAMBDA_TASK_ROOT`, ...). It imports the
+handler once, says READY, then serves INVOKE frames one at a time until
+SHUTDOWN or end of file. Handler errors, import errors and their types follow
+AWS's Python runtime so that logs and error payloads read the same.
+
+Standard library only: the function's own code decides what else is loaded.
+"""
+
+import os
+import sys
+import time
+
+_T0 = time.monotonic()
+
+# -I leaves the script's own directory off sys.path; the protocol module sits
+# in the faasd package two levels up. Take it, then forget the path so that
+# user code does not see the daemon's package.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, _PACKAGE_PARENT)
+from faasd import protocol  # noqa: E402
+
+del sys.path[0]
+
+import decimal  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import socket  # noqa: E402
+import traceback  # noqa: E402
+
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024
+
+_sock = socket.socket(fileno=int(os.environ.pop(protocol.CONTROL_FD_ENV, "3")))
+_encode = protocol.encode
+_header = protocol.HEADER
+
+
+def _send(kind, payload=b""):
+    _sock.sendall(_encode(kind, payload))
+
+
+def _recv_exact(size):
+    chunks = []
+    while size:
+        chunk = _sock.recv(min(size, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_frame():
+    head = _recv_exact(protocol.HEADER_SIZE)
+    if head is None:
+        return None, None
+    length, kind = _header.unpack(head)
+    payload = _recv_exact(length) if length else b""
+    if payload is None:
+        return None, None
+    return kind, payload
+
+
+class _FrameWriter:
+    """sys.stdout / sys.stderr: whole lines go to the daemon as LOG frames."""
+
+    encoding = "utf-8"
+    errors = "backslashreplace"
+
+    def __init__(self, name):
+        self.name = name
+        self._pending = []
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if text:
+            self._pending.append(text)
+            if "\n" in text:
+                self.flush()
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        if self._pending:
+            data = "".join(self._pending)
+            self._pending.clear()
+            _send(protocol.LOG, data.encode("utf-8", "backslashreplace"))
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return 1 if self.name == "<stdout>" else 2
+
+    def readable(self):
+        return False
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    @property
+    def closed(self):
+        return False
+
+
+class LambdaContext:
+    """The `context` argument, with the attributes AWS's runtime provides."""
+
+    def __init__(self, request_id, deadline_ms, invoked_function_arn):
+        self.aws_request_id = request_id
+        self.invoked_function_arn = invoked_function_arn
+        self._deadline_ms = deadline_ms
+        self.function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME")
+        self.function_version = os.environ.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        self.memory_limit_in_mb = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
+        self.log_group_name = os.environ.get("AWS_LAMBDA_LOG_GROUP_NAME")
+        self.log_stream_name = os.environ.get("AWS_LAMBDA_LOG_STREAM_NAME")
+        self.identity = None
+        self.client_context = None
+
+    def get_remaining_time_in_millis(self):
+        return max(int(self._deadline_ms - time.time() * 1000), 0)
+
+    def log(self, message):
+        sys.stdout.write(str(message))
+        sys.stdout.flush()
+
+
+_current_request_id = ""
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record):
+        record.aws_request_id = _current_request_id
+        return True
+
+
+def _setup_logging():
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(
+        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s\n",
+        "%Y-%m-%dT%H:%M:%S",
+    ))
+    handler.formatter.converter = time.gmtime
+    handler.addFilter(_RequestIdFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def _error(error_type, message, stack=None):
+    return {"errorMessage": message, "errorType": error_type, "stackTrace": stack or []}
+
+
+def _user_frames(tb):
+    frames = traceback.extract_tb(tb)
+    # Drop the shim's own frames: users see their code only, as on AWS.
+    frames = [f for f in frames if f.filename != __file__]
+    return traceback.format_list(frames)
+
+
+def _load_handler():
+    handler_spec = os.environ.get("_HANDLER", "")
+    module_name, _, function_name = handler_spec.rpartition(".")
+    if not module_name or not function_name:
+        return None, _error("Runtime.MalformedHandlerName",
+                            f"Bad handler '{handler_spec}': not enough values to unpack (expected 2, got 1)")
+    task_root = os.environ.get("LAMBDA_TASK_ROOT", os.getcwd())
+    sys.path.insert(0, task_root)
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name.replace("/", "."))
+    except SyntaxError as exc:
+        stack = [f'  File "{exc.filename}" Line {exc.lineno}\n        {(exc.text or "").strip()}\n']
+        return None, _error("Runtime.UserCodeSyntaxError",
+                            f"Syntax error in module '{module_name}': {exc}", stack)
+    except ImportError as exc:
+        return None, _error("Runtime.ImportModuleError",
+                            f"Unable to import module '{module_name}': {exc}",
+                            _user_frames(exc.__traceback__))
+    except BaseException as exc:  # the module's own code raised at import
+        _log_exception(exc)
+        return None, _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))
+    handler = getattr(module, function_name, None)
+    if handler is None:
+        return None, _error("Runtime.HandlerNotFound",
+                            f"Handler '{function_name}' missing on module '{module_name}'")
+    if not callable(handler):
+        return None, _error("Runtime.HandlerNotFound",
+                            f"Handler '{function_name}' on module '{module_name}' is not callable")
+    return handler, None
+
+
+def _log_exception(exc):
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    head = f"[ERROR] {type(exc).__name__}: {exc}"
+    sys.stdout.write(head + "\n" + "".join(lines[:1] + _user_frames(exc.__traceback__)))
+    sys.stdout.flush()
+
+
+def _default(value):
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _invoke(handler, payload):
+    global _current_request_id
+    head, _, body = payload.partition(b"\n")
+    header = json.loads(head)
+    _current_request_id = header["id"]
+    try:
+        event = json.loads(body) if body else None
+    except ValueError as exc:
+        _send(protocol.ERROR, json.dumps(_error(
+            "Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}")).encode())
+        return
+    context = LambdaContext(header["id"], header["deadline_ms"], header.get("arn", ""))
+    try:
+        result = handler(event, context)
+    except Exception as exc:
+        _log_exception(exc)
+        reply = protocol.ERROR, json.dumps(
+            _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))).encode()
+    else:
+        try:
+            data = json.dumps(result, default=_default).encode()
+        except (TypeError, ValueError) as exc:
+            reply = protocol.ERROR, json.dumps(_error(
+                "Runtime.MarshalError", f"Unable to marshal response: {exc}")).encode()
+        else:
+            if len(data) > MAX_RESPONSE_BYTES:
+                reply = protocol.ERROR, json.dumps(_error(
+                    "Function.ResponseSizeTooLarge",
+                    f"Response payload size ({len(data)} bytes) exceeded maximum allowed "
+                    f"payload size ({MAX_RESPONSE_BYTES} bytes).")).encode()
+            else:
+                reply = protocol.RESULT, data
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _send(*reply)
+
+
+def _die_with_parent():
+    """Ask the kernel for SIGKILL when the daemon dies, so no worker outlives it."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = os.environ.pop("_FAASD_PARENT_PID", None)
+    if parent and os.getppid() != int(parent):
+        os._exit(1)  # the daemon died before we could ask
+
+
+def main():
+    sandbox = os.environ.pop("_FAASD_SANDBOX", None)
+    if sandbox:
+        # Privileged setup (namespaces, /tmp, limits, user) before user code.
+        sys.path.insert(0, _PACKAGE_PARENT)
+        from faasd import sandbox as _sandbox
+
+        del sys.path[0]
+        _sandbox.enter(sandbox)
+    _die_with_parent()
+    sys.stdout = _FrameWriter("<stdout>")
+    sys.stderr = _FrameWriter("<stderr>")
+    _setup_logging()
+    handler, error = _load_handler()
+    sys.stdout.flush()
+    if error is not None:
+        _send(protocol.INIT_ERROR, json.dumps(error).encode())
+        return 1
+    _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - _T0) * 1000}).encode())
+    while True:
+        kind, payload = _recv_frame()
+        if kind is None or kind == protocol.SHUTDOWN:
+            return 0
+        if kind == protocol.INVOKE:
+            _invoke(handler, payload)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""What a function is: its files on disk turned into a `FunctionSpec`.
+
+A spec is built from one entry of `functions/` (a file `NAME.py`, `NAME.js`,
+`NAME.mjs` with an optional sidecar `NAME.toml`, or a directory `NAME/` with
+an optional `function.toml`). Building never raises for the user's mistakes:
+a spec that cannot load carries `load_error`, so that the function is listed
+and reported while every other function keeps working.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RUNTIMES = ("python", "node", "provided")
+FILE_RUNTIMES = {".py": "python", ".js": "node", ".mjs": "node"}
+DEFAULT_HANDLERS = {"python": "handler.handler", "node": "index.handler", "provided": "bootstrap"}
+TRIGGER_TYPES = ("http", "file", "cron", "amqp")
+ON_FAILURE_RE = re.compile(r"^(dir|function:[A-Za-z0-9_-]{1,64})$")
+
+# Entries of functions/ that are never functions: editor droppings, hidden
+# files, bytecode caches.
+IGNORED_SUFFIXES = (".swp", ".swx", ".tmp", "~", ".pyc")
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_RE.match(name))
+
+
+class SpecError(Exception):
+    """A function's files or configuration are unusable; the text says why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AsyncConfig:
+    max_retries: int = 2
+    retry_delays_s: tuple[float, ...] = (60.0, 120.0)
+    max_event_age_s: float = 21600.0
+    on_failure: str = "dir"
+    on_success: str | None = None
+
+    def retry_delay(self, attempt: int) -> float:
+        """Delay before retry number `attempt` (1-based)."""
+        delays = self.retry_delays_s or (0.0,)
+        return delays[min(attempt, len(delays)) - 1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trigger:
+    type: str
+    options: Mapping[str, Any]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.options.get(key, default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FunctionSpec:
+    name: str
+    runtime: str
+    handler: str
+    task_root: Path  # the directory put on the module path / cwd of workers
+    source: Path  # the file or directory the function came from
+    config_file: Path | None = None
+    revision: str = ""  # changes whenever any of the function's files change
+    memory_mb: int = 128
+    timeout_s: float = 3.0
+    tmp_mb: int = 512
+    concurrency: int | None = None
+    min_warm: int = 0
+    env: Mapping[str, str] = field(default_factory=dict)
+    async_config: AsyncConfig = field(default_factory=AsyncConfig)
+    triggers: tuple[Trigger, ...] = ()
+    load_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.load_error is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "runtime": self.runtime,
+            "handler": self.handler,
+            "source": str(self.source),
+            "revision": self.revision,
+            "memory_mb": self.memory_mb,
+            "timeout_s": self.timeout_s,
+            "tmp_mb": self.tmp_mb,
+            "concurrency": self.concurrency,
+            "min_warm": self.min_warm,
+            "env": sorted(self.env),  # names only: values may be secrets
+            "async": {
+                "max_retries": self.async_config.max_retries,
+                "retry_delays_s": list(self.async_config.retry_delays_s),
+                "max_event_age_s": self.async_config.max_event_age_s,
+                "on_failure": self.async_config.on_failure,
+                "on_success": self.async_config.on_success,
+            },
+            "triggers": [{"type": t.type, **t.options} for t in self.triggers],
+            "load_error": self.load_error,
+        }
+
+
+def entry_name(path: Path) -> str | None:
+    """The function name an entry of functions/ would define, or None."""
+    base = path.name
+    if base.startswith((".", "_")) or base.endswith(IGNORED_SUFFIXES):
+        return None
+    if path.is_dir():
+        return base
+    stem, suffix = os.path.splitext(base)
+    if suffix in FILE_RUNTIMES:
+        return stem
+    return None
+
+
+def discover(functions_dir: Path) -> dict[str, Path]:
+    """Map function name -> the file or directory that defines it.
+
+    Sidecar `NAME.toml` files are found by `load_spec`, not listed here. When
+    two entries claim one name (`a.py` and `a/`), the directory wins.
+    """
+    found: dict[str, Path] = {}
+    try:
+        entries = sorted(os.scandir(functions_dir), key=lambda e: e.name)
+    except FileNotFoundError:
+        return found
+    for entry in entries:
+        path = Path(entry.path)
+        name = entry_name(path)
+        if name is None:
+            continue
+        if name in found and not path.is_dir():
+            continue
+        found[name] = path
+    return found
+
+
+def load_spec(name: str, source: Path) -> FunctionSpec:
+    """Build the spec for one entry of functions/. Never raises SpecError."""
+    is_dir = source.is_dir()
+    task_root = source if is_dir else source.parent
+    config_file = source / "function.toml" if is_dir else source.with_suffix(".toml")
+    if not config_file.is_file():
+        config_file = None
+    base = FunctionSpec(
+        name=name,
+        runtime=_guess_runtime(source) or "python",
+        handler="",
+        task_root=task_root,
+        source=source,
+        config_file=config_file,
+        revision=revision_of(source, config_file),
+    )
+    try:
+        if not valid_name(name):
+            raise SpecError(
+                f"invalid function name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ -"
+            )
+        raw = _read_toml(config_file) if config_file else {}
+        return _build(base, raw, is_dir)
+    except SpecError as exc:
+        return _with(base, load_error=str(exc), handler=base.handler or "?")
+
+
+def _with(spec: FunctionSpec, **changes: Any) -> FunctionSpec:
+    return replace(spec, **changes)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path.name}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path.name}: cannot be read: {exc}") from None
+
+
+def _guess_runtime(source: Path) -> str | None:
+    if not source.is_dir():
+        return FILE_RUNTIMES.get(source.suffix)
+    if (source / "handler.py").is_file():
+        return "python"
+    if (source / "index.js").is_file() or (source / "index.mjs").is_file():
+        return "node"
+    bootstrap = source / "bootstrap"
+    if bootstrap.is_file() and os.access(bootstrap, os.X_OK):
+        return "provided"
+    return None
+
+
+_KNOWN_KEYS = {
+    "runtime", "handler", "memory_mb", "timeout_s", "tmp_mb", "concurrency",
+    "min_warm", "env", "async", "triggers",
+}
+
+
+def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool) -> FunctionSpec:
+    where = base.config_file.name if base.config_file else base.source.name
+    unknown = set(raw) - _KNOWN_KEYS
+    if unknown:
+        raise SpecError(
+            f"{where}: unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(_KNOWN_KEYS))}"
+        )
+    runtime = raw.get("runtime")
+    if runtime is None:
+        runtime = _guess_runtime(base.source)
+        if runtime is None:
+            raise SpecError(
+                f"{base.source.name}/: cannot tell the runtime: add handler.py, index.js, "
+                "an executable bootstrap, or set runtime in function.toml"
+            )
+    if runtime not in RUNTIMES:
+        raise SpecError(f"{where}: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if not is_dir and FILE_RUNTIMES.get(base.source.suffix) != runtime:
+        raise SpecError(
+            f"{where}: runtime {runtime!r} does not match the file {base.source.name}"
+        )
+
+    handler = raw.get("handler")
+    if handler is None:
+        handler = DEFAULT_HANDLERS[runtime] if is_dir else _single_file_handler(base.source)
+    if not isinstance(handler, str) or not handler:
+        raise SpecError(f"{where}: handler must be a string like 'module.function'")
+    if runtime != "provided" and "." not in handler:
+        raise SpecError(f"{where}: handler {handler!r} must be 'module.function'")
+
+    spec = _with(
+        base,
+        runtime=runtime,
+        handler=handler,
+        memory_mb=_int(raw, "memory_mb", 128, where, low=16, high=10240),
+        timeout_s=_number(raw, "timeout_s", 3.0, where, low=0.001, high=900),
+        tmp_mb=_int(raw, "tmp_mb", 512, where, low=1, high=10240),
+        concurrency=_int(raw, "concurrency", None, where, low=1, high=100000),
+        min_warm=_int(raw, "min_warm", 0, where, low=0, high=1000),
+        env=_env(raw.get("env", {}), where),
+        async_config=_async(raw.get("async", {}), where),
+        triggers=_triggers(raw.get("triggers", []), where),
+    )
+    if spec.concurrency is not None and spec.min_warm > spec.concurrency:
+        raise SpecError(f"{where}: min_warm ({spec.min_warm}) exceeds concurrency ({spec.concurrency})")
+    problem = check_code(spec)
+    if problem:
+        return _with(spec, load_error=problem)
+    return spec
+
+
+def _single_file_handler(source: Path) -> str:
+    module = source.stem
+    if source.suffix == ".py":
+        # `handler`, or `lambda_handler` where `handler` is absent.
+        names = _python_top_level_names(source)
+        if names is not None and "handler" not in names and "lambda_handler" in names:
+            return f"{module}.lambda_handler"
+    return f"{module}.handler"
+
+
+def _python_top_level_names(path: Path) -> set[str] | None:
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, OSError):
+        return None
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        else:
+            # Anything dynamic (if/try/for at module level) may define the
+            # handler; only a worker's import can tell.
+            return None
+    return names
+
+
+def check_code(spec: FunctionSpec) -> str | None:
+    """A static look at the handler's code: the errors Lambda reports at init.
+
+    Only Python is checked here (syntax, module and handler presence); other
+    runtimes report these errors when a worker starts.
+    """
+    if spec.runtime == "provided":
+        bootstrap = spec.task_root / "bootstrap"
+        if not bootstrap.is_file():
+            return "Runtime.InvalidEntrypoint: no bootstrap file in the function directory"
+        if not os.access(bootstrap, os.X_OK):
+            return "Runtime.InvalidEntrypoint: bootstrap is not executable (chmod +x bootstrap)"
+        return None
+    if spec.runtime != "python":
+        return None
+    module, _, function = spec.handler.rpartition(".")
+    path = spec.task_root / (module.replace(".", "/") + ".py")
+    if not path.is_file():
+        if (spec.task_root / module.replace(".", "/") / "__init__.py").is_file():
+            return None
+        return f"Runtime.ImportModuleError: Unable to import module '{module}': No module named '{module}'"
+    try:
+        ast.parse(path.read_bytes(), filename=path.name)
+    except SyntaxError as exc:
+        return (
+            f"Runtime.UserCodeSyntaxError: Syntax error in module '{module}': "
+            f"{exc.msg} ({path.name}, line {exc.lineno})"
+        )
+    except ValueError as exc:
+        return f"Runtime.UserCodeSyntaxError: Syntax error in module '{module}': {exc}"
+    names = _python_top_level_names(path)
+    if names is not None and function not in names:
+        return f"Runtime.HandlerNotFound: Handler '{function}' missing on module '{module}'"
+    return None
+
+
+def _int(raw: dict, key: str, default: int | None, where: str, *, low: int, high: int) -> int | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(f"{where}: {key} = {value!r}: expected a whole number from {low} to {high}")
+    return value
+
+
+def _number(raw: dict, key: str, default: float, where: str, *, low: float, high: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise SpecError(f"{where}: {key} = {value!r}: expected a number from {low:g} to {high:g}")
+    return float(value)
+
+
+def _env(value: Any, where: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: [env] must be a table of NAME = \"value\"")
+    env: dict[str, str] = {}
+    for key, item in value.items():
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise SpecError(f"{where}: env name {key!r} is not a valid environment variable name")
+        if isinstance(item, bool):
+            item = "true" if item else "false"
+        if not isinstance(item, (str, int, float)):
+            raise SpecError(f"{where}: env.{key} must be a string or a number")
+        env[key] = str(item)
+    return env
+
+
+def _async(value: Any, where: str) -> AsyncConfig:
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: [async] must be a table")
+    known = {"max_retries", "retry_delays_s", "max_event_age_s", "on_failure", "on_success"}
+    unknown = set(value) - known
+    if unknown:
+        raise SpecError(f"{where}: unknown key async.{sorted(unknown)[0]}; known: {', '.join(sorted(known))}")
+    max_retries = _int(value, "max_retries", 2, where + ": async", low=0, high=2)
+    delays = value.get("retry_delays_s", [60, 120])
+    if not isinstance(delays, list) or not all(
+        isinstance(d, (int, float)) and not isinstance(d, bool) and d >= 0 for d in delays
+    ):
+        raise SpecError(f"{where}: async.retry_delays_s must be a list of seconds, e.g. [60, 120]")
+    age = _number(value, "max_event_age_s", 21600, where + ": async", low=60, high=21600)
+    on_failure = value.get("on_failure", "dir")
+    if not isinstance(on_failure, str) or not ON_FAILURE_RE.match(on_failure):
+        raise SpecError(f"{where}: async.on_failure must be \"dir\" or \"function:NAME\"")
+    on_success = value.get("on_success")
+    if on_success is not None and (
+        not isinstance(on_success, str) or not on_success.startswith("function:")
+        or not ON_FAILURE_RE.match(on_success)
+    ):
+        raise SpecError(f"{where}: async.on_success must be \"function:NAME\"")
+    return AsyncConfig(
+        max_retries=max_retries,
+        retry_delays_s=tuple(float(d) for d in delays),
+        max_event_age_s=age,
+        on_failure=on_failure,
+        on_success=on_success,
+    )
+
+
+def _triggers(value: Any, where: str) -> tuple[Trigger, ...]:
+    if not isinstance(value, list):
+        raise SpecError(f"{where}: triggers must be written as [[triggers]] tables")
+    triggers = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise SpecError(f"{where}: triggers[{index}] must be a table")
+        kind = item.get("type")
+        if kind not in TRIGGER_TYPES:
+            raise SpecError(
+                f"{where}: triggers[{index}].type = {kind!r}: expected one of {', '.join(TRIGGER_TYPES)}"
+            )
+        options = {k: v for k, v in item.items() if k != "type"}
+        if kind == "http":
+            _check_http_trigger(options, f"{where}: triggers[{index}]")
+        triggers.append(Trigger(type=kind, options=options))
+    return tuple(triggers)
+
+
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "ANY"}
+
+
+def _check_http_trigger(options: dict, where: str) -> None:
+    path = options.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise SpecError(f"{where}: http trigger needs path = \"/some/{{param}}\" starting with /")
+    reserved = ("/function/", "/2015-03-31/", "/system/", "/ui/", "/2018-06-01/")
+    if path.startswith(reserved) or path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+        raise SpecError(f"{where}: http trigger path {path!r} is reserved by faasd")
+    methods = options.get("methods", ["ANY"])
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, list) or not all(
+        isinstance(m, str) and m.upper() in HTTP_METHODS for m in methods
+    ):
+        raise SpecError(f"{where}: methods must be a list of HTTP methods, e.g. [\"GET\", \"POST\"]")
+    options["methods"] = [m.upper() for m in methods]
+
+
+def revision_of(source: Path, config_file: Path | None) -> str:
+    """A fingerprint of the function's files: (path, size, mtime) of each.
+
+    Directories are walked (skipping hidden entries and bytecode caches); a
+    large function dir costs one stat per file, once per rescan.
+    """
+    parts: list[str] = []
+
+    def add(path: Path) -> None:
+        try:
+            st = path.stat()
+        except OSError:
+            return
+        parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+
+    if source.is_dir():
+        for root, dirs, files in os.walk(source):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+            for name in sorted(files):
+                if not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES):
+                    add(Path(root) / name)
+    else:
+        add(source)
+    if config_file is not None and not source.is_dir():
+        add(config_file)
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()
+
+
+# Identity faasd gives functions, in Lambda's formats. The account id is a
+# placeholder: there is one account, this box.
+ACCOUNT_ID = "000000000000"
+DEFAULT_REGION = "us-east-1"
+
+
+def function_arn(name: str, region: str = DEFAULT_REGION) -> str:
+    return f"arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{name}"

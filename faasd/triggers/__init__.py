@@ -1,0 +1,1 @@
+"""Event sources: each turns something outside into invocations through the invoker."""

@@ -1,0 +1,246 @@
+"""HTTP triggers: requests in, API Gateway HTTP API (payload 2.0) events out, and back.
+
+`/function/NAME[/rest]` always reaches NAME; each `[[triggers]] type = "http"`
+adds a route like `/thumbs/{id}` (with `{name+}` for a greedy tail). The
+request becomes the event API Gateway would send; the handler's return value
+becomes the response by API Gateway's payload 2.0 rules.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+from urllib.parse import parse_qsl
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..errors import FunctionError
+from ..spec import ACCOUNT_ID, FunctionSpec
+
+TEXT_TYPES = ("text/", "application/json", "application/javascript", "application/xml",
+              "application/x-www-form-urlencoded", "application/graphql", "+json", "+xml")
+# Hop-by-hop and framing headers belong to this connection, not the handler's response.
+DROPPED_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+
+
+@dataclass(frozen=True)
+class Route:
+    function: str
+    template: str
+    methods: frozenset[str]
+    pattern: re.Pattern
+    literal_length: int
+
+    def route_key(self, method: str) -> str:
+        return f"{'ANY' if 'ANY' in self.methods else method} {self.template}"
+
+
+def compile_template(template: str) -> tuple[re.Pattern, int]:
+    """`/thumbs/{id}` -> a regex with named groups; `{rest+}` matches the remainder."""
+    parts = []
+    literal = 0
+    for segment in template.strip("/").split("/"):
+        match = re.fullmatch(r"\{([A-Za-z0-9_]+)(\+?)\}", segment)
+        if match:
+            name, greedy = match.groups()
+            parts.append(f"(?P<{name}>.+)" if greedy else f"(?P<{name}>[^/]+)")
+        else:
+            parts.append(re.escape(segment))
+            literal += len(segment) + 1
+    return re.compile("^/" + "/".join(parts) + "/?$"), literal
+
+
+class RouteTable:
+    """The routes of every function's http triggers, most specific first."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, list[Route]] = {}
+        self._ordered: list[Route] = []
+
+    def function_changed(self, old: FunctionSpec | None, new: FunctionSpec | None) -> None:
+        name = (new or old).name  # type: ignore[union-attr]
+        self._routes.pop(name, None)
+        if new is not None:
+            routes = []
+            for trigger in new.triggers:
+                if trigger.type != "http":
+                    continue
+                pattern, literal = compile_template(trigger.get("path"))
+                methods = frozenset(trigger.get("methods", ["ANY"]))
+                routes.append(Route(name, trigger.get("path"), methods, pattern, literal))
+            if routes:
+                self._routes[name] = routes
+        self._ordered = sorted((r for rs in self._routes.values() for r in rs),
+                               key=lambda r: -r.literal_length)
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        """The route for a request, with its path parameters; None if none fits."""
+        allowed_elsewhere = None
+        for route in self._ordered:
+            found = route.pattern.match(path)
+            if found is None:
+                continue
+            if "ANY" in route.methods or method in route.methods or (
+                    method == "HEAD" and "GET" in route.methods):
+                return route, found.groupdict()
+            allowed_elsewhere = route
+        if allowed_elsewhere is not None:
+            raise web.HTTPMethodNotAllowed(method, sorted(allowed_elsewhere.methods),
+                                           text='{"message":"Method Not Allowed"}',
+                                           content_type="application/json")
+        return None
+
+    def routes(self, name: str) -> list[Route]:
+        return self._routes.get(name, [])
+
+
+def is_text(content_type: str) -> bool:
+    content_type = content_type.lower()
+    return any(marker in content_type for marker in TEXT_TYPES)
+
+
+def build_event(request: web.Request, body: bytes, *, route_key: str,
+                path_parameters: dict[str, str] | None, request_id: str) -> dict[str, Any]:
+    """The API Gateway HTTP API payload 2.0 event for a request."""
+    headers: dict[str, str] = {}
+    cookies: list[str] = []
+    for key, value in request.headers.items():
+        lower = key.lower()
+        if lower == "cookie":
+            cookies.extend(c.strip() for c in value.split(";") if c.strip())
+            continue
+        headers[lower] = f"{headers[lower]},{value}" if lower in headers else value
+    raw_query = request.rel_url.raw_query_string
+    now = time.time()
+    event: dict[str, Any] = {
+        "version": "2.0",
+        "routeKey": route_key,
+        "rawPath": request.rel_url.raw_path,
+        "rawQueryString": raw_query,
+        "headers": headers,
+        "requestContext": {
+            "accountId": ACCOUNT_ID,
+            "apiId": "faasd",
+            "domainName": request.host,
+            "domainPrefix": request.host.split(".")[0].split(":")[0],
+            "http": {
+                "method": request.method,
+                "path": request.path,
+                "protocol": f"HTTP/{request.version.major}.{request.version.minor}",
+                "sourceIp": request.remote or "",
+                "userAgent": request.headers.get("User-Agent", ""),
+            },
+            "requestId": request_id,
+            "routeKey": route_key,
+            "stage": "$default",
+            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
+            "timeEpoch": int(now * 1000),
+        },
+        "isBase64Encoded": False,
+    }
+    if cookies:
+        event["cookies"] = cookies
+    if raw_query:
+        params: dict[str, str] = {}
+        for key, value in parse_qsl(raw_query, keep_blank_values=True):
+            params[key] = f"{params[key]},{value}" if key in params else value
+        event["queryStringParameters"] = params
+    if path_parameters:
+        event["pathParameters"] = path_parameters
+    if body:
+        content_type = request.headers.get("Content-Type", "")
+        text = None
+        if is_text(content_type) or not content_type:
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+        if text is not None:
+            event["body"] = text
+        else:
+            event["body"] = base64.b64encode(body).decode()
+            event["isBase64Encoded"] = True
+    return event
+
+
+def build_response(payload: bytes | None) -> web.Response:
+    """Turn a handler's return value into the HTTP response, by payload 2.0 rules."""
+    if payload is None:
+        return web.Response(status=200, body=b"null", content_type="application/json")
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return error_response(502, "Internal Server Error")
+    if not isinstance(value, dict) or "statusCode" not in value:
+        return web.Response(status=200, body=payload, content_type="application/json")
+    status = value.get("statusCode")
+    if isinstance(status, str) and status.isdigit():
+        status = int(status)
+    if not isinstance(status, int) or not 100 <= status <= 599:
+        return error_response(502, "Internal Server Error")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for key, item in (value.get("headers") or {}).items():
+        if str(key).lower() not in DROPPED_RESPONSE_HEADERS:
+            headers[str(key)] = _header_value(item)
+    for key, items in (value.get("multiValueHeaders") or {}).items():
+        if str(key).lower() in DROPPED_RESPONSE_HEADERS:
+            continue
+        headers.popall(str(key), None)
+        for item in items if isinstance(items, list) else [items]:
+            headers.add(str(key), _header_value(item))
+    for cookie in _as_list(value.get("cookies")):
+        headers.add("Set-Cookie", str(cookie))
+    body = value.get("body")
+    if body is None:
+        data = b""
+    elif isinstance(body, str):
+        if value.get("isBase64Encoded"):
+            try:
+                data = base64.b64decode(body, validate=True)
+            except (binascii.Error, ValueError):
+                return error_response(502, "Internal Server Error")
+        else:
+            data = body.encode()
+    else:
+        data = orjson.dumps(body)
+    if "Content-Type" not in headers and data:
+        headers["Content-Type"] = "application/json"
+    return web.Response(status=status, body=data, headers=headers)
+
+
+def _header_value(item: Any) -> str:
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    return str(item).replace("\r", " ").replace("\n", " ")
+
+
+def _as_list(value: Any) -> Iterable[Any]:
+    if value is None:
+        return ()
+    return value if isinstance(value, list) else [value]
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps({"message": message}),
+                        content_type="application/json", headers=headers)
+
+
+FAILURE_MESSAGES = {502: "Internal Server Error", 504: "Endpoint request timed out"}
+
+
+def failure_response(error: FunctionError, request_id: str) -> web.Response:
+    """A failed invocation as the HTTP caller sees it: no traceback, just a status."""
+    status = error.http_status
+    return error_response(status, FAILURE_MESSAGES.get(status, "Internal Server Error"),
+                          {"X-Amzn-ErrorType": error.error_type, "apigw-requestid": request_id})
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from support import Daemon, descendants, free_port, pids_with_env  # noqa: E402
+
+AMQP_URL = os.environ.get("FAASD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture
+def functions_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "functions"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start `faasd serve` processes; every one is stopped, and checked for leftovers, after the test."""
+    started: list[Daemon] = []
+
+    def start(functions: Path | None = None, *, wait: bool = True, port: int | None = None,
+              data: Path | None = None, config: Path | None = None,
+              env: dict[str, str] | None = None, args: list[str] | None = None) -> Daemon:
+        daemon = Daemon(
+            functions=functions or (tmp_path / "functions"),
+            data=data or (tmp_path / "data"),
+            port=port or free_port(),
+            config=config,
+            env=env or {},
+            extra_args=args or [],
+        )
+        daemon.functions.mkdir(parents=True, exist_ok=True)
+        started.append(daemon)
+        return daemon.start(wait=wait)
+
+    yield start
+    leftovers = []
+    for daemon in started:
+        live = daemon.process.pid if daemon.process else None
+        before = descendants(live) if live else set()
+        daemon.stop()
+        leftovers += sorted(p for p in before if os.path.exists(f"/proc/{p}"))
+        for pid in daemon.pids:
+            # Workers re-parented after their daemon died still name it.
+            leftovers += sorted(pids_with_env("_FAASD_PARENT_PID", str(pid)))
+    assert not leftovers, f"processes left behind: {leftovers}"
+
+
+@pytest.fixture
+def daemon(start_daemon: Callable[..., Daemon], functions_dir: Path) -> Daemon:
+    return start_daemon(functions_dir)
+
+
+def _broker_answers(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 5672), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    """The RabbitMQ URL; fails under CI when the broker is absent, skips elsewhere."""
+    if not _broker_answers(AMQP_URL):
+        message = f"RabbitMQ is not answering at {AMQP_URL}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI requires it: .ci/run starts it)")
+        pytest.skip(message + "; start it with `rabbitmq-server -detached`")
+    return AMQP_URL

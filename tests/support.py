@@ -1,0 +1,218 @@
+"""Helpers for integration tests: a real daemon in a real process, real HTTP over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "functions"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+               message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def http(method: str, url: str, body: bytes | str | None = None,
+         headers: dict[str, str] | None = None, timeout: float = 30) -> Response:
+    if isinstance(body, str):
+        body = body.encode()
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return Response(response.status, {k.lower(): v for k, v in response.headers.items()},
+                            response.read())
+    except urllib.error.HTTPError as exc:
+        return Response(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())
+
+
+def write_function(functions: Path, relpath: str, source: str) -> Path:
+    """Write a function file atomically (temp + rename), as an editor or deploy would."""
+    path = functions / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(textwrap.dedent(source))
+    if path.suffix == "" and path.name == "bootstrap":
+        tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process whose ancestry leads to `pid`."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+            parents[int(entry)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        children = {child for child, parent in parents.items() if parent in frontier}
+        frontier = children - found
+        found |= children
+    return found
+
+
+def process_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0].decode()
+    except OSError:
+        return None
+
+
+def pids_with_env(key: str, value: str) -> set[int]:
+    """Processes whose environment holds KEY=VALUE (finds orphaned workers)."""
+    needle = f"{key}={value}".encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as environ:
+                if needle in environ.read().split(b"\0"):
+                    found.add(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@dataclass
+class Daemon:
+    """A `faasd serve` process started by a test."""
+
+    functions: Path
+    data: Path
+    port: int
+    config: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+    log_path: Path | None = None
+    pids: list[int] = field(default_factory=list)  # every process started, for leak checks
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 20) -> "Daemon":
+        self.log_path = self.data.parent / f"daemon-{self.port}-{time.monotonic_ns()}.log"
+        args = [sys.executable, "-m", "faasd"]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        args += ["serve", "--functions", str(self.functions), "--data-dir", str(self.data),
+                 "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FAASD_")}
+        env.update({"PYTHONPATH": str(ROOT), "FAASD_TEST_MARKER": str(self.port), **self.env})
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                        cwd=self.data.parent, env=env, start_new_session=True)
+        self.pids.append(self.process.pid)
+        if wait:
+            wait_until(self._ready, timeout, message=f"faasd on port {self.port} to be ready\n{self.output()}")
+        return self
+
+    def _ready(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"faasd exited with {self.process.returncode}:\n{self.output()}")
+        try:
+            return http("GET", self.url + "/readyz", timeout=2).status == 200
+        except OSError:
+            return False
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int | None:
+        """Stop the daemon; then make sure nothing it started survives."""
+        if self.process is None:
+            return None
+        pid = self.process.pid
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(pid, signal.SIGKILL)
+                self.process.wait()
+        code = self.process.returncode
+        self._log.close()
+        self.process = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        self._log.close()
+        self.process = None
+
+    # conveniences
+    def get(self, path: str, **kw: Any) -> Response:
+        return http("GET", self.url + path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Response:
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+            kw.setdefault("headers", {"Content-Type": "application/json"})
+        return http("POST", self.url + path, body, **kw)
+
+    def invoke(self, name: str, event: Any = None, **headers: str) -> Response:
+        return http("POST", f"{self.url}/2015-03-31/functions/{name}/invocations",
+                    json.dumps({} if event is None else event), headers=headers)
+
+    def function(self, name: str) -> dict:
+        response = self.get(f"/system/functions/{name}")
+        assert response.status == 200, response.text
+        return response.json()
+
+    def workers(self, name: str) -> list[dict]:
+        return [w for w in self.function(name)["workers"] if w["state"] != "retiring"]
+
+    def log_of(self, name: str) -> str:
+        return self.get(f"/system/functions/{name}/logs?lines=100000").text
