@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, extensions
 from .api import build_app
 from .config import Config
 from .invoker import Invoker
@@ -68,6 +68,7 @@ class Daemon:
         # Tmp dirs of workers from a previous run that died with it.
         for stale in (data / "workers").iterdir():
             shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(data / "pycache", ignore_errors=True)
 
         memory = MemoryLimits.detect()
         self._cleanups.append(memory.close)
@@ -99,7 +100,7 @@ class Daemon:
         self.registry.start()
         self._cleanups.append(self.registry.stop)
 
-        for extension in EXTENSIONS:
+        for extension in extensions.load():
             await extension(self)
 
         app = build_app(self)
@@ -198,12 +199,6 @@ class Daemon:
             "inflight": self.invoker.inflight,
             "isolation": self.isolation,
         }
-
-
-# Optional parts (async queue, event sources, metrics...) register a coroutine
-# here; each receives the daemon after the core is up and before it listens,
-# and registers its own cleanup with `daemon.on_cleanup`.
-EXTENSIONS: list[Callable[[Daemon], Awaitable[None]]] = []
 
 
 def install_event_loop() -> str:

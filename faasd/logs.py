@@ -69,6 +69,8 @@ class FunctionLogs:
             handle.flush()
 
     def tail(self, name: str, lines: int = 100) -> list[str]:
+        if lines <= 0:
+            return []
         self.flush()
         try:
             with open(self.path(name), "rb") as handle:
@@ -80,14 +82,19 @@ class FunctionLogs:
             return []
         return [line + "\n" for line in data.splitlines()[-lines:]]
 
-    async def follow(self, name: str) -> AsyncIterator[str]:
+    def follow(self, name: str) -> AsyncIterator[str]:
+        """New lines of a function's log, from this call on (not from the first read)."""
         queue: asyncio.Queue[str] = asyncio.Queue()
         self._followers.setdefault(name, set()).add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._followers[name].discard(queue)
+
+        async def lines() -> AsyncIterator[str]:
+            try:
+                while True:
+                    yield await queue.get()
+            finally:
+                self._followers[name].discard(queue)
+
+        return lines()
 
     def close(self) -> None:
         self.flush()

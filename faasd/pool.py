@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -219,6 +220,10 @@ class FunctionPool:
 
     def update(self, spec: FunctionSpec) -> None:
         """New code or config: idle and frozen workers go now, busy ones when done."""
+        if spec.revision != self.spec.revision:
+            # The old revision's bytecode cache is of no further use.
+            stale = self.env.data_dir / "pycache" / f"{spec.name}-{self.spec.revision}"
+            self._background(asyncio.to_thread(shutil.rmtree, stale, True))
         self.spec = spec
         for worker in list(self._idle) + list(self._frozen):
             if worker.spec.revision != spec.revision:

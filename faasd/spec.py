@@ -211,6 +211,13 @@ def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool) -> FunctionSpe
             f"{where}: unknown key {sorted(unknown)[0]!r}; known keys: {', '.join(sorted(_KNOWN_KEYS))}"
         )
     runtime = raw.get("runtime")
+    if runtime is None and is_dir and isinstance(raw.get("handler"), str):
+        # handler = "main.run" names the module: main.py is Python, main.js Node.
+        module = raw["handler"].rpartition(".")[0].replace(".", "/")
+        for suffix, guess in FILE_RUNTIMES.items():
+            if module and (base.source / (module + suffix)).is_file():
+                runtime = guess
+                break
     if runtime is None:
         runtime = _guess_runtime(base.source)
         if runtime is None:

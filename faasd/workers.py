@@ -531,9 +531,16 @@ def _loads(payload: bytes) -> dict:
     return value if isinstance(value, dict) else {"errorType": "Error", "errorMessage": str(value)}
 
 
-def python_command(env: WorkerEnvironment) -> list[str]:
-    return [env.python, "-I", "-X", f"pycache_prefix={env.data_dir / 'pycache'}",
-            str(RUNTIME_DIR / "python_worker.py")]
+def python_command(spec: FunctionSpec, env: WorkerEnvironment) -> list[str]:
+    # Bytecode is cached per code revision, outside functions/: a .pyc records
+    # its source's mtime in whole seconds, so two same-size edits within one
+    # second would otherwise run stale code.
+    cache = env.data_dir / "pycache" / f"{spec.name}-{spec.revision}"
+    if not cache.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        if env.run_as:
+            os.chown(cache, *env.run_as)
+    return [env.python, "-I", "-X", f"pycache_prefix={cache}", str(RUNTIME_DIR / "python_worker.py")]
 
 
 def create_worker(spec: FunctionSpec, env: WorkerEnvironment) -> Worker:
@@ -547,5 +554,5 @@ def create_worker(spec: FunctionSpec, env: WorkerEnvironment) -> Worker:
 
 
 WORKER_FACTORIES: dict[str, Callable[[FunctionSpec, WorkerEnvironment], Worker]] = {
-    "python": lambda spec, env: ProcessWorker(spec, env, python_command(env)),
+    "python": lambda spec, env: ProcessWorker(spec, env, python_command(spec, env)),
 }

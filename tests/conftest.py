@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import Daemon, descendants, free_port, pids_with_env  # noqa: E402
+from support import Daemon, descendants, free_port, pids_with_env, process_state, wait_until  # noqa: E402
 
 AMQP_URL = os.environ.get("FAASD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -43,16 +43,31 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         return daemon.start(wait=wait)
 
     yield start
-    leftovers = []
+    suspects: set[int] = set()
     for daemon in started:
         live = daemon.process.pid if daemon.process else None
-        before = descendants(live) if live else set()
+        suspects |= descendants(live) if live else set()
         daemon.stop()
-        leftovers += sorted(p for p in before if os.path.exists(f"/proc/{p}"))
         for pid in daemon.pids:
             # Workers re-parented after their daemon died still name it.
-            leftovers += sorted(pids_with_env("_FAASD_PARENT_PID", str(pid)))
-    assert not leftovers, f"processes left behind: {leftovers}"
+            suspects |= pids_with_env("_FAASD_PARENT_PID", str(pid))
+
+    def alive() -> list[str]:
+        return [f"{pid} ({_cmdline(pid)})" for pid in sorted(suspects)
+                if process_state(pid) not in (None, "Z")]
+
+    try:
+        wait_until(lambda: not alive(), timeout=5, message="processes to exit")
+    except AssertionError:
+        pytest.fail(f"processes left behind: {alive()}")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return "?"
 
 
 @pytest.fixture

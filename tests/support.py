@@ -212,7 +212,11 @@ class Daemon:
         return response.json()
 
     def workers(self, name: str) -> list[dict]:
-        return [w for w in self.function(name)["workers"] if w["state"] != "retiring"]
+        """The function's live workers; none while the function is not (yet) known."""
+        response = self.get(f"/system/functions/{name}")
+        if response.status == 404:
+            return []
+        return [w for w in response.json()["workers"] if w["state"] != "retiring"]
 
     def log_of(self, name: str) -> str:
         return self.get(f"/system/functions/{name}/logs?lines=100000").text

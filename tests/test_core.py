@@ -1,0 +1,556 @@
+"""The core runtime end to end: a real daemon, real workers, real HTTP over loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from support import ROOT, descendants, http, process_state, wait_until, write_function
+
+HELLO = """
+def handler(event, context):
+    return {"statusCode": 200, "body": "v1"}
+"""
+
+
+def test_a_dropped_file_is_served_then_changed_then_deleted_without_restart(daemon):
+    assert daemon.get("/function/hello").status == 404
+    write_function(daemon.functions, "hello.py", HELLO)
+    wait_until(lambda: daemon.get("/function/hello").status == 200, message="hello to appear")
+    assert daemon.get("/function/hello/any/path?x=1").text == "v1"
+
+    write_function(daemon.functions, "hello.py", HELLO.replace("v1", "v2"))
+    wait_until(lambda: daemon.get("/function/hello").text == "v2", message="new code to serve")
+
+    (daemon.functions / "hello.py").unlink()
+    wait_until(lambda: daemon.get("/function/hello").status == 404, message="hello to go away")
+    assert daemon.get("/function/hello").json() == {"message": "Not Found"}
+
+
+def test_lambda_handler_is_used_when_handler_is_absent(daemon):
+    write_function(daemon.functions, "lh.py", """
+        def lambda_handler(event, context):
+            return "from lambda_handler"
+    """)
+    wait_until(lambda: daemon.get("/function/lh").status == 200)
+    assert daemon.get("/function/lh").json() == "from lambda_handler"
+
+
+def test_directory_function_with_function_toml_and_sidecar_toml(daemon):
+    write_function(daemon.functions, "dirfn/main.py", """
+        import os
+        def run(event, context):
+            return {"greeting": os.environ["GREETING"], "memory": context.memory_limit_in_mb}
+    """)
+    write_function(daemon.functions, "dirfn/function.toml", """
+        handler = "main.run"
+        memory_mb = 256
+        [env]
+        GREETING = "hi"
+    """)
+    write_function(daemon.functions, "side.py", """
+        import os
+        def handler(event, context):
+            return {"timeout_left_under": context.get_remaining_time_in_millis() <= 7000,
+                    "color": os.environ["COLOR"]}
+    """)
+    write_function(daemon.functions, "side.toml", 'timeout_s = 7\n[env]\nCOLOR = "blue"\n')
+    wait_until(lambda: daemon.get("/function/dirfn").status == 200)
+    assert daemon.get("/function/dirfn").json() == {"greeting": "hi", "memory": "256"}
+    wait_until(lambda: daemon.get("/function/side").status == 200)
+    assert daemon.get("/function/side").json() == {"timeout_left_under": True, "color": "blue"}
+
+
+ECHO = """
+def handler(event, context):
+    return event
+"""
+
+
+def test_payload_2_0_event_carries_the_request(daemon):
+    write_function(daemon.functions, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+    response = http("POST", daemon.url + "/function/echo/a/b?x=1&x=2&y=",
+                    b'{"k": "v"}', headers={"Content-Type": "application/json",
+                                            "X-Custom": "One", "Cookie": "a=1; b=2",
+                                            "User-Agent": "tester/1"})
+    event = response.json()
+    assert event["version"] == "2.0"
+    assert event["routeKey"] == "ANY /function/echo/{proxy+}"
+    assert event["rawPath"] == "/function/echo/a/b"
+    assert event["rawQueryString"] == "x=1&x=2&y="
+    assert event["queryStringParameters"] == {"x": "1,2", "y": ""}
+    assert event["pathParameters"] == {"proxy": "a/b"}
+    assert event["cookies"] == ["a=1", "b=2"]
+    assert event["headers"]["x-custom"] == "One"
+    assert "cookie" not in event["headers"]
+    http_ctx = event["requestContext"]["http"]
+    assert http_ctx == {"method": "POST", "path": "/function/echo/a/b", "protocol": "HTTP/1.1",
+                        "sourceIp": "127.0.0.1", "userAgent": "tester/1"}
+    assert event["requestContext"]["requestId"] == response.headers["apigw-requestid"]
+    assert abs(event["requestContext"]["timeEpoch"] / 1000 - time.time()) < 60
+    assert event["body"] == '{"k": "v"}' and event["isBase64Encoded"] is False
+
+
+def test_binary_bodies_round_trip_base64(daemon):
+    write_function(daemon.functions, "bin.py", """
+        import base64
+        def handler(event, context):
+            data = base64.b64decode(event["body"]) if event["isBase64Encoded"] else b""
+            return {"statusCode": 201, "isBase64Encoded": True,
+                    "headers": {"content-type": "application/octet-stream"},
+                    "body": base64.b64encode(data[::-1]).decode()}
+    """)
+    wait_until(lambda: daemon.get("/function/bin").status == 201)
+    blob = bytes(range(256)) * 4
+    response = http("POST", daemon.url + "/function/bin", blob,
+                    headers={"Content-Type": "application/octet-stream"})
+    assert response.status == 201
+    assert response.body == blob[::-1]
+    assert response.headers["content-type"] == "application/octet-stream"
+
+
+def test_payload_2_0_response_rules(daemon):
+    write_function(daemon.functions, "resp.py", """
+        def handler(event, context):
+            kind = event["queryStringParameters"]["kind"]
+            if kind == "full":
+                return {"statusCode": 418, "headers": {"X-A": "1"}, "cookies": ["c1=x", "c2=y"],
+                        "body": "teapot"}
+            if kind == "list":
+                return [1, 2, 3]
+            if kind == "string":
+                return "plain"
+            if kind == "none":
+                return None
+            return {"no": "statusCode"}
+    """)
+    wait_until(lambda: daemon.get("/function/resp?kind=list").status == 200)
+    full = daemon.get("/function/resp?kind=full")
+    assert full.status == 418 and full.text == "teapot" and full.headers["x-a"] == "1"
+    import urllib.request
+
+    raw = urllib.request.urlopen(urllib.request.Request(daemon.url + "/function/resp?kind=list"))
+    assert raw.headers["Content-Type"].startswith("application/json")
+    assert json.loads(raw.read()) == [1, 2, 3]
+    assert daemon.get("/function/resp?kind=string").body == b'"plain"'
+    assert daemon.get("/function/resp?kind=none").body == b"null"
+    assert daemon.get("/function/resp?kind=dict").json() == {"no": "statusCode"}
+    # Set-Cookie is repeated, one per cookie.
+    conn_headers = _raw_headers(daemon.url + "/function/resp?kind=full")
+    assert sorted(v for k, v in conn_headers if k.lower() == "set-cookie") == ["c1=x", "c2=y"]
+
+
+def _raw_headers(url: str) -> list[tuple[str, str]]:
+    import http.client
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+    conn.request("GET", parsed.path + "?" + parsed.query)
+    response = conn.getresponse()
+    response.read()
+    headers = response.getheaders()
+    conn.close()
+    return headers
+
+
+def test_http_trigger_routes_with_path_parameters_and_methods(daemon):
+    write_function(daemon.functions, "thumbs/handler.py", ECHO)
+    write_function(daemon.functions, "thumbs/function.toml", """
+        [[triggers]]
+        type = "http"
+        path = "/thumbs/{id}/size/{size}"
+        methods = ["GET"]
+    """)
+    wait_until(lambda: daemon.get("/thumbs/7/size/large").status == 200)
+    event = daemon.get("/thumbs/7/size/large").json()
+    assert event["pathParameters"] == {"id": "7", "size": "large"}
+    assert event["routeKey"] == "GET /thumbs/{id}/size/{size}"
+    assert daemon.post("/thumbs/7/size/large", "x").status == 405
+    assert daemon.get("/thumbs/7").status == 404
+
+
+def test_context_and_environment_are_lambdas_and_the_daemons_do_not_leak(start_daemon, functions_dir):
+    write_function(functions_dir, "env.py", """
+        import os
+        def handler(event, context):
+            return {"env": dict(os.environ), "ctx": {
+                "function_name": context.function_name,
+                "function_version": context.function_version,
+                "invoked_function_arn": context.invoked_function_arn,
+                "memory_limit_in_mb": context.memory_limit_in_mb,
+                "aws_request_id": context.aws_request_id,
+                "log_group_name": context.log_group_name,
+                "log_stream_name": context.log_stream_name,
+                "remaining": context.get_remaining_time_in_millis()}}
+    """)
+    daemon = start_daemon(functions_dir, env={"DAEMON_SECRET": "s3cr3t", "AWS_SECRET_ACCESS_KEY": "nope"})
+    response = daemon.invoke("env")
+    body = response.json()
+    env, ctx = body["env"], body["ctx"]
+    assert "DAEMON_SECRET" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert "s3cr3t" not in json.dumps(env)
+    assert env["AWS_LAMBDA_FUNCTION_NAME"] == "env"
+    assert env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] == "128"
+    assert env["AWS_LAMBDA_FUNCTION_VERSION"] == "$LATEST"
+    assert env["_HANDLER"] == "env.handler"
+    assert env["LAMBDA_TASK_ROOT"] == str(functions_dir)
+    assert env["AWS_REGION"]
+    assert Path(env["TMPDIR"]).is_absolute()
+    assert not any(k.startswith("_FAASD") for k in env)
+    assert ctx["function_name"] == "env" and ctx["function_version"] == "$LATEST"
+    assert ctx["invoked_function_arn"].endswith(":function:env")
+    assert ctx["memory_limit_in_mb"] == "128"
+    assert ctx["aws_request_id"] == response.headers["x-amzn-requestid"]
+    assert ctx["log_group_name"] == "/aws/lambda/env"
+    assert 0 < ctx["remaining"] <= 3000
+
+
+def test_module_state_and_tmp_files_survive_warm_invocations(daemon):
+    write_function(daemon.functions, "state.py", """
+        import os
+        COUNT = 0
+        def handler(event, context):
+            global COUNT
+            COUNT += 1
+            path = os.path.join(os.environ["TMPDIR"], "seen")
+            existed = os.path.exists(path)
+            open(path, "a").write("x")
+            return {"count": COUNT, "existed": existed, "pid": os.getpid(),
+                    "size": os.path.getsize(path)}
+    """)
+    wait_until(lambda: daemon.get("/function/state").status == 200)
+    second = daemon.get("/function/state").json()
+    third = daemon.get("/function/state").json()
+    assert (second["count"], third["count"]) == (2, 3)
+    assert third["existed"] and third["size"] == 3
+    assert second["pid"] == third["pid"]
+
+
+def test_handler_exception_is_502_without_traceback_and_logged_in_full(daemon):
+    write_function(daemon.functions, "boom.py", """
+        def helper():
+            raise ValueError("kaboom 42")
+        def handler(event, context):
+            print("before the fall")
+            helper()
+    """)
+    wait_until(lambda: daemon.get("/function/boom").status == 502)
+    response = daemon.get("/function/boom")
+    assert response.json() == {"message": "Internal Server Error"}
+    assert "kaboom" not in response.text and "Traceback" not in response.text
+    log = daemon.log_of("boom")
+    assert "before the fall" in log
+    assert "[ERROR] ValueError: kaboom 42" in log
+    assert "Traceback (most recent call last)" in log and "in helper" in log
+    # The worker survives a handled error.
+    pids = {w["pid"] for w in daemon.workers("boom")}
+    daemon.get("/function/boom")
+    assert {w["pid"] for w in daemon.workers("boom")} == pids
+    # The Lambda API gives the error payload.
+    error = daemon.invoke("boom")
+    assert error.headers["x-amz-function-error"] == "Unhandled"
+    assert error.json()["errorType"] == "ValueError"
+    assert error.json()["errorMessage"] == "kaboom 42"
+    assert any("in helper" in frame for frame in error.json()["stackTrace"])
+
+
+def test_timeout_is_504_and_the_worker_and_its_children_are_killed(daemon):
+    write_function(daemon.functions, "slow.py", """
+        import os, subprocess, time
+        def handler(event, context):
+            child = subprocess.Popen(["sleep", "300"])
+            open(os.path.join(os.environ["TMPDIR"], "child"), "w").write(str(child.pid))
+            print("child", child.pid, flush=True)
+            time.sleep(30)
+    """)
+    write_function(daemon.functions, "slow.toml", "timeout_s = 1\n")
+    wait_until(lambda: daemon.get("/system/functions/slow").status == 200)
+    started = time.monotonic()
+    response = daemon.get("/function/slow")
+    elapsed = time.monotonic() - started
+    assert response.status == 504
+    assert 0.9 < elapsed < 10
+    log = daemon.log_of("slow")
+    child_pid = int(log.split("child ", 1)[1].split()[0])
+    wait_until(lambda: process_state(child_pid) in (None, "Z"), message="the handler's child to die")
+    assert "Task timed out after 1.00 seconds" in log
+    assert "Status: timeout" in log
+    error = daemon.invoke("slow").json()
+    assert error["errorType"] == "Sandbox.Timedout"
+    assert "Task timed out after 1.00 seconds" in error["errorMessage"]
+
+
+@pytest.mark.parametrize("how", ["os._exit(3)", "os.kill(os.getpid(), signal.SIGSEGV)",
+                                 "os.kill(os.getpid(), signal.SIGKILL)"])
+def test_a_crashing_worker_gives_502_and_is_replaced(daemon, how):
+    write_function(daemon.functions, "crash.py", f"""
+        import os, signal
+        def handler(event, context):
+            if event.get("rawQueryString") == "crash":
+                {how}
+            return os.getpid()
+    """)
+    wait_until(lambda: daemon.get("/function/crash").status == 200)
+    before = daemon.get("/function/crash").json()
+    response = daemon.get("/function/crash?crash")
+    assert response.status == 502 and response.json() == {"message": "Internal Server Error"}
+    after = daemon.get("/function/crash").json()
+    assert after != before
+    assert process_state(before) in (None, "Z")
+    error = daemon.invoke("crash", {"rawQueryString": "crash"}).json()
+    assert error["errorType"] == "Runtime.ExitError"
+    assert "Runtime exited with error" in error["errorMessage"]
+
+
+def test_memory_over_the_limit_fails_the_invocation_and_replaces_the_worker(daemon):
+    write_function(daemon.functions, "hog.py", """
+        import os
+        def handler(event, context):
+            if event.get("hog") or event.get("rawQueryString") == "hog":
+                blocks = []
+                for _ in range(400):
+                    blocks.append(bytearray(1024 * 1024))
+            return os.getpid()
+    """)
+    write_function(daemon.functions, "hog.toml", "memory_mb = 64\ntimeout_s = 20\n")
+    wait_until(lambda: daemon.get("/system/functions/hog").status == 200)
+    pid = daemon.invoke("hog").json()
+    response = daemon.invoke("hog", {"hog": True})
+    error = response.json()
+    assert response.headers["x-amz-function-error"] == "Unhandled"
+    assert error["errorType"] == "Runtime.OutOfMemory"
+    assert "64 MB" in error["errorMessage"]
+    assert daemon.invoke("hog").json() != pid
+    assert daemon.get("/function/hog?hog").status == 502
+
+
+def test_unknown_names_bad_names_and_traversal_are_refused(daemon):
+    write_function(daemon.functions, "ok.py", ECHO)
+    wait_until(lambda: daemon.get("/function/ok").status == 200)
+    assert daemon.get("/function/nope").status == 404
+    assert daemon.get("/function/" + "a" * 65).status == 400
+    assert daemon.get("/function/bad.name").status == 400
+    for path in ("/function/..%2f..%2fetc%2fpasswd", "/function/%2e%2e", "/function/ok%00"):
+        assert daemon.get(path).status in (400, 404), path
+    missing = daemon.invoke("nope")
+    assert missing.status == 404
+    assert missing.headers["x-amzn-errortype"] == "ResourceNotFoundException"
+
+
+def test_body_over_the_limit_is_413(start_daemon, functions_dir):
+    write_function(functions_dir, "ok.py", ECHO)
+    daemon = start_daemon(functions_dir, env={"FAASD_SERVER_MAX_BODY_MB": "1"})
+    big = b"x" * (1024 * 1024 + 10)
+    assert daemon.post("/function/ok", big).status == 413
+    response = daemon.invoke("ok", {"k": "x" * (1024 * 1024)})
+    assert response.status == 413
+    assert response.headers["x-amzn-errortype"] == "RequestTooLargeException"
+    assert daemon.post("/function/ok", b"small").status == 200
+
+
+def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemon):
+    write_function(daemon.functions, "good.py", ECHO)
+    write_function(daemon.functions, "syntax.py", "def handler(event, context:\n    return 1\n")
+    write_function(daemon.functions, "nohandler.py", "def other(event, context):\n    return 1\n")
+    write_function(daemon.functions, "badtoml.py", ECHO)
+    write_function(daemon.functions, "badtoml.toml", "memory_mb = [\n")
+    write_function(daemon.functions, "importerr.py", "import not_a_module_anywhere\ndef handler(e, c):\n    return 1\n")
+    wait_until(lambda: daemon.get("/system/functions/importerr").status == 200)
+    expectations = {
+        "syntax": "Runtime.UserCodeSyntaxError",
+        "nohandler": "Runtime.HandlerNotFound",
+        "badtoml": "Runtime.InvalidConfiguration",
+        "importerr": "Runtime.ImportModuleError",
+    }
+    for name, error_type in expectations.items():
+        assert daemon.get(f"/function/{name}").status == 502, name
+        error = daemon.invoke(name).json()
+        assert error["errorType"] == error_type, (name, error)
+        view = daemon.function(name)
+        reported = view["load_error"] or (view["init_error"] or {}).get("errorMessage")
+        assert reported, view
+    assert daemon.get("/function/good").status == 200
+    check = subprocess.run([sys.executable, "-m", "faasd", "check", "--functions", str(daemon.functions)],
+                           capture_output=True, text=True, cwd=daemon.data.parent,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert check.returncode == 1
+    assert "syntax: error: Runtime.UserCodeSyntaxError" in check.stdout
+    assert "badtoml: error: badtoml.toml: not valid TOML" in check.stdout
+    assert "good: ok" in check.stdout
+
+
+def test_logs_have_start_end_report_and_init_duration_on_cold_start(daemon):
+    write_function(daemon.functions, "talk.py", """
+        def handler(event, context):
+            print("hello from the handler")
+            return 1
+    """)
+    wait_until(lambda: daemon.get("/function/talk").status == 200)
+    daemon.get("/function/talk")
+    log = daemon.log_of("talk")
+    reports = [line for line in log.splitlines() if "\tREPORT RequestId:" in line]
+    assert len(reports) == 2
+    assert "Init Duration:" in reports[0] and "Init Duration:" not in reports[1]
+    for field in ("Duration:", "Billed Duration:", "Memory Size: 128 MB", "Max Memory Used:"):
+        assert field in reports[1]
+    lines = [line.split("\t", 2)[2] for line in log.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("START RequestId:"))
+    assert lines[start + 1] == "hello from the handler"
+    assert lines[start + 2].startswith("END RequestId:")
+    assert lines[start].endswith("Version: $LATEST")
+    # The daemon's stdout carries the same lines.
+    assert "hello from the handler" in daemon.output()
+    assert "REPORT RequestId:" in daemon.output()
+
+
+def test_cli_invoke_list_logs_check_and_new(daemon, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cli = [sys.executable, "-m", "faasd"]
+    write_function(daemon.functions, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+    result = subprocess.run(cli + ["invoke", "echo", "--data", '{"a": 1}', "--url", daemon.url],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and json.loads(result.stdout) == {"a": 1}
+    payload = tmp_path / "event.json"
+    payload.write_text('{"from": "file"}')
+    result = subprocess.run(cli + ["invoke", "echo", "--data", f"@{payload}", "--url", daemon.url],
+                            capture_output=True, text=True, env=env)
+    assert json.loads(result.stdout) == {"from": "file"}
+    result = subprocess.run(cli + ["invoke", "missing", "--url", daemon.url], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "ResourceNotFoundException" in result.stderr
+    listing = subprocess.run(cli + ["list", "--url", daemon.url], capture_output=True, text=True, env=env)
+    assert listing.returncode == 0 and "echo" in listing.stdout and "python" in listing.stdout
+    logs = subprocess.run(cli + ["logs", "echo", "--url", daemon.url], capture_output=True, text=True, env=env)
+    assert "REPORT RequestId" in logs.stdout
+    new = subprocess.run(cli + ["new", "fresh", "--functions", str(daemon.functions)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert new.returncode == 0, new.stderr
+    wait_until(lambda: daemon.get("/fresh").status == 200, message="the new function's route")
+    assert daemon.get("/function/fresh").json() == {"hello": "world"}
+    again = subprocess.run(cli + ["new", "fresh", "--functions", str(daemon.functions)],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_logs_follow_streams_new_lines(daemon):
+    write_function(daemon.functions, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    follower = subprocess.Popen([sys.executable, "-m", "faasd", "logs", "echo", "--follow", "-n", "0",
+                                 "--url", daemon.url], stdout=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(follower.stdout), daemon=True)
+    reader.start()
+    try:
+        request_ids: list[str] = []
+
+        def followed() -> bool:
+            request_ids.append(daemon.get("/function/echo").headers["apigw-requestid"])
+            return any(f"START RequestId: {rid}" in line for line in list(seen) for rid in request_ids)
+
+        wait_until(followed, timeout=15, interval=0.3, message="a new invocation in the followed log")
+        # Only new lines: the first invocation (before following) is not replayed.
+        first = daemon.log_of("echo").splitlines()[0]
+        assert first not in "".join(seen)
+    finally:
+        os.killpg(follower.pid, signal.SIGTERM)
+        follower.wait(10)
+
+
+def test_health_readiness_and_system_views(daemon):
+    write_function(daemon.functions, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+    assert daemon.get("/healthz").json() == {"status": "ok"}
+    assert daemon.get("/readyz").json()["ready"] is True
+    listing = daemon.get("/system/functions").json()["functions"]
+    assert [f["name"] for f in listing] == ["echo"]
+    view = daemon.function("echo")
+    assert view["memory_mb"] == 128 and view["runtime"] == "python" and view["load_error"] is None
+    worker = view["workers"][0]
+    assert worker["pid"] > 0 and worker["state"] in ("idle", "frozen")
+    assert view["routes"][0] == "/function/echo"
+    assert daemon.get("/system/functions/nope").status == 404
+
+
+def test_idle_workers_are_frozen_and_thawed_by_the_same_pid(start_daemon, functions_dir):
+    write_function(functions_dir, "pid.py", "import os\ndef handler(e, c):\n    return os.getpid()\n")
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_FREEZE_AFTER_MS": "50"})
+    pid = daemon.invoke("pid").json()
+    wait_until(lambda: process_state(pid) == "T", message="the idle worker to be stopped (state T)")
+    assert daemon.workers("pid")[0]["state"] == "frozen"
+    assert daemon.invoke("pid").json() == pid
+    assert process_state(pid) in ("S", "R", "T")
+    wait_until(lambda: process_state(pid) == "T", message="the worker to freeze again")
+
+
+def test_frozen_workers_retire_after_keep_warm_but_min_warm_stay(start_daemon, functions_dir):
+    write_function(functions_dir, "cold.py", "import os\ndef handler(e, c):\n    return os.getpid()\n")
+    write_function(functions_dir, "warm.py", "import os\ndef handler(e, c):\n    return os.getpid()\n")
+    write_function(functions_dir, "warm.toml", "min_warm = 1\n")
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_FREEZE_AFTER_MS": "10",
+                                              "FAASD_WORKERS_KEEP_WARM_S": "1"})
+    wait_until(lambda: len(daemon.workers("warm")) == 1, message="min_warm worker to be prewarmed")
+    cold_pid = daemon.invoke("cold").json()
+    warm_pid = daemon.workers("warm")[0]["pid"]
+    wait_until(lambda: process_state(cold_pid) is None, timeout=15, message="the cold worker to retire")
+    assert daemon.workers("cold") == []
+    time.sleep(1.5)
+    assert [w["pid"] for w in daemon.workers("warm")] == [warm_pid]
+    assert daemon.invoke("warm").json() == warm_pid
+
+
+def test_concurrency_one_throttles_the_second_call_with_429(daemon):
+    write_function(daemon.functions, "one.py", "import time\ndef handler(e, c):\n    time.sleep(1.5)\n    return 1\n")
+    write_function(daemon.functions, "one.toml", "concurrency = 1\ntimeout_s = 10\n")
+    wait_until(lambda: daemon.get("/system/functions/one").status == 200)
+    results = {}
+
+    def first():
+        results["first"] = daemon.get("/function/one").status
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    wait_until(lambda: daemon.function("one")["inflight"] == 1, message="the first call in flight")
+    second = daemon.get("/function/one")
+    thread.join()
+    assert results["first"] == 200
+    assert second.status == 429
+    assert second.json() == {"message": "Too Many Requests"}
+
+
+def test_sigterm_drains_in_flight_calls_and_leaves_no_process(daemon):
+    write_function(daemon.functions, "slow.py", "import time\ndef handler(e, c):\n    time.sleep(1.5)\n    return 'done'\n")
+    write_function(daemon.functions, "slow.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "other.py", ECHO)
+    write_function(daemon.functions, "other.toml", "min_warm = 2\n")
+    wait_until(lambda: len(daemon.workers("other")) == 2, message="prewarmed workers")
+    wait_until(lambda: daemon.get("/system/functions/slow").status == 200)
+    pid = daemon.process.pid
+    result = {}
+
+    def call():
+        result["response"] = daemon.get("/function/slow")
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    wait_until(lambda: daemon.function("slow")["inflight"] == 1, message="the call in flight")
+    children = descendants(pid)
+    assert len(children) >= 3
+    daemon.process.send_signal(signal.SIGTERM)
+    thread.join(20)
+    assert result["response"].status == 200 and result["response"].json() == "done"
+    assert daemon.process.wait(20) == 0
+    wait_until(lambda: all(process_state(p) is None for p in children), timeout=5,
+               message="every worker to be gone")
