@@ -18,7 +18,7 @@ from . import __version__
 from .errors import FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
 from .spec import valid_name
 from .triggers.http import (
-    RouteTable, build_event, build_response, error_response, failure_response, new_request_id,
+    Route, RouteTable, build_event, build_response, error_response, failure_response, new_request_id,
 )
 
 if TYPE_CHECKING:
@@ -33,19 +33,44 @@ def json_response(value: Any, status: int = 200, headers: dict[str, str] | None 
     return web.Response(status=status, body=orjson.dumps(value), content_type=JSON, headers=headers)
 
 
+BODY_KEY = "faasd.body"  # a body already read (to check its signature) is kept here
+IDLE_TIMEOUT_KEY = web.AppKey("faasd.idle_timeout_s", float)
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, or PayloadTooLarge past `limit` bytes."""
+    """The request body, or PayloadTooLarge past `limit` bytes.
+
+    A client that stops sending for longer than [server] idle_timeout_s gets
+    408: a slow sender cannot hold a connection and its buffers forever.
+    """
+    cached = request.get(BODY_KEY)
+    if cached is not None:
+        return cached
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
             f"Request must be smaller than {limit} bytes for the InvokeFunction operation")
+    if not request.body_exists:
+        return b""
+    idle = request.app.get(IDLE_TIMEOUT_KEY)
+    chunks: list[bytes] = []
+    size = 0
     try:
-        body = await request.content.read(limit + 1) if request.body_exists else b""
-        if len(body) > limit:
-            raise PayloadTooLarge(
-                f"Request must be smaller than {limit} bytes for the InvokeFunction operation")
-        return body
+        while True:
+            chunk = await asyncio.wait_for(request.content.readany(), idle)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"Request must be smaller than {limit} bytes for the InvokeFunction operation")
+            chunks.append(chunk)
+    except asyncio.TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=f'{{"message":"the request body stalled for over {idle:g} s"}}',
+            content_type=JSON) from None
     except asyncio.LimitOverrunError:
         raise PayloadTooLarge(f"Request must be smaller than {limit} bytes") from None
+    return b"".join(chunks)
 
 
 # -- HTTP triggers ------------------------------------------------------------------
@@ -63,12 +88,20 @@ def http_trigger_handler(daemon: "Daemon"):
     limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
 
     async def invoke(request: web.Request, name: str, route_key: str,
-                     params: dict[str, str] | None) -> web.Response:
+                     params: dict[str, str] | None, route: Route | None = None) -> web.Response:
         request_id = new_request_id()
         try:
+            authorizer = None
+            if daemon.http_auth is not None:
+                # Before the body is read: an unauthorised caller costs no upload.
+                refusal, authorizer = await daemon.http_auth(request, name, route, route_key, params)
+                if refusal is not None:
+                    return refusal
             body = await read_body(request, limit)
             event = build_event(request, body, route_key=route_key,
                                 path_parameters=params, request_id=request_id)
+            if authorizer is not None:
+                event["requestContext"]["authorizer"] = authorizer
             invocation = await invoker.invoke(name, orjson.dumps(event),
                                               request_id=request_id, source="http")
         except InvokeRefused as exc:
@@ -98,7 +131,8 @@ def http_trigger_handler(daemon: "Daemon"):
         if found is None:
             return error_response(404, "Not Found")
         route, params = found
-        return await invoke(request, route.function, route.route_key(request.method), params or None)
+        return await invoke(request, route.function, route.route_key(request.method), params or None,
+                            route)
 
     return by_name, by_route
 
@@ -178,6 +212,7 @@ def build_app(daemon: "Daemon") -> web.Application:
         middlewares=[errors_middleware],
         client_max_size=int(daemon.config.server.max_body_mb * 1024 * 1024) + 1024,
     )
+    app[IDLE_TIMEOUT_KEY] = daemon.config.server.idle_timeout_s
     by_name, by_route = http_trigger_handler(daemon)
     healthz, readyz, functions, function, info, logs = system_handlers(daemon)
     from .lambda_api import lambda_routes

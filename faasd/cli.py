@@ -56,7 +56,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.log.format, config.log.level)
-    return run(config)
+    # SIGHUP rereads the same sources: --config/$FAASD_CONFIG, environment, flags.
+    return run(config, loader=lambda: _config(args))
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:

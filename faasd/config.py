@@ -27,6 +27,9 @@ class ServerConfig:
     port: int = 8080
     max_body_mb: float = 6.0
     insecure: bool = False  # allow a non-loopback bind without auth keys
+    # A client silent this long while sending a request's headers or body is
+    # cut off (slow-loris); an idle keep-alive connection is closed after it.
+    idle_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +49,11 @@ class WorkersConfig:
     keep_warm_s: float = 600.0
     run_as: str | None = None
     drain_timeout_s: float = 30.0
+    # /tmp: a private tmpfs of tmp_mb per worker where mount namespaces allow
+    # (its pages count toward the worker's memory); false: a directory on the
+    # data disk, limited per file and by a usage check (faasd/sandbox.py).
+    tmpfs: bool = True
+    python: str | None = None  # the interpreter of Python workers (default: faasd's own)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,12 +173,13 @@ def _choice(*options: str):
 
 _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
     "server": (ServerConfig, {"host": _str, "port": _port, "max_body_mb": _positive_float,
-                              "insecure": _bool}),
+                              "insecure": _bool, "idle_timeout_s": _positive_float}),
     "paths": (PathsConfig, {"functions": Path, "data": Path}),
     "limits": (LimitsConfig, {"max_concurrency": _positive_int}),
     "workers": (WorkersConfig, {"freeze_after_ms": _non_negative_int,
                                 "keep_warm_s": _positive_float, "run_as": _optional_str,
-                                "drain_timeout_s": _positive_float}),
+                                "drain_timeout_s": _positive_float, "tmpfs": _bool,
+                                "python": _optional_str}),
     "amqp": (AmqpConfig, {"url": _optional_str}),
     "auth": (AuthConfig, {"keys": _keys}),
     "log": (LogConfig, {"format": _choice("text", "json"),

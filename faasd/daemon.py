@@ -5,7 +5,10 @@ Start:  data dirs -> memory limits -> registry (scan + watch) -> pool ->
 Stop (SIGTERM/SIGINT): not ready -> stop listening and let in-flight HTTP
         calls finish (bounded by drain_timeout_s) -> drain other invocations
         -> stop every worker (frozen ones are thawed first) -> close the rest.
-Signal handlers only set an event; the work happens in the loop.
+SIGHUP: reload the config (faasd/reload.py); a bad one is refused.
+Signal handlers only set an event; the work happens in the loop. Under
+systemd, serve() takes the listening socket it passes and tells it about
+each step (faasd/sdnotify.py).
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from . import __version__, extensions
+from . import __version__, auth, extensions
 from .api import build_app
-from .config import Config
+from .config import Config, ConfigError
 from .invoker import Invoker
 from .limits import MemoryLimits
 from .logs import FunctionLogs
 from .pool import PoolSettings, WorkerPool
 from .registry import Registry
+from .reload import ConfigLoader, ReloadHook, ReloadState, reload, status_line
+from .sandbox import Sandbox, set_daemon_undumpable
+from .sdnotify import Notifier, listen_sockets
 from .spec import DEFAULT_REGION
 from .triggers.http import RouteTable
 from .workers import WorkerEnvironment
@@ -53,7 +59,11 @@ class Daemon:
         self.route_hooks: list[Callable[[web.Application], None]] = []
         self.readiness_checks: dict[str, Callable[[], tuple[bool, str]]] = {}
         self.describers: list[Callable[[str, dict], None]] = []
+        self.reload_hooks: list[ReloadHook] = []  # see faasd/reload.py
+        self.reload_state = ReloadState()
         self.isolation: dict[str, Any] = {}
+        # Checks a request to an http trigger before its function runs (faasd/auth.py).
+        self.http_auth: Callable[..., Awaitable[tuple[Any, Any]]] | None = None
         self._runner: web.AppRunner | None = None
         self._cleanups: list[Callable[[], Awaitable[None] | None]] = []
         self.address: tuple[str, int] | None = None
@@ -68,26 +78,44 @@ class Daemon:
         # Tmp dirs of workers from a previous run that died with it.
         for stale in (data / "workers").iterdir():
             shutil.rmtree(stale, ignore_errors=True)
-        shutil.rmtree(data / "pycache", ignore_errors=True)
 
+        # An open API on a public address is refused before anything starts.
+        exposure = auth.check_exposure(config, sock)
+        undumpable = set_daemon_undumpable()
         memory = MemoryLimits.detect()
         self._cleanups.append(memory.close)
         run_as = self._resolve_run_as()
+        python = config.workers.python or sys.executable
+        sandbox = await asyncio.to_thread(
+            Sandbox.detect, python=python, run_as=run_as, run_as_name=config.workers.run_as,
+            functions_dir=config.paths.functions, data_dir=data, config_file=config.source,
+            memory=memory, tmpfs=config.workers.tmpfs)
+        self._cleanups.append(sandbox.close)
         self.isolation = {
-            "memory_limit": {"mode": memory.mode, "note": memory.reason or "enforced by the kernel"},
-            "run_as": {"active": run_as is not None,
-                       "note": self._run_as_note(run_as)},
+            "memory_limit": {"active": True, "mode": memory.mode,
+                             "note": memory.reason or "enforced by the kernel"},
             "process_groups": {"active": True, "note": "each worker leads its own group; killed as one"},
+            **sandbox.describe(),
+            "daemon_memory_private": {
+                "active": undumpable,
+                "note": "workers cannot ptrace the daemon or read its memory and environment"
+                        if undumpable else "prctl(PR_SET_DUMPABLE) failed"},
+            "api_auth": {"active": bool(config.auth.keys), "note": exposure},
         }
         log.info("faasd %s starting: functions %s, data %s", __version__, config.paths.functions, data)
+        log.info("%s", exposure)
         if memory.mode == "monitor":
             log.warning("memory limits by monitoring RSS, not the kernel: %s", memory.reason)
         if os.geteuid() == 0 and run_as is None:
-            log.warning("running as root with no [workers] run_as: function code runs as root")
+            log.warning("running as root with no [workers] run_as: function code runs as root and "
+                        "can do anything root can; set [workers] run_as = \"faasd\" (a user with "
+                        "no other rights)")
 
-        self.logs = FunctionLogs(data / "logs")
+        quiet = config.log.level in ("warning", "error")  # function lines are info
+        self.logs = FunctionLogs(data / "logs", echo_format=None if quiet else config.log.format)
         self._cleanups.append(self.logs.close)
-        env = WorkerEnvironment(data_dir=data, memory=memory, region=self.region, run_as=run_as)
+        env = WorkerEnvironment(data_dir=data, memory=memory, region=self.region, run_as=run_as,
+                                python=python, sandbox=sandbox)
         self.pool = WorkerPool(env, PoolSettings(freeze_after_ms=config.workers.freeze_after_ms,
                                                  keep_warm_s=config.workers.keep_warm_s))
         self.pool.start()
@@ -104,8 +132,12 @@ class Daemon:
             await extension(self)
 
         app = build_app(self)
+        # keepalive_timeout also bounds how long a client may take to send a
+        # request's headers (slow-loris): aiohttp closes a connection still
+        # waiting for a complete request when it fires.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=config.workers.drain_timeout_s)
+                                     shutdown_timeout=config.workers.drain_timeout_s,
+                                     keepalive_timeout=config.server.idle_timeout_s)
         await self._runner.setup()
         if sock is not None:
             site: web.BaseSite = web.SockSite(self._runner, sock)
@@ -157,13 +189,6 @@ class Daemon:
             return None
         return entry.pw_uid, entry.pw_gid
 
-    def _run_as_note(self, run_as: tuple[int, int] | None) -> str:
-        if run_as is not None:
-            return f"workers run as {self.config.workers.run_as} (uid {run_as[0]})"
-        if os.geteuid() != 0:
-            return f"workers run as the daemon's own user (uid {os.geteuid()}); not root"
-        return "running as root without [workers] run_as: workers run as root"
-
     def readiness(self) -> dict[str, dict[str, Any]]:
         checks = {"listening": {"ok": self.ready, "detail": "accepting requests" if self.ready else "not ready"}}
         for name, check in self.readiness_checks.items():
@@ -211,25 +236,58 @@ def install_event_loop() -> str:
     return "uvloop"
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, loader: ConfigLoader | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the config through `loader`.
+
+    Under systemd: listens on the socket it passed (socket activation), and
+    reports READY/RELOADING/STOPPING/STATUS and watchdog pings (faasd/sdnotify.py).
+    """
     daemon = Daemon(config)
+    notifier = Notifier.from_environment()
+    passed = listen_sockets()
     stop = asyncio.Event()
+    hangup = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hangup.set)
+    if passed:
+        log.info("using the listening socket passed by systemd; [server] host and port are not used")
+        for extra in passed[1:]:
+            log.warning("ignoring extra socket %s passed by systemd: faasd listens on one",
+                        extra.getsockname())
+            extra.close()
     try:
-        await daemon.start()
-    except OSError as exc:
+        await daemon.start(sock=passed[0] if passed else None)
+    except (OSError, ConfigError) as exc:
         log.error("cannot start: %s", exc)
         await daemon.stop()
         return 1
+    notifier.ready(status_line(daemon))
+    reloads = daemon.reload_state
+
+    async def reload_on_hangup() -> None:
+        while True:
+            await hangup.wait()
+            hangup.clear()  # SIGHUPs that arrive during a reload coalesce into one more
+            if loader is None:
+                log.warning("SIGHUP: no config source to reload from; ignored")
+                continue
+            await reload(daemon, loader, notifier, reloads)
+
+    background = [loop.create_task(notifier.run_watchdog()), loop.create_task(reload_on_hangup())]
     await stop.wait()
+    notifier.stopping(f"Stopping: draining {daemon.invoker.inflight} in-flight invocations")
+    background[1].cancel()
     await daemon.stop()
+    background[0].cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    notifier.close()
     return 0
 
 
-def run(config: Config) -> int:
+def run(config: Config, loader: ConfigLoader | None = None) -> int:
     loop_name = install_event_loop()
     log.debug("event loop: %s", loop_name)
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, loader))
 

@@ -20,4 +20,12 @@ Extension = Callable[["Daemon"], Awaitable[None]]
 
 def load() -> list[Extension]:
     parts: list[Extension] = []
+    from . import queue  # first: event sources put their events into daemon.queue
+    parts.append(queue.start)
+    from .triggers import amqp, cron, file  # event sources: after the queue they feed
+    parts += [file.start, cron.start, amqp.start]
+    from . import metrics, ui  # observers and views of everything above
+    parts += [metrics.start, ui.start]
+    from . import auth  # API authentication, trigger authorizers, /openapi.json
+    parts.append(auth.start)
     return parts

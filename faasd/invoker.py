@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NoReturn
 
 from .errors import INIT, FunctionError, FunctionNotFound, ShuttingDown, Throttled
 from .logs import FunctionLogs, LogCapture
@@ -60,6 +60,15 @@ class Limiter:
                 self._waiters.remove(future)
             raise
 
+    def set_limit(self, limit: int | None) -> None:
+        """Change the limit; waiters that fit under a raised limit get their slot now."""
+        self.limit = limit
+        while self._waiters and (limit is None or self.used < limit):
+            future = self._waiters.popleft()
+            if not future.done():
+                self.used += 1
+                future.set_result(None)
+
     def release(self) -> None:
         while self._waiters:
             future = self._waiters.popleft()
@@ -80,15 +89,23 @@ class Invocation:
     duration_ms: float = 0.0
     init_ms: float | None = None
     max_memory_mb: int = 0
-    log_tail: str = ""
+    log_lines: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def log_tail(self) -> str:
+        """The last 4 KB of the invocation's log, as Lambda's LogType=Tail gives."""
+        text = "".join(line + "\n" for line in self.log_lines).encode()
+        return text[-4096:].decode("utf-8", "ignore")
+
 
 InvocationObserver = Callable[[FunctionSpec, Invocation, str], None]
+# (spec, reason, source) of a call refused for concurrency, before Throttled is raised.
+ThrottleObserver = Callable[[FunctionSpec, str, str], None]
 
 
 class Invoker:
@@ -104,6 +121,7 @@ class Invoker:
         self._idle = asyncio.Event()
         self._idle.set()
         self.observers: list[InvocationObserver] = []
+        self.throttle_observers: list[ThrottleObserver] = []
 
     def spec(self, name: str) -> FunctionSpec:
         spec = self.registry.get(name)
@@ -136,12 +154,18 @@ class Invoker:
             except BaseException:
                 fn_limit.release()
                 raise
+            if self.draining:
+                # It waited past the start of a drain: it must not start now
+                # (the asynchronous queue keeps the event for the next start).
+                self.global_limit.release()
+                fn_limit.release()
+                raise ShuttingDown("faasd is shutting down")
         else:
             if not fn_limit.try_acquire():
-                raise Throttled("ReservedFunctionConcurrentInvocationLimitExceeded", "Rate Exceeded.")
+                self._throttled(spec, "ReservedFunctionConcurrentInvocationLimitExceeded", source)
             if not self.global_limit.try_acquire():
                 fn_limit.release()
-                raise Throttled("ConcurrentInvocationLimitExceeded", "Rate Exceeded.")
+                self._throttled(spec, "ConcurrentInvocationLimitExceeded", source)
         self.inflight += 1
         self._idle.clear()
         try:
@@ -160,6 +184,14 @@ class Invoker:
             except Exception:
                 log.exception("invocation observer failed")
         return invocation
+
+    def _throttled(self, spec: FunctionSpec, reason: str, source: str) -> NoReturn:
+        for observer in self.throttle_observers:
+            try:
+                observer(spec, reason, source)
+            except Exception:
+                log.exception("throttle observer failed")
+        raise Throttled(reason, "Rate Exceeded.")
 
     async def _run(self, spec: FunctionSpec, event: bytes, request_id: str) -> Invocation:
         capture = LogCapture(self.logs, spec.name, request_id)
@@ -194,7 +226,7 @@ class Invoker:
             capture(f"{result.error.message}")
         capture(f"END RequestId: {request_id}")
         capture(self._report(spec, invocation))
-        invocation.log_tail = capture.tail_text()
+        invocation.log_lines = capture.lines
         return invocation
 
     def _log_failed_init(self, capture: LogCapture, invocation: Invocation,
@@ -209,7 +241,7 @@ class Invoker:
         capture(f"START RequestId: {invocation.request_id} Version: $LATEST")
         capture(f"END RequestId: {invocation.request_id}")
         capture(self._report(spec, invocation, status="error"))
-        invocation.log_tail = capture.tail_text()
+        invocation.log_lines = capture.lines
 
     @staticmethod
     def _report(spec: FunctionSpec, invocation: Invocation, status: str | None = None) -> str:

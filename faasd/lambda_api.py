@@ -2,32 +2,47 @@
 
 Invoke (`POST /2015-03-31/functions/NAME/invocations`), ListFunctions and
 GetFunction, with Lambda's headers, status codes and error shapes: service
-errors carry `x-amzn-ErrorType` and `{"Type", "message"}`, which botocore
+errors carry `x-amzn-ErrorType` and `{"Type", "message"}` (`"Message"` for
+ResourceNotFoundException, as botocore's model spells it), which botocore
 turns into `ResourceNotFoundException` and friends.
+
+A function is named as Lambda allows: `NAME`, `NAME:QUALIFIER`,
+`ACCOUNT:function:NAME` or the full ARN; the only version is `$LATEST`.
+`InvocationType=Event` answers 202 only once the event is committed to the
+asynchronous queue (faasd/queue.py); its request id is the one the handler
+sees on every attempt.
 """
 
 from __future__ import annotations
 
 import base64
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
-from .errors import FunctionNotFound, InvalidRequest, InvokeRefused
+from .errors import FunctionNotFound, InvalidRequest, InvokeRefused, Throttled
 from .spec import FunctionSpec, function_arn, valid_name
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 API = "/2015-03-31"
-RUNTIME_IDS = {"python": "python3.11", "node": "nodejs20.x", "provided": "provided.al2023"}
+# Workers run on the daemon's own interpreter.
+RUNTIME_IDS = {"python": f"python{sys.version_info.major}.{sys.version_info.minor}",
+               "node": "nodejs20.x", "provided": "provided.al2023"}
 
 
 def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
     headers = {"x-amzn-ErrorType": exc.error_type, "x-amzn-RequestId": request_id or _rid()}
-    return web.Response(status=exc.status, body=orjson.dumps(exc.to_lambda()),
+    body = exc.to_lambda()
+    if isinstance(exc, FunctionNotFound):
+        body = {"Type": "User", "Message": exc.message}
+    if isinstance(exc, Throttled):
+        headers["Retry-After"] = "1"  # botocore: TooManyRequestsException.retryAfterSeconds
+    return web.Response(status=exc.status, body=orjson.dumps(body),
                         content_type="application/json", headers=headers)
 
 
@@ -62,6 +77,7 @@ def function_configuration(spec: FunctionSpec, region: str) -> dict[str, Any]:
         "PackageType": "Zip",
         "Architectures": ["x86_64"],
         "EphemeralStorage": {"Size": spec.tmp_mb},
+        "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{spec.name}"},
         "State": "Failed" if spec.load_error else "Active",
         "LastUpdateStatus": "Failed" if spec.load_error else "Successful",
     }
@@ -82,15 +98,17 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     region = daemon.region
     limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
 
-    def lookup(name: str) -> FunctionSpec:
-        # Lambda accepts a name, a partial or a full ARN.
-        if name.startswith("arn:"):
-            name = name.split(":function:", 1)[-1].split(":", 1)[0]
-        if not valid_name(name):
-            raise FunctionNotFound(name)
-        spec = daemon.registry.get(name)
-        if spec is None:
-            raise FunctionNotFound(name)
+    def lookup(request: web.Request) -> FunctionSpec:
+        # Lambda accepts NAME, NAME:QUALIFIER, ACCOUNT:function:NAME[:QUALIFIER]
+        # and the full ARN; `?Qualifier=` works too.
+        given = request.match_info["name"]
+        name = given.split(":function:", 1)[1] if ":function:" in given else given
+        name, _, qualifier = name.partition(":")
+        qualifier = qualifier or request.query.get("Qualifier", "")
+        arn = function_arn(name, region) + (f":{qualifier}" if qualifier else "")
+        spec = daemon.registry.get(name) if valid_name(name) else None
+        if spec is None or qualifier not in ("", "$LATEST"):
+            raise FunctionNotFound(arn)  # its message reads "Function not found: ARN", as Lambda's
         return spec
 
     async def invoke(request: web.Request) -> web.StreamResponse:
@@ -99,7 +117,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         request_id = _rid()
         invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
         try:
-            spec = lookup(request.match_info["name"])
+            spec = lookup(request)
             body = await read_body(request, limit)
             if body:
                 try:
@@ -113,7 +131,10 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             if invocation_type == "Event":
                 if daemon.queue is None:
                     raise InvokeRefused("asynchronous invocation is not available")
-                await daemon.queue.put(spec.name, body, request_id=request_id, source="api")
+                try:
+                    await daemon.queue.put(spec.name, body, request_id=request_id, source="api")
+                except OSError as exc:  # the disk refused: say so, never answer 202
+                    raise InvokeRefused(f"the event could not be stored: {exc}") from None
                 return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
             if invocation_type != "RequestResponse":
                 raise InvalidRequest(
@@ -149,7 +170,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
 
     async def get_function(request: web.Request) -> web.Response:
         try:
-            spec = lookup(request.match_info["name"])
+            spec = lookup(request)
         except InvokeRefused as exc:
             return service_error(exc)
         body = {

@@ -22,6 +22,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         function = getattr(record, "function", None)
         where = f"[{function}]" if function else record.name
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            where += f" {request_id}"
         line = f"{_timestamp(record)} {record.levelname:<7} {where} {record.getMessage()}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)

@@ -2,40 +2,62 @@
 
 Lines are the ones Lambda writes to CloudWatch (START, what the handler
 printed, END, REPORT). In `<data>/logs/NAME.log` each line is stored as
-`<ISO time>\\t<request id>\\t<text>`; on stdout it goes through the
-`faasd.function` logger with the function and request id attached, so the
-daemon's log formatter (text or JSON) carries them. Writes are buffered and
-flushed once per event-loop turn: a burst of invocations costs one write per
-file, not one per line.
+`<ISO time>\\t<request id>\\t<text>`; on stdout it has the daemon's log
+format (text, or JSON with `function` and `request_id` fields). Writes are
+buffered and flushed once per event-loop turn: a burst of invocations costs
+one write per file, not one per line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
+import sys
 import time
-from collections import deque
 from pathlib import Path
-from typing import AsyncIterator, TextIO
+from typing import AsyncIterator, BinaryIO, Callable
 
-log = logging.getLogger("faasd.function")
+import orjson
 
 MAX_LINE = 16 * 1024  # longer lines are cut, with a marker
 
 
+_stamp_key = -1
+_stamp = ""
+
+
 def iso_now() -> str:
+    """The current UTC time as 2026-01-02T03:04:05.678Z, formatted once per millisecond."""
+    global _stamp_key, _stamp
     now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    key = int(now * 1000)
+    if key != _stamp_key:
+        _stamp_key = key
+        _stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{key % 1000:03d}Z"
+    return _stamp
 
 
 class FunctionLogs:
-    def __init__(self, directory: Path, *, echo: bool = True) -> None:
+    """Function log lines to files, stdout and followers, written in batches.
+
+    Lines reach stdout in the daemon's log format (`echo_format` "text" or
+    "json", the same shapes faasd/logfmt.py gives the `faasd.function`
+    logger) without going through `logging`: at thousands of invocations a
+    second, three records each, the logging machinery would cost more than
+    the invocations.
+    """
+
+    def __init__(self, directory: Path, *, echo_format: str | None = "text",
+                 stream: BinaryIO | None = None) -> None:
         self.directory = directory
-        self.echo = echo
-        self._files: dict[str, TextIO] = {}
+        self.echo_format = echo_format
+        self._stream = stream if stream is not None else sys.stdout.buffer
+        self._files: dict[str, BinaryIO] = {}
         self._pending: dict[str, list[str]] = {}
+        self._echo: list[bytes] = []
         self._followers: dict[str, set[asyncio.Queue]] = {}
+        # taps see every line as written: tap(function, request_id, text) (the dashboard's log tail)
+        self.taps: list[Callable[[str, str, str], None]] = []
         self._flush_scheduled = False
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -45,10 +67,22 @@ class FunctionLogs:
     def write(self, name: str, request_id: str, text: str) -> None:
         if len(text) > MAX_LINE:
             text = text[:MAX_LINE] + f" [faasd: line truncated, {len(text) - MAX_LINE} more characters]"
-        if self.echo:
-            log.info(text, extra={"function": name, "request_id": request_id})
-        line = f"{iso_now()}\t{request_id}\t{text}\n"
-        self._pending.setdefault(name, []).append(line)
+        stamp = iso_now()
+        if self.echo_format == "text":
+            # The request id on every line, as Lambda's runtimes log, so grep finds a whole invocation.
+            self._echo.append(f"{stamp} INFO    [{name}] {request_id} {text}\n"
+                              .encode("utf-8", "backslashreplace"))
+        elif self.echo_format == "json":
+            self._echo.append(orjson.dumps({
+                "time": stamp, "level": "info", "logger": "faasd.function", "message": text,
+                "function": name, "request_id": request_id}, option=orjson.OPT_APPEND_NEWLINE))
+        line = f"{stamp}\t{request_id}\t{text}\n"
+        pending = self._pending.get(name)
+        if pending is None:
+            pending = self._pending[name] = []
+        pending.append(line)
+        for tap in self.taps:
+            tap(name, request_id, text)
         followers = self._followers.get(name)
         if followers:
             for queue in followers:
@@ -64,9 +98,16 @@ class FunctionLogs:
         for name, lines in pending.items():
             handle = self._files.get(name)
             if handle is None:
-                handle = self._files[name] = open(self.path(name), "a", encoding="utf-8")
-            handle.write("".join(lines))
+                handle = self._files[name] = open(self.path(name), "ab")
+            handle.write("".join(lines).encode("utf-8", "backslashreplace"))
             handle.flush()
+        if self._echo:
+            echo, self._echo = self._echo, []
+            try:
+                self._stream.write(b"".join(echo))
+                self._stream.flush()
+            except (BlockingIOError, BrokenPipeError, ValueError):
+                pass  # stdout gone or full: the per-function files still have every line
 
     def tail(self, name: str, lines: int = 100) -> list[str]:
         if lines <= 0:
@@ -104,26 +145,19 @@ class FunctionLogs:
 
 
 class LogCapture:
-    """The lines of one invocation: written through, with a bounded tail kept."""
+    """The lines of one invocation: written through, and kept for LogType=Tail."""
 
-    __slots__ = ("logs", "name", "request_id", "tail", "_tail_bytes", "limit")
+    __slots__ = ("logs", "name", "request_id", "lines")
 
-    def __init__(self, logs: FunctionLogs, name: str, request_id: str, limit: int = 4096) -> None:
+    def __init__(self, logs: FunctionLogs, name: str, request_id: str) -> None:
         self.logs = logs
         self.name = name
         self.request_id = request_id
-        self.tail: deque[str] = deque()
-        self._tail_bytes = 0
-        self.limit = limit
+        self.lines: list[str] = []
 
     def __call__(self, text: str) -> None:
         self.logs.write(self.name, self.request_id, text)
-        self.tail.append(text)
-        self._tail_bytes += len(text) + 1
-        while self._tail_bytes > self.limit and len(self.tail) > 1:
-            self._tail_bytes -= len(self.tail.popleft()) + 1
-
-    def tail_text(self) -> str:
-        """The last `limit` bytes of the invocation's log, as Lambda's LogType=Tail gives."""
-        text = "".join(line + "\n" for line in self.tail).encode()
-        return text[-self.limit:].decode("utf-8", "ignore")
+        if len(self.lines) < 10000:
+            self.lines.append(text)
+        else:
+            self.lines[-1] = text

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from .spec import FunctionSpec
-from .workers import Worker, WorkerEnvironment, WorkerInitError, WorkerState, create_worker
+from .workers import (
+    Worker, WorkerEnvironment, WorkerInitError, WorkerState, clear_bytecode, create_worker,
+)
 
 log = logging.getLogger("faasd.pool")
 
@@ -69,7 +70,8 @@ class FunctionPool:
         self.workers: dict[str, Worker] = {}
         self._idle: list[Worker] = []    # stack: the most recently used is last
         self._frozen: list[Worker] = []  # stack: the most recently frozen is last
-        self._freeze_timers: dict[str, asyncio.TimerHandle] = {}
+        self._idle_since: dict[str, float] = {}  # loop time each idle worker was released
+        self._freeze_timer: asyncio.TimerHandle | None = None
         self._frozen_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
         self.closing = False
@@ -85,9 +87,7 @@ class FunctionPool:
         revision = self.spec.revision
         while self._idle:
             worker = self._idle.pop()
-            timer = self._freeze_timers.pop(worker.id, None)
-            if timer is not None:
-                timer.cancel()
+            self._idle_since.pop(worker.id, None)
             if worker.alive and worker.spec.revision == revision:
                 worker.set_state(WorkerState.BUSY)
                 return worker, False
@@ -113,17 +113,29 @@ class FunctionPool:
             return
         worker.set_state(WorkerState.IDLE)
         self._idle.append(worker)
-        self._schedule_freeze(worker)
+        self._idle_since[worker.id] = self._loop.time()
+        if self._freeze_timer is None:
+            self._freeze_timer = self._loop.call_later(
+                self.settings.freeze_after_ms / 1000, self._freeze_due)
 
-    def _schedule_freeze(self, worker: Worker) -> None:
+    def _freeze_due(self) -> None:
+        """Freeze every worker idle for freeze_after_ms; one timer per pool, not per call."""
+        self._freeze_timer = None
         delay = self.settings.freeze_after_ms / 1000
-        self._freeze_timers[worker.id] = self._loop.call_later(delay, self._freeze, worker)
+        now = self._loop.time()
+        # The idle stack is in release order: the bottom has waited longest.
+        while self._idle:
+            worker = self._idle[0]
+            since = self._idle_since.get(worker.id, now)
+            if since + delay > now:
+                self._freeze_timer = self._loop.call_at(since + delay, self._freeze_due)
+                return
+            self._idle.pop(0)
+            self._idle_since.pop(worker.id, None)
+            if worker.alive and worker.state is WorkerState.IDLE:
+                self._freeze(worker)
 
     def _freeze(self, worker: Worker) -> None:
-        self._freeze_timers.pop(worker.id, None)
-        if worker.state is not WorkerState.IDLE or not worker.alive:
-            return
-        self._idle.remove(worker)
         worker.freeze()
         worker.set_state(WorkerState.FROZEN)
         # Keep the stack ordered by freeze time: the most recently used worker
@@ -132,7 +144,11 @@ class FunctionPool:
         self._frozen_at[worker.id] = time.monotonic()
 
     async def _spawn(self) -> Worker:
-        worker = self.factory(self.spec, self.env)
+        try:
+            worker = self.factory(self.spec, self.env)
+        except WorkerInitError as exc:  # the runtime itself is missing
+            self.last_init_error = exc
+            raise
         self.workers[worker.id] = worker
         worker.exited.add_done_callback(lambda _: self._on_exit(worker))
         try:
@@ -159,9 +175,7 @@ class FunctionPool:
 
     def _forget(self, worker: Worker) -> None:
         self.workers.pop(worker.id, None)
-        timer = self._freeze_timers.pop(worker.id, None)
-        if timer is not None:
-            timer.cancel()
+        self._idle_since.pop(worker.id, None)
         self._frozen_at.pop(worker.id, None)
         for stack in (self._idle, self._frozen):
             if worker in stack:
@@ -220,10 +234,8 @@ class FunctionPool:
 
     def update(self, spec: FunctionSpec) -> None:
         """New code or config: idle and frozen workers go now, busy ones when done."""
-        if spec.revision != self.spec.revision:
-            # The old revision's bytecode cache is of no further use.
-            stale = self.env.data_dir / "pycache" / f"{spec.name}-{self.spec.revision}"
-            self._background(asyncio.to_thread(shutil.rmtree, stale, True))
+        if spec.revision != self.spec.revision and spec.runtime == "python":
+            clear_bytecode(spec)
         self.spec = spec
         for worker in list(self._idle) + list(self._frozen):
             if worker.spec.revision != spec.revision:
@@ -233,6 +245,9 @@ class FunctionPool:
     async def close(self) -> None:
         """Stop every worker. Busy ones are killed: the invoker drains before this."""
         self.closing = True
+        if self._freeze_timer is not None:
+            self._freeze_timer.cancel()
+            self._freeze_timer = None
         for worker in list(self.workers.values()):
             if worker.state is not WorkerState.RETIRING:
                 self.retire(worker)

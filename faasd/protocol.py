@@ -24,8 +24,13 @@ worker -> daemon
     LOG         raw text: whole lines the handler printed during this
                 invocation, sent as they are written so that a killed worker
                 still leaves its output behind.
+    STATS       optional, just before RESULT or ERROR: uint32 big-endian, the
+                worker's peak resident memory in KiB (so the daemon need not
+                read /proc or the cgroup on every call for `Max Memory Used`).
     RESULT      the handler's return value as JSON bytes. Ends an invocation.
     ERROR       {"errorType", "errorMessage", "stackTrace"}. Ends an invocation.
+                With "fatal": true the runtime exits after it (an uncaught
+                exception), so the daemon does not reuse the worker.
 
 One invocation is in flight per worker at a time: the daemon sends INVOKE
 only after the previous RESULT or ERROR, so replies need no ids. Anything a
@@ -51,10 +56,11 @@ INIT_ERROR = 11
 LOG = 12
 RESULT = 13
 ERROR = 14
+STATS = 15
 
 KIND_NAMES = {
     INVOKE: "INVOKE", SHUTDOWN: "SHUTDOWN", READY: "READY", INIT_ERROR: "INIT_ERROR",
-    LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR",
+    LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR", STATS: "STATS",
 }
 
 CONTROL_FD_ENV = "_FAASD_CONTROL_FD"  # names the control socket's descriptor in a worker

@@ -15,7 +15,10 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileAttribEvent, FileClosedEvent,
+    FileCreatedEvent, FileDeletedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from .spec import FunctionSpec, discover, load_spec
@@ -25,6 +28,11 @@ log = logging.getLogger("faasd.registry")
 Listener = Callable[[FunctionSpec | None, FunctionSpec | None], None]
 
 DEBOUNCE_S = 0.05
+# Only changes matter. Leaving out opens and reads keeps the inotify thread
+# quiet while workers import modules from functions/ (it would otherwise
+# wake, and take the GIL, on every directory listing an import does).
+WATCHED_EVENTS = [FileCreatedEvent, FileClosedEvent, FileDeletedEvent, FileMovedEvent,
+                  FileAttribEvent, DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
 FALLBACK_RESCAN_S = 5.0
 
 
@@ -90,7 +98,8 @@ class Registry:
         self.functions_dir.mkdir(parents=True, exist_ok=True)
         handler = _Handler(self._schedule_threadsafe)
         self._observer = Observer()
-        self._observer.schedule(handler, str(self.functions_dir), recursive=True)
+        self._observer.schedule(handler, str(self.functions_dir), recursive=True,
+                                event_filter=WATCHED_EVENTS)
         self._observer.daemon = True
         self._observer.start()
         self._periodic = self._loop.create_task(self._rescan_periodically())

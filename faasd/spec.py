@@ -165,10 +165,30 @@ def load_spec(name: str, source: Path) -> FunctionSpec:
             raise SpecError(
                 f"invalid function name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ -"
             )
+        for path in (source, config_file):
+            problem = outside_functions(source.parent, path)
+            if problem:
+                raise SpecError(problem)
         raw = _read_toml(config_file) if config_file else {}
         return _build(base, raw, is_dir)
     except SpecError as exc:
         return _with(base, load_error=str(exc), handler=base.handler or "?")
+
+
+def outside_functions(functions_dir: Path, path: Path | None) -> str | None:
+    """Why `path` may not be used: a symlink out of functions/ (faasd would read, and
+    report, whatever it points at); None when it stays inside."""
+    if path is None or not path.is_symlink() and path.parent == functions_dir:
+        return None
+    try:
+        target = path.resolve(strict=True)
+        root = functions_dir.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling link, or a loop
+        return f"{path.name} is a broken symlink"
+    if target != root and root not in target.parents:
+        return (f"{path.name} is a symlink to {target}, outside the functions directory: "
+                "copy the code into it instead")
+    return None
 
 
 def _with(spec: FunctionSpec, **changes: Any) -> FunctionSpec:
@@ -310,6 +330,9 @@ def check_code(spec: FunctionSpec) -> str | None:
         return None
     module, _, function = spec.handler.rpartition(".")
     path = spec.task_root / (module.replace(".", "/") + ".py")
+    problem = outside_functions(spec.source.parent, path) if path.is_symlink() else None
+    if problem:
+        return f"Runtime.ImportModuleError: Unable to import module '{module}': {problem}"
     if not path.is_file():
         if (spec.task_root / module.replace(".", "/") / "__init__.py").is_file():
             return None
@@ -407,6 +430,13 @@ def _triggers(value: Any, where: str) -> tuple[Trigger, ...]:
         options = {k: v for k, v in item.items() if k != "type"}
         if kind == "http":
             _check_http_trigger(options, f"{where}: triggers[{index}]")
+        else:
+            from .triggers.options import check_trigger  # file, cron, amqp
+
+            try:
+                options = check_trigger(kind, options)
+            except ValueError as exc:
+                raise SpecError(f"{where}: triggers[{index}] ({kind}): {exc}") from None
         triggers.append(Trigger(type=kind, options=options))
     return tuple(triggers)
 
@@ -414,13 +444,29 @@ def _triggers(value: Any, where: str) -> tuple[Trigger, ...]:
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "ANY"}
 
 
+HTTP_TRIGGER_KEYS = {"path", "methods", "auth"}
+# Lambda's API lives under dated prefixes (/2015-03-31/...), all of them faasd's.
+DATED_PREFIX_RE = re.compile(r"^/\d{4}-\d{2}-\d{2}(/|$)")
+HTTP_AUTH_RE = re.compile(r"^(key|function:[A-Za-z0-9_-]{1,64})$")
+
+
 def _check_http_trigger(options: dict, where: str) -> None:
+    unknown = set(options) - HTTP_TRIGGER_KEYS
+    if unknown:
+        # A misspelt `auth` must not leave a route silently public.
+        raise SpecError(f"{where}: unknown key {sorted(unknown)[0]!r} in an http trigger; "
+                        f"known keys: type, {', '.join(sorted(HTTP_TRIGGER_KEYS))}")
     path = options.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
         raise SpecError(f"{where}: http trigger needs path = \"/some/{{param}}\" starting with /")
-    reserved = ("/function/", "/2015-03-31/", "/system/", "/ui/", "/2018-06-01/")
-    if path.startswith(reserved) or path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+    reserved = ("/function/", "/system/", "/ui/", "/metrics/")
+    if (path.startswith(reserved) or DATED_PREFIX_RE.match(path)
+            or path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/system", "/ui")):
         raise SpecError(f"{where}: http trigger path {path!r} is reserved by faasd")
+    auth = options.get("auth")
+    if auth is not None and (not isinstance(auth, str) or not HTTP_AUTH_RE.match(auth)):
+        raise SpecError(f"{where}: auth = {auth!r}: expected \"key\" (one of [auth] keys) or "
+                        "\"function:NAME\" (an authorizer function)")
     methods = options.get("methods", ["ANY"])
     if isinstance(methods, str):
         methods = [methods]

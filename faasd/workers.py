@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import logging
 import os
@@ -31,13 +32,18 @@ import orjson
 from . import protocol
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
 from .limits import MB, MemoryLimits, WorkerCgroup, rss_bytes
+from .sandbox import PLAN_ENV, Sandbox, WorkerPlan
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn
 
 log = logging.getLogger("faasd.worker")
 
 RUNTIME_DIR = Path(__file__).parent / "runtimes"
 MONITOR_INTERVAL_S = 0.05
+TMP_CHECK_INTERVAL_S = 0.25  # how often a plain-directory /tmp is measured during a call
+MAX_LOG_BYTES = 1024 * 1024  # output kept per invocation; the rest is dropped with a marker
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024  # Lambda's synchronous response limit
 STOP_GRACE_S = 1.0
+INIT_TIMEOUT_S = 10.0  # Lambda's init phase limit
 # The PATH workers get: the daemon's own PATH may name private directories.
 WORKER_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -78,6 +84,8 @@ class WorkerEnvironment:
     run_as: tuple[int, int] | None = None  # (uid, gid)
     python: str = sys.executable
     node: str | None = None
+    # Namespaces, /tmp, rlimits, user (faasd/sandbox.py); None: spawn unconfined.
+    sandbox: Sandbox | None = None
 
     @property
     def tmp_root(self) -> Path:
@@ -122,6 +130,7 @@ class Worker:
         self.invocations = 0
         self.tmp_dir = env.tmp_root / self.id
         self.cgroup: WorkerCgroup | None = None
+        self.sandbox: WorkerPlan | None = None
         self.returncode: int | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         # Output printed outside any invocation (at init) goes here.
@@ -189,7 +198,8 @@ class Worker:
 class _Call:
     """The invocation in flight on a ProcessWorker."""
 
-    __slots__ = ("request_id", "future", "sink", "oom", "timed_out")
+    __slots__ = ("request_id", "future", "sink", "oom", "timed_out", "fatal", "tmp_full",
+                 "log_bytes")
 
     def __init__(self, request_id: str, future: asyncio.Future, sink: LineSink) -> None:
         self.request_id = request_id
@@ -197,6 +207,9 @@ class _Call:
         self.sink = sink
         self.oom = False
         self.timed_out = False
+        self.fatal = False  # the runtime said it exits after this call's error
+        self.tmp_full = False  # /tmp (a plain directory) passed tmp_mb
+        self.log_bytes = 0  # output so far, against MAX_LOG_BYTES
 
 
 class _Control(asyncio.Protocol):
@@ -247,9 +260,11 @@ class _Output(asyncio.Protocol):
 class ProcessWorker(Worker):
     """A worker running a shim that speaks faasd/protocol.py on fd 3."""
 
-    def __init__(self, spec: FunctionSpec, env: WorkerEnvironment, command: list[str]) -> None:
+    def __init__(self, spec: FunctionSpec, env: WorkerEnvironment, command: list[str],
+                 extra_env: dict[str, str] | None = None) -> None:
         super().__init__(spec, env)
         self.command = command
+        self.extra_env = extra_env or {}  # runtime plumbing the shim removes before user code
         self.popen: subprocess.Popen | None = None
         self._control: _Control | None = None
         self._output_transport: asyncio.BaseTransport | None = None
@@ -260,9 +275,12 @@ class ProcessWorker(Worker):
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._monitor_handle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
+        self._peak_kb: int | None = None
+        self._idle_log_bytes = 0  # output outside invocations, against MAX_LOG_BYTES
 
     def environment(self) -> dict[str, str]:
         env = self.base_environment()
+        env.update(self.extra_env)
         env["_FAASD_PARENT_PID"] = str(os.getpid())
         return env
 
@@ -273,33 +291,50 @@ class ProcessWorker(Worker):
         if self.env.run_as:
             os.chown(self.tmp_dir, *self.env.run_as)
         os.chmod(self.tmp_dir, 0o700)
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Created first: the process may say READY as soon as it runs.
+        self._ready = loop.create_future()
+        child_sock = await self._open_control()
+        child_env = self.environment()
+        if child_sock is not None:
+            child_env[protocol.CONTROL_FD_ENV] = str(child_sock.fileno())
+        # The cgroup exists before the process does: the process joins it
+        # itself, before any user code can fork.
+        self.cgroup = self.env.memory.create(self.id, self.spec.memory_mb)
+        command, credentials = self.command, self._credentials()
+        if self.env.sandbox is not None:
+            # The process isolates itself (and drops to run_as) before user code.
+            self.sandbox = self.env.sandbox.prepare(
+                worker_id=self.id, task_root=self.spec.task_root, tmp_dir=self.tmp_dir,
+                tmp_mb=self.spec.tmp_mb, memory_cgroup=self.cgroup,
+                visible=child_env.get(SITE_PATH_ENV, "").split(os.pathsep))
+            command, credentials = self.sandbox.wrap(self.command), {}
+            child_env[PLAN_ENV] = self.sandbox.environment(
+                child_sock.fileno() if child_sock is not None else None)
         out_read, out_write = os.pipe()
         try:
             self.popen = subprocess.Popen(
-                self.command,
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=out_write,
                 stderr=out_write,
-                pass_fds=(child_sock.fileno(),),
+                pass_fds=(child_sock.fileno(),) if child_sock is not None else (),
                 cwd=self.spec.task_root,
-                env={**self.environment(), protocol.CONTROL_FD_ENV: str(child_sock.fileno())},
+                env=child_env,
                 process_group=0,
                 close_fds=True,
-                **self._credentials(),
+                **credentials,
             )
         except OSError as exc:
-            parent_sock.close()
             os.close(out_read)
             raise WorkerInitError(
                 FunctionError(INIT, "Runtime.InvalidEntrypoint", f"cannot start the runtime: {exc}"),
                 (time.monotonic() - started) * 1000, [],
             ) from None
         finally:
-            child_sock.close()
+            if child_sock is not None:
+                child_sock.close()
             os.close(out_write)
         self.pid = self.popen.pid
-        self.cgroup = self.env.memory.create(self.id, self.spec.memory_mb)
         if self.cgroup is not None:
             try:
                 self.cgroup.add(self.pid)
@@ -309,17 +344,40 @@ class ProcessWorker(Worker):
                 self.cgroup = None
         self._pidfd = os.pidfd_open(self.pid)
         loop.add_reader(self._pidfd, self._on_exit)
-        _, self._control = await loop.connect_accepted_socket(lambda: _Control(self), parent_sock)
         self._output_transport, _ = await loop.connect_read_pipe(
             lambda: _Output(self), os.fdopen(out_read, "rb", buffering=0))
-        self._ready = loop.create_future()
+        # As Lambda: 10 s to initialise, or the function's timeout if longer.
+        init_timeout = max(INIT_TIMEOUT_S, self.spec.timeout_s)
         try:
-            await self._ready
+            await asyncio.wait_for(self._ready, init_timeout)
         except WorkerInitError:
             await self._wait_exit(STOP_GRACE_S)
             self.kill()
             raise
+        except asyncio.TimeoutError:
+            self.kill()
+            error = FunctionError(INIT, "Sandbox.Timedout",
+                                  f"Init timed out after {init_timeout:.2f} seconds: {self.init_hint}")
+            raise WorkerInitError(error, (time.monotonic() - started) * 1000,
+                                  list(self._init_logs)) from None
         self.init_ms = (time.monotonic() - started) * 1000
+
+    # What a process that never says READY failed to do, for the init timeout error.
+    init_hint = "the function's initialisation code did not finish"
+
+    async def _open_control(self) -> socket.socket | None:
+        """Open the control channel; return the socket the process inherits (None: none)."""
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        _, self._control = await self._loop.connect_accepted_socket(lambda: _Control(self), parent_sock)
+        return child_sock
+
+    def _send(self, kind: int, payload: bytes = b"") -> bool:
+        """Write one frame to the process; False when the channel is closed."""
+        transport = self._control.transport if self._control is not None else None
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(protocol.encode(kind, payload))
+        return True
 
     def _credentials(self) -> dict:
         if self.env.run_as is None:
@@ -331,7 +389,10 @@ class ProcessWorker(Worker):
 
     def _on_frame(self, kind: int, payload: bytes) -> None:
         call = self._call
-        if kind == protocol.LOG:
+        if kind == protocol.STATS:
+            if len(payload) >= 4:
+                self._peak_kb = int.from_bytes(payload[:4], "big")
+        elif kind == protocol.LOG:
             text = payload.decode("utf-8", "backslashreplace")
             lines = text.split("\n")
             if lines and lines[-1] == "":
@@ -342,10 +403,18 @@ class ProcessWorker(Worker):
             if call is None or call.future.done():
                 log.warning("worker %s sent a reply with no invocation in flight", self.id)
                 return
-            if kind == protocol.RESULT:
+            if kind == protocol.RESULT and len(payload) > MAX_RESPONSE_BYTES:
+                # Every runtime's shim should refuse this itself; the daemon makes sure.
+                call.future.set_result((None, FunctionError(
+                    HANDLED, "Function.ResponseSizeTooLarge",
+                    f"Response payload size ({len(payload)} bytes) exceeded maximum allowed "
+                    f"payload size ({MAX_RESPONSE_BYTES} bytes).")))
+            elif kind == protocol.RESULT:
                 call.future.set_result((payload, None))
             else:
-                call.future.set_result((None, FunctionError.from_payload(HANDLED, _loads(payload))))
+                data = _loads(payload)
+                call.fatal = data.pop("fatal", False) is True
+                call.future.set_result((None, FunctionError.from_payload(HANDLED, data)))
         elif kind == protocol.READY:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
@@ -359,8 +428,21 @@ class ProcessWorker(Worker):
     def _on_output(self, line: str) -> None:
         call = self._call
         if call is not None:
-            call.sink(line)
+            # A flood of output would fill the disk with this function's log:
+            # past the budget, lines are counted and dropped.
+            call.log_bytes += len(line) + 1
+            if call.log_bytes <= MAX_LOG_BYTES:
+                call.sink(line)
+            elif call.log_bytes - len(line) - 1 <= MAX_LOG_BYTES:
+                call.sink(f"[faasd: output truncated: this invocation printed more than "
+                          f"{MAX_LOG_BYTES} bytes; the rest is dropped]")
         else:
+            self._idle_log_bytes += len(line) + 1
+            if self._idle_log_bytes > MAX_LOG_BYTES:
+                if self._idle_log_bytes - len(line) - 1 <= MAX_LOG_BYTES:
+                    self.idle_sink(f"[faasd: output truncated: more than {MAX_LOG_BYTES} bytes "
+                                   "printed outside an invocation; the rest is dropped]")
+                return
             if self.state is WorkerState.STARTING and len(self._init_logs) < 1000:
                 self._init_logs.append(line)
             self.idle_sink(line)
@@ -402,6 +484,11 @@ class ProcessWorker(Worker):
             return FunctionError(
                 TIMEOUT, "Sandbox.Timedout",
                 f"{prefix}Task timed out after {self.spec.timeout_s:.2f} seconds")
+        if call.tmp_full:
+            return FunctionError(
+                CRASH, "Runtime.ExitError",
+                f"{prefix}Runtime exited with error: signal: killed "
+                f"(/tmp holds more than its tmp_mb quota of {self.spec.tmp_mb} MB)")
         if call.oom or (self.cgroup is not None and self.cgroup.oom_killed()):
             return FunctionError(
                 OUT_OF_MEMORY, "Runtime.OutOfMemory",
@@ -414,33 +501,58 @@ class ProcessWorker(Worker):
     async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink) -> RunResult:
         """Run one invocation. `deadline` is in epoch seconds."""
         loop = self._loop
-        if not self.alive or self._control is None or self._control.transport is None:
-            error = FunctionError(CRASH, "Runtime.ExitError",
-                                  f"RequestId: {request_id} Error: {describe_exit(self.returncode)}")
-            return RunResult(None, error, 0, False)
         future = loop.create_future()
         call = self._call = _Call(request_id, future, sink)
         header = orjson.dumps({"id": request_id, "deadline_ms": int(deadline * 1000),
                                "arn": function_arn(self.spec.name, self.env.region)})
-        self._control.transport.write(protocol.encode(protocol.INVOKE, header + b"\n" + event))
+        if not self.alive or not self._send(protocol.INVOKE, header + b"\n" + event):
+            self._call = None
+            error = FunctionError(CRASH, "Runtime.ExitError",
+                                  f"RequestId: {request_id} Error: {describe_exit(self.returncode)}")
+            return RunResult(None, error, 0, False)
         self._deadline_handle = loop.call_at(
             loop.time() + max(deadline - time.time(), 0), self._on_deadline, call)
         if self.cgroup is None:
             self._monitor_handle = loop.call_later(MONITOR_INTERVAL_S, self._monitor, call)
+        tmp_check = None
+        if self.sandbox is not None and self.sandbox.tmp_limit is not None:
+            tmp_check = loop.create_task(self._watch_tmp(call))
         try:
             payload, error = await future
         finally:
             self._call = None
+            self._idle_log_bytes = 0
             self._deadline_handle.cancel()
             if self._monitor_handle is not None:
                 self._monitor_handle.cancel()
                 self._monitor_handle = None
+            if tmp_check is not None:
+                tmp_check.cancel()
         self.invocations += 1
+        if tmp_check is not None and error is None and await self._tmp_exceeded():
+            # Written just before the reply: this call stands, the worker goes.
+            log.warning("worker %s: /tmp holds more than %d MB; retiring it", self.id, self.spec.tmp_mb)
+            call.fatal = True
         if error is not None and error.kind in (TIMEOUT, OUT_OF_MEMORY, CRASH):
             # Usually from _on_exit already; make sure nothing of it lingers.
             self.kill()
-        reusable = self.alive and (error is None or error.kind == HANDLED)
+        reusable = self.alive and not call.fatal and (error is None or error.kind == HANDLED)
         return RunResult(payload, error, self.max_memory_mb(), reusable)
+
+    async def _tmp_exceeded(self) -> bool:
+        assert self.sandbox is not None
+        return await asyncio.to_thread(self.sandbox.tmp_exceeded)
+
+    async def _watch_tmp(self, call: _Call) -> None:
+        """Where /tmp is a plain directory: stop the worker when it passes tmp_mb."""
+        while not call.future.done():
+            await asyncio.sleep(TMP_CHECK_INTERVAL_S)
+            if not call.future.done() and await self._tmp_exceeded() and not call.future.done():
+                call.tmp_full = True
+                log.warning("worker %s of %s: /tmp passed its %d MB quota; killing it",
+                            self.id, self.spec.name, self.spec.tmp_mb)
+                self.kill()
+                call.future.set_result((None, self._death_error(call)))
 
     def _on_deadline(self, call: _Call) -> None:
         if call.future.done():
@@ -465,6 +577,8 @@ class ProcessWorker(Worker):
         self._monitor_handle = self._loop.call_later(MONITOR_INTERVAL_S, self._monitor, call)
 
     def max_memory_mb(self) -> int:
+        if self._peak_kb is not None:  # the shim said so in a STATS frame
+            return max(1, round(self._peak_kb / 1024))
         peak = self.cgroup.peak_bytes() if self.cgroup is not None else None
         if peak is None and self.pid is not None:
             sample = rss_bytes(self.pid)
@@ -492,6 +606,8 @@ class ProcessWorker(Worker):
         self._killpg(signal.SIGKILL)
         if self.cgroup is not None:
             self.cgroup.kill_all()
+        if self.sandbox is not None:
+            self.sandbox.kill_all()
 
     async def _wait_exit(self, timeout: float) -> int | None:
         try:
@@ -503,9 +619,7 @@ class ProcessWorker(Worker):
         """Ask the worker to exit, then make sure it and its group are gone."""
         if self.alive and self.pid is not None:
             self.thaw()  # a stopped process cannot read SHUTDOWN
-            transport = self._control.transport if self._control else None
-            if transport is not None and not transport.is_closing():
-                transport.write(protocol.encode(protocol.SHUTDOWN))
+            self._send(protocol.SHUTDOWN)
             if await self._wait_exit(STOP_GRACE_S) is None:
                 self.kill()
                 await self._wait_exit(STOP_GRACE_S)
@@ -520,6 +634,8 @@ class ProcessWorker(Worker):
             self._output_transport.close()
         if self.cgroup is not None:
             self.cgroup.remove()
+        if self.sandbox is not None:
+            self.sandbox.remove()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
@@ -532,15 +648,87 @@ def _loads(payload: bytes) -> dict:
 
 
 def python_command(spec: FunctionSpec, env: WorkerEnvironment) -> list[str]:
-    # Bytecode is cached per code revision, outside functions/: a .pyc records
-    # its source's mtime in whole seconds, so two same-size edits within one
-    # second would otherwise run stale code.
-    cache = env.data_dir / "pycache" / f"{spec.name}-{spec.revision}"
-    if not cache.is_dir():
-        cache.mkdir(parents=True, exist_ok=True)
-        if env.run_as:
-            os.chown(cache, *env.run_as)
-    return [env.python, "-I", "-X", f"pycache_prefix={cache}", str(RUNTIME_DIR / "python_worker.py")]
+    # -S: the shim puts site-packages on sys.path itself (SITE_PATH_ENV),
+    # without running their .pth files, which cost a worker tens of ms at start.
+    return [env.python, "-I", "-S", str(RUNTIME_DIR / "python_worker.py")]
+
+
+SITE_PATH_ENV = "_FAASD_SITE_PATH"
+
+
+@functools.cache
+def python_site_path() -> str:
+    """The daemon's site-packages directories, for workers started with -S."""
+    import site
+
+    return os.pathsep.join(p for p in site.getsitepackages() if os.path.isdir(p))
+
+
+def clear_bytecode(spec: FunctionSpec) -> None:
+    """Delete the function's cached bytecode after its code changed.
+
+    A .pyc records its source's mtime in whole seconds and its size, so a
+    same-size edit within one second would otherwise run the old code.
+    """
+    if spec.source.is_dir():
+        for cache in spec.source.rglob("__pycache__"):
+            shutil.rmtree(cache, ignore_errors=True)
+        return
+    for pyc in (spec.task_root / "__pycache__").glob(f"{spec.source.stem}.*.pyc"):
+        try:
+            pyc.unlink()
+        except OSError:
+            pass
+
+
+@functools.cache
+def die_with_daemon() -> tuple[str, ...]:
+    """A command prefix that has the kernel SIGKILL the runtime when the daemon dies.
+
+    The Python shim asks for this itself (prctl); node and a custom bootstrap
+    cannot, so util-linux's `setpriv --pdeathsig` sets it and execs them
+    (same pid). Without setpriv, orphaned workers still end, less promptly: a
+    frozen group gets SIGHUP once orphaned, a running one loses its channel.
+    """
+    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path=WORKER_PATH)
+    if setpriv is not None:
+        try:
+            usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            usage = ""
+        if "--pdeathsig" in usage:
+            return (setpriv, "--pdeathsig", "KILL", "--")
+    log.warning("setpriv with --pdeathsig (util-linux 2.33+) is missing: node and provided "
+                "workers may outlive a daemon that is killed")
+    return ()
+
+
+def node_worker(spec: FunctionSpec, env: WorkerEnvironment) -> Worker:
+    """A worker running faasd/runtimes/node_worker.js on the machine's `node`."""
+    node = env.node or shutil.which("node")
+    if node is None:
+        raise WorkerInitError(FunctionError(
+            INIT, "Runtime.InvalidRuntime",
+            "Node.js is not installed: there is no `node` executable on the faasd daemon's "
+            "PATH; install Node.js 18 or later (e.g. apt-get install nodejs)"), 0.0, [])
+    # As Lambda's Node bootstrap: size V8's heap from the function's memory, so
+    # that the garbage collector runs before the memory limit kills the worker.
+    new_space = spec.memory_mb // 10
+    # A sandbox sets the parent-death signal itself, after its drop of privileges.
+    prefix = die_with_daemon() if env.sandbox is None else ()
+    return ProcessWorker(spec, env, [
+        *prefix, node,
+        f"--max-semi-space-size={max(1, new_space // 2)}",
+        f"--max-old-space-size={spec.memory_mb - new_space}",
+        str(RUNTIME_DIR / "node_worker.js"),
+    ])
+
+
+def provided_worker(spec: FunctionSpec, env: WorkerEnvironment) -> Worker:
+    """A worker running the function's `bootstrap` against the Lambda Runtime API."""
+    from .runtime_api import ProvidedWorker  # it builds on this module
+
+    return ProvidedWorker(spec, env)
 
 
 def create_worker(spec: FunctionSpec, env: WorkerEnvironment) -> Worker:
@@ -554,5 +742,8 @@ def create_worker(spec: FunctionSpec, env: WorkerEnvironment) -> Worker:
 
 
 WORKER_FACTORIES: dict[str, Callable[[FunctionSpec, WorkerEnvironment], Worker]] = {
-    "python": lambda spec, env: ProcessWorker(spec, env, python_command(spec, env)),
+    "python": lambda spec, env: ProcessWorker(spec, env, python_command(spec, env),
+                                              {SITE_PATH_ENV: python_site_path()}),
+    "node": node_worker,
+    "provided": provided_worker,
 }

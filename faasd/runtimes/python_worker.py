@@ -24,10 +24,13 @@ sys.path.insert(0, _PACKAGE_PARENT)
 from faasd import protocol  # noqa: E402
 
 del sys.path[0]
+# Started with -S: site-packages come from the daemon, without .pth processing.
+sys.path.extend(p for p in os.environ.pop("_FAASD_SITE_PATH", "").split(os.pathsep) if p)
 
 import decimal  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import resource  # noqa: E402
 import socket  # noqa: E402
 import traceback  # noqa: E402
 
@@ -249,7 +252,14 @@ def _invoke(handler, payload):
                 reply = protocol.RESULT, data
     sys.stdout.flush()
     sys.stderr.flush()
-    _send(*reply)
+    _sock.sendall(_encode(protocol.STATS, _peak_kb()) + _encode(*reply))
+
+
+def _peak_kb():
+    """Peak resident memory of this worker and the children it waited for, in KiB."""
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return peak.to_bytes(4, "big")
 
 
 def _die_with_parent():

@@ -37,6 +37,7 @@ class Route:
     methods: frozenset[str]
     pattern: re.Pattern
     literal_length: int
+    auth: str | None = None  # None (public), "key" or "function:NAME" (faasd/auth.py)
 
     def route_key(self, method: str) -> str:
         return f"{'ANY' if 'ANY' in self.methods else method} {self.template}"
@@ -74,7 +75,8 @@ class RouteTable:
                     continue
                 pattern, literal = compile_template(trigger.get("path"))
                 methods = frozenset(trigger.get("methods", ["ANY"]))
-                routes.append(Route(name, trigger.get("path"), methods, pattern, literal))
+                routes.append(Route(name, trigger.get("path"), methods, pattern, literal,
+                                    trigger.get("auth")))
             if routes:
                 self._routes[name] = routes
         self._ordered = sorted((r for rs in self._routes.values() for r in rs),
@@ -106,6 +108,27 @@ def is_text(content_type: str) -> bool:
     return any(marker in content_type for marker in TEXT_TYPES)
 
 
+_PROTOCOLS = {(1, 1): "HTTP/1.1", (1, 0): "HTTP/1.0", (2, 0): "HTTP/2.0"}
+
+
+def _protocol(version: Any) -> str:
+    return _PROTOCOLS.get(tuple(version)) or f"HTTP/{version.major}.{version.minor}"
+
+
+_clf_second = -1
+_clf_text = ""
+
+
+def _clf_time(now: float) -> str:
+    """API Gateway's requestContext.time (12/Mar/2020:19:03:58 +0000), formatted once a second."""
+    global _clf_second, _clf_text
+    second = int(now)
+    if second != _clf_second:
+        _clf_second = second
+        _clf_text = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
+    return _clf_text
+
+
 def build_event(request: web.Request, body: bytes, *, route_key: str,
                 path_parameters: dict[str, str] | None, request_id: str) -> dict[str, Any]:
     """The API Gateway HTTP API payload 2.0 event for a request."""
@@ -117,12 +140,13 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
             cookies.extend(c.strip() for c in value.split(";") if c.strip())
             continue
         headers[lower] = f"{headers[lower]},{value}" if lower in headers else value
-    raw_query = request.rel_url.raw_query_string
+    url = request.rel_url
+    raw_query = url.raw_query_string
     now = time.time()
     event: dict[str, Any] = {
         "version": "2.0",
         "routeKey": route_key,
-        "rawPath": request.rel_url.raw_path,
+        "rawPath": url.raw_path,
         "rawQueryString": raw_query,
         "headers": headers,
         "requestContext": {
@@ -133,14 +157,14 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
             "http": {
                 "method": request.method,
                 "path": request.path,
-                "protocol": f"HTTP/{request.version.major}.{request.version.minor}",
+                "protocol": _protocol(request.version),
                 "sourceIp": request.remote or "",
                 "userAgent": request.headers.get("User-Agent", ""),
             },
             "requestId": request_id,
             "routeKey": route_key,
             "stage": "$default",
-            "time": time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now)),
+            "time": _clf_time(now),
             "timeEpoch": int(now * 1000),
         },
         "isBase64Encoded": False,

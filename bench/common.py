@@ -1,0 +1,149 @@
+"""Shared plumbing for the benchmark scripts: start servers, run wrk, summarise.
+
+Every script measures its two sides interleaved (A B A B ...) in one run and
+prints medians and their ratio, because this kind of machine is shared and
+noisy: only side-by-side figures mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+# The faasd checkout to measure (default: this one).
+FAASD_ROOT = Path(os.environ.get("FAASD_BENCH_ROOT", ROOT))
+REPS = int(os.environ.get("BENCH_REPS", "5"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+@contextmanager
+def process(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+            ready_url: str | None = None, cpu: int | None = None) -> Iterator[subprocess.Popen]:
+    """Run a server in its own process group; kill the group on exit."""
+    if cpu is not None:
+        args = ["taskset", "-c", str(cpu), *args]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        if ready_url:
+            try:
+                wait_http(ready_url)
+            except RuntimeError:
+                log.seek(0)
+                sys.stderr.write(log.read().decode(errors="replace"))
+                raise
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.close()
+
+
+@contextmanager
+def bare_server(cpu: int | None = None) -> Iterator[str]:
+    port = free_port()
+    with process([sys.executable, str(ROOT / "bench" / "bare_server.py"), str(port)],
+                 ready_url=f"http://127.0.0.1:{port}/", cpu=cpu):
+        yield f"http://127.0.0.1:{port}/"
+
+
+@contextmanager
+def faasd_server(functions: dict[str, str], *, env: dict[str, str] | None = None,
+                 cpu: int | None = None) -> Iterator[str]:
+    """faasd serving `functions` ({relative path: source}) from a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="faasd-bench-") as tmp:
+        fdir = Path(tmp) / "functions"
+        for rel, source in functions.items():
+            path = fdir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(textwrap.dedent(source))
+        port = free_port()
+        args = [sys.executable, "-m", "faasd", "serve", "--functions", str(fdir),
+                "--data-dir", str(Path(tmp) / "data"), "--port", str(port)]
+        with process(args, env={"PYTHONPATH": str(FAASD_ROOT), **(env or {})}, cwd=Path(tmp),
+                     ready_url=f"http://127.0.0.1:{port}/readyz", cpu=cpu):
+            yield f"http://127.0.0.1:{port}"
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not match:
+        raise ValueError(text)
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def wrk(url: str, *, threads: int = 1, connections: int = 16, seconds: int = 5,
+        cpu: int | None = None) -> dict[str, float]:
+    """Run wrk; return req/s, p50/p99 latency in ms, and errors."""
+    args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    if cpu is not None:
+        args = ["taskset", "-c", str(cpu), *args]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    for pct in ("50", "99"):
+        result[f"p{pct}_ms"] = _ms(re.search(rf"\s{pct}%\s+(\S+)", out).group(1))
+    errors = 0
+    for pattern in (r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                    r"Non-2xx or 3xx responses: (\d+)"):
+        match = re.search(pattern, out)
+        if match:
+            errors += sum(int(g) for g in match.groups())
+    result["errors"] = errors
+    return result
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def report(title: str, rows: list[tuple[str, str]]) -> None:
+    print(f"\n== {title}")
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}")
+
+
+def emit_json(name: str, data: dict) -> None:
+    """Machine-readable figures alongside the text, for the README table."""
+    print(f"JSON {name} {json.dumps(data)}")

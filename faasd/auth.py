@@ -1,0 +1,580 @@
+"""Who may call what: the daemon's API authentication, and HTTP trigger authorizers.
+
+With `[auth] keys` set (access key id -> secret):
+  * the Lambda API (`/2015-03-31/...` and Lambda's other dated paths) checks
+    AWS Signature Version 4 as AWS does -- canonical request, string to sign,
+    signing key, a clock skew of at most 5 minutes, the body's SHA-256 -- so
+    boto3 and the aws CLI configured with a key work unchanged. Failures are
+    403s in Lambda's error shape (`{"Type": "User", "message"}` with
+    `x-amzn-ErrorType`: MissingAuthenticationTokenException,
+    IncompleteSignatureException, InvalidSignatureException or
+    UnrecognizedClientException), which botocore raises as ClientError;
+  * `/system/*`, `/metrics` and `/ui/` want `Authorization: Bearer <secret>`
+    (or HTTP Basic with the key id and secret, which browsers can send).
+Without keys, nothing is checked, and `check_exposure()` keeps the daemon on
+loopback unless `--insecure` says otherwise.
+
+HTTP triggers are public unless a trigger sets `auth`:
+  * `auth = "key"`: `Authorization: Bearer <secret>`, `x-api-key: <secret>`,
+    or a SigV4 signature (service `execute-api`, as API Gateway's IAM
+    authorization) made with one of the keys;
+  * `auth = "function:NAME"`: the function NAME is invoked first with API
+    Gateway's Lambda authorizer event (payload 2.0) and answers
+    `{"isAuthorized": bool, "context": {...}}` (or an IAM policy); the
+    context reaches the handler as `event.requestContext.authorizer.lambda`.
+`/function/NAME` is guarded like the function's most guarded http trigger,
+so an authorizer cannot be bypassed through it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import email.utils
+import hashlib
+import hmac
+import ipaddress
+import logging
+import socket
+from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import quote, unquote
+
+import orjson
+from aiohttp import web
+
+from .api import BODY_KEY, read_body
+from .config import Config, ConfigError
+from .errors import InvokeRefused, PayloadTooLarge
+from .spec import ACCOUNT_ID, FunctionSpec
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .triggers.http import Route
+
+log = logging.getLogger("faasd.auth")
+
+ALGORITHM = "AWS4-HMAC-SHA256"
+MAX_SKEW = dt.timedelta(minutes=5)
+AMZ_DATE = "%Y%m%dT%H%M%SZ"
+RUNTIME_API_PREFIX = "/2018-06-01/"  # the Lambda Runtime API: workers' own, not the Lambda API
+OPERATOR_PREFIXES = ("/system/", "/ui/")
+OPERATOR_PATHS = ("/system", "/metrics", "/ui")
+
+SIGNATURE_MISMATCH = ("The request signature we calculated does not match the signature you "
+                      "provided. Check your AWS Secret Access Key and signing method. Consult "
+                      "the service documentation for details.")
+INVALID_TOKEN = "The security token included in the request is invalid."
+
+
+class AuthError(Exception):
+    """A request's credentials are missing or wrong; `error_type` is AWS's name for it."""
+
+    def __init__(self, error_type: str, message: str, status: int = 403) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+        self.status = status
+
+
+# -- AWS Signature Version 4 -------------------------------------------------------------
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 dot-segment removal, as botocore applies it before signing."""
+    if not path:
+        return ""
+    output: list[str] = []
+    for segment in path.split("/"):
+        if segment and segment != ".":
+            if segment == "..":
+                if output:
+                    output.pop()
+            else:
+                output.append(segment)
+    first = "/" if path[0] == "/" else ""
+    last = "/" if path[-1] == "/" and output else ""
+    return first + "/".join(output) + last
+
+
+def canonical_uri(raw_path: str) -> str:
+    """The path as sent (still percent-encoded), normalised and encoded once more, as AWS
+    does for every service but S3."""
+    path = _remove_dot_segments(raw_path) or "/"
+    return quote(path, safe="/~")
+
+
+def canonical_query(raw_query: str) -> str:
+    pairs = []
+    for item in raw_query.split("&") if raw_query else []:
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        pairs.append((quote(unquote(key), safe="-_.~"), quote(unquote(value), safe="-_.~")))
+    return "&".join(f"{k}={v}" for k, v in sorted(pairs))
+
+
+def _header_values(headers: Any, name: str) -> list[str] | None:
+    values = headers.getall(name, None) if hasattr(headers, "getall") else (
+        [headers[name]] if name in headers else None)
+    return values
+
+
+def canonical_request(method: str, raw_path: str, raw_query: str, headers: Any,
+                      signed_headers: list[str], payload_hash: str) -> str:
+    lines = []
+    for name in signed_headers:
+        values = _header_values(headers, name)
+        if values is None:
+            raise AuthError("InvalidSignatureException", SIGNATURE_MISMATCH)
+        lines.append(f"{name}:{','.join(' '.join(v.split()) for v in values)}")
+    return "\n".join([method, canonical_uri(raw_path), canonical_query(raw_query),
+                      "\n".join(lines) + "\n", ";".join(signed_headers), payload_hash])
+
+
+def signing_key(secret: str, date: str, region: str, service: str) -> bytes:
+    key = ("AWS4" + secret).encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+def _string_to_sign(amz_date: str, scope: str, canonical: str) -> str:
+    return "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+
+
+def _parse_authorization(header: str) -> dict[str, str]:
+    algorithm, _, rest = header.strip().partition(" ")
+    if algorithm != ALGORITHM:
+        raise AuthError("IncompleteSignatureException",
+                        f"Unsupported AWS 'algorithm': '{algorithm}'. faasd accepts {ALGORITHM}.")
+    params: dict[str, str] = {}
+    for part in rest.split(","):
+        key, sep, value = part.strip().partition("=")
+        if sep:
+            params[key.strip()] = value.strip()
+    for required in ("Credential", "SignedHeaders", "Signature"):
+        if required not in params:
+            raise AuthError("IncompleteSignatureException",
+                            f"Authorization header requires '{required}' parameter. "
+                            f"Authorization={header[:200]}")
+    return params
+
+
+def _request_time(headers: Any) -> tuple[str, dt.datetime]:
+    amz_date = headers.get("X-Amz-Date")
+    if amz_date:
+        try:
+            when = dt.datetime.strptime(amz_date, AMZ_DATE).replace(tzinfo=dt.timezone.utc)
+        except ValueError:
+            raise AuthError("IncompleteSignatureException",
+                            f"Date must be in ISO-8601 'basic format'. Got '{amz_date[:40]}'. "
+                            "See http://en.wikipedia.org/wiki/ISO_8601") from None
+        return amz_date, when
+    date = headers.get("Date")
+    if date:
+        try:
+            when = email.utils.parsedate_to_datetime(date)
+        except (TypeError, ValueError):
+            when = None
+        if when is not None and when.tzinfo is not None:
+            when = when.astimezone(dt.timezone.utc)
+            return when.strftime(AMZ_DATE), when
+    raise AuthError("IncompleteSignatureException",
+                    "Authorization header requires existence of either a 'X-Amz-Date' or a "
+                    "'Date' header.")
+
+
+def verify_sigv4(method: str, raw_path: str, raw_query: str, headers: Any, body: bytes | None,
+                 keys: Mapping[str, str], *, service: str,
+                 now: dt.datetime | None = None) -> str:
+    """Check a request's SigV4 signature; return its access key id or raise AuthError.
+
+    `body` None checks everything but the payload (done first, before the body is read).
+    """
+    header = headers.get("Authorization")
+    if not header:
+        if "X-Amz-Signature" in raw_query:
+            raise AuthError("IncompleteSignatureException",
+                            "faasd accepts SigV4 in the Authorization header only, not in the query")
+        raise AuthError("MissingAuthenticationTokenException", "Missing Authentication Token")
+    params = _parse_authorization(header)
+    scope_parts = params["Credential"].split("/")
+    if len(scope_parts) != 5:
+        raise AuthError("IncompleteSignatureException",
+                        f"Credential must have exactly 5 slash-delimited elements, e.g. "
+                        f"keyid/date/region/service/term, got '{params['Credential'][:200]}'")
+    access_key, scope_date, region, scope_service, terminator = scope_parts
+    amz_date, when = _request_time(headers)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if when < now - MAX_SKEW:
+        raise AuthError("InvalidSignatureException",
+                        f"Signature expired: {amz_date} is now earlier than "
+                        f"{(now - MAX_SKEW).strftime(AMZ_DATE)} ({now.strftime(AMZ_DATE)} - 5 min.)")
+    if when > now + MAX_SKEW:
+        raise AuthError("InvalidSignatureException",
+                        f"Signature not yet current: {amz_date} is still later than "
+                        f"{(now + MAX_SKEW).strftime(AMZ_DATE)} ({now.strftime(AMZ_DATE)} + 5 min.)")
+    if scope_date != amz_date[:8]:
+        raise AuthError("InvalidSignatureException",
+                        f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version "
+                        f"of date from HTTP: '{scope_date}' != '{amz_date[:8]}', from '{amz_date}'.")
+    if scope_service != service:
+        raise AuthError("InvalidSignatureException",
+                        f"Credential should be scoped to correct service: '{service}'. ")
+    if terminator != "aws4_request":
+        raise AuthError("InvalidSignatureException",
+                        "Credential should be scoped with a valid terminator: 'aws4_request', "
+                        f"not '{terminator[:40]}'.")
+    signed = params["SignedHeaders"].split(";")
+    if "host" not in signed:
+        raise AuthError("InvalidSignatureException",
+                        "'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization.")
+    if access_key not in keys or headers.get("X-Amz-Security-Token"):
+        # faasd issues no session tokens: a temporary credential is not one of its keys.
+        raise AuthError("UnrecognizedClientException", INVALID_TOKEN)
+    if body is None:
+        return access_key
+    payload_hash = hashlib.sha256(body).hexdigest()
+    declared = headers.get("X-Amz-Content-SHA256")
+    if declared is not None and declared != payload_hash:
+        raise AuthError("InvalidSignatureException", SIGNATURE_MISMATCH)
+    canonical = canonical_request(method, raw_path, raw_query, headers, signed, payload_hash)
+    scope = "/".join(scope_parts[1:])
+    expected = hmac.new(signing_key(keys[access_key], scope_date, region, service),
+                        _string_to_sign(amz_date, scope, canonical).encode(),
+                        hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, params["Signature"]):
+        raise AuthError("InvalidSignatureException", SIGNATURE_MISMATCH)
+    return access_key
+
+
+def sign_sigv4(method: str, url: str, headers: Mapping[str, str], body: bytes, *,
+               access_key: str, secret: str, region: str, service: str = "lambda",
+               now: dt.datetime | None = None) -> dict[str, str]:
+    """Headers that sign a request (for faasd's own clients: the CLI)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    amz_date = now.strftime(AMZ_DATE)
+    signed = {k.lower(): v for k, v in headers.items()}
+    signed["host"] = parts.netloc
+    signed["x-amz-date"] = amz_date
+    names = sorted(signed)
+    canonical = canonical_request(method, parts.path or "/", parts.query, signed, names,
+                                  hashlib.sha256(body).hexdigest())
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    signature = hmac.new(signing_key(secret, amz_date[:8], region, service),
+                         _string_to_sign(amz_date, scope, canonical).encode(),
+                         hashlib.sha256).hexdigest()
+    return {**headers, "X-Amz-Date": amz_date,
+            "Authorization": f"{ALGORITHM} Credential={access_key}/{scope}, "
+                             f"SignedHeaders={';'.join(names)}, Signature={signature}"}
+
+
+# -- bearer secrets --------------------------------------------------------------------
+
+def bearer_key(header: str | None, keys: Mapping[str, str], api_key: str | None = None) -> str | None:
+    """The access key id whose secret the request presents, or None.
+
+    Accepts `Authorization: Bearer <secret>`, `Authorization: Basic <id:secret>`
+    and, where given, an `x-api-key` value. Every secret is compared in
+    constant time.
+    """
+    presented: str | None = None
+    claimed: str | None = None
+    if header:
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() == "bearer":
+            presented = value.strip()
+        elif scheme.lower() == "basic":
+            try:
+                claimed, _, presented = base64.b64decode(value.strip(), validate=True) \
+                    .decode("utf-8").partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return None
+    if presented is None and api_key:
+        presented = api_key.strip()
+    if not presented:
+        return None
+    found = None
+    for key_id, secret in keys.items():
+        if hmac.compare_digest(secret.encode(), presented.encode()) and claimed in (None, key_id):
+            found = key_id
+    return found
+
+
+# -- where the checks apply ------------------------------------------------------------
+
+def is_lambda_api(path: str) -> bool:
+    """Lambda's API lives under dated prefixes (/2015-03-31/, /2017-10-31/, ...)."""
+    if len(path) < 12 or path[0] != "/" or path[11:12] != "/":
+        return False
+    head = path[1:11]
+    return (head[:4].isdigit() and head[4] == "-" and head[5:7].isdigit() and head[7] == "-"
+            and head[8:10].isdigit() and not path.startswith(RUNTIME_API_PREFIX))
+
+
+def is_operator_path(path: str) -> bool:
+    return path in OPERATOR_PATHS or path.startswith(OPERATOR_PREFIXES) or path.startswith("/metrics/")
+
+
+def lambda_error(error: AuthError) -> web.Response:
+    import uuid
+
+    return web.Response(status=error.status, content_type="application/json",
+                        body=orjson.dumps({"Type": "User", "message": error.message}),
+                        headers={"x-amzn-ErrorType": error.error_type,
+                                 "x-amzn-RequestId": str(uuid.uuid4())})
+
+
+def operator_refusal(present: bool) -> web.Response:
+    message = ("the bearer secret is not one of [auth] keys" if present else
+               "authentication required: send Authorization: Bearer <secret> of an [auth] key")
+    return web.Response(status=401, content_type="application/json",
+                        body=orjson.dumps({"message": message}),
+                        headers={"WWW-Authenticate": 'Bearer realm="faasd", Basic realm="faasd"'})
+
+
+async def read_body_once(request: web.Request, limit: int) -> bytes:
+    """The body, read once and kept on the request for the handler (faasd/api.py read_body)."""
+    body = await read_body(request, limit)
+    request[BODY_KEY] = body
+    return body
+
+
+class Keys:
+    """The [auth] keys in force; a config reload (SIGHUP) replaces them."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        self.daemon = daemon
+        self.current: dict[str, str] = dict(daemon.config.auth.keys)
+
+    def reload(self, old: Config, new: Config) -> set[str]:
+        address = self.daemon.address
+        exposed = address is not None and not is_loopback(str(address[0]))
+        if self.current and not new.auth.keys and exposed and not new.server.insecure:
+            log.error("reload: the new config has no [auth] keys but faasd listens on %s: "
+                      "keeping the current keys until a restart (or pass --insecure)", address[0])
+            return set()
+        if new.auth.keys != self.current:
+            log.info("reload: %d [auth] keys in force", len(new.auth.keys))
+        self.current = dict(new.auth.keys)
+        return set()
+
+
+def middleware(daemon: "Daemon", state: Keys):
+    limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler):
+        keys = state.current
+        if not keys:
+            return await handler(request)
+        # Classify by the decoded and the raw path alike: `%2F` and friends
+        # cannot move a request out from under a check.
+        paths = (request.path, request.rel_url.raw_path)
+        if any(is_lambda_api(p) for p in paths):
+            try:
+                verify_sigv4(request.method, request.rel_url.raw_path,
+                             request.rel_url.raw_query_string, request.headers, None, keys,
+                             service="lambda")
+                body = await read_body_once(request, limit)
+                verify_sigv4(request.method, request.rel_url.raw_path,
+                             request.rel_url.raw_query_string, request.headers, body, keys,
+                             service="lambda")
+            except AuthError as exc:
+                log.info("refused %s %s from %s: %s", request.method, request.path,
+                         request.remote, exc.error_type)
+                return lambda_error(exc)
+            except InvokeRefused as exc:
+                from .lambda_api import service_error
+
+                return service_error(exc)
+        elif any(is_operator_path(p) for p in paths):
+            header = request.headers.get("Authorization")
+            if bearer_key(header, keys) is None:
+                return operator_refusal(bool(header))
+        return await handler(request)
+
+    return authenticate
+
+
+# -- HTTP trigger auth -----------------------------------------------------------------
+
+def function_auth(spec: FunctionSpec | None) -> str | None:
+    """What guards `/function/NAME`: the function's most guarded http trigger."""
+    if spec is None:
+        return None
+    settings = [t.get("auth") for t in spec.triggers if t.type == "http" and t.get("auth")]
+    authorizers = [s for s in settings if s.startswith("function:")]
+    if authorizers:
+        return authorizers[0]
+    return "key" if settings else None
+
+
+class TriggerAuth:
+    """Checks a request to an HTTP trigger before its function is invoked."""
+
+    def __init__(self, daemon: "Daemon", keys: Keys) -> None:
+        self.daemon = daemon
+        self._keys = keys
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return self._keys.current
+
+    async def __call__(self, request: web.Request, function: str, route: "Route | None",
+                       route_key: str, path_parameters: dict[str, str] | None
+                       ) -> tuple[web.Response | None, dict[str, Any] | None]:
+        """(a refusal, or None) and the `requestContext.authorizer` the handler sees."""
+        setting = route.auth if route is not None else function_auth(self.daemon.registry.get(function))
+        if not setting:
+            return None, None
+        if setting == "key":
+            return self._key(request)
+        return await self._authorizer(request, setting.split(":", 1)[1], route_key, path_parameters)
+
+    def _key(self, request: web.Request) -> tuple[web.Response | None, dict[str, Any] | None]:
+        header = request.headers.get("Authorization", "")
+        key_id = None
+        if header.startswith(ALGORITHM):
+            try:
+                key_id = verify_sigv4(request.method, request.rel_url.raw_path,
+                                      request.rel_url.raw_query_string, request.headers, None,
+                                      self.keys, service="execute-api")
+            except AuthError:
+                return _http_refusal(403, "Forbidden"), None
+        else:
+            key_id = bearer_key(header, self.keys, request.headers.get("x-api-key"))
+            if key_id is None:
+                present = bool(header or request.headers.get("x-api-key"))
+                return _http_refusal(403 if present else 401,
+                                     "Forbidden" if present else "Unauthorized"), None
+        return None, {"iam": {"accessKey": key_id, "accountId": ACCOUNT_ID, "callerId": key_id,
+                              "principalOrgId": None, "userId": key_id,
+                              "userArn": f"arn:aws:iam::{ACCOUNT_ID}:user/{key_id}"}}
+
+    async def _authorizer(self, request: web.Request, name: str, route_key: str,
+                          path_parameters: dict[str, str] | None
+                          ) -> tuple[web.Response | None, dict[str, Any] | None]:
+        from .triggers.http import build_event, new_request_id
+
+        event = build_event(request, b"", route_key=route_key, path_parameters=path_parameters,
+                            request_id=new_request_id())
+        region = self.daemon.region
+        event.pop("body", None)
+        event.pop("isBase64Encoded", None)
+        method = request.method
+        event.update({
+            "type": "REQUEST",
+            "routeArn": f"arn:aws:execute-api:{region}:{ACCOUNT_ID}:faasd/$default/{method}{request.path}",
+            "identitySource": [v for v in [request.headers.get("Authorization")] if v],
+            "stageVariables": {},
+        })
+        try:
+            invocation = await self.daemon.invoker.invoke(name, orjson.dumps(event), source="authorizer")
+        except InvokeRefused as exc:
+            log.warning("authorizer %s refused the call: %s", name, exc.message)
+            status = exc.status if exc.status in (429, 503) else 502
+            return _http_refusal(status, "Internal Server Error" if status == 502 else exc.message), None
+        if invocation.error is not None:
+            log.warning("authorizer %s failed: %s: %s", name, invocation.error.error_type,
+                        invocation.error.message)
+            return _http_refusal(502, "Internal Server Error"), None
+        try:
+            answer = orjson.loads(invocation.payload or b"null")
+        except orjson.JSONDecodeError:
+            answer = None
+        allowed, context = _authorizer_answer(answer)
+        if allowed is None:
+            log.warning("authorizer %s returned neither isAuthorized nor a policyDocument", name)
+            return _http_refusal(502, "Internal Server Error"), None
+        if not allowed:
+            return _http_refusal(403, "Forbidden"), None
+        return None, {"lambda": context}
+
+
+def _authorizer_answer(answer: Any) -> tuple[bool | None, dict[str, Any]]:
+    """(allowed, context) from a simple response or an IAM policy; (None, {}) if neither."""
+    if not isinstance(answer, dict):
+        return None, {}
+    context = answer.get("context") if isinstance(answer.get("context"), dict) else {}
+    if "isAuthorized" in answer:
+        return answer["isAuthorized"] is True, context
+    policy = answer.get("policyDocument")
+    if isinstance(policy, dict):
+        statements = policy.get("Statement")
+        if isinstance(statements, dict):
+            statements = [statements]
+        if not isinstance(statements, list):
+            return False, context
+        effects = {str(s.get("Effect", "")).lower() for s in statements if isinstance(s, dict)}
+        return "allow" in effects and "deny" not in effects, context
+    return None, {}
+
+
+def _http_refusal(status: int, message: str) -> web.Response:
+    return web.Response(status=status, content_type="application/json",
+                        body=orjson.dumps({"message": message}))
+
+
+# -- start-up --------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    """True when every address `host` stands for is a loopback address."""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def check_exposure(config: Config, sock: socket.socket | None = None) -> str:
+    """Refuse (ConfigError) an open API on a non-loopback address; else say how it is guarded."""
+    if sock is not None:
+        try:
+            host = str(sock.getsockname()[0])
+        except (OSError, IndexError):
+            host = "?"
+    else:
+        host = config.server.host
+    keys = config.auth.keys
+    if keys:
+        return (f"API authentication on ({len(keys)} key{'s' if len(keys) != 1 else ''}): "
+                "SigV4 for the Lambda API, a bearer secret for /system, /metrics and /ui/")
+    if is_loopback(host):
+        return (f"no [auth] keys: the API is open to anyone who can connect, so faasd "
+                f"listens on loopback only ({host})")
+    if not config.server.insecure:
+        raise ConfigError(
+            f"[server] host = {host!r} is not a loopback address and no [auth] keys are set: "
+            "anyone who can reach it could invoke, list and read every function. Set [auth] keys, "
+            "listen on 127.0.0.1, or pass --insecure to accept an open API")
+    return (f"--insecure: the API on {host} is OPEN to anyone who can reach it "
+            "(no [auth] keys are set)")
+
+
+async def start(daemon: "Daemon") -> None:
+    """Extension: the auth middleware, trigger auth and the OpenAPI document."""
+    from .openapi import openapi_handler
+
+    keys = Keys(daemon)
+    daemon.reload_hooks.append(keys.reload)
+    daemon.http_auth = TriggerAuth(daemon, keys)
+    guarded = [(name, t.get("auth")) for name, spec in daemon.registry.specs.items()
+               for t in spec.triggers if t.type == "http" and t.get("auth") == "key"]
+    if guarded and not keys.current:
+        log.warning("http triggers with auth = \"key\" (%s) refuse every request: no [auth] keys are set",
+                    ", ".join(sorted({name for name, _ in guarded})))
+
+    def routes(app: web.Application) -> None:
+        app.middlewares.append(middleware(daemon, keys))
+        app.router.add_get("/openapi.json", openapi_handler(daemon))
+
+    daemon.route_hooks.append(routes)

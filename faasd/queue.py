@@ -1,0 +1,778 @@
+"""The durable queue of asynchronous invocations: every Event invoke, file, cron and AMQP event.
+
+Asynchronous work enters here and nowhere else:
+
+    await daemon.queue.put(function, payload, *, request_id=None, source="api",
+                           on_done=None) -> str
+
+  * `function`: the function's name; `FunctionNotFound` if it does not exist.
+  * `payload`: the event, as JSON bytes (handed to the handler unchanged).
+  * `request_id`: the invocation's request id, kept across every retry (the
+    handler's `context.aws_request_id`); a new UUID when None. A source that
+    wants idempotent ids (e.g. cron's "NAME:timestamp") passes its own.
+  * `source`: a short label ("api", "file", "cron", "amqp", ...) shown in logs,
+    dead-letter records and invocation observers.
+  * `on_done`: called once, in the event loop, with a `QueuedOutcome` when the
+    event finally succeeded or was dead-lettered (sync or async callable;
+    its exceptions are logged and ignored). It lives in memory only: after a
+    daemon crash the event still runs, but the callback is gone, which suits
+    a broker consumer that acks in `on_done` (the unacked message comes back).
+  * Returns the request id once the event is committed to disk (SQLite, WAL,
+    synchronous=FULL): from then on it survives kill -9 and power loss.
+    Raises `ShuttingDown` once the queue is closing.
+
+Delivery is at least once. An event leaves the queue only after its
+invocation ended and its outcome (success, retry, dead letter) is committed;
+events that were running when the daemon died run again at the next start
+(an interruption is not counted as a failed attempt). Duplicates are
+possible, losses are not.
+
+Dispatch runs each ready event through `Invoker.invoke(..., wait=True)`, so
+asynchronous work waits for a concurrency slot instead of being refused. At
+most `concurrency` (or the global `max_concurrency`) events of a function are
+taken off the queue at once, oldest first. A failed attempt (handler error,
+timeout, OOM, crash, init error, unknown function) is retried after
+`[async] retry_delays_s` up to `max_retries` times; an event older than
+`max_event_age_s` is not run again. Then the event is dead-lettered: to the
+`on_failure = "function:NAME"` function as a new queued event, or else as a
+JSON file in `<data-dir>/dead-letter/NAME/<request id>.json`. A success is
+sent to the `on_success` function, when set. Both use Lambda's destination
+record (`version`, `timestamp`, `requestContext{requestId, functionArn,
+condition, approximateInvokeCount}`, `requestPayload`, `responseContext
+{statusCode, executedVersion, functionError}`, `responsePayload`), plus a
+`faasd` object with the source, first-enqueue and last-attempt times.
+Destination records chain at most MAX_DESTINATION_HOPS functions deep, so a
+cycle of destinations ends in the dead-letter directory.
+
+Storage: `<data-dir>/queue.db`, one row per pending event (deleted when done)
+plus lifetime totals per function. SQLite runs on one thread of its own;
+writes from many coroutines are grouped into one transaction and one fsync.
+The file is locked (`queue.lock`): two daemons never share a queue.
+
+Figures for health and metrics: `stats()` (every function) and
+`function_stats(name)` give depth, running, oldest event age, succeeded,
+retried and dead-lettered totals, kept in memory and cheap to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import fcntl
+import logging
+import os
+import re
+import sqlite3
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import orjson
+
+from .errors import HANDLED, FunctionError, FunctionNotFound, InvokeRefused, ShuttingDown
+from .spec import AsyncConfig, function_arn
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .invoker import Invocation, Invoker
+    from .registry import Registry
+
+log = logging.getLogger("faasd.queue")
+
+SCHEMA_VERSION = 1
+MAX_DESTINATION_HOPS = 5
+# Functions that are not (or no longer) in functions/ are tried one event at
+# a time: each attempt fails fast and is retried or dead-lettered.
+UNKNOWN_FUNCTION_CAP = 1
+# The dispatcher looks at the queue at least this often, whatever it was
+# told: a guard against a lost wake-up or a jump of the wall clock.
+MAX_IDLE_S = 5.0
+SUCCESS = "Success"
+RETRIES_EXHAUSTED = "RetriesExhausted"
+EVENT_AGE_EXCEEDED = "EventAgeExceeded"
+
+OnDone = Callable[["QueuedOutcome"], "Awaitable[None] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedOutcome:
+    """How a queued event ended, given once to its `on_done` callback."""
+
+    request_id: str
+    function: str
+    source: str
+    succeeded: bool
+    condition: str            # Success | RetriesExhausted | EventAgeExceeded
+    attempts: int             # invocations that ran to an outcome
+    error: FunctionError | None = None   # the last attempt's error, if it failed
+    response: bytes | None = None        # the function's result, on success
+    destination: str | None = None       # "function:NAME" or the dead-letter file's path
+
+
+@dataclass(slots=True)
+class _Event:
+    id: int
+    function: str
+    request_id: str
+    payload: bytes
+    source: str
+    enqueued_at: float
+    attempts: int
+    hops: int
+    last_error: bytes | None  # the last failed attempt's error, as Lambda's JSON
+
+    def previous_error(self) -> FunctionError | None:
+        if not self.last_error:
+            return None
+        return FunctionError.from_payload(HANDLED, orjson.loads(self.last_error))
+
+
+@dataclass(slots=True)
+class _Counts:
+    """One function's figures; kept in memory so that reading them costs nothing."""
+
+    pending: dict[int, float] = field(default_factory=dict)  # event id -> enqueued_at, oldest first
+    running: int = 0
+    succeeded: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        oldest = next(iter(self.pending.values()), None)
+        return {
+            "depth": len(self.pending),  # not done yet: waiting, or running now
+            "running": self.running,
+            "oldest_age_s": round(max(0.0, now - oldest), 3) if oldest is not None else 0.0,
+            "succeeded": self.succeeded,
+            "retried": self.retried,
+            "dead_lettered": self.dead_lettered,
+        }
+
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+class Journal:
+    """queue.db, used from one thread only (the queue's executor)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+        self.commit_ms: deque[float] = deque(maxlen=256)
+
+    def open(self) -> tuple[list[tuple[int, str, float]], dict[tuple[str, str], int], int]:
+        """Open (creating) the database; put interrupted events back; return what is there."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.conn = conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk (fsynced) before put() returns, so a
+        # queued event survives power loss as well as kill -9.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} was written by a newer faasd (schema {version})")
+        conn.executescript("""
+            BEGIN;
+            CREATE TABLE IF NOT EXISTS events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                function TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                payload BLOB NOT NULL,
+                source TEXT NOT NULL,
+                enqueued_at REAL NOT NULL,
+                next_at REAL NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                interruptions INTEGER NOT NULL DEFAULT 0,
+                hops INTEGER NOT NULL DEFAULT 0,
+                running INTEGER NOT NULL DEFAULT 0,
+                last_error TEXT
+            );
+            CREATE INDEX IF NOT EXISTS events_ready ON events (running, function, next_at, id);
+            CREATE INDEX IF NOT EXISTS events_due ON events (running, next_at);
+            CREATE TABLE IF NOT EXISTS totals (
+                function TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                count INTEGER NOT NULL,
+                PRIMARY KEY (function, outcome)
+            ) WITHOUT ROWID;
+            PRAGMA user_version = 1;
+            COMMIT;
+        """)
+        # Events that were running when the daemon died: their outcome was
+        # never recorded, so they run again (the lost attempt is not counted).
+        interrupted = conn.execute(
+            "UPDATE events SET interruptions = interruptions + 1 WHERE running = 1"
+        ).rowcount
+        pending = conn.execute("SELECT id, function, enqueued_at FROM events ORDER BY id").fetchall()
+        totals = {(f, o): c for f, o, c in conn.execute("SELECT function, outcome, count FROM totals")}
+        return pending, totals, interrupted
+
+    def apply(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        """Run `ops` in one transaction (one fsync); each in a savepoint so one failure stays its own."""
+        conn = self.conn
+        assert conn is not None
+        started = time.perf_counter()
+        results: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:  # noqa: BLE001 - handed back to the op's caller
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.commit_ms.append((time.perf_counter() - started) * 1000)
+        return results
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+# -- operations on the journal (run in its thread) ----------------------------------------
+
+def _bump(conn: sqlite3.Connection, function: str, outcome: str) -> None:
+    conn.execute(
+        "INSERT INTO totals (function, outcome, count) VALUES (?, ?, 1) "
+        "ON CONFLICT (function, outcome) DO UPDATE SET count = count + 1", (function, outcome))
+
+
+def _insert(conn: sqlite3.Connection, function: str, request_id: str, payload: bytes,
+            source: str, enqueued_at: float, hops: int = 0) -> int:
+    cursor = conn.execute(
+        "INSERT INTO events (function, request_id, payload, source, enqueued_at, next_at, hops) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (function, request_id, payload, source, enqueued_at, enqueued_at, hops))
+    return int(cursor.lastrowid)  # type: ignore[arg-type]
+
+
+def _write_file_durably(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def dead_letter_path(root: Path, function: str, request_id: str) -> Path:
+    return root / function / (_UNSAFE.sub("_", request_id)[:200] + ".json")
+
+
+def iso_time(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
+
+
+def _json_or_text(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.decode("utf-8", "replace")
+
+
+class AsyncQueue:
+    """The queue, its dispatcher and its figures. See the module docstring."""
+
+    def __init__(self, data_dir: Path, registry: "Registry", invoker: "Invoker", *,
+                 max_concurrency: int, region: str) -> None:
+        self.path = data_dir / "queue.db"
+        self.dead_letter_dir = data_dir / "dead-letter"
+        self.registry = registry
+        self.invoker = invoker
+        self.max_concurrency = max_concurrency
+        self.region = region
+        self._journal = Journal(self.path)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="faasd-queue")
+        self._lock_fd: int | None = None
+        self._pending_ops: list[tuple[Op, Callable[[Any], None] | None, asyncio.Future]] = []
+        self._writer: asyncio.Task | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._callbacks: dict[int, OnDone] = {}
+        self._counts: dict[str, _Counts] = {}
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._loop = asyncio.get_running_loop()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            pending, totals, interrupted = await self._loop.run_in_executor(
+                self._executor, self._journal.open)
+        except (sqlite3.Error, RuntimeError) as exc:
+            self._unlock()
+            raise OSError(f"cannot open the asynchronous queue {self.path}: {exc}") from None
+        for event_id, function, enqueued_at in pending:
+            self._count(function).pending[event_id] = enqueued_at
+        for (function, outcome), count in totals.items():
+            counts = self._count(function)
+            if outcome in ("succeeded", "retried", "dead_lettered"):
+                setattr(counts, outcome, count)
+        if pending:
+            log.info("asynchronous queue: %d events waiting%s", len(pending),
+                     f", {interrupted} of them were running when faasd stopped and run again"
+                     if interrupted else "")
+        self._dispatcher = self._loop.create_task(self._dispatch_forever(), name="faasd-queue-dispatch")
+
+    def _lock(self) -> None:
+        lock_path = self.path.with_name("queue.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OSError(f"the data dir {self.path.parent} is in use by another faasd (pid {holder}); "
+                          "give each daemon its own --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    async def close(self) -> None:
+        """Stop dispatching; give running events back to the queue; close the file.
+
+        The daemon drains the invoker first, so events still running here are
+        ones whose invocation outlived the drain: they run again next start.
+        """
+        self._closing = True
+        self._wake.set()
+        if self._dispatcher is not None:
+            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._tasks:
+            # Outcomes being recorded right now are let through.
+            await asyncio.wait(list(self._tasks.values()), timeout=2.0)
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        try:
+            returned = await self._write(
+                lambda conn: conn.execute("UPDATE events SET running = 0 WHERE running = 1").rowcount)
+            if returned:
+                log.info("asynchronous queue: %d running events go back to the queue", returned)
+        except Exception:
+            log.exception("asynchronous queue: cannot mark running events as queued; "
+                          "they run again at the next start")
+        if self._writer is not None:
+            await asyncio.gather(self._writer, return_exceptions=True)
+        await self._loop.run_in_executor(self._executor, self._journal.close)
+        self._executor.shutdown(wait=True)
+        self._unlock()
+
+    # -- the API for event sources -----------------------------------------------------------
+
+    async def put(self, function: str, payload: bytes, *, request_id: str | None = None,
+                  source: str = "api", on_done: OnDone | None = None) -> str:
+        """Queue one event durably; return its request id. See the module docstring."""
+        if self._closing:
+            raise ShuttingDown("faasd is shutting down: the event was not queued")
+        if self.registry.get(function) is None:
+            raise FunctionNotFound(function)
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"payload must be JSON bytes, not {type(payload).__name__}")
+        request_id = request_id or str(uuid.uuid4())
+        now = time.time()
+        data = bytes(payload)
+
+        def committed(event_id: int) -> None:
+            self._count(function).pending[event_id] = now
+            if on_done is not None:
+                self._callbacks[event_id] = on_done
+            self._wake.set()
+
+        await self._write(lambda conn: _insert(conn, function, request_id, data, source, now),
+                          committed)
+        return request_id
+
+    def function_stats(self, name: str) -> dict[str, Any]:
+        """depth, running, oldest_age_s, succeeded, retried, dead_lettered of one function."""
+        counts = self._counts.get(name) or _Counts()
+        return counts.to_json(time.time())
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """`function_stats` of every function the queue has seen."""
+        now = time.time()
+        return {name: counts.to_json(now) for name, counts in sorted(self._counts.items())}
+
+    def commit_latency_ms(self) -> dict[str, float]:
+        """Median and worst commit time of the last 256 transactions (fsync included)."""
+        samples = sorted(self._journal.commit_ms)
+        if not samples:
+            return {"p50": 0.0, "max": 0.0, "samples": 0}
+        return {"p50": round(samples[len(samples) // 2], 3), "max": round(samples[-1], 3),
+                "samples": len(samples)}
+
+    def _count(self, function: str) -> _Counts:
+        counts = self._counts.get(function)
+        if counts is None:
+            counts = self._counts[function] = _Counts()
+        return counts
+
+    # -- group commit ----------------------------------------------------------------------
+
+    async def _write(self, op: Op, committed: Callable[[Any], None] | None = None) -> Any:
+        """Run `op` in the journal's thread, in the next transaction; then `committed(result)`.
+
+        `committed` runs in the loop, in commit order, before any later
+        transaction's callbacks: the in-memory figures follow the file.
+        """
+        future = self._loop.create_future()
+        self._pending_ops.append((op, committed, future))
+        if self._writer is None or self._writer.done():
+            self._writer = self._loop.create_task(self._write_batches(), name="faasd-queue-writer")
+        return await asyncio.shield(future)
+
+    async def _write_batches(self) -> None:
+        while self._pending_ops:
+            batch, self._pending_ops = self._pending_ops, []
+            try:
+                results = await self._loop.run_in_executor(
+                    self._executor, self._journal.apply, [op for op, _, _ in batch])
+            except Exception as exc:
+                log.error("asynchronous queue: a transaction on %s failed: %s", self.path, exc)
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(OSError(f"the asynchronous queue cannot write {self.path}: {exc}"))
+                continue
+            for (_, committed, future), (ok, value) in zip(batch, results):
+                if ok and committed is not None:
+                    try:
+                        committed(value)
+                    except Exception:
+                        log.exception("asynchronous queue: post-commit step failed")
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def _caps(self) -> tuple[dict[str, int], int]:
+        """How many more events of each function may be taken now, and in all."""
+        room: dict[str, int] = {}
+        for name, spec in list(self.registry.specs.items()):
+            limit = spec.concurrency or self.invoker.global_limit.limit or self.max_concurrency
+            running = self._counts[name].running if name in self._counts else 0
+            room[name] = max(0, limit - running)
+        for name, counts in self._counts.items():
+            if name not in room:
+                room[name] = max(0, UNKNOWN_FUNCTION_CAP - counts.running)
+        # The global limit may change on a config reload: read it each time.
+        limit = self.invoker.global_limit.limit or self.max_concurrency
+        total = limit - sum(c.running for c in self._counts.values())
+        return room, max(0, total)
+
+    async def _dispatch_forever(self) -> None:
+        while not self._closing:
+            self._wake.clear()
+            try:
+                delay = await self._claim_ready()
+            except Exception:
+                log.exception("asynchronous queue: dispatch failed; trying again in 1s")
+                delay = 1.0
+            if self._closing:
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, min(delay, MAX_IDLE_S)))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _claim_ready(self) -> float:
+        """Take the ready events there is room for; return seconds until the next one is due."""
+        room, total = self._caps()
+        now = time.time()
+
+        def claim(conn: sqlite3.Connection) -> tuple[list[_Event], float | None]:
+            left = total
+            events: list[_Event] = []
+            ready = conn.execute(
+                "SELECT function, MIN(next_at) AS due FROM events WHERE running = 0 AND next_at <= ? "
+                "GROUP BY function ORDER BY due", (now,)).fetchall()
+            for function, _ in ready:
+                take = min(room.get(function, UNKNOWN_FUNCTION_CAP), left)
+                if take <= 0:
+                    continue
+                rows = conn.execute(
+                    "SELECT id, function, request_id, payload, source, enqueued_at, attempts, hops, last_error "
+                    "FROM events WHERE running = 0 AND function = ? AND next_at <= ? "
+                    "ORDER BY next_at, id LIMIT ?", (function, now, take)).fetchall()
+                conn.executemany("UPDATE events SET running = 1 WHERE id = ?", [(r[0],) for r in rows])
+                events += [_Event(*row) for row in rows]
+                left -= len(rows)
+            due = conn.execute("SELECT MIN(next_at) FROM events WHERE running = 0 AND next_at > ?",
+                               (now,)).fetchone()[0]
+            return events, due
+
+        def started(result: tuple[list[_Event], float | None]) -> None:
+            for event in result[0]:
+                self._count(event.function).running += 1
+                task = self._loop.create_task(self._run(event), name=f"faasd-queue-{event.request_id}")
+                self._tasks[event.id] = task
+                task.add_done_callback(lambda _, event_id=event.id: self._tasks.pop(event_id, None))
+
+        _, due = await self._write(claim, started)
+        return MAX_IDLE_S if due is None else due - time.time()
+
+    async def _run(self, event: _Event) -> None:
+        try:
+            await self._attempt(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("asynchronous queue: event %s of %s could not be processed; "
+                          "it stays queued", event.request_id, event.function)
+            await asyncio.sleep(1.0)  # no tight loop on a persistent fault
+            await self._release(event)
+
+    async def _attempt(self, event: _Event) -> None:
+        spec = self.registry.get(event.function)
+        config = spec.async_config if spec is not None else AsyncConfig()
+        if time.time() - event.enqueued_at > config.max_event_age_s:
+            await self._finish_failed(event, config, EVENT_AGE_EXCEEDED, event.attempts,
+                                      None, event.previous_error())
+            return
+        invocation: Invocation | None = None
+        try:
+            invocation = await self.invoker.invoke(event.function, event.payload,
+                                                   request_id=event.request_id, wait=True,
+                                                   source=event.source)
+            error = invocation.error
+        except ShuttingDown:
+            await self._release(event)
+            return
+        except InvokeRefused as exc:  # the function is gone: an attempt that failed
+            error = FunctionError(HANDLED, exc.error_type, exc.message)
+        if error is None:
+            await self._finish_succeeded(event, spec.async_config if spec else config, invocation)
+            return
+        attempts = event.attempts + 1
+        if attempts > config.max_retries:
+            await self._finish_failed(event, config, RETRIES_EXHAUSTED, attempts, invocation, error)
+            return
+        delay = config.retry_delay(attempts)
+        next_at = time.time() + delay
+        if next_at - event.enqueued_at > config.max_event_age_s:
+            await self._finish_failed(event, config, EVENT_AGE_EXCEEDED, attempts, invocation, error)
+            return
+        log.warning("async %s %s (from %s): attempt %d failed with %s: %s; retry %d of %d in %gs",
+                    event.function, event.request_id, event.source, attempts, error.error_type,
+                    error.message[:200], attempts, config.max_retries, delay)
+        last_error = orjson.dumps(error.to_lambda())
+
+        def retry(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE events SET running = 0, attempts = ?, next_at = ?, last_error = ? "
+                         "WHERE id = ?", (attempts, next_at, last_error, event.id))
+            _bump(conn, event.function, "retried")
+
+        def committed(_: None) -> None:
+            counts = self._count(event.function)
+            counts.running -= 1
+            counts.retried += 1
+            self._wake.set()
+
+        await self._write(retry, committed)
+
+    async def _release(self, event: _Event) -> None:
+        """Put a claimed event back as it was: it runs again when the dispatcher next looks."""
+
+        def committed(_: None) -> None:
+            self._count(event.function).running -= 1
+            if not self._closing:
+                self._wake.set()
+
+        await self._write(lambda conn: conn.execute(
+            "UPDATE events SET running = 0 WHERE id = ?", (event.id,)), committed)
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def _record(self, event: _Event, condition: str, attempts: int,
+                invocation: "Invocation | None", error: FunctionError | None) -> dict[str, Any]:
+        """Lambda's destination record for `event`, plus faasd's own details."""
+        now = time.time()
+        record: dict[str, Any] = {
+            "version": "1.0",
+            "timestamp": iso_time(now),
+            "requestContext": {
+                "requestId": event.request_id,
+                "functionArn": f"{function_arn(event.function, self.region)}:$LATEST",
+                "condition": condition,
+                "approximateInvokeCount": attempts,
+            },
+            "requestPayload": _json_or_text(event.payload),
+        }
+        if attempts:
+            response: dict[str, Any] = {"statusCode": 200, "executedVersion": "$LATEST"}
+            if error is not None:
+                response["functionError"] = "Unhandled"
+            record["responseContext"] = response
+            record["responsePayload"] = (
+                error.to_lambda() if error is not None
+                else _json_or_text(invocation.payload if invocation else None))
+        record["faasd"] = {
+            "function": event.function,
+            "source": event.source,
+            "enqueuedAt": iso_time(event.enqueued_at),
+            "lastAttemptAt": iso_time(invocation.started_at) if invocation else None,
+            "attempts": attempts,
+            "error": error.to_lambda() if error is not None else None,
+        }
+        return record
+
+    def _destination(self, target: str | None, event: _Event) -> str | None:
+        """The function a destination record goes to, or None (the dead-letter dir / nowhere)."""
+        if not target or not target.startswith("function:"):
+            return None
+        name = target.split(":", 1)[1]
+        if self.registry.get(name) is None:
+            log.error("async %s: destination function %s does not exist", event.function, name)
+            return None
+        if event.hops + 1 > MAX_DESTINATION_HOPS:
+            log.error("async %s %s: destination %s not followed: records have already passed "
+                      "through %d destinations (a cycle?)", event.function, event.request_id,
+                      name, event.hops)
+            return None
+        return name
+
+    async def _finish_succeeded(self, event: _Event, config: AsyncConfig,
+                                invocation: "Invocation | None") -> None:
+        attempts = event.attempts + 1
+        target = self._destination(config.on_success, event)
+        record = (orjson.dumps(self._record(event, SUCCESS, attempts, invocation, None))
+                  if target else None)
+        now = time.time()
+        new_request_id = str(uuid.uuid4())
+
+        def done(conn: sqlite3.Connection) -> int | None:
+            conn.execute("DELETE FROM events WHERE id = ?", (event.id,))
+            _bump(conn, event.function, "succeeded")
+            if target is None or record is None:
+                return None
+            return _insert(conn, target, new_request_id, record, "destination", now, event.hops + 1)
+
+        def committed(destination_id: int | None) -> None:
+            counts = self._count(event.function)
+            counts.pending.pop(event.id, None)
+            counts.running -= 1
+            counts.succeeded += 1
+            if destination_id is not None and target is not None:
+                self._count(target).pending[destination_id] = now
+            self._wake.set()
+
+        await self._write(done, committed)
+        if attempts > 1 or event.source == "destination":
+            log.info("async %s %s (from %s): succeeded on attempt %d", event.function,
+                     event.request_id, event.source, attempts)
+        await self._done(event, QueuedOutcome(
+            request_id=event.request_id, function=event.function, source=event.source,
+            succeeded=True, condition=SUCCESS, attempts=attempts,
+            response=invocation.payload if invocation else None,
+            destination=f"function:{target}" if target else None))
+
+    async def _finish_failed(self, event: _Event, config: AsyncConfig, condition: str, attempts: int,
+                             invocation: "Invocation | None", error: FunctionError | None) -> None:
+        target = self._destination(config.on_failure, event)
+        record = orjson.dumps(self._record(event, condition, attempts, invocation, error),
+                              option=orjson.OPT_INDENT_2)
+        path = dead_letter_path(self.dead_letter_dir, event.function, event.request_id)
+        now = time.time()
+        new_request_id = str(uuid.uuid4())
+
+        def dead_letter(conn: sqlite3.Connection) -> int | None:
+            destination_id = None
+            if target is not None:
+                destination_id = _insert(conn, target, new_request_id, record, "destination",
+                                         now, event.hops + 1)
+            else:
+                # The file is on disk before the event leaves the queue: a
+                # crash in between writes the same file again, never loses it.
+                _write_file_durably(path, record)
+            conn.execute("DELETE FROM events WHERE id = ?", (event.id,))
+            _bump(conn, event.function, "dead_lettered")
+            return destination_id
+
+        def committed(destination_id: int | None) -> None:
+            counts = self._count(event.function)
+            counts.pending.pop(event.id, None)
+            counts.running -= 1
+            counts.dead_lettered += 1
+            if destination_id is not None and target is not None:
+                self._count(target).pending[destination_id] = now
+            self._wake.set()
+
+        await self._write(dead_letter, committed)
+        where = f"function {target}" if target else str(path)
+        reason = f"{error.error_type}: {error.message[:200]}" if error else "never ran"
+        log.error("async %s %s (from %s): %s after %d attempts (%s); record sent to %s",
+                  event.function, event.request_id, event.source, condition, attempts, reason, where)
+        await self._done(event, QueuedOutcome(
+            request_id=event.request_id, function=event.function, source=event.source,
+            succeeded=False, condition=condition, attempts=attempts, error=error,
+            destination=f"function:{target}" if target else str(path)))
+
+    async def _done(self, event: _Event, outcome: QueuedOutcome) -> None:
+        callback = self._callbacks.pop(event.id, None)
+        if callback is None:
+            return
+        try:
+            result = callback(outcome)
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            log.exception("asynchronous queue: on_done callback of %s failed", event.request_id)
+
+
+# -- wiring ---------------------------------------------------------------------------------
+
+async def start(daemon: "Daemon") -> None:
+    """Extension: open the queue, start dispatching, and show its figures."""
+    queue = AsyncQueue(daemon.config.paths.data, daemon.registry, daemon.invoker,
+                       max_concurrency=daemon.config.limits.max_concurrency, region=daemon.region)
+    await queue.open()
+    daemon.queue = queue
+    daemon.on_cleanup(queue.close)
+
+    def describe(name: str, view: dict) -> None:
+        view["queue"] = queue.function_stats(name)
+
+    def ready() -> tuple[bool, str]:
+        dispatcher = queue._dispatcher
+        if dispatcher is None or dispatcher.done():
+            return False, "the dispatcher is not running"
+        depth = sum(len(c.pending) for c in queue._counts.values())
+        return True, f"{depth} events queued"
+
+    daemon.describers.append(describe)
+    daemon.readiness_checks["async_queue"] = ready

@@ -1,0 +1,145 @@
+"""Applying a new configuration to the running daemon (SIGHUP, `systemctl reload faasd`).
+
+The config file is read and validated in full before anything changes: a
+file that does not load is refused with one log line naming the file, the key
+and the problem, and the running configuration stays as it was.
+
+A valid config takes effect at once for what can change live:
+  * `[limits] max_concurrency` (waiting asynchronous calls that now fit start)
+  * `[workers] freeze_after_ms`, `keep_warm_s`, `drain_timeout_s`
+  * `[log] format`, `level`
+  * `[auth]` and anything else read from `daemon.config` on use
+  * the functions directory is rescanned, as if every file had changed
+Keys bound when the daemon started (`[server]`, `[paths]`, `[workers] run_as`,
+`[amqp] url` unless an extension takes it live) keep their running values
+until a restart; each such change is logged as a warning, never ignored
+silently. Extensions react through `daemon.reload_hooks`: `hook(old, new)`
+returns the names of restart-only keys it took live.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import fields, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+from .config import Config, ConfigError
+from .logfmt import setup_logging
+from .pool import PoolSettings
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .sdnotify import Notifier
+
+log = logging.getLogger("faasd.reload")
+
+ConfigLoader = Callable[[], Config]
+ReloadHook = Callable[[Config, Config], "set[str] | None"]
+
+# section.key that only a restart can change.
+RESTART_ONLY = {
+    "server.host", "server.port", "server.max_body_mb", "server.insecure",
+    "paths.functions", "paths.data", "workers.run_as", "amqp.url",
+    "server.idle_timeout_s", "workers.tmpfs", "workers.python",
+}
+
+
+class ReloadState:
+    """What `/metrics` and `systemctl status` say about reloads."""
+
+    def __init__(self) -> None:
+        self.succeeded = 0
+        self.refused = 0
+        self.last_ok: bool = True
+        self.last_at: float | None = None
+        self.last_error: str | None = None
+
+
+def changed_keys(old: Config, new: Config) -> set[str]:
+    """`section.key` of every value that differs between two configs."""
+    changed = set()
+    for section in fields(Config):
+        if section.name == "source":
+            continue
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        for key in fields(before):
+            if getattr(before, key.name) != getattr(after, key.name):
+                changed.add(f"{section.name}.{key.name}")
+    return changed
+
+
+def apply(daemon: "Daemon", new: Config) -> set[str]:
+    """Make `new` the running config; return the restart-only keys left at their old values."""
+    old = daemon.config
+    changed = changed_keys(old, new)
+    taken_live: set[str] = set()
+    for hook in getattr(daemon, "reload_hooks", []):
+        try:
+            taken_live |= hook(old, new) or set()
+        except Exception:
+            log.exception("a reload hook failed; the rest of the reload goes on")
+    pending = {key for key in changed & RESTART_ONLY if key not in taken_live}
+
+    # Keys that only a restart can change keep their running values, so that
+    # daemon.config always describes what is actually in force.
+    sections: dict[str, Any] = {}
+    for key in pending:
+        section, name = key.split(".")
+        current = sections.get(section, getattr(new, section))
+        sections[section] = replace(current, **{name: getattr(getattr(old, section), name)})
+    daemon.config = replace(new, **sections)
+
+    daemon.invoker.global_limit.set_limit(new.limits.max_concurrency)
+    settings = PoolSettings(freeze_after_ms=new.workers.freeze_after_ms,
+                            keep_warm_s=new.workers.keep_warm_s)
+    daemon.pool.settings = settings
+    for pool in daemon.pool.pools.values():
+        pool.settings = settings
+    if new.log != old.log:
+        setup_logging(new.log.format, new.log.level)
+        # Function lines are echoed by FunctionLogs itself, in the same format.
+        quiet = new.log.level in ("warning", "error")
+        daemon.logs.echo_format = None if quiet else new.log.format
+    daemon.registry.refresh()
+    return pending
+
+
+async def reload(daemon: "Daemon", loader: ConfigLoader, notifier: "Notifier",
+                 state: ReloadState) -> bool:
+    """Reload the config from its source; True if the new one is in force."""
+    notifier.reloading("Reloading configuration")
+    state.last_at = time.time()
+    source = daemon.config.source or "built-in defaults"
+    try:
+        new = loader()
+    except ConfigError as exc:
+        state.refused += 1
+        state.last_ok = False
+        state.last_error = str(exc)
+        log.error("config reload refused, the running configuration is kept: %s", exc)
+        notifier.ready(f"{status_line(daemon)}; reload refused: {exc}")
+        return False
+    pending = apply(daemon, new)
+    state.succeeded += 1
+    state.last_ok = True
+    state.last_error = None
+    for key in sorted(pending):
+        log.warning("config reload: %s changed; it takes effect at the next restart", key)
+    log.info("configuration reloaded from %s", new.source or source)
+    notifier.ready(status_line(daemon))
+    return True
+
+
+def status_line(daemon: "Daemon") -> str:
+    """One line for `systemctl status`: what the daemon is serving right now."""
+    specs = daemon.registry.specs
+    broken = sum(1 for spec in specs.values() if spec.load_error)
+    where = "http://%s:%s" % daemon.address if daemon.address else "its socket"
+    line = f"Serving {len(specs)} functions on {where}"
+    if broken:
+        line += f" ({broken} failed to load)"
+    inflight = getattr(getattr(daemon, "invoker", None), "inflight", 0)
+    if inflight:
+        line += f", {inflight} in flight"
+    return line

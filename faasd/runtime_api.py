@@ -1,0 +1,374 @@
+"""The Lambda Runtime API, and the worker of a `provided` function that is served by it.
+
+A function with `runtime = "provided"` is an executable `bootstrap` that
+fetches events and posts results over HTTP, as on AWS, so that the runtime
+interface clients AWS and others ship (for Python, Node, Java, Go, Rust, a
+shell script with curl) work unmodified. Each `ProvidedWorker` gets a
+`RuntimeApi` of its own: an HTTP server on a loopback port, named to the
+bootstrap in `AWS_LAMBDA_RUNTIME_API` (`127.0.0.1:PORT`):
+
+    GET  /2018-06-01/runtime/invocation/next         the next event; blocks until there is one.
+         Headers: Lambda-Runtime-Aws-Request-Id, Lambda-Runtime-Deadline-Ms
+         (epoch ms), Lambda-Runtime-Invoked-Function-Arn, Lambda-Runtime-Trace-Id.
+    POST /2018-06-01/runtime/invocation/ID/response  the result (up to 6 MB)   -> 202
+    POST /2018-06-01/runtime/invocation/ID/error     {"errorMessage", "errorType", "stackTrace"} -> 202
+    POST /2018-06-01/runtime/init/error              the same, before the first /next -> 202
+
+Refusals are RAPID's: 400 `InvalidRequestID` (a reply for a request that
+is not in flight), 403 `InvalidStateTransition` (init/error after init, or
+/next before the event in flight is answered), 413 `RequestEntityTooLarge`
+(a response over 6 MB: the invocation fails with
+`Function.ResponseSizeTooLarge`), 404 for any other path.
+
+The API is an adapter onto the frames of faasd/protocol.py: the first /next
+is READY, an INVOKE frame becomes the /next response, the posts become
+RESULT, ERROR and INIT_ERROR. So `ProvidedWorker` is a `ProcessWorker` and
+gets what every runtime gets from it: its own process group, freeze and thaw,
+the timeout (a bootstrap that hangs is killed: `Sandbox.Timedout`), the memory
+limit, the tmp dir, output captured into the invocation's log, and the init
+timeout (a bootstrap that never polls: `Sandbox.Timedout`; one that exits:
+`Runtime.ExitError`). A worker whose bootstrap failed is replaced.
+
+Trust: the port listens on loopback only and lives as long as its worker;
+as on Lambda, the API trusts whoever reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from . import protocol
+from .errors import INIT, FunctionError
+from .spec import FunctionSpec
+from .workers import ProcessWorker, WorkerEnvironment, WorkerInitError, die_with_daemon
+
+log = logging.getLogger("faasd.runtime_api")
+
+API_VERSION = "2018-06-01"
+NEXT_PATH = f"/{API_VERSION}/runtime/invocation/next"
+INIT_ERROR_PATH = f"/{API_VERSION}/runtime/init/error"
+REPLY_RE = re.compile(rf"^/{API_VERSION}/runtime/invocation/([^/]+)/(response|error)$")
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024  # Lambda's synchronous response limit
+ERROR_TYPE_HEADER = "Lambda-Runtime-Function-Error-Type"
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    request_id: str
+    deadline_ms: int
+    arn: str
+    body: bytes
+
+
+def _refusal(status: int, error_type: str, message: str) -> web.Response:
+    return web.Response(status=status, content_type="application/json",
+                        body=orjson.dumps({"errorMessage": message, "errorType": error_type}))
+
+
+_ACCEPTED = orjson.dumps({"status": "OK"})
+
+
+def _trace_id() -> str:
+    """An X-Ray trace header, as Lambda passes one to every invocation."""
+    return (f"Root=1-{int(time.time()):08x}-{secrets.token_hex(12)};"
+            f"Parent={secrets.token_hex(8)};Sampled=0")
+
+
+def _error_payload(body: bytes, header_type: str | None) -> dict:
+    """Lambda's error shape from what a runtime posted; the header types a bare body."""
+    try:
+        value = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        return {"errorType": header_type or "Unhandled",
+                "errorMessage": body[:4096].decode("utf-8", "replace"), "stackTrace": []}
+    trace = value.get("stackTrace")
+    if not isinstance(trace, list):
+        trace = [] if trace is None else [str(trace)]
+    message = value.get("errorMessage")
+    return {"errorType": str(value.get("errorType") or header_type or "Unhandled"),
+            "errorMessage": "" if message is None else str(message), "stackTrace": trace}
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes, bool]:
+    """The request body, and whether it was over `limit` (then cut, not read to the end)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return b"", True  # aiohttp closes the connection on the unread rest
+        parts.append(chunk)
+    return b"".join(parts), False
+
+
+class RuntimeApi:
+    """The Runtime API of one worker: its own loopback port, one event at a time."""
+
+    def __init__(self, worker: ProvidedWorker) -> None:
+        self.worker = worker
+        self.address = ""  # host:port, once started
+        self.polled = False  # the bootstrap asked for work: init is over
+        self._server: web.Server | None = None
+        self._listener: asyncio.AbstractServer | None = None
+        self._queued: _Event | None = None  # given by the daemon, not yet fetched
+        self._current: str | None = None  # fetched by the bootstrap, not yet answered
+        # A /next waiting for an event; its result says whether one came (False: superseded).
+        self._waiter: asyncio.Future[bool] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # handler_cancellation: a /next whose bootstrap went away stops waiting.
+        self._server = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        self._listener = await loop.create_server(self._server, "127.0.0.1", 0,
+                                                  family=socket.AF_INET)
+        port = self._listener.sockets[0].getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        self._wake(False)
+        if self._listener is not None:
+            self._listener.close()
+        if self._server is not None:
+            await self._server.shutdown(0.5)
+        self._listener = self._server = None
+
+    def deliver(self, payload: bytes) -> bool:
+        """Take an INVOKE frame's payload: the next /next gets it."""
+        head, _, body = payload.partition(b"\n")
+        header = orjson.loads(head)
+        self._queued = _Event(header["id"], int(header["deadline_ms"]), header.get("arn", ""), body)
+        self._wake(True)
+        return self._listener is not None
+
+    def _wake(self, event_came: bool) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(event_came)
+        self._waiter = None
+
+    # -- HTTP ----------------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path == NEXT_PATH:
+            if request.method != "GET":
+                return _refusal(405, "MethodNotAllowed", f"{path} takes GET")
+            return await self._next(request)
+        match = REPLY_RE.match(path)
+        if match is not None:
+            if request.method != "POST":
+                return _refusal(405, "MethodNotAllowed", f"{path} takes POST")
+            if match.group(2) == "response":
+                return await self._response(request, match.group(1))
+            return await self._error(request, match.group(1))
+        if path == INIT_ERROR_PATH:
+            if request.method != "POST":
+                return _refusal(405, "MethodNotAllowed", f"{path} takes POST")
+            return await self._init_error(request)
+        return _refusal(404, "NotFound", f"no such Runtime API path: {path} (the API is /{API_VERSION}/runtime/...)")
+
+    async def _next(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._current is not None:
+            return _refusal(403, "InvalidStateTransition",
+                            f"invocation {self._current} is in flight: post its response or error "
+                            "before asking for the next one")
+        if not self.polled:
+            self.polled = True
+            self.worker.runtime_ready()
+        while self._queued is None:
+            # One poll waits at a time; a newer one replaces an abandoned one.
+            self._wake(False)
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            if not await waiter:
+                return _refusal(409, "Superseded", "another request for the next invocation replaced this one")
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the bootstrap went away; the event waits for its next poll")
+        event, self._queued = self._queued, None
+        self._current = event.request_id
+        return web.Response(body=event.body, content_type="application/json", headers={
+            "Lambda-Runtime-Aws-Request-Id": event.request_id,
+            "Lambda-Runtime-Deadline-Ms": str(event.deadline_ms),
+            "Lambda-Runtime-Invoked-Function-Arn": event.arn,
+            "Lambda-Runtime-Trace-Id": _trace_id(),
+        })
+
+    def _unknown_request(self, request_id: str) -> web.Response:
+        if self._current is None:
+            message = f"request ID {request_id} is not in flight: no invocation is"
+        else:
+            message = f"request ID {request_id} is not in flight; {self._current} is"
+        return _refusal(400, "InvalidRequestID", message)
+
+    async def _response(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        if request_id != self._current:
+            return self._unknown_request(request_id)
+        body, too_large = await _read_body(request, MAX_RESPONSE_BYTES)
+        if request_id != self._current:  # timed out while the body arrived
+            return self._unknown_request(request_id)
+        self._current = None
+        if too_large:
+            size = request.content_length
+            what = f"Response payload size ({size} bytes)" if size else "Response payload size"
+            # The runtime is usually in no state to go on (clients raise on
+            # a 413), so this worker is replaced, as the error is reported.
+            self.worker.runtime_reply(protocol.ERROR, {
+                "errorType": "Function.ResponseSizeTooLarge",
+                "errorMessage": f"{what} exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).",
+                "stackTrace": [], "fatal": True,
+            })
+            return _refusal(413, "RequestEntityTooLarge",
+                            f"Exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).")
+        self.worker.runtime_reply(protocol.RESULT, body)
+        return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
+
+    async def _error(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        if request_id != self._current:
+            return self._unknown_request(request_id)
+        body, _ = await _read_body(request, MAX_RESPONSE_BYTES)
+        if request_id != self._current:
+            return self._unknown_request(request_id)
+        self._current = None
+        self.worker.runtime_reply(protocol.ERROR, _error_payload(body, request.headers.get(ERROR_TYPE_HEADER)))
+        return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
+
+    async def _init_error(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.polled:
+            return _refusal(403, "InvalidStateTransition",
+                            "init/error after the runtime asked for its first invocation; "
+                            "post to /invocation/ID/error instead")
+        body, _ = await _read_body(request, MAX_RESPONSE_BYTES)
+        self.worker.runtime_init_error(_error_payload(body, request.headers.get(ERROR_TYPE_HEADER)))
+        return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
+
+
+def check_bootstrap(path: Path) -> str | None:
+    """Why the kernel would refuse to run `path`, in words a user can act on; None if it can run."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(256)
+    except OSError as exc:
+        return f"cannot read {path.name}: {exc.strerror}"
+    if not os.access(path, os.X_OK):
+        return f"{path.name} is not executable (chmod +x {path.name})"
+    if head.startswith(b"\x7fELF"):
+        return None
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        if not words:
+            return f"{path.name}: its #! line names no interpreter"
+        interpreter = words[0].decode(errors="replace")
+        if not os.access(interpreter, os.X_OK):
+            return f"{path.name}: its interpreter {interpreter} does not exist or cannot be run"
+        return None
+    return (f"fork/exec {path.name}: exec format error: it is neither an executable binary "
+            "nor a script starting with a #! line")
+
+
+class ProvidedWorker(ProcessWorker):
+    """A worker running the function's `bootstrap`, served by its own `RuntimeApi`."""
+
+    init_hint = f"the bootstrap never asked for an event (GET {NEXT_PATH})"
+
+    def __init__(self, spec: FunctionSpec, env: WorkerEnvironment) -> None:
+        self.bootstrap = spec.task_root / "bootstrap"
+        # A sandbox sets the parent-death signal itself, after its drop of privileges.
+        prefix = die_with_daemon() if env.sandbox is None else ()
+        super().__init__(spec, env, [*prefix, str(self.bootstrap)])
+        self.api = RuntimeApi(self)
+
+    def environment(self) -> dict[str, str]:
+        # No faasd-internal variables: every process of the bootstrap sees this.
+        env = self.base_environment()
+        env["AWS_LAMBDA_RUNTIME_API"] = self.api.address
+        return env
+
+    def to_json(self) -> dict:
+        view = super().to_json()
+        view["runtime_api"] = self.api.address or None
+        return view
+
+    async def start(self) -> None:
+        problem = check_bootstrap(self.bootstrap)
+        if problem is not None:
+            raise WorkerInitError(FunctionError(INIT, "Runtime.InvalidEntrypoint", problem), 0.0, [])
+        await super().start()
+
+    async def _open_control(self) -> None:
+        await self.api.start()
+        return None  # the bootstrap inherits no socket: it finds the API by address
+
+    def _send(self, kind: int, payload: bytes = b"") -> bool:
+        if kind == protocol.INVOKE:
+            return self.api.deliver(payload)
+        if kind == protocol.SHUTDOWN:
+            # A bootstrap has no shutdown call: SIGTERM lets it clean up, as
+            # Lambda does before the sandbox goes; SIGKILL follows the grace.
+            self._killpg(signal.SIGTERM)
+            return True
+        return False
+
+    async def stop(self) -> None:
+        try:
+            await super().stop()
+        finally:
+            await self.api.close()
+
+    # -- from the RuntimeApi -----------------------------------------------------------
+
+    def runtime_ready(self) -> None:
+        self._on_frame(protocol.READY, b"")
+
+    def runtime_reply(self, kind: int, payload: bytes | dict) -> None:
+        self._drain_output()
+        self._on_frame(kind, payload if isinstance(payload, bytes) else orjson.dumps(payload))
+
+    def runtime_init_error(self, error: dict) -> None:
+        self._drain_output()
+        self._on_frame(protocol.INIT_ERROR, orjson.dumps(error))
+
+    def _on_output(self, line: str) -> None:
+        # AWS's runtime clients join the lines of one log record with \r
+        # (CloudWatch keeps a record whole); a faasd log is plain lines.
+        if "\r" not in line:
+            super()._on_output(line)
+            return
+        for part in line.rstrip("\r").split("\r"):
+            super()._on_output(part)
+
+    def _drain_output(self) -> None:
+        """Read what the bootstrap printed before it answered.
+
+        Its output and its answer travel on different descriptors; without
+        this, the last lines could be read after the invocation's END.
+        """
+        transport = self._output_transport
+        if transport is None or transport.is_closing():
+            return
+        pipe = transport.get_extra_info("pipe")
+        if pipe is None:
+            return
+        receiver = transport.get_protocol()
+        while True:
+            try:
+                data = os.read(pipe.fileno(), 256 * 1024)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            receiver.data_received(data)

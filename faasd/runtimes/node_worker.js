@@ -1,0 +1,450 @@
+'use strict';
+/**
+ * The Node.js runtime shim: one worker process serving one function.
+ *
+ * Started by the daemon as `node node_worker.js`, with the control socket
+ * inherited (its descriptor number in `_FAASD_CONTROL_FD`; see
+ * faasd/protocol.py for the framing) and the function's environment
+ * (`_HANDLER`, `LAMBDA_TASK_ROOT`, ...). It loads the handler once (CommonJS
+ * or ES module, found as AWS's Node runtime finds it), says READY, then serves
+ * INVOKE frames one at a time until SHUTDOWN or end of file.
+ *
+ * The programming model is Lambda's: async handlers, handlers that return a
+ * promise, and callback handlers (`callback`, `context.succeed/fail/done`),
+ * where `context.callbackWaitsForEmptyEventLoop` (default true) holds the
+ * response until the event loop is empty. For that, the control socket is
+ * unreferenced while a handler runs, so Node's 'beforeExit' fires when only
+ * the handler's own work could have kept the loop alive. console.* writes
+ * Lambda's `time\trequestId\tLEVEL\tmessage` lines as LOG frames; errors,
+ * init errors and their types follow AWS's Node runtime.
+ *
+ * Node's standard library only: the function's own code decides what else is loaded.
+ */
+
+const T0 = process.hrtime.bigint();
+
+const fs = require('fs');
+const net = require('net');
+const path = require('path');
+const util = require('util');
+const { pathToFileURL } = require('url');
+
+// Frame kinds and layout: faasd/protocol.py.
+const INVOKE = 1;
+const SHUTDOWN = 2;
+const READY = 10;
+const INIT_ERROR = 11;
+const LOG = 12;
+const RESULT = 13;
+const ERROR = 14;
+const HEADER_SIZE = 5; // uint32 big-endian payload length, then one kind byte
+
+const MAX_RESPONSE_BYTES = 6 * 1024 * 1024;
+
+const controlFd = Number(process.env._FAASD_CONTROL_FD || 3);
+delete process.env._FAASD_CONTROL_FD;
+const parentPid = process.env._FAASD_PARENT_PID;
+delete process.env._FAASD_PARENT_PID;
+if (parentPid && process.ppid !== Number(parentPid)) {
+  process.exit(1); // the daemon died before this process could be tied to it
+}
+
+const control = new net.Socket({ fd: controlFd, readable: true, writable: true });
+// The daemon closed its end or went away: nothing left to serve.
+control.on('error', () => process.exit(1));
+control.on('close', () => process.exit(0));
+
+/** Write one frame; `done` runs once it (and every frame before it) is handed to the kernel. */
+function send(kind, payload, done) {
+  const body = typeof payload === 'string' ? Buffer.from(payload, 'utf8') : payload || Buffer.alloc(0);
+  const head = Buffer.allocUnsafe(HEADER_SIZE);
+  head.writeUInt32BE(body.length, 0);
+  head.writeUInt8(kind, 4);
+  // One write per frame, so frames never interleave; libuv tries it at once,
+  // so a line logged just before the worker is killed still reaches the daemon.
+  control.write(Buffer.concat([head, body]), done);
+}
+
+// -- incoming frames ------------------------------------------------------------
+
+let chunks = [];
+let pending = 0;
+
+control.on('data', (chunk) => {
+  chunks.push(chunk);
+  pending += chunk.length;
+  while (pending >= HEADER_SIZE) {
+    if (chunks[0].length < HEADER_SIZE) {
+      chunks = [Buffer.concat(chunks, pending)];
+    }
+    const total = HEADER_SIZE + chunks[0].readUInt32BE(0);
+    if (pending < total) {
+      return;
+    }
+    const all = chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, pending);
+    const rest = all.subarray(total);
+    chunks = rest.length ? [rest] : [];
+    pending = rest.length;
+    onFrame(all[4], all.subarray(HEADER_SIZE, total));
+  }
+});
+
+function onFrame(kind, payload) {
+  if (kind === INVOKE) {
+    invoke(payload);
+  } else if (kind === SHUTDOWN) {
+    process.exit(0);
+  }
+}
+
+// -- console: Lambda's log lines, as LOG frames -----------------------------------
+
+let currentRequestId; // printed as "undefined" outside any invocation, as on Lambda
+
+const LEVELS = { TRACE: 1, DEBUG: 2, INFO: 3, WARN: 4, ERROR: 5, FATAL: 6 };
+
+function patchConsole() {
+  const threshold = LEVELS[(process.env.AWS_LAMBDA_LOG_LEVEL || '').toUpperCase()] || LEVELS.TRACE;
+  const logger = (level) => {
+    if (LEVELS[level] < threshold) {
+      return () => {};
+    }
+    return (...args) => {
+      const text = util.format(...args);
+      send(LOG, `${new Date().toISOString()}\t${currentRequestId}\t${level}\t${text}\n`);
+    };
+  };
+  console.trace = logger('TRACE');
+  console.debug = logger('DEBUG');
+  console.info = logger('INFO');
+  console.log = console.info;
+  console.warn = logger('WARN');
+  console.error = logger('ERROR');
+  console.fatal = logger('FATAL');
+}
+
+// -- errors in Lambda's Node shapes -------------------------------------------------
+
+function runtimeError(type, message, stack) {
+  const error = new Error(message);
+  error.name = type;
+  if (stack !== undefined) {
+    error.stack = stack;
+  }
+  return error;
+}
+
+function isErrorLike(value) {
+  return Boolean(value) && typeof value.name === 'string' && typeof value.message === 'string' &&
+    typeof value.stack === 'string';
+}
+
+/** The shim's own frames are not the user's business: drop them, as Python's shim does. */
+function userStack(stack) {
+  return String(stack).split('\n').filter((line) => !line.includes(__filename));
+}
+
+/** {errorType, errorMessage, stackTrace}: what the caller gets, as AWS's runtime builds it. */
+function describe(error) {
+  try {
+    if (util.types.isNativeError(error) || isErrorLike(error)) {
+      return { errorType: error.name, errorMessage: error.message, stackTrace: userStack(error.stack) };
+    }
+    return { errorType: typeof error, errorMessage: String(error), stackTrace: [] };
+  } catch (_) {
+    return {
+      errorType: 'handled',
+      errorMessage: 'callback called with Error argument, but there was a problem while retrieving ' +
+        'one or more of its message, name, and stack',
+      stackTrace: [],
+    };
+  }
+}
+
+/** The error as Lambda logs it: a tab, then JSON with its enumerable properties too. */
+function formatted(error) {
+  const replacer = (_key, value) => {
+    if (value instanceof Error) {
+      const out = Object.assign({ errorType: value.name, errorMessage: value.message, code: value.code }, value);
+      if (typeof value.stack === 'string') {
+        out.stack = userStack(value.stack);
+      }
+      return out;
+    }
+    return value;
+  };
+  try {
+    return '\t' + JSON.stringify(error instanceof Error ? error : new Error(String(error)), replacer);
+  } catch (_) {
+    return '\t' + JSON.stringify(describe(error));
+  }
+}
+
+// -- loading the handler, as AWS's Node runtime does ----------------------------------
+
+function packageTypeIsModule(folder) {
+  // The nearest package.json decides whether .js files are ES modules.
+  for (let dir = folder; ; dir = path.dirname(dir)) {
+    if (dir.endsWith(`${path.sep}node_modules`)) {
+      return false;
+    }
+    const manifest = path.join(dir, 'package.json');
+    if (fs.existsSync(manifest)) {
+      try {
+        return JSON.parse(fs.readFileSync(manifest, 'utf8')).type === 'module';
+      } catch (error) {
+        console.warn(`${manifest} cannot be read, it will be ignored for ES module detection purposes.`, error);
+        return false;
+      }
+    }
+    if (dir === path.dirname(dir)) {
+      return false;
+    }
+  }
+}
+
+async function loadModule(root, moduleRoot, name) {
+  const file = path.resolve(root, moduleRoot, name);
+  const exists = (candidate) => fs.existsSync(candidate);
+  if (exists(file)) {
+    return require(file);
+  }
+  const esm = packageTypeIsModule(path.dirname(file));
+  if (exists(`${file}.js`)) {
+    return esm ? import(pathToFileURL(`${file}.js`).href) : require(`${file}.js`);
+  }
+  if (exists(`${file}.mjs`)) {
+    return import(pathToFileURL(`${file}.mjs`).href);
+  }
+  if (exists(`${file}.cjs`)) {
+    return require(`${file}.cjs`);
+  }
+  // Node's own resolution, from the task root (a package in node_modules).
+  return require(require.resolve(name, { paths: [root, path.resolve(root, moduleRoot)] }));
+}
+
+async function loadHandler() {
+  const fullHandler = process.env._HANDLER || '';
+  const root = process.env.LAMBDA_TASK_ROOT || process.cwd();
+  if (fullHandler.includes('..')) {
+    throw runtimeError('Runtime.MalformedHandlerName',
+      `'${fullHandler}' is not a valid handler name. Use absolute paths when specifying root directories in handler names.`);
+  }
+  const base = path.basename(fullHandler);
+  const moduleRoot = fullHandler.substring(0, fullHandler.indexOf(base));
+  const match = base.match(/^([^.]*)\.(.*)$/);
+  if (!match) {
+    throw runtimeError('Runtime.MalformedHandlerName', 'Bad handler');
+  }
+  const [, moduleName, handlerPath] = match;
+  let app;
+  try {
+    app = await loadModule(root, moduleRoot, moduleName);
+  } catch (error) {
+    if (error instanceof SyntaxError) {
+      throw runtimeError('Runtime.UserCodeSyntaxError', String(error), error.stack);
+    }
+    if (error && (error.code === 'MODULE_NOT_FOUND' || error.code === 'ERR_MODULE_NOT_FOUND')) {
+      // The require stack would only name this shim.
+      throw runtimeError('Runtime.ImportModuleError', String(error).split('\nRequire stack:')[0]);
+    }
+    throw error;
+  }
+  const handler = handlerPath.split('.').reduce((object, key) => object && object[key], app);
+  if (!handler) {
+    throw runtimeError('Runtime.HandlerNotFound', `${fullHandler} is undefined or not exported`);
+  }
+  if (typeof handler !== 'function') {
+    throw runtimeError('Runtime.HandlerNotFound', `${fullHandler} is not a function`);
+  }
+  return handler;
+}
+
+// -- invocations ------------------------------------------------------------------------
+
+let handler = null;
+let handlerIsAsync = false;
+let ready = false;
+let inflight = null; // {finished} of the invocation not yet answered
+let onEmptyLoop = null; // what to do when the event loop runs dry during an invocation
+
+process.on('beforeExit', () => {
+  const action = onEmptyLoop;
+  onEmptyLoop = null;
+  if (action) {
+    action();
+  } else {
+    control.ref(); // never leave without the daemon's word
+  }
+});
+
+/** End the invocation in flight with one frame; later answers are ignored. */
+function finish(call, kind, payload, done) {
+  if (call.finished) {
+    console.error('Invocation has already been reported as done. Cannot call complete more than once per invocation.');
+    return;
+  }
+  call.finished = true;
+  if (inflight === call) {
+    inflight = null;
+  }
+  onEmptyLoop = null;
+  control.ref();
+  send(kind, payload, done);
+}
+
+function respond(call, result) {
+  let data;
+  try {
+    data = JSON.stringify(result === undefined ? null : result);
+  } catch (_) {
+    fail(call, new Error('Unable to stringify response body'));
+    return;
+  }
+  if (data === undefined) {
+    data = 'null'; // a function or a symbol: nothing JSON can carry
+  }
+  const size = Buffer.byteLength(data, 'utf8');
+  if (size > MAX_RESPONSE_BYTES) {
+    finish(call, ERROR, JSON.stringify({
+      errorType: 'Function.ResponseSizeTooLarge',
+      errorMessage: `Response payload size (${size} bytes) exceeded maximum allowed payload size (${MAX_RESPONSE_BYTES} bytes).`,
+      stackTrace: [],
+    }));
+    return;
+  }
+  finish(call, RESULT, data);
+}
+
+function fail(call, error) {
+  if (call.finished) {
+    return;
+  }
+  console.error('Invoke Error', formatted(error));
+  finish(call, ERROR, JSON.stringify(describe(error)));
+}
+
+function invoke(payload) {
+  const newline = payload.indexOf(10);
+  const header = JSON.parse(payload.subarray(0, newline).toString('utf8'));
+  const body = payload.subarray(newline + 1);
+  currentRequestId = header.id;
+  const call = { finished: false };
+  inflight = call;
+  let event;
+  try {
+    event = body.length ? JSON.parse(body.toString('utf8')) : null;
+  } catch (error) {
+    finish(call, ERROR, JSON.stringify({
+      errorType: 'Runtime.UnmarshalError', errorMessage: `Unable to unmarshal input: ${error.message}`, stackTrace: [],
+    }));
+    return;
+  }
+
+  let waitForEmptyEventLoop = true;
+  let answered = false; // only the first of callback/succeed/fail/done counts
+  const once = (fn) => (...args) => {
+    if (!answered) {
+      answered = true;
+      fn(...args);
+    }
+  };
+  const done = (error, result) => {
+    onEmptyLoop = null;
+    if (error !== undefined && error !== null) {
+      fail(call, error);
+    } else {
+      respond(call, result);
+    }
+  };
+  const callback = once((error, result) => {
+    onEmptyLoop = null;
+    if (error !== undefined && error !== null) {
+      fail(call, error);
+    } else if (!waitForEmptyEventLoop) {
+      respond(call, result);
+    } else {
+      onEmptyLoop = () => setImmediate(() => respond(call, result));
+    }
+  });
+  const deadline = Number(header.deadline_ms);
+  const context = {
+    get callbackWaitsForEmptyEventLoop() {
+      return waitForEmptyEventLoop;
+    },
+    set callbackWaitsForEmptyEventLoop(value) {
+      waitForEmptyEventLoop = value;
+    },
+    succeed: once((result) => done(null, result)),
+    fail: once((error) => done(error === undefined || error === null ? 'handled' : error, null)),
+    done: once(done),
+    functionVersion: process.env.AWS_LAMBDA_FUNCTION_VERSION,
+    functionName: process.env.AWS_LAMBDA_FUNCTION_NAME,
+    memoryLimitInMB: process.env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE,
+    logGroupName: process.env.AWS_LAMBDA_LOG_GROUP_NAME,
+    logStreamName: process.env.AWS_LAMBDA_LOG_STREAM_NAME,
+    clientContext: undefined,
+    identity: undefined,
+    invokedFunctionArn: header.arn,
+    awsRequestId: header.id,
+    getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
+  };
+
+  // If the loop runs dry before the handler answered: an async handler left a
+  // promise unsettled (an error); any other handler answers null, as on Lambda.
+  onEmptyLoop = handlerIsAsync
+    ? () => fail(call, runtimeError('Runtime.NodeJsExit',
+      'Runtime exited without providing a reason: the handler returned a Promise that was never settled'))
+    : () => respond(call, null);
+  control.unref();
+  try {
+    const result = handler(event, context, callback);
+    if (result && typeof result.then === 'function') {
+      result.then(context.succeed, context.fail);
+    }
+  } catch (error) {
+    callback(error);
+  }
+}
+
+// An exception nothing caught ends the process, as on Lambda: the invocation
+// in flight fails with it (or init does), and the daemon starts a new worker.
+function die(error, code) {
+  if (!ready) {
+    send(INIT_ERROR, JSON.stringify(describe(error)), () => process.exit(code));
+  } else if (inflight !== null) {
+    const call = inflight;
+    finish(call, ERROR, JSON.stringify({ ...describe(error), fatal: true }), () => process.exit(code));
+  } else {
+    send(LOG, '', () => process.exit(code));
+  }
+}
+
+process.on('uncaughtException', (error) => {
+  console.error('Uncaught Exception', formatted(error));
+  die(error, 129);
+});
+
+process.on('unhandledRejection', (reason) => {
+  const error = runtimeError('Runtime.UnhandledPromiseRejection', reason && reason.toString ? reason.toString() : String(reason));
+  console.error('Unhandled Promise Rejection', formatted(error));
+  die(error, 128);
+});
+
+async function main() {
+  patchConsole();
+  try {
+    handler = await loadHandler();
+  } catch (error) {
+    if (!(error && String(error.name).startsWith('Runtime.'))) {
+      console.error('Uncaught Exception', formatted(error)); // the module's own code threw
+    }
+    send(INIT_ERROR, JSON.stringify(describe(error)), () => process.exit(1));
+    return;
+  }
+  handlerIsAsync = Boolean(handler.constructor && handler.constructor.name === 'AsyncFunction');
+  ready = true;
+  send(READY, JSON.stringify({ init_ms: Number(process.hrtime.bigint() - T0) / 1e6 }));
+}
+
+main();

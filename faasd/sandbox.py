@@ -1,0 +1,746 @@
+"""Worker isolation: what a worker process may touch, set up inside it before user code runs.
+
+Two halves in one module. The worker half is standard library only and is
+imported by worker processes, so this module must stay import-light.
+
+Daemon half -- `Sandbox.detect()` runs once at start and decides, by
+probing, what this host allows; `Sandbox.prepare()` gives each worker a
+`WorkerPlan`: the JSON that the worker receives in `_FAASD_SANDBOX`, its pids
+cgroup, and the `/tmp` usage check when `/tmp` is a plain directory.
+`Sandbox.describe()` says which protections are active, and why not, for
+/system/info.
+
+Worker half -- `enter(plan)` is the first thing a worker does: the Python
+shim calls it itself; every other runtime is started through
+`runtimes/sandbox_exec.py`, which calls it and then execs the runtime (same
+pid), so one code path isolates every runtime. In order:
+
+  1. join the worker's cgroups (memory, pids): everything it forks stays in them;
+  2. a private mount namespace -- as root, or inside a new user namespace
+     when the daemon is unprivileged -- with a tmpfs of `tmp_mb` at /tmp (also
+     seen at /var/tmp) and a small one at /dev/shm, the functions dir and
+     faasd's package read-only, the data dir (other functions' logs, queued
+     events) and the config file (auth secrets) hidden;
+  3. rlimits: NOFILE, FSIZE (= tmp_mb), CORE = 0, and NPROC when the worker
+     runs as a dedicated user (NPROC counts every process of a uid, so on a
+     uid shared with the daemon it would throttle the daemon too);
+  4. no new privileges (setuid binaries gain nothing), then the drop to
+     `run_as` with no supplementary groups; inside a user namespace, every
+     capability is dropped instead;
+  5. PR_SET_PDEATHSIG: the kernel kills the worker when the daemon dies.
+     Set last, because a change of credentials clears it.
+
+Where a mount namespace is impossible (systemd's RestrictNamespaces=, a
+container without CAP_SYS_ADMIN) or `[workers] tmpfs = false`, /tmp stays a
+per-worker directory on the data disk: RLIMIT_FSIZE stops any one file at
+`tmp_mb` (the write fails with EFBIG), and the daemon measures the directory
+while an invocation runs, stopping the worker when the total passes `tmp_mb`.
+
+A plan that cannot be carried out stops the worker before user code runs:
+faasd never runs a function with less isolation than it promised.
+"""
+
+import json
+import os
+import sys
+
+# Names the plan in a worker's environment; removed before user code runs.
+PLAN_ENV = "_FAASD_SANDBOX"
+# The error type of a worker whose isolation could not be set up.
+SETUP_ERROR = "Sandbox.SetupFailed"
+MB = 1024 * 1024
+
+# Lambda's per-environment limits.
+MAX_OPEN_FILES = 1024
+MAX_PROCESSES_PER_WORKER = 1024  # processes and threads, enforced with a pids cgroup
+SHM_MAX_MB = 64  # /dev/shm, as Docker's default
+
+# Linux constants (uapi headers).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 32, 1024, 2048, 4096
+MS_REC, MS_PRIVATE, MS_RELATIME = 16384, 1 << 18, 1 << 21
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# statvfs f_flag bits -> the mount flags a remount must keep (a user
+# namespace may not clear flags it inherited locked).
+_LOCKED_FLAGS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
+                 (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))
+
+
+class SandboxError(Exception):
+    """The worker's isolation could not be set up as planned."""
+
+
+# -- worker half ------------------------------------------------------------------------
+
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(result, what):
+    if result != 0:
+        import ctypes
+
+        errno = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(errno)}")
+
+
+def _mount(source, target, fstype, flags, data=None):
+    _check(_c().mount(source.encode() if source else None, target.encode(),
+                      fstype.encode() if fstype else None, flags,
+                      data.encode() if data else None),
+           f"mount {fstype or 'bind'} on {target}")
+
+
+def _prctl(option, arg):
+    _check(_c().prctl(option, arg, 0, 0, 0), f"prctl({option})")
+
+
+def _locked_flags(path):
+    flags = os.statvfs(path).f_flag
+    return sum(ms for st, ms in _LOCKED_FLAGS if flags & st)
+
+
+def _write(path, text):
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+def _join_cgroups(procs_files):
+    pid = str(os.getpid())
+    for path in procs_files:
+        try:
+            _write(path, pid)
+        except OSError as exc:
+            raise SandboxError(f"cannot join cgroup {os.path.dirname(path)}: {exc.strerror}") from None
+
+
+def _new_namespaces(plan):
+    if plan.get("userns"):
+        uid, gid = os.getuid(), os.getgid()
+        _check(_c().unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount namespace)")
+        # The worker keeps its own uid inside; it gets no other.
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    else:
+        _check(_c().unshare(CLONE_NEWNS), "unshare(mount namespace)")
+    # Nothing mounted here may propagate back to the host.
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def _set_up_mounts(plan):
+    tmp_mb = int(plan["tmp_mb"])
+    needed = plan.get("visible", [])
+    scratch = [p for p in plan.get("tmp_paths", ["/tmp"]) if os.path.isdir(p)]
+    if scratch:
+        first = scratch[0]
+        _cover(first, MS_NOSUID | MS_NODEV,
+               f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777",
+               keep=_within(needed, first), read_only=False)
+        for other in scratch[1:]:
+            if not _within(needed, other):
+                _mount(first, other, None, MS_BIND)
+    if os.path.isdir("/dev/shm") and not _within(needed, "/dev/shm"):
+        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               f"size={min(SHM_MAX_MB, tmp_mb)}m,mode=1777")
+    for path in plan.get("read_only", []):
+        if os.path.exists(path):
+            _mount(path, path, None, MS_BIND | MS_REC)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | _locked_flags(path))
+    for path, keep in plan.get("hide", []):
+        if os.path.isdir(path):
+            _cover(path, MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=0755",
+                   keep=keep, read_only=True)
+        elif os.path.exists(path):
+            _mount("/dev/null", path, None, MS_BIND)
+    chdir = plan.get("chdir")
+    if chdir:
+        # The cwd still points into the mount below the new ones.
+        os.chdir(chdir)
+
+
+def _within(paths, directory):
+    """The entries of `paths` inside `directory`, outermost only."""
+    prefix = directory.rstrip("/") + "/"
+    inside = sorted(p for p in paths if p == directory or p.startswith(prefix))
+    outermost = []
+    for path in inside:
+        if not any(path == o or path.startswith(o.rstrip("/") + "/") for o in outermost):
+            outermost.append(path)
+    return outermost
+
+
+def _cover(path, flags, options, keep, read_only):
+    """Mount a fresh tmpfs on `path`, leaving the entries of `keep` (inside
+    it) reachable at their old paths: the functions dir may live under /tmp,
+    a worker's bytecode cache under the hidden data dir."""
+    held = []
+    for inner in keep:
+        if inner != path and os.path.exists(inner):
+            held.append((inner, os.path.isdir(inner), os.open(inner, os.O_PATH)))
+    _mount("tmpfs", path, "tmpfs", flags, options)
+    for inner, is_dir, fd in held:
+        if is_dir:
+            os.makedirs(inner, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(inner), exist_ok=True)
+            os.close(os.open(inner, os.O_CREAT | os.O_WRONLY, 0o600))
+        _mount(f"/proc/self/fd/{fd}", inner, None, MS_BIND | MS_REC)
+        os.close(fd)
+    if read_only:
+        _mount(None, path, None, MS_REMOUNT | MS_RDONLY | flags)
+
+
+def _set_limits(plan):
+    import resource
+
+    for name, value in plan.get("rlimits", {}).items():
+        which = getattr(resource, f"RLIMIT_{name}")
+        soft, hard = resource.getrlimit(which)
+        if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY or value > hard):
+            value = hard  # cannot raise past the hard limit without privilege
+        try:
+            resource.setrlimit(which, (value, value))
+        except (ValueError, OSError) as exc:
+            raise SandboxError(f"cannot set RLIMIT_{name} to {value}: {exc}") from None
+
+
+def _drop_capabilities():
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    header = Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (Data * 2)()
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    _check(_c().capset(ctypes.byref(header), data), "capset")
+
+
+def _drop_privileges(plan):
+    uid, gid = plan.get("uid"), plan.get("gid")
+    if uid is None:
+        if plan.get("userns"):
+            _drop_capabilities()
+        return
+    if os.geteuid() != 0:
+        raise SandboxError(f"cannot switch to uid {uid}: the worker is not root")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getuid() != uid or os.geteuid() != uid or os.getgroups() not in ([], [gid]):
+        raise SandboxError(f"switching to uid {uid} did not take")
+
+
+def _die_with_parent(parent):
+    import signal
+
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent and os.getppid() != int(parent):
+        raise SandboxError("the daemon exited while the worker started")
+
+
+def apply(plan):
+    """Carry out a plan in this process. Raises SandboxError (or OSError)."""
+    # Everything this needs is loaded now: after the drop to run_as, the
+    # interpreter's own library may not be readable.
+    import ctypes  # noqa: F401
+    import resource  # noqa: F401
+    import signal  # noqa: F401
+
+    _c()
+    _join_cgroups(plan.get("cgroups", []))
+    if plan.get("mount"):
+        _new_namespaces(plan)
+        _set_up_mounts(plan)
+    _set_limits(plan)
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _drop_privileges(plan)
+    _die_with_parent(plan.get("parent_pid"))
+    if plan.get("tmpdir"):
+        os.environ["TMPDIR"] = plan["tmpdir"]
+
+
+def _report(plan, message):
+    """Tell the daemon (INIT_ERROR on the control channel, when there is one) and stderr."""
+    text = f"faasd could not isolate this worker: {message}"
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    fd = plan.get("control_fd") if isinstance(plan, dict) else None
+    if fd is None:
+        return
+    from faasd import protocol
+
+    payload = json.dumps({"errorType": SETUP_ERROR, "errorMessage": text, "stackTrace": []})
+    try:
+        os.write(int(fd), protocol.encode(protocol.INIT_ERROR, payload.encode()))
+    except OSError:
+        pass
+
+
+def enter(value):
+    """Isolate this worker process as `value` (the plan's JSON) says, or exit.
+
+    Called before any user code runs. On failure the worker reports why and
+    exits with status 70: it never runs with less isolation than planned.
+    """
+    plan = None
+    try:
+        plan = json.loads(value)
+        apply(plan)
+    except Exception as exc:  # whatever went wrong, user code must not run
+        _report(plan, str(exc) if isinstance(exc, (SandboxError, OSError))
+                else f"{type(exc).__name__}: {exc}")
+        os._exit(70)
+
+
+# -- daemon half ------------------------------------------------------------------------
+# Everything below runs in the daemon only.
+
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtimes", "sandbox_exec.py")
+PYTHON_SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtimes", "python_worker.py")
+PIDS_V1_ROOT = "/sys/fs/cgroup/pids"
+TMP_CHECK_INTERVAL_S = 0.25
+
+
+def user_process_limit():
+    """RLIMIT_NPROC for a dedicated run_as user: every task (process or
+    thread) of that uid, all workers together. A quarter of the kernel's pid
+    space, at most 16384: a fork bomb cannot starve the box of pids."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as handle:
+            pid_max = int(handle.read())
+    except (OSError, ValueError):
+        pid_max = 32768
+    return max(1024, min(16384, pid_max // 4))
+
+
+def tree_bytes(path):
+    """Disk blocks used under `path`, in bytes (symlinks not followed)."""
+    total = 0
+    stack = [path]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += st.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+    return total
+
+
+class WorkerPlan:
+    """One worker's isolation, from the daemon's side."""
+
+    def __init__(self, sandbox, worker_id, plan, pids_dir, tmp_dir, tmp_limit):
+        self.sandbox = sandbox
+        self.worker_id = worker_id
+        self.plan = plan
+        self.pids_dir = pids_dir  # a cgroup v1 pids group of this worker's own
+        self.tmp_dir = tmp_dir
+        self.tmp_limit = tmp_limit  # bytes, when /tmp is a directory the daemon measures
+
+    def environment(self, control_fd=None):
+        """The value of `_FAASD_SANDBOX` for the process."""
+        plan = dict(self.plan)
+        if control_fd is not None:
+            plan["control_fd"] = control_fd
+        return json.dumps(plan, separators=(",", ":"))
+
+    def wrap(self, command):
+        """The command that isolates the process before it becomes `command`."""
+        if PYTHON_SHIM in command:
+            return list(command)  # the Python shim calls enter() itself
+        return [self.sandbox.python, "-I", "-S", LAUNCHER, *command]
+
+    def tmp_exceeded(self):
+        """True when /tmp is a directory and it holds more than tmp_mb."""
+        return self.tmp_limit is not None and tree_bytes(self.tmp_dir) > self.tmp_limit
+
+    def kill_all(self):
+        """SIGKILL every process of the worker's pids cgroup (those that left its process group too)."""
+        if self.pids_dir is None:
+            return
+        import signal
+
+        for _ in range(20):  # a fork bomb may add processes while we kill
+            pids = _read_pids(self.pids_dir)
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def remove(self):
+        if self.pids_dir is not None:
+            try:
+                os.rmdir(self.pids_dir)
+            except OSError:
+                pass  # members still exiting; Sandbox.close() sweeps
+
+
+def _read_pids(directory):
+    try:
+        with open(os.path.join(directory, "cgroup.procs")) as handle:
+            return [int(p) for p in handle.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+class Sandbox:
+    """What isolation this host allows, decided once at daemon start."""
+
+    def __init__(self, *, python, run_as=None, run_as_name=None, mount=False, userns=False,
+                 mount_note="", pids_mode=None, pids_base=None, pids_note="", read_only=(),
+                 hide=(), hide_note="", tmpfs_wanted=True, run_as_note=""):
+        self.python = python
+        self.run_as = run_as
+        self.run_as_name = run_as_name
+        self.mount = mount
+        self.userns = userns
+        self.mount_note = mount_note
+        self.pids_mode = pids_mode  # "cgroup1" | "cgroup2" | None
+        self.pids_base = pids_base
+        self.pids_note = pids_note
+        self.read_only = list(read_only)
+        self.hide = list(hide)  # (path, [paths inside it to keep])
+        self.hide_note = hide_note
+        self.tmpfs_wanted = tmpfs_wanted
+        self.run_as_note = run_as_note
+        self.nproc = user_process_limit() if run_as else None
+        # The worker interpreter's installation, which it reads from after the mounts.
+        self.python_prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+
+    # -- start --------------------------------------------------------------------------
+
+    @classmethod
+    def detect(cls, *, python, run_as, run_as_name, functions_dir, data_dir, config_file,
+               memory, tmpfs=True):
+        """Probe what this host allows. Blocking (runs short probe processes)."""
+        import logging
+
+        log = logging.getLogger("faasd.sandbox")
+        package_dir = os.path.dirname(os.path.abspath(__file__))
+        functions_dir = os.path.realpath(functions_dir)
+        data_dir = os.path.realpath(data_dir)
+        read_only = _unique([functions_dir, package_dir])
+        hide, hide_note = _hidden_paths(data_dir, config_file, [functions_dir, package_dir, python])
+        sandbox = cls(python=python, run_as=run_as, run_as_name=run_as_name,
+                      read_only=read_only, hide=hide, hide_note=hide_note, tmpfs_wanted=tmpfs)
+        sandbox._detect_pids(memory)
+        if not tmpfs:
+            sandbox.mount_note = "[workers] tmpfs = false: /tmp is a directory on the data disk"
+        else:
+            userns = os.geteuid() != 0
+            problem = sandbox._probe({"mount": True, "userns": userns, "tmp_mb": 1,
+                                      "tmp_paths": ["/tmp"], "read_only": read_only,
+                                      "hide": hide, "rlimits": {}})
+            if problem is None:
+                sandbox.mount, sandbox.userns = True, userns
+                sandbox.mount_note = ("a user namespace of the worker's own" if userns
+                                      else "created as root")
+            else:
+                how = "unprivileged user namespaces" if userns else "as root"
+                sandbox.mount_note = f"mount namespaces are not available ({how}): {problem}"
+                log.warning("no private /tmp for workers: %s; /tmp is limited per file "
+                            "(RLIMIT_FSIZE) and by a usage check", sandbox.mount_note)
+        if run_as is not None:
+            # The interpreter and its standard library must be readable by the
+            # run_as user, or every Python worker fails at its first import.
+            problem = sandbox._probe(sandbox._base_plan(tmp_mb=1), check_imports=True)
+            if problem is not None:
+                sandbox.run_as_note = (
+                    f"workers as {run_as_name} cannot run {python}: {problem}; install faasd "
+                    f"where that user can read it, or set [workers] python to an interpreter "
+                    f"it can run (e.g. /usr/bin/python3)")
+                log.error("%s", sandbox.run_as_note)
+        return sandbox
+
+    def _detect_pids(self, memory):
+        if memory is not None and getattr(memory, "mode", None) == "cgroup2" and memory.base:
+            base = str(memory.base)
+            parent = os.path.dirname(base)
+            try:
+                with open(os.path.join(parent, "cgroup.controllers")) as handle:
+                    available = handle.read().split()
+                if "pids" not in available:
+                    self.pids_note = "the pids controller is not delegated to faasd's cgroup"
+                    return
+                _write(os.path.join(parent, "cgroup.subtree_control"), "+pids")
+                _write(os.path.join(base, "cgroup.subtree_control"), "+pids")
+            except OSError as exc:
+                self.pids_note = f"cannot enable the pids controller ({exc.strerror})"
+                return
+            self.pids_mode, self.pids_base = "cgroup2", base
+            return
+        if os.path.isfile(os.path.join(PIDS_V1_ROOT, "cgroup.procs")):
+            base = os.path.join(PIDS_V1_ROOT, f"faasd-{os.getpid()}")
+            try:
+                os.makedirs(base, exist_ok=True)
+            except OSError as exc:
+                self.pids_note = f"cgroup v1 pids hierarchy not writable ({exc.strerror})"
+                return
+            self.pids_mode, self.pids_base = "cgroup1", base
+            return
+        self.pids_note = "no pids cgroup controller available to faasd"
+
+    def _probe(self, plan, check_imports=False):
+        """Run a plan in a short-lived process: None if it works, else why not."""
+        import subprocess
+
+        env = {"PATH": "/usr/bin:/bin", PLAN_ENV: json.dumps(plan)}
+        command = [self.python, "-I", "-S", LAUNCHER, "--probe"]
+        if check_imports:
+            command.append("--imports")
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=20,
+                                  cwd="/")
+        except (OSError, subprocess.SubprocessError) as exc:
+            return str(exc)
+        if done.returncode == 0:
+            return None
+        lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {done.returncode}"
+        return reason.replace("faasd could not isolate this worker: ", "")
+
+    # -- per worker ---------------------------------------------------------------------
+
+    def _base_plan(self, *, tmp_mb):
+        plan = {
+            "mount": self.mount,
+            "userns": self.userns,
+            "tmp_mb": tmp_mb,
+            "tmp_paths": ["/tmp", "/var/tmp"],
+            "read_only": self.read_only,
+            "hide": self.hide,
+            # What workers need that a tmpfs over /tmp would cover.
+            "visible": _unique(self.read_only + [self.python_prefix]),
+            "rlimits": {"NOFILE": MAX_OPEN_FILES, "CORE": 0, "FSIZE": tmp_mb * MB},
+            "uid": None,
+            "gid": None,
+            "parent_pid": os.getpid(),
+        }
+        if self.run_as is not None:
+            plan["uid"], plan["gid"] = self.run_as
+            plan["rlimits"]["NPROC"] = self.nproc
+        if self.mount:
+            plan["tmpdir"] = "/tmp"
+        return plan
+
+    def prepare(self, *, worker_id, task_root, tmp_dir, tmp_mb, memory_cgroup=None, visible=()):
+        """The isolation of one worker. Creates its pids cgroup.
+
+        `visible`: paths the runtime reads (its libraries) that must stay
+        reachable even where they sit under /tmp or the data dir.
+        """
+        plan = self._base_plan(tmp_mb=tmp_mb)
+        plan["chdir"] = str(task_root)
+        task_root = os.path.realpath(task_root)
+        if not any(_inside(task_root, p) for p in self.read_only):
+            plan["read_only"] = self.read_only + [task_root]
+        keep = [os.path.realpath(path) for path in visible if path]
+        plan["visible"] = _unique(plan["visible"] + [task_root] + keep)
+        if self.hide:
+            plan["hide"] = [(path, [k for k in keep if _inside(k, path)]) for path, _ in self.hide]
+        cgroups = []
+        if memory_cgroup is not None:
+            cgroups.append(os.path.join(str(memory_cgroup.path), "cgroup.procs"))
+        pids_dir = None
+        if self.pids_mode == "cgroup2" and memory_cgroup is not None and memory_cgroup.version == 2:
+            _write(os.path.join(str(memory_cgroup.path), "pids.max"), str(MAX_PROCESSES_PER_WORKER))
+        elif self.pids_mode == "cgroup1":
+            pids_dir = os.path.join(self.pids_base, worker_id)
+            os.makedirs(pids_dir, exist_ok=True)
+            _write(os.path.join(pids_dir, "pids.max"), str(MAX_PROCESSES_PER_WORKER))
+            cgroups.append(os.path.join(pids_dir, "cgroup.procs"))
+        plan["cgroups"] = cgroups
+        tmp_limit = None if self.mount else tmp_mb * MB
+        return WorkerPlan(self, worker_id, plan, pids_dir, str(tmp_dir), tmp_limit)
+
+    def close(self):
+        if self.pids_mode != "cgroup1" or not self.pids_base:
+            return
+        try:
+            children = os.listdir(self.pids_base)
+        except OSError:
+            return
+        for name in children:
+            path = os.path.join(self.pids_base, name)
+            if os.path.isdir(path):
+                WorkerPlan(self, name, {}, path, "", None).kill_all()
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+        try:
+            os.rmdir(self.pids_base)
+        except OSError:
+            pass
+
+    # -- report -------------------------------------------------------------------------
+
+    def describe(self):
+        """Each protection: active or not, and why, for /system/info."""
+        def item(active, note, **extra):
+            return {"active": bool(active), "note": note, **extra}
+
+        root = os.geteuid() == 0
+        user = self.run_as_name
+        if self.run_as is not None:
+            run_as = item(not self.run_as_note,
+                          self.run_as_note or f"workers run as {user} (uid {self.run_as[0]}) "
+                                              "with no supplementary groups")
+        elif root:
+            run_as = item(False, "running as root without [workers] run_as: function code runs as root")
+        else:
+            run_as = item(False, f"workers run as the daemon's own user (uid {os.getuid()}): "
+                                 "they can signal the daemon; start faasd as root with "
+                                 "[workers] run_as for a separate user")
+        limits = f"NOFILE {MAX_OPEN_FILES}, FSIZE = tmp_mb, CORE 0"
+        if self.nproc:
+            nproc = item(True, f"at most {self.nproc} processes/threads for {user}, all workers together")
+        else:
+            nproc = item(False, "RLIMIT_NPROC counts every process of a uid: not set while workers "
+                                "share a uid with the daemon or root")
+        if self.pids_mode:
+            pids = item(True, f"at most {MAX_PROCESSES_PER_WORKER} processes/threads per worker "
+                              f"({self.pids_mode} pids controller)")
+        else:
+            pids = item(False, self.pids_note)
+        if self.mount:
+            tmp = item(True, f"a private tmpfs of tmp_mb at /tmp and /var/tmp ({self.mount_note}); "
+                             "its pages count toward the worker's memory", mode="tmpfs")
+        else:
+            tmp = item(True, f"{self.mount_note}; each file is limited to tmp_mb (RLIMIT_FSIZE) "
+                             "and the worker is stopped when its /tmp passes tmp_mb", mode="disk")
+        if self.mount:
+            code = item(True, "functions/ and faasd's code are mounted read-only in every worker")
+            hidden = item(bool(self.hide), self.hide_note)
+        else:
+            owner = f"by {user}" if user else "by the workers' user"
+            code = item(False, f"no mount namespace: keep functions/ not writable {owner}")
+            hidden = item(False, "no mount namespace: the data dir and config file are protected "
+                                 "by file permissions only")
+        return {
+            "run_as": run_as,
+            "mount_namespace": item(self.mount, self.mount_note),
+            "tmp": tmp,
+            "code_read_only": code,
+            "private_data": hidden,
+            "rlimits": item(True, limits),
+            "nproc_limit": nproc,
+            "pids_limit": pids,
+            "no_new_privileges": item(True, "setuid binaries gain nothing (PR_SET_NO_NEW_PRIVS)"),
+            "pdeathsig": item(True, "workers are killed by the kernel when the daemon dies"),
+            "env_allowlist": item(True, "workers get Lambda's variables and the function's [env] only"),
+            "pid_namespace": item(False, "not used: workers see the host's process list"),
+            "network_namespace": item(False, "not used: workers share the host's network"),
+        }
+
+
+def _inside(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _unique(paths):
+    out = []
+    for path in paths:
+        if path and path not in out and not any(_inside(path, p) for p in out):
+            out.append(path)
+    return out
+
+
+def _hidden_paths(data_dir, config_file, needed):
+    """What workers must not see: the data dir, unless something they need lives in it, and the config file."""
+    hide = []
+    notes = []
+    blocking = [p for p in needed if p and _inside(p, data_dir)]
+    if blocking:
+        notes.append(f"the data dir holds {blocking[0]}, which workers need: not hidden")
+    else:
+        hide.append((data_dir, []))
+        notes.append(f"the data dir ({data_dir}) is hidden")
+    if config_file and os.path.isfile(config_file):
+        config_file = os.path.realpath(config_file)
+        if not any(_inside(config_file, p) for p, _ in hide):
+            hide.append((config_file, []))
+        notes.append(f"the config file ({config_file}) is hidden")
+    return hide, "; ".join(notes) + " in every worker"
+
+
+def set_daemon_undumpable():
+    """PR_SET_DUMPABLE 0 for the daemon: processes of its uid (workers, when
+    they share it) cannot ptrace it or read its memory and environment, where
+    the auth secrets live."""
+    try:
+        _prctl(PR_SET_DUMPABLE, 0)
+        return True
+    except (SandboxError, OSError, AttributeError):
+        return False
+
+
+def _probe_main(argv):
+    """`sandbox_exec.py --probe`: carry out the plan, then exit 0 (or 70 via enter)."""
+    enter(os.environ.pop(PLAN_ENV, "{}"))
+    if "--imports" in argv:
+        try:
+            import decimal  # noqa: F401  (modules the worker has not loaded yet)
+            import email.parser  # noqa: F401
+        except (ImportError, OSError) as exc:
+            sys.stderr.write(f"cannot import the standard library: {exc}\n")
+            os._exit(71)
+    os._exit(0)
+
+
+def launch(argv):
+    """`sandbox_exec.py COMMAND...`: isolate this process, then become COMMAND."""
+    if argv[:1] == ["--probe"]:
+        _probe_main(argv)
+    value = os.environ.pop(PLAN_ENV, None)
+    if value is None:
+        sys.stderr.write(f"faasd: {PLAN_ENV} is not set\n")
+        os._exit(70)
+    enter(value)
+    if not argv:
+        _report(json.loads(value), "no command to run")
+        os._exit(70)
+    import signal
+
+    # Python ignores SIGPIPE; the runtime gets the default back. SIGXFSZ
+    # stays ignored, so a write past RLIMIT_FSIZE fails with EFBIG instead of
+    # killing the process.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    try:
+        os.execvpe(argv[0], argv, os.environ)
+    except OSError as exc:
+        _report(json.loads(value), f"cannot run {argv[0]}: {exc.strerror}")
+        os._exit(127)

@@ -1,0 +1,630 @@
+"""File triggers: a directory as an S3 bucket. A file written into it becomes one `ObjectCreated:Put`.
+
+    [[triggers]]
+    type = "file"
+    dir = "uploads/images"     # relative to the data dir, or absolute; created if missing
+    patterns = ["*.jpg"]       # fnmatch on the file name (or on the relative path if it has a /)
+    bucket = "images"          # default: the dir's base name
+
+When a file fires: once it is completely written, that is on close after
+writing (inotify IN_CLOSE_WRITE) or when it is renamed or moved into the
+watched tree (rsync, "write a temp file then rename"). Subdirectories are
+watched. Never: hidden files (or files in hidden directories), temp files
+(`*.tmp`, `*.part`, `*~`, ...), names that match none of `patterns`.
+
+Nothing is lost, nothing fires twice. Every file that fired is in a ledger,
+`<data-dir>/triggers/files.db`, with the identity it had (inode, size,
+mtime): a file fires again only when it changes. The ledger is written only
+after the queue has the event on disk. At start, and whenever inotify
+reports that its queue overflowed (events were dropped), the tree is
+rescanned and every matching file not in the ledger fires: files that
+arrived while the daemon was down or during the overflow are caught up.
+A file found by a rescan that was modified in the last `SETTLE_S` seconds
+may still be being written; it fires once it has stayed unchanged that long
+(or at its close, whichever comes first). A processed file that is renamed
+or moved within the tree keeps its ledger entry and does not fire again.
+Attribute changes right after a write (`cp -p`, `tar x` setting the mtime)
+update the ledger entry instead of making the file look new.
+
+Events go to the asynchronous queue with a request id derived from the
+file's identity, so a file is one event even if it were offered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import os
+import stat
+import threading
+import time
+import uuid
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote_plus
+
+import orjson
+from watchdog.events import (
+    DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileAttribEvent, FileClosedEvent,
+    FileDeletedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler,
+)
+from watchdog.observers.api import ObservedWatch
+from watchdog.observers.inotify import InotifyObserver
+
+from ..spec import FunctionSpec, Trigger
+from .base import RunningTrigger, TriggerSource, open_state_db, queue_of
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+log = logging.getLogger("faasd.triggers.file")
+
+SETTLE_S = 2.0
+STOP_WAIT_S = 5.0
+# Names that editors, browsers, rsync and upload tools use while a file is
+# still being written; the finished file gets its real name by a rename.
+TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".filepart",
+                 ".swp", ".swx", ".swo", "~", ".!sync", ".lock")
+TEMP_PREFIXES = ("~$", ".#", "#")
+EVENT_TYPES: list[type[FileSystemEvent]] = [
+    FileClosedEvent, FileMovedEvent, FileDeletedEvent, FileAttribEvent,
+    DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
+]
+REQUEST_ID_NAMESPACE = uuid.UUID("6f3a5e2c-8d1b-4c7e-9a0f-2b4d6e8f1a3c")
+
+Identity = tuple[int, int, int]  # inode, size, mtime_ns
+
+LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    watch TEXT NOT NULL,          -- function name and watched dir
+    path TEXT NOT NULL,           -- relative to the watched dir
+    inode INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    fired_at REAL NOT NULL,
+    PRIMARY KEY (watch, path)
+) WITHOUT ROWID;
+"""
+
+
+class Ledger:
+    """Which files fired, with the identity they had then."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = open_state_db(path, LEDGER_SCHEMA)
+
+    def get(self, watch: str, rel: str) -> Identity | None:
+        row = self.db.execute("SELECT inode, size, mtime_ns FROM files WHERE watch = ? AND path = ?",
+                              (watch, rel)).fetchone()
+        return tuple(row) if row else None  # type: ignore[return-value]
+
+    def all(self, watch: str) -> dict[str, Identity]:
+        rows = self.db.execute("SELECT path, inode, size, mtime_ns FROM files WHERE watch = ?", (watch,))
+        return {row[0]: (row[1], row[2], row[3]) for row in rows}
+
+    def record(self, watch: str, rel: str, ident: Identity, request_id: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (watch, rel, *ident, request_id, time.time()))
+
+    def forget(self, watch: str, rels: list[str]) -> None:
+        if rels:
+            self.db.executemany("DELETE FROM files WHERE watch = ? AND path = ?",
+                                [(watch, rel) for rel in rels])
+
+    def move(self, watch: str, src: str, dest: str) -> None:
+        self.db.execute("DELETE FROM files WHERE watch = ? AND path = ?", (watch, dest))
+        self.db.execute("UPDATE files SET path = ? WHERE watch = ? AND path = ?", (dest, watch, src))
+
+    def move_tree(self, watch: str, src: str, dest: str) -> None:
+        rows = self.db.execute("SELECT path FROM files WHERE watch = ? AND substr(path, 1, ?) = ?",
+                               (watch, len(src) + 1, src + "/")).fetchall()
+        self.db.execute("BEGIN")
+        try:
+            for (path,) in rows:
+                self.move(watch, path, dest + path[len(src):])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def forget_tree(self, watch: str, prefix: str) -> None:
+        self.db.execute("DELETE FROM files WHERE watch = ? AND substr(path, 1, ?) = ?",
+                        (watch, len(prefix) + 1, prefix + "/"))
+
+    def count(self, watch: str) -> int:
+        return self.db.execute("SELECT count(*) FROM files WHERE watch = ?", (watch,)).fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def identity(st: os.stat_result) -> Identity:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def is_hidden_or_temp(rel: str) -> bool:
+    parts = rel.split("/")
+    if any(part.startswith(".") for part in parts):
+        return True
+    name = parts[-1]
+    return name.endswith(TEMP_SUFFIXES) or name.startswith(TEMP_PREFIXES)
+
+
+def matches(rel: str, patterns: list[str]) -> bool:
+    """Whether a file (path relative to the watched dir, / separated) may fire."""
+    if is_hidden_or_temp(rel):
+        return False
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel if "/" in p else name, p) for p in patterns)
+
+
+def s3_key(rel: str) -> str:
+    """S3 URL-encodes object keys in notifications: `red flower.jpg` -> `red+flower.jpg`."""
+    return quote_plus(rel, safe="/")
+
+
+def iso_ms(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp * 1000) % 1000:03d}Z"
+
+
+def s3_event(*, bucket: str, rel: str, path: str, ident: Identity, region: str,
+             request_id: str) -> dict[str, Any]:
+    """The S3 ObjectCreated:Put notification Lambda receives, for one file."""
+    _, size, mtime_ns = ident
+    return {"Records": [{
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "awsRegion": region,
+        "eventTime": iso_ms(mtime_ns / 1e9),
+        "eventName": "ObjectCreated:Put",
+        "userIdentity": {"principalId": "faasd"},
+        "requestParameters": {"sourceIPAddress": "127.0.0.1"},
+        "responseElements": {"x-amz-request-id": request_id.replace("-", "")[:16].upper(),
+                             "x-amz-id-2": request_id},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "configurationId": "faasd-file-trigger",
+            "bucket": {"name": bucket, "ownerIdentity": {"principalId": "faasd"},
+                       "arn": f"arn:aws:s3:::{bucket}"},
+            "object": {"key": s3_key(rel), "size": size, "sequencer": f"{mtime_ns:016X}"},
+        },
+        "faasd": {"path": path},
+    }]}
+
+
+# -- watchdog glue --------------------------------------------------------------------
+
+class _Dispatch(FileSystemEventHandler):
+    """Runs in watchdog's thread; hands each event to the loop, to every trigger on that dir."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.triggers: set[FileTrigger] = set()
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if self.loop.is_closed():
+            return
+        for trigger in tuple(self.triggers):
+            try:
+                self.loop.call_soon_threadsafe(trigger.on_event, event)
+            except RuntimeError:
+                return  # the loop closed while we were handing over
+
+
+class _OverflowHook:
+    """watchdog reports a kernel queue overflow only by a log line; turn it into rescans."""
+
+    sources: "weakref.WeakSet[FileSource]" = weakref.WeakSet()
+    _installed = False
+    _lock = threading.Lock()
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "overflow" in record.getMessage().lower():
+                for source in tuple(_OverflowHook.sources):
+                    source.overflowed_threadsafe()
+
+    @classmethod
+    def add(cls, source: "FileSource") -> None:
+        with cls._lock:
+            cls.sources.add(source)
+            if not cls._installed:
+                for name in ("watchdog.observers.inotify_c", "watchdog.observers.inotify"):
+                    logger = logging.getLogger(name)
+                    # Warnings must be produced even when faasd logs only errors.
+                    if logger.getEffectiveLevel() > logging.WARNING:
+                        logger.setLevel(logging.WARNING)
+                    logger.addHandler(cls._Handler(logging.WARNING))
+                cls._installed = True
+
+
+class FileSource(TriggerSource):
+    kind = "file"
+
+    def __init__(self, daemon: "Daemon") -> None:
+        super().__init__(daemon)
+        self.data_dir = daemon.config.paths.data
+        self.ledger = Ledger(self.data_dir / "triggers" / "files.db")
+        self.observer = InotifyObserver(generate_full_events=True)
+        self.observer.daemon = True
+        self._watches: dict[str, tuple[ObservedWatch, _Dispatch]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.overflows = 0
+
+    async def attach(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.observer.start()
+        _OverflowHook.add(self)
+        await super().attach()
+
+    def create(self, spec: FunctionSpec, trigger: Trigger, index: int) -> "FileTrigger":
+        return FileTrigger(self, spec, trigger, index)
+
+    def watch(self, trigger: "FileTrigger") -> None:
+        key = str(trigger.root)
+        entry = self._watches.get(key)
+        if entry is None:
+            assert self._loop is not None
+            dispatch = _Dispatch(self._loop)
+            watch = self.observer.schedule(dispatch, key, recursive=True, event_filter=EVENT_TYPES)
+            entry = self._watches[key] = (watch, dispatch)
+        entry[1].triggers.add(trigger)
+
+    def unwatch(self, trigger: "FileTrigger") -> None:
+        key = str(trigger.root)
+        entry = self._watches.get(key)
+        if entry is None:
+            return
+        watch, dispatch = entry
+        dispatch.triggers.discard(trigger)
+        if not dispatch.triggers:
+            del self._watches[key]
+            try:
+                self.observer.unschedule(watch)
+            except (KeyError, OSError):
+                pass  # the dir is gone, and its watch with it
+
+    def overflowed_threadsafe(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._overflowed)
+            except RuntimeError:
+                pass
+
+    def _overflowed(self) -> None:
+        self.overflows += 1
+        log.warning("inotify dropped events (queue overflow): rescanning every watched dir")
+        for _, running in list(self.running.values()):
+            assert isinstance(running, FileTrigger)
+            running.request_rescan("inotify queue overflow")
+
+    async def close(self) -> None:
+        await super().close()
+        _OverflowHook.sources.discard(self)
+        self.observer.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self.observer.join, 2.0)
+        self.ledger.close()
+
+
+class FileTrigger(RunningTrigger):
+    def __init__(self, source: FileSource, spec: FunctionSpec, trigger: Trigger, index: int) -> None:
+        self.source = source
+        self.spec = spec
+        self.index = index
+        directory = Path(os.path.expanduser(trigger.get("dir")))
+        self.root = (directory if directory.is_absolute() else source.data_dir / directory).resolve()
+        self.patterns: list[str] = list(trigger.get("patterns", ["*"]))
+        self.bucket: str = trigger.get("bucket") or self.root.name
+        self.watch_key = f"{spec.name}:{self.root}"
+        self.ledger = source.ledger
+        self.pending: dict[str, Identity] = {}
+        self._deferred: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._rescan_task: asyncio.Task | None = None
+        self._rescan_again: str | None = None
+        self._stopped = False
+        self.fired = 0
+        self.failed = 0
+        self.rescans = 0
+        self.last_fired: dict[str, Any] | None = None
+        self.last_error: str | None = None
+        self.status = "starting"
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Watch first, then rescan: a file closed in between is seen by both,
+        # and the ledger makes it fire once.
+        self.source.watch(self)
+        self.status = "watching"
+        log.info("function %s: watching %s for %s (bucket %s)", self.spec.name, self.root,
+                 ", ".join(self.patterns), self.bucket)
+        self.request_rescan("start")
+
+    async def stop(self) -> None:
+        self._stopped = True
+        self.status = "stopped"
+        self.source.unwatch(self)
+        for handle in self._deferred.values():
+            handle.cancel()
+        self._deferred.clear()
+        if self._rescan_task is not None:
+            self._rescan_task.cancel()
+        # Events being handed to the queue finish, so that what the queue
+        # accepted is also in the ledger.
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_WAIT_S)
+
+    def update(self, spec: FunctionSpec) -> None:
+        self.spec = spec
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "dir": str(self.root),
+            "bucket": self.bucket,
+            "patterns": self.patterns,
+            "fired": self.fired,
+            "failed": self.failed,
+            "pending": len(self.pending) + len(self._deferred),
+            "ledger_entries": self.ledger.count(self.watch_key),
+            "rescans": self.rescans,
+            "last_fired": self.last_fired,
+            "last_error": self.last_error,
+        }
+
+    # -- events (in the loop) ----------------------------------------------------------
+
+    def rel(self, path: str | bytes) -> str | None:
+        path = os.fsdecode(path)
+        if not path:
+            return None
+        rel = os.path.relpath(path, self.root)
+        if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+            return None
+        return rel.replace(os.sep, "/")
+
+    def on_event(self, event: FileSystemEvent) -> None:
+        if self._stopped:
+            return
+        try:
+            self._handle(event)
+        except Exception:
+            log.exception("function %s: cannot handle %s", self.spec.name, event)
+
+    def _handle(self, event: FileSystemEvent) -> None:
+        if isinstance(event, FileClosedEvent):
+            rel = self.rel(event.src_path)
+            if rel is not None:
+                self.consider(rel)
+        elif isinstance(event, FileMovedEvent):
+            src, dest = self.rel(event.src_path), self.rel(event.dest_path)
+            if src is not None and dest is not None and self._keep_moved(src, dest):
+                return
+            if src is not None:
+                self.ledger.forget(self.watch_key, [src])
+            if dest is not None:
+                self.consider(dest)
+        elif isinstance(event, FileDeletedEvent):
+            rel = self.rel(event.src_path)
+            if rel is not None:
+                self.ledger.forget(self.watch_key, [rel])
+        elif isinstance(event, FileAttribEvent):
+            rel = self.rel(event.src_path)
+            if rel is not None:
+                self._attributes_changed(rel)
+        elif isinstance(event, DirMovedEvent):
+            src, dest = self.rel(event.src_path), self.rel(event.dest_path)
+            if src is not None and dest is not None:
+                self.ledger.move_tree(self.watch_key, src, dest)
+            elif src is not None:
+                self.ledger.forget_tree(self.watch_key, src)
+            if dest is not None:
+                # Files inside arrived complete, with no event of their own.
+                self.request_rescan(f"directory {dest} moved in", subtree=dest)
+        elif isinstance(event, DirCreatedEvent):
+            rel = self.rel(event.src_path)
+            if rel is not None:
+                # A file closed before the new directory's watch was in place
+                # has no close event; the rescan finds it.
+                self.request_rescan(f"directory {rel} created", subtree=rel)
+        elif isinstance(event, DirDeletedEvent):
+            if os.fsdecode(event.src_path) == str(self.root):
+                self.status = "dir deleted"
+                self.last_error = f"{self.root} was deleted; recreated and watched again"
+                log.warning("function %s: watched dir %s was deleted; recreating it",
+                            self.spec.name, self.root)
+                asyncio.get_running_loop().call_later(0.5, self._rewatch)
+            else:
+                rel = self.rel(event.src_path)
+                if rel is not None:
+                    self.ledger.forget_tree(self.watch_key, rel)
+
+    def _rewatch(self) -> None:
+        if self._stopped:
+            return
+        self.source.unwatch(self)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.source.watch(self)
+        self.status = "watching"
+        self.request_rescan("watched dir recreated")
+
+    def _keep_moved(self, src: str, dest: str) -> bool:
+        """A file that already fired, renamed within the tree, keeps its entry and does not fire."""
+        recorded = self.ledger.get(self.watch_key, src)
+        if recorded is None:
+            return False
+        try:
+            st = os.stat(self.root / dest)
+        except OSError:
+            return False
+        if recorded[:2] != identity(st)[:2]:
+            return False
+        self.ledger.move(self.watch_key, src, dest)
+        self.ledger.record(self.watch_key, dest, identity(st),
+                           self._request_id(dest, identity(st)))
+        return True
+
+    def _attributes_changed(self, rel: str) -> None:
+        """Same inode and size, new mtime: `cp -p`/`tar x` finishing a file, not a new file."""
+        try:
+            st = os.stat(self.root / rel)
+        except OSError:
+            return
+        ident = identity(st)
+        pending = self.pending.get(rel)
+        if pending is not None and pending[:2] == ident[:2]:
+            self.pending[rel] = ident
+            return
+        recorded = self.ledger.get(self.watch_key, rel)
+        if recorded is not None and recorded[:2] == ident[:2] and recorded != ident:
+            self.ledger.record(self.watch_key, rel, ident, self._request_id(rel, recorded))
+
+    def consider(self, rel: str, seen: Identity | None = None) -> None:
+        """Fire `rel` if it matches, is a regular file and is not already fired as it is now."""
+        if self._stopped or not matches(rel, self.patterns):
+            return
+        try:
+            st = os.stat(self.root / rel)
+        except OSError:
+            return  # gone again (a temp file, or deleted at once)
+        if not stat.S_ISREG(st.st_mode):
+            return
+        ident = identity(st)
+        if seen is not None and seen != ident:
+            self._defer(rel, ident)  # still changing: wait for it to settle
+            return
+        if self.pending.get(rel) == ident or self.ledger.get(self.watch_key, rel) == ident:
+            return
+        handle = self._deferred.pop(rel, None)
+        if handle is not None:
+            handle.cancel()
+        self.pending[rel] = ident
+        task = asyncio.get_running_loop().create_task(self._fire(rel, ident))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _defer(self, rel: str, ident: Identity) -> None:
+        old = self._deferred.pop(rel, None)
+        if old is not None:
+            old.cancel()
+        self._deferred[rel] = asyncio.get_running_loop().call_later(
+            SETTLE_S, self._settled, rel, ident)
+
+    def _settled(self, rel: str, ident: Identity) -> None:
+        self._deferred.pop(rel, None)
+        self.consider(rel, seen=ident)
+
+    def _request_id(self, rel: str, ident: Identity) -> str:
+        return str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{self.watch_key}\0{rel}\0{ident[0]}:{ident[1]}:{ident[2]}"))
+
+    async def _fire(self, rel: str, ident: Identity) -> None:
+        request_id = self._request_id(rel, ident)
+        path = str(self.root / rel)
+        event = s3_event(bucket=self.bucket, rel=rel, path=path, ident=ident,
+                         region=self.source.daemon.region, request_id=request_id)
+        try:
+            await queue_of(self.source.daemon).put(self.spec.name, orjson.dumps(event),
+                                                   request_id=request_id, source="file")
+        except Exception as exc:
+            # Not in the ledger: the next rescan (or restart) offers it again.
+            self.failed += 1
+            self.last_error = f"{rel}: not queued: {exc}"
+            log.error("function %s: file %s not queued: %s", self.spec.name, path, exc)
+            return
+        finally:
+            pending = self.pending.get(rel)
+            current = self.pending.pop(rel) if pending and pending[:2] == ident[:2] else ident
+        # `current` carries an mtime update seen while queueing (see _attributes_changed).
+        self.ledger.record(self.watch_key, rel, current, request_id)
+        self.fired += 1
+        self.last_fired = {"path": path, "size": ident[1], "request_id": request_id,
+                           "at": time.time()}
+        log.debug("function %s: %s queued as %s", self.spec.name, path, request_id)
+
+    # -- rescans -----------------------------------------------------------------------
+
+    def request_rescan(self, reason: str, subtree: str | None = None) -> None:
+        """Rescan (the whole tree, or one subtree) soon; rescans never overlap."""
+        if self._stopped:
+            return
+        if self._rescan_task is not None and not self._rescan_task.done():
+            # Whatever was asked while a rescan runs is covered by one full rescan after it.
+            self._rescan_again = reason
+            return
+        self._rescan_task = asyncio.get_running_loop().create_task(self._rescan(reason, subtree))
+
+    async def _rescan(self, reason: str, subtree: str | None) -> None:
+        while True:
+            try:
+                await self._rescan_once(reason, subtree)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"rescan failed: {exc}"
+                log.exception("function %s: rescanning %s failed", self.spec.name, self.root)
+            if self._rescan_again is None or self._stopped:
+                return
+            reason, subtree, self._rescan_again = self._rescan_again, None, None
+
+    async def _rescan_once(self, reason: str, subtree: str | None) -> None:
+        top = self.root / subtree if subtree else self.root
+        patterns = self.patterns
+        root = self.root
+        found = await asyncio.get_running_loop().run_in_executor(None, _walk, root, top, patterns)
+        if self._stopped:
+            return
+        self.rescans += 1
+        recorded = self.ledger.all(self.watch_key)
+        now = time.time()
+        fired_before = self.fired + len(self.pending)
+        for rel, ident in found.items():
+            if recorded.get(rel) == ident or self.pending.get(rel) == ident:
+                continue
+            if now - ident[2] / 1e9 < SETTLE_S:
+                self._defer(rel, ident)  # may still be being written
+            else:
+                self.consider(rel)
+        if subtree is None:
+            # Entries of files that are gone: keeps the ledger as small as the dir.
+            gone = [rel for rel in recorded if rel not in found and rel not in self.pending]
+            self.ledger.forget(self.watch_key, gone)
+        queued = self.fired + len(self.pending) - fired_before
+        if queued or reason != "start":
+            log.info("function %s: rescan of %s (%s): %d files, %d new", self.spec.name, top,
+                     reason, len(found), queued)
+
+
+def _walk(root: Path, top: Path, patterns: list[str]) -> dict[str, Identity]:
+    """Every matching regular file under `top` (runs in a thread)."""
+    found: dict[str, Identity] = {}
+    for directory, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        base = os.path.relpath(directory, root)
+        for name in files:
+            rel = name if base == "." else f"{base}/{name}".replace(os.sep, "/")
+            if not matches(rel, patterns):
+                continue
+            try:
+                st = os.stat(os.path.join(directory, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[rel] = identity(st)
+    return found
+
+
+async def start(daemon: "Daemon") -> None:
+    """Extension entry point: file triggers for every function that has them."""
+    source = FileSource(daemon)
+    daemon.file_triggers = source  # type: ignore[attr-defined]
+    await source.attach()
+
+
+__all__ = ["FileSource", "FileTrigger", "Ledger", "matches", "s3_event", "s3_key", "start"]

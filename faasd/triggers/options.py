@@ -1,0 +1,182 @@
+"""Validation of the `file`, `cron` and `amqp` trigger tables of function.toml.
+
+`check_trigger(kind, options)` returns the options normalised (lists where a
+single value is allowed, defaults filled in) or raises `ValueError` with a
+message that names the key and what would be accepted; spec.py prefixes it
+with the file and the trigger's index. Kept free of heavy imports: `faasd
+check` and every registry rescan run it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable
+
+FILE_KEYS = {"dir", "patterns", "bucket"}
+CRON_KEYS = {"schedule", "timezone", "input", "catch_up", "overlap"}
+AMQP_KEYS = {"exchange", "exchange_type", "routing_key", "routing_keys", "format", "queue", "prefetch"}
+
+OVERLAP_MODES = ("skip", "allow")
+EXCHANGE_TYPES = ("topic", "direct", "fanout", "headers")
+AMQP_FORMATS = ("sns", "rmq", "raw")
+MAX_CATCH_UP = 100
+# AMQP short strings (exchange and queue names) are at most 255 bytes; the
+# dead-letter queue adds a suffix to the queue name.
+MAX_AMQP_NAME = 200
+AMQP_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+RATE_RE = re.compile(r"^rate\(\s*(\d+)\s+(minute|minutes|hour|hours|day|days)\s*\)$")
+RATE_UNITS = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+def check_trigger(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    checker: Callable[[dict[str, Any]], dict[str, Any]] | None = _CHECKERS.get(kind)
+    if checker is None:
+        return options
+    return checker(dict(options))
+
+
+def _unknown(options: dict[str, Any], known: set[str], kind: str) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} for a {kind} trigger; known keys: "
+                         f"type, {', '.join(sorted(known))}")
+
+
+def _string_list(options: dict[str, Any], key: str, default: list[str]) -> list[str]:
+    value = options.get(key, default)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a string or a list of strings, e.g. [\"*.jpg\", \"*.png\"]")
+    return list(value)
+
+
+def check_file(options: dict[str, Any]) -> dict[str, Any]:
+    _unknown(options, FILE_KEYS, "file")
+    directory = options.get("dir")
+    if not isinstance(directory, str) or not directory.strip():
+        raise ValueError("a file trigger needs dir = \"uploads/images\" (relative to the data dir, or absolute)")
+    patterns = _string_list(options, "patterns", ["*"])
+    if not patterns or any(not p for p in patterns):
+        raise ValueError("patterns must not be empty: leave it out to match every file")
+    bucket = options.get("bucket", os.path.basename(os.path.normpath(directory)))
+    if not isinstance(bucket, str) or not bucket:
+        raise ValueError("bucket must be a non-empty string (default: the dir's base name)")
+    return {"dir": directory, "patterns": patterns, "bucket": bucket}
+
+
+def parse_rate(schedule: str) -> int | None:
+    """`rate(5 minutes)` -> 300 (seconds); None if `schedule` is not a rate."""
+    match = RATE_RE.match(schedule.strip())
+    if match is None:
+        return None
+    value, unit = int(match.group(1)), match.group(2).rstrip("s")
+    if value < 1:
+        raise ValueError(f"schedule = {schedule!r}: the rate must be at least 1")
+    return value * RATE_UNITS[unit]
+
+
+def cron_fields(schedule: str) -> tuple[str, bool]:
+    """The expression croniter understands and whether it has a seconds field (first)."""
+    expression = " ".join(schedule.split())
+    if expression.startswith("@"):
+        return expression, False
+    fields = expression.split(" ")
+    if len(fields) == 5:
+        return expression, False
+    if len(fields) == 6:
+        return expression, True
+    raise ValueError(
+        f"schedule = {schedule!r}: expected 5 cron fields (minute hour day month weekday), "
+        "6 with seconds first, or rate(N minutes|hours|days)")
+
+
+def check_cron(options: dict[str, Any]) -> dict[str, Any]:
+    _unknown(options, CRON_KEYS, "cron")
+    schedule = options.get("schedule")
+    if not isinstance(schedule, str) or not schedule.strip():
+        raise ValueError("a cron trigger needs schedule = \"*/5 * * * *\" (or 6 fields with seconds "
+                         "first, or rate(5 minutes))")
+    if schedule.strip().startswith("rate"):
+        if parse_rate(schedule) is None:
+            raise ValueError(f"schedule = {schedule!r}: expected rate(N minutes|hours|days), "
+                             "e.g. rate(5 minutes)")
+    else:
+        expression, seconds = cron_fields(schedule)
+        from croniter import croniter  # imported here: only cron triggers need it
+
+        try:
+            croniter(expression, second_at_beginning=seconds).get_next()  # Feb 30 never comes
+        except (ValueError, KeyError, TypeError) as exc:  # croniter's errors are ValueErrors
+            raise ValueError(f"schedule = {schedule!r}: not a valid cron expression: {exc}") from None
+    timezone = options.get("timezone", "UTC")
+    if not isinstance(timezone, str) or not timezone:
+        raise ValueError("timezone must be an IANA zone name such as \"Europe/Berlin\"")
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"timezone = {timezone!r}: unknown time zone; use an IANA name such as "
+                         "\"UTC\" or \"Europe/Berlin\"") from None
+    catch_up = options.get("catch_up", 0)
+    if isinstance(catch_up, bool):
+        catch_up = int(catch_up)
+    if not isinstance(catch_up, int) or not 0 <= catch_up <= MAX_CATCH_UP:
+        raise ValueError(f"catch_up = {catch_up!r}: expected how many missed ticks to run after a "
+                         f"restart, from 0 (default) to {MAX_CATCH_UP}; 1 runs the most recent one")
+    overlap = options.get("overlap", "skip")
+    if overlap not in OVERLAP_MODES:
+        raise ValueError(f"overlap = {overlap!r}: expected \"skip\" (a tick is skipped while the "
+                         "previous run is still going) or \"allow\"")
+    checked = {"schedule": schedule.strip(), "timezone": timezone, "catch_up": catch_up,
+               "overlap": overlap}
+    if "input" in options:
+        checked["input"] = options["input"]
+    return checked
+
+
+def _amqp_name(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_AMQP_NAME or not AMQP_NAME_RE.match(value):
+        raise ValueError(f"{key} = {value!r}: expected a name of letters, digits and . _ - : "
+                         f"(at most {MAX_AMQP_NAME} characters)")
+    return value
+
+
+def check_amqp(options: dict[str, Any]) -> dict[str, Any]:
+    _unknown(options, AMQP_KEYS, "amqp")
+    if "exchange" not in options:
+        raise ValueError("an amqp trigger needs exchange = \"orders\"")
+    exchange = _amqp_name(options["exchange"], "exchange")
+    exchange_type = options.get("exchange_type", "topic")
+    if exchange_type not in EXCHANGE_TYPES:
+        raise ValueError(f"exchange_type = {exchange_type!r}: expected one of {', '.join(EXCHANGE_TYPES)}")
+    if "routing_key" in options and "routing_keys" in options:
+        raise ValueError("set routing_key or routing_keys, not both")
+    key = "routing_keys" if "routing_keys" in options else "routing_key"
+    default = ["#"] if exchange_type == "topic" else [""]
+    routing_keys = _string_list(options, key, default)
+    if not routing_keys:
+        raise ValueError(f"{key} must name at least one routing key")
+    fmt = options.get("format", "sns")
+    if fmt not in AMQP_FORMATS:
+        raise ValueError(f"format = {fmt!r}: expected \"sns\" (default), \"rmq\" or \"raw\"")
+    checked: dict[str, Any] = {"exchange": exchange, "exchange_type": exchange_type,
+                               "routing_keys": routing_keys, "format": fmt}
+    if "queue" in options:
+        queue = _amqp_name(options["queue"], "queue")
+        if queue.startswith("amq."):
+            raise ValueError(f"queue = {queue!r}: names starting with amq. are reserved by the broker")
+        checked["queue"] = queue
+    if "prefetch" in options:
+        prefetch = options["prefetch"]
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= 65535:
+            raise ValueError(f"prefetch = {prefetch!r}: expected a whole number from 1 to 65535")
+        checked["prefetch"] = prefetch
+    return checked
+
+
+_CHECKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "file": check_file, "cron": check_cron, "amqp": check_amqp,
+}

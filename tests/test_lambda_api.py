@@ -1,0 +1,304 @@
+"""AWS's own clients against a real daemon: boto3's Lambda client and the aws CLI."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from probe import PROBE_HANDLER, Probe
+from support import ROOT, wait_until, write_function
+
+ECHO = """
+def handler(event, context):
+    print("echo got", event)
+    return {"event": event, "request_id": context.aws_request_id,
+            "arn": context.invoked_function_arn}
+"""
+
+FAIL = """
+def handler(event, context):
+    raise ValueError("the input was not what I wanted")
+"""
+
+SLEEPY = """
+import time
+def handler(event, context):
+    time.sleep(10)
+"""
+
+CHATTY = """
+def handler(event, context):
+    for i in range(5):
+        print(str(i) * 2000)
+    return "ok"
+"""
+
+
+def lambda_client(url: str):
+    return boto3.client(
+        "lambda", endpoint_url=url, region_name="us-east-1",
+        aws_access_key_id="AKIDTEST", aws_secret_access_key="secret",
+        # One attempt: the test sees each answer, not botocore's retries of it.
+        config=Config(retries={"total_max_attempts": 1}, read_timeout=90, connect_timeout=5),
+    )
+
+
+@pytest.fixture
+def probe() -> Iterator[Probe]:
+    probe = Probe()
+    yield probe
+    probe.close()
+
+
+@pytest.fixture
+def lam(daemon):
+    write_function(daemon.functions, "echo.py", ECHO)
+    write_function(daemon.functions, "echo.toml", "memory_mb = 256\ntimeout_s = 7\n")
+    wait_loaded(daemon, "echo")
+    return lambda_client(daemon.url)
+
+
+def wait_loaded(daemon, *names: str) -> None:
+    for name in names:
+        wait_until(lambda: daemon.get(f"/system/functions/{name}").status == 200,
+                   message=f"{name} to load")
+
+
+def test_request_response_returns_the_result_and_the_handlers_request_id(daemon, lam):
+    response = lam.invoke(FunctionName="echo", Payload=json.dumps({"k": [1, 2]}).encode())
+    assert response["StatusCode"] == 200
+    assert "FunctionError" not in response
+    assert response["ExecutedVersion"] == "$LATEST"
+    result = json.loads(response["Payload"].read())
+    assert result["event"] == {"k": [1, 2]}
+    assert result["request_id"] == response["ResponseMetadata"]["RequestId"]
+    assert result["arn"] == "arn:aws:lambda:us-east-1:000000000000:function:echo"
+
+
+def test_log_type_tail_returns_the_invocations_own_log(daemon, lam):
+    response = lam.invoke(FunctionName="echo", Payload=b'{"n": 1}', LogType="Tail")
+    request_id = response["ResponseMetadata"]["RequestId"]
+    log = base64.b64decode(response["LogResult"]).decode()
+    lines = log.splitlines()
+    assert lines[0] == f"START RequestId: {request_id} Version: $LATEST"
+    assert "echo got {'n': 1}" in lines
+    assert f"END RequestId: {request_id}" in lines
+    assert re.match(rf"REPORT RequestId: {request_id}\tDuration: [\d.]+ ms\tBilled Duration: \d+ ms\t"
+                    r"Memory Size: 256 MB\tMax Memory Used: \d+ MB", lines[-1])
+    # Without LogType there is no log in the answer.
+    assert "LogResult" not in lam.invoke(FunctionName="echo", Payload=b"{}")
+
+
+def test_log_tail_is_the_last_4_kb(daemon, lam):
+    write_function(daemon.functions, "chatty.py", CHATTY)
+    wait_loaded(daemon, "chatty")
+    response = lam.invoke(FunctionName="chatty", LogType="Tail")
+    log = base64.b64decode(response["LogResult"])
+    assert 3000 < len(log) <= 4096
+    assert log.decode().splitlines()[-1].startswith("REPORT RequestId:")
+    assert not log.startswith(b"START")
+
+
+def test_a_failed_run_is_200_with_function_error_unhandled(daemon, lam):
+    write_function(daemon.functions, "fail.py", FAIL)
+    wait_loaded(daemon, "fail")
+    response = lam.invoke(FunctionName="fail", Payload=b"{}")
+    assert response["StatusCode"] == 200
+    assert response["FunctionError"] == "Unhandled"
+    error = json.loads(response["Payload"].read())
+    assert error["errorMessage"] == "the input was not what I wanted"
+    assert error["errorType"] == "ValueError"
+    assert isinstance(error["stackTrace"], list) and error["stackTrace"]
+    assert any("fail.py" in frame for frame in error["stackTrace"])
+
+
+def test_a_timeout_reads_as_lambdas_task_timed_out(daemon, lam):
+    write_function(daemon.functions, "sleepy.py", SLEEPY)
+    write_function(daemon.functions, "sleepy.toml", "timeout_s = 1\n")
+    wait_loaded(daemon, "sleepy")
+    response = lam.invoke(FunctionName="sleepy", Payload=b"{}", LogType="Tail")
+    assert response["StatusCode"] == 200
+    assert response["FunctionError"] == "Unhandled"
+    error = json.loads(response["Payload"].read())
+    assert error["errorType"] == "Sandbox.Timedout"
+    assert "Task timed out after 1.00 seconds" in error["errorMessage"]
+    assert "\tStatus: timeout" in base64.b64decode(response["LogResult"]).decode()
+
+
+def test_dry_run_checks_the_function_without_running_it(daemon, lam):
+    response = lam.invoke(FunctionName="echo", InvocationType="DryRun")
+    assert response["StatusCode"] == 204
+    log = daemon.log_of("echo")
+    assert response["ResponseMetadata"]["RequestId"] not in log
+    with pytest.raises(lam.exceptions.ResourceNotFoundException):
+        lam.invoke(FunctionName="ghost", InvocationType="DryRun")
+
+
+def test_event_returns_202_and_the_function_runs_with_that_request_id(daemon, probe):
+    write_function(daemon.functions, "probed.py", PROBE_HANDLER)
+    write_function(daemon.functions, "probed.toml", f'[env]\nPROBE = "{probe.url}"\n')
+    wait_loaded(daemon, "probed")
+    lam = lambda_client(daemon.url)
+    response = lam.invoke(FunctionName="probed", InvocationType="Event", Payload=b'{"id": "e1"}')
+    assert response["StatusCode"] == 202
+    assert response["Payload"].read() == b""
+    request_id = response["ResponseMetadata"]["RequestId"]
+    [end] = probe.wait_for(1, "end", id="e1")
+    assert end["rid"] == request_id
+
+
+def test_unknown_functions_raise_resource_not_found(daemon, lam):
+    for name in ("ghost", "arn:aws:lambda:us-east-1:000000000000:function:ghost", "no/such"):
+        with pytest.raises(lam.exceptions.ResourceNotFoundException) as caught:
+            lam.invoke(FunctionName=name, Payload=b"{}")
+        assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert caught.value.response["Error"]["Message"].startswith("Function not found: arn:aws:lambda:")
+    with pytest.raises(lam.exceptions.ResourceNotFoundException):
+        lam.invoke(FunctionName="ghost", InvocationType="Event", Payload=b"{}")
+    with pytest.raises(lam.exceptions.ResourceNotFoundException):
+        lam.get_function(FunctionName="ghost")
+
+
+def test_names_arns_and_the_latest_qualifier_reach_the_function(daemon, lam):
+    for name in ("echo:$LATEST", "000000000000:function:echo",
+                 "arn:aws:lambda:us-east-1:000000000000:function:echo",
+                 "arn:aws:lambda:us-east-1:000000000000:function:echo:$LATEST"):
+        assert lam.invoke(FunctionName=name, Payload=b"{}")["StatusCode"] == 200, name
+    assert lam.invoke(FunctionName="echo", Qualifier="$LATEST")["StatusCode"] == 200
+    with pytest.raises(lam.exceptions.ResourceNotFoundException) as caught:
+        lam.invoke(FunctionName="echo", Qualifier="prod")
+    assert caught.value.response["Error"]["Message"].endswith(":function:echo:prod")
+
+
+def test_a_busy_function_raises_too_many_requests(daemon, probe):
+    write_function(daemon.functions, "single.py", PROBE_HANDLER)
+    write_function(daemon.functions, "single.toml",
+                   f'concurrency = 1\ntimeout_s = 60\n[env]\nPROBE = "{probe.url}"\n')
+    wait_loaded(daemon, "single")
+    lam = lambda_client(daemon.url)
+    results: list[dict] = []
+    slow = threading.Thread(target=lambda: results.append(
+        lam.invoke(FunctionName="single", Payload=b'{"id": "slow", "gate": "g"}')))
+    slow.start()
+    try:
+        probe.wait_for(1, "start", id="slow")
+        with pytest.raises(lam.exceptions.TooManyRequestsException) as caught:
+            lam.invoke(FunctionName="single", Payload=b'{"id": "second"}')
+        error = caught.value.response
+        assert error["ResponseMetadata"]["HTTPStatusCode"] == 429
+        assert error["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
+        assert error["Error"]["Message"] == "Rate Exceeded."
+    finally:
+        probe.release("g")
+        slow.join(60)
+    assert results and results[0]["StatusCode"] == 200
+    assert not probe.seen("start", id="second")
+
+
+def test_an_oversized_or_malformed_payload_is_refused(daemon, lam):
+    with pytest.raises(lam.exceptions.RequestTooLargeException) as caught:
+        lam.invoke(FunctionName="echo", Payload=b'"' + b"x" * (7 * 1024 * 1024) + b'"')
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+    assert "6291456 bytes" in caught.value.response["Error"]["Message"]
+    with pytest.raises(lam.exceptions.RequestTooLargeException):
+        lam.invoke(FunctionName="echo", InvocationType="Event",
+                   Payload=b'"' + b"x" * (7 * 1024 * 1024) + b'"')
+    with pytest.raises(lam.exceptions.InvalidRequestContentException):
+        lam.invoke(FunctionName="echo", Payload=b"{not json")
+
+
+def test_get_function_returns_the_configuration_boto3_parses(daemon, lam):
+    response = lam.get_function(FunctionName="echo")
+    config = response["Configuration"]
+    assert config["FunctionName"] == "echo"
+    assert config["FunctionArn"] == "arn:aws:lambda:us-east-1:000000000000:function:echo"
+    assert re.fullmatch(r"python3\.\d+", config["Runtime"])
+    assert config["Handler"] == "echo.handler"
+    assert config["MemorySize"] == 256
+    assert config["Timeout"] == 7
+    assert config["CodeSize"] == (daemon.functions / "echo.py").stat().st_size
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0000", config["LastModified"])
+    assert config["State"] == "Active" and config["LastUpdateStatus"] == "Successful"
+    assert config["Version"] == "$LATEST" and config["PackageType"] == "Zip"
+    assert response["Code"]["RepositoryType"] == "S3"
+
+    write_function(daemon.functions, "limited.py", ECHO)
+    write_function(daemon.functions, "limited.toml", "concurrency = 3\n")
+    write_function(daemon.functions, "broken.py", "def handler(event, context):\n    return (\n")
+    wait_loaded(daemon, "limited", "broken")
+    assert lam.get_function(FunctionName="limited")["Concurrency"] == {"ReservedConcurrentExecutions": 3}
+    broken = lam.get_function(FunctionName="broken")["Configuration"]
+    assert broken["State"] == "Failed"
+    assert "Runtime.UserCodeSyntaxError" in broken["StateReason"]
+
+
+def test_list_functions_pages_through_every_function(daemon, lam):
+    for name in ("alpha", "beta", "gamma"):
+        write_function(daemon.functions, f"{name}.py", ECHO)
+    wait_loaded(daemon, "alpha", "beta", "gamma")
+    first = lam.list_functions(MaxItems=2)
+    assert [f["FunctionName"] for f in first["Functions"]] == ["alpha", "beta"]
+    assert first["NextMarker"]
+    names = [f["FunctionName"]
+             for page in lam.get_paginator("list_functions").paginate(PaginationConfig={"PageSize": 2})
+             for f in page["Functions"]]
+    assert names == ["alpha", "beta", "echo", "gamma"]
+    echo = next(f for f in lam.list_functions()["Functions"] if f["FunctionName"] == "echo")
+    for key in ("FunctionArn", "Runtime", "Handler", "MemorySize", "Timeout", "LastModified",
+                "State", "CodeSha256", "Role"):
+        assert key in echo, key
+
+
+AWS = str(Path(sys.executable).parent / "aws")
+
+
+def aws_cli(daemon, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY="secret",
+               AWS_DEFAULT_REGION="us-east-1", AWS_MAX_ATTEMPTS="1",
+               AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    return subprocess.run([AWS, "lambda", *args, "--endpoint-url", daemon.url],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_the_aws_cli_invokes_functions(daemon, lam, tmp_path):
+    out = tmp_path / "out.json"
+    result = aws_cli(daemon, "invoke", "--function-name", "echo", "--payload", '{"from": "cli"}',
+                     "--log-type", "Tail", str(out))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads(result.stdout)
+    assert meta["StatusCode"] == 200 and meta["ExecutedVersion"] == "$LATEST"
+    assert "echo got {'from': 'cli'}" in base64.b64decode(meta["LogResult"]).decode()
+    assert json.loads(out.read_text())["event"] == {"from": "cli"}
+
+    result = aws_cli(daemon, "invoke", "--function-name", "echo", "--invocation-type", "Event",
+                     "--payload", "{}", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["StatusCode"] == 202
+
+    result = aws_cli(daemon, "invoke", "--function-name", "ghost", str(out))
+    assert result.returncode != 0
+    assert "ResourceNotFoundException" in result.stderr
+
+    result = aws_cli(daemon, "get-function", "--function-name", "echo")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["Configuration"]["FunctionName"] == "echo"
+
+
+def test_the_faasd_cli_prints_an_invocations_result(daemon, lam):
+    result = subprocess.run([sys.executable, "-m", "faasd", "invoke", "echo", "--data", '{"x": 1}',
+                             "--url", daemon.url], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["event"] == {"x": 1}

@@ -1,0 +1,411 @@
+"""Node.js functions end to end: a real daemon, real `node` workers, real HTTP over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from support import EXAMPLES, process_state, wait_until, write_function
+
+NODE = shutil.which("node")
+
+
+@pytest.fixture(autouse=True)
+def node_installed(request: pytest.FixtureRequest) -> None:
+    """Node tests need the machine's `node`: CI installs it (.ci/run); elsewhere they skip."""
+    if request.node.get_closest_marker("without_node") or NODE is not None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail("node is not installed (CI requires it: .ci/run installs nodejs)")
+    pytest.skip("node is not installed; apt-get install nodejs")
+
+
+def loaded(daemon, name: str) -> None:
+    wait_until(lambda: daemon.get(f"/system/functions/{name}").status == 200, message=f"{name} to load")
+
+
+def request_lines(daemon, name: str, request_id: str) -> list[str]:
+    """The text of every log line of one invocation, START to REPORT."""
+    lines = []
+    for line in daemon.log_of(name).splitlines():
+        parts = line.split("\t", 2)
+        if len(parts) == 3 and parts[1] == request_id:
+            lines.append(parts[2])
+    return lines
+
+
+def test_commonjs_esm_and_directory_handlers_in_every_style(daemon):
+    functions = daemon.functions
+    write_function(functions, "asyncjs.js", """
+        exports.handler = async (event) => ({ style: "async", n: event.n });
+    """)
+    write_function(functions, "esm.mjs", """
+        import { basename } from "node:path";
+        export const handler = async (event) => ({ style: "esm", n: event.n, file: basename(import.meta.url) });
+    """)
+    write_function(functions, "promise.js", """
+        module.exports.handler = (event) =>
+          new Promise((resolve) => setTimeout(() => resolve({ style: "promise", n: event.n }), 10));
+    """)
+    write_function(functions, "callback.js", """
+        exports.handler = (event, context, callback) => {
+          setTimeout(() => callback(null, { style: "callback", n: event.n }), 10);
+        };
+    """)
+    write_function(functions, "succeed.js", """
+        exports.handler = (event, context) => { context.succeed({ style: "succeed", n: event.n }); };
+    """)
+    write_function(functions, "nothing.js", """
+        exports.handler = (event) => { return "ignored, as on Lambda"; };
+    """)
+    # A directory of ES modules (package.json "type": "module"), with a helper module.
+    write_function(functions, "esmdir/package.json", '{"type": "module"}')
+    write_function(functions, "esmdir/lib.js", "export const double = (n) => n * 2;\n")
+    write_function(functions, "esmdir/index.js", """
+        import { double } from "./lib.js";
+        export async function handler(event) { return { style: "esmdir", n: double(event.n) }; }
+    """)
+    # A CommonJS directory with the handler in a subdirectory, named in function.toml.
+    write_function(functions, "cjsdir/src/util.js", "exports.triple = (n) => n * 3;\n")
+    write_function(functions, "cjsdir/src/app.js", """
+        const { triple } = require("./util");
+        exports.api = { handler: async (event) => ({ style: "cjsdir", n: triple(event.n) }) };
+    """)
+    write_function(functions, "cjsdir/function.toml", 'runtime = "node"\nhandler = "src/app.api.handler"\n')
+    expected = {
+        "asyncjs": {"style": "async", "n": 7},
+        "esm": {"style": "esm", "n": 7, "file": "esm.mjs"},
+        "promise": {"style": "promise", "n": 7},
+        "callback": {"style": "callback", "n": 7},
+        "succeed": {"style": "succeed", "n": 7},
+        "nothing": None,
+        "esmdir": {"style": "esmdir", "n": 14},
+        "cjsdir": {"style": "cjsdir", "n": 21},
+    }
+    for name, result in expected.items():
+        loaded(daemon, name)
+        response = daemon.invoke(name, {"n": 7})
+        assert response.status == 200, (name, response.text)
+        assert "x-amz-function-error" not in response.headers, (name, response.text)
+        assert response.json() == result, name
+        assert daemon.function(name)["runtime"] == "node"
+
+
+def test_context_and_environment_are_lambdas(start_daemon, functions_dir):
+    write_function(functions_dir, "ctx.js", """
+        exports.handler = async (event, context) => ({
+          env: process.env,
+          ctx: {
+            functionName: context.functionName, functionVersion: context.functionVersion,
+            invokedFunctionArn: context.invokedFunctionArn, memoryLimitInMB: context.memoryLimitInMB,
+            awsRequestId: context.awsRequestId, logGroupName: context.logGroupName,
+            remaining: context.getRemainingTimeInMillis(),
+            waits: context.callbackWaitsForEmptyEventLoop,
+          },
+        });
+    """)
+    write_function(functions_dir, "ctx.toml", 'memory_mb = 256\ntimeout_s = 5\n[env]\nGREETING = "hi"\n')
+    daemon = start_daemon(functions_dir, env={"DAEMON_SECRET": "s3cr3t"})
+    response = daemon.invoke("ctx")
+    body = response.json()
+    env, ctx = body["env"], body["ctx"]
+    assert ctx == {
+        "functionName": "ctx", "functionVersion": "$LATEST",
+        "invokedFunctionArn": ctx["invokedFunctionArn"], "memoryLimitInMB": "256",
+        "awsRequestId": response.headers["x-amzn-requestid"], "logGroupName": "/aws/lambda/ctx",
+        "remaining": ctx["remaining"], "waits": True,
+    }
+    assert ctx["invokedFunctionArn"].endswith(":function:ctx")
+    assert 0 < ctx["remaining"] <= 5000
+    assert env["GREETING"] == "hi" and env["_HANDLER"] == "ctx.handler"
+    assert env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] == "256"
+    assert env["LAMBDA_TASK_ROOT"] == str(functions_dir)
+    assert Path(env["TMPDIR"]).is_dir()
+    assert "DAEMON_SECRET" not in env
+    assert not any(key.startswith("_FAASD") for key in env)
+
+
+def test_console_output_lands_between_start_and_end_with_the_request_id(daemon):
+    write_function(daemon.functions, "talk.mjs", """
+        export const handler = async () => {
+          console.log("hello", 42, { a: 1 });
+          console.warn("careful");
+          console.error(new Error("shown, not thrown").message);
+          process.stdout.write("raw stdout line\\n");
+          return "ok";
+        };
+    """)
+    loaded(daemon, "talk")
+    response = daemon.invoke("talk")
+    request_id = response.headers["x-amzn-requestid"]
+    wait_until(lambda: any(line.startswith("REPORT") for line in request_lines(daemon, "talk", request_id)),
+               message="the REPORT line")
+    lines = request_lines(daemon, "talk", request_id)
+    start = lines.index(f"START RequestId: {request_id} Version: $LATEST")
+    end = lines.index(f"END RequestId: {request_id}")
+    printed = lines[start + 1:end]
+    # Lambda's Node format: time, request id, level, message.
+    assert [line.split("\t", 1)[1] for line in printed if "\t" in line] == [
+        f"{request_id}\tINFO\thello 42 {{ a: 1 }}",
+        f"{request_id}\tWARN\tcareful",
+        f"{request_id}\tERROR\tshown, not thrown",
+    ]
+    assert printed[0].split("\t")[0].endswith("Z")
+    assert "raw stdout line" in printed
+    assert lines[end + 1].startswith(f"REPORT RequestId: {request_id}\tDuration: ")
+    assert "Init Duration:" in lines[end + 1]
+
+
+def test_thrown_errors_have_lambdas_node_shape_and_the_worker_survives(daemon):
+    write_function(daemon.functions, "boom.js", """
+        function helper() { throw new TypeError("kaboom 42"); }
+        exports.handler = async (event) => {
+          if (event.kind === "string") throw "just a string";
+          if (event.kind === "ok") return process.pid;
+          console.log("before the fall");
+          helper();
+        };
+    """)
+    write_function(daemon.functions, "cberr.js", """
+        exports.handler = (event, context, callback) => callback(new RangeError("out of range"));
+    """)
+    loaded(daemon, "boom")
+    pid = daemon.invoke("boom", {"kind": "ok"}).json()
+    response = daemon.invoke("boom")
+    assert response.headers["x-amz-function-error"] == "Unhandled"
+    error = response.json()
+    assert error["errorType"] == "TypeError" and error["errorMessage"] == "kaboom 42"
+    assert error["stackTrace"][0] == "TypeError: kaboom 42"
+    assert any("at helper" in frame for frame in error["stackTrace"])
+    assert not any("node_worker" in frame for frame in error["stackTrace"])
+    request_id = response.headers["x-amzn-requestid"]
+    wait_until(lambda: any("Invoke Error" in line for line in request_lines(daemon, "boom", request_id)),
+               message="the Invoke Error log line")
+    logged = next(line for line in request_lines(daemon, "boom", request_id) if "Invoke Error" in line)
+    assert f"\t{request_id}\tERROR\tInvoke Error \t" in logged
+    assert json.loads(logged.split("Invoke Error \t", 1)[1])["errorType"] == "TypeError"
+
+    string = daemon.invoke("boom", {"kind": "string"}).json()
+    assert string == {"errorType": "string", "errorMessage": "just a string", "stackTrace": []}
+    http = daemon.get("/function/boom")
+    assert http.status == 502 and http.json() == {"message": "Internal Server Error"}
+    assert "kaboom" not in http.text
+    # A handled error does not cost the worker.
+    assert daemon.invoke("boom", {"kind": "ok"}).json() == pid
+
+    loaded(daemon, "cberr")
+    assert daemon.invoke("cberr").json()["errorType"] == "RangeError"
+
+
+def test_callback_waits_for_an_empty_event_loop_unless_told_not_to(daemon):
+    write_function(daemon.functions, "later.js", """
+        exports.handler = (event, context, callback) => {
+          context.callbackWaitsForEmptyEventLoop = event.wait;
+          setTimeout(() => console.log("timer fired"), 500);
+          callback(null, "answered");
+        };
+    """)
+    loaded(daemon, "later")
+    for wait, timer_in_this_call in ((True, True), (False, False)):
+        response = daemon.invoke("later", {"wait": wait})
+        assert response.json() == "answered"
+        request_id = response.headers["x-amzn-requestid"]
+        wait_until(lambda: any(line.startswith("REPORT") for line in request_lines(daemon, "later", request_id)))
+        lines = request_lines(daemon, "later", request_id)
+        end = lines.index(f"END RequestId: {request_id}")
+        assert any(line.endswith("\tINFO\ttimer fired") for line in lines[:end]) is timer_in_this_call, lines
+
+
+def test_an_uncaught_exception_fails_the_call_and_replaces_the_worker(daemon):
+    write_function(daemon.functions, "wild.js", """
+        exports.handler = async (event) => {
+          if (event.kind === "throw") {
+            setTimeout(() => { throw new Error("thrown from a timer"); }, 0);
+            return new Promise(() => {});
+          }
+          if (event.kind === "reject") {
+            Promise.reject(new Error("nobody caught me"));
+            return new Promise((resolve) => setTimeout(resolve, 1000));
+          }
+          if (event.kind === "unsettled") {
+            return new Promise(() => {}); // the loop runs dry with the promise pending
+          }
+          return process.pid;
+        };
+    """)
+    write_function(daemon.functions, "wild.toml", "timeout_s = 10\n")
+    loaded(daemon, "wild")
+    first = daemon.invoke("wild").json()
+    error = daemon.invoke("wild", {"kind": "throw"}).json()
+    assert error["errorType"] == "Error" and error["errorMessage"] == "thrown from a timer"
+    second = daemon.invoke("wild").json()
+    assert second != first
+    wait_until(lambda: process_state(first) is None, message="the old worker to be gone")
+
+    error = daemon.invoke("wild", {"kind": "reject"}).json()
+    assert error["errorType"] == "Runtime.UnhandledPromiseRejection"
+    assert error["errorMessage"] == "Error: nobody caught me"
+    third = daemon.invoke("wild").json()
+    assert third != second
+
+    error = daemon.invoke("wild", {"kind": "unsettled"}).json()
+    assert error["errorType"] == "Runtime.NodeJsExit"
+    assert "never settled" in error["errorMessage"]
+    assert daemon.invoke("wild").json() == third  # the runtime itself is fine
+
+
+def test_init_errors_are_lambdas_and_other_functions_keep_working(daemon):
+    functions = daemon.functions
+    write_function(functions, "good.mjs", "export const handler = async () => 'fine';\n")
+    write_function(functions, "missing.js", """
+        const nope = require("not-a-module-anywhere");
+        exports.handler = async () => 1;
+    """)
+    write_function(functions, "missingesm.mjs", """
+        import nope from "not-a-package-anywhere";
+        export const handler = async () => 1;
+    """)
+    write_function(functions, "nohandler.mjs", "export const other = async () => 1;\n")
+    write_function(functions, "notafunction.js", "exports.handler = 42;\n")
+    write_function(functions, "syntax.js", "exports.handler = async () => {\n")
+    write_function(functions, "throws.js", """
+        throw new Error("bad config at load");
+        exports.handler = async () => 1;
+    """)
+    expectations = {
+        "missing": ("Runtime.ImportModuleError", "Cannot find module 'not-a-module-anywhere'"),
+        "missingesm": ("Runtime.ImportModuleError", "not-a-package-anywhere"),
+        "nohandler": ("Runtime.HandlerNotFound", "nohandler.handler is undefined or not exported"),
+        "notafunction": ("Runtime.HandlerNotFound", "notafunction.handler is not a function"),
+        "syntax": ("Runtime.UserCodeSyntaxError", "SyntaxError"),
+        "throws": ("Error", "bad config at load"),
+    }
+    for name, (error_type, message) in expectations.items():
+        loaded(daemon, name)
+        response = daemon.invoke(name)
+        error = response.json()
+        assert response.headers["x-amz-function-error"] == "Unhandled", name
+        assert error["errorType"] == error_type, (name, error)
+        assert message in error["errorMessage"], (name, error)
+        assert daemon.get(f"/function/{name}").status == 502
+        assert daemon.function(name)["init_error"]["errorType"] == error_type
+        log = daemon.log_of(name)
+        assert f"Status: error\tError Type: {error_type}" in log, log
+    assert "node_worker" not in daemon.invoke("missing").json()["errorMessage"]
+    assert daemon.invoke("good").json() == "fine"
+
+
+def test_timeout_is_504_and_the_worker_and_its_children_are_killed(daemon):
+    write_function(daemon.functions, "slow.js", """
+        const { spawn } = require("child_process");
+        exports.handler = async () => {
+          const child = spawn("sleep", ["300"], { stdio: "ignore" });
+          console.log("child", child.pid);
+          await new Promise((resolve) => setTimeout(resolve, 30000));
+        };
+    """)
+    write_function(daemon.functions, "slow.toml", "timeout_s = 1\n")
+    loaded(daemon, "slow")
+    response = daemon.get("/function/slow")
+    assert response.status == 504
+    log = daemon.log_of("slow")
+    child_pid = int(log.split("INFO\tchild ", 1)[1].split()[0])
+    wait_until(lambda: process_state(child_pid) in (None, "Z"), message="the handler's child to die")
+    assert "Task timed out after 1.00 seconds" in log and "Status: timeout" in log
+    error = daemon.invoke("slow").json()
+    assert error["errorType"] == "Sandbox.Timedout"
+
+
+def test_memory_over_the_limit_fails_the_call_and_replaces_the_worker(daemon):
+    write_function(daemon.functions, "hog.js", """
+        const blocks = [];
+        exports.handler = async (event) => {
+          if (event.hog) {
+            for (let i = 0; i < 40; i++) blocks.push(Buffer.alloc(16 * 1024 * 1024, 1));
+          }
+          return process.pid;
+        };
+    """)
+    write_function(daemon.functions, "hog.toml", "memory_mb = 128\ntimeout_s = 20\n")
+    loaded(daemon, "hog")
+    pid = daemon.invoke("hog").json()
+    response = daemon.invoke("hog", {"hog": True})
+    error = response.json()
+    assert response.headers["x-amz-function-error"] == "Unhandled"
+    assert error["errorType"] == "Runtime.OutOfMemory", error
+    assert "128 MB" in error["errorMessage"]
+    assert daemon.invoke("hog").json() != pid
+
+
+def test_idle_node_workers_freeze_and_thaw_with_their_state_and_tmp(start_daemon, functions_dir):
+    write_function(functions_dir, "count.js", """
+        const fs = require("fs");
+        const path = require("path");
+        let count = 0;
+        exports.handler = async () => {
+          count += 1;
+          const file = path.join(process.env.TMPDIR, "seen");
+          const existed = fs.existsSync(file);
+          fs.appendFileSync(file, "x");
+          return { count, existed, pid: process.pid };
+        };
+    """)
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_FREEZE_AFTER_MS": "50"})
+    first = daemon.invoke("count").json()
+    wait_until(lambda: process_state(first["pid"]) == "T", message="the idle node worker to be stopped")
+    assert daemon.workers("count")[0]["state"] == "frozen"
+    second = daemon.invoke("count").json()
+    assert second == {"count": 2, "existed": True, "pid": first["pid"]}
+    wait_until(lambda: process_state(first["pid"]) == "T", message="the worker to freeze again")
+
+
+def test_min_warm_prewarms_node_workers(start_daemon, functions_dir):
+    write_function(functions_dir, "warm.mjs", "export const handler = async () => process.pid;\n")
+    write_function(functions_dir, "warm.toml", "min_warm = 2\n")
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: len(daemon.workers("warm")) == 2, message="two prewarmed node workers")
+    pids = {w["pid"] for w in daemon.workers("warm")}
+    response = daemon.invoke("warm")
+    assert response.json() in pids
+    request_id = response.headers["x-amzn-requestid"]
+    report = next(line for line in request_lines(daemon, "warm", request_id) if line.startswith("REPORT"))
+    assert "Init Duration" not in report  # a prewarmed worker is no cold start
+
+
+@pytest.mark.without_node
+def test_without_node_node_functions_give_a_clear_init_error_and_others_work(start_daemon, functions_dir,
+                                                                           tmp_path):
+    write_function(functions_dir, "js.mjs", "export const handler = async () => 1;\n")
+    write_function(functions_dir, "py.py", "def handler(event, context):\n    return 'python ok'\n")
+    no_node = tmp_path / "bin-without-node"
+    no_node.mkdir()
+    daemon = start_daemon(functions_dir, env={"PATH": str(no_node)})
+    assert daemon.invoke("py").json() == "python ok"
+    response = daemon.invoke("js")
+    error = response.json()
+    assert response.headers["x-amz-function-error"] == "Unhandled"
+    assert error["errorType"] == "Runtime.InvalidRuntime"
+    assert "Node.js is not installed" in error["errorMessage"]
+    assert "install Node.js" in error["errorMessage"]
+    assert daemon.get("/function/js").status == 502
+    assert daemon.function("js")["init_error"]["errorType"] == "Runtime.InvalidRuntime"
+    assert "Node.js is not installed" in daemon.log_of("js")
+    assert daemon.invoke("py").json() == "python ok"
+
+
+def test_the_node_example_says_hello(start_daemon, tmp_path):
+    functions = tmp_path / "examples"
+    functions.mkdir()
+    shutil.copy(EXAMPLES / "hello-node.mjs", functions / "hello-node.mjs")
+    daemon = start_daemon(functions)
+    response = daemon.get("/function/hello-node?name=you")
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.text == "Hello, you!\n"
+    assert daemon.get("/function/hello-node").text == "Hello, world!\n"
+    wait_until(lambda: "saying hello to you" in daemon.log_of("hello-node"), message="the example's log line")
