@@ -49,6 +49,7 @@ class WorkersConfig:
     keep_warm_s: float = 600.0
     run_as: str | None = None
     drain_timeout_s: float = 30.0
+    zygote: bool = True  # fork new Python workers from a template that imported the handler
     # /tmp: a private tmpfs of tmp_mb per worker where mount namespaces allow
     # (its pages count toward the worker's memory); false: a directory on the
     # data disk, limited per file and by a usage check (faasd/sandbox.py).
@@ -178,7 +179,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
     "limits": (LimitsConfig, {"max_concurrency": _positive_int}),
     "workers": (WorkersConfig, {"freeze_after_ms": _non_negative_int,
                                 "keep_warm_s": _positive_float, "run_as": _optional_str,
-                                "drain_timeout_s": _positive_float, "tmpfs": _bool,
+                                "drain_timeout_s": _positive_float, "zygote": _bool, "tmpfs": _bool,
                                 "python": _optional_str}),
     "amqp": (AmqpConfig, {"url": _optional_str}),
     "auth": (AuthConfig, {"keys": _keys}),

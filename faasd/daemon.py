@@ -117,7 +117,8 @@ class Daemon:
         env = WorkerEnvironment(data_dir=data, memory=memory, region=self.region, run_as=run_as,
                                 python=python, sandbox=sandbox)
         self.pool = WorkerPool(env, PoolSettings(freeze_after_ms=config.workers.freeze_after_ms,
-                                                 keep_warm_s=config.workers.keep_warm_s))
+                                                 keep_warm_s=config.workers.keep_warm_s,
+                                                 zygote=config.workers.zygote))
         self.pool.start()
         self._cleanups.append(self.pool.close)
         self.invoker = Invoker(self.registry, self.pool, self.logs, config.limits.max_concurrency)
@@ -147,11 +148,13 @@ class Daemon:
         await site.start()
         server = site._server  # the listening sockets, to learn the bound port
         sockets = getattr(server, "sockets", None) or []
-        if sockets:
+        if sockets and sockets[0].family in (socket.AF_INET, socket.AF_INET6):
             self.address = sockets[0].getsockname()[:2]
         self.ready = True
-        log.info("listening on http://%s:%s with %d functions", *(self.address or ("?", "?")),
-                 len(self.registry.specs))
+        # A unix socket (socket activation) has a path, not a host and port.
+        where = ("http://%s:%s" % self.address if self.address
+                 else str(sockets[0].getsockname()) if sockets else "?")
+        log.info("listening on %s with %d functions", where, len(self.registry.specs))
 
     def on_cleanup(self, callback: Callable[[], Awaitable[None] | None]) -> None:
         """Run `callback` at shutdown, before everything started earlier."""
@@ -203,6 +206,7 @@ class Daemon:
         view = spec.to_json()
         view["routes"] = [f"/function/{name}"] + [r.template for r in self.routes.routes(name)]
         view["workers"] = pool.to_json() if pool else []
+        view["template"] = pool.template_json() if pool else None
         view["worker_counts"] = pool.counts() if pool else {}
         last = pool.last_init_error if pool else None
         view["init_error"] = last.error.to_lambda() if last else None
@@ -275,13 +279,16 @@ async def serve(config: Config, loader: ConfigLoader | None = None) -> int:
                 continue
             await reload(daemon, loader, notifier, reloads)
 
-    background = [loop.create_task(notifier.run_watchdog()), loop.create_task(reload_on_hangup())]
+    watchdog = loop.create_task(notifier.run_watchdog())
+    background = [loop.create_task(reload_on_hangup()),
+                  loop.create_task(notifier.keep_status(lambda: status_line(daemon)))]
     await stop.wait()
     notifier.stopping(f"Stopping: draining {daemon.invoker.inflight} in-flight invocations")
-    background[1].cancel()
+    for task in background:
+        task.cancel()
     await daemon.stop()
-    background[0].cancel()
-    await asyncio.gather(*background, return_exceptions=True)
+    watchdog.cancel()  # pinged through the drain: a slow drain is not a hang
+    await asyncio.gather(watchdog, *background, return_exceptions=True)
     notifier.close()
     return 0
 

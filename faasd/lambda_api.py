@@ -25,6 +25,7 @@ from aiohttp import web
 
 from .errors import FunctionNotFound, InvalidRequest, InvokeRefused, Throttled
 from .spec import FunctionSpec, function_arn, valid_name
+from .triggers.http import valid_text
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -138,7 +139,8 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                 return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
             if invocation_type != "RequestResponse":
                 raise InvalidRequest(
-                    f"1 validation error detected: Value '{invocation_type}' at 'invocationType' "
+                    f"1 validation error detected: Value '{valid_text(invocation_type)[:100]}' "
+                    "at 'invocationType' "
                     "failed to satisfy constraint: Member must satisfy enum value set: "
                     "[Event, RequestResponse, DryRun]")
             invocation = await invoker.invoke(spec.name, body, request_id=request_id, source="api")

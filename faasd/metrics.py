@@ -3,6 +3,7 @@
 Counted as invocations finish (an invoker observer) or are refused (a
 throttle observer):
     faasd_invocations_total{function,trigger,outcome}
+        trigger: http | api | console (the dashboard) | file | cron | amqp | ...
         outcome: success | error | timeout | out_of_memory | crash | init_error
     faasd_invocation_duration_seconds{function}      histogram, handler run time
     faasd_init_duration_seconds{function}            histogram, cold-start inits
@@ -88,7 +89,10 @@ class Metrics:
         self.throttles = Counter(
             "faasd_throttles", "Invocations refused for concurrency (HTTP 429).",
             ("function", "trigger", "reason"), registry=self.registry)
-        # label tuples seen per function, to drop them when the function goes away
+        # Children by (metric, labels): labels() costs a lock and a lookup per
+        # call, and this runs on every invocation. Also what to drop when a
+        # function goes away.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = defaultdict(set)
         self.registry.register(DaemonCollector(daemon))
         ProcessCollector(registry=self.registry)
@@ -96,8 +100,12 @@ class Metrics:
         GCCollector(registry=self.registry)
 
     def _seen(self, metric: Any, labels: tuple[str, ...]) -> Any:
-        self._series[labels[0]].add((metric, labels))
-        return metric.labels(*labels)
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+            self._series[labels[0]].add(key)
+        return child
 
     def observe(self, spec: FunctionSpec, invocation: Invocation, source: str) -> None:
         name = spec.name
@@ -114,6 +122,7 @@ class Metrics:
     def function_changed(self, old: FunctionSpec | None, new: FunctionSpec | None) -> None:
         if new is None and old is not None:
             for metric, labels in self._series.pop(old.name, set()):
+                self._children.pop((metric, labels), None)
                 try:
                     metric.remove(*labels)
                 except KeyError:

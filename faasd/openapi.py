@@ -135,7 +135,7 @@ def document() -> dict[str, Any]:
                  "400": _json(MESSAGE, "Invalid name or lines"),
                  "404": _json(MESSAGE, "No such function")},
                 operationId="systemFunctionLogs",
-                parameters=[{**name_param, "schema": {"type": "string"}},
+                parameters=[name_param,
                             {"name": "lines", "in": "query", "required": False,
                              "schema": {"type": "integer", "minimum": 0, "maximum": 100000}}])},
             "/2015-03-31/functions/": {"get": {

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .spec import FunctionSpec
+from .zygote import ForkedWorker, Template, TemplateGone
 from .workers import (
     Worker, WorkerEnvironment, WorkerInitError, WorkerState, clear_bytecode, create_worker,
 )
@@ -40,6 +41,7 @@ log = logging.getLogger("faasd.pool")
 class PoolSettings:
     freeze_after_ms: int = 100
     keep_warm_s: float = 600.0
+    zygote: bool = True  # fork Python workers from a per-revision template (faasd/zygote.py)
 
 
 WorkerFactory = Callable[[FunctionSpec, WorkerEnvironment], Worker]
@@ -76,6 +78,10 @@ class FunctionPool:
         self._tasks: set[asyncio.Task] = set()
         self.closing = False
         self.last_init_error: WorkerInitError | None = None
+        self.template: Template | None = None
+        self._old_templates: list[Template] = []  # retired, waiting for their children to go
+        self._template_failed: str | None = None  # the revision whose template could not start
+        self._template_used = 0.0
         self.cold_starts = 0
         self.retired = 0
         self._loop = asyncio.get_running_loop()
@@ -144,11 +150,28 @@ class FunctionPool:
         self._frozen_at[worker.id] = time.monotonic()
 
     async def _spawn(self) -> Worker:
+        """A new worker: forked from the revision's template when one is ready, else spawned."""
+        template = self.template
+        if template is not None and template.ready and template.spec.revision == self.spec.revision:
+            self._template_used = time.monotonic()
+            try:
+                return await self._start(ForkedWorker(self.spec, self.env, template))
+            except WorkerInitError as exc:
+                if not isinstance(exc.__cause__, TemplateGone):
+                    raise
+                log.warning("template of %s cannot fork (%s); starting a worker from scratch",
+                            self.spec.name, exc.__cause__)
+                self._drop_template(template)
         try:
             worker = self.factory(self.spec, self.env)
         except WorkerInitError as exc:  # the runtime itself is missing
             self.last_init_error = exc
             raise
+        worker = await self._start(worker)
+        self._ensure_template()
+        return worker
+
+    async def _start(self, worker: Worker) -> Worker:
         self.workers[worker.id] = worker
         worker.exited.add_done_callback(lambda _: self._on_exit(worker))
         try:
@@ -221,8 +244,71 @@ class FunctionPool:
                 return
             self.release(worker, True)
 
+    # -- templates ----------------------------------------------------------------
+
+    def _ensure_template(self) -> None:
+        """Start this revision's template in the background, once, if Python and enabled."""
+        if (not self.settings.zygote or self.closing or self.spec.runtime != "python"
+                or self._template_failed == self.spec.revision):
+            return
+        current = self.template
+        if current is not None and current.spec.revision == self.spec.revision and current.alive:
+            return
+        if current is not None:
+            self._drop_template(current)
+        template = self.template = Template(self.spec, self.env)
+        template.exited.add_done_callback(lambda _: self._template_exited(template))
+        self._background(self._start_template(template))
+
+    async def _start_template(self, template: Template) -> None:
+        try:
+            await template.start()
+        except WorkerInitError as exc:
+            # Its workers would fail the same way; spawned workers report it.
+            log.warning("no template for %s: %s", self.spec.name, exc)
+            self._template_failed = template.spec.revision
+            self._drop_template(template)
+            return
+        template.set_state(WorkerState.IDLE)
+        self._template_used = time.monotonic()
+
+    def _template_exited(self, template: Template) -> None:
+        if self.template is template:
+            self.template = None
+            if not self.closing:
+                log.warning("template %s (pid %s) of %s died with %s", template.id, template.pid,
+                            self.spec.name, explain_exit(template.returncode))
+        if template in self._old_templates:
+            self._old_templates.remove(template)
+
+    def _drop_template(self, template: Template) -> None:
+        """Stop using a template; it stops once its last forked worker has gone."""
+        if self.template is template:
+            self.template = None
+        if template not in self._old_templates:
+            self._old_templates.append(template)
+        self._stop_unused_templates()
+
+    def _stop_unused_templates(self) -> None:
+        for template in list(self._old_templates):
+            if not template.children:
+                self._old_templates.remove(template)
+                template.set_state(WorkerState.RETIRING)
+                self._background(template.stop())
+
+    def template_json(self) -> dict | None:
+        return self.template.to_json() if self.template is not None else None
+
     def sweep(self, now: float) -> None:
         """Retire workers frozen longer than keep_warm_s, oldest first, keeping min_warm."""
+        self._stop_unused_templates()
+        template = self.template
+        if (template is not None and template.ready and not template.children
+                and self.live_count() == 0
+                and now - self._template_used >= self.settings.keep_warm_s):
+            log.info("retiring the template of %s: unused for over %gs",
+                     self.spec.name, self.settings.keep_warm_s)
+            self._drop_template(template)
         keep = self.spec.min_warm
         while self._frozen and self.live_count() > keep:
             oldest = self._frozen[0]
@@ -240,6 +326,8 @@ class FunctionPool:
         for worker in list(self._idle) + list(self._frozen):
             if worker.spec.revision != spec.revision:
                 self.retire(worker)
+        if self.template is not None and self.template.spec.revision != spec.revision:
+            self._drop_template(self.template)
         self._start_prewarm()
 
     async def close(self) -> None:
@@ -253,6 +341,10 @@ class FunctionPool:
                 self.retire(worker)
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        # Workers first: a template's children die with it.
+        templates = self._old_templates + ([self.template] if self.template else [])
+        self.template, self._old_templates = None, []
+        await asyncio.gather(*(t.stop() for t in templates), return_exceptions=True)
 
     def to_json(self) -> list[dict]:
         return [w.to_json() for w in self.workers.values()]

@@ -32,6 +32,22 @@ worker -> daemon
                 With "fatal": true the runtime exits after it (an uncaught
                 exception), so the daemon does not reuse the worker.
 
+Templates (faasd/zygote.py): a worker started with `_FAASD_TEMPLATE=1`
+imports the handler, says READY, and then serves only these:
+
+daemon -> template
+    FORK      {"id": worker id, "env": {NAME: value}, "tmp_mb": int}: fork a
+              worker that is ready to serve INVOKE at once.
+template -> daemon
+    FORKED    {"id", "pid"}, carrying two descriptors as SCM_RIGHTS ancillary
+              data: the new worker's control socket, then its output pipe.
+              On failure {"id", "error"} and no descriptors.
+    SPARE     {"pid"}: a child forked ahead of demand, waiting to be handed
+              out; the daemon moves it into a memory cgroup of its own now,
+              off the path of the FORK that will take it.
+    EXITED    {"pid", "returncode"} (negative: the signal) when a forked worker
+              ends: the template is its parent and reaps it.
+
 One invocation is in flight per worker at a time: the daemon sends INVOKE
 only after the previous RESULT or ERROR, so replies need no ids. Anything a
 worker writes to its file descriptors 1 and 2 (C extensions, subprocesses)
@@ -58,9 +74,16 @@ RESULT = 13
 ERROR = 14
 STATS = 15
 
+# templates
+FORK = 3
+FORKED = 16
+EXITED = 17
+SPARE = 18
+
 KIND_NAMES = {
     INVOKE: "INVOKE", SHUTDOWN: "SHUTDOWN", READY: "READY", INIT_ERROR: "INIT_ERROR",
-    LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR", STATS: "STATS",
+    LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR", STATS: "STATS", FORK: "FORK",
+    FORKED: "FORKED", EXITED: "EXITED", SPARE: "SPARE",
 }
 
 CONTROL_FD_ENV = "_FAASD_CONTROL_FD"  # names the control socket's descriptor in a worker

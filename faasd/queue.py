@@ -205,7 +205,7 @@ class Journal:
         # Events that were running when the daemon died: their outcome was
         # never recorded, so they run again (the lost attempt is not counted).
         interrupted = conn.execute(
-            "UPDATE events SET interruptions = interruptions + 1 WHERE running = 1"
+            "UPDATE events SET running = 0, interruptions = interruptions + 1 WHERE running = 1"
         ).rowcount
         pending = conn.execute("SELECT id, function, enqueued_at FROM events ORDER BY id").fetchall()
         totals = {(f, o): c for f, o, c in conn.execute("SELECT function, outcome, count FROM totals")}
@@ -480,20 +480,27 @@ class AsyncQueue:
 
     # -- dispatch --------------------------------------------------------------------------
 
-    def _caps(self) -> tuple[dict[str, int], int]:
-        """How many more events of each function may be taken now, and in all."""
-        room: dict[str, int] = {}
-        for name, spec in list(self.registry.specs.items()):
-            limit = spec.concurrency or self.invoker.global_limit.limit or self.max_concurrency
-            running = self._counts[name].running if name in self._counts else 0
-            room[name] = max(0, limit - running)
-        for name, counts in self._counts.items():
-            if name not in room:
-                room[name] = max(0, UNKNOWN_FUNCTION_CAP - counts.running)
+    def _candidates(self) -> tuple[list[tuple[str, int]], int]:
+        """Functions with events waiting and room to run more (oldest event first), and the global room.
+
+        Read from memory, so that a long backlog of a saturated function costs
+        the dispatcher nothing.
+        """
         # The global limit may change on a config reload: read it each time.
-        limit = self.invoker.global_limit.limit or self.max_concurrency
-        total = limit - sum(c.running for c in self._counts.values())
-        return room, max(0, total)
+        global_limit = self.invoker.global_limit.limit or self.max_concurrency
+        total = global_limit - sum(c.running for c in self._counts.values())
+        found: list[tuple[float, str, int]] = []
+        for name, counts in self._counts.items():
+            waiting = len(counts.pending) - counts.running
+            if waiting <= 0:
+                continue
+            spec = self.registry.get(name)
+            limit = (spec.concurrency or global_limit) if spec is not None else UNKNOWN_FUNCTION_CAP
+            take = min(limit - counts.running, waiting)
+            if take > 0:
+                found.append((next(iter(counts.pending.values())), name, take))
+        found.sort()
+        return [(name, take) for _, name, take in found], max(0, total)
 
     async def _dispatch_forever(self) -> None:
         while not self._closing:
@@ -512,23 +519,21 @@ class AsyncQueue:
 
     async def _claim_ready(self) -> float:
         """Take the ready events there is room for; return seconds until the next one is due."""
-        room, total = self._caps()
+        if self.invoker.draining:
+            return MAX_IDLE_S  # the daemon is stopping: what is queued stays for the next start
+        candidates, total = self._candidates()
         now = time.time()
 
         def claim(conn: sqlite3.Connection) -> tuple[list[_Event], float | None]:
             left = total
             events: list[_Event] = []
-            ready = conn.execute(
-                "SELECT function, MIN(next_at) AS due FROM events WHERE running = 0 AND next_at <= ? "
-                "GROUP BY function ORDER BY due", (now,)).fetchall()
-            for function, _ in ready:
-                take = min(room.get(function, UNKNOWN_FUNCTION_CAP), left)
-                if take <= 0:
-                    continue
+            for function, take in candidates:
+                if left <= 0:
+                    break
                 rows = conn.execute(
-                    "SELECT id, function, request_id, payload, source, enqueued_at, attempts, hops, last_error "
-                    "FROM events WHERE running = 0 AND function = ? AND next_at <= ? "
-                    "ORDER BY next_at, id LIMIT ?", (function, now, take)).fetchall()
+                    "SELECT id, function, request_id, payload, source, enqueued_at, attempts, hops, "
+                    "last_error FROM events WHERE running = 0 AND function = ? AND next_at <= ? "
+                    "ORDER BY next_at, id LIMIT ?", (function, now, min(take, left))).fetchall()
                 conn.executemany("UPDATE events SET running = 1 WHERE id = ?", [(r[0],) for r in rows])
                 events += [_Event(*row) for row in rows]
                 left -= len(rows)
@@ -576,7 +581,7 @@ class AsyncQueue:
         except InvokeRefused as exc:  # the function is gone: an attempt that failed
             error = FunctionError(HANDLED, exc.error_type, exc.message)
         if error is None:
-            await self._finish_succeeded(event, spec.async_config if spec else config, invocation)
+            await self._finish_succeeded(event, config, invocation)
             return
         attempts = event.attempts + 1
         if attempts > config.max_retries:
@@ -610,7 +615,7 @@ class AsyncQueue:
 
         def committed(_: None) -> None:
             self._count(event.function).running -= 1
-            if not self._closing:
+            if not self._closing and not self.invoker.draining:
                 self._wake.set()
 
         await self._write(lambda conn: conn.execute(
@@ -772,7 +777,9 @@ async def start(daemon: "Daemon") -> None:
         if dispatcher is None or dispatcher.done():
             return False, "the dispatcher is not running"
         depth = sum(len(c.pending) for c in queue._counts.values())
-        return True, f"{depth} events queued"
+        commits = queue.commit_latency_ms()
+        return True, (f"{depth} events queued; commit p50 {commits['p50']} ms, "
+                      f"max {commits['max']} ms over the last {commits['samples']}")
 
     daemon.describers.append(describe)
     daemon.readiness_checks["async_queue"] = ready

@@ -4,29 +4,28 @@ The config file is read and validated in full before anything changes: a
 file that does not load is refused with one log line naming the file, the key
 and the problem, and the running configuration stays as it was.
 
-A valid config takes effect at once for what can change live:
+A valid config takes effect at once for what can change live (`LIVE`):
   * `[limits] max_concurrency` (waiting asynchronous calls that now fit start)
-  * `[workers] freeze_after_ms`, `keep_warm_s`, `drain_timeout_s`
+  * `[workers] freeze_after_ms`, `keep_warm_s`
   * `[log] format`, `level`
-  * `[auth]` and anything else read from `daemon.config` on use
-  * the functions directory is rescanned, as if every file had changed
-Keys bound when the daemon started (`[server]`, `[paths]`, `[workers] run_as`,
-`[amqp] url` unless an extension takes it live) keep their running values
-until a restart; each such change is logged as a warning, never ignored
-silently. Extensions react through `daemon.reload_hooks`: `hook(old, new)`
-returns the names of restart-only keys it took live.
+  * `[auth] keys` (through faasd/auth.py's reload hook)
+  * and the functions directory is rescanned, as if every file had changed.
+Every other key was bound when the daemon started (`[server]`, `[paths]`, the
+other `[workers]` keys, `[amqp] url`): a change keeps the running value until a
+restart and is logged as a warning, never ignored silently; `daemon.config`
+always shows what is in force. Extensions react through `daemon.reload_hooks`:
+`hook(old, new)` returns the `section.key` names it took live.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import fields, replace
+from dataclasses import fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from .config import Config, ConfigError
 from .logfmt import setup_logging
-from .pool import PoolSettings
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -37,11 +36,12 @@ log = logging.getLogger("faasd.reload")
 ConfigLoader = Callable[[], Config]
 ReloadHook = Callable[[Config, Config], "set[str] | None"]
 
-# section.key that only a restart can change.
-RESTART_ONLY = {
-    "server.host", "server.port", "server.max_body_mb", "server.insecure",
-    "paths.functions", "paths.data", "workers.run_as", "amqp.url",
-    "server.idle_timeout_s", "workers.tmpfs", "workers.python",
+# section.key that take effect without a restart; every other key that
+# changes keeps its running value until the next start, and is logged.
+LIVE = {
+    "limits.max_concurrency", "workers.freeze_after_ms", "workers.keep_warm_s",
+    "log.format", "log.level",
+    "auth.keys",  # faasd/auth.py's reload hook swaps the keys in force
 }
 
 
@@ -63,6 +63,10 @@ def changed_keys(old: Config, new: Config) -> set[str]:
         if section.name == "source":
             continue
         before, after = getattr(old, section.name), getattr(new, section.name)
+        if not is_dataclass(before):
+            if before != after:
+                changed.add(section.name)
+            continue
         for key in fields(before):
             if getattr(before, key.name) != getattr(after, key.name):
                 changed.add(f"{section.name}.{key.name}")
@@ -79,20 +83,24 @@ def apply(daemon: "Daemon", new: Config) -> set[str]:
             taken_live |= hook(old, new) or set()
         except Exception:
             log.exception("a reload hook failed; the rest of the reload goes on")
-    pending = {key for key in changed & RESTART_ONLY if key not in taken_live}
+    pending = changed - LIVE - taken_live
 
     # Keys that only a restart can change keep their running values, so that
     # daemon.config always describes what is actually in force.
     sections: dict[str, Any] = {}
     for key in pending:
-        section, name = key.split(".")
+        section, _, name = key.partition(".")
+        if not name:
+            sections[section] = getattr(old, section)
+            continue
         current = sections.get(section, getattr(new, section))
         sections[section] = replace(current, **{name: getattr(getattr(old, section), name)})
     daemon.config = replace(new, **sections)
 
     daemon.invoker.global_limit.set_limit(new.limits.max_concurrency)
-    settings = PoolSettings(freeze_after_ms=new.workers.freeze_after_ms,
-                            keep_warm_s=new.workers.keep_warm_s)
+    # The other pool settings (e.g. zygote) were bound at start and stay.
+    settings = replace(daemon.pool.settings, freeze_after_ms=new.workers.freeze_after_ms,
+                       keep_warm_s=new.workers.keep_warm_s)
     daemon.pool.settings = settings
     for pool in daemon.pool.pools.values():
         pool.settings = settings
@@ -120,7 +128,16 @@ async def reload(daemon: "Daemon", loader: ConfigLoader, notifier: "Notifier",
         log.error("config reload refused, the running configuration is kept: %s", exc)
         notifier.ready(f"{status_line(daemon)}; reload refused: {exc}")
         return False
-    pending = apply(daemon, new)
+    try:
+        pending = apply(daemon, new)
+    except Exception as exc:
+        # systemd waits for READY=1 after RELOADING=1 whatever happens.
+        state.refused += 1
+        state.last_ok = False
+        state.last_error = f"{type(exc).__name__}: {exc}"
+        log.exception("config reload failed part-way; restart faasd to be sure of its config")
+        notifier.ready(f"{status_line(daemon)}; reload failed: {state.last_error}")
+        return False
     state.succeeded += 1
     state.last_ok = True
     state.last_error = None

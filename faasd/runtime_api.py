@@ -52,7 +52,7 @@ from aiohttp import web
 from . import protocol
 from .errors import INIT, FunctionError
 from .spec import FunctionSpec
-from .workers import ProcessWorker, WorkerEnvironment, WorkerInitError, die_with_daemon
+from .workers import ProcessWorker, WorkerEnvironment, WorkerInitError
 
 log = logging.getLogger("faasd.runtime_api")
 
@@ -182,9 +182,8 @@ class RuntimeApi:
 
     async def _next(self, request: web.BaseRequest) -> web.StreamResponse:
         if self._current is not None:
-            return _refusal(403, "InvalidStateTransition",
-                            f"invocation {self._current} is in flight: post its response or error "
-                            "before asking for the next one")
+            return self._refuse_state(f"invocation {self._current} is in flight: post its response "
+                                      "or error before asking for the next one")
         if not self.polled:
             self.polled = True
             self.worker.runtime_ready()
@@ -196,7 +195,8 @@ class RuntimeApi:
                 return _refusal(409, "Superseded", "another request for the next invocation replaced this one")
         transport = request.transport
         if transport is None or transport.is_closing():
-            raise ConnectionResetError("the bootstrap went away; the event waits for its next poll")
+            # The bootstrap went away: the event waits for its next poll.
+            return _refusal(503, "Unavailable", "the connection closed before the event was sent")
         event, self._queued = self._queued, None
         self._current = event.request_id
         return web.Response(body=event.body, content_type="application/json", headers={
@@ -211,7 +211,12 @@ class RuntimeApi:
             message = f"request ID {request_id} is not in flight: no invocation is"
         else:
             message = f"request ID {request_id} is not in flight; {self._current} is"
+        log.warning("worker %s: Runtime API refused a reply: %s", self.worker.id, message)
         return _refusal(400, "InvalidRequestID", message)
+
+    def _refuse_state(self, message: str) -> web.Response:
+        log.warning("worker %s: Runtime API refused a call: %s", self.worker.id, message)
+        return _refusal(403, "InvalidStateTransition", message)
 
     async def _response(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         if request_id != self._current:
@@ -247,9 +252,8 @@ class RuntimeApi:
 
     async def _init_error(self, request: web.BaseRequest) -> web.StreamResponse:
         if self.polled:
-            return _refusal(403, "InvalidStateTransition",
-                            "init/error after the runtime asked for its first invocation; "
-                            "post to /invocation/ID/error instead")
+            return self._refuse_state("init/error after the runtime asked for its first invocation; "
+                                      "post to /invocation/ID/error instead")
         body, _ = await _read_body(request, MAX_RESPONSE_BYTES)
         self.worker.runtime_init_error(_error_payload(body, request.headers.get(ERROR_TYPE_HEADER)))
         return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
@@ -285,9 +289,7 @@ class ProvidedWorker(ProcessWorker):
 
     def __init__(self, spec: FunctionSpec, env: WorkerEnvironment) -> None:
         self.bootstrap = spec.task_root / "bootstrap"
-        # A sandbox sets the parent-death signal itself, after its drop of privileges.
-        prefix = die_with_daemon() if env.sandbox is None else ()
-        super().__init__(spec, env, [*prefix, str(self.bootstrap)])
+        super().__init__(spec, env, [str(self.bootstrap)])
         self.api = RuntimeApi(self)
 
     def environment(self) -> dict[str, str]:

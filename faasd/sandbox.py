@@ -40,9 +40,15 @@ A plan that cannot be carried out stops the worker before user code runs:
 faasd never runs a function with less isolation than it promised.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import sys
+
+TYPE_CHECKING = False  # typing itself costs a worker's start a few ms
+if TYPE_CHECKING:
+    from typing import Any
 
 # Names the plan in a worker's environment; removed before user code runs.
 PLAN_ENV = "_FAASD_SANDBOX"
@@ -88,7 +94,7 @@ def _c():
     return _libc
 
 
-def _check(result, what):
+def _check(result: int, what: str) -> None:
     if result != 0:
         import ctypes
 
@@ -96,28 +102,29 @@ def _check(result, what):
         raise SandboxError(f"{what}: {os.strerror(errno)}")
 
 
-def _mount(source, target, fstype, flags, data=None):
+def _mount(source: str | None, target: str, fstype: str | None, flags: int,
+           data: str | None = None) -> None:
     _check(_c().mount(source.encode() if source else None, target.encode(),
                       fstype.encode() if fstype else None, flags,
                       data.encode() if data else None),
            f"mount {fstype or 'bind'} on {target}")
 
 
-def _prctl(option, arg):
+def _prctl(option: int, arg: int) -> None:
     _check(_c().prctl(option, arg, 0, 0, 0), f"prctl({option})")
 
 
-def _locked_flags(path):
+def _locked_flags(path: str) -> int:
     flags = os.statvfs(path).f_flag
     return sum(ms for st, ms in _LOCKED_FLAGS if flags & st)
 
 
-def _write(path, text):
+def _write(path: str, text: str) -> None:
     with open(path, "w") as handle:
         handle.write(text)
 
 
-def _join_cgroups(procs_files):
+def _join_cgroups(procs_files: list[str]) -> None:
     pid = str(os.getpid())
     for path in procs_files:
         try:
@@ -126,7 +133,7 @@ def _join_cgroups(procs_files):
             raise SandboxError(f"cannot join cgroup {os.path.dirname(path)}: {exc.strerror}") from None
 
 
-def _new_namespaces(plan):
+def _new_namespaces(plan: dict[str, Any]) -> None:
     if plan.get("userns"):
         uid, gid = os.getuid(), os.getgid()
         _check(_c().unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount namespace)")
@@ -140,7 +147,7 @@ def _new_namespaces(plan):
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
-def _set_up_mounts(plan):
+def _set_up_mounts(plan: dict[str, Any]) -> None:
     tmp_mb = int(plan["tmp_mb"])
     needed = plan.get("visible", [])
     scratch = [p for p in plan.get("tmp_paths", ["/tmp"]) if os.path.isdir(p)]
@@ -171,7 +178,7 @@ def _set_up_mounts(plan):
         os.chdir(chdir)
 
 
-def _within(paths, directory):
+def _within(paths: list[str], directory: str) -> list[str]:
     """The entries of `paths` inside `directory`, outermost only."""
     prefix = directory.rstrip("/") + "/"
     inside = sorted(p for p in paths if p == directory or p.startswith(prefix))
@@ -182,7 +189,7 @@ def _within(paths, directory):
     return outermost
 
 
-def _cover(path, flags, options, keep, read_only):
+def _cover(path: str, flags: int, options: str, keep: list[str], read_only: bool) -> None:
     """Mount a fresh tmpfs on `path`, leaving the entries of `keep` (inside
     it) reachable at their old paths: the functions dir may live under /tmp,
     a worker's bytecode cache under the hidden data dir."""
@@ -203,7 +210,7 @@ def _cover(path, flags, options, keep, read_only):
         _mount(None, path, None, MS_REMOUNT | MS_RDONLY | flags)
 
 
-def _set_limits(plan):
+def _set_limits(plan: dict[str, Any]) -> None:
     import resource
 
     for name, value in plan.get("rlimits", {}).items():
@@ -217,7 +224,7 @@ def _set_limits(plan):
             raise SandboxError(f"cannot set RLIMIT_{name} to {value}: {exc}") from None
 
 
-def _drop_capabilities():
+def _drop_capabilities() -> None:
     import ctypes
 
     class Header(ctypes.Structure):
@@ -233,7 +240,7 @@ def _drop_capabilities():
     _check(_c().capset(ctypes.byref(header), data), "capset")
 
 
-def _drop_privileges(plan):
+def _drop_privileges(plan: dict[str, Any]) -> None:
     uid, gid = plan.get("uid"), plan.get("gid")
     if uid is None:
         if plan.get("userns"):
@@ -248,7 +255,7 @@ def _drop_privileges(plan):
         raise SandboxError(f"switching to uid {uid} did not take")
 
 
-def _die_with_parent(parent):
+def _die_with_parent(parent: int | str | None) -> None:
     import signal
 
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -256,7 +263,7 @@ def _die_with_parent(parent):
         raise SandboxError("the daemon exited while the worker started")
 
 
-def apply(plan):
+def apply(plan: dict[str, Any]) -> None:
     """Carry out a plan in this process. Raises SandboxError (or OSError)."""
     # Everything this needs is loaded now: after the drop to run_as, the
     # interpreter's own library may not be readable.
@@ -277,9 +284,8 @@ def apply(plan):
         os.environ["TMPDIR"] = plan["tmpdir"]
 
 
-def _report(plan, message):
+def _report(plan: Any, text: str, error_type: str = SETUP_ERROR) -> None:
     """Tell the daemon (INIT_ERROR on the control channel, when there is one) and stderr."""
-    text = f"faasd could not isolate this worker: {message}"
     try:
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
@@ -290,14 +296,14 @@ def _report(plan, message):
         return
     from faasd import protocol
 
-    payload = json.dumps({"errorType": SETUP_ERROR, "errorMessage": text, "stackTrace": []})
+    payload = json.dumps({"errorType": error_type, "errorMessage": text, "stackTrace": []})
     try:
         os.write(int(fd), protocol.encode(protocol.INIT_ERROR, payload.encode()))
     except OSError:
         pass
 
 
-def enter(value):
+def enter(value: str) -> None:
     """Isolate this worker process as `value` (the plan's JSON) says, or exit.
 
     Called before any user code runs. On failure the worker reports why and
@@ -308,8 +314,8 @@ def enter(value):
         plan = json.loads(value)
         apply(plan)
     except Exception as exc:  # whatever went wrong, user code must not run
-        _report(plan, str(exc) if isinstance(exc, (SandboxError, OSError))
-                else f"{type(exc).__name__}: {exc}")
+        reason = str(exc) if isinstance(exc, (SandboxError, OSError)) else f"{type(exc).__name__}: {exc}"
+        _report(plan, f"faasd could not isolate this worker: {reason}")
         os._exit(70)
 
 
@@ -322,7 +328,7 @@ PIDS_V1_ROOT = "/sys/fs/cgroup/pids"
 TMP_CHECK_INTERVAL_S = 0.25
 
 
-def user_process_limit():
+def user_process_limit() -> int:
     """RLIMIT_NPROC for a dedicated run_as user: every task (process or
     thread) of that uid, all workers together. A quarter of the kernel's pid
     space, at most 16384: a fork bomb cannot starve the box of pids."""
@@ -334,7 +340,7 @@ def user_process_limit():
     return max(1024, min(16384, pid_max // 4))
 
 
-def tree_bytes(path):
+def tree_bytes(path: str) -> int:
     """Disk blocks used under `path`, in bytes (symlinks not followed)."""
     total = 0
     stack = [path]
@@ -358,7 +364,8 @@ def tree_bytes(path):
 class WorkerPlan:
     """One worker's isolation, from the daemon's side."""
 
-    def __init__(self, sandbox, worker_id, plan, pids_dir, tmp_dir, tmp_limit):
+    def __init__(self, sandbox: Sandbox, worker_id: str, plan: dict[str, Any],
+                 pids_dir: str | None, tmp_dir: str, tmp_limit: int | None) -> None:
         self.sandbox = sandbox
         self.worker_id = worker_id
         self.plan = plan
@@ -366,24 +373,24 @@ class WorkerPlan:
         self.tmp_dir = tmp_dir
         self.tmp_limit = tmp_limit  # bytes, when /tmp is a directory the daemon measures
 
-    def environment(self, control_fd=None):
+    def environment(self, control_fd: int | None = None) -> str:
         """The value of `_FAASD_SANDBOX` for the process."""
         plan = dict(self.plan)
         if control_fd is not None:
             plan["control_fd"] = control_fd
         return json.dumps(plan, separators=(",", ":"))
 
-    def wrap(self, command):
+    def wrap(self, command: list[str]) -> list[str]:
         """The command that isolates the process before it becomes `command`."""
         if PYTHON_SHIM in command:
             return list(command)  # the Python shim calls enter() itself
         return [self.sandbox.python, "-I", "-S", LAUNCHER, *command]
 
-    def tmp_exceeded(self):
+    def tmp_exceeded(self) -> bool:
         """True when /tmp is a directory and it holds more than tmp_mb."""
         return self.tmp_limit is not None and tree_bytes(self.tmp_dir) > self.tmp_limit
 
-    def kill_all(self):
+    def kill_all(self) -> None:
         """SIGKILL every process of the worker's pids cgroup (those that left its process group too)."""
         if self.pids_dir is None:
             return
@@ -399,7 +406,7 @@ class WorkerPlan:
                 except (ProcessLookupError, PermissionError):
                     pass
 
-    def remove(self):
+    def remove(self) -> None:
         if self.pids_dir is not None:
             try:
                 os.rmdir(self.pids_dir)
@@ -407,7 +414,7 @@ class WorkerPlan:
                 pass  # members still exiting; Sandbox.close() sweeps
 
 
-def _read_pids(directory):
+def _read_pids(directory: str) -> list[int]:
     try:
         with open(os.path.join(directory, "cgroup.procs")) as handle:
             return [int(p) for p in handle.read().split()]
@@ -418,9 +425,12 @@ def _read_pids(directory):
 class Sandbox:
     """What isolation this host allows, decided once at daemon start."""
 
-    def __init__(self, *, python, run_as=None, run_as_name=None, mount=False, userns=False,
-                 mount_note="", pids_mode=None, pids_base=None, pids_note="", read_only=(),
-                 hide=(), hide_note="", tmpfs_wanted=True, run_as_note=""):
+    def __init__(self, *, python: str, run_as: tuple[int, int] | None = None,
+                 run_as_name: str | None = None, mount: bool = False, userns: bool = False,
+                 mount_note: str = "", pids_mode: str | None = None, pids_base: str | None = None,
+                 pids_note: str = "", read_only: list[str] | tuple[()] = (),
+                 hide: list[tuple[str, list[str]]] | tuple[()] = (), hide_note: str = "",
+                 run_as_note: str = "") -> None:
         self.python = python
         self.run_as = run_as
         self.run_as_name = run_as_name
@@ -433,7 +443,6 @@ class Sandbox:
         self.read_only = list(read_only)
         self.hide = list(hide)  # (path, [paths inside it to keep])
         self.hide_note = hide_note
-        self.tmpfs_wanted = tmpfs_wanted
         self.run_as_note = run_as_note
         self.nproc = user_process_limit() if run_as else None
         # The worker interpreter's installation, which it reads from after the mounts.
@@ -442,8 +451,9 @@ class Sandbox:
     # -- start --------------------------------------------------------------------------
 
     @classmethod
-    def detect(cls, *, python, run_as, run_as_name, functions_dir, data_dir, config_file,
-               memory, tmpfs=True):
+    def detect(cls, *, python: str, run_as: tuple[int, int] | None, run_as_name: str | None,
+               functions_dir: str | os.PathLike, data_dir: str | os.PathLike,
+               config_file: str | os.PathLike | None, memory: Any, tmpfs: bool = True) -> Sandbox:
         """Probe what this host allows. Blocking (runs short probe processes)."""
         import logging
 
@@ -454,7 +464,7 @@ class Sandbox:
         read_only = _unique([functions_dir, package_dir])
         hide, hide_note = _hidden_paths(data_dir, config_file, [functions_dir, package_dir, python])
         sandbox = cls(python=python, run_as=run_as, run_as_name=run_as_name,
-                      read_only=read_only, hide=hide, hide_note=hide_note, tmpfs_wanted=tmpfs)
+                      read_only=read_only, hide=hide, hide_note=hide_note)
         sandbox._detect_pids(memory)
         if not tmpfs:
             sandbox.mount_note = "[workers] tmpfs = false: /tmp is a directory on the data disk"
@@ -484,7 +494,7 @@ class Sandbox:
                 log.error("%s", sandbox.run_as_note)
         return sandbox
 
-    def _detect_pids(self, memory):
+    def _detect_pids(self, memory: Any) -> None:
         if memory is not None and getattr(memory, "mode", None) == "cgroup2" and memory.base:
             base = str(memory.base)
             parent = os.path.dirname(base)
@@ -512,7 +522,7 @@ class Sandbox:
             return
         self.pids_note = "no pids cgroup controller available to faasd"
 
-    def _probe(self, plan, check_imports=False):
+    def _probe(self, plan: dict[str, Any], check_imports: bool = False) -> str | None:
         """Run a plan in a short-lived process: None if it works, else why not."""
         import subprocess
 
@@ -533,7 +543,7 @@ class Sandbox:
 
     # -- per worker ---------------------------------------------------------------------
 
-    def _base_plan(self, *, tmp_mb):
+    def _base_plan(self, *, tmp_mb: int) -> dict[str, Any]:
         plan = {
             "mount": self.mount,
             "userns": self.userns,
@@ -555,7 +565,9 @@ class Sandbox:
             plan["tmpdir"] = "/tmp"
         return plan
 
-    def prepare(self, *, worker_id, task_root, tmp_dir, tmp_mb, memory_cgroup=None, visible=()):
+    def prepare(self, *, worker_id: str, task_root: str | os.PathLike, tmp_dir: str | os.PathLike,
+                tmp_mb: int, memory_cgroup: Any = None, visible: list[str] | tuple[()] = ()
+                ) -> WorkerPlan:
         """The isolation of one worker. Creates its pids cgroup.
 
         `visible`: paths the runtime reads (its libraries) that must stay
@@ -585,7 +597,7 @@ class Sandbox:
         tmp_limit = None if self.mount else tmp_mb * MB
         return WorkerPlan(self, worker_id, plan, pids_dir, str(tmp_dir), tmp_limit)
 
-    def close(self):
+    def close(self) -> None:
         if self.pids_mode != "cgroup1" or not self.pids_base:
             return
         try:
@@ -607,9 +619,9 @@ class Sandbox:
 
     # -- report -------------------------------------------------------------------------
 
-    def describe(self):
+    def describe(self) -> dict[str, dict[str, Any]]:
         """Each protection: active or not, and why, for /system/info."""
-        def item(active, note, **extra):
+        def item(active: Any, note: str, **extra: Any) -> dict[str, Any]:
             return {"active": bool(active), "note": note, **extra}
 
         root = os.geteuid() == 0
@@ -666,12 +678,12 @@ class Sandbox:
         }
 
 
-def _inside(path, directory):
+def _inside(path: str, directory: str) -> bool:
     path, directory = os.path.realpath(path), os.path.realpath(directory)
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def _unique(paths):
+def _unique(paths: list[str]) -> list[str]:
     out = []
     for path in paths:
         if path and path not in out and not any(_inside(path, p) for p in out):
@@ -679,7 +691,8 @@ def _unique(paths):
     return out
 
 
-def _hidden_paths(data_dir, config_file, needed):
+def _hidden_paths(data_dir: str, config_file: str | os.PathLike | None,
+                  needed: list[str]) -> tuple[list[tuple[str, list[str]]], str]:
     """What workers must not see: the data dir, unless something they need lives in it, and the config file."""
     hide = []
     notes = []
@@ -697,7 +710,7 @@ def _hidden_paths(data_dir, config_file, needed):
     return hide, "; ".join(notes) + " in every worker"
 
 
-def set_daemon_undumpable():
+def set_daemon_undumpable() -> bool:
     """PR_SET_DUMPABLE 0 for the daemon: processes of its uid (workers, when
     they share it) cannot ptrace it or read its memory and environment, where
     the auth secrets live."""
@@ -708,7 +721,7 @@ def set_daemon_undumpable():
         return False
 
 
-def _probe_main(argv):
+def _probe_main(argv: list[str]) -> None:
     """`sandbox_exec.py --probe`: carry out the plan, then exit 0 (or 70 via enter)."""
     enter(os.environ.pop(PLAN_ENV, "{}"))
     if "--imports" in argv:
@@ -721,7 +734,7 @@ def _probe_main(argv):
     os._exit(0)
 
 
-def launch(argv):
+def launch(argv: list[str]) -> None:
     """`sandbox_exec.py COMMAND...`: isolate this process, then become COMMAND."""
     if argv[:1] == ["--probe"]:
         _probe_main(argv)
@@ -731,7 +744,7 @@ def launch(argv):
         os._exit(70)
     enter(value)
     if not argv:
-        _report(json.loads(value), "no command to run")
+        _report(json.loads(value), "faasd could not start this worker: no command to run")
         os._exit(70)
     import signal
 
@@ -742,5 +755,5 @@ def launch(argv):
     try:
         os.execvpe(argv[0], argv, os.environ)
     except OSError as exc:
-        _report(json.loads(value), f"cannot run {argv[0]}: {exc.strerror}")
+        _report(json.loads(value), f"cannot run {argv[0]}: {exc.strerror}", "Runtime.InvalidEntrypoint")
         os._exit(127)

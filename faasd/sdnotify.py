@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from typing import MutableMapping
+from typing import Callable, MutableMapping
 
 log = logging.getLogger("faasd.sdnotify")
 
@@ -133,6 +133,22 @@ class Notifier:
         while True:
             self.ping()
             await asyncio.sleep(interval)
+
+    async def keep_status(self, describe: Callable[[], str], interval: float = 10.0) -> None:
+        """Send STATUS=describe() whenever it changes (checked every `interval` s) until cancelled."""
+        if not self.enabled:
+            return
+        last = describe()  # what READY=1 just said
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                text = describe()
+            except Exception:
+                log.exception("cannot describe the daemon's status")
+                continue
+            if text != last:
+                self.status(text)
+                last = text
 
     def close(self) -> None:
         if self._socket is not None:

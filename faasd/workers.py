@@ -6,7 +6,9 @@ function revision and one invocation at a time. It never decides its own
 fate: the pool (faasd/pool.py) moves it between states, and the invoker
 (faasd/invoker.py) tells it what to run. How it runs is the runtime's
 business: `ProcessWorker` speaks faasd/protocol.py to a shim (Python, Node);
-other runtimes subclass `Worker`.
+`runtime_api.ProvidedWorker` serves a custom `bootstrap` the Lambda Runtime
+API through the same frames (the `_open_control` and `_send` hooks); other
+runtimes may subclass `Worker`. Runtimes register in `WORKER_FACTORIES`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
 from .limits import MB, MemoryLimits, WorkerCgroup, rss_bytes
 from .sandbox import PLAN_ENV, Sandbox, WorkerPlan
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn
+from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 
 log = logging.getLogger("faasd.worker")
 
@@ -252,6 +255,10 @@ class _Output(asyncio.Protocol):
             self.worker._on_output(line.decode("utf-8", "backslashreplace"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Hand over a last line that has no newline (yet)."""
         if self.partial:
             self.worker._on_output(self.partial.decode("utf-8", "backslashreplace"))
             self.partial = b""
@@ -268,6 +275,7 @@ class ProcessWorker(Worker):
         self.popen: subprocess.Popen | None = None
         self._control: _Control | None = None
         self._output_transport: asyncio.BaseTransport | None = None
+        self._output: _Output | None = None
         self._pidfd: int | None = None
         self._ready: asyncio.Future | None = None
         self._call: _Call | None = None
@@ -306,7 +314,8 @@ class ProcessWorker(Worker):
             self.sandbox = self.env.sandbox.prepare(
                 worker_id=self.id, task_root=self.spec.task_root, tmp_dir=self.tmp_dir,
                 tmp_mb=self.spec.tmp_mb, memory_cgroup=self.cgroup,
-                visible=child_env.get(SITE_PATH_ENV, "").split(os.pathsep))
+                visible=child_env.get(SITE_PATH_ENV, "").split(os.pathsep)
+                + file_trigger_dirs(self.spec, self.env.data_dir))
             command, credentials = self.sandbox.wrap(self.command), {}
             child_env[PLAN_ENV] = self.sandbox.environment(
                 child_sock.fileno() if child_sock is not None else None)
@@ -335,7 +344,8 @@ class ProcessWorker(Worker):
                 child_sock.close()
             os.close(out_write)
         self.pid = self.popen.pid
-        if self.cgroup is not None:
+        if self.cgroup is not None and self.sandbox is None:
+            # (A sandboxed process joins its cgroups itself, before user code.)
             try:
                 self.cgroup.add(self.pid)
             except OSError as exc:
@@ -344,7 +354,7 @@ class ProcessWorker(Worker):
                 self.cgroup = None
         self._pidfd = os.pidfd_open(self.pid)
         loop.add_reader(self._pidfd, self._on_exit)
-        self._output_transport, _ = await loop.connect_read_pipe(
+        self._output_transport, self._output = await loop.connect_read_pipe(
             lambda: _Output(self), os.fdopen(out_read, "rb", buffering=0))
         # As Lambda: 10 s to initialise, or the function's timeout if longer.
         init_timeout = max(INIT_TIMEOUT_S, self.spec.timeout_s)
@@ -466,7 +476,11 @@ class ProcessWorker(Worker):
         os.close(self._pidfd)
         self._pidfd = None
         assert self.popen is not None
-        self.returncode = self.popen.wait()
+        self._exited(self.popen.wait())
+
+    def _exited(self, returncode: int | None) -> None:
+        """The process is gone (`returncode` as Popen's; None if unknown): settle everything."""
+        self.returncode = returncode
         # Whatever the leader left behind in its group goes with it.
         self._killpg(signal.SIGKILL)
         call = self._call
@@ -520,6 +534,9 @@ class ProcessWorker(Worker):
         try:
             payload, error = await future
         finally:
+            # Output without a final newline belongs to this call, not the next.
+            if self._output is not None:
+                self._output.flush()
             self._call = None
             self._idle_log_bytes = 0
             self._deadline_handle.cancel()
@@ -681,28 +698,6 @@ def clear_bytecode(spec: FunctionSpec) -> None:
             pass
 
 
-@functools.cache
-def die_with_daemon() -> tuple[str, ...]:
-    """A command prefix that has the kernel SIGKILL the runtime when the daemon dies.
-
-    The Python shim asks for this itself (prctl); node and a custom bootstrap
-    cannot, so util-linux's `setpriv --pdeathsig` sets it and execs them
-    (same pid). Without setpriv, orphaned workers still end, less promptly: a
-    frozen group gets SIGHUP once orphaned, a running one loses its channel.
-    """
-    setpriv = shutil.which("setpriv") or shutil.which("setpriv", path=WORKER_PATH)
-    if setpriv is not None:
-        try:
-            usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=5).stdout
-        except (OSError, subprocess.SubprocessError):
-            usage = ""
-        if "--pdeathsig" in usage:
-            return (setpriv, "--pdeathsig", "KILL", "--")
-    log.warning("setpriv with --pdeathsig (util-linux 2.33+) is missing: node and provided "
-                "workers may outlive a daemon that is killed")
-    return ()
-
-
 def node_worker(spec: FunctionSpec, env: WorkerEnvironment) -> Worker:
     """A worker running faasd/runtimes/node_worker.js on the machine's `node`."""
     node = env.node or shutil.which("node")
@@ -714,10 +709,8 @@ def node_worker(spec: FunctionSpec, env: WorkerEnvironment) -> Worker:
     # As Lambda's Node bootstrap: size V8's heap from the function's memory, so
     # that the garbage collector runs before the memory limit kills the worker.
     new_space = spec.memory_mb // 10
-    # A sandbox sets the parent-death signal itself, after its drop of privileges.
-    prefix = die_with_daemon() if env.sandbox is None else ()
     return ProcessWorker(spec, env, [
-        *prefix, node,
+        node,
         f"--max-semi-space-size={max(1, new_space // 2)}",
         f"--max-old-space-size={spec.memory_mb - new_space}",
         str(RUNTIME_DIR / "node_worker.js"),

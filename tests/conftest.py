@@ -29,7 +29,8 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
     def start(functions: Path | None = None, *, wait: bool = True, port: int | None = None,
               data: Path | None = None, config: Path | None = None,
-              env: dict[str, str] | None = None, args: list[str] | None = None) -> Daemon:
+              env: dict[str, str] | None = None, args: list[str] | None = None,
+              prefix: list[str] | None = None) -> Daemon:
         daemon = Daemon(
             functions=functions or (tmp_path / "functions"),
             data=data or (tmp_path / "data"),
@@ -37,6 +38,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             config=config,
             env=env or {},
             extra_args=args or [],
+            prefix=prefix or [],
         )
         daemon.functions.mkdir(parents=True, exist_ok=True)
         started.append(daemon)

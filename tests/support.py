@@ -135,6 +135,9 @@ class Daemon:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     pids: list[int] = field(default_factory=list)  # every process started, for leak checks
+    # A command that execs the daemon (same pid), e.g. `unshare ... --` to run it on
+    # a host that lacks something.
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -142,7 +145,7 @@ class Daemon:
 
     def start(self, wait: bool = True, timeout: float = 20) -> "Daemon":
         self.log_path = self.data.parent / f"daemon-{self.port}-{time.monotonic_ns()}.log"
-        args = [sys.executable, "-m", "faasd"]
+        args = [*self.prefix, sys.executable, "-m", "faasd"]
         if self.config is not None:
             args += ["--config", str(self.config)]
         args += ["serve", "--functions", str(self.functions), "--data-dir", str(self.data),

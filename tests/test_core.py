@@ -547,7 +547,7 @@ def test_sigterm_drains_in_flight_calls_and_leaves_no_process(daemon):
     thread.start()
     wait_until(lambda: daemon.function("slow")["inflight"] == 1, message="the call in flight")
     children = descendants(pid)
-    assert len(children) >= 3
+    assert len(children) >= 2  # the busy worker and the prewarmed ones
     daemon.process.send_signal(signal.SIGTERM)
     thread.join(20)
     assert result["response"].status == 200 and result["response"].json() == "done"

@@ -154,13 +154,25 @@ def test_amqp_connection_state(start_daemon, functions_dir, amqp_url):
     """)
     up = start_daemon(functions_dir, env={"FAASD_AMQP_URL": amqp_url})
     wait_until(lambda: metric(up, "faasd_amqp_connected") == 1, 30, message="AMQP connected = 1")
-    # A broker that is not there: the daemon runs, and says so.
+    assert metric(up, "faasd_readiness_check", check="amqp") == 1
+    # A broker that is not there: the daemon serves (not ready), and says why.
     down = start_daemon(functions_dir, env={"FAASD_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/"},
-                        data=functions_dir.parent / "data2")
-    wait_until(lambda: metric(down, "faasd_amqp_connected") == 0, 30, message="AMQP connected = 0")
+                        data=functions_dir.parent / "data2", wait=False)
+    wait_until(lambda: _answers(down) and metric(down, "faasd_amqp_connected") == 0, 30,
+               message="AMQP connected = 0")
+    samples = scrape(down)
+    assert value(samples, "faasd_readiness_check", check="amqp") == 0
+    assert value(samples, "faasd_ready") == 0
     # Without [amqp] url there is no series at all, rather than a misleading 0.
     assert metric(start_daemon(functions_dir, data=functions_dir.parent / "data3"),
                   "faasd_amqp_connected") is None
+
+
+def _answers(daemon) -> bool:
+    try:
+        return daemon.get("/healthz", timeout=2).status == 200
+    except OSError:
+        return False
 
 
 def test_a_removed_function_takes_its_series_with_it(daemon):

@@ -27,41 +27,54 @@ freeze_after_ms = 100
 
 
 class NotifySocket:
-    """What systemd listens on: a bound AF_UNIX datagram socket; keeps every message."""
+    """What systemd listens on: a bound AF_UNIX datagram socket.
+
+    A thread receives every message as it arrives and stamps its arrival time.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(0.05)
         self.messages: list[tuple[float, dict[str, str]]] = []
+        self._changed = threading.Condition()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
 
-    def poll(self) -> None:
-        while True:
+    def _receive(self) -> None:
+        while not self._closed.is_set():
             try:
                 data = self.sock.recv(65536)
-            except (socket.timeout, BlockingIOError):
+            except socket.timeout:
+                continue
+            except OSError:
                 return
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            self.messages.append((time.monotonic(), fields))
-            self.sock.settimeout(0.01)  # drain what is queued, then return
+            with self._changed:
+                self.messages.append((time.monotonic(), fields))
+                self._changed.notify_all()
 
     def wait_for(self, key: str, value: str | None = None, *, after: int = 0,
                  timeout: float = 20) -> tuple[int, dict[str, str]]:
         """The first message from index `after` on that sets `key` (to `value`)."""
         deadline = time.monotonic() + timeout
-        while True:
-            for index in range(after, len(self.messages)):
-                fields = self.messages[index][1]
-                if key in fields and (value is None or fields[key] == value):
-                    return index, fields
-            if time.monotonic() > deadline:
-                seen = [m for _, m in self.messages if "WATCHDOG" not in m]
-                raise AssertionError(f"no {key}={value or '*'} within {timeout}s; got {seen}")
-            self.sock.settimeout(0.2)
-            self.poll()
+        with self._changed:
+            while True:
+                for index in range(after, len(self.messages)):
+                    fields = self.messages[index][1]
+                    if key in fields and (value is None or fields[key] == value):
+                        return index, fields
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [m for _, m in self.messages if "WATCHDOG" not in m]
+                    raise AssertionError(f"no {key}={value or '*'} within {timeout}s; got {seen}")
+                self._changed.wait(left)
 
     def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
         self.sock.close()
 
 
@@ -94,7 +107,6 @@ def test_ready_status_watchdog_reload_refusal_and_stopping(start_daemon, functio
 
     # Watchdog pings keep coming from the event loop at half WATCHDOG_USEC.
     time.sleep(1.5)
-    notify_socket.poll()
     pings = [t for t, m in notify_socket.messages[ready_at:] if m.get("WATCHDOG") == "1"]
     assert len(pings) >= 3, pings
     gaps = [b - a for a, b in zip(pings, pings[1:])]
@@ -186,20 +198,6 @@ def test_without_systemd_serve_runs_the_same_and_sighup_still_reloads(start_daem
 
 def test_a_blocked_event_loop_stops_the_watchdog_pings(tmp_path):
     receiver = NotifySocket(tmp_path / "wd.sock")
-    arrivals: list[float] = []
-    stop = threading.Event()
-
-    def read() -> None:
-        receiver.sock.settimeout(0.05)
-        while not stop.is_set():
-            try:
-                if receiver.sock.recv(4096) == b"WATCHDOG=1":
-                    arrivals.append(time.monotonic())
-            except socket.timeout:
-                pass
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
     notifier = Notifier(str(receiver.path), watchdog_usec=100_000)  # ping every 50 ms
 
     async def scenario() -> tuple[float, float]:
@@ -215,10 +213,9 @@ def test_a_blocked_event_loop_stops_the_watchdog_pings(tmp_path):
     try:
         blocked_from, blocked_until = asyncio.run(scenario())
     finally:
-        stop.set()
-        reader.join()
         notifier.close()
         receiver.close()
+    arrivals = [t for t, m in receiver.messages if m == {"WATCHDOG": "1"}]
     before = [t for t in arrivals if t < blocked_from]
     during = [t for t in arrivals if blocked_from + 0.02 < t < blocked_until]
     after = [t for t in arrivals if t > blocked_until]
@@ -345,4 +342,52 @@ def test_socket_activation_serves_the_passed_socket_and_a_restart_loses_no_conne
             leftovers += [p for p in before if os.path.exists(f"/proc/{p}")]
             leftovers += sorted(pids_with_env("_FAASD_PARENT_PID", str(pid)))
         listener.close()
+        assert not leftovers, f"processes left behind: {leftovers}"
+
+
+def test_socket_activation_on_a_unix_socket(functions_dir, tmp_path):
+    import http.client
+
+    write_function(functions_dir, "hello.py", """
+        def handler(event, context):
+            return "over a unix socket"
+    """)
+    path = tmp_path / "faasd.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(64)
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(str(path))
+
+    def get(target: str) -> tuple[int, bytes]:
+        connection = UnixConnection("localhost")
+        try:
+            connection.request("GET", target)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    daemon = Activated(listener, functions_dir, tmp_path / "data", tmp_path / "unix.log")
+    try:
+        def answers() -> bool:
+            try:
+                return get("/readyz")[0] == 200
+            except OSError:
+                return False
+
+        wait_until(answers, 30, message=f"the daemon on {path}\n" + (tmp_path / "unix.log").read_text())
+        assert get("/function/hello") == (200, b'"over a unix socket"')
+        assert f"listening on {path}" in (tmp_path / "unix.log").read_text()
+    finally:
+        pid = daemon.process.pid
+        before = descendants(pid) if daemon.process.poll() is None else set()
+        assert daemon.stop() == 0
+        listener.close()
+        leftovers = [p for p in before if os.path.exists(f"/proc/{p}")]
+        leftovers += sorted(pids_with_env("_FAASD_PARENT_PID", str(pid)))
         assert not leftovers, f"processes left behind: {leftovers}"

@@ -277,7 +277,170 @@ def _die_with_parent():
         os._exit(1)  # the daemon died before we could ask
 
 
+# -- template mode (faasd/zygote.py) ---------------------------------------------------
+#
+# A template imports the handler once and forks ready workers on request, so
+# a new worker costs a fork instead of an interpreter start and the imports.
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 16384, 1 << 18, 2, 4
+
+
+def _serve_as_template():
+    import array
+    import gc
+    import signal
+
+    # What forked workers need later is loaded now, once, in the template.
+    import ctypes  # noqa: F401
+
+    gc.collect()
+    gc.freeze()  # keep the collector from dirtying shared pages in every fork
+
+    def reap(signum, frame):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            _send(protocol.EXITED, json.dumps({"pid": pid, "returncode": code}).encode())
+
+    signal.signal(signal.SIGCHLD, reap)
+    tmp_mb = int(os.environ.pop("_FAASD_TMP_MB", "512"))
+    _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - _T0) * 1000}).encode())
+    # One child is always forked ahead of demand (a spare), so that a FORK is
+    # answered at once and the next fork happens while nobody waits for it.
+    spare = _fork_spare(tmp_mb)
+    while True:
+        kind, payload = _recv_frame()
+        if kind is None or kind == protocol.SHUTDOWN:
+            return 0
+        if kind != protocol.FORK:
+            continue
+        request_id = json.loads(payload)["id"]
+        if spare is None:
+            spare = _fork_spare(tmp_mb)
+        try:
+            if spare is None:
+                raise OSError("cannot fork")
+            pid, control, out_read = spare
+            spare = None
+            control.sendall(protocol.encode(protocol.FORK, payload))  # its start parameters
+        except OSError as exc:
+            _send(protocol.FORKED, json.dumps({"id": request_id, "error": str(exc)}).encode())
+            continue
+        fds = array.array("i", [control.fileno(), out_read])
+        frame = protocol.encode(protocol.FORKED, json.dumps({"id": request_id, "pid": pid}).encode())
+        _sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        control.close()
+        os.close(out_read)
+        spare = _fork_spare(tmp_mb)
+
+
+def _fork_spare(tmp_mb):
+    """Fork a child that isolates itself and waits for its start parameters."""
+    try:
+        control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_read, out_write = os.pipe()
+        pid = os.fork()
+    except OSError:
+        return None
+    if pid == 0:
+        control.close()
+        os.close(out_read)
+        try:
+            _spare(child_control, out_write, tmp_mb)
+        finally:
+            os._exit(70)
+    child_control.close()
+    os.close(out_write)
+    _send(protocol.SPARE, json.dumps({"pid": pid}).encode())
+    return pid, control, out_read
+
+
+def _spare(control, out_write, tmp_mb):
+    """In a forked child: take the new channel and output, isolate /tmp, wait, then serve."""
+    global _sock, _T0
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setpgid(0, 0)  # a process group of its own, killed as one
+    _sock.close()
+    _sock = control
+    os.dup2(out_write, 1)
+    os.dup2(out_write, 2)
+    os.close(out_write)
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # die with the template
+    own_tmp = _own_tmp(tmp_mb)
+    kind, payload = _recv_frame()
+    if kind != protocol.FORK:
+        os._exit(0)
+    started = time.monotonic()
+    request = json.loads(payload)
+    os.environ.update(request.get("env", {}))
+    if own_tmp:
+        os.environ["TMPDIR"] = "/tmp"
+        note = "own tmpfs"
+    else:
+        private = os.path.join("/tmp", request["id"])
+        os.makedirs(private, mode=0o700, exist_ok=True)
+        os.environ["TMPDIR"] = private
+        note = f"shared /tmp, own {private}"
+    if "tempfile" in sys.modules:
+        sys.modules["tempfile"].tempdir = None  # the template's choice is not this worker's
+    _T0 = started
+    _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - started) * 1000,
+                                      "tmp": note}).encode())
+    os._exit(_serve())
+
+
+def _own_tmp(tmp_mb):
+    """A fresh tmpfs at /tmp in a mount namespace of this worker's own; False if not allowed.
+
+    Root unshares the mount namespace directly; anyone else through a new user
+    namespace (mapping only its own uid). Where neither is allowed, the worker
+    gets a directory of its own inside the template's /tmp instead.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNS if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNS
+    if libc.unshare(flags) != 0:
+        return False
+    if flags & CLONE_NEWUSER:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as handle:
+                handle.write(text)
+    options = f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777".encode()
+    if (libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
+            or libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0):
+        os._exit(71)  # half-isolated: never serve like this
+    return True
+
+
+def _serve():
+    handler = _HANDLER_FN
+    while True:
+        kind, payload = _recv_frame()
+        if kind is None or kind == protocol.SHUTDOWN:
+            return 0
+        if kind == protocol.INVOKE:
+            _invoke(handler, payload)
+
+
+_HANDLER_FN = None
+
+
 def main():
+    global _HANDLER_FN
     sandbox = os.environ.pop("_FAASD_SANDBOX", None)
     if sandbox:
         # Privileged setup (namespaces, /tmp, limits, user) before user code.
@@ -290,18 +453,17 @@ def main():
     sys.stdout = _FrameWriter("<stdout>")
     sys.stderr = _FrameWriter("<stderr>")
     _setup_logging()
+    template = os.environ.pop("_FAASD_TEMPLATE", None) == "1"
     handler, error = _load_handler()
     sys.stdout.flush()
     if error is not None:
         _send(protocol.INIT_ERROR, json.dumps(error).encode())
         return 1
+    _HANDLER_FN = handler
+    if template:
+        return _serve_as_template()
     _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - _T0) * 1000}).encode())
-    while True:
-        kind, payload = _recv_frame()
-        if kind is None or kind == protocol.SHUTDOWN:
-            return 0
-        if kind == protocol.INVOKE:
-            _invoke(handler, payload)
+    return _serve()
 
 
 if __name__ == "__main__":

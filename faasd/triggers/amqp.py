@@ -427,7 +427,7 @@ class AmqpTrigger(RunningTrigger):
         failures = 0
         while True:
             if self.source.state["state"] != "connected":
-                self.status = "retrying" if self.source.state["state"] == "retrying" else "waiting for the broker"
+                self.status = "waiting for the broker"
             connection = await self.source.connected()
             try:
                 await self._setup(connection)
@@ -529,6 +529,8 @@ class AmqpTrigger(RunningTrigger):
         connection = self.source.state["state"]
         if status == "consuming" and connection != "connected":
             status = connection  # reconnecting: consumers come back with the connection
+        elif status == "waiting for the broker" and connection == "retrying":
+            status = "retrying"  # never connected yet: the broker is unreachable
         return {
             "status": status,
             "connection": connection,

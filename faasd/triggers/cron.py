@@ -39,7 +39,7 @@ import logging
 import math
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 from zoneinfo import ZoneInfo
@@ -171,7 +171,7 @@ class Schedule:
         return sorted(found)
 
 
-_ONE_SECOND = datetime.fromtimestamp(1, timezone.utc) - datetime.fromtimestamp(0, timezone.utc)
+_ONE_SECOND = timedelta(seconds=1)
 
 
 def iso_seconds(instant: float) -> str:
@@ -303,11 +303,11 @@ class CronTrigger(RunningTrigger):
             lateness = woke - tick
             if lateness > MISSED_AFTER_S:
                 # Suspended, or the clock stepped forward: those ticks are gone.
-                skipped_to = self.schedule.next_after(woke - 1e-6)
                 self.missed += 1
+                next_tick = self.schedule.next_after(woke)
                 log.warning("function %s: cron tick of %s missed (woke %.1fs late); next tick %s",
-                            self.function, iso_seconds(tick), lateness, iso_seconds(skipped_to))
-                tick = skipped_to if skipped_to > tick else self.schedule.next_after(tick)
+                            self.function, iso_seconds(tick), lateness, iso_seconds(next_tick))
+                tick = next_tick
                 continue
             self.last_lateness_ms = round(lateness * 1000, 3)
             self.max_lateness_ms = max(self.max_lateness_ms, lateness * 1000)

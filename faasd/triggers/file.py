@@ -48,13 +48,14 @@ from urllib.parse import quote_plus
 import orjson
 from watchdog.events import (
     DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileAttribEvent, FileClosedEvent,
-    FileDeletedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler,
+    FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler,
 )
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
 from ..spec import FunctionSpec, Trigger
 from .base import RunningTrigger, TriggerSource, open_state_db, queue_of
+from .options import file_trigger_dir
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
@@ -68,8 +69,10 @@ STOP_WAIT_S = 5.0
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".filepart",
                  ".swp", ".swx", ".swo", "~", ".!sync", ".lock")
 TEMP_PREFIXES = ("~$", ".#", "#")
+# FileModifiedEvent is only here because watchdog asks inotify for IN_ATTRIB
+# (FileAttribEvent) under that name; modifications are dropped in _Dispatch.
 EVENT_TYPES: list[type[FileSystemEvent]] = [
-    FileClosedEvent, FileMovedEvent, FileDeletedEvent, FileAttribEvent,
+    FileClosedEvent, FileMovedEvent, FileDeletedEvent, FileAttribEvent, FileModifiedEvent,
     DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
 ]
 REQUEST_ID_NAMESPACE = uuid.UUID("6f3a5e2c-8d1b-4c7e-9a0f-2b4d6e8f1a3c")
@@ -206,8 +209,8 @@ class _Dispatch(FileSystemEventHandler):
         self.triggers: set[FileTrigger] = set()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if self.loop.is_closed():
-            return
+        if type(event) is FileModifiedEvent or self.loop.is_closed():
+            return  # every write(2) of a file: the close that follows is what counts
         for trigger in tuple(self.triggers):
             try:
                 self.loop.call_soon_threadsafe(trigger.on_event, event)
@@ -316,8 +319,7 @@ class FileTrigger(RunningTrigger):
         self.source = source
         self.spec = spec
         self.index = index
-        directory = Path(os.path.expanduser(trigger.get("dir")))
-        self.root = (directory if directory.is_absolute() else source.data_dir / directory).resolve()
+        self.root = file_trigger_dir(trigger.get("dir"), source.data_dir)
         self.patterns: list[str] = list(trigger.get("patterns", ["*"]))
         self.bucket: str = trigger.get("bucket") or self.root.name
         self.watch_key = f"{spec.name}:{self.root}"

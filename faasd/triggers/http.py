@@ -129,6 +129,12 @@ def _clf_time(now: float) -> str:
     return _clf_text
 
 
+def valid_text(value: str) -> str:
+    """A header value as valid UTF-8 text. aiohttp keeps bytes that are not UTF-8
+    as lone surrogates, which no JSON encoder accepts: they become U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def build_event(request: web.Request, body: bytes, *, route_key: str,
                 path_parameters: dict[str, str] | None, request_id: str) -> dict[str, Any]:
     """The API Gateway HTTP API payload 2.0 event for a request."""
@@ -136,10 +142,13 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
     cookies: list[str] = []
     for key, value in request.headers.items():
         lower = key.lower()
+        if not value.isascii():
+            value = valid_text(value)
         if lower == "cookie":
             cookies.extend(c.strip() for c in value.split(";") if c.strip())
             continue
         headers[lower] = f"{headers[lower]},{value}" if lower in headers else value
+    host = valid_text(request.host)
     url = request.rel_url
     raw_query = url.raw_query_string
     now = time.time()
@@ -152,14 +161,14 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
         "requestContext": {
             "accountId": ACCOUNT_ID,
             "apiId": "faasd",
-            "domainName": request.host,
-            "domainPrefix": request.host.split(".")[0].split(":")[0],
+            "domainName": host,
+            "domainPrefix": host.split(".")[0].split(":")[0],
             "http": {
                 "method": request.method,
                 "path": request.path,
                 "protocol": _protocol(request.version),
                 "sourceIp": request.remote or "",
-                "userAgent": request.headers.get("User-Agent", ""),
+                "userAgent": headers.get("user-agent", ""),
             },
             "requestId": request_id,
             "routeKey": route_key,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 FILE_KEYS = {"dir", "patterns", "bucket"}
@@ -180,3 +181,27 @@ def check_amqp(options: dict[str, Any]) -> dict[str, Any]:
 _CHECKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "file": check_file, "cron": check_cron, "amqp": check_amqp,
 }
+
+
+def file_trigger_dir(directory: str, data_dir: Path) -> Path:
+    """Where a file trigger's `dir` points: relative to the data dir, or absolute."""
+    path = Path(os.path.expanduser(directory))
+    return (path if path.is_absolute() else data_dir / path).resolve()
+
+
+def file_trigger_dirs(spec: Any, data_dir: Path) -> list[str]:
+    """The dirs a function's file triggers watch, created if missing.
+
+    Its workers must see them, read-write, even where they sit in the data
+    dir or under /tmp, which the worker sandbox hides: they are its bucket.
+    """
+    dirs = []
+    for trigger in getattr(spec, "triggers", ()):
+        if trigger.type == "file" and isinstance(trigger.get("dir"), str):
+            path = file_trigger_dir(trigger.get("dir"), data_dir)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                continue  # reported by the trigger itself when it starts
+            dirs.append(str(path))
+    return dirs

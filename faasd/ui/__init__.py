@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from ..api import read_body
 from ..errors import InvokeRefused, Throttled
 from ..invoker import Invocation
 from ..spec import FunctionSpec, valid_name
@@ -254,9 +255,10 @@ def routes(daemon: "Daemon", activity: Activity, ring: LogRing):
         if not valid_name(name):
             return _error(400, f"invalid function name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ -")
         limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
-        payload = await request.content.read(limit + 1)
-        if len(payload) > limit:
-            return _error(413, f"the payload is larger than {limit} bytes ([server] max_body_mb)")
+        try:
+            payload = await read_body(request, limit)
+        except InvokeRefused as exc:  # too large (413), or sent too slowly (408)
+            return _error(exc.status, exc.message)
         payload = payload.strip() or b"{}"
         try:
             orjson.loads(payload)

@@ -49,7 +49,9 @@ class HttpError extends Error {
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
   if (state.token) headers.Authorization = `Bearer ${state.token}`;
-  const response = await fetch(path, Object.assign({}, options, { headers, cache: "no-store" }));
+  // location.origin, not a relative URL: a page opened as http://id:secret@host/ui/
+  // (HTTP Basic) cannot fetch URLs resolved against a base that holds credentials.
+  const response = await fetch(location.origin + path, Object.assign({}, options, { headers, cache: "no-store" }));
   if (response.status === 401 || response.status === 403) {
     $("auth-bar").hidden = false;
     throw new HttpError(response.status, "this faasd wants a bearer token");
@@ -122,7 +124,8 @@ function drawChart(el, { times, series, format, minMax }) {
   let max = minMax || 0;
   for (const s of series) for (const v of s.values) if (v !== null && v > max) max = v;
   max = niceMax(max);
-  const x = (i) => m.left + (n <= 1 ? 0 : i / (n - 1) * plotW);
+  const inset = series.some((s) => s.bars) ? plotW / Math.max(n, 1) / 2 : 0;
+  const x = (i) => m.left + inset + (n <= 1 ? 0 : i / (n - 1) * (plotW - 2 * inset));
   const y = (v) => m.top + plotH - v / max * plotH;
 
   el.setAttribute("viewBox", `0 0 ${width} ${height}`);
@@ -142,7 +145,22 @@ function drawChart(el, { times, series, format, minMax }) {
       "text-anchor": minutes === 15 ? "start" : minutes === 0 ? "end" : "middle",
     }, minutes ? `-${minutes}m` : "now"));
   }
+  const slot = plotW / Math.max(n, 1);
   for (const s of series) {
+    if (s.bars) {
+      // One bar per bucket, centred on its point: sparse traffic stays visible.
+      const barW = Math.max(1, slot * 0.72);
+      s.values.forEach((v, i) => {
+        if (!v) return;
+        const top = y(v);
+        el.append(svg("rect", {
+          x: (x(i) - barW / 2).toFixed(1), y: top.toFixed(1), width: barW.toFixed(1),
+          height: Math.max(1, y(0) - top).toFixed(1), fill: s.color, rx: Math.min(1.5, barW / 3),
+          class: `series series-${s.name}`,
+        }));
+      });
+      continue;
+    }
     // Split into runs of non-null points: a gap in latency means no calls.
     const runs = [];
     let run = [];
@@ -179,7 +197,7 @@ function drawChart(el, { times, series, format, minMax }) {
   el.onmousemove = (event) => {
     const rect = el.getBoundingClientRect();
     const px = (event.clientX - rect.left) * width / rect.width;
-    const i = Math.round((px - m.left) / plotW * (n - 1));
+    const i = Math.round((px - m.left - inset) / (plotW - 2 * inset) * (n - 1));
     if (i < 0 || i >= n) { cursor.setAttribute("visibility", "hidden"); return; }
     const cx = x(i), bx = cx + 160 > width ? cx - 158 : cx + 8;
     cursorLine.setAttribute("x1", cx); cursorLine.setAttribute("x2", cx);
@@ -207,8 +225,8 @@ function renderCharts() {
     times: s.t, minMax: 1,
     format: (v, exact) => (exact ? `${fmtRate(v)}/s` : fmtAxis(v)),
     series: [
-      { name: "rate", label: "invocations", values: s.rate, color: "#2dd4bf", fill: true },
-      { name: "errors", label: "errors", values: errorRate, color: "#f87171", fill: true, width: 1.4 },
+      { name: "rate", label: "invocations", values: s.rate, color: "#2dd4bf", bars: true },
+      { name: "errors", label: "errors", values: errorRate, color: "#f87171", bars: true },
     ],
   });
   rateChart.dataset.total = s.invocations.reduce((acc, v) => acc + v, 0);
@@ -448,8 +466,14 @@ async function invoke(event) {
       if (body.initMs !== null) bits.push(`cold start, init ${fmtMs(body.initMs)}`);
       bits.push(`max memory ${body.maxMemoryUsedMb} MB`, `request ${body.requestId}`);
       meta.textContent = bits.join(" · ");
-      const value = body.ok ? body.result : body.error;
-      output.textContent = typeof value === "string" ? value : JSON.stringify(value, null, 2);
+      if (body.ok) {
+        output.textContent = typeof body.result === "string" ? body.result : JSON.stringify(body.result, null, 2);
+      } else {
+        // As the Lambda console shows a failure: type and message, then the trace.
+        const e = body.error;
+        const trace = (e.stackTrace || []).map((line) => line.replace(/\n$/, "")).join("\n");
+        output.textContent = `${e.errorType}: ${e.errorMessage}${trace ? `\n\n${trace}` : ""}`;
+      }
       logBox.textContent = body.logTail || "";
     }
   } catch (e) {

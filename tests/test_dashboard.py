@@ -1,0 +1,210 @@
+"""The dashboard in a real browser: headless Chromium against a running daemon.
+
+Keeps a screenshot of the page in tests/artifacts/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from support import ROOT, descendants, wait_until, write_function
+
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+GREET = """
+def handler(event, context):
+    print("greeting", event.get("name"))
+    return {"greeting": "hello " + event.get("name", "nobody")}
+"""
+FAILS = """
+def handler(event, context):
+    raise ValueError("this one always fails")
+"""
+BROKEN = """
+def handler(event, context)
+    return 1
+"""
+
+
+@pytest.fixture
+def browser(tmp_path: Path):
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not chromedriver:
+        pytest.fail("chromium and chromedriver are missing: .ci/run installs the Debian "
+                    "packages chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                 "--window-size=1440,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    # Given both binaries, Selenium looks nothing up on the network.
+    os.environ["SE_OFFLINE"] = "true"
+    service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)
+    driver_pid = service.process.pid
+    try:
+        yield driver
+    finally:
+        started = descendants(driver_pid) | {driver_pid}
+        driver.quit()
+        wait_until(lambda: not [p for p in started if os.path.exists(f"/proc/{p}")
+                                and open(f"/proc/{p}/stat").read().split()[2] != "Z"],
+                   timeout=20, message="chromium and chromedriver to exit")
+
+
+def text_of(driver, element_id: str) -> str:
+    return driver.find_element("id", element_id).text
+
+
+def test_dashboard_shows_functions_invokes_through_the_form_and_charts_update(start_daemon, functions_dir,
+                                                                              browser):
+    write_function(functions_dir, "greet.py", GREET)
+    write_function(functions_dir, "fails.py", FAILS)
+    write_function(functions_dir, "broken.py", BROKEN)
+    write_function(functions_dir, "scheduled.py", GREET)
+    write_function(functions_dir, "scheduled.toml", """
+        [[triggers]]
+        type = "cron"
+        schedule = "0 3 * * *"
+    """)
+    daemon = start_daemon(functions_dir)
+    driver = browser
+    driver.get(daemon.url + "/ui/")
+
+    # Functions, their triggers and load errors.
+    rows = lambda: {row.get_attribute("data-function"): row.text
+                    for row in driver.find_elements("css selector", "#functions-table tbody tr")}
+    wait_until(lambda: set(rows()) >= {"greet", "fails", "broken", "scheduled"}, 20,
+               message="the functions table")
+    assert "load error" in rows()["broken"] and "Runtime.UserCodeSyntaxError" in rows()["broken"]
+    assert "cron" in rows()["scheduled"] and "0 3 * * *" in rows()["scheduled"]
+    assert "ready" in rows()["greet"]
+    wait_until(lambda: text_of(driver, "ready") == "ready", message="the readiness pill")
+    chart = driver.find_element("id", "chart-rate")
+    wait_until(lambda: chart.get_attribute("data-total") == "0", message="an empty rate chart")
+
+    # Invoke through the form: the result, its log and a cold start are shown.
+    driver.find_element("css selector", "#functions-table tr[data-function=greet] button").click()
+    assert driver.find_element("id", "invoke-function").get_attribute("value") == "greet"
+    payload = driver.find_element("id", "invoke-payload")
+    payload.clear()
+    payload.send_keys('{"name": "chromium"}')
+    driver.find_element("id", "invoke-submit").click()
+    wait_until(lambda: text_of(driver, "invoke-status") == "succeeded", 30, message="the invocation")
+    assert '"greeting": "hello chromium"' in text_of(driver, "invoke-output")
+    assert "cold start" in text_of(driver, "invoke-meta")
+    driver.find_element("css selector", "#invoke-log-wrap summary").click()
+    assert "REPORT RequestId:" in text_of(driver, "invoke-log")
+
+    # The charts pick the call up.
+    wait_until(lambda: chart.get_attribute("data-total") == "1", 10, message="the rate chart to count it")
+    latency = driver.find_element("id", "chart-latency")
+    wait_until(lambda: int(latency.get_attribute("data-points") or 0) >= 1, message="a latency point")
+    assert driver.find_elements("css selector", "#chart-rate rect.series-rate")
+
+    # A failing function: the form says so and it lands in recent errors.
+    select = driver.find_element("id", "invoke-function")
+    select.find_element("css selector", "option[value=fails]").click()
+    driver.find_element("id", "invoke-submit").click()
+    wait_until(lambda: text_of(driver, "invoke-status").startswith("failed: ValueError"), 30,
+               message="the failure")
+    assert "this one always fails" in text_of(driver, "invoke-output")
+    wait_until(lambda: "this one always fails" in text_of(driver, "errors-table"), 10,
+               message="the recent errors table")
+    wait_until(lambda: chart.get_attribute("data-total") == "2", 10, message="the second call")
+
+    # The log tail carries the handler's own output, and worker states show.
+    wait_until(lambda: "greeting chromium" in text_of(driver, "log-tail"), 10, message="the log tail")
+    wait_until(lambda: any(state in rows()["greet"] for state in ("1 idle", "1 frozen")), 10,
+               message="greet's worker state")
+
+    # Nothing came from anywhere but the daemon, and the page logged no error.
+    resources = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name)")
+    assert resources and all(url.startswith(daemon.url) for url in resources), resources
+    problems = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    assert problems == []
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1440, min(max(height, 1000), 4000))
+    driver.execute_script("window.scrollTo(0, 0)")
+    wait_until(lambda: chart.get_attribute("data-total") == "2", message="charts redrawn")
+    assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+
+
+def test_with_auth_keys_the_dashboard_works_once_the_browser_signs_in(start_daemon, functions_dir,
+                                                                     tmp_path, browser):
+    write_function(functions_dir, "greet.py", GREET)
+    config = tmp_path / "faasd.toml"
+    config.write_text('[auth]\nkeys = { AKIDDASHBOARD = "dashboard-secret-value" }\n')
+    daemon = start_daemon(functions_dir, config=config)
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    connection.request("GET", "/ui/")
+    refused = connection.getresponse()
+    refused.read()
+    connection.close()
+    assert refused.status == 401
+    # A challenge of its own, so that browsers offer their Basic sign-in.
+    assert 'Basic realm="faasd"' in refused.headers.get_all("WWW-Authenticate")
+    # HTTP Basic with the key id and secret, as a browser sends after its prompt.
+    browser.get(daemon.url.replace("http://", "http://AKIDDASHBOARD:dashboard-secret-value@") + "/ui/")
+    wait_until(lambda: browser.find_elements("css selector", "#functions-table tr[data-function=greet]"),
+               20, message="the functions table, authenticated")
+    payload = browser.find_element("id", "invoke-payload")
+    payload.clear()
+    payload.send_keys('{"name": "basic auth"}')
+    browser.find_element("id", "invoke-submit").click()
+    wait_until(lambda: text_of(browser, "invoke-status") == "succeeded", 30, message="the invocation")
+    assert "hello basic auth" in text_of(browser, "invoke-output")
+    assert not browser.find_element("id", "conn-bar").is_displayed()
+
+
+def test_the_json_behind_the_dashboard(daemon):
+    write_function(daemon.functions, "greet.py", GREET)
+    wait_until(lambda: daemon.get("/system/functions/greet").status == 200)
+
+    ok = daemon.post("/system/functions/greet/invoke", {"name": "json"})
+    assert ok.status == 200
+    body = ok.json()
+    assert body["ok"] is True and body["result"] == {"greeting": "hello json"}
+    assert body["initMs"] is not None and f"REPORT RequestId: {body['requestId']}" in body["logTail"]
+    bad = daemon.post("/system/functions/greet/invoke", "{not json")
+    assert bad.status == 400 and "not valid JSON" in bad.json()["message"]
+    missing = daemon.post("/system/functions/nothing/invoke", {})
+    assert missing.status == 404 and missing.json()["message"] == "Function not found: nothing"
+    queued = daemon.post("/system/functions/greet/invoke?type=Event", {"name": "later"})
+    assert queued.status == 202 and queued.json()["queued"] is True
+
+    activity = daemon.get("/system/activity").json()
+    series = activity["series"]
+    assert len(series["t"]) == activity["window_s"] // activity["bucket_s"]
+    wait_until(lambda: sum(daemon.get("/system/activity").json()["series"]["invocations"]) == 2,
+               message="both calls in the activity series")
+    assert any(value is not None for value in activity["series"]["p50_ms"])
+
+    lines = daemon.get("/system/log?after=0").json()
+    assert any(line["message"] == "greeting json" and line["request_id"] == body["requestId"]
+               for line in lines["lines"])
+    later = daemon.get(f"/system/log?after={lines['last']}").json()
+    assert all(line["seq"] > lines["last"] for line in later["lines"])
+    assert daemon.get("/system/log?after=x").status == 400
+
+    page = daemon.get("/ui/")
+    assert page.status == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert daemon.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
+    assert daemon.get("/ui/../faasd.toml").status == 404
+    assert daemon.get("/ui/secrets.txt").status == 404

@@ -1,0 +1,348 @@
+"""File triggers end to end: a real daemon, real inotify, real files, real workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from faasd.spec import load_spec
+from faasd.triggers.file import matches, s3_key
+from support import EXAMPLES, wait_until, write_function
+
+# Prints one RECORD line per invocation; tests read them from the function's log.
+RECORDER = """
+import json, os, time
+
+def handler(event, context):
+    started = time.time()
+    record = event["Records"][0]
+    time.sleep(float(os.environ.get("SLEEP", "0")))
+    print("RECORD " + json.dumps({"key": record["s3"]["object"]["key"],
+                                  "size": record["s3"]["object"]["size"], "event": event,
+                                  "request_id": context.aws_request_id,
+                                  "start": started, "end": time.time()}))
+    return "ok"
+"""
+
+
+def recorder(functions: Path, *, name: str = "uploads", dir: str = "uploads",
+             patterns: str = '["*.jpg", "*.png"]', concurrency: int = 4, sleep: float = 0) -> None:
+    write_function(functions, f"{name}/handler.py", RECORDER)
+    write_function(functions, f"{name}/function.toml", f"""
+        concurrency = {concurrency}
+        timeout_s = 10
+        [env]
+        SLEEP = "{sleep}"
+        [async]
+        retry_delays_s = [0.2, 0.2]
+        [[triggers]]
+        type = "file"
+        dir = "{dir}"
+        patterns = {patterns}
+        bucket = "photos"
+    """)
+
+
+def records(daemon, name: str = "uploads") -> list[dict]:
+    """The RECORD lines of a function's log file (read from disk: the daemon may be down)."""
+    log = daemon.data / "logs" / f"{name}.log"
+    found = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        match = re.search(r"RECORD (\{.*\})\s*$", line)
+        if match:
+            found.append(json.loads(match.group(1)))
+    return found
+
+
+def keys(daemon, name: str = "uploads") -> list[str]:
+    return [r["key"] for r in records(daemon, name)]
+
+
+def trigger_state(daemon, name: str) -> dict:
+    return next(t["state"] for t in daemon.function(name)["triggers"] if t["type"] == "file")
+
+
+def watching(daemon, name: str = "uploads") -> bool:
+    response = daemon.get(f"/system/functions/{name}")
+    if response.status != 200:
+        return False
+    states = [t.get("state", {}) for t in response.json()["triggers"] if t["type"] == "file"]
+    return bool(states) and states[0].get("status") == "watching"
+
+
+@pytest.fixture
+def setup(start_daemon, functions_dir, tmp_path):
+    watched = tmp_path / "data" / "uploads"
+
+    def start(**kw):
+        recorder(functions_dir, **kw)
+        daemon = start_daemon(functions_dir)
+        wait_until(lambda: watching(daemon), message="the file trigger to watch")
+        return daemon
+
+    return start, watched
+
+
+def test_a_file_fires_once_only_after_it_is_completely_written(setup):
+    start, watched = setup
+    daemon = start()
+    target = watched / "red flower.jpg"
+    with open(target, "wb") as handle:
+        handle.write(b"x" * 50_000)
+        handle.flush()
+        os.fsync(handle.fileno())
+        time.sleep(2.5)  # longer than the settle window: a half-written file must not fire
+        assert records(daemon) == []
+        handle.write(b"y" * 50_000)
+    wait_until(lambda: records(daemon), timeout=20, message="the file to fire")
+    time.sleep(1.5)
+    [fired] = records(daemon)
+    assert fired["size"] == 100_000
+    event = fired["event"]["Records"][0]
+    assert event["eventSource"] == "aws:s3"
+    assert event["eventName"] == "ObjectCreated:Put"
+    assert event["s3"]["bucket"]["name"] == "photos"
+    assert event["s3"]["object"] == {"key": "red+flower.jpg", "size": 100_000,
+                                     "sequencer": event["s3"]["object"]["sequencer"]}
+    assert event["faasd"]["path"] == str(target)
+    assert event["eventTime"].endswith("Z")
+    # Appending after it fired is a new version of the object: one more event.
+    with open(target, "ab") as handle:
+        handle.write(b"z")
+    wait_until(lambda: len(records(daemon)) == 2, timeout=20)
+    assert records(daemon)[1]["size"] == 100_001
+    state = trigger_state(daemon, "uploads")
+    assert state["fired"] == 2 and state["ledger_entries"] == 1
+
+
+def test_renames_moves_and_subdirectories_fire_once_and_hidden_temp_or_other_names_never(setup, tmp_path):
+    start, watched = setup
+    daemon = start()
+    # Write a temp file, then rename it into place (rsync, most upload tools).
+    (watched / ".upload-1.jpg.XYZ").write_bytes(b"a" * 10)
+    os.rename(watched / ".upload-1.jpg.XYZ", watched / "renamed.jpg")
+    (watched / "temp.jpg.part").write_bytes(b"b" * 10)
+    os.rename(watched / "temp.jpg.part", watched / "from-part.png")
+    # Moved in from outside the watched tree.
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"c" * 10)
+    shutil.move(outside, watched / "moved-in.jpg")
+    # A fresh subdirectory, written at once (before its watch may exist).
+    (watched / "a" / "b").mkdir(parents=True)
+    (watched / "a" / "b" / "deep.jpg").write_bytes(b"d" * 10)
+    # A whole directory moved in.
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    (batch / "one.jpg").write_bytes(b"e")
+    (batch / "two.png").write_bytes(b"f")
+    shutil.move(batch, watched / "batch")
+    # Never: hidden, in a hidden dir, temp names, other patterns.
+    (watched / ".hidden.jpg").write_bytes(b"h")
+    (watched / ".cache").mkdir()
+    (watched / ".cache" / "x.jpg").write_bytes(b"h")
+    (watched / "draft.jpg.tmp").write_bytes(b"t")
+    (watched / "backup.jpg~").write_bytes(b"t")
+    (watched / "notes.txt").write_bytes(b"n")
+    expected = {"renamed.jpg", "from-part.png", "moved-in.jpg", "a/b/deep.jpg",
+                "batch/one.jpg", "batch/two.png"}
+    wait_until(lambda: set(keys(daemon)) >= expected, timeout=30,
+               message=f"{expected} to fire; got {keys(daemon)}")
+    time.sleep(3)  # past the settle window of rescans: anything else would have fired by now
+    assert sorted(keys(daemon)) == sorted(expected)
+
+    # A processed file renamed within the tree keeps its ledger entry: no second event.
+    os.rename(watched / "renamed.jpg", watched / "a" / "renamed-again.jpg")
+    (watched / "sentinel.jpg").write_bytes(b"s")
+    wait_until(lambda: "sentinel.jpg" in keys(daemon), timeout=20)
+    time.sleep(1)
+    assert sorted(keys(daemon)) == sorted(expected | {"sentinel.jpg"})
+
+
+def test_a_burst_of_1000_files_is_processed_each_once_within_the_concurrency(setup):
+    start, watched = setup
+    daemon = start(concurrency=3)
+    names = [f"burst/img-{i:04d}.jpg" for i in range(1000)]
+    (watched / "burst").mkdir()
+    for name in names:
+        (watched / name).write_bytes(name.encode())
+    wait_until(lambda: len(records(daemon)) >= 1000, timeout=240, interval=0.5,
+               message="1000 files to be processed")
+    time.sleep(1)
+    got = records(daemon)
+    assert sorted(r["key"] for r in got) == sorted(names)
+    # Never more than `concurrency` handlers running at once.
+    edges = sorted([(r["start"], 1) for r in got] + [(r["end"], -1) for r in got],
+                   key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 3
+    assert trigger_state(daemon, "uploads")["fired"] == 1000
+
+
+def test_files_that_arrive_while_down_fire_once_and_processed_files_never_again(setup, start_daemon,
+                                                                                  functions_dir, tmp_path):
+    start, watched = setup
+    daemon = start()
+    for name in ("one.jpg", "two.jpg"):
+        (watched / name).write_bytes(name.encode())
+    # copy2 sets the old mtime after the close: still the same file, not a new one.
+    original = tmp_path / "original.jpg"
+    original.write_bytes(b"kept")
+    os.utime(original, (1_000_000_000, 1_000_000_000))
+    shutil.copy2(original, watched / "copied.jpg")
+    wait_until(lambda: len(records(daemon)) == 3, timeout=20)
+    assert daemon.stop() == 0
+
+    (watched / "three.jpg").write_bytes(b"3")          # arrived while down
+    (watched / "sub").mkdir()
+    (watched / "sub" / "four.png").write_bytes(b"4")   # in a new subdirectory
+    (watched / "two.jpg").write_bytes(b"two, version 2")  # replaced while down
+    (watched / "one.jpg").unlink()
+    (watched / "one.jpg").write_bytes(b"one")  # same name and content, but a new file
+    old = time.time() - 60
+    for name in ("three.jpg", "sub/four.png", "two.jpg", "one.jpg"):
+        os.utime(watched / name, (old, old))  # written long ago: no settle wait
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: len(records(daemon)) == 7, timeout=20,
+               message=f"the files written while down to fire; got {keys(daemon)}")
+    assert sorted(keys(daemon)[3:]) == ["one.jpg", "sub/four.png", "three.jpg", "two.jpg"]
+    assert daemon.stop() == 0
+
+    # Nothing changed while down this time: nothing fires.
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: watching(daemon))
+    (watched / "sentinel.jpg").write_bytes(b"s")
+    wait_until(lambda: "sentinel.jpg" in keys(daemon), timeout=20)
+    time.sleep(2.5)
+    assert len(records(daemon)) == 8
+    assert keys(daemon).count("copied.jpg") == 1
+
+
+def test_kill_9_right_after_a_burst_loses_no_file(setup, start_daemon, functions_dir):
+    start, watched = setup
+    daemon = start(sleep=0.05, concurrency=2)
+    names = [f"k{i:03d}.jpg" for i in range(60)]
+    for name in names:
+        (watched / name).write_bytes(name.encode())
+    wait_until(lambda: len(records(daemon)) >= 3, timeout=20)
+    daemon.kill9()
+    done_before = set(keys(daemon))
+    assert len(done_before) < len(names), "the burst finished before kill -9; nothing was tested"
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: set(keys(daemon)) == set(names), timeout=90,
+               message="every file to be processed after the restart")
+    # At least once: a file whose event was running at the kill may run again.
+    counts = {name: keys(daemon).count(name) for name in names}
+    assert all(count >= 1 for count in counts.values())
+    assert sum(counts.values()) <= len(names) + 4
+
+
+def test_an_inotify_queue_overflow_is_caught_up_by_a_rescan(setup):
+    start, watched = setup
+    daemon = start()
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    noise = [watched / ".noise-a", watched / ".noise-b"]
+    for path in noise:
+        path.write_bytes(b"")
+    pid = daemon.process.pid
+    os.kill(pid, signal.SIGSTOP)  # the daemon reads nothing: the kernel queue fills up
+    try:
+        for i in range(limit + 2000):
+            os.utime(noise[i % 2])  # alternating names, so the kernel cannot merge them
+        for i in range(5):
+            (watched / f"lost-{i}.jpg").write_bytes(b"x")  # their events are dropped
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: len(records(daemon)) >= 5, timeout=30,
+               message="the files whose events were dropped to fire")
+    time.sleep(1)
+    assert sorted(keys(daemon)) == [f"lost-{i}.jpg" for i in range(5)]
+    assert "queue overflow" in daemon.output()
+    assert trigger_state(daemon, "uploads")["rescans"] >= 2
+
+
+def test_file_triggers_follow_hot_reload(start_daemon, functions_dir, tmp_path):
+    daemon = start_daemon(functions_dir)
+    recorder(functions_dir, dir="first")
+    wait_until(lambda: watching(daemon))
+    (tmp_path / "data" / "first" / "a.jpg").write_bytes(b"a")
+    wait_until(lambda: keys(daemon) == ["a.jpg"], timeout=20)
+
+    recorder(functions_dir, dir="second")  # the trigger moves to another dir
+    wait_until(lambda: trigger_state(daemon, "uploads").get("dir") == str(tmp_path / "data" / "second"))
+    (tmp_path / "data" / "first" / "b.jpg").write_bytes(b"b")
+    (tmp_path / "data" / "second" / "c.jpg").write_bytes(b"c")
+    wait_until(lambda: "c.jpg" in keys(daemon), timeout=20)
+
+    shutil.rmtree(functions_dir / "uploads")  # the function goes away, and its trigger
+    wait_until(lambda: daemon.get("/system/functions/uploads").status == 404)
+    (tmp_path / "data" / "second" / "d.jpg").write_bytes(b"d")
+    time.sleep(2.5)
+    assert keys(daemon) == ["a.jpg", "c.jpg"]
+
+
+def test_the_thumbnail_example_resizes_an_uploaded_image(start_daemon, functions_dir, tmp_path):
+    from PIL import Image
+
+    shutil.copytree(EXAMPLES / "thumbnail", functions_dir / "thumbnail")
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: watching(daemon, "thumbnail"), message="the thumbnail trigger to watch")
+    bucket = tmp_path / "data" / "uploads"
+    images = bucket / "images"
+    images.mkdir()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    Image.new("RGB", (1600, 1200), (200, 30, 30)).save(staging / "red flower.jpg", quality=90)
+    Image.new("RGBA", (600, 900), (0, 0, 255, 128)).save(staging / "tall.png")
+    shutil.move(staging / "red flower.jpg", images / "red flower.jpg")  # a finished upload
+    (images / "2024").mkdir()
+    shutil.copyfile(staging / "tall.png", images / "2024" / "tall.png")  # written in place
+    out = bucket / "thumbnails"
+    expected = {
+        out / "red flower-thumbnail.jpg": (200, 150),
+        out / "red flower-medium.jpg": (800, 600),
+        out / "2024" / "tall-thumbnail.png": (133, 200),
+        out / "2024" / "tall-medium.png": (533, 800),
+    }
+    wait_until(lambda: all(path.exists() for path in expected), timeout=30,
+               message=f"thumbnails in {out}:\n{daemon.log_of('thumbnail')}")
+    for path, size in expected.items():
+        with Image.open(path) as image:
+            assert image.size == size, path
+    log = daemon.log_of("thumbnail")
+    assert "resized uploads/images/red flower.jpg: thumbnail 200x150, medium 800x600" in log
+    time.sleep(2.5)  # the outputs are in the bucket too, but outside the patterns: no more runs
+    assert log.count("START RequestId") == daemon.log_of("thumbnail").count("START RequestId") == 2
+
+
+def test_names_that_may_fire():
+    assert matches("a.jpg", ["*.jpg"]) and matches("x/y/a.jpg", ["*.jpg"])
+    assert matches("x/a.jpg", ["x/*.jpg"]) and not matches("y/a.jpg", ["x/*.jpg"])
+    for name in (".a.jpg", ".dir/a.jpg", "a.jpg.tmp", "a.jpg~", "a.jpg.part", "~$a.jpg", "a.png"):
+        assert not matches(name, ["*.jpg"]), name
+    assert s3_key("red flower.jpg") == "red+flower.jpg"
+    assert s3_key("dir/a+b (1).jpg") == "dir/a%2Bb+%281%29.jpg"
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[[triggers]]\ntype = "file"\npatterns = ["*.jpg"]\n',
+     "function.toml: triggers[0] (file): a file trigger needs dir"),
+    ('[[triggers]]\ntype = "file"\ndir = "up"\npattern = "*.jpg"\n',
+     "function.toml: triggers[0] (file): unknown key 'pattern'"),
+    ('[[triggers]]\ntype = "file"\ndir = "up"\npatterns = [1]\n',
+     "function.toml: triggers[0] (file): patterns must be a string or a list of strings"),
+])
+def test_bad_file_trigger_options_name_the_file_and_the_key(tmp_path, toml, message):
+    write_function(tmp_path, "fn/handler.py", "def handler(event, context):\n    return 1\n")
+    write_function(tmp_path, "fn/function.toml", toml)
+    spec = load_spec("fn", tmp_path / "fn")
+    assert spec.load_error is not None and spec.load_error.startswith(message), spec.load_error

@@ -1,0 +1,611 @@
+"""Worker isolation, with real daemons and real worker processes.
+
+Each containment is exercised by a function that tries to break out of it;
+every fault case ends with the daemon still serving another function.
+Needs root (as CI runs): the `faasd` system user is created when missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from support import ROOT, descendants, pids_with_env, process_state, wait_until, write_function
+
+OK = """
+def handler(event, context):
+    return {"ok": True}
+"""
+
+
+def invoke(daemon, name: str, event=None) -> tuple[dict | list | str | None, str | None]:
+    """(the function's result or error payload, its error type or None)."""
+    response = daemon.invoke(name, event or {})
+    assert response.status == 200, (response.status, response.text)
+    error = response.headers.get("x-amz-function-error")
+    body = response.json()
+    return body, (body.get("errorType") if error else None)
+
+
+def still_serving(daemon) -> None:
+    """The daemon answers, and a healthy function runs."""
+    if not (daemon.functions / "ok.py").exists():
+        write_function(daemon.functions, "ok.py", OK)
+        wait_until(lambda: daemon.get("/system/functions/ok").status == 200, message="ok loaded")
+    assert invoke(daemon, "ok") == ({"ok": True}, None)
+    assert daemon.get("/healthz").status == 200
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        message = "isolation tests need root (namespaces, cgroups, another user)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def faasd_user() -> pwd.struct_passwd:
+    """The unprivileged system user `faasd`, created when missing (as the install does)."""
+    needs_root()
+    try:
+        return pwd.getpwnam("faasd")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
+                        "--shell", "/usr/sbin/nologin", "faasd"], check=True)
+        return pwd.getpwnam("faasd")
+
+
+def _runs_as(user: pwd.struct_passwd, command: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(command, user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                          capture_output=True, text=True, timeout=30, **kw)
+
+
+@pytest.fixture(scope="module")
+def readable_install(faasd_user, tmp_path_factory) -> dict[str, str]:
+    """Environment for a daemon whose workers run as `faasd`: faasd's package and a
+    Python interpreter that user can read (this checkout may sit under /root)."""
+    base = Path(tempfile.mkdtemp(prefix="faasd-install-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    shutil.copytree(ROOT / "faasd", base / "faasd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in base.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    def usable(python: str) -> bool:
+        try:
+            return _runs_as(faasd_user, [python, "-I", "-c", "import decimal, email.parser"]).returncode == 0
+        except OSError:
+            return False
+
+    candidates = [sys.executable, shutil.which("python3", path="/usr/bin:/bin")]
+    python = next((p for p in candidates if p and usable(p)), None)
+    assert python, f"no Python that the faasd user can run among {candidates}"
+    yield {"PYTHONPATH": str(base), "FAASD_WORKERS_RUN_AS": "faasd", "FAASD_WORKERS_PYTHON": python}
+    shutil.rmtree(base, ignore_errors=True)
+
+
+# -- who the worker is, what it can see and write ----------------------------------------
+
+WHOAMI = """
+import errno, json, os
+
+def attempt(action):
+    try:
+        action()
+        return "allowed"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+
+def handler(event, context):
+    code = os.path.abspath(__file__)
+    return {
+        "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
+        "write_code": attempt(lambda: open(code, "a").close()),
+        "new_function": attempt(lambda: open(os.path.join(os.path.dirname(code), "evil.py"), "w").close()),
+        "data_dir": sorted(os.listdir(event["data"])) if os.path.isdir(event["data"]) else None,
+        "config": open(event["config"]).read() if os.path.exists(event["config"]) else None,
+        "setuid_root": attempt(lambda: os.setuid(0)),
+        "tmpdir": os.environ.get("TMPDIR"),
+        "status": {k: v.strip() for k, v in (l.split(":", 1) for l in open("/proc/self/status"))
+                   if k in ("NoNewPrivs", "CapEff", "CapPrm")},
+    }
+"""
+
+
+def test_workers_run_as_the_dedicated_user_and_cannot_touch_code_data_or_config(
+        start_daemon, functions_dir, tmp_path, faasd_user, readable_install):
+    config = tmp_path / "faasd.toml"
+    config.write_text('# secret: do-not-leak\n[workers]\nkeep_warm_s = 600\n')
+    write_function(functions_dir, "whoami.py", WHOAMI)
+    daemon = start_daemon(functions_dir, config=config, env=readable_install)
+    result, error = invoke(daemon, "whoami", {"data": str(daemon.data), "config": str(config)})
+    assert error is None, result
+    assert result["uid"] == result["euid"] == faasd_user.pw_uid
+    assert result["gid"] == faasd_user.pw_gid
+    assert result["groups"] in ([], [faasd_user.pw_gid])  # no supplementary groups
+    assert result["write_code"] in ("EROFS", "EACCES")
+    assert result["new_function"] in ("EROFS", "EACCES")
+    assert not (functions_dir / "evil.py").exists()
+    assert result["data_dir"] in (None, []), "other functions' logs and queued events are hidden"
+    assert result["config"] in (None, ""), "the config file (auth secrets) is hidden"
+    assert result["setuid_root"] == "EPERM"
+    assert result["status"]["NoNewPrivs"] == "1"
+    assert int(result["status"]["CapEff"], 16) == 0 and int(result["status"]["CapPrm"], 16) == 0
+    assert result["tmpdir"] == "/tmp"
+    isolation = daemon.get("/system/info").json()["isolation"]
+    assert isolation["run_as"]["active"] is True
+    assert "faasd" in isolation["run_as"]["note"]
+    assert isolation["nproc_limit"]["active"] is True
+    assert "running as root with no [workers] run_as" not in daemon.output()
+
+
+def test_root_without_run_as_is_warned_about_at_start(start_daemon, functions_dir):
+    needs_root()
+    daemon = start_daemon(functions_dir)
+    assert "running as root with no [workers] run_as" in daemon.output()
+    isolation = daemon.get("/system/info").json()["isolation"]
+    assert isolation["run_as"] == {
+        "active": False,
+        "note": "running as root without [workers] run_as: function code runs as root"}
+
+
+def test_system_info_states_every_isolation_feature_and_why_not(start_daemon, functions_dir):
+    needs_root()
+    daemon = start_daemon(functions_dir)
+    isolation = daemon.get("/system/info").json()["isolation"]
+    for feature in ("memory_limit", "process_groups", "run_as", "mount_namespace", "tmp",
+                    "code_read_only", "private_data", "rlimits", "nproc_limit", "pids_limit",
+                    "no_new_privileges", "pdeathsig", "env_allowlist", "pid_namespace",
+                    "network_namespace", "daemon_memory_private", "api_auth"):
+        assert isinstance(isolation[feature]["active"], bool), feature
+        assert isolation[feature]["note"], f"{feature} says nothing about itself"
+    assert isolation["tmp"]["mode"] == "tmpfs"
+    assert isolation["mount_namespace"]["active"] is True
+
+
+# -- /tmp quota ---------------------------------------------------------------------------
+
+FILL_TMP = """
+import errno, os, tempfile
+
+def handler(event, context):
+    chunk = b"x" * (1024 * 1024)
+    written = 0
+    try:
+        if event.get("files"):
+            for n in range(event["mb"]):
+                with open(os.path.join(tempfile.gettempdir(), f"f{n}"), "wb") as f:
+                    f.write(chunk)
+                written += len(chunk)
+        else:
+            with open(os.path.join(event.get("dir") or tempfile.gettempdir(), "big"), "wb") as f:
+                for _ in range(event["mb"]):
+                    f.write(chunk)
+                    f.flush()
+                    written += len(chunk)
+    except OSError as exc:
+        return {"errno": errno.errorcode[exc.errno], "written": written}
+    return {"errno": None, "written": written}
+"""
+
+
+def test_tmp_past_tmp_mb_fails_with_enospc_in_a_private_tmpfs(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "fill.py", FILL_TMP)
+    write_function(functions_dir, "fill.toml", "tmp_mb = 8\nmemory_mb = 256\n")
+    daemon = start_daemon(functions_dir)
+    before = shutil.disk_usage("/tmp").used
+    # Many files: the tmpfs is full.
+    result, error = invoke(daemon, "fill", {"mb": 32, "files": True})
+    assert error is None, result
+    assert result["errno"] == "ENOSPC"
+    assert 6 * 1024 * 1024 <= result["written"] <= 8 * 1024 * 1024
+    # One file: full too (or past RLIMIT_FSIZE, the same size).
+    result, error = invoke(daemon, "fill", {"mb": 32})
+    assert result["errno"] in ("ENOSPC", "EFBIG")
+    # /var/tmp is the same quota, and nothing reached the host's disk.
+    result, error = invoke(daemon, "fill", {"mb": 32, "dir": "/var/tmp"})
+    assert result["errno"] in ("ENOSPC", "EFBIG")
+    assert not Path("/tmp/big").exists() and not Path("/var/tmp/big").exists()
+    assert shutil.disk_usage("/tmp").used - before < 8 * 1024 * 1024
+    still_serving(daemon)
+
+
+def test_tmp_on_disk_is_limited_per_file_and_in_total(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "fill.py", FILL_TMP)
+    write_function(functions_dir, "fill.toml", "tmp_mb = 8\ntimeout_s = 20\n")
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_TMPFS": "false"})
+    isolation = daemon.get("/system/info").json()["isolation"]
+    assert isolation["tmp"]["mode"] == "disk" and "tmpfs = false" in isolation["tmp"]["note"]
+    # One file: RLIMIT_FSIZE stops it at tmp_mb.
+    result, error = invoke(daemon, "fill", {"mb": 32})
+    assert error is None and result == {"errno": "EFBIG", "written": 8 * 1024 * 1024}
+    # Many files: the daemon measures the directory and stops the worker.
+    workers_dir = daemon.data / "workers"
+    result, error = invoke(daemon, "fill", {"mb": 4000, "files": True})
+    assert error == "Runtime.ExitError", result
+    assert "tmp_mb quota of 8 MB" in result["errorMessage"]
+    wait_until(lambda: sum(p.stat().st_size for p in workers_dir.rglob("*") if p.is_file())
+               < 8 * 1024 * 1024, message="the worker's /tmp to be deleted")
+    still_serving(daemon)
+
+
+# -- memory --------------------------------------------------------------------------------
+
+HOG = """
+def handler(event, context):
+    blocks = []
+    for _ in range(event["mb"]):
+        blocks.append(bytearray(1024 * 1024))
+    return len(blocks)
+"""
+
+
+def _check_oom(daemon) -> None:
+    result, error = invoke(daemon, "hog", {"mb": 400})
+    assert error == "Runtime.OutOfMemory", result
+    assert "memory limit of 64 MB exceeded" in result["errorMessage"]
+    log = daemon.log_of("hog")
+    assert "\tStatus: error\tError Type: Runtime.OutOfMemory" in log
+    # A run within the limit reports what it used, truthfully.
+    result, error = invoke(daemon, "hog", {"mb": 20})
+    assert (result, error) == (20, None)
+    report = [line for line in daemon.log_of("hog").splitlines() if "REPORT" in line][-1]
+    used = int(report.split("Max Memory Used: ")[1].split(" MB")[0])
+    assert 20 <= used <= 64, report
+    still_serving(daemon)
+
+
+def test_out_of_memory_with_cgroups(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "hog.py", HOG)
+    write_function(functions_dir, "hog.toml", "memory_mb = 64\ntimeout_s = 20\n")
+    daemon = start_daemon(functions_dir)
+    assert daemon.get("/system/info").json()["isolation"]["memory_limit"]["mode"] in ("cgroup1", "cgroup2")
+    _check_oom(daemon)
+
+
+def test_out_of_memory_with_the_monitor_when_no_cgroup_is_writable(start_daemon, functions_dir):
+    needs_root()
+    # A host without a memory cgroup faasd may use: the daemon runs in a mount
+    # namespace where the memory hierarchies are empty directories.
+    hide = ("for d in /sys/fs/cgroup/memory /sys/fs/cgroup/unified /sys/fs/cgroup; do "
+            "[ -d $d ] && mount -t tmpfs -o size=4k none $d 2>/dev/null; done; exec \"$@\"")
+    prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", hide, "sh"]
+    write_function(functions_dir, "hog.py", HOG)
+    write_function(functions_dir, "hog.toml", "memory_mb = 64\ntimeout_s = 20\n")
+    daemon = start_daemon(functions_dir, prefix=prefix)
+    memory = daemon.get("/system/info").json()["isolation"]["memory_limit"]
+    assert memory["mode"] == "monitor", memory
+    _check_oom(daemon)
+
+
+# -- processes, files, output, results ------------------------------------------------------
+
+FORKS = """
+import errno, os, time
+
+def handler(event, context):
+    if event.get("bomb"):
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                time.sleep(0.01)
+    children = []
+    try:
+        while len(children) < 5000:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.execv("/bin/sleep", ["sleep", "60"])  # small: 1000 of them fit in memory
+                finally:
+                    os._exit(1)
+            children.append(pid)
+        failure = None
+    except OSError as exc:
+        failure = errno.errorcode[exc.errno]
+    for pid in children:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    return {"forked": len(children), "failure": failure}
+"""
+
+
+def test_fork_bomb_is_contained(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "forks.py", FORKS)
+    write_function(functions_dir, "forks.toml", "timeout_s = 3\nmemory_mb = 1024\n")
+    daemon = start_daemon(functions_dir)
+    assert daemon.get("/system/info").json()["isolation"]["pids_limit"]["active"] is True
+    result, error = invoke(daemon, "forks")
+    assert error is None, result
+    assert result["failure"] == "EAGAIN" and result["forked"] < 1024
+    # The real thing: every process of it dies with the invocation.
+    result, error = invoke(daemon, "forks", {"bomb": True})
+    assert error in ("Sandbox.Timedout", "Runtime.OutOfMemory"), result
+    wait_until(lambda: len(descendants(daemon.process.pid)) <= 2, timeout=10,
+               message="the fork bomb's processes to be gone")
+    still_serving(daemon)
+
+
+FDS = """
+import errno
+
+def handler(event, context):
+    files = []
+    try:
+        while len(files) < 100000:
+            files.append(open("/dev/null"))
+    except OSError as exc:
+        failure = errno.errorcode[exc.errno]
+    count = len(files)
+    for f in files:
+        f.close()
+    return {"opened": count, "failure": failure}
+"""
+
+
+def test_fd_flood_stops_at_the_open_files_limit(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "fds.py", FDS)
+    daemon = start_daemon(functions_dir)
+    result, error = invoke(daemon, "fds")
+    assert error is None, result
+    assert result["failure"] == "EMFILE" and 900 < result["opened"] < 1024
+    still_serving(daemon)
+
+
+FLOOD = """
+import os, sys
+
+def handler(event, context):
+    line = "y" * 1023
+    for _ in range(event["kb"]):
+        print(line)
+    os.write(1, b"raw line from fd 1\\n" * 10000)
+    return "flooded"
+"""
+
+
+def test_log_flood_is_truncated_with_a_marker(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "flood.py", FLOOD)
+    write_function(functions_dir, "flood.toml", "timeout_s = 30\n")
+    daemon = start_daemon(functions_dir)
+    result, error = invoke(daemon, "flood", {"kb": 8 * 1024})  # 8 MB of output
+    assert (result, error) == ("flooded", None)
+    log = daemon.log_of("flood")
+    assert log.count("[faasd: output truncated: this invocation printed more than 1048576 bytes") == 1
+    assert len(log.encode()) < 3 * 1024 * 1024
+    assert "REPORT RequestId" in log.splitlines()[-1]
+    assert (daemon.data / "logs" / "flood.log").stat().st_size < 3 * 1024 * 1024
+    still_serving(daemon)
+
+
+RESULTS = """
+def handler(event, context):
+    if event["kind"] == "huge":
+        return "x" * (7 * 1024 * 1024)
+    if event["kind"] == "object":
+        return {"value": object()}
+    return {"kind": event["kind"]}
+"""
+
+
+def test_huge_and_unserialisable_results_fail_that_invocation_only(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "results.py", RESULTS)
+    daemon = start_daemon(functions_dir)
+    result, error = invoke(daemon, "results", {"kind": "huge"})
+    assert error == "Function.ResponseSizeTooLarge", result
+    assert "exceeded maximum allowed payload size (6291456 bytes)" in result["errorMessage"]
+    result, error = invoke(daemon, "results", {"kind": "object"})
+    assert error == "Runtime.MarshalError", result
+    assert "Unable to marshal response" in result["errorMessage"]
+    # The same worker goes on serving.
+    assert invoke(daemon, "results", {"kind": "fine"}) == ({"kind": "fine"}, None)
+    assert len(daemon.workers("results")) == 1
+    still_serving(daemon)
+
+
+STUBBORN = """
+import os, signal, time
+
+def handler(event, context):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if event.get("child"):
+        if os.fork() == 0:
+            os.setsid()  # leaves the worker's process group
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(300)
+            os._exit(0)
+    time.sleep(event.get("sleep", 0))
+    return os.getpid()
+"""
+
+
+def test_handler_ignoring_sigterm_is_killed_on_timeout_and_at_shutdown(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "stubborn.py", STUBBORN)
+    write_function(functions_dir, "stubborn.toml", "timeout_s = 1\n")
+    daemon = start_daemon(functions_dir)
+    result, error = invoke(daemon, "stubborn", {"sleep": 30, "child": True})
+    assert error == "Sandbox.Timedout", result
+    wait_until(lambda: len(descendants(daemon.process.pid)) == 0, timeout=10,
+               message="the worker and the child that left its process group to die: " + repr(
+                   [(p, open(f"/proc/{p}/cmdline").read()) for p in descendants(daemon.process.pid)]))
+    still_serving(daemon)
+    # A worker that ignores SIGTERM does not hold up the daemon's exit.
+    pid, error = invoke(daemon, "stubborn")
+    assert error is None
+    started = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - started < 15
+    assert process_state(pid) is None
+
+
+BUSY_PY = """
+import signal, time
+
+def handler(event, context):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # an orphaned process group's SIGHUP
+    time.sleep(120)
+"""
+
+# Blocks its event loop: it cannot notice its control socket closing.
+BUSY_NODE = """
+export const handler = async () => {
+  process.on("SIGHUP", () => {});
+  const end = Date.now() + 120000;
+  while (Date.now() < end) {}
+};
+"""
+
+
+def test_workers_die_with_a_daemon_killed_by_sigkill(start_daemon, functions_dir):
+    needs_root()
+    names = ["busy_py", "idle"]
+    write_function(functions_dir, "busy_py.py", BUSY_PY)
+    write_function(functions_dir, "idle.py", OK)
+    write_function(functions_dir, "idle.toml", "min_warm = 1\n")  # frozen when the daemon dies
+    if shutil.which("node"):
+        write_function(functions_dir, "busy_node.mjs", BUSY_NODE)
+        names.append("busy_node")
+    elif os.environ.get("CI"):
+        pytest.fail("node is not installed (.ci/run installs it)")
+    for name in names[:1] + names[2:]:
+        write_function(functions_dir, f"{name}.toml", "timeout_s = 300\n")
+    daemon = start_daemon(functions_dir)
+    for name in names[:1] + names[2:]:
+        def call(n=name):
+            try:
+                daemon.get(f"/function/{n}", timeout=300)
+            except OSError:
+                pass  # the daemon is killed mid-call
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        wait_until(lambda n=name: daemon.function(n)["inflight"] == 1, timeout=20,
+                   message=f"{name} to be busy")
+    wait_until(lambda: all(daemon.workers(n) for n in names), timeout=20, message="workers")
+    workers = {w["pid"] for n in names for w in daemon.workers(n)}
+    wait_until(lambda: daemon.workers("idle")[0]["state"] == "frozen", message="a frozen worker")
+    daemon_pid = daemon.process.pid
+    daemon.kill9()
+    wait_until(lambda: all(process_state(p) in (None, "Z") for p in workers), timeout=10,
+               message="every worker, busy or frozen, to die with its daemon")
+    assert not pids_with_env("_FAASD_PARENT_PID", str(daemon_pid))
+
+
+ENVIRON = """
+import os
+
+def handler(event, context):
+    return dict(os.environ)
+"""
+
+ALLOWED = {
+    "PATH", "LANG", "TZ", "TMPDIR", "_HANDLER", "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR",
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_VERSION", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME", "AWS_LAMBDA_INITIALIZATION_TYPE", "GREETING",
+}
+
+
+def test_workers_get_an_allowlisted_environment(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "environ.py", ENVIRON)
+    write_function(functions_dir, "environ.toml", '[env]\nGREETING = "hi"\n')
+    daemon = start_daemon(functions_dir, env={
+        "DATABASE_PASSWORD": "hunter2", "AWS_SECRET_ACCESS_KEY": "daemon-secret",
+        "FAASD_AUTH_KEYS": "AKIDTEST=the-secret-of-faasd", "LD_PRELOAD": ""})
+    # The keys make the Lambda API want signatures; the HTTP path is public.
+    response = daemon.get("/function/environ")
+    assert response.status == 200, response.text
+    environ = response.json()
+    assert set(environ) <= ALLOWED, sorted(set(environ) - ALLOWED)
+    assert environ["GREETING"] == "hi" and environ["AWS_LAMBDA_FUNCTION_NAME"] == "environ"
+    text = json.dumps(environ)
+    for secret in ("hunter2", "daemon-secret", "the-secret-of-faasd", "FAASD"):
+        assert secret not in text
+
+
+def test_a_worker_as_the_dedicated_user_cannot_read_the_daemon(start_daemon, functions_dir,
+                                                               faasd_user, readable_install):
+    write_function(functions_dir, "peek.py",
+                   "import os\ndef handler(e, c):\n"
+                   "    found = {}\n"
+                   "    for what in ('environ', 'mem', 'cmdline'):\n"
+                   "        try:\n            found[what] = len(open(f'/proc/{os.getppid()}/{what}', 'rb').read(64))\n"
+                   "        except OSError as exc:\n            found[what] = exc.strerror\n"
+                   "    try:\n        os.kill(os.getppid(), 0)\n        found['signal'] = 'allowed'\n"
+                   "    except OSError as exc:\n        found['signal'] = exc.strerror\n"
+                   "    return found\n")
+    daemon = start_daemon(functions_dir, env={**readable_install, "FAASD_AUTH_KEYS": "AKID=s3cret-value"})
+    response = daemon.get("/function/peek")
+    assert response.status == 200, response.text
+    found = response.json()
+    assert found["environ"] == "Permission denied" and found["mem"] == "Permission denied"
+    assert found["signal"] == "Operation not permitted"
+
+
+# -- the worker half alone, unprivileged ---------------------------------------------------
+
+def test_an_unprivileged_worker_isolates_itself_in_a_user_namespace(faasd_user, readable_install):
+    """As a daemon that is not root does it: a user namespace of the worker's own."""
+    base = Path(readable_install["PYTHONPATH"])
+    code = Path(tempfile.mkdtemp(prefix="faasd-code-", dir="/tmp"))
+    try:
+        os.chmod(code, 0o755)
+        (code / "handler.py").write_text("x = 1\n")
+        os.chmod(code / "handler.py", 0o666)  # writable by anyone, on the host
+        plan = {"mount": True, "userns": True, "tmp_mb": 4, "tmp_paths": ["/tmp", "/var/tmp"],
+                "read_only": [str(code), str(base / "faasd")],
+                "visible": [str(code), str(base / "faasd")],
+                "hide": [], "rlimits": {"NOFILE": 256, "CORE": 0, "FSIZE": 4 * 1024 * 1024},
+                "chdir": str(code), "tmpdir": "/tmp"}
+        script = ("set -u; id -u; df -k /tmp | tail -1; "
+                  "echo x >> handler.py 2>/dev/null && echo code-writable || echo code-read-only; "
+                  "dd if=/dev/zero of=/tmp/big bs=1M count=16 2>/dev/null; ls -l /tmp/big | awk '{print $5}'; "
+                  "ulimit -n; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status")
+        done = _runs_as(faasd_user, [readable_install["FAASD_WORKERS_PYTHON"], "-I", "-S",
+                                     str(base / "faasd" / "runtimes" / "sandbox_exec.py"),
+                                     "/bin/sh", "-c", script],
+                        env={"PATH": "/usr/bin:/bin", "_FAASD_SANDBOX": json.dumps(plan)})
+        if "user namespace" in done.stderr and "Operation not permitted" in done.stderr:
+            pytest.skip(f"this kernel refuses unprivileged user namespaces: {done.stderr.strip()}")
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.split("\n")
+        assert lines[0] == str(faasd_user.pw_uid)
+        assert lines[1].split()[1] == "4096", lines[1]  # a 4 MB tmpfs at /tmp
+        assert lines[2] == "code-read-only"
+        assert int(lines[3]) <= 4 * 1024 * 1024
+        assert lines[4] == "256"
+        assert "CapEff:\t0000000000000000" in done.stdout and "NoNewPrivs:\t1" in done.stdout
+        assert (code / "handler.py").read_text() == "x = 1\n"
+    finally:
+        shutil.rmtree(code, ignore_errors=True)
+
+
+def test_a_plan_that_cannot_be_carried_out_stops_the_worker_before_user_code(tmp_path):
+    needs_root()
+    plan = {"mount": False, "rlimits": {}, "cgroups": [str(tmp_path / "no" / "such" / "cgroup.procs")]}
+    marker = tmp_path / "ran"
+    done = subprocess.run([sys.executable, "-I", "-S", str(ROOT / "faasd" / "runtimes" / "sandbox_exec.py"),
+                           "/bin/touch", str(marker)], capture_output=True, text=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin", "_FAASD_SANDBOX": json.dumps(plan)})
+    assert done.returncode == 70
+    assert "faasd could not isolate this worker: cannot join cgroup" in done.stderr
+    assert not marker.exists()

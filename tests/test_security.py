@@ -1,0 +1,443 @@
+"""API security, end to end: SigV4 as AWS checks it, bearer secrets, trigger auth,
+refusals of bad input, and a Schemathesis run against /openapi.json."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import boto3
+import botocore.auth
+import botocore.exceptions
+import pytest
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config as BotoConfig
+from botocore.credentials import Credentials
+
+from support import http, write_function
+
+KEY_ID = "AKIDFAASDTEST"
+SECRET = "a-long-random-secret-for-tests"
+KEYS_ENV = {"FAASD_AUTH_KEYS": f"{KEY_ID}={SECRET},AKIDOTHER=another-secret"}
+
+HELLO = """
+def handler(event, context):
+    return {"hello": event.get("name", "world") if isinstance(event, dict) else "world"}
+"""
+
+ECHO_EVENT = """
+def handler(event, context):
+    return {"statusCode": 200, "body": __import__("json").dumps(
+        {"authorizer": event["requestContext"].get("authorizer"), "path": event["rawPath"]})}
+"""
+
+AUTHORIZER = """
+def handler(event, context):
+    token = event["headers"].get("x-token")
+    if token == "explode":
+        raise RuntimeError("authorizer failure")
+    return {"isAuthorized": token == "let-me-in", "context": {"user": "alice", "route": event["routeKey"]}}
+"""
+
+
+def lambda_client(daemon, *, key: str = KEY_ID, secret: str = SECRET):
+    return boto3.client(
+        "lambda", endpoint_url=daemon.url, region_name="us-east-1",
+        aws_access_key_id=key, aws_secret_access_key=secret,
+        config=BotoConfig(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=30))
+
+
+def signed(daemon, method: str, path: str, body: bytes = b"", *, secret: str = SECRET,
+           key: str = KEY_ID, service: str = "lambda", headers: dict[str, str] | None = None,
+           when: dt.datetime | None = None, tamper: bytes | None = None):
+    """A request signed by botocore's own SigV4 signer (not faasd's), sent as is."""
+    request = AWSRequest(method=method, url=daemon.url + path, data=body,
+                         headers={"Content-Type": "application/json", **(headers or {})})
+    signer = botocore.auth.SigV4Auth(Credentials(key, secret), service, "us-east-1")
+    if when is not None:
+        with mock.patch("botocore.auth.get_current_datetime", return_value=when.replace(tzinfo=None)):
+            signer.add_auth(request)
+    else:
+        signer.add_auth(request)
+    prepared = request.prepare()
+    return http(method, prepared.url, tamper if tamper is not None else body,
+                headers=dict(prepared.headers))
+
+
+@pytest.fixture
+def secured(start_daemon, functions_dir):
+    write_function(functions_dir, "hello.py", HELLO)
+    return start_daemon(functions_dir, env=KEYS_ENV)
+
+
+def bearer(secret: str = SECRET) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+# -- SigV4 on the Lambda API -----------------------------------------------------------
+
+def test_boto3_with_the_right_key_invokes_lists_and_gets(secured):
+    client = lambda_client(secured)
+    response = client.invoke(FunctionName="hello", Payload=json.dumps({"name": "sigv4"}))
+    assert response["StatusCode"] == 200
+    assert json.loads(response["Payload"].read()) == {"hello": "sigv4"}
+    # Names that botocore percent-encodes (an ARN's colons) are signed as AWS signs them.
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:hello"
+    assert client.invoke(FunctionName=arn, Payload=b"{}")["StatusCode"] == 200
+    assert [f["FunctionName"] for f in client.list_functions(MaxItems=10)["Functions"]] == ["hello"]
+    assert client.get_function(FunctionName="hello")["Configuration"]["FunctionName"] == "hello"
+    # The second key works as well.
+    other = lambda_client(secured, key="AKIDOTHER", secret="another-secret")
+    assert other.invoke(FunctionName="hello", Payload=b"{}")["StatusCode"] == 200
+
+
+def test_the_aws_cli_with_the_right_key_works_and_a_wrong_one_does_not(secured, tmp_path):
+    aws = Path(sys.executable).parent / "aws"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_MAX_ATTEMPTS": "1"}
+    out = tmp_path / "out.json"
+    done = subprocess.run([str(aws), "lambda", "invoke", "--endpoint-url", secured.url,
+                           "--function-name", "hello", "--payload", '{"name": "cli"}', str(out)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text()) == {"hello": "cli"}
+    env["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    done = subprocess.run([str(aws), "lambda", "list-functions", "--endpoint-url", secured.url],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode != 0 and "InvalidSignatureException" in done.stderr
+
+
+def _refusal(response, error_type: str) -> str:
+    assert response.status == 403, (response.status, response.text)
+    assert response.headers["x-amzn-errortype"] == error_type
+    body = response.json()
+    assert set(body) == {"Type", "message"} and body["Type"] == "User"
+    return body["message"]
+
+
+def test_a_wrong_secret_is_refused_as_aws_refuses_it(secured):
+    message = _refusal(signed(secured, "POST", "/2015-03-31/functions/hello/invocations", b"{}",
+                              secret="not-the-secret"), "InvalidSignatureException")
+    assert message.startswith("The request signature we calculated does not match")
+    with pytest.raises(botocore.exceptions.ClientError) as caught:
+        lambda_client(secured, secret="not-the-secret").list_functions()
+    assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_an_unknown_key_and_a_missing_signature_are_refused(secured):
+    message = _refusal(signed(secured, "GET", "/2015-03-31/functions/", key="AKIDUNKNOWN"),
+                       "UnrecognizedClientException")
+    assert message == "The security token included in the request is invalid."
+    message = _refusal(http("POST", secured.url + "/2015-03-31/functions/hello/invocations", b"{}"),
+                       "MissingAuthenticationTokenException")
+    assert message == "Missing Authentication Token"
+    garbled = http("GET", secured.url + "/2015-03-31/functions/",
+                   headers={"Authorization": "AWS4-HMAC-SHA256 Credential=x", "X-Amz-Date": "now"})
+    _refusal(garbled, "IncompleteSignatureException")
+
+
+def test_a_stale_or_future_date_is_refused(secured):
+    now = dt.datetime.now(dt.timezone.utc)
+    message = _refusal(signed(secured, "GET", "/2015-03-31/functions/", when=now - dt.timedelta(minutes=6)),
+                       "InvalidSignatureException")
+    assert message.startswith("Signature expired: ") and "- 5 min.)" in message
+    message = _refusal(signed(secured, "GET", "/2015-03-31/functions/", when=now + dt.timedelta(minutes=6)),
+                       "InvalidSignatureException")
+    assert message.startswith("Signature not yet current: ")
+    # Within the 5 minutes AWS allows, the same request passes.
+    response = signed(secured, "GET", "/2015-03-31/functions/", when=now - dt.timedelta(minutes=4))
+    assert response.status == 200, response.text
+
+
+def test_a_tampered_body_is_refused_and_nothing_runs(secured):
+    path = "/2015-03-31/functions/hello/invocations"
+    response = signed(secured, "POST", path, b'{"name": "alice"}', tamper=b'{"name": "eve!!"}')
+    message = _refusal(response, "InvalidSignatureException")
+    assert "signature we calculated does not match" in message
+    log = secured.get("/system/functions/hello/logs?lines=1000", headers=bearer()).text
+    assert "START RequestId" not in log
+    # The untampered request runs.
+    response = signed(secured, "POST", path, b'{"name": "alice"}')
+    assert response.status == 200 and response.json() == {"hello": "alice"}
+
+
+def test_the_faasd_client_signs_with_the_configured_key(secured):
+    env = {**os.environ, **KEYS_ENV, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for command, expected in ((["invoke", "hello", "--data", '{"name": "cli"}'], '{"hello":"cli"}'),
+                              (["list"], "hello"), (["logs", "hello"], "STARTRequestId")):
+        done = subprocess.run([sys.executable, "-m", "faasd", *command, "--url", secured.url],
+                              capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, (command, done.stdout, done.stderr)
+        assert expected in done.stdout.replace(" ", ""), (command, done.stdout)
+    # Without the key the daemon refuses it.
+    env.pop("FAASD_AUTH_KEYS")
+    done = subprocess.run([sys.executable, "-m", "faasd", "invoke", "hello", "--url", secured.url],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "MissingAuthenticationTokenException" in done.stderr
+
+
+# -- bearer on the operator views -------------------------------------------------------
+
+def test_system_metrics_and_ui_want_a_bearer_secret(secured):
+    for path in ("/system/info", "/system/functions", "/system/functions/hello",
+                 "/system/functions/hello/logs", "/metrics", "/ui/", "/system%2Finfo"):
+        refused = secured.get(path)
+        assert refused.status == 401, (path, refused.status)
+        assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert secured.get(path, headers=bearer("wrong")).status == 401, path
+    for path in ("/system/info", "/system/functions", "/system/functions/hello", "/metrics"):
+        assert secured.get(path, headers=bearer()).status == 200, path
+    basic = "Basic " + __import__("base64").b64encode(f"{KEY_ID}:{SECRET}".encode()).decode()
+    assert secured.get("/system/info", headers={"Authorization": basic}).status == 200
+    # Probes, the API description and http triggers stay public.
+    for path in ("/healthz", "/readyz", "/openapi.json", "/function/hello"):
+        assert secured.get(path).status == 200, path
+    info = secured.get("/system/info", headers=bearer()).json()
+    assert info["isolation"]["api_auth"]["active"] is True
+
+
+# -- trigger auth -------------------------------------------------------------------------
+
+def test_a_trigger_with_auth_key_wants_one_of_the_keys(start_daemon, functions_dir):
+    write_function(functions_dir, "private/handler.py", ECHO_EVENT)
+    write_function(functions_dir, "private/function.toml",
+                   '[[triggers]]\ntype = "http"\npath = "/private"\nauth = "key"\n')
+    daemon = start_daemon(functions_dir, env=KEYS_ENV)
+    assert daemon.get("/private").status == 401
+    assert daemon.get("/private").json() == {"message": "Unauthorized"}
+    assert daemon.get("/private", headers=bearer("wrong")).status == 403
+    # /function/NAME is guarded the same way: no way around the key.
+    assert daemon.get("/function/private").status == 401
+    ok = daemon.get("/private", headers=bearer())
+    assert ok.status == 200, ok.text
+    assert ok.json()["authorizer"]["iam"]["accessKey"] == KEY_ID
+    assert daemon.get("/function/private", headers={"x-api-key": "another-secret"}).status == 200
+    # IAM-style: a SigV4 signature for execute-api, as API Gateway takes.
+    response = signed(daemon, "GET", "/private", service="execute-api")
+    assert response.status == 200 and response.json()["authorizer"]["iam"]["accessKey"] == KEY_ID
+    assert signed(daemon, "GET", "/private", service="execute-api", secret="nope").status == 403
+
+
+def test_an_authorizer_function_allows_denies_and_passes_its_context(start_daemon, functions_dir):
+    write_function(functions_dir, "authz.py", AUTHORIZER)
+    write_function(functions_dir, "guarded/handler.py", ECHO_EVENT)
+    write_function(functions_dir, "guarded/function.toml",
+                   '[[triggers]]\ntype = "http"\npath = "/guarded/{id}"\nauth = "function:authz"\n')
+    daemon = start_daemon(functions_dir)  # no [auth] keys needed for an authorizer
+    ok = daemon.get("/guarded/7", headers={"x-token": "let-me-in"})
+    assert ok.status == 200, ok.text
+    assert ok.json() == {"authorizer": {"lambda": {"user": "alice", "route": "ANY /guarded/{id}"}},
+                         "path": "/guarded/7"}
+    denied = daemon.get("/guarded/7", headers={"x-token": "guess"})
+    assert denied.status == 403 and denied.json() == {"message": "Forbidden"}
+    assert daemon.get("/function/guarded").status == 403
+    failed = daemon.get("/guarded/7", headers={"x-token": "explode"})
+    assert failed.status == 502 and failed.json() == {"message": "Internal Server Error"}
+    # The handler never ran for a refused call.
+    log = daemon.log_of("guarded")
+    assert log.count("START RequestId") == 1
+
+
+def test_trigger_auth_settings_are_validated(start_daemon, functions_dir):
+    write_function(functions_dir, "typo/handler.py", HELLO)
+    write_function(functions_dir, "typo/function.toml",
+                   '[[triggers]]\ntype = "http"\npath = "/typo"\nauht = "key"\n')
+    write_function(functions_dir, "bogus/handler.py", HELLO)
+    write_function(functions_dir, "bogus/function.toml",
+                   '[[triggers]]\ntype = "http"\npath = "/bogus"\nauth = "password"\n')
+    daemon = start_daemon(functions_dir)
+    assert "unknown key 'auht'" in daemon.function("typo")["load_error"]
+    assert "auth = 'password'" in daemon.function("bogus")["load_error"]
+    assert daemon.get("/typo").status == 404 and daemon.get("/bogus").status == 404
+
+
+# -- where faasd listens -------------------------------------------------------------------
+
+def test_a_public_address_without_keys_is_refused_unless_insecure(start_daemon, functions_dir):
+    daemon = start_daemon(functions_dir, wait=False, args=["--host", "0.0.0.0"])
+    assert daemon.process.wait(30) == 1
+    output = daemon.output()
+    assert "cannot start: [server] host = '0.0.0.0' is not a loopback address and no [auth] keys" in output
+    assert "pass --insecure" in output
+
+
+def test_a_public_address_with_keys_is_served(start_daemon, functions_dir):
+    daemon = start_daemon(functions_dir, env=KEYS_ENV, args=["--host", "0.0.0.0"])
+    assert "API authentication on (2 keys)" in daemon.output()
+    assert daemon.get("/system/info").status == 401
+
+
+def test_without_keys_faasd_says_it_is_open_on_loopback_only(start_daemon, functions_dir):
+    daemon = start_daemon(functions_dir)
+    assert "no [auth] keys: the API is open to anyone who can connect, so faasd listens on " \
+           "loopback only (127.0.0.1)" in daemon.output()
+
+
+def test_insecure_accepts_an_open_public_address_with_a_warning():
+    from faasd.auth import check_exposure
+    from faasd.config import load_config
+
+    config = load_config(None, env={}, overrides={"server": {"host": "0.0.0.0", "insecure": True}})
+    assert "OPEN to anyone" in check_exposure(config)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+def raw(daemon, data: bytes, timeout: float = 10) -> tuple[int | None, bytes]:
+    """Send bytes as they are; (status, whole answer). None: closed without an answer."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    if not answer.startswith(b"HTTP/1."):
+        return None, answer
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+BAD_REQUESTS = [
+    # header values that are not UTF-8 reach the handler as text
+    (b"GET /function/hello HTTP/1.1\r\nHost: x\r\nX-Bad: \xff\xfe\x80\r\n"
+     b"User-Agent: \xc3\x28\r\nCookie: a=\xff\r\n\r\n", {200}),
+    (b"POST /function/hello HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain; charset=\xff\r\n"
+     b"Content-Length: 3\r\n\r\n\xff\xfe\x00", {200}),
+    (b"POST /2015-03-31/functions/hello/invocations HTTP/1.1\r\nHost: x\r\n"
+     b"X-Amz-Invocation-Type: \xff\r\nContent-Length: 2\r\n\r\n{}", {400}),
+    (b"POST /2015-03-31/functions/hello/invocations HTTP/1.1\r\nHost: x\r\n"
+     b"Content-Length: 9\r\n\r\n{\"a\": 1,}", {400}),
+    (b"GET /function/hello HTTP/1.1\r\nHost: x\r\nX-Null: a\x00b\r\n\r\n", {400}),
+    (b"GET /function/hello?a=\xff HTTP/1.1\r\nHost: x\r\n\r\n", {400}),
+    (b"GET /function/hello HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", {400, 431}),
+    (b"GET /function/hello HTTP/1.1\r\nHost: x\r\n" + b"X-Many: 1\r\n" * 200 + b"\r\n", {400, 431}),
+    (b"POST /function/hello HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", {400}),
+    (b"POST /function/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}", {400}),
+    (b"POST /function/hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", {400}),
+    (b"GARBAGE\r\n\r\n", {400}),
+    # names with .., %2f, NUL, and paths that try to climb
+    (b"GET /function/..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
+    (b"GET /function/%2e%2e HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
+    (b"GET /function/a%00b HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
+    (b"GET /system/functions/..%2F..%2Fetc%2Fpasswd/logs HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
+    (b"GET /system/functions/a%00b/logs HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
+    (b"GET /system/functions/%2e%2e/logs HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
+    (b"GET /system/functions/hello/logs?lines=1e99 HTTP/1.1\r\nHost: x\r\n\r\n", {400}),
+    (b"POST /2015-03-31/functions/..%2F..%2Fetc%2Fpasswd/invocations HTTP/1.1\r\nHost: x\r\n"
+     b"Content-Length: 2\r\n\r\n{}", {404}),
+    (b"GET /2015-03-31/functions/%00 HTTP/1.1\r\nHost: x\r\n\r\n", {404}),
+    (b"GET /2015-03-31/functions/?MaxItems=x&Marker=%ff HTTP/1.1\r\nHost: x\r\n\r\n", {400}),
+    (b"GET /%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", {404}),
+    (b"GET /function/hello/..%2f..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: x\r\n\r\n", {200}),
+]
+
+
+def test_bad_input_never_gets_a_server_error(start_daemon, functions_dir):
+    write_function(functions_dir, "hello.py", HELLO)
+    daemon = start_daemon(functions_dir)
+    for request, expected in BAD_REQUESTS:
+        status, answer = raw(daemon, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1))
+        assert status in expected, (request[:120], answer[:300])
+        assert b"root:x:0:0" not in answer
+    output = daemon.output()
+    assert "Traceback" not in output and "unhandled error" not in output
+    assert daemon.get("/function/hello").status == 200
+
+
+def test_oversize_bodies_are_refused_with_413(start_daemon, functions_dir):
+    write_function(functions_dir, "hello.py", HELLO)
+    daemon = start_daemon(functions_dir, env={"FAASD_SERVER_MAX_BODY_MB": "1"})
+    big = b'"' + b"x" * (1024 * 1024 + 10) + b'"'
+    response = daemon.post("/2015-03-31/functions/hello/invocations", big)
+    assert response.status == 413
+    assert response.headers["x-amzn-errortype"] == "RequestTooLargeException"
+    assert daemon.post("/function/hello", big).status == 413
+    # Chunked, with no Content-Length to refuse up front.
+    chunk = b"x" * 65536
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(20)) + b"0\r\n\r\n"
+    status, _ = raw(daemon, b"POST /function/hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                            b"Connection: close\r\n\r\n" + body)
+    assert status == 413
+    assert daemon.get("/function/hello").status == 200
+
+
+def test_slow_clients_are_cut_off(start_daemon, functions_dir):
+    write_function(functions_dir, "hello.py", HELLO)
+    daemon = start_daemon(functions_dir, env={"FAASD_SERVER_IDLE_TIMEOUT_S": "1"})
+    # Headers that never end: the connection is closed.
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=15) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /function/hello HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        while time.monotonic() - started < 12:
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+                if sock.recv(1024, socket.MSG_DONTWAIT) == b"":
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.2)
+        assert closed, "a client trickling headers kept its connection"
+        assert time.monotonic() - started < 8
+    # A body that stalls: 408.
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=15) as sock:
+        sock.sendall(b"POST /function/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":")
+        answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert daemon.get("/function/hello").status == 200
+
+
+def test_symlinks_out_of_functions_are_refused(start_daemon, functions_dir, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.py"
+    secret.write_text("SECRET-CONTENT = 1\n")  # a syntax error that would quote the line
+    (outside / "app").mkdir()
+    (outside / "app" / "handler.py").write_text(HELLO)
+    (functions_dir / "leak.py").symlink_to(secret)
+    (functions_dir / "linked").symlink_to(outside / "app")
+    write_function(functions_dir, "inner/handler.py", HELLO)
+    (functions_dir / "alias.py").symlink_to(functions_dir / "inner" / "handler.py")  # inside: fine
+    daemon = start_daemon(functions_dir)
+    for name in ("leak", "linked"):
+        error = daemon.function(name)["load_error"]
+        assert "is a symlink to" in error and "outside the functions directory" in error, error
+        response = daemon.get(f"/function/{name}")
+        assert response.status == 502
+        assert b"SECRET-CONTENT" not in response.body
+    assert "SECRET-CONTENT" not in daemon.get("/system/functions").text
+    assert daemon.function("alias")["load_error"] is None
+    assert daemon.get("/function/alias").json() == {"hello": "world"}
+
+
+# -- the OpenAPI document, checked by Schemathesis ---------------------------------------------
+
+def test_schemathesis_finds_no_server_error(start_daemon, functions_dir, tmp_path):
+    write_function(functions_dir, "hello.py", HELLO)
+    daemon = start_daemon(functions_dir)
+    document = daemon.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    assert "/2015-03-31/functions/{name}/invocations" in document["paths"]
+    done = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", daemon.url + "/openapi.json",
+         "--checks", "not_a_server_error", "--max-time", "40", "--workers", "1",
+         "--request-timeout", "10", "--seed", "1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "NO_COLOR": "1"})
+    summary = done.stdout[-3000:]
+    assert done.returncode == 0, summary + done.stderr[-2000:]
+    assert "generated" in summary and " passed" in summary
+    assert "Traceback" not in daemon.output()

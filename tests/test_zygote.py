@@ -1,0 +1,137 @@
+"""Workers forked from a per-revision template: real daemon, real forks, real /proc."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from support import process_state, wait_until, write_function
+
+STATE = """
+import os, time
+IMPORTED_AT = time.time()          # runs once, in the template
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    if event.get("write"):
+        open(os.path.join("/tmp", event["write"]), "w").write("x")
+    if event.get("crash"):
+        os.kill(os.getpid(), 11)
+    return {"pid": os.getpid(), "imported_at": IMPORTED_AT, "tmp": sorted(os.listdir("/tmp")),
+            "tmpdir": os.environ["TMPDIR"], "stream": context.log_stream_name}
+"""
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("PPid:"))
+
+
+def concurrent(daemon, name: str, events: list[dict]) -> list[dict]:
+    results: list[dict] = [{}] * len(events)
+
+    def call(index: int, event: dict) -> None:
+        results[index] = daemon.invoke(name, event).json()
+
+    threads = [threading.Thread(target=call, args=(i, e)) for i, e in enumerate(events)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def template_of(daemon, name: str) -> dict | None:
+    return daemon.function(name)["template"]
+
+
+def test_new_workers_are_forked_from_the_template_that_imported_the_handler(daemon):
+    write_function(daemon.functions, "fn.py", STATE)
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    first = daemon.invoke("fn").json()
+    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
+                          message="the template to be ready")
+    results = concurrent(daemon, "fn", [{"sleep": 0.5}] * 3)
+    forked = [r for r in results if r["pid"] != first["pid"]]
+    assert len(forked) >= 2
+    for result in forked:
+        assert parent_of(result["pid"]) == template["pid"]
+        assert result["stream"] != first["stream"]
+    assert len({r["pid"] for r in forked}) == len(forked)
+    # Module-level code ran once, in the template: every fork shares its result,
+    # which is not the spawned first worker's.
+    assert len({r["imported_at"] for r in forked}) == 1
+    assert forked[0]["imported_at"] != first["imported_at"]
+    workers = {w["pid"]: w for w in daemon.workers("fn")}
+    assert all(workers[r["pid"]]["init_ms"] < 1000 for r in forked)
+
+
+def test_each_forked_worker_has_its_own_tmp(daemon):
+    write_function(daemon.functions, "fn.py", STATE)
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    daemon.invoke("fn")
+    wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms"), message="the template")
+    results = concurrent(daemon, "fn", [{"sleep": 0.6, "write": f"mine-{i}"} for i in range(3)])
+    for index, result in enumerate(results):
+        assert f"mine-{index}" in result["tmp"]
+        assert not any(name.startswith("mine-") and name != f"mine-{index}" for name in result["tmp"])
+        assert result["tmpdir"] == "/tmp"
+
+
+def test_a_code_change_builds_a_new_template_and_the_old_one_goes(daemon):
+    write_function(daemon.functions, "fn.py", STATE)
+    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    daemon.invoke("fn")
+    old = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
+                     message="the first template")
+    write_function(daemon.functions, "fn.py", STATE.replace("IMPORTED_AT = ", "VERSION = 2\nIMPORTED_AT = "))
+    wait_until(lambda: daemon.function("fn")["revision"] != old["revision"], message="the new revision")
+    daemon.invoke("fn")
+    new = wait_until(lambda: (template_of(daemon, "fn") or {}).get("revision") != old["revision"]
+                     and (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
+                     message="the new template")
+    assert new["pid"] != old["pid"]
+    wait_until(lambda: process_state(old["pid"]) in (None, "Z"), timeout=15, message="the old template to stop")
+
+
+def test_a_crashing_forked_worker_reports_its_signal_and_is_replaced(daemon):
+    write_function(daemon.functions, "fn.py", STATE)
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    daemon.invoke("fn")
+    wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms"), message="the template")
+    results = concurrent(daemon, "fn", [{"sleep": 0.5}, {"sleep": 0.1, "crash": True}])
+    crashed = [r for r in results if "errorType" in r]
+    assert crashed and crashed[0]["errorType"] == "Runtime.ExitError"
+    assert "segmentation fault" in crashed[0]["errorMessage"]
+    assert daemon.invoke("fn").json()["pid"] > 0
+
+
+def test_when_the_template_dies_workers_are_spawned_again(daemon):
+    write_function(daemon.functions, "fn.py", STATE)
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    daemon.invoke("fn")
+    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
+                          message="the template")
+    os.kill(template["pid"], signal.SIGKILL)
+    wait_until(lambda: (template_of(daemon, "fn") or {}).get("pid") != template["pid"], message="the template to go")
+    results = concurrent(daemon, "fn", [{"sleep": 0.4}] * 3)
+    assert all(r.get("pid") for r in results), results
+    assert "died" in daemon.output()
+
+
+def test_templates_can_be_turned_off(start_daemon, functions_dir):
+    write_function(functions_dir, "fn.py", STATE)
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_ZYGOTE": "false"})
+    first = daemon.invoke("fn").json()
+    results = concurrent(daemon, "fn", [{"sleep": 0.3}] * 2)
+    time.sleep(0.5)
+    assert template_of(daemon, "fn") is None
+    for result in results:
+        if result["pid"] != first["pid"]:
+            assert parent_of(result["pid"]) == daemon.process.pid
+            assert result["imported_at"] != first["imported_at"]
