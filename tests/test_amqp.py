@@ -94,6 +94,8 @@ class Names:
 
 @pytest.fixture
 def names(amqp_url: str) -> Iterator[Names]:
+    """Listed first by each test, so that it is torn down after the daemons (which would
+    re-declare a deleted queue they consume)."""
     found = Names(amqp_url)
     yield found
     found.cleanup()
@@ -217,8 +219,8 @@ def sns_messages(daemon, name: str) -> list[str]:
 
 # -- tests ------------------------------------------------------------------------------
 
-def test_one_order_fans_out_to_both_example_functions_as_sns(start_daemon, functions_dir, tmp_path,
-                                                             names, amqp_url):
+def test_one_order_fans_out_to_both_example_functions_as_sns(
+        names, start_daemon, functions_dir, tmp_path, amqp_url):
     exchange = names.exchange()
     for example in ("order-billing", "order-shipping"):
         shutil.copytree(EXAMPLES / example, functions_dir / example)
@@ -262,7 +264,7 @@ def test_one_order_fans_out_to_both_example_functions_as_sns(start_daemon, funct
     assert state["acked"] == 1 and state["queue"] == f"faasd.order-billing.{exchange}"
 
 
-def test_raw_and_rmq_formats(start_daemon, functions_dir, tmp_path, names, amqp_url):
+def test_raw_and_rmq_formats(names, start_daemon, functions_dir, tmp_path, amqp_url):
     exchange = names.exchange("events")
     amqp_function(functions_dir, "raw", f'exchange = "{exchange}"\nformat = "raw"')
     amqp_function(functions_dir, "rmq", f'exchange = "{exchange}"\nformat = "rmq"')
@@ -289,8 +291,8 @@ def test_raw_and_rmq_formats(start_daemon, functions_dir, tmp_path, names, amqp_
     assert message["basicProperties"]["bodySize"] == len(b'{"answer": 42}')
 
 
-def test_fifty_messages_none_lost_and_every_one_acknowledged(start_daemon, functions_dir, tmp_path,
-                                                             names, amqp_url):
+def test_fifty_messages_none_lost_and_every_one_acknowledged(
+        names, start_daemon, functions_dir, tmp_path, amqp_url):
     exchange = names.exchange()
     amqp_function(functions_dir, "orders", f'exchange = "{exchange}"\nrouting_key = "order.*"',
                   concurrency=4)
@@ -305,7 +307,8 @@ def test_fifty_messages_none_lost_and_every_one_acknowledged(start_daemon, funct
     assert amqp_state(daemon, "orders")["max_inflight"] <= 4
 
 
-def test_prefetch_keeps_a_backlog_on_the_broker(start_daemon, functions_dir, tmp_path, names, amqp_url):
+def test_prefetch_keeps_a_backlog_on_the_broker(
+        names, start_daemon, functions_dir, tmp_path, amqp_url):
     exchange = names.exchange()
     amqp_function(functions_dir, "slow", f'exchange = "{exchange}"', sleep=0.2, concurrency=2)
     queue = names.consumer_queue("slow", exchange)
@@ -321,8 +324,8 @@ def test_prefetch_keeps_a_backlog_on_the_broker(start_daemon, functions_dir, tmp
     assert state["max_inflight"] <= 2 and state["received"] <= done + 2 + 1
 
 
-def test_failures_are_retried_then_dead_lettered_to_the_broker_and_the_dir(start_daemon, functions_dir,
-                                                                          tmp_path, names, amqp_url):
+def test_failures_are_retried_then_dead_lettered_to_the_broker_and_the_dir(
+        names, start_daemon, functions_dir, tmp_path, amqp_url):
     exchange = names.exchange()
     amqp_function(functions_dir, "broken", f'exchange = "{exchange}"', fail=True,
                   extra="[async]\nmax_retries = 1\nretry_delays_s = [0.2]")
@@ -348,7 +351,7 @@ def test_failures_are_retried_then_dead_lettered_to_the_broker_and_the_dir(start
 
 
 def test_a_cut_connection_is_restored_with_readyz_degraded_meanwhile_and_nothing_lost(
-        start_daemon, functions_dir, tmp_path, names, amqp_url):
+        names, start_daemon, functions_dir, tmp_path, amqp_url):
     exchange = names.exchange()
     amqp_function(functions_dir, "steady", f'exchange = "{exchange}"', sleep=0.1, concurrency=2)
     queue = names.consumer_queue("steady", exchange)
@@ -385,8 +388,8 @@ def test_a_cut_connection_is_restored_with_readyz_degraded_meanwhile_and_nothing
         proxy.close()
 
 
-def test_kill_9_with_messages_pending_they_are_redelivered_on_restart(start_daemon, functions_dir,
-                                                                       tmp_path, names, amqp_url):
+def test_kill_9_with_messages_pending_they_are_redelivered_on_restart(
+        names, start_daemon, functions_dir, tmp_path, amqp_url):
     exchange = names.exchange()
     amqp_function(functions_dir, "worker", f'exchange = "{exchange}"', sleep=0.2, concurrency=2)
     queue = names.consumer_queue("worker", exchange)
@@ -407,7 +410,7 @@ def test_kill_9_with_messages_pending_they_are_redelivered_on_restart(start_daem
 
 
 def test_without_a_broker_amqp_triggers_are_disabled_or_retrying_and_the_rest_works(
-        start_daemon, functions_dir, tmp_path, names):
+        names, start_daemon, functions_dir, tmp_path):
     exchange = names.exchange()
     amqp_function(functions_dir, "listener", f'exchange = "{exchange}"')
     write_function(functions_dir, "hello.py", "def handler(event, context):\n    return 'hi'\n")
@@ -441,7 +444,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_amqp_triggers_follow_hot_reload(start_daemon, functions_dir, tmp_path, names, amqp_url):
+def test_amqp_triggers_follow_hot_reload(names, start_daemon, functions_dir, tmp_path, amqp_url):
     first, second = names.exchange("first"), names.exchange("second")
     names.consumer_queue("mover", first)
     names.consumer_queue("mover", second)

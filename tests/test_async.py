@@ -124,7 +124,9 @@ def test_a_retry_that_succeeds_is_not_dead_lettered(daemon, probe):
     """)
     write_function(daemon.functions, "flaky.toml",
                    'min_warm = 1\nconcurrency = 1\n[async]\nretry_delays_s = [0, 0]\n')
-    wait_until(lambda: daemon.get("/system/functions/flaky").status == 200)
+    # Module state lives in one worker: let the prewarmed one be the only one.
+    wait_until(lambda: [w["state"] for w in daemon.workers("flaky")] in (["idle"], ["frozen"]),
+               message="the prewarmed worker")
     event(daemon, "flaky", {})
     wait_until(lambda: queue_view(daemon, "flaky")["succeeded"] == 1, 30, message="a success")
     view = queue_view(daemon, "flaky")

@@ -346,3 +346,19 @@ def test_bad_file_trigger_options_name_the_file_and_the_key(tmp_path, toml, mess
     write_function(tmp_path, "fn/function.toml", toml)
     spec = load_spec("fn", tmp_path / "fn")
     assert spec.load_error is not None and spec.load_error.startswith(message), spec.load_error
+
+
+def test_a_function_sees_its_watched_dir_and_no_other_function_does(start_daemon, functions_dir, tmp_path):
+    peek = "import os\ndef handler(event, context):\n    return {p: os.path.exists(p) for p in event['paths']}\n"
+    write_function(functions_dir, "owner/handler.py", peek)
+    write_function(functions_dir, "owner/function.toml", '[[triggers]]\ntype = "file"\ndir = "bucket"\n')
+    write_function(functions_dir, "other.py", peek)
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: watching(daemon, "owner"))
+    upload = tmp_path / "data" / "bucket" / "f.bin"
+    upload.write_bytes(b"x")
+    paths = [str(upload), str(tmp_path / "data" / "queue.db")]
+    assert daemon.invoke("owner", {"paths": paths}).json() == {paths[0]: True, paths[1]: False}
+    isolation = daemon.get("/system/info").json()["isolation"]
+    if isolation["private_data"]["active"]:
+        assert daemon.invoke("other", {"paths": paths}).json() == {paths[0]: False, paths[1]: False}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, descendants, pids_with_env, process_state, wait_until, write_function
+from support import ROOT, pids_with_env, process_state, wait_until, write_function
 
 OK = """
 def handler(event, context):
@@ -298,6 +298,7 @@ import errno, os, time
 
 def handler(event, context):
     if event.get("bomb"):
+        print(f"bomb pid={os.getpid()}", flush=True)
         while True:
             try:
                 os.fork()
@@ -335,8 +336,16 @@ def test_fork_bomb_is_contained(start_daemon, functions_dir):
     # The real thing: every process of it dies with the invocation.
     result, error = invoke(daemon, "forks", {"bomb": True})
     assert error in ("Sandbox.Timedout", "Runtime.OutOfMemory"), result
-    wait_until(lambda: len(descendants(daemon.process.pid)) <= 2, timeout=10,
-               message="the fork bomb's processes to be gone")
+    pid = int(daemon.log_of("forks").split("bomb pid=")[1].split()[0])
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(group_gone, timeout=10, message="every process of the fork bomb to be gone")
     still_serving(daemon)
 
 
@@ -421,19 +430,29 @@ def test_huge_and_unserialisable_results_fail_that_invocation_only(start_daemon,
 
 
 STUBBORN = """
-import os, signal, time
+import os, signal, sys, time
 
 def handler(event, context):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(f"worker pid={os.getpid()}", flush=True)
     if event.get("child"):
         if os.fork() == 0:
             os.setsid()  # leaves the worker's process group
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            time.sleep(300)
-            os._exit(0)
+            os.execv("/bin/sleep", ["sleep", "300.25"])  # SIGTERM stays ignored across exec
     time.sleep(event.get("sleep", 0))
     return os.getpid()
 """
+
+
+def _sleepers(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and open(f"/proc/{entry}/cmdline", "rb").read() == f"sleep\0{marker}\0".encode():
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
 
 
 def test_handler_ignoring_sigterm_is_killed_on_timeout_and_at_shutdown(start_daemon, functions_dir):
@@ -443,9 +462,9 @@ def test_handler_ignoring_sigterm_is_killed_on_timeout_and_at_shutdown(start_dae
     daemon = start_daemon(functions_dir)
     result, error = invoke(daemon, "stubborn", {"sleep": 30, "child": True})
     assert error == "Sandbox.Timedout", result
-    wait_until(lambda: len(descendants(daemon.process.pid)) == 0, timeout=10,
-               message="the worker and the child that left its process group to die: " + repr(
-                   [(p, open(f"/proc/{p}/cmdline").read()) for p in descendants(daemon.process.pid)]))
+    pid = int(daemon.log_of("stubborn").split("worker pid=")[1].split()[0])
+    wait_until(lambda: process_state(pid) in (None, "Z") and not _sleepers("300.25"), timeout=10,
+               message="the worker and the child that left its process group to die")
     still_serving(daemon)
     # A worker that ignores SIGTERM does not hold up the daemon's exit.
     pid, error = invoke(daemon, "stubborn")

@@ -343,6 +343,7 @@ def _serve_as_template():
 
 def _fork_spare(tmp_mb):
     """Fork a child that isolates itself and waits for its start parameters."""
+    template_pid = os.getpid()
     try:
         control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_read, out_write = os.pipe()
@@ -353,7 +354,7 @@ def _fork_spare(tmp_mb):
         control.close()
         os.close(out_read)
         try:
-            _spare(child_control, out_write, tmp_mb)
+            _spare(child_control, out_write, tmp_mb, template_pid)
         finally:
             os._exit(70)
     child_control.close()
@@ -362,7 +363,7 @@ def _fork_spare(tmp_mb):
     return pid, control, out_read
 
 
-def _spare(control, out_write, tmp_mb):
+def _spare(control, out_write, tmp_mb, template_pid):
     """In a forked child: take the new channel and output, isolate /tmp, wait, then serve."""
     global _sock, _T0
     import signal
@@ -374,10 +375,15 @@ def _spare(control, out_write, tmp_mb):
     os.dup2(out_write, 1)
     os.dup2(out_write, 2)
     os.close(out_write)
+    own_tmp = _own_tmp(tmp_mb)
+    # Die with the template. Set after entering a user namespace, which
+    # clears the parent-death signal; then make sure the template is still
+    # there (it may have died before the signal was armed).
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # die with the template
-    own_tmp = _own_tmp(tmp_mb)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != template_pid:
+        os._exit(0)
     kind, payload = _recv_frame()
     if kind != protocol.FORK:
         os._exit(0)

@@ -57,6 +57,7 @@ class TriggerSource(ABC):
     def __init__(self, daemon: "Daemon") -> None:
         self.daemon = daemon
         self.running: dict[tuple[str, int], tuple[Hashable, RunningTrigger]] = {}
+        self.failures: dict[tuple[str, int], str] = {}  # triggers that could not start, and why
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
@@ -124,8 +125,12 @@ class TriggerSource(ABC):
                 except Exception as exc:
                     log.exception("function %s: cannot start its %s trigger #%d: %s",
                                   name, self.kind, index, exc)
+                    self.failures[(name, index)] = f"cannot start: {exc}"
                     continue
+                self.failures.pop((name, index), None)
                 self.running[(name, index)] = (fingerprint, running)
+            for key in [k for k in self.failures if k[0] == name and k[1] not in wanted]:
+                del self.failures[key]
             if spec is None:
                 self._locks.pop(name, None)
 
@@ -157,6 +162,8 @@ class TriggerSource(ABC):
             elif spec is not None and not spec.ok:
                 entry["state"] = {"status": "paused", "reason": "the function cannot load; "
                                   "events wait until it is fixed"}
+            elif (name, index) in self.failures:
+                entry["state"] = {"status": "error", "reason": self.failures[(name, index)]}
             elif spec is not None and (reason := self.not_running_reason(spec)):
                 entry["state"] = {"status": "disabled", "reason": reason}
             else:
