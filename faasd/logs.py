@@ -20,6 +20,7 @@ from typing import AsyncIterator, BinaryIO, Callable
 import orjson
 
 MAX_LINE = 16 * 1024  # longer lines are cut, with a marker
+MAX_TAIL_BYTES = 64 * 1024 * 1024  # the most a tail request reads back
 
 
 _stamp_key = -1
@@ -110,18 +111,32 @@ class FunctionLogs:
                 pass  # stdout gone or full: the per-function files still have every line
 
     def tail(self, name: str, lines: int = 100) -> list[str]:
+        """The last `lines` lines of a function's log (read backwards, block by block)."""
         if lines <= 0:
             return []
         self.flush()
+        block = 64 * 1024
         try:
             with open(self.path(name), "rb") as handle:
-                handle.seek(0, os.SEEK_END)
-                size = handle.tell()
-                handle.seek(max(0, size - 256 * 1024))
-                data = handle.read().decode("utf-8", "replace")
+                position = handle.seek(0, os.SEEK_END)
+                chunks: list[bytes] = []
+                newlines = 0
+                while position > 0 and newlines <= lines:
+                    step = min(block, position)
+                    position -= step
+                    handle.seek(position)
+                    chunk = handle.read(step)
+                    chunks.append(chunk)
+                    newlines += chunk.count(b"\n")
+                    if len(chunks) * block >= MAX_TAIL_BYTES:
+                        break
         except FileNotFoundError:
             return []
-        return [line + "\n" for line in data.splitlines()[-lines:]]
+        data = b"".join(reversed(chunks)).decode("utf-8", "replace")
+        found = data.splitlines()
+        if position > 0 and found:
+            found = found[1:]  # the first one may be cut
+        return [line + "\n" for line in found[-lines:]]
 
     def follow(self, name: str) -> AsyncIterator[str]:
         """New lines of a function's log, from this call on (not from the first read)."""
