@@ -13,6 +13,7 @@ Both sides start with the whole backlog already in the broker.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import urllib.request
@@ -60,8 +61,9 @@ async def bare_round() -> float:
 
 
 def reports(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/system/functions/sink/logs?lines=10000000") as response:
-        return sum(1 for line in response if b"\tREPORT RequestId:" in line)
+    """Events of the function that ended in success (the queue's own count)."""
+    with urllib.request.urlopen(f"{url}/system/functions/sink") as response:
+        return json.loads(response.read())["queue"]["succeeded"]
 
 
 async def faasd_round(url: str, exchange: str, done_before: int) -> float:

@@ -20,6 +20,12 @@ Asynchronous work enters here and nowhere else:
   * Returns the request id once the event is committed to disk (SQLite, WAL,
     synchronous=FULL): from then on it survives kill -9 and power loss.
     Raises `ShuttingDown` once the queue is closing.
+  * `durable=False`: for a source that keeps the event itself until
+    `on_done` (a broker's unacknowledged message). The event takes the same
+    path -- dispatch, limits, retries, dead letters, destinations -- but is
+    held in memory only, so it costs no disk writes; after a crash the
+    source delivers it again. Dead-letter files and destination events it
+    produces are durable as always.
 
 Delivery is at least once. An event leaves the queue only after its
 invocation ended and its outcome (success, retry, dead letter) is committed;
@@ -313,6 +319,11 @@ class AsyncQueue:
         self._dispatcher: asyncio.Task | None = None
         self._tasks: dict[int, asyncio.Task] = {}
         self._callbacks: dict[int, OnDone] = {}
+        # Events put with durable=False, by function, in arrival order; negative ids.
+        self._held: dict[str, dict[int, _Event]] = {}
+        self._held_due: dict[int, float] = {}  # next attempt time of each held event
+        self._held_running: set[int] = set()
+        self._held_ids = 0
         self._counts: dict[str, _Counts] = {}
         self._wake = asyncio.Event()
         self._closing = False
@@ -393,7 +404,7 @@ class AsyncQueue:
     # -- the API for event sources -----------------------------------------------------------
 
     async def put(self, function: str, payload: bytes, *, request_id: str | None = None,
-                  source: str = "api", on_done: OnDone | None = None) -> str:
+                  source: str = "api", on_done: OnDone | None = None, durable: bool = True) -> str:
         """Queue one event durably; return its request id. See the module docstring."""
         if self._closing:
             raise ShuttingDown("faasd is shutting down: the event was not queued")
@@ -411,6 +422,13 @@ class AsyncQueue:
                 self._callbacks[event_id] = on_done
             self._wake.set()
 
+        if not durable:
+            self._held_ids -= 1
+            event = _Event(self._held_ids, function, request_id, data, source, now, 0, 0, None)
+            self._held.setdefault(function, {})[event.id] = event
+            self._held_due[event.id] = now
+            committed(event.id)
+            return request_id
         await self._write(lambda conn: _insert(conn, function, request_id, data, source, now),
                           committed)
         return request_id
@@ -523,6 +541,9 @@ class AsyncQueue:
             return MAX_IDLE_S  # the daemon is stopping: what is queued stays for the next start
         candidates, total = self._candidates()
         now = time.time()
+        # Held (memory-only) events first: they cost no transaction.
+        held, candidates, total, held_due = self._claim_held(candidates, total, now)
+        self._start_events(held)
 
         def claim(conn: sqlite3.Connection) -> tuple[list[_Event], float | None]:
             left = total
@@ -542,14 +563,50 @@ class AsyncQueue:
             return events, due
 
         def started(result: tuple[list[_Event], float | None]) -> None:
-            for event in result[0]:
-                self._count(event.function).running += 1
-                task = self._loop.create_task(self._run(event), name=f"faasd-queue-{event.request_id}")
-                self._tasks[event.id] = task
-                task.add_done_callback(lambda _, event_id=event.id: self._tasks.pop(event_id, None))
+            self._start_events(result[0])
 
-        _, due = await self._write(claim, started)
+        if candidates and total > 0 or not held:
+            _, due = await self._write(claim, started)
+        else:
+            due = None
+        due = min((d for d in (due, held_due) if d is not None), default=None)
         return MAX_IDLE_S if due is None else due - time.time()
+
+    def _claim_held(self, candidates: list[tuple[str, int]], total: int, now: float
+                    ) -> tuple[list[_Event], list[tuple[str, int]], int, float | None]:
+        """Take ready held events; return them, what is left to take from disk, and the next due time."""
+        events: list[_Event] = []
+        rest: list[tuple[str, int]] = []
+        next_due: float | None = None
+        for function, take in candidates:
+            for event_id, event in self._held.get(function, {}).items():
+                if take <= 0 or total <= 0:
+                    break
+                if event_id in self._held_running:
+                    continue
+                due = self._held_due[event_id]
+                if due > now:
+                    next_due = due if next_due is None else min(next_due, due)
+                    continue
+                self._held_running.add(event_id)
+                events.append(event)
+                take -= 1
+                total -= 1
+            if take > 0:
+                rest.append((function, take))
+        return events, rest, total, next_due
+
+    def _start_events(self, events: list[_Event]) -> None:
+        for event in events:
+            self._count(event.function).running += 1
+            task = self._loop.create_task(self._run(event), name=f"faasd-queue-{event.request_id}")
+            self._tasks[event.id] = task
+            task.add_done_callback(lambda _, event_id=event.id: self._tasks.pop(event_id, None))
+
+    def _forget_held(self, event: _Event) -> None:
+        self._held.get(event.function, {}).pop(event.id, None)
+        self._held_due.pop(event.id, None)
+        self._held_running.discard(event.id)
 
     async def _run(self, event: _Event) -> None:
         try:
@@ -608,6 +665,12 @@ class AsyncQueue:
             counts.retried += 1
             self._wake.set()
 
+        if event.id < 0:  # held in memory
+            event.attempts, event.last_error = attempts, last_error
+            self._held_due[event.id] = next_at
+            self._held_running.discard(event.id)
+            committed(None)
+            return
         await self._write(retry, committed)
 
     async def _release(self, event: _Event) -> None:
@@ -618,6 +681,10 @@ class AsyncQueue:
             if not self._closing and not self.invoker.draining:
                 self._wake.set()
 
+        if event.id < 0:
+            self._held_running.discard(event.id)
+            committed(None)
+            return
         await self._write(lambda conn: conn.execute(
             "UPDATE events SET running = 0 WHERE id = ?", (event.id,)), committed)
 
@@ -681,8 +748,9 @@ class AsyncQueue:
         new_request_id = str(uuid.uuid4())
 
         def done(conn: sqlite3.Connection) -> int | None:
-            conn.execute("DELETE FROM events WHERE id = ?", (event.id,))
-            _bump(conn, event.function, "succeeded")
+            if event.id > 0:
+                conn.execute("DELETE FROM events WHERE id = ?", (event.id,))
+                _bump(conn, event.function, "succeeded")
             if target is None or record is None:
                 return None
             return _insert(conn, target, new_request_id, record, "destination", now, event.hops + 1)
@@ -696,7 +764,14 @@ class AsyncQueue:
                 self._count(target).pending[destination_id] = now
             self._wake.set()
 
-        await self._write(done, committed)
+        if event.id < 0:
+            self._forget_held(event)
+            if target is None:
+                committed(None)  # nothing to write
+            else:
+                await self._write(done, committed)
+        else:
+            await self._write(done, committed)
         if attempts > 1 or event.source == "destination":
             log.info("async %s %s (from %s): succeeded on attempt %d", event.function,
                      event.request_id, event.source, attempts)
@@ -724,8 +799,9 @@ class AsyncQueue:
                 # The file is on disk before the event leaves the queue: a
                 # crash in between writes the same file again, never loses it.
                 _write_file_durably(path, record)
-            conn.execute("DELETE FROM events WHERE id = ?", (event.id,))
-            _bump(conn, event.function, "dead_lettered")
+            if event.id > 0:
+                conn.execute("DELETE FROM events WHERE id = ?", (event.id,))
+                _bump(conn, event.function, "dead_lettered")
             return destination_id
 
         def committed(destination_id: int | None) -> None:
@@ -737,6 +813,8 @@ class AsyncQueue:
                 self._count(target).pending[destination_id] = now
             self._wake.set()
 
+        if event.id < 0:
+            self._forget_held(event)
         await self._write(dead_letter, committed)
         where = f"function {target}" if target else str(path)
         reason = f"{error.error_type}: {error.message[:200]}" if error else "never ran"

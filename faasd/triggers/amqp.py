@@ -576,9 +576,11 @@ class AmqpTrigger(RunningTrigger):
             request_id = message_id = str(uuid.uuid4())
         try:
             payload = self._event(message, message_id)
+            # The broker keeps the message until it is settled in on_done, so the
+            # event need not be written to disk a second time (durable=False).
             await queue_of(self.source.daemon).put(
                 self.spec.name, payload, request_id=request_id, source="amqp",
-                on_done=lambda outcome: self._settle(message, outcome))
+                on_done=lambda outcome: self._settle(message, outcome), durable=False)
         except Exception as exc:
             self.last_error = f"message not queued: {exc}"
             log.error("function %s: AMQP message from %s not queued (%s); handing it back to the broker",
