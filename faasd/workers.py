@@ -354,8 +354,12 @@ class ProcessWorker(Worker):
                 self.cgroup = None
         self._pidfd = os.pidfd_open(self.pid)
         loop.add_reader(self._pidfd, self._on_exit)
-        self._output_transport, self._output = await loop.connect_read_pipe(
-            lambda: _Output(self), os.fdopen(out_read, "rb", buffering=0))
+        await self._await_ready(out_read, started)
+
+    async def _await_ready(self, output_fd: int, started: float) -> None:
+        """Read the process's output from `output_fd`; wait for its READY; set init_ms."""
+        self._output_transport, self._output = await self._loop.connect_read_pipe(
+            lambda: _Output(self), os.fdopen(output_fd, "rb", buffering=0))
         # As Lambda: 10 s to initialise, or the function's timeout if longer.
         init_timeout = max(INIT_TIMEOUT_S, self.spec.timeout_s)
         try:

@@ -35,8 +35,8 @@ from .errors import INIT, FunctionError
 from .limits import WorkerCgroup
 from .spec import FunctionSpec
 from .workers import (
-    INIT_TIMEOUT_S, SITE_PATH_ENV, ProcessWorker, WorkerEnvironment, WorkerInitError, WorkerState,
-    _Control, _Output, python_command, python_site_path,
+    SITE_PATH_ENV, ProcessWorker, WorkerEnvironment, WorkerInitError, WorkerState, _Control,
+    python_command, python_site_path,
 )
 
 log = logging.getLogger("faasd.zygote")
@@ -269,19 +269,9 @@ class ForkedWorker(ProcessWorker):
         loop.add_reader(self._pidfd, self._on_exit)
         _, self._control = await loop.connect_accepted_socket(
             lambda: _Control(self), socket.socket(fileno=control))
-        self._output_transport, self._output = await loop.connect_read_pipe(
-            lambda: _Output(self), os.fdopen(output, "rb", buffering=0))
-        init_timeout = max(INIT_TIMEOUT_S, self.spec.timeout_s)
-        try:
-            await asyncio.wait_for(self._ready, init_timeout)
-        except WorkerInitError:
-            self.kill()
-            raise
-        except asyncio.TimeoutError:
-            self.kill()
-            raise WorkerInitError(FunctionError(INIT, "Sandbox.Timedout", "the forked worker never said READY"),
-                                  (time.monotonic() - started) * 1000, []) from None
-        self.init_ms = (time.monotonic() - started) * 1000
+        await self._await_ready(output, started)
+
+    init_hint = "the forked worker never said READY"
 
     def _on_exit(self) -> None:
         if self._pidfd is None:
