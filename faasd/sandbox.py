@@ -445,8 +445,11 @@ class Sandbox:
         self.hide_note = hide_note
         self.run_as_note = run_as_note
         self.nproc = user_process_limit() if run_as else None
-        # The worker interpreter's installation, which it reads from after the mounts.
+        # The worker interpreter's installation, which it reads from after the
+        # mounts -- and, when `python` is a virtual environment's, that
+        # environment too: a bootstrap may run it by its own path.
         self.python_prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+        self.python_env = os.path.dirname(os.path.dirname(os.path.abspath(python)))
 
     # -- start --------------------------------------------------------------------------
 
@@ -552,7 +555,7 @@ class Sandbox:
             "read_only": self.read_only,
             "hide": self.hide,
             # What workers need that a tmpfs over /tmp would cover.
-            "visible": _unique(self.read_only + [self.python_prefix]),
+            "visible": _unique(self.read_only + [self.python_prefix, self.python_env]),
             "rlimits": {"NOFILE": MAX_OPEN_FILES, "CORE": 0, "FSIZE": tmp_mb * MB},
             "uid": None,
             "gid": None,

@@ -100,6 +100,8 @@ def test_failures_are_retried_with_one_request_id_then_dead_lettered(daemon, pro
     assert record["responsePayload"]["stackTrace"]
     assert record["faasd"]["source"] == "api" and record["faasd"]["attempts"] == 3
     assert ISO.fullmatch(record["faasd"]["enqueuedAt"])
+    # The record is written inside the transaction; the figures follow its commit.
+    wait_until(lambda: queue_view(daemon, "doomed")["dead_lettered"] == 1, message="the figures")
     view = queue_view(daemon, "doomed")
     assert (view["depth"], view["retried"], view["dead_lettered"]) == (0, 2, 1)
 
