@@ -251,6 +251,11 @@ class FunctionPool:
         if (not self.settings.zygote or self.closing or self.spec.runtime != "python"
                 or self._template_failed == self.spec.revision):
             return
+        sandbox = self.env.sandbox
+        if sandbox is not None and not sandbox.mount:
+            # Without mount namespaces a forked worker's /tmp would escape the
+            # per-worker quota the daemon measures: spawn every worker instead.
+            return
         current = self.template
         if current is not None and current.spec.revision == self.spec.revision and current.alive:
             return
