@@ -101,6 +101,13 @@ class Daemon:
                 "note": "workers cannot ptrace the daemon or read its memory and environment"
                         if undumpable else "prctl(PR_SET_DUMPABLE) failed"},
             "api_auth": {"active": bool(config.auth.keys), "note": exposure},
+            "worker_templates": {
+                "active": config.workers.zygote and sandbox.mount,
+                "note": ("new Python workers fork from a per-revision template; each gets its own "
+                         "process group, memory cgroup and tmpfs /tmp, and shares the template's "
+                         "pids limit" if config.workers.zygote and sandbox.mount else
+                         "off: [workers] zygote = false" if not config.workers.zygote else
+                         "off: without mount namespaces a forked worker's /tmp would escape its quota")},
         }
         log.info("faasd %s starting: functions %s, data %s", __version__, config.paths.functions, data)
         log.info("%s", exposure)
