@@ -66,6 +66,7 @@ def test_new_workers_are_forked_from_the_template_that_imported_the_handler(daem
     assert forked[0]["imported_at"] != first["imported_at"]
     workers = {w["pid"]: w for w in daemon.workers("fn")}
     assert all(workers[r["pid"]]["init_ms"] < 1000 for r in forked)
+    assert daemon.get("/system/info").json()["isolation"]["worker_templates"]["active"] is True
 
 
 def test_each_forked_worker_has_its_own_tmp(daemon):
@@ -131,6 +132,8 @@ def test_templates_can_be_turned_off(start_daemon, functions_dir):
     results = concurrent(daemon, "fn", [{"sleep": 0.3}] * 2)
     time.sleep(0.5)
     assert template_of(daemon, "fn") is None
+    templates = daemon.get("/system/info").json()["isolation"]["worker_templates"]
+    assert templates["active"] is False and "zygote = false" in templates["note"]
     for result in results:
         if result["pid"] != first["pid"]:
             assert parent_of(result["pid"]) == daemon.process.pid
