@@ -121,6 +121,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.cluster:
+        return cmd_list_cluster(args)
     response = _request(f"{_base_url(args)}/system/functions", auth=_credentials(args))
     if response.status != 200:
         print(f"faasd: the daemon answered {response.status}", file=sys.stderr)
@@ -139,6 +141,37 @@ def cmd_list(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
+    return 0
+
+
+def cmd_list_cluster(args: argparse.Namespace) -> int:
+    """The nodes of the daemon's cluster (GET /system/cluster), their functions and load."""
+    response = _request(f"{_base_url(args)}/system/cluster", auth=_credentials(args))
+    if response.status != 200:
+        print(f"faasd: the daemon answered {response.status}", file=sys.stderr)
+        return 2
+    view = json.loads(response.read())
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    rows = [("NODE", "ADDRESS", "STATE", "INFLIGHT", "LOAD1", "FUNCTIONS")]
+    for node in view["nodes"]:
+        load = node.get("load") or {}
+        name = node["node"] + (" *" if node.get("schedule_owner") else "")
+        functions = ", ".join(node.get("functions") or []) or "-"
+        if node.get("failing"):
+            functions += " (failing: " + ", ".join(node["failing"]) + ")"
+        rows.append((name, node.get("address") or "-", node.get("state", "?"),
+                     f"{load.get('inflight', 0)}/{load.get('max_concurrency', '?')}",
+                     str(load.get("loadavg_1m", "-")), functions))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
+    if view.get("mode") == "amqp":
+        print(f"\ncluster {view['cluster']} on {view['broker']['url']} ({view['broker']['state']}); "
+              f"* fires the schedules")
+    else:
+        print("\nnot in a cluster ([cluster] mode = \"local\")")
     return 0
 
 
@@ -279,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list functions and their workers")
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--cluster", action="store_true",
+                         help="list the cluster's nodes, their functions and load instead")
     client(listing)
     listing.set_defaults(func=cmd_list)
 

@@ -11,6 +11,7 @@ key and what would be accepted.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +64,18 @@ class AmqpConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Several nodes sharing RabbitMQ as their work queue (faasd/cluster/)."""
+
+    mode: str = "local"          # local: the embedded queue; amqp: queues on the [amqp] broker
+    name: str = "faasd"          # broker objects are named faasd.cluster.<name>.*
+    node: str | None = None      # this node's name (default: host name:port)
+    address: str | None = None   # the URL others reach this node at (default: from [server])
+    heartbeat_s: float = 2.0     # how often the node announces itself
+    prefetch: int = 10           # events of a function without `concurrency` a node takes at once
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuthConfig:
     keys: Mapping[str, str] = field(default_factory=dict)
 
@@ -80,6 +93,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     amqp: AmqpConfig = field(default_factory=AmqpConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None  # the file it came from, if any
@@ -163,6 +177,13 @@ def _keys(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _cluster_name(value: Any) -> str:
+    # Part of queue and exchange names: keep it to what reads well in them.
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+        raise ValueError("expected 1 to 64 of A-Z a-z 0-9 _ . -")
+    return value
+
+
 def _choice(*options: str):
     def coerce(value: Any) -> str:
         if value not in options:
@@ -182,6 +203,9 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
                                 "drain_timeout_s": _positive_float, "zygote": _bool, "tmpfs": _bool,
                                 "python": _optional_str}),
     "amqp": (AmqpConfig, {"url": _optional_str}),
+    "cluster": (ClusterConfig, {"mode": _choice("local", "amqp"), "name": _cluster_name,
+                                "node": _optional_str, "address": _optional_str,
+                                "heartbeat_s": _positive_float, "prefetch": _positive_int}),
     "auth": (AuthConfig, {"keys": _keys}),
     "log": (LogConfig, {"format": _choice("text", "json"),
                         "level": _choice("debug", "info", "warning", "error")}),
@@ -249,6 +273,9 @@ def load_config(
                 values[key] = _coerce(coercer, flag, f"--{key.replace('_', '-')}")
         sections[section] = cls(**values)
 
+    if sections["cluster"].mode == "amqp" and not sections["amqp"].url:
+        raise ConfigError((f"{path}: " if path else "") + "[cluster] mode = \"amqp\" needs the "
+                          "broker's address: set [amqp] url (or FAASD_AMQP_URL)")
     paths: PathsConfig = sections["paths"]
     sections["paths"] = replace(
         paths,

@@ -20,8 +20,10 @@ Extension = Callable[["Daemon"], Awaitable[None]]
 
 def load() -> list[Extension]:
     parts: list[Extension] = []
-    from . import queue  # first: event sources put their events into daemon.queue
-    parts.append(queue.start)
+    # First: event sources put their events into daemon.queue, which is the
+    # embedded queue (faasd/queue.py), or the cluster's on RabbitMQ (faasd/cluster/).
+    from . import cluster
+    parts.append(cluster.start)
     from .triggers import amqp, cron, file  # event sources: after the queue they feed
     parts += [file.start, cron.start, amqp.start]
     from . import metrics, ui  # observers and views of everything above

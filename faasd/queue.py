@@ -265,7 +265,8 @@ def _insert(conn: sqlite3.Connection, function: str, request_id: str, payload: b
     return int(cursor.lastrowid)  # type: ignore[arg-type]
 
 
-def _write_file_durably(path: Path, data: bytes) -> None:
+def write_file_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that it survives power loss: temp file, fsync, rename, fsync dir."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as handle:
@@ -298,6 +299,70 @@ def _json_or_text(data: bytes | None) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return data.decode("utf-8", "replace")
+
+
+# -- the retry policy and destination records, shared with faasd/cluster.py ---------------
+
+def next_attempt(config: AsyncConfig, attempts: int, enqueued_at: float,
+                 now: float) -> tuple[float, None] | tuple[None, str]:
+    """After `attempts` failed attempts: `(delay, None)` to try again, or `(None, condition)` to give up."""
+    if attempts > config.max_retries:
+        return None, RETRIES_EXHAUSTED
+    delay = config.retry_delay(attempts)
+    if now + delay - enqueued_at > config.max_event_age_s:
+        return None, EVENT_AGE_EXCEEDED
+    return delay, None
+
+
+def destination_function(registry: "Registry", target: str | None, *, function: str,
+                         request_id: str, hops: int) -> str | None:
+    """The function a destination record goes to, or None (the dead-letter dir / nowhere)."""
+    if not target or not target.startswith("function:"):
+        return None
+    name = target.split(":", 1)[1]
+    if registry.get(name) is None:
+        log.error("async %s: destination function %s does not exist", function, name)
+        return None
+    if hops + 1 > MAX_DESTINATION_HOPS:
+        log.error("async %s %s: destination %s not followed: records have already passed "
+                  "through %d destinations (a cycle?)", function, request_id, name, hops)
+        return None
+    return name
+
+
+def destination_record(*, request_id: str, function: str, payload: bytes, source: str,
+                       enqueued_at: float, condition: str, attempts: int, region: str,
+                       invocation: "Invocation | None", error: FunctionError | None) -> dict[str, Any]:
+    """Lambda's destination record for one event, plus faasd's own details."""
+    now = time.time()
+    record: dict[str, Any] = {
+        "version": "1.0",
+        "timestamp": iso_time(now),
+        "requestContext": {
+            "requestId": request_id,
+            "functionArn": f"{function_arn(function, region)}:$LATEST",
+            "condition": condition,
+            "approximateInvokeCount": attempts,
+        },
+        "requestPayload": _json_or_text(payload),
+    }
+    if attempts:
+        response: dict[str, Any] = {"statusCode": 200, "executedVersion": "$LATEST"}
+        if error is not None:
+            response["functionError"] = "Unhandled"
+        record["responseContext"] = response
+        record["responsePayload"] = (
+            error.to_lambda() if error is not None
+            else _json_or_text(invocation.payload if invocation else None))
+    record["faasd"] = {
+        "function": function,
+        "source": source,
+        "enqueuedAt": iso_time(enqueued_at),
+        "lastAttemptAt": iso_time(invocation.started_at) if invocation else None,
+        "attempts": attempts,
+        "error": error.to_lambda() if error is not None else None,
+    }
+    return record
 
 
 class AsyncQueue:
@@ -641,14 +706,13 @@ class AsyncQueue:
             await self._finish_succeeded(event, config, invocation)
             return
         attempts = event.attempts + 1
-        if attempts > config.max_retries:
-            await self._finish_failed(event, config, RETRIES_EXHAUSTED, attempts, invocation, error)
+        now = time.time()
+        delay, condition = next_attempt(config, attempts, event.enqueued_at, now)
+        if delay is None:
+            assert condition is not None
+            await self._finish_failed(event, config, condition, attempts, invocation, error)
             return
-        delay = config.retry_delay(attempts)
-        next_at = time.time() + delay
-        if next_at - event.enqueued_at > config.max_event_age_s:
-            await self._finish_failed(event, config, EVENT_AGE_EXCEEDED, attempts, invocation, error)
-            return
+        next_at = now + delay
         log.warning("async %s %s (from %s): attempt %d failed with %s: %s; retry %d of %d in %gs",
                     event.function, event.request_id, event.source, attempts, error.error_type,
                     error.message[:200], attempts, config.max_retries, delay)
@@ -693,50 +757,15 @@ class AsyncQueue:
     def _record(self, event: _Event, condition: str, attempts: int,
                 invocation: "Invocation | None", error: FunctionError | None) -> dict[str, Any]:
         """Lambda's destination record for `event`, plus faasd's own details."""
-        now = time.time()
-        record: dict[str, Any] = {
-            "version": "1.0",
-            "timestamp": iso_time(now),
-            "requestContext": {
-                "requestId": event.request_id,
-                "functionArn": f"{function_arn(event.function, self.region)}:$LATEST",
-                "condition": condition,
-                "approximateInvokeCount": attempts,
-            },
-            "requestPayload": _json_or_text(event.payload),
-        }
-        if attempts:
-            response: dict[str, Any] = {"statusCode": 200, "executedVersion": "$LATEST"}
-            if error is not None:
-                response["functionError"] = "Unhandled"
-            record["responseContext"] = response
-            record["responsePayload"] = (
-                error.to_lambda() if error is not None
-                else _json_or_text(invocation.payload if invocation else None))
-        record["faasd"] = {
-            "function": event.function,
-            "source": event.source,
-            "enqueuedAt": iso_time(event.enqueued_at),
-            "lastAttemptAt": iso_time(invocation.started_at) if invocation else None,
-            "attempts": attempts,
-            "error": error.to_lambda() if error is not None else None,
-        }
-        return record
+        return destination_record(
+            request_id=event.request_id, function=event.function, payload=event.payload,
+            source=event.source, enqueued_at=event.enqueued_at, condition=condition,
+            attempts=attempts, region=self.region, invocation=invocation, error=error)
 
     def _destination(self, target: str | None, event: _Event) -> str | None:
         """The function a destination record goes to, or None (the dead-letter dir / nowhere)."""
-        if not target or not target.startswith("function:"):
-            return None
-        name = target.split(":", 1)[1]
-        if self.registry.get(name) is None:
-            log.error("async %s: destination function %s does not exist", event.function, name)
-            return None
-        if event.hops + 1 > MAX_DESTINATION_HOPS:
-            log.error("async %s %s: destination %s not followed: records have already passed "
-                      "through %d destinations (a cycle?)", event.function, event.request_id,
-                      name, event.hops)
-            return None
-        return name
+        return destination_function(self.registry, target, function=event.function,
+                                    request_id=event.request_id, hops=event.hops)
 
     async def _finish_succeeded(self, event: _Event, config: AsyncConfig,
                                 invocation: "Invocation | None") -> None:
@@ -798,7 +827,7 @@ class AsyncQueue:
             else:
                 # The file is on disk before the event leaves the queue: a
                 # crash in between writes the same file again, never loses it.
-                _write_file_durably(path, record)
+                write_file_durably(path, record)
             if event.id > 0:
                 conn.execute("DELETE FROM events WHERE id = ?", (event.id,))
                 _bump(conn, event.function, "dead_lettered")

@@ -219,8 +219,12 @@ Submit = Callable[..., Awaitable[str]]
 
 class CronTrigger(RunningTrigger):
     def __init__(self, *, function: str, options: dict[str, Any], index: int, clock: Clock,
-                 submit: Submit, store: TickStore, region: str) -> None:
+                 submit: Submit, store: TickStore, region: str,
+                 owner: Callable[[], bool] | None = None) -> None:
         self.function = function
+        # In a cluster only the node that owns the schedules queues ticks (faasd/cluster/lease.py).
+        self.owner: Callable[[], bool] = owner or (lambda: True)
+        self.standby = 0  # ticks left to the node that owns the schedules
         self.index = index
         self.schedule = Schedule(options["schedule"], options.get("timezone", "UTC"))
         self.input = options.get("input")
@@ -277,6 +281,7 @@ class CronTrigger(RunningTrigger):
             "skipped_overlap": self.skipped,
             "missed": self.missed,
             "caught_up": self.caught_up,
+            "standby": self.standby,
             "failed": self.failed,
             "running": len(self.running),
             "last_lateness_ms": self.last_lateness_ms,
@@ -287,7 +292,7 @@ class CronTrigger(RunningTrigger):
     async def _run(self) -> None:
         self.status = "scheduled"
         now = self.clock.now()
-        if self.catch_up:
+        if self.catch_up and self.owner():
             last = self.store.last(self.key)
             if last is not None:
                 for tick in self.schedule.recent(last, now, self.catch_up):
@@ -315,6 +320,9 @@ class CronTrigger(RunningTrigger):
             tick = self.schedule.next_after(tick)
 
     def _tick(self, tick: float) -> None:
+        if not self.owner():
+            self.standby += 1
+            return
         if self.overlap == "skip" and self.running:
             self.skipped += 1
             log.info("function %s: cron tick of %s skipped: the run of %s is still going "
@@ -367,7 +375,8 @@ class CronSource(TriggerSource):
             return await queue_of(daemon).put(function, payload, **kwargs)
 
         return CronTrigger(function=spec.name, options=dict(trigger.options), index=index,
-                           clock=self.clock, submit=submit, store=self.store, region=daemon.region)
+                           clock=self.clock, submit=submit, store=self.store, region=daemon.region,
+                           owner=getattr(daemon, "schedule_owner", None))
 
     async def close(self) -> None:
         await super().close()

@@ -1,0 +1,204 @@
+"""Several faasd nodes sharing RabbitMQ as their work queue (`[cluster] mode = "amqp"`).
+
+Nodes are ordinary faasd daemons, on one machine or many, with the same
+functions and the same `[amqp] url` and `[cluster] name`. RabbitMQ is the
+whole distributed engine: faasd adds no protocol of its own.
+
+  * Asynchronous work (Event invokes, file, cron and destination events,
+    retries) goes to one durable queue per function on the broker (quorum
+    queues on RabbitMQ 3.10+); every node that has the function consumes it
+    within its own concurrency; an event is acknowledged only once its
+    invocation ended, so a node that dies hands its events to the others.
+    `daemon.queue` is that queue (faasd/cluster/workqueue.py).
+  * Cron fires once per tick in the whole cluster: only the node holding the
+    schedule lease (a token in a single-active-consumer queue,
+    faasd/cluster/lease.py) queues ticks; when it dies the broker hands the
+    token to another node at once.
+  * Nodes announce themselves (faasd/cluster/members.py): `GET /system/cluster`
+    and `faasd list --cluster` show the nodes, their functions and their load.
+  * Synchronous HTTP is not routed through the broker: put the nodes behind
+    the load balancer you already run (README: nginx), health-checked on
+    `/readyz`, which fails while a node cannot reach the broker.
+  * File triggers are per node: each node watches its own directory (a
+    relative `dir` is under its own data dir) and runs the events of the files
+    it sees itself, from its own queue of the function on the broker, since
+    the file is on its disk. A directory shared by several nodes (NFS) is not
+    coordinated: a file seen by two nodes fires on both (inotify does not
+    report other machines' writes, and each node's rescan at start fires what
+    its own ledger has not seen). Point each node at its own directory.
+
+Without `[cluster] mode = "amqp"` (the default, "local"), the embedded
+durable queue (faasd/queue.py) is used and no broker is needed;
+`/system/cluster` then shows this one node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .. import queue as embedded_queue
+from .lease import ScheduleLease
+from .link import BrokerLink
+from .members import Membership, announcement, default_node_name
+from .topology import Names
+from .workqueue import ClusterQueue, ClusterUnavailable
+
+if TYPE_CHECKING:
+    from ..daemon import Daemon
+
+__all__ = ["Cluster", "ClusterQueue", "ClusterUnavailable", "Names", "start"]
+
+log = logging.getLogger("faasd.cluster")
+
+DRAIN_POLL_S = 0.2
+# Heartbeats without any node owning the schedules before a new token is offered.
+OWNERLESS_BEATS = 3
+
+
+class Cluster:
+    """This node's part in the cluster: the link, the work queue, the lease, the membership."""
+
+    def __init__(self, daemon: "Daemon") -> None:
+        settings = daemon.config.cluster
+        url = daemon.config.amqp.url
+        assert url, "config validation requires [amqp] url in cluster mode"
+        self.daemon = daemon
+        self.settings = settings
+        self.names = Names(settings.name)
+        self.node = settings.node or default_node_name(daemon)
+        self.instance = uuid.uuid4().hex[:8]
+        client = f"faasd {socket.gethostname()} node {self.node}"
+        self.link = BrokerLink(url, client)
+        self.lease = ScheduleLease(self.names, self.node)
+        self.queue = ClusterQueue(
+            link=self.link, names=self.names, registry=daemon.registry, invoker=daemon.invoker,
+            data_dir=daemon.config.paths.data, region=daemon.region, prefetch=settings.prefetch,
+            max_concurrency=daemon.config.limits.max_concurrency, node=self.node,
+            inbox=self.names.inbox(self.node, self.instance))
+        self.members = Membership(
+            daemon=daemon, names=self.names, node=self.node, instance=self.instance,
+            heartbeat_s=settings.heartbeat_s, describe_self=self.describe_self,
+            on_outcome=self.queue.on_inbox_outcome, on_beat=self._on_beat)
+        self._watch: asyncio.Task | None = None
+        self._ownerless_beats = 0
+
+    def describe_self(self) -> dict[str, Any]:
+        return announcement(self.daemon, node=self.node, instance=self.instance,
+                            heartbeat_s=self.settings.heartbeat_s, schedule_owner=self.lease.owner,
+                            running=self.queue.load())
+
+    async def _on_beat(self, connection: Any) -> None:
+        self.queue.forget_stale_callbacks()
+        if connection is None or not self.link.connected:
+            return
+        await self.queue.refresh_depths(connection)
+        # A cluster where nobody has owned the schedules for a while lost its token: offer one.
+        live = [n for n in self.members.nodes() if n.get("state") != "lost"]
+        if any(n.get("schedule_owner") for n in live):
+            self._ownerless_beats = 0
+        else:
+            self._ownerless_beats += 1
+            if self._ownerless_beats >= OWNERLESS_BEATS:
+                self._ownerless_beats = 0
+                log.warning("cluster %s: no node has fired the schedules for %d heartbeats; "
+                            "offering a new schedule token", self.names.cluster, OWNERLESS_BEATS)
+                await self.lease.offer_token()
+
+    async def open(self) -> None:
+        self.link.on_connect(self.queue.setup)
+        self.link.on_connect(self.members.setup)
+        self.link.on_connect(self.lease.setup)
+        self.link.start()
+        self._watch = asyncio.get_running_loop().create_task(self._watch_drain(),
+                                                             name="faasd-cluster-drain-watch")
+        log.info("cluster %s: node %s joining through %s", self.names.cluster, self.node,
+                 self.link.state["url"])
+
+    async def _watch_drain(self) -> None:
+        """At the start of a drain: take no more events, and let another node fire the schedules."""
+        while not self.daemon.invoker.draining:
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self.queue.stop_consuming()
+        await self.lease.release()
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        await self.lease.release()
+        await self.queue.close()
+        await self.members.close()
+        await self.link.close()
+
+    def readiness(self) -> tuple[bool, str]:
+        state = self.link.state
+        if not self.link.connected:
+            error = state.get("last_error")
+            return False, (f"cluster {self.names.cluster}: broker {state['url']} is {state['state']}"
+                           + (f" ({error})" if error else ""))
+        consuming, detail = self.queue.consuming()
+        if not consuming:
+            return False, f"cluster {self.names.cluster}: {detail}"
+        nodes = [n for n in self.members.nodes() if n.get("state") != "lost"]
+        owner = next((n["node"] for n in nodes if n.get("schedule_owner")), None)
+        return True, (f"cluster {self.names.cluster}: node {self.node}, {len(nodes)} node(s) up; "
+                      f"schedules fired by {owner or 'nobody yet'}")
+
+    def view(self) -> dict[str, Any]:
+        nodes = self.members.nodes()
+        owner = next((n["node"] for n in nodes if n.get("schedule_owner") and n.get("state") != "lost"),
+                     None)
+        return {
+            "mode": "amqp",
+            "cluster": self.names.cluster,
+            "node": self.node,
+            "broker": dict(self.link.state, version=".".join(map(str, self.link.version or ())) or None),
+            "queue_type": "quorum" if self.queue.quorum else "classic",
+            "schedule_owner": owner,
+            "nodes": nodes,
+        }
+
+
+async def start(daemon: "Daemon") -> None:
+    """Extension: the asynchronous queue (embedded, or the cluster's) and GET /system/cluster."""
+    settings = daemon.config.cluster
+    cluster: Cluster | None = None
+    if settings.mode == "amqp":
+        cluster = Cluster(daemon)
+        await cluster.open()
+        daemon.queue = cluster.queue
+        daemon.on_cleanup(cluster.close)
+        # faasd/triggers/cron.py asks this before queueing a tick.
+        daemon.schedule_owner = cluster.lease.is_owner  # type: ignore[attr-defined]
+        daemon.readiness_checks["async_queue"] = cluster.readiness
+
+        def describe(name: str, view: dict) -> None:
+            view["queue"] = cluster.queue.function_stats(name)  # type: ignore[union-attr]
+
+        daemon.describers.append(describe)
+    else:
+        await embedded_queue.start(daemon)
+    daemon.cluster = cluster  # type: ignore[attr-defined]
+    node = settings.node or default_node_name(daemon)
+
+    async def cluster_view(request: web.Request) -> web.Response:
+        from ..api import json_response
+
+        if cluster is not None:
+            return json_response(cluster.view())
+        stats = getattr(daemon.queue, "stats", None)
+        running = {name: int(s.get("running", 0)) for name, s in (stats() if stats else {}).items()
+                   if s.get("running")}
+        me = announcement(daemon, node=node, instance="local", heartbeat_s=0.0,
+                          schedule_owner=True, running=running)
+        return json_response({"mode": "local", "cluster": None, "node": node, "broker": None,
+                              "schedule_owner": node,
+                              "nodes": [dict(me, last_seen_s=0.0, self=True)]})
+
+    daemon.route_hooks.append(lambda app: app.router.add_get("/system/cluster", cluster_view))

@@ -1,0 +1,129 @@
+"""The schedule lease: which node of the cluster fires cron ticks.
+
+The lease is a token: one message in `faasd.cluster.<name>.scheduler`, a
+durable single-active-consumer queue that every node consumes. RabbitMQ
+delivers only to the active consumer, so the node holding the token
+(unacknowledged) is the one that fires the schedules. When that node's
+connection ends (kill -9 or a crash: its socket closes at once; a power cut
+or a partition: when the AMQP heartbeat, 5 s, runs out), the broker puts the
+token back and makes the next consumer active, which receives it at once:
+cron resumes on another node within a second. A node that stops gives the
+token back first (`release`).
+
+Ownership follows the token exactly: `owner` turns False in the connection's
+and the channel's close callbacks, before any reconnect, and True again only
+when a token is delivered. Each node offers a token when it connects (the
+owner acknowledges spare ones as they arrive, keeping one), and again when
+no node has owned the schedules for a few heartbeats, so that a lost token
+(the queue deleted by hand) heals by itself.
+
+The queue is classic, not quorum: a quorum queue counts every hand-over of
+the token as a redelivery, and brokers that cap redeliveries (RabbitMQ 4's
+default delivery limit) would eventually drop it.
+
+During a network partition the old owner may fire until its heartbeat runs
+out while the new one already does: a tick can then run twice, with the same
+request id (cron's ids are derived from the schedule and the instant).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from .topology import Names
+
+log = logging.getLogger("faasd.cluster")
+
+TOKEN_TYPE = "faasd.schedule-token"
+
+
+class ScheduleLease:
+    def __init__(self, names: Names, node: str) -> None:
+        self.names = names
+        self.node = node
+        self.owner = False
+        self.since: float | None = None
+        self.acquired = 0  # how many times this node took the lease
+        self._token: AbstractIncomingMessage | None = None
+        self._channel: Any = None
+        self._queue: Any = None
+        self._tag: str | None = None
+        self._released = False
+
+    def is_owner(self) -> bool:
+        return self.owner
+
+    async def setup(self, connection: Any) -> None:
+        """On the first connect: consume the lease queue and offer a token (aio-pika replays it)."""
+        channel = await connection.channel()
+        # Two: the token held, plus room to receive (and discard) a spare one.
+        await channel.set_qos(prefetch_count=2)
+        queue = await channel.declare_queue(self.names.scheduler, durable=True,
+                                            arguments={"x-single-active-consumer": True})
+        connection.close_callbacks.add(self._closed)
+        channel.close_callbacks.add(self._closed)
+        self._channel, self._queue = channel, queue
+        self._tag = await queue.consume(self._on_token)
+        await self.offer_token()
+
+    async def offer_token(self) -> None:
+        """Publish a token; harmless when one exists (the owner discards spares)."""
+        if self._channel is None or self._released:
+            return
+        await self._channel.default_exchange.publish(
+            aio_pika.Message(self.node.encode(), type=TOKEN_TYPE, app_id="faasd",
+                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=self.names.scheduler)
+
+    async def _on_token(self, message: AbstractIncomingMessage) -> None:
+        if self._released:
+            await _quietly(message.nack(requeue=True))
+            return
+        if self._token is not None:
+            await _quietly(message.ack())  # a spare: one token is enough
+            return
+        self._token = message
+        self.owner = True
+        self.since = time.time()
+        self.acquired += 1
+        log.info("cluster: node %s now fires the cluster's schedules", self.node)
+
+    def _closed(self, *_args: Any) -> None:
+        # The broker has the token back already; say so before any reconnect.
+        if self.owner and not self._released:
+            log.info("cluster: node %s no longer fires the schedules (its broker connection closed)",
+                     self.node)
+        self._token = None
+        self.owner = False
+        self.since = None
+
+    async def release(self) -> None:
+        """Give the token back (the daemon is stopping): the next node takes it at once."""
+        if self._released:
+            return
+        self._released = True
+        was_owner = self.owner
+        self.owner = False
+        self.since = None
+        if self._queue is not None and self._tag is not None:
+            await _quietly(self._queue.cancel(self._tag))
+        token, self._token = self._token, None
+        if token is not None:
+            await _quietly(token.nack(requeue=True))
+        if was_owner:
+            log.info("cluster: node %s handed the schedules over", self.node)
+        if self._channel is not None:
+            await _quietly(self._channel.close())
+
+
+async def _quietly(operation: Any) -> None:
+    try:
+        await asyncio.wait_for(operation, 5)
+    except Exception:
+        log.debug("cluster: schedule lease: a broker call failed", exc_info=True)

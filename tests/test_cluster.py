@@ -1,0 +1,521 @@
+"""Several faasd nodes sharing RabbitMQ: real daemons on one machine, the real broker.
+
+Each test runs its own cluster (a unique `[cluster] name`, so its own queues)
+and deletes what the cluster declared on the broker when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import aio_pika
+import pytest
+
+from support import ROOT, Daemon, free_port, http, wait_until, write_function
+
+from faasd.cluster.topology import Names
+
+
+class Cluster:
+    """The nodes of one test cluster, all serving the same functions directory."""
+
+    def __init__(self, name: str, url: str, functions: Path, tmp: Path,
+                 start_daemon: Callable[..., Daemon]) -> None:
+        self.name = name
+        self.names = Names(name)
+        self.url = url
+        self.functions = functions
+        self.tmp = tmp
+        self.start_daemon = start_daemon
+        self.nodes: dict[str, Daemon] = {}
+        self.inboxes: set[str] = set()
+        self.delays: set[tuple[str, int]] = set()  # (function, ms) delay queues the test causes
+
+    def start(self, node: str, *, wait: bool = True, url: str | None = None) -> Daemon:
+        daemon = self.start_daemon(self.functions, data=self.tmp / f"data-{node}", wait=wait, env={
+            "FAASD_CLUSTER_MODE": "amqp", "FAASD_AMQP_URL": url or self.url,
+            "FAASD_CLUSTER_NAME": self.name, "FAASD_CLUSTER_NODE": node,
+            "FAASD_CLUSTER_HEARTBEAT_S": "0.5"})
+        self.nodes[node] = daemon
+        return daemon
+
+    def view(self, node: str) -> dict[str, Any]:
+        response = self.nodes[node].get("/system/cluster")
+        assert response.status == 200, response.text
+        view = response.json()
+        self.inboxes |= {self.names.inbox(n["node"], n["instance"]) for n in view["nodes"]}
+        return view
+
+    def wait_formed(self, count: int) -> None:
+        """Every node sees `count` live nodes, and one of them fires the schedules."""
+        def formed() -> bool:
+            for node in self.nodes:
+                if self.nodes[node].process is None:
+                    continue
+                view = self.view(node)
+                live = [n for n in view["nodes"] if n["state"] == "ready"]
+                if len(live) != count or view["schedule_owner"] is None:
+                    return False
+            return True
+
+        wait_until(formed, 30, interval=0.1, message=f"a cluster of {count} nodes with a schedule owner")
+
+    def stop(self) -> None:
+        for daemon in self.nodes.values():
+            daemon.stop()
+
+    async def delete(self, functions: list[str]) -> None:
+        connection = await aio_pika.connect(self.url)
+        async with connection:
+            channel = await connection.channel()
+            queues = [self.names.function(f) for f in functions]
+            queues += [self.names.delay(self.names.function(f), ms) for f, ms in self.delays]
+            queues += [self.names.node_function(n, f) for n in self.nodes for f in functions]
+            queues += [self.names.dead_letter, self.names.scheduler, *self.inboxes]
+            for queue in queues:
+                await channel.queue_delete(queue)
+            await channel.exchange_delete(self.names.nodes)
+
+
+@pytest.fixture
+def cluster(amqp_url: str, tmp_path: Path, functions_dir: Path,
+            start_daemon: Callable[..., Daemon]) -> Iterator[Cluster]:
+    cluster = Cluster(f"test-{uuid.uuid4().hex[:10]}", amqp_url, functions_dir, tmp_path, start_daemon)
+    yield cluster
+    # Stopped before their queues go: a running node would declare them again.
+    cluster.stop()
+    functions = sorted({p.stem for p in functions_dir.iterdir() if p.suffix == ".py"})
+    asyncio.run(cluster.delete(functions))
+
+
+def event(daemon: Daemon, name: str, payload: dict) -> str:
+    response = daemon.invoke(name, payload, **{"X-Amz-Invocation-Type": "Event"})
+    assert response.status == 202, response.text
+    return response.headers["x-amzn-requestid"]
+
+
+def log_lines(daemon: Daemon, function: str, marker: str) -> list[tuple[str, ...]]:
+    """The fields after `marker` on each line the function printed on this node."""
+    path = daemon.data / "logs" / f"{function}.log"
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return [tuple(m.group(1).split()) for m in re.finditer(rf"\b{marker} (.+)$", text, re.M)]
+
+
+RECORDER = """
+import time
+
+
+def handler(event, context):
+    print("BEGIN", event["i"], context.aws_request_id)
+    time.sleep(event.get("sleep", 0))
+    print("RAN", event["i"], context.aws_request_id)
+    return event["i"]
+"""
+
+
+@pytest.mark.amqp
+def test_events_spread_over_two_nodes_and_none_is_lost(cluster: Cluster):
+    write_function(cluster.functions, "work.py", RECORDER)
+    write_function(cluster.functions, "work.toml", "concurrency = 4\n")
+    a, b = cluster.start("a"), cluster.start("b")
+    cluster.wait_formed(2)
+
+    count = 1000
+    with ThreadPoolExecutor(16) as pool:
+        # Half the events are put through each node, as a load balancer would.
+        ids = list(pool.map(lambda i: event((a, b)[i % 2], "work", {"i": i}), range(count)))
+    assert len(set(ids)) == count
+
+    def ran() -> dict[str, set[str]]:
+        return {node: {rid for _, rid in log_lines(daemon, "work", "RAN")}
+                for node, daemon in cluster.nodes.items()}
+
+    wait_until(lambda: set().union(*ran().values()) >= set(ids), 180, interval=0.5,
+               message="every event to run on one node or the other")
+    done = ran()
+    assert set().union(*done.values()) == set(ids)  # every event ran; nothing else did
+    assert done["a"] and done["b"], {n: len(r) for n, r in done.items()}  # both nodes worked
+
+    def figures(daemon: Daemon) -> dict:
+        return daemon.function("work")["queue"]
+
+    wait_until(lambda: figures(a)["depth"] == 0 and figures(b)["depth"] == 0, 10,
+               message="the queue to be empty")
+    assert figures(a)["succeeded"] + figures(b)["succeeded"] >= count
+    assert figures(a)["succeeded"] > 0 and figures(b)["succeeded"] > 0
+
+    view = cluster.view("a")
+    assert view["mode"] == "amqp" and view["cluster"] == cluster.name and view["node"] == "a"
+    assert view["queue_type"] == "quorum" and view["broker"]["state"] == "connected"
+    nodes = {n["node"]: n for n in view["nodes"]}
+    assert set(nodes) == {"a", "b"}
+    for name, daemon in (("a", a), ("b", b)):
+        assert nodes[name]["address"] == daemon.url and nodes[name]["state"] == "ready"
+        assert nodes[name]["functions"] == ["work"]
+        assert nodes[name]["load"]["max_concurrency"] == 1000
+    assert sum(1 for n in nodes.values() if n["schedule_owner"]) == 1
+
+    listing = subprocess.run([sys.executable, "-m", "faasd", "list", "--cluster", "--url", a.url],
+                             capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split() == ["NODE", "ADDRESS", "STATE", "INFLIGHT", "LOAD1", "FUNCTIONS"]
+    assert any(line.startswith("a") and a.url in line and line.rstrip().endswith("work") for line in lines)
+    assert any(line.startswith("b") and b.url in line for line in lines)
+    assert f"cluster {cluster.name}" in listing.stdout
+
+
+@pytest.mark.amqp
+def test_the_events_of_a_killed_node_finish_on_the_other(cluster: Cluster):
+    write_function(cluster.functions, "slow.py", RECORDER)
+    write_function(cluster.functions, "slow.toml", "concurrency = 2\ntimeout_s = 30\n")
+    a, b = cluster.start("a"), cluster.start("b")
+    cluster.wait_formed(2)
+    ids = {event((a, b)[i % 2], "slow", {"i": i, "sleep": 1.5}): i for i in range(24)}
+
+    def in_flight_on_a() -> set[str]:
+        begun = {rid for _, rid in log_lines(a, "slow", "BEGIN")}
+        return begun - {rid for _, rid in log_lines(a, "slow", "RAN")}
+
+    # Kill it once it has finished some events and is running others.
+    wait_until(lambda: log_lines(a, "slow", "RAN") and in_flight_on_a(), 60, interval=0.05,
+               message="node a to be running events")
+    a.kill9()
+    interrupted = in_flight_on_a()
+    assert interrupted
+
+    def ran_anywhere() -> set[str]:
+        return {rid for d in (a, b) for _, rid in log_lines(d, "slow", "RAN")}
+
+    wait_until(lambda: ran_anywhere() >= set(ids), 120, interval=0.2,
+               message="every event to finish after node a was killed")
+    on_b = {rid for _, rid in log_lines(b, "slow", "RAN")}
+    assert interrupted <= on_b  # what a held unacknowledged was run again by b, with its request id
+    wait_until(lambda: b.function("slow")["queue"]["depth"] == 0, 15, message="b's queue to empty")
+
+
+TICKER = """
+def handler(event, context):
+    print("TICK", event["time"], context.aws_request_id)
+"""
+
+
+def tick_times(daemons: list[Daemon]) -> list[float]:
+    """The scheduled instant of every run, on any of `daemons`."""
+    times = []
+    for daemon in daemons:
+        for fields in log_lines(daemon, "tick", "TICK"):
+            times.append(float(calendar.timegm(time.strptime(fields[0], "%Y-%m-%dT%H:%M:%SZ"))))
+    return sorted(times)
+
+
+@pytest.mark.amqp
+def test_cron_fires_once_per_tick_across_three_nodes_and_moves_when_its_owner_dies(cluster: Cluster):
+    write_function(cluster.functions, "tick.py", TICKER)
+    write_function(cluster.functions, "tick.toml", '[[triggers]]\ntype = "cron"\nschedule = "* * * * * *"\n')
+    for node in ("a", "b", "c"):
+        cluster.start(node)
+    cluster.wait_formed(3)
+    daemons = list(cluster.nodes.values())
+
+    start = math.ceil(time.time()) + 1
+    time.sleep(start + 10 - time.time() + 2)  # ten ticks, and time to run the last
+    window = [t for t in tick_times(daemons) if start <= t < start + 10]
+    assert 9 <= len(window) <= 11, window
+    assert len(set(window)) == len(window), "a tick fired on more than one node"
+
+    owner = cluster.view("a")["schedule_owner"]
+    killed_at = time.time()
+    cluster.nodes[owner].kill9()
+    survivors = [d for name, d in cluster.nodes.items() if name != owner]
+    wait_until(lambda: [t for t in tick_times(survivors) if t > killed_at], 15, interval=0.1,
+               message="a tick after the owner was killed")
+    resumed = min(t for t in tick_times(survivors) if t > killed_at)
+    assert resumed - killed_at <= 5, f"firing resumed {resumed - killed_at:.1f}s after the owner died"
+
+    survivor = next(name for name in cluster.nodes if name != owner)
+    wait_until(lambda: cluster.view(survivor)["schedule_owner"] not in (None, owner), 10,
+               message="a new schedule owner")
+    time.sleep(3)
+    later = [t for t in tick_times(survivors) if t > killed_at]
+    assert len(set(later)) == len(later), "a tick fired twice after the takeover"
+
+
+FAILING = """
+def handler(event, context):
+    print("ATTEMPT", event["i"], context.aws_request_id)
+    raise ValueError("no good")
+"""
+
+CATCHER = """
+import json
+
+
+def handler(event, context):
+    print("CAUGHT " + json.dumps(event))
+"""
+
+
+@pytest.mark.amqp
+def test_retries_wait_on_the_broker_and_end_at_the_failure_destination(cluster: Cluster):
+    write_function(cluster.functions, "flaky.py", FAILING)
+    write_function(cluster.functions, "flaky.toml", '[async]\nmax_retries = 2\nretry_delays_s = [1]\n'
+                                                     'on_failure = "function:catcher"\n')
+    write_function(cluster.functions, "catcher.py", CATCHER)
+    cluster.delays.add(("flaky", 1000))
+    a, b = cluster.start("a"), cluster.start("b")
+    cluster.wait_formed(2)
+    request_id = event(a, "flaky", {"i": 7})
+
+    def caught() -> list[dict]:
+        found = []
+        for daemon in (a, b):
+            path = daemon.data / "logs" / "catcher.log"
+            text = path.read_text() if path.exists() else ""
+            found += [json.loads(m.group(1)) for m in re.finditer(r"CAUGHT (\{.*\})$", text, re.M)]
+        return found
+
+    wait_until(caught, 60, interval=0.2, message="the failure record at the destination")
+    record = caught()[0]
+    assert record["requestContext"]["requestId"] == request_id
+    assert record["requestContext"]["condition"] == "RetriesExhausted"
+    assert record["requestContext"]["approximateInvokeCount"] == 3
+    assert record["requestPayload"] == {"i": 7}
+    assert record["responsePayload"]["errorType"] == "ValueError"
+    attempts = [fields for d in (a, b) for fields in log_lines(d, "flaky", "ATTEMPT")]
+    assert [rid for _, rid in attempts] == [request_id] * 3  # one request id across the retries
+    retried = sum(d.function("flaky")["queue"]["retried"] for d in (a, b))
+    dead = sum(d.function("flaky")["queue"]["dead_lettered"] for d in (a, b))
+    assert (retried, dead) == (2, 1)
+    assert not any((d.data / "dead-letter" / "flaky").exists() for d in (a, b))
+
+
+@pytest.mark.amqp
+def test_a_node_without_its_broker_is_not_ready_and_refuses_events(cluster: Cluster):
+    write_function(cluster.functions, "work.py", RECORDER)
+    dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    node = cluster.start("lonely", wait=False, url=dead_broker)
+    wait_until(lambda: _answers(node), 20, message="the daemon to listen")
+    ready = node.get("/readyz")
+    assert ready.status == 503
+    check = ready.json()["checks"]["async_queue"]
+    assert not check["ok"] and "127.0.0.1" in check["detail"], check
+    refused = node.invoke("work", {"i": 1}, **{"X-Amz-Invocation-Type": "Event"})
+    assert refused.status == 500
+    assert "broker" in refused.json()["message"], refused.text
+    # Synchronous calls do not need the broker.
+    assert node.invoke("work", {"i": 2}).status == 200
+
+
+def _answers(daemon: Daemon) -> bool:
+    try:
+        return daemon.get("/healthz", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def test_a_local_node_shows_itself_as_the_whole_cluster(daemon: Daemon):
+    view = daemon.get("/system/cluster").json()
+    assert view["mode"] == "local" and view["cluster"] is None
+    assert [n["address"] for n in view["nodes"]] == [daemon.url]
+    assert view["nodes"][0]["schedule_owner"] is True and view["nodes"][0]["state"] == "ready"
+    listing = subprocess.run([sys.executable, "-m", "faasd", "list", "--cluster", "--url", daemon.url],
+                             capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert listing.returncode == 0 and daemon.url in listing.stdout, listing.stderr
+    assert 'not in a cluster' in listing.stdout
+
+
+UPLOADS = """
+def handler(event, context):
+    print("FILE", event["Records"][0]["s3"]["object"]["key"])
+"""
+
+
+@pytest.mark.amqp
+def test_a_file_event_runs_on_the_node_that_saw_the_file(cluster: Cluster):
+    write_function(cluster.functions, "uploads.py", UPLOADS)
+    # A relative dir is under each node's own data dir: every node watches its own.
+    write_function(cluster.functions, "uploads.toml", '[[triggers]]\ntype = "file"\ndir = "inbox"\n')
+    a, b = cluster.start("a"), cluster.start("b")
+    cluster.wait_formed(2)
+    for daemon, names in ((a, ["a1.txt", "a2.txt", "a3.txt"]), (b, ["b1.txt", "b2.txt", "b3.txt"])):
+        for name in names:
+            (daemon.data / "inbox").mkdir(exist_ok=True)
+            (daemon.data / "inbox" / name).write_text(name)
+
+    def keys(daemon: Daemon) -> list[str]:
+        return sorted(fields[0] for fields in log_lines(daemon, "uploads", "FILE"))
+
+    wait_until(lambda: len(keys(a)) + len(keys(b)) >= 6, 30, interval=0.1, message="six file events")
+    time.sleep(1)  # nothing else may come
+    assert keys(a) == ["a1.txt", "a2.txt", "a3.txt"]
+    assert keys(b) == ["b1.txt", "b2.txt", "b3.txt"]
+
+
+# -- the load balancer configs the README documents -----------------------------------------
+
+HELLO = """
+def handler(event, context):
+    print("HELLO", context.aws_request_id)
+    return {"statusCode": 200, "body": "hi"}
+"""
+
+
+def readme_block(language: str) -> str:
+    """The README's fenced block in `language` (there is one of each)."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", text, re.M | re.S)
+    assert len(blocks) == 1, f"expected one {language} block in README.md, found {len(blocks)}"
+    return blocks[0]
+
+
+def with_nodes(config: str, pattern: str, nodes: list[Daemon]) -> str:
+    """`config` with its example node addresses replaced by `nodes`' ports."""
+    examples = re.findall(pattern, config)
+    assert len(examples) == len(nodes), examples
+    for example, node in zip(examples, nodes):
+        config = config.replace(example, f"127.0.0.1:{node.port}", 1)
+    return config
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
+    if path is None:
+        message = f"{tool} is not installed (apt-get install {tool})"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; .ci/run installs it")
+        pytest.skip(message)
+    return path
+
+
+@contextmanager
+def running(args: list[str], log: Path) -> Iterator[subprocess.Popen]:
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def served_by(daemons: list[Daemon]) -> list[int]:
+    return [len(log_lines(d, "hello", "HELLO")) for d in daemons]
+
+
+@pytest.mark.amqp
+def test_the_readme_nginx_config_balances_the_nodes_and_skips_a_stopped_one(cluster: Cluster, tmp_path):
+    nginx = need("nginx")
+    write_function(cluster.functions, "hello.py", HELLO)
+    a, b = cluster.start("a"), cluster.start("b")
+    port = free_port()
+    site = with_nodes(readme_block("nginx"), r"10\.0\.0\.\d+:8080", [a, b])
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    (tmp_path / "faasd.conf").write_text(site)
+    temp = "\n".join(f"    {kind}_temp_path {tmp_path}/{kind};"
+                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (tmp_path / "nginx.conf").write_text(
+        f"worker_processes 1;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/nginx-error.log;\n"
+        f"events {{}}\nhttp {{\n    access_log {tmp_path}/nginx-access.log;\n{temp}\n"
+        f"    include {tmp_path}/faasd.conf;\n}}\n")
+    check = subprocess.run([nginx, "-t", "-c", str(tmp_path / "nginx.conf")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    with running([nginx, "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"], tmp_path / "nginx.log"):
+        front = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _status(front + "/readyz") == 200, 20, message="nginx to answer")
+        for _ in range(20):
+            assert _status(front + "/function/hello") == 200
+        assert all(count > 0 for count in served_by([a, b])), served_by([a, b])
+        a.stop()
+        before = served_by([b])[0]
+        for _ in range(10):
+            assert _status(front + "/function/hello") == 200
+        assert served_by([b])[0] == before + 10
+
+
+@pytest.mark.amqp
+def test_the_readme_haproxy_config_sends_nothing_to_a_node_that_is_not_ready(cluster: Cluster, tmp_path):
+    haproxy = need("haproxy")
+    write_function(cluster.functions, "hello.py", HELLO)
+    a = cluster.start("a")
+    # Its broker does not answer: it serves, but /readyz says it is not ready.
+    lonely = cluster.start("lonely", wait=False, url=f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    wait_until(lambda: _answers(lonely), 20, message="the lonely node to listen")
+    assert lonely.get("/readyz").status == 503
+    port = free_port()
+    config = with_nodes(readme_block("haproxy"), r"10\.0\.0\.\d+:8080", [a, lonely])
+    config = config.replace("bind :80", f"bind 127.0.0.1:{port}")
+    stats = tmp_path / "haproxy.sock"
+    (tmp_path / "haproxy.cfg").write_text(f"global\n    stats socket {stats} level admin\n\n{config}")
+    check = subprocess.run([haproxy, "-c", "-f", str(tmp_path / "haproxy.cfg")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    with running([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")], tmp_path / "haproxy.log"):
+        wait_until(lambda: _server_states(stats) == {"web1": "UP", "web2": "DOWN"}, 20, interval=0.2,
+                   message="haproxy to mark the node that is not ready DOWN")
+        front = f"http://127.0.0.1:{port}"
+        for _ in range(20):
+            assert _status(front + "/function/hello") == 200
+        assert served_by([a, lonely]) == [20, 0]
+
+
+def _status(url: str) -> int:
+    try:
+        return http("GET", url, timeout=10).status
+    except OSError:
+        return 0
+
+
+def _server_states(path: Path) -> dict[str, str]:
+    """web1/web2 -> UP/DOWN, from haproxy's stats socket."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            sock.sendall(b"show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+    except OSError:
+        return {}
+    states = {}
+    for line in data.decode().splitlines():
+        fields = line.split(",")
+        if len(fields) > 17 and fields[0] == "faasd" and fields[1].startswith("web"):
+            states[fields[1]] = fields[17].split()[0]
+    return states
+
+
+def test_cluster_mode_without_a_broker_address_is_refused_at_load(tmp_path):
+    config = tmp_path / "faasd.toml"
+    config.write_text('[cluster]\nmode = "amqp"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAASD_")}
+    check = subprocess.run([sys.executable, "-m", "faasd", "--config", str(config), "check"],
+                           capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env)
+    assert check.returncode == 1
+    assert f'{config}: [cluster] mode = "amqp" needs the broker\'s address' in check.stdout
+    config.write_text('[cluster]\nmode = "amqp"\nname = "no spaces allowed"\n[amqp]\nurl = "amqp://x"\n')
+    check = subprocess.run([sys.executable, "-m", "faasd", "--config", str(config), "check"],
+                           capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env)
+    assert check.returncode == 1 and "cluster.name" in check.stdout, check.stdout
