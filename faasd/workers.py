@@ -474,11 +474,15 @@ class ProcessWorker(Worker):
             self._ready.set_exception(WorkerInitError(error, 0.0, list(self._init_logs)))
 
     def _on_exit(self) -> None:
+        """The pidfd says the process ended: reap it (our child) and settle everything."""
         if self._pidfd is None:
             return
         self._loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = None
+        self._reap()
+
+    def _reap(self) -> None:
         assert self.popen is not None
         self._exited(self.popen.wait())
 

@@ -273,12 +273,7 @@ class ForkedWorker(ProcessWorker):
 
     init_hint = "the forked worker never said READY"
 
-    def _on_exit(self) -> None:
-        if self._pidfd is None:
-            return
-        self._loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self._pidfd = None
+    def _reap(self) -> None:
         # Not our child: its parent, the template, reaps it and reports how it ended.
         task = self._loop.create_task(self.template.exit_status(self.pid or 0))
         task.add_done_callback(lambda t: self._exited(None if t.cancelled() else t.result()))
