@@ -301,7 +301,19 @@ def _json_or_text(data: bytes | None) -> Any:
         return data.decode("utf-8", "replace")
 
 
-# -- the retry policy and destination records, shared with faasd/cluster.py ---------------
+# -- what every queue's put(), retry policy and destination records share (faasd/cluster/) --
+
+def admit(closing: bool, registry: "Registry", function: str, payload: Any,
+          request_id: str | None) -> tuple[str, bytes]:
+    """The checks of put(): the request id to use and the payload as bytes, or the error."""
+    if closing:
+        raise ShuttingDown("faasd is shutting down: the event was not queued")
+    if registry.get(function) is None:
+        raise FunctionNotFound(function)
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"payload must be JSON bytes, not {type(payload).__name__}")
+    return request_id or str(uuid.uuid4()), bytes(payload)
+
 
 def next_attempt(config: AsyncConfig, attempts: int, enqueued_at: float,
                  now: float) -> tuple[float, None] | tuple[None, str]:
@@ -471,15 +483,8 @@ class AsyncQueue:
     async def put(self, function: str, payload: bytes, *, request_id: str | None = None,
                   source: str = "api", on_done: OnDone | None = None, durable: bool = True) -> str:
         """Queue one event durably; return its request id. See the module docstring."""
-        if self._closing:
-            raise ShuttingDown("faasd is shutting down: the event was not queued")
-        if self.registry.get(function) is None:
-            raise FunctionNotFound(function)
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload must be JSON bytes, not {type(payload).__name__}")
-        request_id = request_id or str(uuid.uuid4())
+        request_id, data = admit(self._closing, self.registry, function, payload, request_id)
         now = time.time()
-        data = bytes(payload)
 
         def committed(event_id: int) -> None:
             self._count(function).pending[event_id] = now

@@ -75,9 +75,9 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
-from ..errors import HANDLED, FunctionError, FunctionNotFound, InvokeRefused, ShuttingDown
+from ..errors import HANDLED, FunctionError, InvokeRefused, ShuttingDown
 from ..queue import (
-    SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, dead_letter_path, destination_function,
+    SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit, dead_letter_path, destination_function,
     destination_record, next_attempt, write_file_durably,
 )
 from ..spec import AsyncConfig, FunctionSpec
@@ -328,15 +328,8 @@ class ClusterQueue:
     async def put(self, function: str, payload: bytes, *, request_id: str | None = None,
                   source: str = "api", on_done: OnDone | None = None, durable: bool = True) -> str:
         """Queue one event on the broker; return its request id once the broker confirmed it."""
-        if self._closing:
-            raise ShuttingDown("faasd is shutting down: the event was not queued")
-        if self.registry.get(function) is None:
-            raise FunctionNotFound(function)
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload must be JSON bytes, not {type(payload).__name__}")
-        request_id = request_id or str(uuid.uuid4())
-        job = Job(function, request_id, bytes(payload), source, time.time(),
-                  home=self._home(function, source))
+        request_id, data = admit(self._closing, self.registry, function, payload, request_id)
+        job = Job(function, request_id, data, source, time.time(), home=self._home(function, source))
         if not durable:
             self._hold(job, on_done)
             return request_id
