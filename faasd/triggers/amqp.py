@@ -32,7 +32,8 @@ reached, at start or later, the daemon keeps retrying by itself; meanwhile
 the triggers say "retrying", `/readyz` reports the `amqp` check as failing,
 and everything else keeps working. On reconnect aio-pika restores channels,
 prefetch, declarations, bindings and consumers. The connection state is in
-`daemon.amqp_state` (a dict) and `daemon.amqp_connected` (for /metrics).
+`daemon.amqp_state` (a dict) and `daemon.amqp_connected` (for /metrics). The
+connection itself (retries, state, close) is `faasd.broker.BrokerConnection`.
 """
 
 from __future__ import annotations
@@ -42,13 +43,11 @@ import base64
 import logging
 import os
 import socket
-import time
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import (
@@ -56,6 +55,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
+from ..broker import BrokerConnection, redact  # noqa: F401 (redact: also for importers)
 from ..spec import ACCOUNT_ID, FunctionSpec, Trigger
 from .base import RunningTrigger, TriggerSource, queue_of
 
@@ -67,7 +67,6 @@ log = logging.getLogger("faasd.triggers.amqp")
 DEAD_LETTER_EXCHANGE = "faasd.dead-letter"
 DEFAULT_PREFETCH = 10
 RECONNECT_INTERVAL_S = 2
-CONNECT_TIMEOUT_S = 10
 RETRY_MAX_S = 30.0
 STOP_WAIT_S = 10.0
 NACK_DELAY_S = 1.0  # before handing back a message the queue refused, so it does not spin
@@ -231,11 +230,6 @@ def raw_event(body: bytes) -> bytes:
         return orjson.dumps(_text(body)[0])
 
 
-def redact(url: str) -> str:
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else str(parsed)
-
-
 # -- connection -------------------------------------------------------------------------
 
 class AmqpSource(TriggerSource):
@@ -244,20 +238,18 @@ class AmqpSource(TriggerSource):
     def __init__(self, daemon: "Daemon") -> None:
         super().__init__(daemon)
         self.url = daemon.config.amqp.url
-        self.connection: AbstractRobustConnection | None = None
-        self._connected = asyncio.Event()
-        self._connect_task: asyncio.Task | None = None
         self._said_disabled = False
-        self.state: dict[str, Any] = {
-            "state": "disabled" if not self.url else "idle",
-            "url": redact(self.url) if self.url else None,
-            "since": time.time(),
-            "connects": 0,
-            "disconnects": 0,
-            "last_error": None,
-        }
+        self.broker = BrokerConnection(
+            self.url, connect_url=self._connect_url, log=log, prefix="AMQP ",
+            waiting="AMQP triggers wait", restored="consumers restored", initial="idle",
+            on_state=self._state_changed, close_error="error closing the AMQP connection")
+        self.state = self.broker.state
         daemon.amqp_state = self.state  # type: ignore[attr-defined]
         self._set_connected(None if not self.url else False)
+
+    @property
+    def connection(self) -> AbstractRobustConnection | None:
+        return self.broker.connection
 
     def _set_connected(self, value: bool | None) -> None:
         # /metrics reads a bool (absent when AMQP is not configured).
@@ -267,12 +259,7 @@ class AmqpSource(TriggerSource):
         else:
             self.daemon.amqp_connected = value  # type: ignore[attr-defined]
 
-    def _set_state(self, state: str, error: str | None = None) -> None:
-        if self.state["state"] != state:
-            self.state["since"] = time.time()
-        self.state["state"] = state
-        if error is not None:
-            self.state["last_error"] = error
+    def _state_changed(self, state: str) -> None:
         self._set_connected(state == "connected" if self.url else None)
 
     def not_running_reason(self, spec: FunctionSpec) -> str | None:
@@ -298,12 +285,12 @@ class AmqpSource(TriggerSource):
         return False, f"{state}: broker {self.state['url']} unreachable" + (f" ({error})" if error else "")
 
     def ensure_connecting(self) -> None:
-        if self.url and self._connect_task is None and not self._closed:
-            self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+        if not self._closed:
+            self.broker.start()
 
     async def connected(self) -> AbstractRobustConnection:
         self.ensure_connecting()
-        await self._connected.wait()
+        await self.broker.ready.wait()
         assert self.connection is not None
         return self.connection
 
@@ -317,47 +304,6 @@ class AmqpSource(TriggerSource):
             extra["name"] = f"faasd {socket.gethostname()} pid {os.getpid()}"
         return str(parsed.update_query(extra)) if extra else self.url
 
-    async def _connect(self) -> None:
-        delay = 1.0
-        failures = 0
-        self._set_state("connecting")
-        while not self._closed:
-            try:
-                connection = await aio_pika.connect_robust(self._connect_url(), timeout=CONNECT_TIMEOUT_S)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                self._set_state("retrying", f"{type(exc).__name__}: {exc}")
-                # Said once; the retries that follow are debug noise.
-                (log.warning if failures == 1 else log.debug)(
-                    "AMQP broker %s not reachable (%s); AMQP triggers wait, retrying every %gs at most",
-                    self.state["url"], exc, RETRY_MAX_S)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            connection.close_callbacks.add(self._on_close)
-            connection.reconnect_callbacks.add(self._on_reconnect)
-            self.connection = connection
-            self.state["connects"] += 1
-            self._set_state("connected")
-            self._connected.set()
-            log.info("AMQP connected to %s", self.state["url"])
-            return
-
-    def _on_close(self, _connection: Any, exc: BaseException | None = None) -> None:
-        if self._closed:
-            self._set_state("closed")
-            return
-        self.state["disconnects"] += 1
-        self._set_state("reconnecting", str(exc) if exc else "connection closed")
-        log.warning("AMQP connection to %s lost (%s); reconnecting", self.state["url"], exc)
-
-    def _on_reconnect(self, _connection: Any) -> None:
-        self.state["connects"] += 1
-        self._set_state("connected")
-        log.info("AMQP reconnected to %s; consumers restored", self.state["url"])
-
     def create(self, spec: FunctionSpec, trigger: Trigger, index: int) -> "AmqpTrigger":
         self.ensure_connecting()
         same_exchange = [t for t in spec.triggers
@@ -368,16 +314,9 @@ class AmqpSource(TriggerSource):
         return AmqpTrigger(self, spec, trigger, index, queue)
 
     async def close(self) -> None:
+        self.broker.closing()
         await super().close()
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            await asyncio.gather(self._connect_task, return_exceptions=True)
-        if self.connection is not None:
-            try:
-                await self.connection.close()
-            except Exception:
-                log.debug("error closing the AMQP connection", exc_info=True)
-        self._set_state("closed" if self.url else "disabled")
+        await self.broker.close("closed" if self.url else "disabled")
 
 
 # -- one trigger ------------------------------------------------------------------------
