@@ -138,6 +138,7 @@ class MemoryLimits:
         root = CGROUP_ROOT / "memory"
         if not (root / "memory.limit_in_bytes").exists():
             return "no cgroup v1 memory hierarchy"
+        sweep_stale_cgroups(root, name)
         base = root / f"{name}-{os.getpid()}"
         try:
             base.mkdir(exist_ok=True)
@@ -186,6 +187,27 @@ class MemoryLimits:
             self.base.rmdir()
         except OSError:
             pass
+
+
+def sweep_stale_cgroups(root: Path, name: str = "faasd") -> int:
+    """Remove the empty cgroup trees `<name>-<pid>` of daemons that are gone.
+
+    A daemon killed with SIGKILL cannot remove its cgroups; the next one
+    does, here. A group that still holds a process is left alone.
+    """
+    removed = 0
+    for base in root.glob(f"{name}-*"):
+        suffix = base.name[len(name) + 1:]
+        if not suffix.isdigit() or os.path.exists(f"/proc/{suffix}") or not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [base]:
+            if path.is_dir():
+                try:
+                    path.rmdir()
+                    removed += 1
+                except OSError:
+                    pass  # still has members: not ours to kill
+    return removed
 
 
 def rss_bytes(pid: int) -> tuple[int, int] | None:

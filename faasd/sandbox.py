@@ -515,6 +515,11 @@ class Sandbox:
             self.pids_mode, self.pids_base = "cgroup2", base
             return
         if os.path.isfile(os.path.join(PIDS_V1_ROOT, "cgroup.procs")):
+            from pathlib import Path
+
+            from .limits import sweep_stale_cgroups
+
+            sweep_stale_cgroups(Path(PIDS_V1_ROOT))  # of daemons killed before they could
             base = os.path.join(PIDS_V1_ROOT, f"faasd-{os.getpid()}")
             try:
                 os.makedirs(base, exist_ok=True)
