@@ -303,6 +303,18 @@ def _json_or_text(data: bytes | None) -> Any:
 
 # -- what every queue's put(), retry policy and destination records share (faasd/cluster/) --
 
+async def notify_done(callback: OnDone | None, outcome: QueuedOutcome) -> None:
+    """Run an event's on_done callback (sync or async); its errors are logged, never raised."""
+    if callback is None:
+        return
+    try:
+        result = callback(outcome)
+        if asyncio.iscoroutine(result):
+            await result
+    except Exception:
+        log.exception("asynchronous queue: on_done callback of %s failed", outcome.request_id)
+
+
 def admit(closing: bool, registry: "Registry", function: str, payload: Any,
           request_id: str | None) -> tuple[str, bytes]:
     """The checks of put(): the request id to use and the payload as bytes, or the error."""
@@ -860,15 +872,7 @@ class AsyncQueue:
             destination=f"function:{target}" if target else str(path)))
 
     async def _done(self, event: _Event, outcome: QueuedOutcome) -> None:
-        callback = self._callbacks.pop(event.id, None)
-        if callback is None:
-            return
-        try:
-            result = callback(outcome)
-            if asyncio.iscoroutine(result):
-                await result
-        except Exception:
-            log.exception("asynchronous queue: on_done callback of %s failed", event.request_id)
+        await notify_done(self._callbacks.pop(event.id, None), outcome)
 
 
 # -- wiring ---------------------------------------------------------------------------------

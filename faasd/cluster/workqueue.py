@@ -78,7 +78,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from ..errors import HANDLED, FunctionError, InvokeRefused, ShuttingDown
 from ..queue import (
     SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit, dead_letter_path, destination_function,
-    destination_record, next_attempt, write_file_durably,
+    destination_record, next_attempt, notify_done, write_file_durably,
 )
 from ..spec import AsyncConfig, FunctionSpec
 from .link import BrokerLink
@@ -630,7 +630,7 @@ class ClusterQueue:
                                   job.request_id, job.function)
                     await asyncio.sleep(NACK_DELAY_S)
                     continue
-                await _call(on_done, outcome)
+                await notify_done(on_done, outcome)
                 return
         finally:
             figures.holding.pop(id(job), None)
@@ -736,7 +736,7 @@ class ClusterQueue:
     async def outcome_arrived(self, callback: str, outcome: QueuedOutcome) -> None:
         entry = self._callbacks.pop(callback, None)
         if entry is not None:
-            await _call(entry[0], outcome)
+            await notify_done(entry[0], outcome)
 
     async def on_inbox_outcome(self, message: AbstractIncomingMessage) -> None:
         if not message.correlation_id:
@@ -786,17 +786,6 @@ async def _settle(settle: Any, function: str, what: str) -> None:
         # The channel the message came on is gone: the broker has it back already.
         log.warning("cluster: could not %s an event of %s (%s); the broker delivers it again",
                     what, function, exc)
-
-
-async def _call(callback: OnDone | None, outcome: QueuedOutcome) -> None:
-    if callback is None:
-        return
-    try:
-        result = callback(outcome)
-        if asyncio.iscoroutine(result):
-            await result
-    except Exception:
-        log.exception("cluster: on_done callback of %s failed", outcome.request_id)
 
 
 async def _close_channel(channel: Any) -> None:
