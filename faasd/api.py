@@ -16,9 +16,10 @@ from aiohttp import web
 
 from . import __version__
 from .errors import FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
+from .invoker import new_request_id
 from .spec import valid_name
 from .triggers.http import (
-    Route, RouteTable, build_event, build_response, error_response, failure_response, new_request_id,
+    Route, RouteTable, build_event, build_response, error_response, failure_response,
 )
 
 if TYPE_CHECKING:
@@ -43,14 +44,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     A client that stops sending for longer than [server] idle_timeout_s gets
     408: a slow sender cannot hold a connection and its buffers forever.
     """
+    if not request.body_exists:
+        return b""
     cached = request.get(BODY_KEY)
     if cached is not None:
         return cached
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
             f"Request must be smaller than {limit} bytes for the InvokeFunction operation")
-    if not request.body_exists:
-        return b""
     idle = request.app.get(IDLE_TIMEOUT_KEY)
     chunks: list[bytes] = []
     size = 0
@@ -92,9 +93,11 @@ def http_trigger_handler(daemon: "Daemon"):
         request_id = new_request_id()
         try:
             authorizer = None
-            if daemon.http_auth is not None:
+            trigger_auth = daemon.http_auth
+            setting = trigger_auth.setting(name, route) if trigger_auth is not None else None
+            if setting:
                 # Before the body is read: an unauthorised caller costs no upload.
-                refusal, authorizer = await daemon.http_auth(request, name, route, route_key, params)
+                refusal, authorizer = await trigger_auth.check(request, setting, route_key, params)
                 if refusal is not None:
                     return refusal
             body = await read_body(request, limit)
@@ -185,31 +188,46 @@ def system_handlers(daemon: "Daemon"):
     return healthz, readyz, functions, function, info, logs
 
 
-# -- errors the framework raises before a handler runs -------------------------------
+# -- the one middleware: auth for the API, errors the framework raises -------------------
 
-@web.middleware
-async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
-    started = time.perf_counter()
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status >= 400 and exc.content_type != JSON:
-            message = exc.reason if exc.status != 413 else "Request Entity Too Large"
-            return error_response(exc.status, message, dict(exc.headers) if exc.status == 405 else None)
-        raise
-    except FunctionNotFound as exc:
-        return error_response(404, exc.message)
-    except Exception:
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        return error_response(500, "Internal Server Error")
-    if isinstance(response, web.Response) and "X-Duration-Seconds" not in response.headers:
-        response.headers["X-Duration-Seconds"] = f"{time.perf_counter() - started:.6f}"
-    return response
+def guard_middleware(daemon: "Daemon"):
+    """Checks the request (faasd/auth.py's RequestGuard, while keys are set), then
+    turns what the framework or a handler raises into JSON errors.
+
+    One middleware, not one per concern: each layer costs every request.
+    """
+    guard = daemon.request_guard
+    perf_counter = time.perf_counter
+
+    @web.middleware
+    async def guarded(request: web.Request, handler) -> web.StreamResponse:
+        started = perf_counter()
+        try:
+            if guard is not None and guard.active:
+                refusal = await guard.check(request)
+                if refusal is not None:
+                    return refusal
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400 and exc.content_type != JSON:
+                message = exc.reason if exc.status != 413 else "Request Entity Too Large"
+                return error_response(exc.status, message, dict(exc.headers) if exc.status == 405 else None)
+            raise
+        except FunctionNotFound as exc:
+            return error_response(404, exc.message)
+        except Exception:
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            return error_response(500, "Internal Server Error")
+        if isinstance(response, web.Response) and "X-Duration-Seconds" not in response.headers:
+            response.headers["X-Duration-Seconds"] = f"{perf_counter() - started:.6f}"
+        return response
+
+    return guarded
 
 
 def build_app(daemon: "Daemon") -> web.Application:
     app = web.Application(
-        middlewares=[errors_middleware],
+        middlewares=[guard_middleware(daemon)],
         client_max_size=int(daemon.config.server.max_body_mb * 1024 * 1024) + 1024,
     )
     app[IDLE_TIMEOUT_KEY] = daemon.config.server.idle_timeout_s

@@ -149,14 +149,24 @@ class Keys:
         return set()
 
 
-def middleware(daemon: "Daemon", state: Keys):
-    limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+class RequestGuard:
+    """Checks a request to the Lambda API or an operator path, while [auth] keys are set.
 
-    @web.middleware
-    async def authenticate(request: web.Request, handler):
-        keys = state.current
-        if not keys:
-            return await handler(request)
+    faasd/api.py's one middleware calls it before any handler, and only while
+    `active` (keys are configured): without keys it costs a request nothing.
+    """
+
+    def __init__(self, daemon: "Daemon", state: Keys) -> None:
+        self._state = state
+        self.limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._state.current)
+
+    async def check(self, request: web.Request) -> web.Response | None:
+        """A refusal, or None when the request may go on."""
+        keys = self._state.current
         # Classify by the decoded and the raw path alike: `%2F` and friends
         # cannot move a request out from under a check.
         paths = (request.path, request.rel_url.raw_path)
@@ -165,7 +175,7 @@ def middleware(daemon: "Daemon", state: Keys):
                 # The cheap checks first: an unsigned caller costs no upload.
                 precheck_sigv4(request.rel_url.raw_query_string, request.headers, keys,
                                service="lambda")
-                body = await read_body_once(request, limit)
+                body = await read_body_once(request, self.limit)
                 verify_sigv4(request.method, request.rel_url.raw_path,
                              request.rel_url.raw_query_string, request.headers, body, keys,
                              service="lambda")
@@ -181,9 +191,7 @@ def middleware(daemon: "Daemon", state: Keys):
             header = request.headers.get("Authorization")
             if bearer_key(header, keys) is None:
                 return operator_refusal(bool(header))
-        return await handler(request)
-
-    return authenticate
+        return None
 
 
 # -- HTTP trigger auth -----------------------------------------------------------------
@@ -206,18 +214,28 @@ class TriggerAuth:
         self.daemon = daemon
         self._keys = keys
         self.limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+        self._by_function: dict[str, tuple[FunctionSpec, str | None]] = {}
 
     @property
     def keys(self) -> dict[str, str]:
         return self._keys.current
 
-    async def __call__(self, request: web.Request, function: str, route: "Route | None",
-                       route_key: str, path_parameters: dict[str, str] | None
-                       ) -> tuple[web.Response | None, dict[str, Any] | None]:
+    def setting(self, function: str, route: "Route | None") -> str | None:
+        """What guards this request: None (public), "key" or "function:NAME"."""
+        if route is not None:
+            return route.auth
+        spec = self.daemon.registry.get(function)
+        if spec is None:
+            return None
+        cached = self._by_function.get(function)
+        if cached is None or cached[0] is not spec:
+            cached = self._by_function[function] = (spec, function_auth(spec))
+        return cached[1]
+
+    async def check(self, request: web.Request, setting: str, route_key: str,
+                    path_parameters: dict[str, str] | None
+                    ) -> tuple[web.Response | None, dict[str, Any] | None]:
         """(a refusal, or None) and the `requestContext.authorizer` the handler sees."""
-        setting = route.auth if route is not None else function_auth(self.daemon.registry.get(function))
-        if not setting:
-            return None, None
         if setting == "key":
             return await self._key(request)
         return await self._authorizer(request, setting.split(":", 1)[1], route_key, path_parameters)
@@ -247,7 +265,8 @@ class TriggerAuth:
     async def _authorizer(self, request: web.Request, name: str, route_key: str,
                           path_parameters: dict[str, str] | None
                           ) -> tuple[web.Response | None, dict[str, Any] | None]:
-        from .triggers.http import build_event, new_request_id
+        from .invoker import new_request_id
+        from .triggers.http import build_event
 
         event = build_event(request, b"", route_key=route_key, path_parameters=path_parameters,
                             request_id=new_request_id())
@@ -370,7 +389,7 @@ class _ClientErrorFilter(logging.Filter):
 
 
 async def start(daemon: "Daemon") -> None:
-    """Extension: the auth middleware, trigger auth and the OpenAPI document."""
+    """Extension: the API request guard, trigger auth and the OpenAPI document."""
     from .openapi import openapi_handler
 
     server_log = logging.getLogger("aiohttp.server")
@@ -380,6 +399,7 @@ async def start(daemon: "Daemon") -> None:
     keys = Keys(daemon)
     daemon.reload_hooks.append(keys.reload)
     daemon.http_auth = TriggerAuth(daemon, keys)
+    daemon.request_guard = RequestGuard(daemon, keys)
     guarded = [(name, t.get("auth")) for name, spec in daemon.registry.specs.items()
                for t in spec.triggers if t.type == "http" and t.get("auth") == "key"]
     if guarded and not keys.current:
@@ -387,7 +407,6 @@ async def start(daemon: "Daemon") -> None:
                     ", ".join(sorted({name for name, _ in guarded})))
 
     def routes(app: web.Application) -> None:
-        app.middlewares.append(middleware(daemon, keys))
         app.router.add_get("/openapi.json", openapi_handler(daemon))
 
     daemon.route_hooks.append(routes)

@@ -63,7 +63,9 @@ class Daemon:
         self.reload_state = ReloadState()
         self.isolation: dict[str, Any] = {}
         # Checks a request to an http trigger before its function runs (faasd/auth.py).
-        self.http_auth: Callable[..., Awaitable[tuple[Any, Any]]] | None = None
+        self.http_auth: auth.TriggerAuth | None = None
+        # Checks every request to the Lambda API and operator paths (faasd/auth.py).
+        self.request_guard: auth.RequestGuard | None = None
         self._runner: web.AppRunner | None = None
         self._cleanups: list[Callable[[], Awaitable[None] | None]] = []
         self.address: tuple[str, int] | None = None

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, NoReturn
@@ -28,6 +28,16 @@ from .spec import FunctionSpec
 from .workers import WorkerInitError
 
 log = logging.getLogger("faasd.invoker")
+
+_random_bits = random.Random().getrandbits  # seeded from os.urandom
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID as text, as Lambda's request ids are; without
+    uuid.uuid4()'s syscall and object, as every invocation takes one."""
+    value = (_random_bits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 class Limiter:
@@ -171,7 +181,7 @@ class Invoker:
         try:
             # The spec may have changed while we waited for a slot.
             spec = self.registry.get(name) or spec
-            invocation = await self._run(spec, event, request_id or str(uuid.uuid4()))
+            invocation = await self._run(spec, event, request_id or new_request_id())
         finally:
             self.inflight -= 1
             fn_limit.release()
@@ -222,10 +232,11 @@ class Invoker:
         invocation.payload = result.payload
         invocation.error = result.error
         invocation.max_memory_mb = result.max_memory_mb
+        end = f"END RequestId: {request_id}"
         if result.error is not None and result.error.kind != "error":
-            capture(f"{result.error.message}")
-        capture(f"END RequestId: {request_id}")
-        capture(self._report(spec, invocation))
+            capture(result.error.message, end, self._report(spec, invocation))
+        else:
+            capture(end, self._report(spec, invocation))
         invocation.log_lines = capture.lines
         return invocation
 

@@ -55,40 +55,46 @@ class FunctionLogs:
         self._stream = stream if stream is not None else sys.stdout.buffer
         self._files: dict[str, BinaryIO] = {}
         self._pending: dict[str, list[str]] = {}
-        self._echo: list[bytes] = []
+        self._echo: list[str] = []
         self._followers: dict[str, set[asyncio.Queue]] = {}
-        # taps see every line as written: tap(function, request_id, text) (the dashboard's log tail)
-        self.taps: list[Callable[[str, str, str], None]] = []
+        # taps see every line as written: tap(function, request_id, texts) (the dashboard's log tail)
+        self.taps: list[Callable[[str, str, tuple[str, ...]], None]] = []
         self._flush_scheduled = False
         directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
         return self.directory / f"{name}.log"
 
-    def write(self, name: str, request_id: str, text: str) -> None:
-        if len(text) > MAX_LINE:
-            text = text[:MAX_LINE] + f" [faasd: line truncated, {len(text) - MAX_LINE} more characters]"
+    def write(self, name: str, request_id: str, *texts: str) -> None:
+        """Append lines (without their newline) to a function's log."""
         stamp = iso_now()
-        if self.echo_format == "text":
-            # The request id on every line, as Lambda's runtimes log, so grep finds a whole invocation.
-            self._echo.append(f"{stamp} INFO    [{name}] {request_id} {text}\n"
-                              .encode("utf-8", "backslashreplace"))
-        elif self.echo_format == "json":
-            self._echo.append(orjson.dumps({
-                "time": stamp, "level": "info", "logger": "faasd.function", "message": text,
-                "function": name, "request_id": request_id}, option=orjson.OPT_APPEND_NEWLINE))
-        line = f"{stamp}\t{request_id}\t{text}\n"
+        echo = self._echo if self.echo_format else None
         pending = self._pending.get(name)
         if pending is None:
             pending = self._pending[name] = []
-        pending.append(line)
-        for tap in self.taps:
-            tap(name, request_id, text)
         followers = self._followers.get(name)
-        if followers:
-            for queue in followers:
-                if queue.qsize() < 10000:
-                    queue.put_nowait(line)
+        if any(len(text) > MAX_LINE for text in texts):
+            texts = tuple(text if len(text) <= MAX_LINE else
+                          text[:MAX_LINE] + f" [faasd: line truncated, {len(text) - MAX_LINE} more characters]"
+                          for text in texts)
+        for text in texts:
+            line = f"{stamp}\t{request_id}\t{text}\n"
+            pending.append(line)
+            if echo is not None:
+                if self.echo_format == "text":
+                    # The request id on every line, as Lambda's runtimes log, so grep finds a whole invocation.
+                    echo.append(f"{stamp} INFO    [{name}] {request_id} {text}\n")
+                else:
+                    echo.append(orjson.dumps({
+                        "time": stamp, "level": "info", "logger": "faasd.function", "message": text,
+                        "function": name, "request_id": request_id},
+                        option=orjson.OPT_APPEND_NEWLINE).decode())
+            if followers:
+                for queue in followers:
+                    if queue.qsize() < 10000:
+                        queue.put_nowait(line)
+        for tap in self.taps:
+            tap(name, request_id, texts)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -99,13 +105,12 @@ class FunctionLogs:
         for name, lines in pending.items():
             handle = self._files.get(name)
             if handle is None:
-                handle = self._files[name] = open(self.path(name), "ab")
+                handle = self._files[name] = open(self.path(name), "ab", buffering=0)
             handle.write("".join(lines).encode("utf-8", "backslashreplace"))
-            handle.flush()
         if self._echo:
             echo, self._echo = self._echo, []
             try:
-                self._stream.write(b"".join(echo))
+                self._stream.write("".join(echo).encode("utf-8", "backslashreplace"))
                 self._stream.flush()
             except (BlockingIOError, BrokenPipeError, ValueError):
                 pass  # stdout gone or full: the per-function files still have every line
@@ -170,9 +175,11 @@ class LogCapture:
         self.request_id = request_id
         self.lines: list[str] = []
 
-    def __call__(self, text: str) -> None:
-        self.logs.write(self.name, self.request_id, text)
-        if len(self.lines) < 10000:
-            self.lines.append(text)
-        else:
-            self.lines[-1] = text
+    def __call__(self, *texts: str) -> None:
+        self.logs.write(self.name, self.request_id, *texts)
+        lines = self.lines
+        for text in texts:
+            if len(lines) < 10000:
+                lines.append(text)
+            else:
+                lines[-1] = text

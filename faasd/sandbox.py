@@ -60,6 +60,7 @@ MB = 1024 * 1024
 MAX_OPEN_FILES = 1024
 MAX_PROCESSES_PER_WORKER = 1024  # processes and threads, enforced with a pids cgroup
 SHM_MAX_MB = 64  # /dev/shm, as Docker's default
+PARENT_JOIN_WAIT_S = 2.0  # how long a worker waits for the daemon to move it into its cgroups
 
 # Linux constants (uapi headers).
 CLONE_NEWNS = 0x00020000
@@ -124,13 +125,42 @@ def _write(path: str, text: str) -> None:
         handle.write(text)
 
 
-def _join_cgroups(procs_files: list[str]) -> None:
+def _is_member(procs_file: str, pid: str) -> bool:
+    try:
+        with open(procs_file) as handle:
+            return pid in handle.read().split()
+    except OSError:
+        return False
+
+
+def _join_cgroups(procs_files: list[str], by_parent: bool = False) -> None:
+    """Be in every cgroup of `procs_files` before going on.
+
+    With `by_parent`, the daemon is moving this process already, while the
+    interpreter starts (a cgroup v1 move waits out an RCU grace period, 5 to
+    20 ms): wait for that, and join only what it has not done in time.
+    """
     pid = str(os.getpid())
+    if by_parent:
+        import time
+
+        deadline = time.monotonic() + PARENT_JOIN_WAIT_S
+        while True:
+            procs_files = [path for path in procs_files if not _is_member(path, pid)]
+            if not procs_files or time.monotonic() > deadline:
+                break
+            time.sleep(0.0005)
     for path in procs_files:
         try:
             _write(path, pid)
         except OSError as exc:
             raise SandboxError(f"cannot join cgroup {os.path.dirname(path)}: {exc.strerror}") from None
+
+
+def join_cgroups_of(pid: int, procs_files: list[str]) -> None:
+    """Daemon side of `by_parent`: move a just-started worker into its cgroups."""
+    for path in procs_files:
+        _write(path, str(pid))
 
 
 def _new_namespaces(plan: dict[str, Any]) -> None:
@@ -272,7 +302,10 @@ def apply(plan: dict[str, Any]) -> None:
     import signal  # noqa: F401
 
     _c()
-    _join_cgroups(plan.get("cgroups", []))
+    # Armed now for the wait below, and again at the end: a new user namespace
+    # or a change of uid clears it.
+    _die_with_parent(plan.get("parent_pid"))
+    _join_cgroups(plan.get("cgroups", []), bool(plan.get("cgroups_by_parent")))
     if plan.get("mount"):
         _new_namespaces(plan)
         _set_up_mounts(plan)
@@ -602,6 +635,7 @@ class Sandbox:
             _write(os.path.join(pids_dir, "pids.max"), str(MAX_PROCESSES_PER_WORKER))
             cgroups.append(os.path.join(pids_dir, "cgroup.procs"))
         plan["cgroups"] = cgroups
+        plan["cgroups_by_parent"] = bool(cgroups)  # ProcessWorker.start() moves it; see _join_cgroups
         tmp_limit = None if self.mount else tmp_mb * MB
         return WorkerPlan(self, worker_id, plan, pids_dir, str(tmp_dir), tmp_limit)
 

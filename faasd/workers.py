@@ -34,7 +34,7 @@ import orjson
 from . import protocol
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
 from .limits import MB, MemoryLimits, WorkerCgroup, rss_bytes
-from .sandbox import PLAN_ENV, Sandbox, WorkerPlan
+from .sandbox import PLAN_ENV, Sandbox, WorkerPlan, join_cgroups_of
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 
@@ -132,6 +132,7 @@ class Worker:
         self.init_ms: float | None = None
         self.invocations = 0
         self.tmp_dir = env.tmp_root / self.id
+        self.arn = function_arn(spec.name, env.region)  # context.invoked_function_arn
         self.cgroup: WorkerCgroup | None = None
         self.sandbox: WorkerPlan | None = None
         self.returncode: int | None = None
@@ -344,17 +345,32 @@ class ProcessWorker(Worker):
                 child_sock.close()
             os.close(out_write)
         self.pid = self.popen.pid
-        if self.cgroup is not None and self.sandbox is None:
-            # (A sandboxed process joins its cgroups itself, before user code.)
+        self._pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(self._pidfd, self._on_exit)
+        joining = None
+        if self.sandbox is not None and self.sandbox.plan.get("cgroups_by_parent"):
+            # Moved while its interpreter starts; it waits for this before user
+            # code runs (and joins by itself what is not done in time).
+            joining = loop.create_task(self._join_cgroups(self.sandbox.plan["cgroups"]))
+        elif self.cgroup is not None and self.sandbox is None:
             try:
-                self.cgroup.add(self.pid)
+                await asyncio.to_thread(self.cgroup.add, self.pid)  # blocks ~15 ms on cgroup v1
             except OSError as exc:
                 log.warning("cannot move worker %s into its cgroup: %s", self.id, exc)
                 self.cgroup.remove()
                 self.cgroup = None
-        self._pidfd = os.pidfd_open(self.pid)
-        loop.add_reader(self._pidfd, self._on_exit)
-        await self._await_ready(out_read, started)
+        try:
+            await self._await_ready(out_read, started)
+        finally:
+            if joining is not None:
+                await joining
+
+    async def _join_cgroups(self, procs_files: list[str]) -> None:
+        try:
+            await asyncio.to_thread(join_cgroups_of, self.pid, procs_files)
+        except OSError as exc:
+            # The process joins by itself after a while, or reports why it cannot.
+            log.debug("could not move worker %s into its cgroups: %s", self.id, exc)
 
     async def _await_ready(self, output_fd: int, started: float) -> None:
         """Read the process's output from `output_fd`; wait for its READY; set init_ms."""
@@ -525,8 +541,7 @@ class ProcessWorker(Worker):
         loop = self._loop
         future = loop.create_future()
         call = self._call = _Call(request_id, future, sink)
-        header = orjson.dumps({"id": request_id, "deadline_ms": int(deadline * 1000),
-                               "arn": function_arn(self.spec.name, self.env.region)})
+        header = orjson.dumps({"id": request_id, "deadline_ms": int(deadline * 1000), "arn": self.arn})
         if not self.alive or not self._send(protocol.INVOKE, header + b"\n" + event):
             self._call = None
             error = FunctionError(CRASH, "Runtime.ExitError",

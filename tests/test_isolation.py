@@ -221,6 +221,18 @@ def test_tmp_past_tmp_mb_fails_with_enospc_in_a_private_tmpfs(start_daemon, func
     still_serving(daemon)
 
 
+def _tree_bytes(directory) -> int:
+    """Bytes of the files under `directory`, while the daemon may be deleting them."""
+    total = 0
+    for root, _, files in os.walk(directory):  # os.walk skips directories that vanish
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def test_tmp_on_disk_is_limited_per_file_and_in_total(start_daemon, functions_dir):
     needs_root()
     write_function(functions_dir, "fill.py", FILL_TMP)
@@ -236,8 +248,8 @@ def test_tmp_on_disk_is_limited_per_file_and_in_total(start_daemon, functions_di
     result, error = invoke(daemon, "fill", {"mb": 4000, "files": True})
     assert error == "Runtime.ExitError", result
     assert "tmp_mb quota of 8 MB" in result["errorMessage"]
-    wait_until(lambda: sum(p.stat().st_size for p in workers_dir.rglob("*") if p.is_file())
-               < 8 * 1024 * 1024, message="the worker's /tmp to be deleted")
+    wait_until(lambda: _tree_bytes(workers_dir) < 8 * 1024 * 1024,
+               message="the worker's /tmp to be deleted")
     still_serving(daemon)
 
 
@@ -525,7 +537,10 @@ def test_workers_die_with_a_daemon_killed_by_sigkill(start_daemon, functions_dir
     daemon.kill9()
     wait_until(lambda: all(process_state(p) in (None, "Z") for p in workers), timeout=10,
                message="every worker, busy or frozen, to die with its daemon")
-    assert not pids_with_env("_FAASD_PARENT_PID", str(daemon_pid))
+    # A worker still starting (its interpreter not yet at the point where it
+    # asks for the parent-death signal) finds its parent gone there and exits.
+    wait_until(lambda: not pids_with_env("_FAASD_PARENT_PID", str(daemon_pid)), timeout=10,
+               message="workers that were still starting to exit too")
 
 
 ENVIRON = """

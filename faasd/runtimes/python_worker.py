@@ -27,44 +27,51 @@ del sys.path[0]
 # Started with -S: site-packages come from the daemon, without .pth processing.
 sys.path.extend(p for p in os.environ.pop("_FAASD_SITE_PATH", "").split(os.pathsep) if p)
 
-import decimal  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import resource  # noqa: E402
 import socket  # noqa: E402
-import traceback  # noqa: E402
+
+# Not imported here unless the function needs them (each costs the first start
+# milliseconds): traceback on errors, decimal when a result holds one, and
+# logging when the function's code imports it (see _configure_logging_on_import).
 
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024
 
 _sock = socket.socket(fileno=int(os.environ.pop(protocol.CONTROL_FD_ENV, "3")))
 _encode = protocol.encode
 _header = protocol.HEADER
+_header_size = protocol.HEADER_SIZE
 
 
 def _send(kind, payload=b""):
     _sock.sendall(_encode(kind, payload))
 
 
-def _recv_exact(size):
-    chunks = []
-    while size:
-        chunk = _sock.recv(min(size, 1 << 20))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+_inbox = bytearray()  # bytes received past the last whole frame
 
 
 def _recv_frame():
-    head = _recv_exact(protocol.HEADER_SIZE)
-    if head is None:
-        return None, None
-    length, kind = _header.unpack(head)
-    payload = _recv_exact(length) if length else b""
-    if payload is None:
-        return None, None
-    return kind, payload
+    """The next (kind, payload) from the daemon; (None, None) at end of file.
+
+    Reads what the socket holds, not exact sizes, so that a frame usually
+    costs one recv() rather than two.
+    """
+    buffer = _inbox
+    while True:
+        if len(buffer) >= _header_size:
+            length, kind = _header.unpack_from(buffer)
+            end = _header_size + length
+            if len(buffer) >= end:
+                payload = bytes(buffer[_header_size:end])
+                del buffer[:end]
+                return kind, payload
+            want = end - len(buffer)
+        else:
+            want = 0
+        chunk = _sock.recv(max(want, 65536))
+        if not chunk:
+            return None, None
+        buffer += chunk
 
 
 class _FrameWriter:
@@ -119,17 +126,28 @@ class _FrameWriter:
 class LambdaContext:
     """The `context` argument, with the attributes AWS's runtime provides."""
 
+    # Read from the environment once the worker's environment is final (_serve),
+    # as AWS's runtime does at start-up, not on every call.
+    _static = {}
+
     def __init__(self, request_id, deadline_ms, invoked_function_arn):
+        self.__dict__.update(self._static)
         self.aws_request_id = request_id
         self.invoked_function_arn = invoked_function_arn
         self._deadline_ms = deadline_ms
-        self.function_name = os.environ.get("AWS_LAMBDA_FUNCTION_NAME")
-        self.function_version = os.environ.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        self.memory_limit_in_mb = os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE")
-        self.log_group_name = os.environ.get("AWS_LAMBDA_LOG_GROUP_NAME")
-        self.log_stream_name = os.environ.get("AWS_LAMBDA_LOG_STREAM_NAME")
-        self.identity = None
-        self.client_context = None
+
+    @classmethod
+    def read_environment(cls):
+        get = os.environ.get
+        cls._static = {
+            "function_name": get("AWS_LAMBDA_FUNCTION_NAME"),
+            "function_version": get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+            "memory_limit_in_mb": get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
+            "log_group_name": get("AWS_LAMBDA_LOG_GROUP_NAME"),
+            "log_stream_name": get("AWS_LAMBDA_LOG_STREAM_NAME"),
+            "identity": None,
+            "client_context": None,
+        }
 
     def get_remaining_time_in_millis(self):
         return max(int(self._deadline_ms - time.time() * 1000), 0)
@@ -142,13 +160,14 @@ class LambdaContext:
 _current_request_id = ""
 
 
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record):
-        record.aws_request_id = _current_request_id
-        return True
+def _setup_logging(logging):
+    """The root logger as AWS's runtime sets it up: Lambda's line format, with the request id."""
 
+    class _RequestIdFilter(logging.Filter):
+        def filter(self, record):
+            record.aws_request_id = _current_request_id
+            return True
 
-def _setup_logging():
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(
         "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s\n",
@@ -161,11 +180,44 @@ def _setup_logging():
     root.setLevel(logging.WARNING)
 
 
+class _configure_logging_on_import:
+    """A meta path finder: when `logging` is first imported, set it up (_setup_logging)
+    as soon as it has loaded, so that a function that never logs never pays for it."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "logging":
+            return None
+        sys.meta_path.remove(cls)
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_set_up(module):
+            exec_module(module)
+            _setup_logging(module)
+
+        spec.loader.exec_module = exec_and_set_up
+        return spec
+
+
+def _install_logging():
+    if "logging" in sys.modules:
+        _setup_logging(sys.modules["logging"])
+    else:
+        sys.meta_path.insert(0, _configure_logging_on_import)
+
+
 def _error(error_type, message, stack=None):
     return {"errorMessage": message, "errorType": error_type, "stackTrace": stack or []}
 
 
 def _user_frames(tb):
+    import traceback
+
     frames = traceback.extract_tb(tb)
     # Drop the shim's own frames: users see their code only, as on AWS.
     frames = [f for f in frames if f.filename != __file__]
@@ -206,6 +258,8 @@ def _load_handler():
 
 
 def _log_exception(exc):
+    import traceback
+
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     head = f"[ERROR] {type(exc).__name__}: {exc}"
     sys.stdout.write(head + "\n" + "".join(lines[:1] + _user_frames(exc.__traceback__)))
@@ -213,45 +267,55 @@ def _log_exception(exc):
 
 
 def _default(value):
-    if isinstance(value, decimal.Decimal):
+    decimal = sys.modules.get("decimal")  # a Decimal exists only if decimal was imported
+    if decimal is not None and isinstance(value, decimal.Decimal):
         return int(value) if value == value.to_integral_value() else float(value)
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_decode = json.JSONDecoder().decode
+# Built once: json.dumps(..., default=) would build a new encoder on every call.
+_encode_result = json.JSONEncoder(default=_default).encode
+_encode_json = json.JSONEncoder().encode
 
 
 def _invoke(handler, payload):
     global _current_request_id
     head, _, body = payload.partition(b"\n")
-    header = json.loads(head)
-    _current_request_id = header["id"]
+    header = _decode(head.decode())
+    request_id = _current_request_id = header["id"]
     try:
-        event = json.loads(body) if body else None
-    except ValueError as exc:
-        _send(protocol.ERROR, json.dumps(_error(
+        event = _decode(body.decode()) if body else None
+    except ValueError as exc:  # UnicodeDecodeError included
+        _send(protocol.ERROR, _encode_json(_error(
             "Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}")).encode())
         return
-    context = LambdaContext(header["id"], header["deadline_ms"], header.get("arn", ""))
+    context = LambdaContext(request_id, header["deadline_ms"], header.get("arn", ""))
     try:
         result = handler(event, context)
     except Exception as exc:
         _log_exception(exc)
-        reply = protocol.ERROR, json.dumps(
+        reply = protocol.ERROR, _encode_json(
             _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))).encode()
     else:
         try:
-            data = json.dumps(result, default=_default).encode()
+            data = _encode_result(result).encode()
         except (TypeError, ValueError) as exc:
-            reply = protocol.ERROR, json.dumps(_error(
+            reply = protocol.ERROR, _encode_json(_error(
                 "Runtime.MarshalError", f"Unable to marshal response: {exc}")).encode()
         else:
             if len(data) > MAX_RESPONSE_BYTES:
-                reply = protocol.ERROR, json.dumps(_error(
+                reply = protocol.ERROR, _encode_json(_error(
                     "Function.ResponseSizeTooLarge",
                     f"Response payload size ({len(data)} bytes) exceeded maximum allowed "
                     f"payload size ({MAX_RESPONSE_BYTES} bytes).")).encode()
             else:
                 reply = protocol.RESULT, data
-    sys.stdout.flush()
-    sys.stderr.flush()
+    stdout, stderr = sys.stdout, sys.stderr
+    if getattr(stdout, "_pending", True):
+        stdout.flush()
+    if getattr(stderr, "_pending", True):
+        stderr.flush()
     _sock.sendall(_encode(protocol.STATS, _peak_kb()) + _encode(*reply))
 
 
@@ -372,6 +436,7 @@ def _spare(control, out_write, tmp_mb, template_pid):
     os.setpgid(0, 0)  # a process group of its own, killed as one
     _sock.close()
     _sock = control
+    _inbox.clear()  # the template's unread frames are not this worker's
     os.dup2(out_write, 1)
     os.dup2(out_write, 2)
     os.close(out_write)
@@ -434,6 +499,7 @@ def _own_tmp(tmp_mb):
 
 def _serve():
     handler = _HANDLER_FN
+    LambdaContext.read_environment()
     while True:
         kind, payload = _recv_frame()
         if kind is None or kind == protocol.SHUTDOWN:
@@ -458,7 +524,7 @@ def main():
     _die_with_parent()
     sys.stdout = _FrameWriter("<stdout>")
     sys.stderr = _FrameWriter("<stderr>")
-    _setup_logging()
+    _install_logging()
     template = os.environ.pop("_FAASD_TEMPLATE", None) == "1"
     handler, error = _load_handler()
     sys.stdout.flush()

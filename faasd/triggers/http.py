@@ -12,7 +12,6 @@ import base64
 import binascii
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 from urllib.parse import parse_qsl
@@ -148,7 +147,9 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
             cookies.extend(c.strip() for c in value.split(";") if c.strip())
             continue
         headers[lower] = f"{headers[lower]},{value}" if lower in headers else value
-    host = valid_text(request.host)
+    host = request.host
+    if not host.isascii():
+        host = valid_text(host)
     url = request.rel_url
     raw_query = url.raw_query_string
     now = time.time()
@@ -165,7 +166,7 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
             "domainPrefix": host.split(".")[0].split(":")[0],
             "http": {
                 "method": request.method,
-                "path": request.path,
+                "path": url.path,
                 "protocol": _protocol(request.version),
                 "sourceIp": request.remote or "",
                 "userAgent": headers.get("user-agent", ""),
@@ -273,7 +274,3 @@ def failure_response(error: FunctionError, request_id: str) -> web.Response:
     status = error.http_status
     return error_response(status, FAILURE_MESSAGES.get(status, "Internal Server Error"),
                           {"X-Amzn-ErrorType": error.error_type, "apigw-requestid": request_id})
-
-
-def new_request_id() -> str:
-    return str(uuid.uuid4())

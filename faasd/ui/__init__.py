@@ -168,12 +168,19 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+_LINE_FIELDS = ("seq", "time", "level", "logger", "function", "request_id", "message")
+
+
 class LogRing(logging.Handler):
-    """The last LOG_LINES records of the daemon's log, numbered for polling."""
+    """The last LOG_LINES records of the daemon's log, numbered for polling.
+
+    Lines are kept as tuples (the fields of _LINE_FIELDS) and become dicts
+    only when read: a function's lines arrive here on every call.
+    """
 
     def __init__(self, capacity: int = LOG_LINES) -> None:
         super().__init__(logging.DEBUG)
-        self.lines: deque[dict[str, Any]] = deque(maxlen=capacity)
+        self.lines: deque[tuple] = deque(maxlen=capacity)
         self.seq = 0
         self._guard = threading.Lock()  # records arrive from watchdog's thread too
 
@@ -186,25 +193,24 @@ class LogRing(logging.Handler):
             message += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
         with self._guard:
             self.seq += 1
-            self.lines.append({
-                "seq": self.seq, "time": record.created, "level": record.levelname.lower(),
-                "logger": record.name, "function": getattr(record, "function", None),
-                "request_id": getattr(record, "request_id", None), "message": message[:4000],
-            })
+            self.lines.append((self.seq, record.created, record.levelname.lower(), record.name,
+                               getattr(record, "function", None),
+                               getattr(record, "request_id", None), message[:4000]))
 
-    def tap(self, function: str, request_id: str, text: str) -> None:
-        """A function's log line (faasd/logs.py writes those without `logging`)."""
+    def tap(self, function: str, request_id: str, texts: tuple[str, ...]) -> None:
+        """A function's log lines (faasd/logs.py writes those without `logging`)."""
+        now = time.time()
         with self._guard:
-            self.seq += 1
-            self.lines.append({
-                "seq": self.seq, "time": time.time(), "level": "info", "logger": "faasd.function",
-                "function": function, "request_id": request_id, "message": text[:4000],
-            })
+            for text in texts:
+                self.seq += 1
+                self.lines.append((self.seq, now, "info", "faasd.function", function,
+                                   request_id, text[:4000]))
 
     def after(self, seq: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
         with self._guard:
-            lines = [line for line in self.lines if line["seq"] > seq]
-            return lines[-limit:], self.seq
+            lines = [line for line in self.lines if line[0] > seq][-limit:]
+            last = self.seq
+        return [dict(zip(_LINE_FIELDS, line)) for line in lines], last
 
 
 def _json(value: Any, status: int = 200) -> web.Response:
