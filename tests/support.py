@@ -223,3 +223,18 @@ class Daemon:
 
     def log_of(self, name: str) -> str:
         return self.get(f"/system/functions/{name}/logs?lines=100000").text
+
+
+def loaded(daemon, name: str) -> None:
+    """Wait until the daemon lists function `name`."""
+    wait_until(lambda: daemon.get(f"/system/functions/{name}").status == 200, message=f"{name} to load")
+
+
+def request_lines(daemon, name: str, request_id: str) -> list[str]:
+    """The text of every log line of one invocation, START to REPORT."""
+    lines = []
+    for line in daemon.log_of(name).splitlines():
+        parts = line.split("\t", 2)
+        if len(parts) == 3 and parts[1] == request_id:
+            lines.append(parts[2])
+    return lines

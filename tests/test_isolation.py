@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from faasd.sandbox import tree_bytes
 from support import ROOT, pids_with_env, process_state, wait_until, write_function
 
 OK = """
@@ -221,18 +222,6 @@ def test_tmp_past_tmp_mb_fails_with_enospc_in_a_private_tmpfs(start_daemon, func
     still_serving(daemon)
 
 
-def _tree_bytes(directory) -> int:
-    """Bytes of the files under `directory`, while the daemon may be deleting them."""
-    total = 0
-    for root, _, files in os.walk(directory):  # os.walk skips directories that vanish
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def test_tmp_on_disk_is_limited_per_file_and_in_total(start_daemon, functions_dir):
     needs_root()
     write_function(functions_dir, "fill.py", FILL_TMP)
@@ -248,7 +237,7 @@ def test_tmp_on_disk_is_limited_per_file_and_in_total(start_daemon, functions_di
     result, error = invoke(daemon, "fill", {"mb": 4000, "files": True})
     assert error == "Runtime.ExitError", result
     assert "tmp_mb quota of 8 MB" in result["errorMessage"]
-    wait_until(lambda: _tree_bytes(workers_dir) < 8 * 1024 * 1024,
+    wait_until(lambda: tree_bytes(str(workers_dir)) < 8 * 1024 * 1024,
                message="the worker's /tmp to be deleted")
     still_serving(daemon)
 

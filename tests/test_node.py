@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from support import EXAMPLES, process_state, wait_until, write_function
+from support import EXAMPLES, loaded, process_state, request_lines, wait_until, write_function
 
 NODE = shutil.which("node")
 
@@ -22,20 +22,6 @@ def node_installed(request: pytest.FixtureRequest) -> None:
     if os.environ.get("CI"):
         pytest.fail("node is not installed (CI requires it: .ci/run installs nodejs)")
     pytest.skip("node is not installed; apt-get install nodejs")
-
-
-def loaded(daemon, name: str) -> None:
-    wait_until(lambda: daemon.get(f"/system/functions/{name}").status == 200, message=f"{name} to load")
-
-
-def request_lines(daemon, name: str, request_id: str) -> list[str]:
-    """The text of every log line of one invocation, START to REPORT."""
-    lines = []
-    for line in daemon.log_of(name).splitlines():
-        parts = line.split("\t", 2)
-        if len(parts) == 3 and parts[1] == request_id:
-            lines.append(parts[2])
-    return lines
 
 
 def test_commonjs_esm_and_directory_handlers_in_every_style(daemon):

@@ -14,20 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support import EXAMPLES, process_state, wait_until, write_function
-
-
-def loaded(daemon, name: str) -> None:
-    wait_until(lambda: daemon.get(f"/system/functions/{name}").status == 200, message=f"{name} to load")
-
-
-def request_lines(daemon, name: str, request_id: str) -> list[str]:
-    lines = []
-    for line in daemon.log_of(name).splitlines():
-        parts = line.split("\t", 2)
-        if len(parts) == 3 and parts[1] == request_id:
-            lines.append(parts[2])
-    return lines
+from support import EXAMPLES, loaded, process_state, request_lines, wait_until, write_function
 
 
 def printed(daemon, name: str, request_id: str) -> list[str]:
