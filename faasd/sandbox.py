@@ -133,15 +133,15 @@ def _is_member(procs_file: str, pid: str) -> bool:
         return False
 
 
-def _join_cgroups(procs_files: list[str], by_parent: bool = False) -> None:
+def _join_cgroups(procs_files: list[str]) -> None:
     """Be in every cgroup of `procs_files` before going on.
 
-    With `by_parent`, the daemon is moving this process already, while the
-    interpreter starts (a cgroup v1 move waits out an RCU grace period, 5 to
+    The daemon moves this process already, while the interpreter starts
+    (join_cgroups_of; a cgroup v1 move waits out an RCU grace period, 5 to
     20 ms): wait for that, and join only what it has not done in time.
     """
     pid = str(os.getpid())
-    if by_parent:
+    if procs_files and all(os.path.exists(path) for path in procs_files):  # else nobody can join it
         import time
 
         deadline = time.monotonic() + PARENT_JOIN_WAIT_S
@@ -158,7 +158,7 @@ def _join_cgroups(procs_files: list[str], by_parent: bool = False) -> None:
 
 
 def join_cgroups_of(pid: int, procs_files: list[str]) -> None:
-    """Daemon side of `by_parent`: move a just-started worker into its cgroups."""
+    """The daemon's half of _join_cgroups: move a just-started worker into its cgroups."""
     for path in procs_files:
         _write(path, str(pid))
 
@@ -305,7 +305,7 @@ def apply(plan: dict[str, Any]) -> None:
     # Armed now for the wait below, and again at the end: a new user namespace
     # or a change of uid clears it.
     _die_with_parent(plan.get("parent_pid"))
-    _join_cgroups(plan.get("cgroups", []), bool(plan.get("cgroups_by_parent")))
+    _join_cgroups(plan.get("cgroups", []))
     if plan.get("mount"):
         _new_namespaces(plan)
         _set_up_mounts(plan)
@@ -635,7 +635,6 @@ class Sandbox:
             _write(os.path.join(pids_dir, "pids.max"), str(MAX_PROCESSES_PER_WORKER))
             cgroups.append(os.path.join(pids_dir, "cgroup.procs"))
         plan["cgroups"] = cgroups
-        plan["cgroups_by_parent"] = bool(cgroups)  # ProcessWorker.start() moves it; see _join_cgroups
         tmp_limit = None if self.mount else tmp_mb * MB
         return WorkerPlan(self, worker_id, plan, pids_dir, str(tmp_dir), tmp_limit)
 

@@ -348,7 +348,7 @@ class ProcessWorker(Worker):
         self._pidfd = os.pidfd_open(self.pid)
         loop.add_reader(self._pidfd, self._on_exit)
         joining = None
-        if self.sandbox is not None and self.sandbox.plan.get("cgroups_by_parent"):
+        if self.sandbox is not None and self.sandbox.plan["cgroups"]:
             # Moved while its interpreter starts; it waits for this before user
             # code runs (and joins by itself what is not done in time).
             joining = loop.create_task(self._join_cgroups(self.sandbox.plan["cgroups"]))
