@@ -16,8 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from .errors import FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
-from .invoker import new_request_id
-from .spec import valid_name
+from .spec import new_request_id, valid_name
 from .triggers.http import (
     Route, RouteTable, build_event, build_response, error_response, failure_response,
 )
@@ -86,7 +85,7 @@ def http_trigger_handler(daemon: "Daemon"):
     """`/function/NAME[/rest]` and every http trigger route."""
     invoker = daemon.invoker
     routes: RouteTable = daemon.routes
-    limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+    limit = daemon.config.server.max_body_bytes
 
     async def invoke(request: web.Request, name: str, route_key: str,
                      params: dict[str, str] | None, route: Route | None = None) -> web.Response:
@@ -228,7 +227,7 @@ def guard_middleware(daemon: "Daemon"):
 def build_app(daemon: "Daemon") -> web.Application:
     app = web.Application(
         middlewares=[guard_middleware(daemon)],
-        client_max_size=int(daemon.config.server.max_body_mb * 1024 * 1024) + 1024,
+        client_max_size=daemon.config.server.max_body_bytes + 1024,
     )
     app[IDLE_TIMEOUT_KEY] = daemon.config.server.idle_timeout_s
     by_name, by_route = http_trigger_handler(daemon)

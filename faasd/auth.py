@@ -43,7 +43,7 @@ from .api import BODY_KEY, read_body
 from .config import Config, ConfigError
 from .errors import InvokeRefused
 from .sigv4 import ALGORITHM, AuthError, precheck_sigv4, verify_sigv4
-from .spec import ACCOUNT_ID, FunctionSpec
+from .spec import ACCOUNT_ID, FunctionSpec, new_request_id
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -103,12 +103,10 @@ def is_operator_path(path: str) -> bool:
 
 
 def lambda_error(error: AuthError) -> web.Response:
-    import uuid
-
     return web.Response(status=error.status, content_type="application/json",
                         body=orjson.dumps({"Type": "User", "message": error.message}),
                         headers={"x-amzn-ErrorType": error.error_type,
-                                 "x-amzn-RequestId": str(uuid.uuid4())})
+                                 "x-amzn-RequestId": new_request_id()})
 
 
 def operator_refusal(present: bool) -> web.Response:
@@ -158,7 +156,7 @@ class RequestGuard:
 
     def __init__(self, daemon: "Daemon", state: Keys) -> None:
         self._state = state
-        self.limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+        self.limit = daemon.config.server.max_body_bytes
 
     @property
     def active(self) -> bool:
@@ -213,7 +211,7 @@ class TriggerAuth:
     def __init__(self, daemon: "Daemon", keys: Keys) -> None:
         self.daemon = daemon
         self._keys = keys
-        self.limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+        self.limit = daemon.config.server.max_body_bytes
         self._by_function: dict[str, tuple[FunctionSpec, str | None]] = {}
 
     @property
@@ -265,7 +263,6 @@ class TriggerAuth:
     async def _authorizer(self, request: web.Request, name: str, route_key: str,
                           path_parameters: dict[str, str] | None
                           ) -> tuple[web.Response | None, dict[str, Any] | None]:
-        from .invoker import new_request_id
         from .triggers.http import build_event
 
         event = build_event(request, b"", route_key=route_key, path_parameters=path_parameters,

@@ -32,6 +32,10 @@ class ServerConfig:
     # cut off (slow-loris); an idle keep-alive connection is closed after it.
     idle_timeout_s: float = 30.0
 
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
 
 @dataclass(frozen=True, kw_only=True)
 class PathsConfig:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,20 +23,10 @@ from .errors import INIT, FunctionError, FunctionNotFound, ShuttingDown, Throttl
 from .logs import FunctionLogs, LogCapture
 from .pool import WorkerPool
 from .registry import Registry
-from .spec import FunctionSpec
+from .spec import FunctionSpec, new_request_id
 from .workers import WorkerInitError
 
 log = logging.getLogger("faasd.invoker")
-
-_random_bits = random.Random().getrandbits  # seeded from os.urandom
-
-
-def new_request_id() -> str:
-    """A random (version 4) UUID as text, as Lambda's request ids are; without
-    uuid.uuid4()'s syscall and object, as every invocation takes one."""
-    value = (_random_bits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
-    text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 class Limiter:

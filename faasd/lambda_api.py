@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from .errors import FunctionNotFound, InvalidRequest, InvokeRefused, Throttled
-from .spec import FunctionSpec, function_arn, valid_name
+from .spec import FunctionSpec, function_arn, new_request_id, valid_name
 from .triggers.http import valid_text
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ RUNTIME_IDS = {"python": f"python{sys.version_info.major}.{sys.version_info.mino
 
 
 def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
-    headers = {"x-amzn-ErrorType": exc.error_type, "x-amzn-RequestId": request_id or _rid()}
+    headers = {"x-amzn-ErrorType": exc.error_type, "x-amzn-RequestId": request_id or new_request_id()}
     body = exc.to_lambda()
     if isinstance(exc, FunctionNotFound):
         body = {"Type": "User", "Message": exc.message}
@@ -45,12 +45,6 @@ def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
         headers["Retry-After"] = "1"  # botocore: TooManyRequestsException.retryAfterSeconds
     return web.Response(status=exc.status, body=orjson.dumps(body),
                         content_type="application/json", headers=headers)
-
-
-def _rid() -> str:
-    import uuid
-
-    return str(uuid.uuid4())
 
 
 def function_configuration(spec: FunctionSpec, region: str) -> dict[str, Any]:
@@ -97,7 +91,7 @@ def _code_size(spec: FunctionSpec) -> int:
 def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     invoker = daemon.invoker
     region = daemon.region
-    limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+    limit = daemon.config.server.max_body_bytes
 
     def lookup(request: web.Request) -> FunctionSpec:
         # Lambda accepts NAME, NAME:QUALIFIER, ACCOUNT:function:NAME[:QUALIFIER]
@@ -115,7 +109,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     async def invoke(request: web.Request) -> web.StreamResponse:
         from .api import read_body
 
-        request_id = _rid()
+        request_id = new_request_id()
         invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
         try:
             spec = lookup(request)

@@ -70,7 +70,6 @@ import os
 import re
 import sqlite3
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +78,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import orjson
 
 from .errors import HANDLED, FunctionError, FunctionNotFound, InvokeRefused, ShuttingDown
-from .spec import AsyncConfig, function_arn
+from .spec import AsyncConfig, function_arn, new_request_id
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -324,7 +323,7 @@ def admit(closing: bool, registry: "Registry", function: str, payload: Any,
         raise FunctionNotFound(function)
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be JSON bytes, not {type(payload).__name__}")
-    return request_id or str(uuid.uuid4()), bytes(payload)
+    return request_id or new_request_id(), bytes(payload)
 
 
 def next_attempt(config: AsyncConfig, attempts: int, enqueued_at: float,
@@ -791,7 +790,7 @@ class AsyncQueue:
         record = (orjson.dumps(self._record(event, SUCCESS, attempts, invocation, None))
                   if target else None)
         now = time.time()
-        new_request_id = str(uuid.uuid4())
+        destination_request_id = new_request_id()
 
         def done(conn: sqlite3.Connection) -> int | None:
             if event.id > 0:
@@ -799,16 +798,10 @@ class AsyncQueue:
                 _bump(conn, event.function, "succeeded")
             if target is None or record is None:
                 return None
-            return _insert(conn, target, new_request_id, record, "destination", now, event.hops + 1)
+            return _insert(conn, target, destination_request_id, record, "destination", now, event.hops + 1)
 
         def committed(destination_id: int | None) -> None:
-            counts = self._count(event.function)
-            counts.pending.pop(event.id, None)
-            counts.running -= 1
-            counts.succeeded += 1
-            if destination_id is not None and target is not None:
-                self._count(target).pending[destination_id] = now
-            self._wake.set()
+            self._settled(event, target, destination_id, now).succeeded += 1
 
         if event.id < 0:
             self._forget_held(event)
@@ -827,6 +820,18 @@ class AsyncQueue:
             response=invocation.payload if invocation else None,
             destination=f"function:{target}" if target else None))
 
+    def _settled(self, event: _Event, target: str | None, destination_id: int | None,
+                 now: float) -> _Counts:
+        """Count an event that left the queue (and its destination event, if one was
+        written); return its function's counts for the caller to add the outcome."""
+        counts = self._count(event.function)
+        counts.pending.pop(event.id, None)
+        counts.running -= 1
+        if destination_id is not None and target is not None:
+            self._count(target).pending[destination_id] = now
+        self._wake.set()
+        return counts
+
     async def _finish_failed(self, event: _Event, config: AsyncConfig, condition: str, attempts: int,
                              invocation: "Invocation | None", error: FunctionError | None) -> None:
         target = self._destination(config.on_failure, event)
@@ -834,12 +839,12 @@ class AsyncQueue:
                               option=orjson.OPT_INDENT_2)
         path = dead_letter_path(self.dead_letter_dir, event.function, event.request_id)
         now = time.time()
-        new_request_id = str(uuid.uuid4())
+        destination_request_id = new_request_id()
 
         def dead_letter(conn: sqlite3.Connection) -> int | None:
             destination_id = None
             if target is not None:
-                destination_id = _insert(conn, target, new_request_id, record, "destination",
+                destination_id = _insert(conn, target, destination_request_id, record, "destination",
                                          now, event.hops + 1)
             else:
                 # The file is on disk before the event leaves the queue: a
@@ -851,13 +856,7 @@ class AsyncQueue:
             return destination_id
 
         def committed(destination_id: int | None) -> None:
-            counts = self._count(event.function)
-            counts.pending.pop(event.id, None)
-            counts.running -= 1
-            counts.dead_lettered += 1
-            if destination_id is not None and target is not None:
-                self._count(target).pending[destination_id] = now
-            self._wake.set()
+            self._settled(event, target, destination_id, now).dead_lettered += 1
 
         if event.id < 0:
             self._forget_held(event)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
+import random
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -509,6 +510,17 @@ def revision_of(source: Path, config_file: Path | None) -> str:
 # placeholder: there is one account, this box.
 ACCOUNT_ID = "000000000000"
 DEFAULT_REGION = "us-east-1"
+
+
+_random_bits = random.Random().getrandbits  # seeded from os.urandom
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID as text, as Lambda's request ids are; without
+    uuid.uuid4()'s syscall and object, as every invocation takes one."""
+    value = (_random_bits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def function_arn(name: str, region: str = DEFAULT_REGION) -> str:

@@ -80,7 +80,7 @@ from ..queue import (
     SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit, dead_letter_path, destination_function,
     destination_record, next_attempt, notify_done, write_file_durably,
 )
-from ..spec import AsyncConfig, FunctionSpec
+from ..spec import AsyncConfig, FunctionSpec, new_request_id
 from .link import BrokerLink
 from .topology import (
     Names, dead_letter_arguments, delay_queue_arguments, supports_quorum, work_queue_arguments,
@@ -687,7 +687,7 @@ class ClusterQueue:
                 error=None if succeeded else step.error)
         destination: str | None = None
         if target is not None and record is not None:
-            await self._publish_work(Job(target, str(uuid.uuid4()), orjson.dumps(record), "destination",
+            await self._publish_work(Job(target, new_request_id(), orjson.dumps(record), "destination",
                                          time.time(), hops=job.hops + 1,
                                          home=self._home(target, "destination")))
             destination = f"function:{target}"

@@ -56,7 +56,7 @@ from aio_pika.abc import (
 from yarl import URL
 
 from ..broker import BrokerConnection, redact  # noqa: F401 (redact: also for importers)
-from ..spec import ACCOUNT_ID, FunctionSpec, Trigger
+from ..spec import ACCOUNT_ID, FunctionSpec, Trigger, new_request_id
 from .base import RunningTrigger, TriggerSource, queue_of
 
 if TYPE_CHECKING:
@@ -512,7 +512,7 @@ class AmqpTrigger(RunningTrigger):
             message_id = message.message_id
             request_id = str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{self.queue_name}\0{message_id}"))
         else:
-            request_id = message_id = str(uuid.uuid4())
+            request_id = message_id = new_request_id()
         try:
             payload = self._event(message, message_id)
             # The broker keeps the message until it is settled in on_done, so the

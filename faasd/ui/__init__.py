@@ -260,7 +260,7 @@ def routes(daemon: "Daemon", activity: Activity, ring: LogRing):
         name = request.match_info["name"]
         if not valid_name(name):
             return _error(400, f"invalid function name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ -")
-        limit = int(daemon.config.server.max_body_mb * 1024 * 1024)
+        limit = daemon.config.server.max_body_bytes
         try:
             payload = await read_body(request, limit)
         except InvokeRefused as exc:  # too large (413), or sent too slowly (408)
