@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, descendants, http, process_state, wait_until, write_function
+from support import ROOT, descendants, http, loaded, process_state, wait_until, write_function
 
 HELLO = """
 def handler(event, context):
@@ -275,7 +275,7 @@ def test_timeout_is_504_and_the_worker_and_its_children_are_killed(daemon):
             time.sleep(30)
     """)
     write_function(daemon.functions, "slow.toml", "timeout_s = 1\n")
-    wait_until(lambda: daemon.get("/system/functions/slow").status == 200)
+    loaded(daemon, "slow")
     started = time.monotonic()
     response = daemon.get("/function/slow")
     elapsed = time.monotonic() - started
@@ -324,7 +324,7 @@ def test_memory_over_the_limit_fails_the_invocation_and_replaces_the_worker(daem
             return os.getpid()
     """)
     write_function(daemon.functions, "hog.toml", "memory_mb = 64\ntimeout_s = 20\n")
-    wait_until(lambda: daemon.get("/system/functions/hog").status == 200)
+    loaded(daemon, "hog")
     pid = daemon.invoke("hog").json()
     response = daemon.invoke("hog", {"hog": True})
     error = response.json()
@@ -366,7 +366,7 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
     write_function(daemon.functions, "badtoml.py", ECHO)
     write_function(daemon.functions, "badtoml.toml", "memory_mb = [\n")
     write_function(daemon.functions, "importerr.py", "import not_a_module_anywhere\ndef handler(e, c):\n    return 1\n")
-    wait_until(lambda: daemon.get("/system/functions/importerr").status == 200)
+    loaded(daemon, "importerr")
     expectations = {
         "syntax": "Runtime.UserCodeSyntaxError",
         "nohandler": "Runtime.HandlerNotFound",
@@ -514,7 +514,7 @@ def test_frozen_workers_retire_after_keep_warm_but_min_warm_stay(start_daemon, f
 def test_concurrency_one_throttles_the_second_call_with_429(daemon):
     write_function(daemon.functions, "one.py", "import time\ndef handler(e, c):\n    time.sleep(1.5)\n    return 1\n")
     write_function(daemon.functions, "one.toml", "concurrency = 1\ntimeout_s = 10\n")
-    wait_until(lambda: daemon.get("/system/functions/one").status == 200)
+    loaded(daemon, "one")
     results = {}
 
     def first():
@@ -536,7 +536,7 @@ def test_sigterm_drains_in_flight_calls_and_leaves_no_process(daemon):
     write_function(daemon.functions, "other.py", ECHO)
     write_function(daemon.functions, "other.toml", "min_warm = 2\n")
     wait_until(lambda: len(daemon.workers("other")) == 2, message="prewarmed workers")
-    wait_until(lambda: daemon.get("/system/functions/slow").status == 200)
+    loaded(daemon, "slow")
     pid = daemon.process.pid
     result = {}
 

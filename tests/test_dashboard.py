@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, descendants, wait_until, write_function
+from support import ROOT, descendants, loaded, wait_until, write_function
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -66,6 +66,15 @@ def text_of(driver, element_id: str) -> str:
     return driver.find_element("id", element_id).text
 
 
+def invoke_through_form(driver, payload: str) -> None:
+    """Send `payload` with the dashboard's invoke form; wait until it succeeded."""
+    field = driver.find_element("id", "invoke-payload")
+    field.clear()
+    field.send_keys(payload)
+    driver.find_element("id", "invoke-submit").click()
+    wait_until(lambda: text_of(driver, "invoke-status") == "succeeded", 30, message="the invocation")
+
+
 def test_dashboard_shows_functions_invokes_through_the_form_and_charts_update(start_daemon, functions_dir,
                                                                               browser):
     write_function(functions_dir, "greet.py", GREET)
@@ -96,11 +105,7 @@ def test_dashboard_shows_functions_invokes_through_the_form_and_charts_update(st
     # Invoke through the form: the result, its log and a cold start are shown.
     driver.find_element("css selector", "#functions-table tr[data-function=greet] button").click()
     assert driver.find_element("id", "invoke-function").get_attribute("value") == "greet"
-    payload = driver.find_element("id", "invoke-payload")
-    payload.clear()
-    payload.send_keys('{"name": "chromium"}')
-    driver.find_element("id", "invoke-submit").click()
-    wait_until(lambda: text_of(driver, "invoke-status") == "succeeded", 30, message="the invocation")
+    invoke_through_form(driver, '{"name": "chromium"}')
     assert '"greeting": "hello chromium"' in text_of(driver, "invoke-output")
     assert "cold start" in text_of(driver, "invoke-meta")
     driver.find_element("css selector", "#invoke-log-wrap summary").click()
@@ -163,18 +168,14 @@ def test_with_auth_keys_the_dashboard_works_once_the_browser_signs_in(start_daem
     browser.get(daemon.url.replace("http://", "http://AKIDDASHBOARD:dashboard-secret-value@") + "/ui/")
     wait_until(lambda: browser.find_elements("css selector", "#functions-table tr[data-function=greet]"),
                20, message="the functions table, authenticated")
-    payload = browser.find_element("id", "invoke-payload")
-    payload.clear()
-    payload.send_keys('{"name": "basic auth"}')
-    browser.find_element("id", "invoke-submit").click()
-    wait_until(lambda: text_of(browser, "invoke-status") == "succeeded", 30, message="the invocation")
+    invoke_through_form(browser, '{"name": "basic auth"}')
     assert "hello basic auth" in text_of(browser, "invoke-output")
     assert not browser.find_element("id", "conn-bar").is_displayed()
 
 
 def test_the_json_behind_the_dashboard(daemon):
     write_function(daemon.functions, "greet.py", GREET)
-    wait_until(lambda: daemon.get("/system/functions/greet").status == 200)
+    loaded(daemon, "greet")
 
     ok = daemon.post("/system/functions/greet/invoke", {"name": "json"})
     assert ok.status == 200

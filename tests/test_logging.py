@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from support import wait_until, write_function
+from support import loaded, wait_until, write_function
 
 CHATTY = """
 import logging, sys
@@ -21,7 +21,7 @@ def handler(event, context):
 
 def invoke_chatty(daemon) -> str:
     write_function(daemon.functions, "chatty.py", CHATTY)
-    wait_until(lambda: daemon.get("/system/functions/chatty").status == 200)
+    loaded(daemon, "chatty")
     response = daemon.invoke("chatty", {})
     assert response.status == 200, response.text
     request_id = response.headers["x-amzn-requestid"]

@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 
-from support import process_state, wait_until, write_function
+from support import loaded, process_state, wait_until, write_function
 
 STATE = """
 import os, time
@@ -49,7 +49,7 @@ def template_of(daemon, name: str) -> dict | None:
 def test_new_workers_are_forked_from_the_template_that_imported_the_handler(daemon):
     write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
-    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    loaded(daemon, "fn")
     first = daemon.invoke("fn").json()
     template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
                           message="the template to be ready")
@@ -72,7 +72,7 @@ def test_new_workers_are_forked_from_the_template_that_imported_the_handler(daem
 def test_each_forked_worker_has_its_own_tmp(daemon):
     write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
-    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    loaded(daemon, "fn")
     daemon.invoke("fn")
     wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms"), message="the template")
     results = concurrent(daemon, "fn", [{"sleep": 0.6, "write": f"mine-{i}"} for i in range(3)])
@@ -84,7 +84,7 @@ def test_each_forked_worker_has_its_own_tmp(daemon):
 
 def test_a_code_change_builds_a_new_template_and_the_old_one_goes(daemon):
     write_function(daemon.functions, "fn.py", STATE)
-    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    loaded(daemon, "fn")
     daemon.invoke("fn")
     old = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
                      message="the first template")
@@ -101,7 +101,7 @@ def test_a_code_change_builds_a_new_template_and_the_old_one_goes(daemon):
 def test_a_crashing_forked_worker_reports_its_signal_and_is_replaced(daemon):
     write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
-    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    loaded(daemon, "fn")
     daemon.invoke("fn")
     wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms"), message="the template")
     results = concurrent(daemon, "fn", [{"sleep": 0.5}, {"sleep": 0.1, "crash": True}])
@@ -114,7 +114,7 @@ def test_a_crashing_forked_worker_reports_its_signal_and_is_replaced(daemon):
 def test_when_the_template_dies_workers_are_spawned_again(daemon):
     write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
-    wait_until(lambda: daemon.get("/system/functions/fn").status == 200)
+    loaded(daemon, "fn")
     daemon.invoke("fn")
     template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
                           message="the template")
