@@ -64,6 +64,12 @@ def process(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | N
                 sys.stderr.write(log.read().decode(errors="replace"))
                 raise
         yield proc
+    except BaseException:
+        # The server's own account of a failed run is the first thing to read.
+        log.seek(0)
+        tail = log.read().decode(errors="replace").splitlines()[-200:]
+        sys.stderr.write(f"--- last lines of {args[0]}'s output ---\n" + "\n".join(tail) + "\n")
+        raise
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -3,8 +3,11 @@
 A no-op function has a file trigger on <data>/drop. FILES files are written
 into a staging directory beside it, then renamed into the watched directory
 in one burst (the "write, then rename into place" pattern); the clock runs
-from the first rename to the moment the function's log holds one REPORT line
-per file. Each round uses new names, so every file is new to the ledger.
+from the first rename to the moment the daemon's metrics count one finished
+invocation per file (polling /metrics is light; reading the whole log every
+few milliseconds would cost the daemon more than the files do). Each round
+uses new names, so every file is new to the ledger. The first round finds no
+worker and no template: it is reported apart from the warm rounds after it.
 """
 
 from __future__ import annotations
@@ -25,9 +28,17 @@ FUNCTIONS = {
 }
 
 
-def reports(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/system/functions/sink/logs?lines=1000000") as response:
-        return sum(1 for line in response if b"\tREPORT RequestId:" in line)
+def finished(url: str) -> int:
+    """Invocations of `sink` the daemon has finished, from its Prometheus metrics."""
+    with urllib.request.urlopen(f"{url}/metrics") as response:
+        return int(sum(float(line.rsplit(None, 1)[1]) for line in response
+                       if line.startswith(b'faasd_invocations_total{function="sink"')))
+
+
+def cold_starts(url: str) -> int:
+    with urllib.request.urlopen(f"{url}/metrics") as response:
+        return int(sum(float(line.rsplit(None, 1)[1]) for line in response
+                       if line.startswith(b'faasd_cold_starts_total{function="sink"')))
 
 
 def main() -> None:
@@ -51,21 +62,25 @@ def main() -> None:
                 os.rename(staging / name, drop / name)
             done += FILES
             limit = time.monotonic() + 120
-            while reports(url) < done:
+            while finished(url) < done:
                 if time.monotonic() > limit:
-                    raise RuntimeError(f"only {reports(url)} of {done} files were processed")
+                    raise RuntimeError(f"only {finished(url)} of {done} files were processed")
                 time.sleep(0.02)
             elapsed = time.perf_counter() - started
             seconds.append(elapsed)
             rates.append(FILES / elapsed)
-        total = reports(url)
+        total, workers_started = finished(url), cold_starts(url)
+    warm = rates[1:] or rates
     report(f"file trigger, {FILES} files per round, {ROUNDS} rounds", [
-        ("end to end, median", f"{median(seconds):.2f} s"),
-        ("throughput, median", f"{median(rates):,.0f} files/s  (target >= 1,000)"),
+        ("first round (no worker yet)", f"{seconds[0]:.2f} s, {rates[0]:,.0f} files/s"),
+        ("later rounds, median", f"{median(seconds[1:] or seconds):.2f} s"),
+        ("throughput, later rounds median", f"{median(warm):,.0f} files/s  (target >= 1,000)"),
         ("invocations / files", f"{total} / {FILES * ROUNDS}"),
+        ("workers started", f"{workers_started}"),
     ])
-    emit_json("file_trigger", {"files_per_s": median(rates), "seconds": median(seconds),
-                               "invocations": total, "files": FILES * ROUNDS})
+    emit_json("file_trigger", {"files_per_s": median(warm), "first_round_files_per_s": rates[0],
+                               "seconds": median(seconds[1:] or seconds), "invocations": total,
+                               "files": FILES * ROUNDS, "workers_started": workers_started})
 
 
 if __name__ == "__main__":

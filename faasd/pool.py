@@ -8,7 +8,12 @@ Every worker is in one state:
     any --crash / timeout / OOM / stale code / keep_warm_s--> RETIRING --> gone
 
 `acquire()` takes, in order: the most recently used idle worker, the most
-recently frozen worker (thawed with SIGCONT), or a new one. An idle worker is
+recently frozen worker (thawed with SIGCONT), or the first worker to become
+free, whether released by another call or newly started. Each waiting call
+has a start under way for it, but at most `MAX_STARTING` per function at a
+time: a burst of a thousand calls starts workers as fast as the template
+forks (or interpreters come up), and calls that finish meanwhile serve the
+rest, instead of a thousand interpreters fighting for two cores. An idle worker is
 frozen with SIGSTOP after `freeze_after_ms`; frozen longer than
 `keep_warm_s`, it is retired, keeping `min_warm` workers per function. A
 new code revision retires idle and frozen workers at once and busy ones as
@@ -25,9 +30,11 @@ import asyncio
 import logging
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+from .errors import ShuttingDown
 from .spec import FunctionSpec
 from .zygote import ForkedWorker, Template, TemplateGone
 from .workers import (
@@ -35,6 +42,9 @@ from .workers import (
 )
 
 log = logging.getLogger("faasd.pool")
+
+# Worker starts under way at once for one function's waiting calls.
+MAX_STARTING = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +86,8 @@ class FunctionPool:
         self._freeze_timer: asyncio.TimerHandle | None = None
         self._frozen_at: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._waiters: deque[asyncio.Future[tuple[Worker, bool]]] = deque()  # calls without a worker
+        self._starting = 0  # starts under way for waiting calls
         self.closing = False
         self.last_init_error: WorkerInitError | None = None
         self.template: Template | None = None
@@ -90,32 +102,93 @@ class FunctionPool:
 
     async def acquire(self) -> tuple[Worker, bool]:
         """A worker in state BUSY for one call, and whether it was started for it."""
+        worker = self._take_ready()
+        if worker is not None:
+            worker.set_state(WorkerState.BUSY)
+            return worker, False
+        waiter: asyncio.Future[tuple[Worker, bool]] = self._loop.create_future()
+        self._waiters.append(waiter)
+        self._start_for_waiters()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if not waiter.done():
+                self._waiters.remove(waiter)
+            elif not waiter.cancelled() and waiter.exception() is None:
+                self.release(waiter.result()[0], True)  # handed over as the call was cancelled
+            raise
+
+    def _take_ready(self) -> Worker | None:
+        """The most recently used idle worker, else the most recently frozen one, thawed."""
         revision = self.spec.revision
         while self._idle:
             worker = self._idle.pop()
             self._idle_since.pop(worker.id, None)
             if worker.alive and worker.spec.revision == revision:
-                worker.set_state(WorkerState.BUSY)
-                return worker, False
+                return worker
             self.retire(worker)
         while self._frozen:
             worker = self._frozen.pop()
             self._frozen_at.pop(worker.id, None)
             if worker.alive and worker.spec.revision == revision:
                 worker.thaw()
-                worker.set_state(WorkerState.BUSY)
-                return worker, False
+                return worker
             self.retire(worker)
-        worker = await self._spawn()
-        worker.set_state(WorkerState.BUSY)
-        self.cold_starts += 1
-        return worker, True
+        return None
+
+    def _next_waiter(self) -> asyncio.Future | None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                return waiter
+        return None
+
+    def _start_for_waiters(self) -> None:
+        """Start workers until every waiting call has one coming, MAX_STARTING at a time."""
+        if self.closing:
+            while (waiter := self._next_waiter()) is not None:
+                waiter.set_exception(ShuttingDown("faasd is shutting down"))
+            return
+        while len(self._waiters) > self._starting and self._starting < MAX_STARTING:
+            self._starting += 1
+            self._background(self._start_for_waiter())
+
+    async def _start_for_waiter(self) -> None:
+        try:
+            worker = await self._spawn()
+        except WorkerInitError as exc:
+            self._starting -= 1
+            waiter = self._next_waiter()
+            if waiter is not None:  # this call reports the failed init; the others try again
+                waiter.set_exception(exc)
+            self._start_for_waiters()
+            return
+        except BaseException:
+            self._starting -= 1
+            raise
+        self._starting -= 1
+        waiter = self._next_waiter() if worker.spec.revision == self.spec.revision else None
+        if waiter is None:
+            # Calls that finished meanwhile served every waiter (or the code
+            # changed while it started): it idles, or retires.
+            self.release(worker, True)
+        else:
+            worker.set_state(WorkerState.BUSY)
+            self.cold_starts += 1
+            waiter.set_result((worker, True))
+        self._start_for_waiters()
 
     def release(self, worker: Worker, reusable: bool) -> None:
         """Give a worker back after a call; it idles, or retires if it cannot serve again."""
         if (not reusable or self.closing or not worker.alive
                 or worker.spec.revision != self.spec.revision):
             self.retire(worker)
+            self._start_for_waiters()
+            return
+        waiter = self._next_waiter()
+        if waiter is not None:
+            worker.set_state(WorkerState.BUSY)
+            waiter.set_result((worker, False))
             return
         worker.set_state(WorkerState.IDLE)
         self._idle.append(worker)
@@ -338,6 +411,7 @@ class FunctionPool:
     async def close(self) -> None:
         """Stop every worker. Busy ones are killed: the invoker drains before this."""
         self.closing = True
+        self._start_for_waiters()  # fails the calls still waiting for a worker
         if self._freeze_timer is not None:
             self._freeze_timer.cancel()
             self._freeze_timer = None

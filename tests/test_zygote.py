@@ -138,3 +138,26 @@ def test_templates_can_be_turned_off(start_daemon, functions_dir):
         if result["pid"] != first["pid"]:
             assert parent_of(result["pid"]) == daemon.process.pid
             assert result["imported_at"] != first["imported_at"]
+
+
+def test_a_cold_burst_is_served_by_workers_as_they_start_and_free(daemon):
+    burst = 400
+    write_function(daemon.functions, "sink.py", "def handler(event, context):\n    return None\n")
+    write_function(daemon.functions, "sink.toml",
+                   '[[triggers]]\ntype = "file"\ndir = "drop"\npatterns = ["*.dat"]\n')
+    loaded(daemon, "sink")
+    drop, staging = daemon.data / "drop", daemon.data / "staging"
+    wait_until(drop.is_dir, message="the watched directory")
+    staging.mkdir()
+    for i in range(burst):
+        (staging / f"{i}.dat").write_bytes(b"x")
+    for i in range(burst):  # all at once, before a single worker exists
+        os.rename(staging / f"{i}.dat", drop / f"{i}.dat")
+    reports = lambda: [l for l in daemon.log_of("sink").splitlines() if "\tREPORT RequestId:" in l]
+    wait_until(lambda: len(reports()) >= burst, timeout=90, message=f"{burst} invocations")
+    assert len(reports()) == burst and not any("Status: error" in line for line in reports())
+    cold = [line for line in reports() if "Init Duration:" in line]
+    # Calls that found no free worker took the first one to come free, so
+    # the burst needed far fewer workers than calls, and the template kept up.
+    assert 1 <= len(cold) <= burst // 2
+    assert "cannot fork" not in daemon.output()
