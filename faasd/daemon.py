@@ -14,6 +14,7 @@ each step (faasd/sdnotify.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import pwd
@@ -159,6 +160,12 @@ class Daemon:
         sockets = getattr(server, "sockets", None) or []
         if sockets and sockets[0].family in (socket.AF_INET, socket.AF_INET6):
             self.address = sockets[0].getsockname()[:2]
+        # What start-up built lives as long as the daemon: moved out of the
+        # collector's sight, a full collection under load scans only what
+        # requests made since (without this, one took 130 ms here at 53,000
+        # objects, and every request waiting then paid for it).
+        gc.collect()
+        gc.freeze()
         self.ready = True
         # A unix socket (socket activation) has a path, not a host and port.
         where = ("http://%s:%s" % self.address if self.address
