@@ -36,17 +36,19 @@ Templates (faasd/zygote.py): a worker started with `_FAASD_TEMPLATE=1`
 imports the handler, says READY, and then serves only these:
 
 daemon -> template
-    FORK      {"id": worker id, "env": {NAME: value}, "tmp_mb": int}: fork a
-              worker that is ready to serve INVOKE at once.
+    FORK      {"count": n}: fork n spares.
 template -> daemon
-    FORKED    {"id", "pid"}, carrying two descriptors as SCM_RIGHTS ancillary
-              data: the new worker's control socket, then its output pipe.
-              On failure {"id", "error"} and no descriptors.
-    SPARE     {"pid"}: a child forked ahead of demand, waiting to be handed
-              out; the daemon moves it into a memory cgroup of its own now,
-              off the path of the FORK that will take it.
+    SPARE     {"pid"}, carrying three descriptors as SCM_RIGHTS ancillary
+              data: the spare's control socket, its output pipe and a pidfd
+              for it. A spare is a forked child, isolated and waiting for its
+              START; the daemon holds it (and moves it into a memory cgroup of
+              its own) until a call needs a worker. On failure {"error"} and
+              no descriptors.
     EXITED    {"pid", "returncode"} (negative: the signal) when a forked worker
               ends: the template is its parent and reaps it.
+daemon -> spare
+    START     {"id": worker id, "env": {NAME: value}}: become this worker;
+              it answers READY and then serves INVOKE like any worker.
 
 One invocation is in flight per worker at a time: the daemon sends INVOKE
 only after the previous RESULT or ERROR, so replies need no ids. Anything a
@@ -76,14 +78,14 @@ STATS = 15
 
 # templates
 FORK = 3
-FORKED = 16
+START = 4
 EXITED = 17
 SPARE = 18
 
 KIND_NAMES = {
     INVOKE: "INVOKE", SHUTDOWN: "SHUTDOWN", READY: "READY", INIT_ERROR: "INIT_ERROR",
     LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR", STATS: "STATS", FORK: "FORK",
-    FORKED: "FORKED", EXITED: "EXITED", SPARE: "SPARE",
+    START: "START", EXITED: "EXITED", SPARE: "SPARE",
 }
 
 CONTROL_FD_ENV = "_FAASD_CONTROL_FD"  # names the control socket's descriptor in a worker

@@ -1,18 +1,25 @@
 """Templates: new workers forked from a process that has already imported the handler.
 
 A cold start pays for an interpreter and the handler's imports; a fork of a
-process that has paid them already costs about a millisecond. For each
-function revision the pool keeps one `Template`: a Python worker started
-with `_FAASD_TEMPLATE=1` (and the same isolation as any worker) that imports
-the handler, runs `gc.freeze()`, says READY and from then on only forks. A
-`ForkedWorker` asks it for a child (FORK); the template forks, the child
-takes a control socket and an output pipe of its own, moves into a process
-group and (through a mount namespace, or a user and mount namespace when
-unprivileged) a fresh tmpfs at /tmp, and says READY; the template passes the
-daemon the child's two descriptors (FORKED, SCM_RIGHTS) and reaps it later
-(EXITED with its status). The daemon puts the child in its own memory
-cgroup, watches it through a pidfd, and from then on it is an ordinary
-worker: frozen, thawed, timed out and retired like any other.
+process that has paid them already costs about a millisecond, and a fork made
+before anyone asked costs the asking call nothing. For each function revision
+the pool keeps one `Template`: a Python worker started with
+`_FAASD_TEMPLATE=1` (and the same isolation as any worker) that imports the
+handler, runs `gc.freeze()`, says READY and from then on only forks.
+
+The daemon keeps spares: children the template forked ahead of demand (FORK
+{"count"}). Each spare takes a control socket and an output pipe of its own,
+moves into a process group and (through a mount namespace, or a user and
+mount namespace when unprivileged) a fresh tmpfs at /tmp, and waits; the
+template passes the daemon its two descriptors and a pidfd (SPARE,
+SCM_RIGHTS), and the daemon moves it into a memory cgroup of its own at once.
+A `ForkedWorker` takes a spare, sends it START with its per-call environment,
+and has a worker as soon as it answers READY; the template forks a
+replacement meanwhile. The number of spares follows demand: one, plus one
+each time a call found none ready (up to `MAX_SPARES`), falling back by one
+a minute while there is no shortage. From READY on a forked worker is an
+ordinary worker: frozen, thawed, timed out and retired like any other; its
+parent, the template, reaps it and reports how it ended (EXITED).
 
 A template serves no invocations and is never frozen: it must answer a FORK
 at any time. Its children die with it (PR_SET_PDEATHSIG), so the pool keeps
@@ -27,6 +34,8 @@ import logging
 import os
 import socket
 import time
+from collections import deque
+from dataclasses import dataclass
 
 import orjson
 
@@ -44,6 +53,25 @@ log = logging.getLogger("faasd.zygote")
 TEMPLATE_ENV = "_FAASD_TEMPLATE"
 FORK_TIMEOUT_S = 5.0
 EXIT_STATUS_WAIT_S = 0.5
+MAX_SPARES = 4          # spares held per template, at most
+SPARE_DECAY_S = 60.0    # without a shortage for this long, hold one spare fewer
+
+
+@dataclass(slots=True)
+class Spare:
+    """A child forked ahead of demand, waiting for its START."""
+
+    pid: int
+    control: int  # descriptors, owned by the holder
+    output: int
+    pidfd: int
+    cgroup: asyncio.Task  # -> WorkerCgroup | None: its memory cgroup, being made
+
+    def discard(self) -> None:
+        """Let it go unused: closing its channel makes it exit."""
+        for fd in (self.control, self.output, self.pidfd):
+            os.close(fd)
+        self.cgroup.add_done_callback(_remove_cgroup)
 
 
 class TemplateGone(Exception):
@@ -63,11 +91,18 @@ class Template(ProcessWorker):
         self.forks = 0
         self._sock: socket.socket | None = None
         self._decoder = protocol.FrameDecoder()
-        self._fds: list[int] = []  # received descriptors, in order, for FORKED frames
-        self._forking: dict[str, asyncio.Future] = {}
+        self._fds: list[int] = []  # received descriptors, in order, for SPARE frames
+        self._spares: deque[Spare] = deque()
+        self._spare_waiters: deque[asyncio.Future[Spare]] = deque()
+        self._requested = 0  # spares asked of the template, not yet arrived
+        self.want_spares = 1
+        self._short_at = 0.0  # when a call last found no spare ready
         self._statuses: dict[int, int] = {}
         self._status_waiters: dict[int, asyncio.Future] = {}
-        self._spare_cgroups: dict[int, asyncio.Task] = {}
+
+    async def start(self) -> None:
+        await super().start()
+        self._top_up()
 
     @property
     def ready(self) -> bool:
@@ -109,31 +144,39 @@ class Template(ProcessWorker):
             self._on_control_lost()
             return
         for kind, payload in self._decoder.feed(data):
-            if kind == protocol.FORKED:
-                self._on_forked(orjson.loads(payload))
+            if kind == protocol.SPARE:
+                self._on_spare(orjson.loads(payload))
             elif kind == protocol.EXITED:
                 self._on_child_exit(orjson.loads(payload))
-            elif kind == protocol.SPARE:
-                pid = int(orjson.loads(payload)["pid"])
-                self._spare_cgroups[pid] = self._loop.create_task(self._cgroup_for(pid))
             else:
                 self._on_frame(kind, payload)
 
-    def _on_forked(self, reply: dict) -> None:
-        future = self._forking.pop(reply.get("id"), None)
-        if "error" in reply or len(self._fds) < 2:
-            if future is not None and not future.done():
-                future.set_exception(TemplateGone(f"fork failed: {reply.get('error', 'no descriptors')}"))
+    def _on_spare(self, reply: dict) -> None:
+        self._requested = max(0, self._requested - 1)
+        if "error" in reply or len(self._fds) < 3:
+            log.warning("template of %s could not fork a spare: %s", self.spec.name,
+                        reply.get("error", "no descriptors"))
+            waiter = _next_pending(self._spare_waiters)
+            if waiter is not None:
+                waiter.set_exception(TemplateGone(f"fork failed: {reply.get('error', 'no descriptors')}"))
             return
-        control, output = self._fds.pop(0), self._fds.pop(0)
-        if future is None or future.done():
-            os.close(control)
-            os.close(output)
-            return
-        future.set_result((int(reply["pid"]), control, output))
+        pid = int(reply["pid"])
+        control, output, pidfd = (self._fds.pop(0) for _ in range(3))
+        spare = Spare(pid, control, output, pidfd, self._loop.create_task(self._cgroup_for(pid)))
+        waiter = _next_pending(self._spare_waiters)
+        if waiter is not None:
+            waiter.set_result(spare)
+        else:
+            self._spares.append(spare)
 
     def _on_child_exit(self, report: dict) -> None:
         pid, code = int(report["pid"]), int(report["returncode"])
+        for spare in self._spares:
+            if spare.pid == pid:  # a spare died before it was needed
+                self._spares.remove(spare)
+                spare.discard()
+                self._top_up()
+                return
         waiter = self._status_waiters.pop(pid, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(code)
@@ -141,7 +184,7 @@ class Template(ProcessWorker):
             self._statuses[pid] = code
 
     async def _cgroup_for(self, pid: int) -> WorkerCgroup | None:
-        """A memory cgroup of its own for a forked child, made off the event loop.
+        """A memory cgroup of its own for a spare, made off the event loop.
 
         Moving a process between cgroups can take the kernel milliseconds (it
         waits for an RCU grace period), so spares move as soon as they exist.
@@ -160,10 +203,45 @@ class Template(ProcessWorker):
 
         return await asyncio.to_thread(create)
 
-    async def take_cgroup(self, pid: int) -> WorkerCgroup | None:
-        """The cgroup prepared for a child handed out by FORK."""
-        task = self._spare_cgroups.pop(pid, None)
-        return await (task if task is not None else self._cgroup_for(pid))
+    def _top_up(self) -> None:
+        """Ask the template for the spares that `want_spares` and waiting calls lack."""
+        if not self.ready:
+            return
+        if self.want_spares > 1 and time.monotonic() - self._short_at > SPARE_DECAY_S:
+            self.want_spares -= 1
+            self._short_at = time.monotonic()
+        waiting = sum(1 for w in self._spare_waiters if not w.done())
+        missing = self.want_spares + waiting - len(self._spares) - self._requested
+        if missing > 0 and self._send(protocol.FORK, orjson.dumps({"count": missing})):
+            self._requested += missing
+
+    async def take_spare(self) -> Spare:
+        """A spare for a new worker: one held already, else the next to arrive."""
+        if not self.ready:
+            raise TemplateGone("the template is not running")
+        if self._spares:
+            spare = self._spares.popleft()
+        else:
+            # A call waits for a fork: hold one spare more from now on.
+            self._short_at = time.monotonic()
+            self.want_spares = min(MAX_SPARES, self.want_spares + 1)
+            waiter = self._loop.create_future()
+            self._spare_waiters.append(waiter)
+            self._top_up()
+            if not self._requested and not waiter.done():
+                waiter.cancel()
+                raise TemplateGone("the template's channel is closed")
+            try:
+                spare = await asyncio.wait_for(waiter, FORK_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise TemplateGone(f"no fork within {FORK_TIMEOUT_S:g}s") from None
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._spares.appendleft(waiter.result())  # it arrived as the call gave up
+                raise
+        self.forks += 1
+        self._top_up()
+        return spare
 
     async def exit_status(self, pid: int) -> int | None:
         """A forked child's exit status as the template reaped it (None if it cannot tell)."""
@@ -179,24 +257,6 @@ class Template(ProcessWorker):
         finally:
             self._status_waiters.pop(pid, None)
 
-    async def fork(self, worker_id: str, env: dict[str, str]) -> tuple[int, int, int]:
-        """(pid, control fd, output fd) of a new child; TemplateGone if it cannot."""
-        if not self.ready:
-            raise TemplateGone("the template is not running")
-        future = self._forking[worker_id] = self._loop.create_future()
-        request = {"id": worker_id, "env": env, "tmp_mb": self.spec.tmp_mb}
-        if not self._send(protocol.FORK, orjson.dumps(request)):
-            self._forking.pop(worker_id, None)
-            raise TemplateGone("the template's channel is closed")
-        try:
-            child = await asyncio.wait_for(future, FORK_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise TemplateGone(f"no fork within {FORK_TIMEOUT_S:g}s") from None
-        finally:
-            self._forking.pop(worker_id, None)
-        self.forks += 1
-        return child
-
     def _close_channel(self) -> None:
         if self._sock is not None:
             self._loop.remove_reader(self._sock.fileno())
@@ -205,9 +265,10 @@ class Template(ProcessWorker):
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
-        for future in self._forking.values():
-            if not future.done():
-                future.set_exception(TemplateGone("the template's channel closed"))
+        while self._spares:
+            self._spares.popleft().discard()
+        while (waiter := _next_pending(self._spare_waiters)) is not None:
+            waiter.set_exception(TemplateGone("the template's channel closed"))
 
     def _exited(self, returncode: int | None) -> None:
         super()._exited(returncode)
@@ -217,15 +278,20 @@ class Template(ProcessWorker):
 
     def close(self) -> None:
         self._close_channel()
-        for task in self._spare_cgroups.values():  # spares never handed out
-            task.add_done_callback(_remove_cgroup)
-        self._spare_cgroups.clear()
         super().close()
 
     def to_json(self) -> dict:
         view = super().to_json()
-        view.update(state="template", children=len(self.children))
+        view.update(state="template", children=len(self.children), spares=len(self._spares))
         return view
+
+
+def _next_pending(waiters: deque[asyncio.Future]) -> asyncio.Future | None:
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            return waiter
+    return None
 
 
 def _remove_cgroup(task: asyncio.Task) -> None:
@@ -251,25 +317,19 @@ class ForkedWorker(ProcessWorker):
         # The per-call values a spawned worker gets in its environment.
         changes = {k: env[k] for k in ("AWS_LAMBDA_LOG_STREAM_NAME", "AWS_LAMBDA_INITIALIZATION_TYPE")}
         try:
-            pid, control, output = await self.template.fork(self.id, changes)
+            spare = await self.template.take_spare()
         except TemplateGone as exc:
             self.template.children.discard(self.id)
             raise WorkerInitError(FunctionError(INIT, "Runtime.Unknown", str(exc)),
                                   (time.monotonic() - started) * 1000, []) from exc
-        self.pid = pid
-        self.cgroup = await self.template.take_cgroup(pid)
-        try:
-            self._pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            os.close(control)
-            os.close(output)
-            self._exited(await self.template.exit_status(pid))
-            raise WorkerInitError(FunctionError(INIT, "Runtime.ExitError", "the forked worker died at once"),
-                                  (time.monotonic() - started) * 1000, []) from None
-        loop.add_reader(self._pidfd, self._on_exit)
+        self.pid = spare.pid
+        self._pidfd = spare.pidfd
+        loop.add_reader(self._pidfd, self._on_exit)  # at once if it has died already
+        self.cgroup = await spare.cgroup
         _, self._control = await loop.connect_accepted_socket(
-            lambda: _Control(self), socket.socket(fileno=control))
-        await self._await_ready(output, started)
+            lambda: _Control(self), socket.socket(fileno=spare.control))
+        self._send(protocol.START, orjson.dumps({"id": self.id, "env": changes}))
+        await self._await_ready(spare.output, started)
 
     init_hint = "the forked worker never said READY"
 

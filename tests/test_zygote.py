@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 
-from support import loaded, process_state, wait_until, write_function
+from support import descendants, loaded, process_state, wait_until, write_function
 
 STATE = """
 import os, time
@@ -123,6 +123,44 @@ def test_when_the_template_dies_workers_are_spawned_again(daemon):
     results = concurrent(daemon, "fn", [{"sleep": 0.4}] * 3)
     assert all(r.get("pid") for r in results), results
     assert "died" in daemon.output()
+
+
+def spares_of(daemon, name: str, template: dict) -> set[int]:
+    """The template's children that no worker owns: its spares."""
+    workers = {w["pid"] for w in daemon.function(name)["workers"]}
+    return {pid for pid in descendants(template["pid"])
+            if parent_of(pid) == template["pid"] and pid not in workers}
+
+
+def test_a_burst_that_found_no_spare_leaves_more_spares_for_the_next(daemon):
+    write_function(daemon.functions, "fn.py", STATE)
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    loaded(daemon, "fn")
+    daemon.invoke("fn")
+    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("spares") == 1
+                          and template_of(daemon, "fn"), message="the template and its spare")
+    # The first worker serves one call; two more need forks, and one spare is held.
+    results = concurrent(daemon, "fn", [{"sleep": 0.5}] * 3)
+    assert len({r["pid"] for r in results}) == 3
+    wait_until(lambda: template_of(daemon, "fn")["spares"] == 2, message="a second spare")
+    wait_until(lambda: len(spares_of(daemon, "fn", template)) == 2, message="two spare processes")
+
+
+def test_a_spare_that_dies_is_replaced_and_never_handed_out(daemon):
+    write_function(daemon.functions, "fn.py", STATE)
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    loaded(daemon, "fn")
+    daemon.invoke("fn")
+    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("spares") == 1
+                          and template_of(daemon, "fn"), message="the template and its spare")
+    spares = wait_until(lambda: spares_of(daemon, "fn", template), message="the spare process")
+    (dead,) = spares
+    os.kill(dead, signal.SIGKILL)  # as the OOM killer might
+    wait_until(lambda: spares_of(daemon, "fn", template) - {dead}, message="a new spare")
+    assert template_of(daemon, "fn")["spares"] == 1
+    results = concurrent(daemon, "fn", [{"sleep": 0.3}] * 2)
+    assert all(r.get("pid") and r["pid"] != dead for r in results), results
+    assert any(parent_of(r["pid"]) == template["pid"] for r in results)  # a fork, from the new spare
 
 
 def test_templates_can_be_turned_off(start_daemon, functions_dir):

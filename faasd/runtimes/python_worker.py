@@ -352,11 +352,11 @@ MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 16384, 1 << 18, 2, 4
 
 
 def _serve_as_template():
-    import array
     import gc
     import signal
 
     # What forked workers need later is loaded now, once, in the template.
+    import array  # noqa: F401
     import ctypes  # noqa: F401
 
     gc.collect()
@@ -376,44 +376,29 @@ def _serve_as_template():
     signal.signal(signal.SIGCHLD, reap)
     tmp_mb = int(os.environ.pop("_FAASD_TMP_MB", "512"))
     _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - _T0) * 1000}).encode())
-    # One child is always forked ahead of demand (a spare), so that a FORK is
-    # answered at once and the next fork happens while nobody waits for it.
-    spare = _fork_spare(tmp_mb)
+    # The daemon asks for spares ahead of demand and holds them, so that a
+    # call needing a new worker does not wait for a fork.
     while True:
         kind, payload = _recv_frame()
         if kind is None or kind == protocol.SHUTDOWN:
             return 0
-        if kind != protocol.FORK:
-            continue
-        request_id = json.loads(payload)["id"]
-        if spare is None:
-            spare = _fork_spare(tmp_mb)
-        try:
-            if spare is None:
-                raise OSError("cannot fork")
-            pid, control, out_read = spare
-            spare = None
-            control.sendall(protocol.encode(protocol.FORK, payload))  # its start parameters
-        except OSError as exc:
-            _send(protocol.FORKED, json.dumps({"id": request_id, "error": str(exc)}).encode())
-            continue
-        fds = array.array("i", [control.fileno(), out_read])
-        frame = protocol.encode(protocol.FORKED, json.dumps({"id": request_id, "pid": pid}).encode())
-        _sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        control.close()
-        os.close(out_read)
-        spare = _fork_spare(tmp_mb)
+        if kind == protocol.FORK:
+            for _ in range(int(json.loads(payload).get("count", 1))):
+                _fork_spare(tmp_mb)
 
 
 def _fork_spare(tmp_mb):
-    """Fork a child that isolates itself and waits for its start parameters."""
+    """Fork a child that isolates itself and waits for its START; hand it to the daemon."""
+    import array
+
     template_pid = os.getpid()
     try:
         control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_read, out_write = os.pipe()
         pid = os.fork()
-    except OSError:
-        return None
+    except OSError as exc:
+        _send(protocol.SPARE, json.dumps({"error": f"cannot fork: {exc}"}).encode())
+        return
     if pid == 0:
         control.close()
         os.close(out_read)
@@ -423,8 +408,23 @@ def _fork_spare(tmp_mb):
             os._exit(70)
     child_control.close()
     os.close(out_write)
-    _send(protocol.SPARE, json.dumps({"pid": pid}).encode())
-    return pid, control, out_read
+    try:
+        # A pidfd names this very process even after it is reaped, so the
+        # daemon can never mistake a recycled pid for its worker.
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        control.close()
+        os.close(out_read)
+        _send(protocol.SPARE, json.dumps({"error": f"the spare died at once: {exc}"}).encode())
+        return
+    frame = protocol.encode(protocol.SPARE, json.dumps({"pid": pid}).encode())
+    fds = array.array("i", [control.fileno(), out_read, pidfd])
+    try:
+        _sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    finally:
+        control.close()
+        os.close(out_read)
+        os.close(pidfd)
 
 
 def _spare(control, out_write, tmp_mb, template_pid):
@@ -450,8 +450,8 @@ def _spare(control, out_write, tmp_mb, template_pid):
     if os.getppid() != template_pid:
         os._exit(0)
     kind, payload = _recv_frame()
-    if kind != protocol.FORK:
-        os._exit(0)
+    if kind != protocol.START:
+        os._exit(0)  # the daemon let it go unused
     started = time.monotonic()
     request = json.loads(payload)
     os.environ.update(request.get("env", {}))
