@@ -54,7 +54,10 @@ def main() -> None:
          "<= +5 ms"),
         ("6. density", f"frozen worker USS {f('density', 'worker_uss_mb', '.1f')} MB, idle daemon RSS "
          f"{f('density', 'daemon_rss_mb', '.1f')} MB", "<= 2 MB, <= 60 MB"),
-        ("7. file trigger, 1,000 files", f"{f('file_trigger', 'files_per_s', ',.0f')} files/s", ">= 1,000 files/s"),
+        ("7. file trigger, 1,000 files", f"{f('file_trigger', 'files_per_s', ',.0f')} files/s once "
+         f"workers exist; {f('file_trigger', 'first_round_files_per_s', ',.0f')} files/s in the first, "
+         f"cold round; {f('file_trigger', 'workers_started', 'd')} workers started for "
+         f"{f('file_trigger', 'files', ',d')} files", ">= 1,000 files/s"),
         ("8. AMQP, 10,000 messages", f"{f('amqp', 'ratio', '.2f')} x bare aio-pika "
          f"({f('amqp', 'faasd_msg_s', ',.0f')} vs {f('amqp', 'bare_msg_s', ',.0f')} msg/s)", ">= 0.5 x"),
     ]

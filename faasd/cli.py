@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import textwrap
 import urllib.error
@@ -274,14 +276,37 @@ def cmd_check(args: argparse.Namespace) -> int:
     specs = scan(config.paths.functions)
     failed = 0
     for name, spec in sorted(specs.items()):
-        if spec.load_error:
+        error = spec.load_error or (_node_syntax_error(spec) if spec.runtime == "node" else None)
+        if error:
             failed += 1
-            print(f"{name}: error: {spec.load_error}")
+            print(f"{name}: error: {error}")
         else:
             triggers = ", ".join(t.type for t in spec.triggers) or "http"
             print(f"{name}: ok ({spec.runtime}, {spec.handler}; triggers: {triggers})")
     print(f"{len(specs)} functions, {failed} with errors")
     return 1 if failed else 0
+
+
+def _node_syntax_error(spec) -> str | None:
+    """`node --check` on a Node function's handler module (the daemon learns of
+    syntax errors only when a worker loads it); None if fine or not checkable."""
+    node = shutil.which("node")
+    module = spec.handler.rsplit(".", 1)[0]
+    candidates = [spec.task_root / f"{module}{suffix}" for suffix in ("", ".js", ".mjs", ".cjs")]
+    source = next((c for c in candidates if c.is_file()), None)
+    if node is None or source is None:
+        return None
+    try:
+        checked = subprocess.run([node, "--check", str(source)], capture_output=True, text=True,
+                                 timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if checked.returncode == 0:
+        return None
+    lines = [line for line in checked.stderr.splitlines() if line.strip()]
+    where = lines[0] if lines else str(source)
+    what = next((line for line in lines if "Error" in line.split(":", 1)[0]), "syntax error")
+    return f"Runtime.UserCodeSyntaxError: {what} ({where})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from support import EXAMPLES, loaded, process_state, request_lines, wait_until, write_function
+from support import EXAMPLES, ROOT, loaded, process_state, request_lines, wait_until, write_function
 
 NODE = shutil.which("node")
 
@@ -394,3 +396,16 @@ def test_the_node_example_says_hello(start_daemon, tmp_path):
     assert response.text == "Hello, you!\n"
     assert daemon.get("/function/hello-node").text == "Hello, world!\n"
     wait_until(lambda: "saying hello to you" in daemon.log_of("hello-node"), message="the example's log line")
+
+
+def test_faasd_check_finds_a_node_syntax_error_before_any_worker_loads_it(tmp_path):
+    functions = tmp_path / "functions"
+    write_function(functions, "broken.js", "exports.handler = async (event) => {\n  return { ok: true\n};\n")
+    write_function(functions, "fine.mjs", "export const handler = async () => 1;\n")
+    check = subprocess.run([sys.executable, "-m", "faasd", "check", "--functions", str(functions)],
+                           capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert check.returncode == 1, check.stdout
+    assert "broken: error: Runtime.UserCodeSyntaxError: SyntaxError:" in check.stdout
+    assert "broken.js:" in check.stdout  # where
+    assert "fine: ok (node" in check.stdout
