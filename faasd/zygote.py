@@ -325,9 +325,15 @@ class ForkedWorker(ProcessWorker):
         self.pid = spare.pid
         self._pidfd = spare.pidfd
         loop.add_reader(self._pidfd, self._on_exit)  # at once if it has died already
-        self.cgroup = await spare.cgroup
-        _, self._control = await loop.connect_accepted_socket(
-            lambda: _Control(self), socket.socket(fileno=spare.control))
+        control = socket.socket(fileno=spare.control)
+        try:
+            # In its cgroup before START: from then on it runs user code.
+            self.cgroup = await spare.cgroup
+            _, self._control = await loop.connect_accepted_socket(lambda: _Control(self), control)
+        except BaseException:
+            control.close()
+            os.close(spare.output)
+            raise
         self._send(protocol.START, orjson.dumps({"id": self.id, "env": changes}))
         await self._await_ready(spare.output, started)
 
