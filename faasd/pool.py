@@ -10,10 +10,14 @@ Every worker is in one state:
 `acquire()` takes, in order: the most recently used idle worker, the most
 recently frozen worker (thawed with SIGCONT), or the first worker to become
 free, whether released by another call or newly started. Each waiting call
-has a start under way for it, but at most `MAX_STARTING` per function at a
-time: a burst of a thousand calls starts workers as fast as the template
-forks (or interpreters come up), and calls that finish meanwhile serve the
-rest, instead of a thousand interpreters fighting for two cores. An idle worker is
+has a start under way for it, but only a few per function at a time: a
+burst of a thousand calls starts workers as fast as they come up, and calls
+that finish meanwhile serve the rest, instead of a thousand interpreters
+fighting for two cores. Starting an interpreter and importing a handler is
+CPU work, and more starts at once than there are cores only make each one
+later: a function starts `CPU_BOUND_STARTS` (the number of cores) at once,
+until one of its starts is seen to spend most of its time waiting (an init
+that calls the network, say); then it starts up to `MAX_STARTING`. An idle worker is
 frozen with SIGSTOP after `freeze_after_ms`; frozen longer than
 `keep_warm_s`, it is retired, keeping `min_warm` workers per function. A
 new code revision retires idle and frozen workers at once and busy ones as
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections import deque
@@ -43,7 +48,9 @@ from .workers import (
 
 log = logging.getLogger("faasd.pool")
 
-# Worker starts under way at once for one function's waiting calls.
+# Worker starts under way at once for one function's waiting calls: as many
+# as there are cores, or up to MAX_STARTING where starts mostly wait.
+CPU_BOUND_STARTS = max(2, os.cpu_count() or 2)
 MAX_STARTING = 16
 
 
@@ -88,6 +95,7 @@ class FunctionPool:
         self._tasks: set[asyncio.Task] = set()
         self._waiters: deque[asyncio.Future[tuple[Worker, bool]]] = deque()  # calls without a worker
         self._starting = 0  # starts under way for waiting calls
+        self.start_limit = CPU_BOUND_STARTS
         self.closing = False
         self.last_init_error: WorkerInitError | None = None
         self.template: Template | None = None
@@ -144,12 +152,12 @@ class FunctionPool:
         return None
 
     def _start_for_waiters(self) -> None:
-        """Start workers until every waiting call has one coming, MAX_STARTING at a time."""
+        """Start workers until every waiting call has one coming, a few at a time."""
         if self.closing:
             while (waiter := self._next_waiter()) is not None:
                 waiter.set_exception(ShuttingDown("faasd is shutting down"))
             return
-        while len(self._waiters) > self._starting and self._starting < MAX_STARTING:
+        while len(self._waiters) > self._starting and self._starting < self.start_limit:
             self._starting += 1
             self._background(self._start_for_waiter())
 
@@ -177,6 +185,13 @@ class FunctionPool:
             self.cold_starts += 1
             waiter.set_result((worker, True))
         self._start_for_waiters()
+
+    def _learn_from_start(self, worker: Worker) -> None:
+        """Let starts overlap more only if this one mostly waited instead of computing."""
+        init_ms, cpu_ms = worker.init_ms, worker.init_cpu_ms
+        if init_ms is not None and cpu_ms is not None:
+            waited = init_ms >= 100 and cpu_ms < 0.25 * init_ms
+            self.start_limit = MAX_STARTING if waited else CPU_BOUND_STARTS
 
     def release(self, worker: Worker, reusable: bool) -> None:
         """Give a worker back after a call; it idles, or retires if it cannot serve again."""
@@ -259,6 +274,7 @@ class FunctionPool:
             await worker.stop()
             raise
         self.last_init_error = None
+        self._learn_from_start(worker)
         return worker
 
     def _on_exit(self, worker: Worker) -> None:

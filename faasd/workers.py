@@ -130,6 +130,7 @@ class Worker:
         self.started_at = time.time()
         self.state_since = time.monotonic()
         self.init_ms: float | None = None
+        self.init_cpu_ms: float | None = None  # CPU time the process spent getting ready
         self.invocations = 0
         self.tmp_dir = env.tmp_root / self.id
         self.arn = function_arn(spec.name, env.region)  # context.invoked_function_arn
@@ -391,6 +392,7 @@ class ProcessWorker(Worker):
             raise WorkerInitError(error, (time.monotonic() - started) * 1000,
                                   list(self._init_logs)) from None
         self.init_ms = (time.monotonic() - started) * 1000
+        self.init_cpu_ms = process_cpu_ms(self.pid) if self.pid else None
 
     # What a process that never says READY failed to do, for the init timeout error.
     init_hint = "the function's initialisation code did not finish"
@@ -677,6 +679,19 @@ class ProcessWorker(Worker):
         if self.sandbox is not None:
             self.sandbox.remove()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_ms(pid: int) -> float | None:
+    """User plus system CPU time of a process so far, from /proc (10 ms ticks)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * _TICK_MS
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _loads(payload: bytes) -> dict:

@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 
 from faasd.errors import INIT, FunctionError, ShuttingDown
-from faasd.pool import MAX_STARTING, FunctionPool, PoolSettings
+from faasd.pool import CPU_BOUND_STARTS, MAX_STARTING, FunctionPool, PoolSettings
 from faasd.spec import FunctionSpec
 from faasd.workers import Worker, WorkerEnvironment, WorkerInitError, WorkerState
 
 
 class GatedWorker(Worker):
-    """Starts when the test opens its gate; fails to start if the gate says so."""
+    """Starts when the test opens its gate; fails to start if the gate says so.
+
+    Its init takes `bench.init` (wall ms, CPU ms), as the pool would measure it.
+    """
 
     def __init__(self, spec, env, bench: "Bench") -> None:
         super().__init__(spec, env)
@@ -35,7 +38,7 @@ class GatedWorker(Worker):
         if not ok:
             self.exited.set_result(1)
             raise WorkerInitError(FunctionError(INIT, "Runtime.ExitError", "init failed"), 1.0, [])
-        self.init_ms = 1.0
+        self.init_ms, self.init_cpu_ms = self.bench.init
 
     def freeze(self) -> None:
         pass
@@ -52,6 +55,7 @@ class Bench:
     def __init__(self, tmp_path: Path) -> None:
         self.starting: list[GatedWorker] = []
         self.most_starting = 0
+        self.init = (50.0, 45.0)  # an interpreter start: CPU all the way
         self.spec = FunctionSpec(name="fn", runtime="python", handler="fn.handler",
                                  task_root=tmp_path, source=tmp_path / "fn.py", revision="r1")
         env = WorkerEnvironment(data_dir=tmp_path, memory=None)  # type: ignore[arg-type]
@@ -73,18 +77,37 @@ async def bench(tmp_path):
     return Bench(tmp_path)
 
 
-async def test_a_burst_starts_at_most_max_starting_workers_at_once_and_every_call_gets_one(bench):
-    calls = [asyncio.ensure_future(bench.pool.acquire()) for _ in range(MAX_STARTING * 3)]
+async def test_a_burst_starts_as_many_workers_at_once_as_there_are_cores_and_every_call_gets_one(bench):
+    calls = [asyncio.ensure_future(bench.pool.acquire()) for _ in range(CPU_BOUND_STARTS * 5)]
     await bench.settle()
-    assert len(bench.starting) == MAX_STARTING
+    assert len(bench.starting) == CPU_BOUND_STARTS
     while not all(call.done() for call in calls):
         bench.open_gates()
         await bench.settle()
-    assert bench.most_starting == MAX_STARTING
+    assert bench.most_starting == CPU_BOUND_STARTS
     workers = [call.result()[0] for call in calls]
     assert len({w.id for w in workers}) == len(calls)  # nobody shares a worker
     assert all(cold for _, cold in (call.result() for call in calls))
     assert all(w.state is WorkerState.BUSY for w in workers)
+    await bench.pool.close()
+
+
+async def test_starts_that_mostly_wait_overlap_up_to_max_starting(bench):
+    bench.init = (1000.0, 30.0)  # an init that waits on the network
+    first = asyncio.ensure_future(bench.pool.acquire())
+    await bench.settle()
+    bench.open_gates()
+    await first
+    calls = [asyncio.ensure_future(bench.pool.acquire()) for _ in range(MAX_STARTING * 2)]
+    await bench.settle()
+    assert len(bench.starting) == MAX_STARTING
+    bench.init = (60.0, 55.0)  # the code changed: its starts compute again
+    bench.open_gates(count=1)
+    await bench.settle()
+    assert len(bench.starting) == MAX_STARTING - 1  # no new start until below the core count
+    while not all(call.done() for call in calls):
+        bench.open_gates()
+        await bench.settle()
     await bench.pool.close()
 
 

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+from faasd.pool import CPU_BOUND_STARTS
 from support import descendants, loaded, process_state, wait_until, write_function
 
 STATE = """
@@ -202,3 +203,26 @@ def test_a_cold_burst_is_served_by_workers_as_they_start_and_free(daemon):
     # the burst needed far fewer workers than calls, and the template kept up.
     assert 1 <= len(cold) <= burst // 2
     assert "cannot fork" not in daemon.output()
+
+
+def test_starts_that_mostly_wait_run_side_by_side(start_daemon, functions_dir):
+    # An init that sleeps (as one that calls the network): once a start shows
+    # that, the pool lets more than one per core run at once.
+    write_function(functions_dir, "slow.py", """
+        import time
+        time.sleep(2)
+        def handler(event, context):
+            time.sleep(3)
+            return 1
+    """)
+    write_function(functions_dir, "slow.toml", "timeout_s = 10\n")
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_ZYGOTE": "false"})
+    loaded(daemon, "slow")
+    calls = threading.Thread(target=concurrent, args=(daemon, "slow", [{}] * 10))
+    calls.start()
+    starting = lambda: sum(1 for w in daemon.workers("slow") if w["state"] == "starting")
+    wait_until(lambda: starting() >= 1, message="the first starts")
+    assert starting() <= CPU_BOUND_STARTS  # nothing known yet: CPU-bound, one start per core
+    wait_until(lambda: starting() >= 6, timeout=6, message="the rest of the starts at once")
+    calls.join(30)
+    assert not calls.is_alive()
