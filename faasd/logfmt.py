@@ -48,9 +48,36 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+class BrokerReconnectNoise(logging.Filter):
+    """Quiet aio-pika's and aiormq's own account of a lost broker connection.
+
+    On every loss aiormq logs a WARNING with two tracebacks from its reader,
+    aio-pika an ERROR from each channel's close callback, and a WARNING per
+    reconnect attempt. faasd says the same once, in its own words ("AMQP
+    connection to ... lost (reason); reconnecting", then "reconnected"), and
+    /readyz and the metrics show it: the tracebacks and the callback error go
+    to debug level, and each attempt to info.
+    """
+
+    DEBUG = (("aiormq.connection", "Cancelling cause reader exited abnormally"),
+             ("aio_pika.tools", "RobustChannel._on_close"))
+    INFO = (("aio_pika.robust_connection", "Connection attempt to"),)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.INFO or not record.name.startswith(("aiormq", "aio_pika")):
+            return True
+        message = record.getMessage()
+        for level, patterns in ((logging.DEBUG, self.DEBUG), (logging.INFO, self.INFO)):
+            if any(record.name == name and text in message for name, text in patterns):
+                record.levelno, record.levelname = level, logging.getLevelName(level)
+                return logging.getLogger().isEnabledFor(level)
+        return True
+
+
 def setup_logging(fmt: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(BrokerReconnectNoise())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
