@@ -226,6 +226,14 @@ def rss_bytes(pid: int) -> tuple[int, int] | None:
     return rss, hwm
 
 
+def proc_stat_fields(pid: int | str) -> list[bytes]:
+    """/proc/PID/stat after the command name: [0] is field 3 of proc(5), the state.
+
+    OSError if the process is gone."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        return stat.read().rsplit(b")", 1)[1].split()
+
+
 def group_rss_bytes(pgid: int) -> int:
     """The summed RSS of every process in a process group."""
     total = 0
@@ -233,11 +241,23 @@ def group_rss_bytes(pgid: int) -> int:
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
+            fields = proc_stat_fields(entry.name)
         except OSError:
             continue
         # fields[2] is pgrp (field 5 of stat), fields[21] is rss in pages.
         if int(fields[2]) == pgid:
             total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
     return total
+
+
+_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_ms(pid: int) -> float | None:
+    """User plus system CPU time of a process so far (10 ms ticks); None if it is gone."""
+    try:
+        fields = proc_stat_fields(pid)
+        # fields[11] and [12] are utime and stime (fields 14 and 15 of stat).
+        return (int(fields[11]) + int(fields[12])) * _TICK_MS
+    except (OSError, ValueError, IndexError):
+        return None

@@ -33,7 +33,7 @@ import orjson
 
 from . import protocol
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
-from .limits import MB, MemoryLimits, WorkerCgroup, rss_bytes
+from .limits import MB, MemoryLimits, WorkerCgroup, process_cpu_ms, rss_bytes
 from .sandbox import PLAN_ENV, Sandbox, WorkerPlan, join_cgroups_of
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
@@ -679,19 +679,6 @@ class ProcessWorker(Worker):
         if self.sandbox is not None:
             self.sandbox.remove()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
-
-
-_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_ms(pid: int) -> float | None:
-    """User plus system CPU time of a process so far, from /proc (10 ms ticks)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) * _TICK_MS
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _loads(payload: bytes) -> dict:
