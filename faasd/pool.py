@@ -41,7 +41,7 @@ from typing import Callable
 
 from .errors import ShuttingDown
 from .spec import FunctionSpec
-from .zygote import ForkedWorker, Template, TemplateGone
+from .zygote import ForkedWorker, Template, TemplateGone, next_pending
 from .workers import (
     Worker, WorkerEnvironment, WorkerInitError, WorkerState, clear_bytecode, create_worker,
 )
@@ -144,18 +144,10 @@ class FunctionPool:
             self.retire(worker)
         return None
 
-    def _next_waiter(self) -> asyncio.Future | None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                return waiter
-        return None
-
     def _start_for_waiters(self) -> None:
         """Start workers until every waiting call has one coming, a few at a time."""
         if self.closing:
-            while (waiter := self._next_waiter()) is not None:
-                waiter.set_exception(ShuttingDown("faasd is shutting down"))
+            self._refuse_waiters()
             return
         while len(self._waiters) > self._starting and self._starting < self.start_limit:
             self._starting += 1
@@ -166,7 +158,7 @@ class FunctionPool:
             worker = await self._spawn()
         except WorkerInitError as exc:
             self._starting -= 1
-            waiter = self._next_waiter()
+            waiter = next_pending(self._waiters)
             if waiter is not None:  # this call reports the failed init; the others try again
                 waiter.set_exception(exc)
             self._start_for_waiters()
@@ -175,7 +167,7 @@ class FunctionPool:
             self._starting -= 1
             raise
         self._starting -= 1
-        waiter = self._next_waiter() if worker.spec.revision == self.spec.revision else None
+        waiter = next_pending(self._waiters) if worker.spec.revision == self.spec.revision else None
         if waiter is None:
             # Calls that finished meanwhile served every waiter (or the code
             # changed while it started): it idles, or retires.
@@ -185,6 +177,10 @@ class FunctionPool:
             self.cold_starts += 1
             waiter.set_result((worker, True))
         self._start_for_waiters()
+
+    def _refuse_waiters(self) -> None:
+        while (waiter := next_pending(self._waiters)) is not None:
+            waiter.set_exception(ShuttingDown("faasd is shutting down"))
 
     def _learn_from_start(self, worker: Worker) -> None:
         """Let starts overlap more only if this one mostly waited instead of computing."""
@@ -200,7 +196,7 @@ class FunctionPool:
             self.retire(worker)
             self._start_for_waiters()
             return
-        waiter = self._next_waiter()
+        waiter = next_pending(self._waiters)
         if waiter is not None:
             worker.set_state(WorkerState.BUSY)
             waiter.set_result((worker, False))
@@ -427,7 +423,7 @@ class FunctionPool:
     async def close(self) -> None:
         """Stop every worker. Busy ones are killed: the invoker drains before this."""
         self.closing = True
-        self._start_for_waiters()  # fails the calls still waiting for a worker
+        self._refuse_waiters()
         if self._freeze_timer is not None:
             self._freeze_timer.cancel()
             self._freeze_timer = None

@@ -88,7 +88,6 @@ class Template(ProcessWorker):
         self.id = "template-" + self.id
         self.tmp_dir = env.tmp_root / self.id
         self.children: set[str] = set()
-        self.forks = 0
         self._sock: socket.socket | None = None
         self._decoder = protocol.FrameDecoder()
         self._fds: list[int] = []  # received descriptors, in order, for SPARE frames
@@ -156,14 +155,14 @@ class Template(ProcessWorker):
         if "error" in reply or len(self._fds) < 3:
             log.warning("template of %s could not fork a spare: %s", self.spec.name,
                         reply.get("error", "no descriptors"))
-            waiter = _next_pending(self._spare_waiters)
+            waiter = next_pending(self._spare_waiters)
             if waiter is not None:
                 waiter.set_exception(TemplateGone(f"fork failed: {reply.get('error', 'no descriptors')}"))
             return
         pid = int(reply["pid"])
         control, output, pidfd = (self._fds.pop(0) for _ in range(3))
         spare = Spare(pid, control, output, pidfd, self._loop.create_task(self._cgroup_for(pid)))
-        waiter = _next_pending(self._spare_waiters)
+        waiter = next_pending(self._spare_waiters)
         if waiter is not None:
             waiter.set_result(spare)
         else:
@@ -239,7 +238,6 @@ class Template(ProcessWorker):
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._spares.appendleft(waiter.result())  # it arrived as the call gave up
                 raise
-        self.forks += 1
         self._top_up()
         return spare
 
@@ -267,7 +265,7 @@ class Template(ProcessWorker):
         self._fds.clear()
         while self._spares:
             self._spares.popleft().discard()
-        while (waiter := _next_pending(self._spare_waiters)) is not None:
+        while (waiter := next_pending(self._spare_waiters)) is not None:
             waiter.set_exception(TemplateGone("the template's channel closed"))
 
     def _exited(self, returncode: int | None) -> None:
@@ -286,7 +284,8 @@ class Template(ProcessWorker):
         return view
 
 
-def _next_pending(waiters: deque[asyncio.Future]) -> asyncio.Future | None:
+def next_pending(waiters: deque[asyncio.Future]) -> asyncio.Future | None:
+    """The first waiter still waiting, taken off the queue (cancelled ones are skipped)."""
     while waiters:
         waiter = waiters.popleft()
         if not waiter.done():
