@@ -133,13 +133,18 @@ def spares_of(daemon, name: str, template: dict) -> set[int]:
             if parent_of(pid) == template["pid"] and pid not in workers}
 
 
-def test_a_burst_that_found_no_spare_leaves_more_spares_for_the_next(daemon):
+def with_a_spare(daemon) -> dict:
+    """Function `fn` called once, so that its template is up and holds its one spare."""
     write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
     loaded(daemon, "fn")
     daemon.invoke("fn")
-    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("spares") == 1
-                          and template_of(daemon, "fn"), message="the template and its spare")
+    return wait_until(lambda: (template_of(daemon, "fn") or {}).get("spares") == 1
+                      and template_of(daemon, "fn"), message="the template and its spare")
+
+
+def test_a_burst_that_found_no_spare_leaves_more_spares_for_the_next(daemon):
+    template = with_a_spare(daemon)
     # The first worker serves one call; five more need forks at once, and one
     # spare is held: the others wait for forks, so more spares are held after.
     results = concurrent(daemon, "fn", [{"sleep": 0.5}] * 6)
@@ -151,12 +156,7 @@ def test_a_burst_that_found_no_spare_leaves_more_spares_for_the_next(daemon):
 
 
 def test_a_spare_that_dies_is_replaced_and_never_handed_out(daemon):
-    write_function(daemon.functions, "fn.py", STATE)
-    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
-    loaded(daemon, "fn")
-    daemon.invoke("fn")
-    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("spares") == 1
-                          and template_of(daemon, "fn"), message="the template and its spare")
+    template = with_a_spare(daemon)
     spares = wait_until(lambda: spares_of(daemon, "fn", template), message="the spare process")
     (dead,) = spares
     os.kill(dead, signal.SIGKILL)  # as the OOM killer might
