@@ -92,6 +92,16 @@ def bare_server(cpu: int | None = None) -> Iterator[str]:
 
 
 @contextmanager
+def floor_server(workers: int = 16) -> Iterator[str]:
+    """bench/floor_server.py: aiohttp in front of `workers` subprocesses and nothing else."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/function/noop"
+    with process([sys.executable, str(ROOT / "bench" / "floor_server.py"), str(port), str(workers)],
+                 ready_url=url):
+        yield url
+
+
+@contextmanager
 def faasd_server(functions: dict[str, str], *, env: dict[str, str] | None = None,
                  cpu: int | None = None) -> Iterator[str]:
     """faasd serving `functions` ({relative path: source}) from a temporary directory."""
