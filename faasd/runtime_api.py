@@ -29,8 +29,14 @@ limit, the tmp dir, output captured into the invocation's log, and the init
 timeout (a bootstrap that never polls: `Sandbox.Timedout`; one that exits:
 `Runtime.ExitError`). A worker whose bootstrap failed is replaced.
 
-Trust: the port listens on loopback only and lives as long as its worker;
-as on Lambda, the API trusts whoever reaches it.
+Trust: the port listens on loopback only and lives as long as its worker.
+Loopback is shared by every user of the machine, so each connection is
+checked when it is accepted: the kernel's socket table (/proc/net/tcp) names
+the user that owns the connecting socket, and only the worker's own user may
+talk to its API. Any other user gets 403 `AccessDenied` and the connection
+is closed before a byte of it is read. (Processes of the worker's own user
+are not told apart: where workers share the daemon's user, that user is one
+trust domain.)
 """
 
 from __future__ import annotations
@@ -115,8 +121,84 @@ async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes, bool]
     return b"".join(parts), False
 
 
+PROC_NET_TCP = "/proc/net/tcp"
+
+
+def loopback_peer_uid(listen_port: int, peer_port: int, table: str = PROC_NET_TCP) -> int | None:
+    """The uid owning the socket 127.0.0.1:peer_port connected to 127.0.0.1:listen_port,
+    from the kernel's socket table; None if no such connection is listed."""
+    # Addresses are hex in host (little-endian) byte order, ports in network order.
+    local = f"0100007F:{peer_port:04X}"
+    remote = f"0100007F:{listen_port:04X}"
+    with open(table) as lines:
+        next(lines, None)  # the column titles
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 7 and fields[1] == local and fields[2] == remote:
+                return int(fields[7])
+    return None
+
+
+def process_uid(pid: int) -> int | None:
+    """A process's effective uid (from /proc/PID/status: its directory's owner
+    turns to root when a process that changed users is not dumpable)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2])
+    except OSError:
+        return None
+    return None
+
+
+_DENIED_BODY = orjson.dumps({"errorType": "AccessDenied", "errorMessage":
+                             "this Runtime API serves only its own worker's user"})
+DENIED_RESPONSE = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(_DENIED_BODY)).encode() +
+                   b"\r\nConnection: close\r\n\r\n" + _DENIED_BODY)
+
+
+class _Gate(asyncio.Protocol):
+    """One accepted connection: handed to aiohttp only if its owner may use the API."""
+
+    def __init__(self, api: "RuntimeApi") -> None:
+        self.api = api
+        self.inner: asyncio.Protocol | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.api.admits(transport):
+            transport.write(DENIED_RESPONSE)  # type: ignore[attr-defined]
+            transport.close()
+            return
+        assert self.api._server is not None
+        self.inner = self.api._server()
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+
 class RuntimeApi:
     """The Runtime API of one worker: its own loopback port, one event at a time."""
+
+    _unchecked_warned = False  # the socket table could not be read: said once per daemon
 
     def __init__(self, worker: ProvidedWorker) -> None:
         self.worker = worker
@@ -133,10 +215,36 @@ class RuntimeApi:
         loop = asyncio.get_running_loop()
         # handler_cancellation: a /next whose bootstrap went away stops waiting.
         self._server = web.Server(self._handle, handler_cancellation=True, access_log=None)
-        self._listener = await loop.create_server(self._server, "127.0.0.1", 0,
+        self._listener = await loop.create_server(lambda: _Gate(self), "127.0.0.1", 0,
                                                   family=socket.AF_INET)
         port = self._listener.sockets[0].getsockname()[1]
         self.address = f"127.0.0.1:{port}"
+
+    def admits(self, transport: asyncio.BaseTransport) -> bool:
+        """Whether the connection's socket belongs to the worker's user."""
+        pid = self.worker.pid
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        if pid is None or not peer or not sock:
+            log.warning("Runtime API of worker %s: refused a connection before the worker started",
+                        self.worker.id)
+            return False
+        worker_uid = process_uid(pid)
+        if worker_uid is None:
+            return False  # the worker is gone
+        try:
+            uid = loopback_peer_uid(sock[1], peer[1])
+        except OSError as exc:
+            if not RuntimeApi._unchecked_warned:
+                RuntimeApi._unchecked_warned = True
+                log.warning("cannot tell which user connects to a Runtime API (%s): any local "
+                            "user can reach the APIs of provided workers", exc)
+            return True
+        if uid == worker_uid:
+            return True
+        log.warning("Runtime API of worker %s: refused a connection from uid %s (the worker runs "
+                    "as uid %d)", self.worker.id, "unknown" if uid is None else uid, worker_uid)
+        return False
 
     async def close(self) -> None:
         self._wake(False)

@@ -170,6 +170,31 @@ def test_a_shell_and_curl_bootstrap_as_in_awss_tutorial(daemon):
     assert '{"status":"OK"}' in daemon.log_of("tutorial")
 
 
+def test_only_the_workers_own_user_reaches_its_runtime_api(daemon):
+    """Loopback is every local user's: another user asking for the next event is refused."""
+    curl = require_tool("curl", "curl")
+    if os.geteuid() != 0:
+        pytest.skip("connecting as another user needs root")
+    write_function(daemon.functions, "tutorial/bootstrap", TUTORIAL_BOOTSTRAP)
+    write_function(daemon.functions, "tutorial/function.sh", TUTORIAL_FUNCTION)
+    write_function(daemon.functions, "tutorial/function.toml", 'runtime = "provided"\nhandler = "function.handler"\n')
+    loaded(daemon, "tutorial")
+    assert daemon.invoke("tutorial", {"n": 1}).status == 200
+    address = daemon.workers("tutorial")[0]["runtime_api"]
+    nobody = subprocess.run([curl, "-sS", "-m", "5", "-w", "\n%{http_code}",
+                             f"http://{address}/2018-06-01/runtime/invocation/next"],
+                            user=65534, group=65534, extra_groups=[], cwd="/",
+                            capture_output=True, text=True, timeout=30)
+    body, status = nobody.stdout.rsplit("\n", 1)
+    assert status == "403", (nobody.stdout, nobody.stderr)
+    assert json.loads(body) == {"errorType": "AccessDenied",
+                                "errorMessage": "this Runtime API serves only its own worker's user"}
+    assert "refused a connection from uid 65534" in daemon.output()
+    # The bootstrap's own polls still get their events.
+    response = daemon.invoke("tutorial", {"n": 2})
+    assert response.status == 200 and response.text == "Echoing request: '{\"n\": 2}'"
+
+
 # -- a compiled bootstrap: Go, standard library only -------------------------------------------
 
 GO_BOOTSTRAP = r"""
