@@ -15,7 +15,7 @@ template passes the daemon its two descriptors and a pidfd (SPARE,
 SCM_RIGHTS), and the daemon moves it into a memory cgroup of its own at once.
 A `ForkedWorker` takes a spare, sends it START with its per-call environment,
 and has a worker as soon as it answers READY; the template forks a
-replacement meanwhile. The number of spares follows demand: one, plus one
+replacement REPLACE_DELAY_S later, once the new worker has had the core. The number of spares follows demand: one, plus one
 each time a call found none ready (up to `MAX_SPARES`), falling back by one
 a minute while there is no shortage. From READY on a forked worker is an
 ordinary worker: frozen, thawed, timed out and retired like any other; its
@@ -55,6 +55,10 @@ FORK_TIMEOUT_S = 5.0
 EXIT_STATUS_WAIT_S = 0.5
 MAX_SPARES = 4          # spares held per template, at most
 SPARE_DECAY_S = 60.0    # without a shortage for this long, hold one spare fewer
+# A held spare that is taken is replaced this much later, so that the fork (a
+# copy of the template's page tables) does not compete for a core with the
+# spare's START and its first call.
+REPLACE_DELAY_S = 0.05
 
 
 @dataclass(slots=True)
@@ -98,6 +102,7 @@ class Template(ProcessWorker):
         self._short_at = 0.0  # when a call last found no spare ready
         self._statuses: dict[int, int] = {}
         self._status_waiters: dict[int, asyncio.Future] = {}
+        self._replace_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         await super().start()
@@ -219,27 +224,32 @@ class Template(ProcessWorker):
         if not self.ready:
             raise TemplateGone("the template is not running")
         if self._spares:
-            spare = self._spares.popleft()
-        else:
-            # A call waits for a fork: hold one spare more from now on.
-            self._short_at = time.monotonic()
-            self.want_spares = min(MAX_SPARES, self.want_spares + 1)
-            waiter = self._loop.create_future()
-            self._spare_waiters.append(waiter)
-            self._top_up()
-            if not self._requested and not waiter.done():
-                waiter.cancel()
-                raise TemplateGone("the template's channel is closed")
-            try:
-                spare = await asyncio.wait_for(waiter, FORK_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                raise TemplateGone(f"no fork within {FORK_TIMEOUT_S:g}s") from None
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    self._spares.appendleft(waiter.result())  # it arrived as the call gave up
-                raise
+            if self._replace_timer is None:
+                self._replace_timer = self._loop.call_later(REPLACE_DELAY_S, self._replace)
+            return self._spares.popleft()
+        # A call waits for a fork: hold one spare more from now on.
+        self._short_at = time.monotonic()
+        self.want_spares = min(MAX_SPARES, self.want_spares + 1)
+        waiter = self._loop.create_future()
+        self._spare_waiters.append(waiter)
+        self._top_up()
+        if not self._requested and not waiter.done():
+            waiter.cancel()
+            raise TemplateGone("the template's channel is closed")
+        try:
+            spare = await asyncio.wait_for(waiter, FORK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise TemplateGone(f"no fork within {FORK_TIMEOUT_S:g}s") from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._spares.appendleft(waiter.result())  # it arrived as the call gave up
+            raise
         self._top_up()
         return spare
+
+    def _replace(self) -> None:
+        self._replace_timer = None
+        self._top_up()
 
     async def exit_status(self, pid: int) -> int | None:
         """A forked child's exit status as the template reaped it (None if it cannot tell)."""
@@ -256,6 +266,9 @@ class Template(ProcessWorker):
             self._status_waiters.pop(pid, None)
 
     def _close_channel(self) -> None:
+        if self._replace_timer is not None:
+            self._replace_timer.cancel()
+            self._replace_timer = None
         if self._sock is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
