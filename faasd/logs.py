@@ -4,10 +4,8 @@ Lines are the ones Lambda writes to CloudWatch (START, what the handler
 printed, END, REPORT). In `<data>/logs/NAME.log` each line is stored as
 `<ISO time>\\t<request id>\\t<text>`; on stdout it has the daemon's log
 format (text, or JSON with `function` and `request_id` fields). Writes are
-buffered and flushed FLUSH_DELAY_S after the first line that is waiting:
-under load, hundreds of invocations cost one write per file, not three each.
-Followers get each line at once; a daemon killed outright loses at most the
-last FLUSH_DELAY_S of lines.
+buffered and flushed once per event-loop turn: a burst of invocations costs
+one write per file, not one per line.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import orjson
 
 MAX_LINE = 16 * 1024  # longer lines are cut, with a marker
 MAX_TAIL_BYTES = 64 * 1024 * 1024  # the most a tail request reads back
-FLUSH_DELAY_S = 0.01
 
 
 _stamp_ms = -1
@@ -74,7 +71,7 @@ class FunctionLogs:
         self._followers: dict[str, set[asyncio.Queue]] = {}
         # taps see every line as written: tap(function, request_id, texts) (the dashboard's log tail)
         self.taps: list[Callable[[str, str, tuple[str, ...]], None]] = []
-        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
         directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
@@ -111,13 +108,12 @@ class FunctionLogs:
                         queue.put_nowait(line)
         for tap in self.taps:
             tap(name, request_id, texts)
-        if self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(FLUSH_DELAY_S, self.flush)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         for name, lines in pending.items():
             handle = self._files.get(name)

@@ -35,33 +35,6 @@ def test_lines_are_echoed_in_the_daemons_format_with_the_request_id(tmp_path):
     logs.close()
 
 
-def test_lines_reach_the_file_in_one_write_after_the_flush_delay(tmp_path):
-    from faasd.logs import FLUSH_DELAY_S
-
-    logs = FunctionLogs(tmp_path, echo_format=None)
-    path = logs.path("fn")
-
-    async def burst() -> tuple[int, list[str]]:
-        follower = logs.follow("fn")
-        first = asyncio.ensure_future(follower.__anext__())
-        await asyncio.sleep(0)  # the follower is registered
-        for i in range(100):
-            logs.write("fn", f"rid-{i}", f"line {i}")
-        await asyncio.sleep(0)
-        on_disk = path.stat().st_size if path.exists() else 0
-        followed = [await first]  # followers do not wait for the flush
-        await asyncio.sleep(FLUSH_DELAY_S * 3)
-        await follower.aclose()
-        return on_disk, followed
-
-    on_disk, followed = asyncio.run(burst())
-    assert on_disk == 0
-    assert followed[0].endswith("\trid-0\tline 0\n")
-    lines = path.read_text().splitlines()
-    assert len(lines) == 100 and lines[-1].endswith("\trid-99\tline 99")
-    logs.close()
-
-
 def test_timestamps_are_utc_with_milliseconds_across_second_boundaries(monkeypatch):
     from faasd import logs as logs_module
 
