@@ -15,9 +15,10 @@ template passes the daemon its two descriptors and a pidfd (SPARE,
 SCM_RIGHTS), and the daemon moves it into a memory cgroup of its own at once.
 A `ForkedWorker` takes a spare, sends it START with its per-call environment,
 and has a worker as soon as it answers READY; the template forks a
-replacement REPLACE_DELAY_S later, once the new worker has had the core. The number of spares follows demand: one, plus one
-each time a call found none ready (up to `MAX_SPARES`), falling back by one
-a minute while there is no shortage. From READY on a forked worker is an
+replacement REPLACE_DELAY_S later, once the new worker has had the core.
+The number of spares follows demand: one, plus one each time a call found
+none ready (up to `MAX_SPARES`), falling back by one a minute while there is
+no shortage. From READY on a forked worker is an
 ordinary worker: frozen, thawed, timed out and retired like any other; its
 parent, the template, reaps it and reports how it ended (EXITED).
 
