@@ -31,23 +31,26 @@ timeout (a bootstrap that never polls: `Sandbox.Timedout`; one that exits:
 
 Trust: the port listens on loopback only and lives as long as its worker.
 Loopback is shared by every user of the machine, so each connection is
-checked when it is accepted: the kernel's socket table (/proc/net/tcp) names
-the user that owns the connecting socket, and only the worker's own user may
-talk to its API. Any other user gets 403 `AccessDenied` and the connection
-is closed before a byte of it is read. (Processes of the worker's own user
-are not told apart: where workers share the daemon's user, that user is one
-trust domain.)
+checked when it is accepted: the kernel names the user that owns the
+connecting socket (one sock_diag netlink lookup, or /proc/net/tcp where
+netlink is not allowed), and only the worker's own user may talk to its
+API. Any other user gets 403 `AccessDenied` and the connection is closed
+before a byte of it is read. (Processes of the worker's own user are not
+told apart: where workers share the daemon's user, that user is one trust
+domain.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
 import secrets
 import signal
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +126,49 @@ async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes, bool]
 
 PROC_NET_TCP = "/proc/net/tcp"
 
+# sock_diag (linux/sock_diag.h, linux/inet_diag.h): ask the kernel about one TCP socket.
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 1
+NLMSG_ERROR = 2
+INET_DIAG_NOCOOKIE = 0xFFFFFFFF
+_NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_LOOPBACK = socket.inet_aton("127.0.0.1") + bytes(12)  # an IPv4 address in a 16-byte field
+# In an inet_diag_msg: family, state, timer, retransmits (4 bytes), the socket id
+# (48), expires, read and write queues (12), then the uid.
+_UID_OFFSET = _NLMSG_HEADER.size + 4 + 48 + 12
 
-def loopback_peer_uid(listen_port: int, peer_port: int, table: str = PROC_NET_TCP) -> int | None:
-    """The uid owning the socket 127.0.0.1:peer_port connected to 127.0.0.1:listen_port,
-    from the kernel's socket table; None if no such connection is listed."""
+
+def loopback_peer_uid(listen_port: int, peer_port: int) -> int | None:
+    """The uid owning the socket 127.0.0.1:peer_port connected to 127.0.0.1:listen_port;
+    None if there is no such connection. Raises OSError if the kernel cannot be asked."""
+    try:
+        return _diag_uid(listen_port, peer_port)
+    except OSError:
+        return proc_net_tcp_uid(listen_port, peer_port)
+
+
+def _diag_uid(listen_port: int, peer_port: int) -> int | None:
+    """One exact lookup over netlink: constant time, however many sockets the host has."""
+    request = (struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+               + struct.pack("!HH", peer_port, listen_port) + _LOOPBACK + _LOOPBACK
+               + struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE))
+    message = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(request), SOCK_DIAG_BY_FAMILY,
+                                 NLM_F_REQUEST, 1, 0) + request
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as channel:
+        channel.send(message)
+        reply = channel.recv(8192)
+    _, kind = struct.unpack_from("=IH", reply)
+    if kind == NLMSG_ERROR:
+        (code,) = struct.unpack_from("=i", reply, _NLMSG_HEADER.size)
+        if code == -errno.ENOENT:
+            return None
+        raise OSError(-code, os.strerror(-code))
+    return struct.unpack_from("=I", reply, _UID_OFFSET)[0]
+
+
+def proc_net_tcp_uid(listen_port: int, peer_port: int, table: str = PROC_NET_TCP) -> int | None:
+    """The same from the kernel's socket table, read line by line."""
     # Addresses are hex in host (little-endian) byte order, ports in network order.
     local = f"0100007F:{peer_port:04X}"
     remote = f"0100007F:{listen_port:04X}"
