@@ -1,0 +1,542 @@
+"""The Python runtime shim: one worker process serving one function.
+
+Started by the daemon through `python -I -S python_worker.py`, with the control
+socket inherited (see faasd/protocol.py for the framing) and the
+function's environment (`_HANDLER`, `LAMBDA_TASK_ROOT`, ...). It imports the
+handler once, says READY, then serves INVOKE frames one at a time until
+SHUTDOWN or end of file. Handler errors, import errors and their types follow
+AWS's Python runtime so that logs and error payloads read the same.
+
+Standard library only: the function's own code decides what else is loaded.
+"""
+
+import os
+import sys
+import time
+
+_T0 = time.monotonic()
+
+# -I leaves the script's own directory off sys.path; the protocol module sits
+# in the faasd package two levels up. Take it, then forget the path so that
+# user code does not see the daemon's package.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, _PACKAGE_PARENT)
+from faasd import protocol  # noqa: E402
+
+del sys.path[0]
+# Started with -S: site-packages come from the daemon, without .pth processing.
+sys.path.extend(p for p in os.environ.pop("_FAASD_SITE_PATH", "").split(os.pathsep) if p)
+
+import json  # noqa: E402
+import resource  # noqa: E402
+import socket  # noqa: E402
+
+# Not imported here unless the function needs them (each costs the first start
+# milliseconds): traceback on errors, decimal when a result holds one, and
+# logging when the function's code imports it (see _configure_logging_on_import).
+
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024
+
+_sock = socket.socket(fileno=int(os.environ.pop(protocol.CONTROL_FD_ENV, "3")))
+_encode = protocol.encode
+_header = protocol.HEADER
+_header_size = protocol.HEADER_SIZE
+
+
+def _send(kind, payload=b""):
+    _sock.sendall(_encode(kind, payload))
+
+
+_inbox = bytearray()  # bytes received past the last whole frame
+
+
+def _recv_frame():
+    """The next (kind, payload) from the daemon; (None, None) at end of file.
+
+    Reads what the socket holds, not exact sizes, so that a frame usually
+    costs one recv() rather than two.
+    """
+    buffer = _inbox
+    while True:
+        if len(buffer) >= _header_size:
+            length, kind = _header.unpack_from(buffer)
+            end = _header_size + length
+            if len(buffer) >= end:
+                payload = bytes(buffer[_header_size:end])
+                del buffer[:end]
+                return kind, payload
+            want = end - len(buffer)
+        else:
+            want = 0
+        chunk = _sock.recv(max(want, 65536))
+        if not chunk:
+            return None, None
+        buffer += chunk
+
+
+class _FrameWriter:
+    """sys.stdout / sys.stderr: whole lines go to the daemon as LOG frames."""
+
+    encoding = "utf-8"
+    errors = "backslashreplace"
+
+    def __init__(self, name):
+        self.name = name
+        self._pending = []
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        if text:
+            self._pending.append(text)
+            if "\n" in text:
+                self.flush()
+        return len(text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        if self._pending:
+            data = "".join(self._pending)
+            self._pending.clear()
+            _send(protocol.LOG, data.encode("utf-8", "backslashreplace"))
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return 1 if self.name == "<stdout>" else 2
+
+    def readable(self):
+        return False
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    @property
+    def closed(self):
+        return False
+
+
+class LambdaContext:
+    """The `context` argument, with the attributes AWS's runtime provides."""
+
+    # Read from the environment once the worker's environment is final (_serve),
+    # as AWS's runtime does at start-up, not on every call.
+    _static = {}
+
+    def __init__(self, request_id, deadline_ms, invoked_function_arn):
+        self.__dict__.update(self._static)
+        self.aws_request_id = request_id
+        self.invoked_function_arn = invoked_function_arn
+        self._deadline_ms = deadline_ms
+
+    @classmethod
+    def read_environment(cls):
+        get = os.environ.get
+        cls._static = {
+            "function_name": get("AWS_LAMBDA_FUNCTION_NAME"),
+            "function_version": get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+            "memory_limit_in_mb": get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
+            "log_group_name": get("AWS_LAMBDA_LOG_GROUP_NAME"),
+            "log_stream_name": get("AWS_LAMBDA_LOG_STREAM_NAME"),
+            "identity": None,
+            "client_context": None,
+        }
+
+    def get_remaining_time_in_millis(self):
+        return max(int(self._deadline_ms - time.time() * 1000), 0)
+
+    def log(self, message):
+        sys.stdout.write(str(message))
+        sys.stdout.flush()
+
+
+_current_request_id = ""
+
+
+def _setup_logging(logging):
+    """The root logger as AWS's runtime sets it up: Lambda's line format, with the request id."""
+
+    class _RequestIdFilter(logging.Filter):
+        def filter(self, record):
+            record.aws_request_id = _current_request_id
+            return True
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(
+        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s\n",
+        "%Y-%m-%dT%H:%M:%S",
+    ))
+    handler.formatter.converter = time.gmtime
+    handler.addFilter(_RequestIdFilter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+class _configure_logging_on_import:
+    """A meta path finder: when `logging` is first imported, set it up (_setup_logging)
+    as soon as it has loaded, so that a function that never logs never pays for it."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "logging":
+            return None
+        sys.meta_path.remove(cls)
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_set_up(module):
+            exec_module(module)
+            _setup_logging(module)
+
+        spec.loader.exec_module = exec_and_set_up
+        return spec
+
+
+def _install_logging():
+    if "logging" in sys.modules:
+        _setup_logging(sys.modules["logging"])
+    else:
+        sys.meta_path.insert(0, _configure_logging_on_import)
+
+
+def _error(error_type, message, stack=None):
+    return {"errorMessage": message, "errorType": error_type, "stackTrace": stack or []}
+
+
+def _user_frames(tb):
+    import traceback
+
+    frames = traceback.extract_tb(tb)
+    # Drop the shim's own frames: users see their code only, as on AWS.
+    frames = [f for f in frames if f.filename != __file__]
+    return traceback.format_list(frames)
+
+
+def _load_handler():
+    handler_spec = os.environ.get("_HANDLER", "")
+    module_name, _, function_name = handler_spec.rpartition(".")
+    if not module_name or not function_name:
+        return None, _error("Runtime.MalformedHandlerName",
+                            f"Bad handler '{handler_spec}': not enough values to unpack (expected 2, got 1)")
+    task_root = os.environ.get("LAMBDA_TASK_ROOT", os.getcwd())
+    sys.path.insert(0, task_root)
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name.replace("/", "."))
+    except SyntaxError as exc:
+        stack = [f'  File "{exc.filename}" Line {exc.lineno}\n        {(exc.text or "").strip()}\n']
+        return None, _error("Runtime.UserCodeSyntaxError",
+                            f"Syntax error in module '{module_name}': {exc}", stack)
+    except ImportError as exc:
+        return None, _error("Runtime.ImportModuleError",
+                            f"Unable to import module '{module_name}': {exc}",
+                            _user_frames(exc.__traceback__))
+    except BaseException as exc:  # the module's own code raised at import
+        _log_exception(exc)
+        return None, _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))
+    handler = getattr(module, function_name, None)
+    if handler is None:
+        return None, _error("Runtime.HandlerNotFound",
+                            f"Handler '{function_name}' missing on module '{module_name}'")
+    if not callable(handler):
+        return None, _error("Runtime.HandlerNotFound",
+                            f"Handler '{function_name}' on module '{module_name}' is not callable")
+    return handler, None
+
+
+def _log_exception(exc):
+    import traceback
+
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    head = f"[ERROR] {type(exc).__name__}: {exc}"
+    sys.stdout.write(head + "\n" + "".join(lines[:1] + _user_frames(exc.__traceback__)))
+    sys.stdout.flush()
+
+
+def _default(value):
+    decimal = sys.modules.get("decimal")  # a Decimal exists only if decimal was imported
+    if decimal is not None and isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_decode = json.JSONDecoder().decode
+# Built once: json.dumps(..., default=) would build a new encoder on every call.
+_encode_result = json.JSONEncoder(default=_default).encode
+_encode_json = json.JSONEncoder().encode
+
+
+def _invoke(handler, payload):
+    global _current_request_id
+    head, _, body = payload.partition(b"\n")
+    header = _decode(head.decode())
+    request_id = _current_request_id = header["id"]
+    try:
+        event = _decode(body.decode()) if body else None
+    except ValueError as exc:  # UnicodeDecodeError included
+        _send(protocol.ERROR, _encode_json(_error(
+            "Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}")).encode())
+        return
+    context = LambdaContext(request_id, header["deadline_ms"], header.get("arn", ""))
+    try:
+        result = handler(event, context)
+    except Exception as exc:
+        _log_exception(exc)
+        reply = protocol.ERROR, _encode_json(
+            _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))).encode()
+    else:
+        try:
+            data = _encode_result(result).encode()
+        except (TypeError, ValueError) as exc:
+            reply = protocol.ERROR, _encode_json(_error(
+                "Runtime.MarshalError", f"Unable to marshal response: {exc}")).encode()
+        else:
+            if len(data) > MAX_RESPONSE_BYTES:
+                reply = protocol.ERROR, _encode_json(_error(
+                    "Function.ResponseSizeTooLarge",
+                    f"Response payload size ({len(data)} bytes) exceeded maximum allowed "
+                    f"payload size ({MAX_RESPONSE_BYTES} bytes).")).encode()
+            else:
+                reply = protocol.RESULT, data
+    stdout, stderr = sys.stdout, sys.stderr
+    if getattr(stdout, "_pending", True):
+        stdout.flush()
+    if getattr(stderr, "_pending", True):
+        stderr.flush()
+    _sock.sendall(_encode(protocol.STATS, _peak_kb()) + _encode(*reply))
+
+
+def _peak_kb():
+    """Peak resident memory of this worker and the children it waited for, in KiB."""
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return peak.to_bytes(4, "big")
+
+
+def _die_with_parent():
+    """Ask the kernel for SIGKILL when the daemon dies, so no worker outlives it."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = os.environ.pop("_FAASD_PARENT_PID", None)
+    if parent and os.getppid() != int(parent):
+        os._exit(1)  # the daemon died before we could ask
+
+
+# -- template mode (faasd/zygote.py) ---------------------------------------------------
+#
+# A template imports the handler once and forks ready workers on request, so
+# a new worker costs a fork instead of an interpreter start and the imports.
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 16384, 1 << 18, 2, 4
+
+
+def _serve_as_template():
+    import gc
+    import signal
+
+    # What forked workers need later is loaded now, once, in the template.
+    import array  # noqa: F401
+    import ctypes  # noqa: F401
+
+    gc.collect()
+    gc.freeze()  # keep the collector from dirtying shared pages in every fork
+
+    def reap(signum, frame):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            _send(protocol.EXITED, json.dumps({"pid": pid, "returncode": code}).encode())
+
+    signal.signal(signal.SIGCHLD, reap)
+    tmp_mb = int(os.environ.pop("_FAASD_TMP_MB", "512"))
+    _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - _T0) * 1000}).encode())
+    # The daemon asks for spares ahead of demand and holds them, so that a
+    # call needing a new worker does not wait for a fork.
+    while True:
+        kind, payload = _recv_frame()
+        if kind is None or kind == protocol.SHUTDOWN:
+            return 0
+        if kind == protocol.FORK:
+            for _ in range(int(json.loads(payload).get("count", 1))):
+                _fork_spare(tmp_mb)
+
+
+def _fork_spare(tmp_mb):
+    """Fork a child that isolates itself and waits for its START; hand it to the daemon."""
+    import array
+
+    template_pid = os.getpid()
+    try:
+        control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_read, out_write = os.pipe()
+        pid = os.fork()
+    except OSError as exc:
+        _send(protocol.SPARE, json.dumps({"error": f"cannot fork: {exc}"}).encode())
+        return
+    if pid == 0:
+        control.close()
+        os.close(out_read)
+        try:
+            _spare(child_control, out_write, tmp_mb, template_pid)
+        finally:
+            os._exit(70)
+    child_control.close()
+    os.close(out_write)
+    try:
+        # A pidfd names this very process even after it is reaped, so the
+        # daemon can never mistake a recycled pid for its worker.
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        control.close()
+        os.close(out_read)
+        _send(protocol.SPARE, json.dumps({"error": f"the spare died at once: {exc}"}).encode())
+        return
+    frame = protocol.encode(protocol.SPARE, json.dumps({"pid": pid}).encode())
+    fds = array.array("i", [control.fileno(), out_read, pidfd])
+    try:
+        _sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    finally:
+        control.close()
+        os.close(out_read)
+        os.close(pidfd)
+
+
+def _spare(control, out_write, tmp_mb, template_pid):
+    """In a forked child: take the new channel and output, isolate /tmp, wait, then serve."""
+    global _sock, _T0
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setpgid(0, 0)  # a process group of its own, killed as one
+    _sock.close()
+    _sock = control
+    _inbox.clear()  # the template's unread frames are not this worker's
+    os.dup2(out_write, 1)
+    os.dup2(out_write, 2)
+    os.close(out_write)
+    own_tmp = _own_tmp(tmp_mb)
+    # Die with the template. Set after entering a user namespace, which
+    # clears the parent-death signal; then make sure the template is still
+    # there (it may have died before the signal was armed).
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != template_pid:
+        os._exit(0)
+    kind, payload = _recv_frame()
+    if kind != protocol.START:
+        os._exit(0)  # the daemon let it go unused
+    started = time.monotonic()
+    request = json.loads(payload)
+    os.environ.update(request.get("env", {}))
+    if own_tmp:
+        os.environ["TMPDIR"] = "/tmp"
+        note = "own tmpfs"
+    else:
+        private = os.path.join("/tmp", request["id"])
+        os.makedirs(private, mode=0o700, exist_ok=True)
+        os.environ["TMPDIR"] = private
+        note = f"shared /tmp, own {private}"
+    if "tempfile" in sys.modules:
+        sys.modules["tempfile"].tempdir = None  # the template's choice is not this worker's
+    _T0 = started
+    _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - started) * 1000,
+                                      "tmp": note}).encode())
+    os._exit(_serve())
+
+
+def _own_tmp(tmp_mb):
+    """A fresh tmpfs at /tmp in a mount namespace of this worker's own; False if not allowed.
+
+    Root unshares the mount namespace directly; anyone else through a new user
+    namespace (mapping only its own uid). Where neither is allowed, the worker
+    gets a directory of its own inside the template's /tmp instead.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNS if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNS
+    if libc.unshare(flags) != 0:
+        return False
+    if flags & CLONE_NEWUSER:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as handle:
+                handle.write(text)
+    options = f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777".encode()
+    if (libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
+            or libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0):
+        os._exit(71)  # half-isolated: never serve like this
+    return True
+
+
+def _serve():
+    handler = _HANDLER_FN
+    LambdaContext.read_environment()
+    while True:
+        kind, payload = _recv_frame()
+        if kind is None or kind == protocol.SHUTDOWN:
+            return 0
+        if kind == protocol.INVOKE:
+            _invoke(handler, payload)
+
+
+_HANDLER_FN = None
+
+
+def main():
+    global _HANDLER_FN
+    sandbox = os.environ.pop("_FAASD_SANDBOX", None)
+    if sandbox:
+        # Privileged setup (namespaces, /tmp, limits, user) before user code.
+        sys.path.insert(0, _PACKAGE_PARENT)
+        from faasd import sandbox as _sandbox
+
+        del sys.path[0]
+        _sandbox.enter(sandbox)
+    _die_with_parent()
+    sys.stdout = _FrameWriter("<stdout>")
+    sys.stderr = _FrameWriter("<stderr>")
+    _install_logging()
+    template = os.environ.pop("_FAASD_TEMPLATE", None) == "1"
+    handler, error = _load_handler()
+    sys.stdout.flush()
+    if error is not None:
+        _send(protocol.INIT_ERROR, json.dumps(error).encode())
+        return 1
+    _HANDLER_FN = handler
+    if template:
+        return _serve_as_template()
+    _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - _T0) * 1000}).encode())
+    return _serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
