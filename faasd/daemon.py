@@ -40,7 +40,7 @@ from .sandbox import Sandbox, set_daemon_undumpable
 from .sdnotify import Notifier, listen_sockets
 from .spec import DEFAULT_REGION
 from .triggers.http import RouteTable
-from .workers import WorkerEnvironment
+from .workers import WorkerEnvironment, compile_shim
 
 log = logging.getLogger("faasd")
 
@@ -89,6 +89,10 @@ class Daemon:
         self._cleanups.append(memory.close)
         run_as = self._resolve_run_as()
         python = config.workers.python or sys.executable
+        unwritten = await asyncio.to_thread(compile_shim)
+        if unwritten:
+            log.debug("cannot write the bytecode of %s: Python workers compile them at each start",
+                      ", ".join(str(path) for path in unwritten))
         sandbox = await asyncio.to_thread(
             Sandbox.detect, python=python, run_as=run_as, run_as_name=config.workers.run_as,
             functions_dir=config.paths.functions, data_dir=data, config_file=config.source,

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import orjson
 
@@ -687,6 +687,29 @@ def _loads(payload: bytes) -> dict:
     except orjson.JSONDecodeError:
         return {"errorType": "Runtime.InvalidResponse", "errorMessage": payload[:1000].decode(errors="replace")}
     return value if isinstance(value, dict) else {"errorType": "Error", "errorMessage": str(value)}
+
+
+# What a Python worker imports from faasd before user code: loaded from their
+# cached bytecode, they cost a start no compilation.
+SHIM_SOURCES = (RUNTIME_DIR / "python_runtime.py", RUNTIME_DIR.parent / "__init__.py",
+                RUNTIME_DIR.parent / "protocol.py", RUNTIME_DIR.parent / "sandbox.py")
+
+
+def compile_shim(sources: Iterable[Path] = SHIM_SOURCES) -> list[Path]:
+    """Write the bytecode of `sources` where it is missing or stale; return what
+    could not be written. A worker writes it itself on its first start, but
+    not as a `run_as` user who may not write to faasd's package directory."""
+    import compileall
+
+    failed = []
+    for source in sources:
+        try:
+            ok = source.is_file() and compileall.compile_file(str(source), quiet=2)
+        except OSError:
+            ok = False
+        if not ok:
+            failed.append(source)
+    return failed
 
 
 def python_command(spec: FunctionSpec, env: WorkerEnvironment) -> list[str]:
