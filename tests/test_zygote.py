@@ -129,8 +129,15 @@ def test_when_the_template_dies_workers_are_spawned_again(daemon):
 def spares_of(daemon, name: str, template: dict) -> set[int]:
     """The template's children that no worker owns: its spares."""
     workers = {w["pid"] for w in daemon.function(name)["workers"]}
-    return {pid for pid in descendants(template["pid"])
-            if parent_of(pid) == template["pid"] and pid not in workers}
+    spares = set()
+    for pid in descendants(template["pid"]) - workers:
+        try:
+            parent = parent_of(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended (a killed spare, reaped) between the listing and this look
+        if parent == template["pid"]:
+            spares.add(pid)
+    return spares
 
 
 def with_a_spare(daemon) -> dict:
