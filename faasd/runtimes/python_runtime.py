@@ -16,14 +16,12 @@ import time
 
 _T0 = time.monotonic()
 
-# -I leaves the script's own directory off sys.path; the protocol module sits
-# in the faasd package two levels up. Take it, then forget the path so that
-# user code does not see the daemon's package.
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, _PACKAGE_PARENT)
+# Imported by python_worker.py as faasd.runtimes.python_runtime: the faasd
+# package is loaded already, and its modules come from its own __path__ (the
+# entry has taken the package's directory off sys.path again by the time user
+# code runs).
 from faasd import protocol  # noqa: E402
 
-del sys.path[0]
 # Started with -S: site-packages come from the daemon, without .pth processing.
 sys.path.extend(p for p in os.environ.pop("_FAASD_SITE_PATH", "").split(os.pathsep) if p)
 
@@ -516,10 +514,8 @@ def main():
     sandbox = os.environ.pop("_FAASD_SANDBOX", None)
     if sandbox:
         # Privileged setup (namespaces, /tmp, limits, user) before user code.
-        sys.path.insert(0, _PACKAGE_PARENT)
         from faasd import sandbox as _sandbox
 
-        del sys.path[0]
         _sandbox.enter(sandbox)
     _die_with_parent()
     sys.stdout = _FrameWriter("<stdout>")
