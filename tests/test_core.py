@@ -48,12 +48,12 @@ def test_a_module_may_share_a_name_with_the_runtimes_own_files(daemon):
     """The shim is loaded as faasd.runtimes.python_runtime (from its cached
     bytecode): a function's modules named like its files are the function's."""
     for name in ("python_runtime", "python_worker"):
-        write_function(daemon.functions, f"{name}.py", f"""
+        write_function(daemon.functions, f"{name}.py", """
             import sys
 
             def handler(event, context):
                 shim = sys.modules["faasd.runtimes.python_runtime"]
-                return {{"mine": __name__, "shim_from_bytecode_cache": shim.__cached__ is not None}}
+                return {"mine": __name__, "shim_from_bytecode_cache": shim.__cached__ is not None}
         """)
         loaded(daemon, name)
         assert daemon.get(f"/function/{name}").json() == {"mine": name, "shim_from_bytecode_cache": True}
