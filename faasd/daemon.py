@@ -111,8 +111,8 @@ class Daemon:
             "worker_templates": {
                 "active": config.workers.zygote and sandbox.mount,
                 "note": ("new Python workers fork from a per-revision template; each gets its own "
-                         "process group, memory cgroup and tmpfs /tmp, and shares the template's "
-                         "pids limit" if config.workers.zygote and sandbox.mount else
+                         "process group, memory cgroup, pids limit (where pids_limit is active) "
+                         "and tmpfs /tmp" if config.workers.zygote and sandbox.mount else
                          "off: [workers] zygote = false" if not config.workers.zygote else
                          "off: without mount namespaces a forked worker's /tmp would escape its quota")},
         }

@@ -638,6 +638,29 @@ class Sandbox:
         tmp_limit = None if self.mount else tmp_mb * MB
         return WorkerPlan(self, worker_id, plan, pids_dir, str(tmp_dir), tmp_limit)
 
+    def own_pids_limit(self, worker_id: str, memory_cgroup: Any = None) -> WorkerPlan | None:
+        """A pids limit of its own for a worker forked from a template.
+
+        A fork starts in its template's cgroups; without this, every worker
+        forked from one template would share one MAX_PROCESSES_PER_WORKER,
+        and a fork bomb in one would stop its siblings (and the template)
+        from starting a thread. Where the memory cgroup is a cgroup v2 one,
+        the limit is set on it (the fork is moved there anyway) and None is
+        returned; with cgroup v1 the returned plan's `plan["cgroups"]` names
+        the new pids group's `cgroup.procs` for the caller to move the
+        process into, and its `kill_all`/`remove` end it.
+        """
+        if self.pids_mode == "cgroup2" and memory_cgroup is not None and memory_cgroup.version == 2:
+            _write(os.path.join(str(memory_cgroup.path), "pids.max"), str(MAX_PROCESSES_PER_WORKER))
+            return None
+        if self.pids_mode != "cgroup1":
+            return None
+        pids_dir = os.path.join(self.pids_base, worker_id)
+        os.makedirs(pids_dir, exist_ok=True)
+        _write(os.path.join(pids_dir, "pids.max"), str(MAX_PROCESSES_PER_WORKER))
+        plan = {"cgroups": [os.path.join(pids_dir, "cgroup.procs")]}
+        return WorkerPlan(self, worker_id, plan, pids_dir, "", None)
+
     def close(self) -> None:
         if self.pids_mode != "cgroup1" or not self.pids_base:
             return

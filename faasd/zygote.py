@@ -12,7 +12,9 @@ The daemon keeps spares: children the template forked ahead of demand (FORK
 moves into a process group and (through a mount namespace, or a user and
 mount namespace when unprivileged) a fresh tmpfs at /tmp, and waits; the
 template passes the daemon its two descriptors and a pidfd (SPARE,
-SCM_RIGHTS), and the daemon moves it into a memory cgroup of its own at once.
+SCM_RIGHTS), and the daemon moves it into a memory cgroup and a pids limit
+of its own at once (a fork bomb in one forked worker leaves its siblings and
+the template their processes).
 A `ForkedWorker` takes a spare, sends it START with its per-call environment,
 and has a worker as soon as it answers READY; the template forks a
 replacement REPLACE_DELAY_S later, once the new worker has had the core.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -43,6 +46,7 @@ import orjson
 from . import protocol
 from .errors import INIT, FunctionError
 from .limits import WorkerCgroup
+from .sandbox import WorkerPlan, join_cgroups_of
 from .spec import FunctionSpec
 from .workers import (
     SITE_PATH_ENV, ProcessWorker, WorkerEnvironment, WorkerInitError, WorkerState, _Control,
@@ -63,6 +67,24 @@ REPLACE_DELAY_S = 0.05
 
 
 @dataclass(slots=True)
+class Groups:
+    """The cgroups a forked worker is moved into, away from its template's."""
+
+    memory: WorkerCgroup | None
+    pids: WorkerPlan | None  # a cgroup v1 pids group (on cgroup v2 the memory one limits pids)
+
+    def kill_all(self) -> None:
+        for group in (self.memory, self.pids):
+            if group is not None:
+                group.kill_all()
+
+    def remove(self) -> None:
+        for group in (self.memory, self.pids):
+            if group is not None:
+                group.remove()
+
+
+@dataclass(slots=True)
 class Spare:
     """A child forked ahead of demand, waiting for its START."""
 
@@ -70,13 +92,13 @@ class Spare:
     control: int  # descriptors, owned by the holder
     output: int
     pidfd: int
-    cgroup: asyncio.Task  # -> WorkerCgroup | None: its memory cgroup, being made
+    groups: asyncio.Task  # -> Groups: its own cgroups, being made
 
     def discard(self) -> None:
-        """Let it go unused: closing its channel makes it exit."""
-        for fd in (self.control, self.output, self.pidfd):
-            os.close(fd)
-        self.cgroup.add_done_callback(_remove_cgroup)
+        """Let it go unused: closing its channel makes it exit; its cgroups go once it has."""
+        os.close(self.control)
+        os.close(self.output)
+        self.groups.add_done_callback(functools.partial(_end_groups, self.pidfd))
 
 
 class TemplateGone(Exception):
@@ -167,7 +189,7 @@ class Template(ProcessWorker):
             return
         pid = int(reply["pid"])
         control, output, pidfd = (self._fds.pop(0) for _ in range(3))
-        spare = Spare(pid, control, output, pidfd, self._loop.create_task(self._cgroup_for(pid)))
+        spare = Spare(pid, control, output, pidfd, self._loop.create_task(self._groups_for(pid)))
         waiter = next_pending(self._spare_waiters)
         if waiter is not None:
             waiter.set_result(spare)
@@ -188,23 +210,36 @@ class Template(ProcessWorker):
         else:
             self._statuses[pid] = code
 
-    async def _cgroup_for(self, pid: int) -> WorkerCgroup | None:
-        """A memory cgroup of its own for a spare, made off the event loop.
+    async def _groups_for(self, pid: int) -> Groups:
+        """A memory cgroup and a pids limit of its own for a spare, made off the event loop.
 
         Moving a process between cgroups can take the kernel milliseconds (it
         waits for an RCU grace period), so spares move as soon as they exist.
         """
-        def create() -> WorkerCgroup | None:
-            cgroup = self.env.memory.create(f"{self.spec.name}-forked-{pid}", self.spec.memory_mb)
-            if cgroup is None:
-                return None
-            try:
-                cgroup.add(pid)
-            except OSError as exc:
-                log.warning("cannot move forked worker %s into its cgroup: %s", pid, exc)
-                cgroup.remove()
-                return None
-            return cgroup
+        name = f"{self.spec.name}-forked-{pid}"
+
+        def create() -> Groups:
+            memory = self.env.memory.create(name, self.spec.memory_mb)
+            if memory is not None:
+                try:
+                    memory.add(pid)
+                except OSError as exc:
+                    log.warning("cannot move forked worker %s into its memory cgroup: %s", pid, exc)
+                    memory.remove()
+                    memory = None
+            pids = None
+            if self.env.sandbox is not None:
+                try:
+                    pids = self.env.sandbox.own_pids_limit(name, memory)
+                    if pids is not None:
+                        join_cgroups_of(pid, pids.plan["cgroups"])
+                except OSError as exc:
+                    log.warning("cannot give forked worker %s a pids limit of its own: %s; "
+                                "it shares its template's", pid, exc)
+                    if pids is not None:
+                        pids.remove()
+                    pids = None
+            return Groups(memory, pids)
 
         return await asyncio.to_thread(create)
 
@@ -307,11 +342,25 @@ def next_pending(waiters: deque[asyncio.Future]) -> asyncio.Future | None:
     return None
 
 
-def _remove_cgroup(task: asyncio.Task) -> None:
-    cgroup = None if task.cancelled() or task.exception() else task.result()
-    if cgroup is not None:
-        cgroup.kill_all()
-        cgroup.remove()
+def _end_groups(pidfd: int, task: asyncio.Task) -> None:
+    """End a discarded spare's cgroups: kill what is in them, remove them once it has exited.
+
+    A cgroup with a member that is still exiting cannot be removed, and
+    nothing would try again while the daemon runs: wait for the spare's pidfd.
+    """
+    groups = None if task.cancelled() or task.exception() else task.result()
+    if groups is None or (groups.memory is None and groups.pids is None):
+        os.close(pidfd)
+        return
+    groups.kill_all()
+    loop = task.get_loop()
+
+    def gone() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        groups.remove()
+
+    loop.add_reader(pidfd, gone)
 
 
 class ForkedWorker(ProcessWorker):
@@ -340,8 +389,9 @@ class ForkedWorker(ProcessWorker):
         loop.add_reader(self._pidfd, self._on_exit)  # at once if it has died already
         control = socket.socket(fileno=spare.control)
         try:
-            # In its cgroup before START: from then on it runs user code.
-            self.cgroup = await spare.cgroup
+            # In its cgroups before START: from then on it runs user code.
+            groups = await spare.groups
+            self.cgroup, self.sandbox = groups.memory, groups.pids
             _, self._control = await loop.connect_accepted_socket(lambda: _Control(self), control)
         except BaseException:
             control.close()

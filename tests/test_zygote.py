@@ -6,6 +6,9 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from faasd.pool import CPU_BOUND_STARTS
 from support import descendants, loaded, process_state, wait_until, write_function
@@ -83,6 +86,71 @@ def test_each_forked_worker_has_its_own_tmp(daemon):
         assert result["tmpdir"] == "/tmp"
 
 
+THREADS = """
+import os, threading, time
+
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    release = threading.Event()
+    threads = []
+    failure = None
+    try:
+        while len(threads) < event.get("threads", 0):
+            thread = threading.Thread(target=release.wait, args=(event.get("hold_s", 0),))
+            thread.start()
+            threads.append(thread)
+    except RuntimeError as exc:  # "can't start new thread": the pids limit
+        failure = str(exc)
+    print(f"holding {len(threads)} threads", flush=True)
+    time.sleep(event.get("hold_s", 0))
+    release.set()
+    for thread in threads:
+        thread.join()
+    return {"pid": os.getpid(), "threads": len(threads), "failure": failure}
+"""
+
+
+def test_each_forked_worker_has_a_pids_limit_of_its_own(daemon):
+    # Every thread and process counts against a pids limit of 1024
+    # (MAX_PROCESSES_PER_WORKER). Forks start in their template's cgroups:
+    # shared, a sibling holding 600 threads would leave this one about 420.
+    if not daemon.get("/system/info").json()["isolation"]["pids_limit"]["active"]:
+        message = "this host gives faasd no pids cgroup controller"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    write_function(daemon.functions, "fn.py", THREADS)
+    write_function(daemon.functions, "fn.toml", "timeout_s = 30\nmemory_mb = 512\n")
+    loaded(daemon, "fn")
+    spawned = daemon.invoke("fn").json()["pid"]
+    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
+                          message="the template")
+    results: dict[str, dict] = {}
+
+    def call(key: str, event: dict) -> None:
+        results[key] = daemon.invoke("fn", event).json()
+
+    # The spawned worker is kept busy, so both calls below get forked workers.
+    busy = threading.Thread(target=call, args=("busy", {"sleep": 8}))
+    busy.start()
+    wait_until(lambda: any(w["state"] == "busy" and w["pid"] == spawned for w in daemon.workers("fn")),
+               message="the spawned worker to be busy")
+    holder = threading.Thread(target=call, args=("holder", {"threads": 600, "hold_s": 5}))
+    holder.start()
+    wait_until(lambda: "holding 600 threads" in daemon.log_of("fn"), timeout=15,
+               message="a forked worker holding 600 threads")
+    call("sibling", {"threads": 900, "hold_s": 0.5})
+    holder.join(30)
+    busy.join(30)
+    assert results["holder"]["threads"] == 600, results["holder"]
+    sibling = results["sibling"]
+    assert sibling["failure"] is None and sibling["threads"] == 900, sibling
+    for key in ("holder", "sibling"):
+        assert parent_of(results[key]["pid"]) == template["pid"]
+    # The template still forks: the next worker starts.
+    assert daemon.invoke("fn", {"threads": 1}).json()["threads"] == 1
+
+
 def test_a_code_change_builds_a_new_template_and_the_old_one_goes(daemon):
     write_function(daemon.functions, "fn.py", STATE)
     loaded(daemon, "fn")
@@ -97,6 +165,35 @@ def test_a_code_change_builds_a_new_template_and_the_old_one_goes(daemon):
                      message="the new template")
     assert new["pid"] != old["pid"]
     wait_until(lambda: process_state(old["pid"]) in (None, "Z"), timeout=15, message="the old template to stop")
+
+
+def forked_groups(template_pid: int) -> set[Path]:
+    """The cgroups of forked workers and spares beside a template's own (every hierarchy)."""
+    found = set()
+    with open(f"/proc/{template_pid}/cgroup") as lines:
+        for line in lines:
+            _, controllers, path = line.strip().split(":", 2)
+            if "/faasd-" not in path:
+                continue
+            hierarchy = Path("/sys/fs/cgroup", *(controllers.split(",")[:1] if controllers else []))
+            parent = hierarchy / path.lstrip("/")
+            found |= {child for child in parent.parent.iterdir() if "-forked-" in child.name}
+    return found
+
+
+def test_the_cgroups_of_unused_spares_go_with_their_template(daemon):
+    write_function(daemon.functions, "fn.py", STATE)
+    loaded(daemon, "fn")
+    daemon.invoke("fn")
+    old = wait_until(lambda: (template_of(daemon, "fn") or {}).get("spares") and template_of(daemon, "fn"),
+                     message="a template holding a spare")
+    spares = wait_until(lambda: forked_groups(old["pid"]), message="the spare in cgroups of its own")
+    write_function(daemon.functions, "fn.py", STATE.replace("IMPORTED_AT = ", "VERSION = 2\nIMPORTED_AT = "))
+    wait_until(lambda: process_state(old["pid"]) in (None, "Z"), timeout=15, message="the old template to stop")
+    # While the daemon runs on: nothing else would remove them.
+    wait_until(lambda: not any(group.exists() for group in spares), timeout=5,
+               message=f"the old spares' cgroups to go: {spares}")
+    assert daemon.invoke("fn").json()["pid"] > 0
 
 
 def test_a_crashing_forked_worker_reports_its_signal_and_is_replaced(daemon):
