@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import statistics
@@ -83,27 +84,39 @@ def process(args: list[str], *, env: dict[str, str] | None = None, cwd: Path | N
         log.close()
 
 
+class Served(str):
+    """A server's URL that also names the server's process (the root of its tree, for CPU time)."""
+
+    pid: int
+
+    @classmethod
+    def of(cls, url: str, proc: subprocess.Popen) -> "Served":
+        served = cls(url)
+        served.pid = proc.pid
+        return served
+
+
 @contextmanager
-def bare_server(cpu: int | None = None) -> Iterator[str]:
+def bare_server(cpu: int | None = None) -> Iterator[Served]:
     port = free_port()
     with process([sys.executable, str(ROOT / "bench" / "bare_server.py"), str(port)],
-                 ready_url=f"http://127.0.0.1:{port}/", cpu=cpu):
-        yield f"http://127.0.0.1:{port}/"
+                 ready_url=f"http://127.0.0.1:{port}/", cpu=cpu) as proc:
+        yield Served.of(f"http://127.0.0.1:{port}/", proc)
 
 
 @contextmanager
-def floor_server(workers: int = 16) -> Iterator[str]:
+def floor_server(workers: int = 16) -> Iterator[Served]:
     """bench/floor_server.py: aiohttp in front of `workers` subprocesses and nothing else."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/function/noop"
     with process([sys.executable, str(ROOT / "bench" / "floor_server.py"), str(port), str(workers)],
-                 ready_url=url):
-        yield url
+                 ready_url=url) as proc:
+        yield Served.of(url, proc)
 
 
 @contextmanager
 def faasd_server(functions: dict[str, str], *, env: dict[str, str] | None = None,
-                 cpu: int | None = None) -> Iterator[str]:
+                 cpu: int | None = None) -> Iterator[Served]:
     """faasd serving `functions` ({relative path: source}) from a temporary directory."""
     with tempfile.TemporaryDirectory(prefix="faasd-bench-") as tmp:
         fdir = Path(tmp) / "functions"
@@ -115,8 +128,8 @@ def faasd_server(functions: dict[str, str], *, env: dict[str, str] | None = None
         args = [sys.executable, "-m", "faasd", "serve", "--functions", str(fdir),
                 "--data-dir", str(Path(tmp) / "data"), "--port", str(port)]
         with process(args, env={"PYTHONPATH": str(FAASD_ROOT), **(env or {})}, cwd=Path(tmp),
-                     ready_url=f"http://127.0.0.1:{port}/readyz", cpu=cpu):
-            yield f"http://127.0.0.1:{port}"
+                     ready_url=f"http://127.0.0.1:{port}/readyz", cpu=cpu) as proc:
+            yield Served.of(f"http://127.0.0.1:{port}", proc)
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
@@ -129,14 +142,66 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time a process has used (all its threads, user + system)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds of `root` and of every process descended from it, by pid."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found: dict[int, float] = {}
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        seconds = _cpu_seconds(pid)
+        if seconds is not None:
+            found[pid] = seconds
+            stack.extend(children.get(pid, []))
+    return found
+
+
 def wrk(url: str, *, threads: int = 1, connections: int = 16, seconds: int = 5,
-        cpu: int | None = None) -> dict[str, float]:
-    """Run wrk; return req/s, p50/p99 latency in ms, and errors."""
+        cpu: int | None = None, server: int | None = None) -> dict[str, float]:
+    """Run wrk; return req/s, p50/p99 latency in ms, and errors.
+
+    With `server` (the pid of the server's root process): also the CPU time
+    per request, in microseconds, of that process (`cpu_server_us`), of the
+    processes under it (`cpu_children_us`: workers) and of wrk (`cpu_client_us`).
+    """
     args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
     if cpu is not None:
         args = ["taskset", "-c", str(cpu), *args]
+    before = tree_cpu(server) if server is not None else {}
+    client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = tree_cpu(server) if server is not None else {}
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    if server is not None and requests:
+        used = {pid: seconds - before.get(pid, 0.0) for pid, seconds in after.items()}
+        per_request = 1e6 / requests
+        result["cpu_server_us"] = used.get(server, 0.0) * per_request
+        result["cpu_children_us"] = sum(v for pid, v in used.items() if pid != server) * per_request
+        result["cpu_client_us"] = (client_after.ru_utime + client_after.ru_stime
+                                   - client_before.ru_utime - client_before.ru_stime) * per_request
     for pct in ("50", "99"):
         result[f"p{pct}_ms"] = _ms(re.search(rf"\s{pct}%\s+(\S+)", out).group(1))
     errors = 0

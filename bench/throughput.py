@@ -9,11 +9,20 @@ hello world, measured interleaved (bare, floor, faasd, bare, floor, faasd, ...):
 subprocess workers and nothing more. It is not a target; it shows how much of
 the distance to bare aiohttp any design with subprocess workers pays on this
 machine, and how much is faasd's own.
+
+During the -c16 runs the script also counts CPU time per request: the
+server's own process, the processes under it (workers) and wrk. Their sum is
+what one request costs the machine; with two cores, 2 s of CPU per second
+bounds the rate any side can reach however well it is scheduled.
 """
 
 from __future__ import annotations
 
+import os
+
 from common import REPS, bare_server, emit_json, faasd_server, floor_server, median, report, wrk
+
+CPU_PARTS = ("cpu_server_us", "cpu_children_us", "cpu_client_us")
 
 NOOP = {"noop.py": "def handler(event, context):\n    return 'ok'\n",
         "noop.toml": "min_warm = 2\n"}
@@ -23,12 +32,13 @@ def main() -> None:
     with bare_server() as bare, floor_server() as floor, faasd_server(NOOP) as faasd:
         target = faasd + "/function/noop"
         sides = {"bare": bare, "floor": floor, "faasd": target}
+        servers = {"bare": bare.pid, "floor": floor.pid, "faasd": faasd.pid}
         for url in sides.values():
             wrk(url, seconds=2)  # warm each
         runs: dict[str, list[dict]] = {f"{side}{c}": [] for side in sides for c in ("", "1")}
         for _ in range(REPS):
             for side, url in sides.items():
-                runs[side].append(wrk(url, connections=16))
+                runs[side].append(wrk(url, connections=16, server=servers[side]))
             for side, url in sides.items():
                 runs[side + "1"].append(wrk(url, connections=1, seconds=3))
 
@@ -58,11 +68,26 @@ def main() -> None:
         ("added p99", f"{dp99:.0f} us  (target <= 250)"),
         ("floor added p50 / p99", f"{floor_dp50:.0f} / {floor_dp99:.0f} us"),
     ])
+    cores = os.cpu_count() or 1
+    cpu = {side: {part: med(side, part) for part in CPU_PARTS} for side in ("bare", "floor", "faasd")}
+    total = {side: sum(parts.values()) for side, parts in cpu.items()}
+    goal_rps = 0.6 * med("bare", "rps")
+    report(f"CPU per request at wrk -t1 -c16, medians of {REPS}, in us: server / its workers / wrk = total", [
+        *((side, f"{parts['cpu_server_us']:.0f} / {parts['cpu_children_us']:.0f} / "
+                 f"{parts['cpu_client_us']:.0f} = {total[side]:.0f}  "
+                 f"(at most {cores * 1e6 / total[side]:,.0f} req/s on {cores} cores)")
+          for side, parts in cpu.items()),
+        ("0.6 x bare would need", f"{goal_rps:,.0f} req/s x {total['faasd']:.0f} us = "
+                                  f"{goal_rps * total['faasd'] / 1e6:.2f} cores for faasd, "
+                                  f"{goal_rps * total['floor'] / 1e6:.2f} for the floor "
+                                  f"(the daemon alone {goal_rps * cpu['faasd']['cpu_server_us'] / 1e6:.2f})"),
+    ])
     emit_json("throughput", {"bare_rps": med("bare", "rps"), "faasd_rps": med("faasd", "rps"),
                              "ratio": ratio, "faasd_p99_ms": med("faasd", "p99_ms"), "errors": errors,
                              "added_p50_us": dp50, "added_p99_us": dp99,
                              "floor_rps": med("floor", "rps"), "floor_ratio": floor_ratio,
-                             "floor_added_p50_us": floor_dp50, "floor_added_p99_us": floor_dp99})
+                             "floor_added_p50_us": floor_dp50, "floor_added_p99_us": floor_dp99,
+                             "cpu_us": cpu})
 
 
 if __name__ == "__main__":
