@@ -1,4 +1,5 @@
-"""Unit tests of faasd.zygote's spares: how many the daemon asks for and holds.
+"""Unit tests of faasd.zygote's spares: how many the daemon asks for and holds, and
+the pids limit each gets of its own.
 
 The Template is the real class; its process is played by the test at the
 other end of its socket pair, answering FORK with SPARE frames that carry
@@ -11,12 +12,14 @@ import array
 import asyncio
 import os
 import socket
+import sys
 
 import orjson
 import pytest
 
 from faasd import protocol, zygote
-from faasd.limits import MemoryLimits
+from faasd.limits import MemoryLimits, WorkerCgroup
+from faasd.sandbox import MAX_PROCESSES_PER_WORKER, Sandbox
 from faasd.spec import FunctionSpec
 from faasd.workers import WorkerEnvironment, WorkerState
 
@@ -167,3 +170,29 @@ async def test_a_failed_fork_fails_the_waiting_call_with_template_gone(process):
     await process.settle()
     with pytest.raises(zygote.TemplateGone, match="out of memory"):
         waiting.result()
+
+
+# -- the pids limit a spare gets of its own (faasd/sandbox.py) ------------------------------
+
+def test_with_cgroup_v1_a_spare_gets_a_pids_group_of_its_own(tmp_path):
+    base = tmp_path / "pids" / "faasd-1"
+    base.mkdir(parents=True)
+    sandbox = Sandbox(python=sys.executable, pids_mode="cgroup1", pids_base=str(base))
+    plan = sandbox.own_pids_limit("fn-forked-42")
+    assert plan is not None
+    group = base / "fn-forked-42"
+    assert (group / "pids.max").read_text() == str(MAX_PROCESSES_PER_WORKER)
+    assert plan.plan["cgroups"] == [str(group / "cgroup.procs")]
+    assert plan.pids_dir == str(group)  # what kill_all() empties and remove() removes
+
+
+def test_with_cgroup_v2_the_spares_memory_cgroup_carries_its_pids_limit(tmp_path):
+    memory = WorkerCgroup(tmp_path / "fn-forked-42", 2)
+    memory.path.mkdir()
+    sandbox = Sandbox(python=sys.executable, pids_mode="cgroup2", pids_base=str(tmp_path))
+    assert sandbox.own_pids_limit("fn-forked-42", memory) is None  # nothing more to move into
+    assert (memory.path / "pids.max").read_text() == str(MAX_PROCESSES_PER_WORKER)
+
+
+def test_without_a_pids_controller_a_spare_gets_no_group(tmp_path):
+    assert Sandbox(python=sys.executable).own_pids_limit("fn-forked-42") is None
