@@ -11,6 +11,11 @@ difference divided by the extra requests is the cost of one request, client
 included. The same is done for a bare aiohttp handler, and the difference of
 the two is what faasd adds to aiohttp.
 
+Run it on an otherwise idle machine: the count does not depend on timing
+except through how many requests one event-loop turn takes up, and with
+another busy process on the same cores (a package install) the per-request
+count for the same code moved from 463,554 to 543,060.
+
     python bench/instructions.py            # needs valgrind (apt-get install valgrind)
 
 Compare two checkouts by running it with FAASD_BENCH_ROOT pointing at each.
