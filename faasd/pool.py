@@ -370,6 +370,11 @@ class FunctionPool:
                             self.spec.name, explain_exit(template.returncode))
         if template in self._old_templates:
             self._old_templates.remove(template)
+        if template.state is not WorkerState.RETIRING and not self.closing:
+            # Died on its own: nothing else would end what it leaves (its
+            # cgroups, tmp dir, channel, the spares it held).
+            template.set_state(WorkerState.RETIRING)
+            self._background(template.stop())
 
     def _drop_template(self, template: Template) -> None:
         """Stop using a template; it stops once its last forked worker has gone."""

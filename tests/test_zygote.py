@@ -167,18 +167,22 @@ def test_a_code_change_builds_a_new_template_and_the_old_one_goes(daemon):
     wait_until(lambda: process_state(old["pid"]) in (None, "Z"), timeout=15, message="the old template to stop")
 
 
-def forked_groups(template_pid: int) -> set[Path]:
-    """The cgroups of forked workers and spares beside a template's own (every hierarchy)."""
-    found = set()
-    with open(f"/proc/{template_pid}/cgroup") as lines:
+def own_groups(pid: int) -> list[Path]:
+    """The cgroups of faasd's that a process is in (one per hierarchy)."""
+    found = []
+    with open(f"/proc/{pid}/cgroup") as lines:
         for line in lines:
             _, controllers, path = line.strip().split(":", 2)
-            if "/faasd-" not in path:
-                continue
-            hierarchy = Path("/sys/fs/cgroup", *(controllers.split(",")[:1] if controllers else []))
-            parent = hierarchy / path.lstrip("/")
-            found |= {child for child in parent.parent.iterdir() if "-forked-" in child.name}
+            if "/faasd-" in path:
+                hierarchy = Path("/sys/fs/cgroup", *(controllers.split(",")[:1] if controllers else []))
+                found.append(hierarchy / path.lstrip("/"))
     return found
+
+
+def forked_groups(template_pid: int) -> set[Path]:
+    """The cgroups of forked workers and spares beside a template's own (every hierarchy)."""
+    return {child for group in own_groups(template_pid) for child in group.parent.iterdir()
+            if "-forked-" in child.name}
 
 
 def test_the_cgroups_of_unused_spares_go_with_their_template(daemon):
@@ -216,11 +220,16 @@ def test_when_the_template_dies_workers_are_spawned_again(daemon):
     daemon.invoke("fn")
     template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
                           message="the template")
+    left = own_groups(template["pid"]) + [Path(template["tmp_dir"])]
+    assert all(path.exists() for path in left), left
     os.kill(template["pid"], signal.SIGKILL)
     wait_until(lambda: (template_of(daemon, "fn") or {}).get("pid") != template["pid"], message="the template to go")
     results = concurrent(daemon, "fn", [{"sleep": 0.4}] * 3)
     assert all(r.get("pid") for r in results), results
     assert "died" in daemon.output()
+    # What the dead template had goes too, while the daemon runs on.
+    wait_until(lambda: not any(path.exists() for path in left), timeout=5,
+               message=f"the dead template's cgroups and tmp dir to go: {left}")
 
 
 def spares_of(daemon, name: str, template: dict) -> set[int]:
