@@ -11,15 +11,21 @@ Whatever the mode, `Max Memory Used` is the worker's true peak.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 from pathlib import Path
+from typing import Iterable, Protocol
 
 log = logging.getLogger("faasd.limits")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MB = 1024 * 1024
+
+
+class Removable(Protocol):
+    def remove(self) -> bool: ...
 
 
 class WorkerCgroup:
@@ -75,11 +81,15 @@ class WorkerCgroup:
             except ProcessLookupError:
                 pass
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Remove the cgroup; False while it still has members (killed ones take a moment)."""
         try:
             self.path.rmdir()
+        except FileNotFoundError:
+            pass
         except OSError:
-            pass  # still has members for a moment; the next sweep retries
+            return False
+        return True
 
 
 class MemoryLimits:
@@ -187,6 +197,29 @@ class MemoryLimits:
             self.base.rmdir()
         except OSError:
             pass
+
+
+# Waits between attempts to remove a cgroup whose killed members are still exiting.
+REMOVE_RETRY_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
+
+
+def remove_when_empty(loop: asyncio.AbstractEventLoop, groups: Iterable[Removable],
+                      attempt: int = 0) -> None:
+    """Remove cgroups now, or as soon as their (killed) members have exited.
+
+    rmdir fails while a member is still on its way out, and nothing else
+    would try again while the daemon runs: this tries again on a backoff
+    (about 8 s in all); what is still busy after that is left to the
+    sweep at the daemon's next start.
+    """
+    left = [group for group in groups if not group.remove()]
+    if not left:
+        return
+    if attempt >= len(REMOVE_RETRY_S):
+        log.warning("cgroups still busy after %d attempts, left for the next start: %s",
+                    attempt + 1, ", ".join(str(getattr(g, "path", g)) for g in left))
+        return
+    loop.call_later(REMOVE_RETRY_S[attempt], remove_when_empty, loop, left, attempt + 1)
 
 
 def sweep_stale_cgroups(root: Path, name: str = "faasd") -> int:

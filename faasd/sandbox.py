@@ -439,12 +439,16 @@ class WorkerPlan:
                 except (ProcessLookupError, PermissionError):
                     pass
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Remove the pids cgroup; False while it still has members (killed ones take a moment)."""
         if self.pids_dir is not None:
             try:
                 os.rmdir(self.pids_dir)
+            except FileNotFoundError:
+                pass
             except OSError:
-                pass  # members still exiting; Sandbox.close() sweeps
+                return False
+        return True
 
 
 def _read_pids(directory: str) -> list[int]:

@@ -33,7 +33,7 @@ import orjson
 
 from . import protocol
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
-from .limits import MB, MemoryLimits, WorkerCgroup, process_cpu_ms, rss_bytes
+from .limits import MB, MemoryLimits, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes
 from .sandbox import PLAN_ENV, Sandbox, WorkerPlan, join_cgroups_of
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
@@ -674,10 +674,8 @@ class ProcessWorker(Worker):
             self._control.transport.close()
         if self._output_transport is not None:
             self._output_transport.close()
-        if self.cgroup is not None:
-            self.cgroup.remove()
-        if self.sandbox is not None:
-            self.sandbox.remove()
+        # Its processes are killed, but some may still be on their way out.
+        remove_when_empty(self._loop, [g for g in (self.cgroup, self.sandbox) if g is not None])
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import functools
 import logging
 import os
 import socket
@@ -45,7 +44,7 @@ import orjson
 
 from . import protocol
 from .errors import INIT, FunctionError
-from .limits import WorkerCgroup
+from .limits import WorkerCgroup, remove_when_empty
 from .sandbox import WorkerPlan, join_cgroups_of
 from .spec import FunctionSpec
 from .workers import (
@@ -73,15 +72,12 @@ class Groups:
     memory: WorkerCgroup | None
     pids: WorkerPlan | None  # a cgroup v1 pids group (on cgroup v2 the memory one limits pids)
 
-    def kill_all(self) -> None:
-        for group in (self.memory, self.pids):
-            if group is not None:
-                group.kill_all()
-
-    def remove(self) -> None:
-        for group in (self.memory, self.pids):
-            if group is not None:
-                group.remove()
+    def end(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Kill what is in them and remove them once it has exited."""
+        groups = [group for group in (self.memory, self.pids) if group is not None]
+        for group in groups:
+            group.kill_all()
+        remove_when_empty(loop, groups)
 
 
 @dataclass(slots=True)
@@ -96,9 +92,9 @@ class Spare:
 
     def discard(self) -> None:
         """Let it go unused: closing its channel makes it exit; its cgroups go once it has."""
-        os.close(self.control)
-        os.close(self.output)
-        self.groups.add_done_callback(functools.partial(_end_groups, self.pidfd))
+        for fd in (self.control, self.output, self.pidfd):
+            os.close(fd)
+        self.groups.add_done_callback(_end_groups)
 
 
 class TemplateGone(Exception):
@@ -342,25 +338,9 @@ def next_pending(waiters: deque[asyncio.Future]) -> asyncio.Future | None:
     return None
 
 
-def _end_groups(pidfd: int, task: asyncio.Task) -> None:
-    """End a discarded spare's cgroups: kill what is in them, remove them once it has exited.
-
-    A cgroup with a member that is still exiting cannot be removed, and
-    nothing would try again while the daemon runs: wait for the spare's pidfd.
-    """
-    groups = None if task.cancelled() or task.exception() else task.result()
-    if groups is None or (groups.memory is None and groups.pids is None):
-        os.close(pidfd)
-        return
-    groups.kill_all()
-    loop = task.get_loop()
-
-    def gone() -> None:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-        groups.remove()
-
-    loop.add_reader(pidfd, gone)
+def _end_groups(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().end(task.get_loop())
 
 
 class ForkedWorker(ProcessWorker):

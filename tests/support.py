@@ -98,6 +98,18 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def own_groups(pid: int) -> list[Path]:
+    """The cgroups of faasd's that a process is in (one per hierarchy)."""
+    found = []
+    with open(f"/proc/{pid}/cgroup") as lines:
+        for line in lines:
+            _, controllers, path = line.strip().split(":", 2)
+            if "/faasd-" in path:
+                hierarchy = Path("/sys/fs/cgroup", *(controllers.split(",")[:1] if controllers else []))
+                found.append(hierarchy / path.lstrip("/"))
+    return found
+
+
 def process_state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:

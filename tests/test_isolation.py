@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from faasd.sandbox import tree_bytes
-from support import ROOT, pids_with_env, process_state, wait_until, write_function
+from support import ROOT, own_groups, pids_with_env, process_state, wait_until, write_function
 
 OK = """
 def handler(event, context):
@@ -348,6 +349,49 @@ def test_fork_bomb_is_contained(start_daemon, functions_dir):
 
     wait_until(group_gone, timeout=10, message="every process of the fork bomb to be gone")
     still_serving(daemon)
+
+
+HEAVY_CHILD = """
+import os, subprocess, sys
+
+def handler(event, context):
+    # A child in a session of its own (out of the worker's process group)
+    # with 300 MB resident: killed, it takes a moment to exit.
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time; b = bytearray(300 << 20); b[::4096] = b'x' * (300 << 8); time.sleep(600)"],
+                             start_new_session=True)
+    return {"worker": os.getpid(), "child": child.pid}
+"""
+
+
+def test_a_killed_workers_cgroups_go_once_its_last_process_has_exited(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "heavy.py", HEAVY_CHILD)
+    write_function(functions_dir, "heavy.toml", "memory_mb = 1024\n")
+    daemon = start_daemon(functions_dir)
+    assert daemon.get("/system/info").json()["isolation"]["memory_limit"]["mode"] != "monitor"
+    result, error = invoke(daemon, "heavy")
+    assert error is None, result
+    wait_until(lambda: (process_rss_mb(result["child"]) or 0) >= 300, message="the child's 300 MB")
+    groups = own_groups(result["worker"])
+    assert groups and all(group.exists() for group in groups)
+    os.kill(result["worker"], signal.SIGKILL)
+    wait_until(lambda: process_state(result["child"]) in (None, "Z"), message="the child to be killed with it")
+    # The groups could not be removed while the child was still exiting.
+    wait_until(lambda: not any(group.exists() for group in groups), timeout=10,
+               message=f"the dead worker's cgroups to go: {groups}")
+    still_serving(daemon)
+
+
+def process_rss_mb(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        return None
+    return None
 
 
 FDS = """

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from faasd.pool import CPU_BOUND_STARTS
-from support import descendants, loaded, process_state, wait_until, write_function
+from support import descendants, loaded, own_groups, process_state, wait_until, write_function
 
 STATE = """
 import os, time
@@ -165,18 +165,6 @@ def test_a_code_change_builds_a_new_template_and_the_old_one_goes(daemon):
                      message="the new template")
     assert new["pid"] != old["pid"]
     wait_until(lambda: process_state(old["pid"]) in (None, "Z"), timeout=15, message="the old template to stop")
-
-
-def own_groups(pid: int) -> list[Path]:
-    """The cgroups of faasd's that a process is in (one per hierarchy)."""
-    found = []
-    with open(f"/proc/{pid}/cgroup") as lines:
-        for line in lines:
-            _, controllers, path = line.strip().split(":", 2)
-            if "/faasd-" in path:
-                hierarchy = Path("/sys/fs/cgroup", *(controllers.split(",")[:1] if controllers else []))
-                found.append(hierarchy / path.lstrip("/"))
-    return found
 
 
 def forked_groups(template_pid: int) -> set[Path]:
