@@ -30,14 +30,16 @@ timeout (a bootstrap that never polls: `Sandbox.Timedout`; one that exits:
 `Runtime.ExitError`). A worker whose bootstrap failed is replaced.
 
 Trust: the port listens on loopback only and lives as long as its worker.
-Loopback is shared by every user of the machine, so each connection is
-checked when it is accepted: the kernel names the user that owns the
-connecting socket (one sock_diag netlink lookup, or /proc/net/tcp where
-netlink is not allowed), and only the worker's own user may talk to its
-API. Any other user gets 403 `AccessDenied` and the connection is closed
-before a byte of it is read. (Processes of the worker's own user are not
-told apart: where workers share the daemon's user, that user is one trust
-domain.)
+Loopback is shared by every process of the machine -- other users', and
+the workers of other functions, which run as the same `run_as` user -- so
+each connection is checked when it is accepted: the kernel names the user
+and the inode of the connecting socket (one sock_diag netlink lookup, or
+/proc/net/tcp where netlink is not allowed), and the socket must be held
+by one of the worker's own processes (its cgroup's members, or the
+bootstrap and its descendants; found in /proc/PID/fd). Anything else gets
+403 `AccessDenied` and the connection is closed before a byte of it is
+read. Where the daemon may not look into a worker's /proc/PID/fd, only the
+user is checked, and the log says so once.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 from aiohttp import web
@@ -61,6 +64,7 @@ from aiohttp import web
 from . import protocol
 from .errors import INIT, FunctionError
 from .spec import FunctionSpec
+from .sandbox import read_pids
 from .workers import ProcessWorker, WorkerEnvironment, WorkerInitError
 
 log = logging.getLogger("faasd.runtime_api")
@@ -139,16 +143,23 @@ _LOOPBACK = socket.inet_aton("127.0.0.1") + bytes(12)  # an IPv4 address in a 16
 _UID_OFFSET = _NLMSG_HEADER.size + 4 + 48 + 12
 
 
-def loopback_peer_uid(listen_port: int, peer_port: int) -> int | None:
-    """The uid owning the socket 127.0.0.1:peer_port connected to 127.0.0.1:listen_port;
+class Owner(NamedTuple):
+    """Who a socket belongs to: its user, and its inode (what /proc/PID/fd links name)."""
+
+    uid: int
+    inode: int
+
+
+def loopback_peer(listen_port: int, peer_port: int) -> Owner | None:
+    """The owner of the socket 127.0.0.1:peer_port connected to 127.0.0.1:listen_port;
     None if there is no such connection. Raises OSError if the kernel cannot be asked."""
     try:
-        return _diag_uid(listen_port, peer_port)
+        return _diag_owner(listen_port, peer_port)
     except OSError:
-        return proc_net_tcp_uid(listen_port, peer_port)
+        return proc_net_tcp_owner(listen_port, peer_port)
 
 
-def _diag_uid(listen_port: int, peer_port: int) -> int | None:
+def _diag_owner(listen_port: int, peer_port: int) -> Owner | None:
     """One exact lookup over netlink: constant time, however many sockets the host has."""
     request = (struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
                + struct.pack("!HH", peer_port, listen_port) + _LOOPBACK + _LOOPBACK
@@ -164,10 +175,10 @@ def _diag_uid(listen_port: int, peer_port: int) -> int | None:
         if code == -errno.ENOENT:
             return None
         raise OSError(-code, os.strerror(-code))
-    return struct.unpack_from("=I", reply, _UID_OFFSET)[0]
+    return Owner(*struct.unpack_from("=II", reply, _UID_OFFSET))
 
 
-def proc_net_tcp_uid(listen_port: int, peer_port: int, table: str = PROC_NET_TCP) -> int | None:
+def proc_net_tcp_owner(listen_port: int, peer_port: int, table: str = PROC_NET_TCP) -> Owner | None:
     """The same from the kernel's socket table, read line by line."""
     # Addresses are hex in host (little-endian) byte order, ports in network order.
     local = f"0100007F:{peer_port:04X}"
@@ -176,9 +187,50 @@ def proc_net_tcp_uid(listen_port: int, peer_port: int, table: str = PROC_NET_TCP
         next(lines, None)  # the column titles
         for line in lines:
             fields = line.split()
-            if len(fields) > 7 and fields[1] == local and fields[2] == remote:
-                return int(fields[7])
+            if len(fields) > 9 and fields[1] == local and fields[2] == remote:
+                return Owner(int(fields[7]), int(fields[9]))
     return None
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes under `pid` (from /proc/PID/task/TID/children), not `pid` itself."""
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as handle:
+                    children = [int(child) for child in handle.read().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                if child not in found:
+                    found.add(child)
+                    stack.append(child)
+    return found
+
+
+def holds_socket(pid: int, inode: int) -> bool:
+    """Whether process `pid` has the socket `inode` open. Raises PermissionError where
+    its descriptors may not be read; a process that is gone holds nothing."""
+    target = f"socket:[{inode}]"
+    directory = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"{directory}/{name}") == target:
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return False
 
 
 def process_uid(pid: int) -> int | None:
@@ -195,7 +247,7 @@ def process_uid(pid: int) -> int | None:
 
 
 _DENIED_BODY = orjson.dumps({"errorType": "AccessDenied", "errorMessage":
-                             "this Runtime API serves only its own worker's user"})
+                             "this Runtime API serves only its own worker's processes"})
 DENIED_RESPONSE = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
                    b"Content-Length: " + str(len(_DENIED_BODY)).encode() +
                    b"\r\nConnection: close\r\n\r\n" + _DENIED_BODY)
@@ -241,6 +293,7 @@ class RuntimeApi:
     """The Runtime API of one worker: its own loopback port, one event at a time."""
 
     _unchecked_warned = False  # the socket table could not be read: said once per daemon
+    _unowned_warned = False  # a worker's /proc/PID/fd could not be read: said once per daemon
 
     def __init__(self, worker: ProvidedWorker) -> None:
         self.worker = worker
@@ -263,7 +316,7 @@ class RuntimeApi:
         self.address = f"127.0.0.1:{port}"
 
     def admits(self, transport: asyncio.BaseTransport) -> bool:
-        """Whether the connection's socket belongs to the worker's user."""
+        """Whether the connecting socket is held by one of the worker's own processes."""
         pid = self.worker.pid
         peer = transport.get_extra_info("peername")
         sock = transport.get_extra_info("sockname")
@@ -275,18 +328,43 @@ class RuntimeApi:
         if worker_uid is None:
             return False  # the worker is gone
         try:
-            uid = loopback_peer_uid(sock[1], peer[1])
+            owner = loopback_peer(sock[1], peer[1])
         except OSError as exc:
             if not RuntimeApi._unchecked_warned:
                 RuntimeApi._unchecked_warned = True
-                log.warning("cannot tell which user connects to a Runtime API (%s): any local "
-                            "user can reach the APIs of provided workers", exc)
+                log.warning("cannot tell who connects to a Runtime API (%s): any local process "
+                            "can reach the APIs of provided workers", exc)
             return True
-        if uid == worker_uid:
+        if owner is None or owner.uid != worker_uid:
+            log.warning("Runtime API of worker %s: refused a connection from uid %s (the worker runs "
+                        "as uid %d)", self.worker.id, "unknown" if owner is None else owner.uid,
+                        worker_uid)
+            return False
+        try:
+            if any(holds_socket(member, owner.inode) for member in self._members(pid)):
+                return True
+        except PermissionError as exc:
+            if not RuntimeApi._unowned_warned:
+                RuntimeApi._unowned_warned = True
+                log.warning("cannot read a worker's open files (%s): a Runtime API admits any "
+                            "process of its worker's user, other functions' workers included", exc)
             return True
-        log.warning("Runtime API of worker %s: refused a connection from uid %s (the worker runs "
-                    "as uid %d)", self.worker.id, "unknown" if uid is None else uid, worker_uid)
+        log.warning("Runtime API of worker %s: refused a connection from a process of uid %d that "
+                    "is not the worker's", self.worker.id, owner.uid)
         return False
+
+    def _members(self, pid: int) -> list[int]:
+        """The worker's processes, the bootstrap first: its cgroup's members where it has a
+        cgroup (processes that left its process tree included), else its process tree."""
+        members = [pid]
+        worker = self.worker
+        if worker.cgroup is not None:
+            members += worker.cgroup.pids()
+        elif worker.sandbox is not None and worker.sandbox.pids_dir is not None:
+            members += read_pids(worker.sandbox.pids_dir)
+        else:
+            members += sorted(descendants(pid))
+        return list(dict.fromkeys(members))
 
     async def close(self) -> None:
         self._wake(False)

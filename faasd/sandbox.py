@@ -430,7 +430,7 @@ class WorkerPlan:
         import signal
 
         for _ in range(20):  # a fork bomb may add processes while we kill
-            pids = _read_pids(self.pids_dir)
+            pids = read_pids(self.pids_dir)
             if not pids:
                 return
             for pid in pids:
@@ -451,7 +451,7 @@ class WorkerPlan:
         return True
 
 
-def _read_pids(directory: str) -> list[int]:
+def read_pids(directory: str) -> list[int]:
     try:
         with open(os.path.join(directory, "cgroup.procs")) as handle:
             return [int(p) for p in handle.read().split()]

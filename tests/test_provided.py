@@ -188,9 +188,51 @@ def test_only_the_workers_own_user_reaches_its_runtime_api(daemon):
     body, status = nobody.stdout.rsplit("\n", 1)
     assert status == "403", (nobody.stdout, nobody.stderr)
     assert json.loads(body) == {"errorType": "AccessDenied",
-                                "errorMessage": "this Runtime API serves only its own worker's user"}
+                                "errorMessage": "this Runtime API serves only its own worker's processes"}
     assert "refused a connection from uid 65534" in daemon.output()
     # The bootstrap's own polls still get their events.
+    response = daemon.invoke("tutorial", {"n": 2})
+    assert response.status == 200 and response.text == "Echoing request: '{\"n\": 2}'"
+
+
+THIEF = """
+import json, urllib.error, urllib.request
+
+def handler(event, context):
+    try:
+        with urllib.request.urlopen(f"http://{event['api']}/2018-06-01/runtime/invocation/next",
+                                    timeout=5) as response:
+            return {"status": response.status}
+    except urllib.error.HTTPError as exc:
+        return {"status": exc.code, "body": json.loads(exc.read())}
+"""
+
+
+def test_other_processes_of_the_workers_user_are_refused_too(daemon):
+    """Workers of every function run as one user: the socket must be the worker's own."""
+    curl = require_tool("curl", "curl")
+    write_function(daemon.functions, "tutorial/bootstrap", TUTORIAL_BOOTSTRAP)
+    write_function(daemon.functions, "tutorial/function.sh", TUTORIAL_FUNCTION)
+    write_function(daemon.functions, "tutorial/function.toml", 'runtime = "provided"\nhandler = "function.handler"\n')
+    write_function(daemon.functions, "thief.py", THIEF)
+    loaded(daemon, "tutorial")
+    loaded(daemon, "thief")
+    assert daemon.invoke("tutorial", {"n": 1}).status == 200
+    worker = daemon.workers("tutorial")[0]
+    denied = {"errorType": "AccessDenied",
+              "errorMessage": "this Runtime API serves only its own worker's processes"}
+    # Another function's worker, as the same user.
+    stolen = daemon.invoke("thief", {"api": worker["runtime_api"]}).json()
+    assert stolen == {"status": 403, "body": denied}, stolen
+    # Any other process of that user: this test's own.
+    assert os.stat(f"/proc/{worker['pid']}").st_uid == os.geteuid()
+    own = subprocess.run([curl, "-sS", "-m", "5", "-w", "\n%{http_code}",
+                          f"http://{worker['runtime_api']}/2018-06-01/runtime/invocation/next"],
+                         capture_output=True, text=True, timeout=30)
+    body, status = own.stdout.rsplit("\n", 1)
+    assert status == "403" and json.loads(body) == denied, (own.stdout, own.stderr)
+    assert "that is not the worker's" in daemon.output()
+    # The bootstrap (and the curl it runs for each poll) still gets its events.
     response = daemon.invoke("tutorial", {"n": 2})
     assert response.status == 200 and response.text == "Echoing request: '{\"n\": 2}'"
 
