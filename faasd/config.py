@@ -88,6 +88,8 @@ class AuthConfig:
 class LogConfig:
     format: str = "text"  # text | json
     level: str = "info"
+    max_file_mb: int = 64  # a function's log file past this is rotated (NAME.log.1, ...); 0: never
+    keep_files: int = 3  # rotated files kept per function
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,7 +214,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
                                 "heartbeat_s": _positive_float, "prefetch": _positive_int}),
     "auth": (AuthConfig, {"keys": _keys}),
     "log": (LogConfig, {"format": _choice("text", "json"),
-                        "level": _choice("debug", "info", "warning", "error")}),
+                        "level": _choice("debug", "info", "warning", "error"),
+                        "max_file_mb": _non_negative_int, "keep_files": _positive_int}),
 }
 
 

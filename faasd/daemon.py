@@ -31,7 +31,7 @@ from . import __version__, auth, extensions
 from .api import build_app
 from .config import Config, ConfigError
 from .invoker import Invoker
-from .limits import MemoryLimits
+from .limits import MB, MemoryLimits
 from .logs import FunctionLogs
 from .pool import PoolSettings, WorkerPool
 from .registry import Registry
@@ -126,7 +126,9 @@ class Daemon:
                         "no other rights)")
 
         quiet = config.log.level in ("warning", "error")  # function lines are info
-        self.logs = FunctionLogs(data / "logs", echo_format=None if quiet else config.log.format)
+        self.logs = FunctionLogs(data / "logs", echo_format=None if quiet else config.log.format,
+                                 max_file_bytes=config.log.max_file_mb * MB,
+                                 keep_files=config.log.keep_files)
         self._cleanups.append(self.logs.close)
         env = WorkerEnvironment(data_dir=data, memory=memory, region=self.region, run_as=run_as,
                                 python=python, sandbox=sandbox)

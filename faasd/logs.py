@@ -6,6 +6,12 @@ printed, END, REPORT). In `<data>/logs/NAME.log` each line is stored as
 format (text, or JSON with `function` and `request_id` fields). Writes are
 buffered and flushed once per event-loop turn: a burst of invocations costs
 one write per file, not one per line.
+
+A file that grows past `max_file_bytes` is rotated: NAME.log becomes
+NAME.log.1 (and .1 becomes .2, up to `keep_files`; the oldest goes), and
+writing goes on in a new NAME.log. Reading a function's log reads the
+rotated files too. `reopen()` (on SIGHUP) lets an external logrotate move
+the files instead.
 """
 
 from __future__ import annotations
@@ -61,11 +67,15 @@ class FunctionLogs:
     """
 
     def __init__(self, directory: Path, *, echo_format: str | None = "text",
-                 stream: BinaryIO | None = None) -> None:
+                 stream: BinaryIO | None = None, max_file_bytes: int = 64 * 1024 * 1024,
+                 keep_files: int = 3) -> None:
         self.directory = directory
         self.echo_format = echo_format
+        self.max_file_bytes = max_file_bytes  # 0: never rotate
+        self.keep_files = keep_files
         self._stream = stream if stream is not None else sys.stdout.buffer
         self._files: dict[str, BinaryIO] = {}
+        self._sizes: dict[str, int] = {}  # bytes in each open file
         self._pending: dict[str, list[str]] = {}
         self._echo: list[str] = []
         self._followers: dict[str, set[asyncio.Queue]] = {}
@@ -113,11 +123,17 @@ class FunctionLogs:
     def flush(self) -> None:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
+        limit = self.max_file_bytes
         for name, lines in pending.items():
             handle = self._files.get(name)
             if handle is None:
                 handle = self._files[name] = open(self.path(name), "ab", buffering=0)
-            handle.write("".join(lines).encode("utf-8", "backslashreplace"))
+                self._sizes[name] = os.fstat(handle.fileno()).st_size
+            data = "".join(lines).encode("utf-8", "backslashreplace")
+            handle.write(data)
+            size = self._sizes[name] = self._sizes[name] + len(data)
+            if limit and size > limit:
+                self._rotate(name)
         if self._echo:
             echo, self._echo = self._echo, []
             try:
@@ -126,28 +142,57 @@ class FunctionLogs:
             except (BlockingIOError, BrokenPipeError, ValueError):
                 pass  # stdout gone or full: the per-function files still have every line
 
+    def _rotate(self, name: str) -> None:
+        """NAME.log -> NAME.log.1 -> ... -> NAME.log.<keep_files>; the oldest goes."""
+        self._files.pop(name).close()
+        self._sizes.pop(name, None)
+        path = self.path(name)
+        try:
+            for index in range(self.keep_files - 1, 0, -1):
+                older = path.with_name(f"{path.name}.{index}")
+                if older.exists():
+                    os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
+            os.replace(path, path.with_name(f"{path.name}.1"))
+        except OSError as exc:  # the next flush appends to NAME.log again
+            sys.stderr.write(f"faasd: cannot rotate {path}: {exc}\n")
+
+    def reopen(self) -> None:
+        """Close every file; the next lines open them anew (after an external logrotate)."""
+        self.flush()
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+        self._sizes.clear()
+
     def tail(self, name: str, lines: int = 100) -> list[str]:
-        """The last `lines` lines of a function's log (read backwards, block by block)."""
+        """The last `lines` lines of a function's log, rotated files included
+        (read backwards, block by block)."""
         if lines <= 0:
             return []
         self.flush()
         block = 64 * 1024
-        try:
-            with open(self.path(name), "rb") as handle:
+        path = self.path(name)
+        chunks: list[bytes] = []  # newest first
+        newlines = 0
+        position = 0
+        for index in range(self.keep_files + 1):
+            try:
+                handle = open(path if index == 0 else path.with_name(f"{path.name}.{index}"), "rb")
+            except FileNotFoundError:
+                if index == 0:
+                    continue  # just rotated: NAME.log is not there until the next line
+                break
+            with handle:
                 position = handle.seek(0, os.SEEK_END)
-                chunks: list[bytes] = []
-                newlines = 0
-                while position > 0 and newlines <= lines:
+                while position > 0 and newlines <= lines and len(chunks) * block < MAX_TAIL_BYTES:
                     step = min(block, position)
                     position -= step
                     handle.seek(position)
                     chunk = handle.read(step)
                     chunks.append(chunk)
                     newlines += chunk.count(b"\n")
-                    if len(chunks) * block >= MAX_TAIL_BYTES:
-                        break
-        except FileNotFoundError:
-            return []
+            if position > 0 or newlines > lines or len(chunks) * block >= MAX_TAIL_BYTES:
+                break
         data = b"".join(reversed(chunks)).decode("utf-8", "replace")
         found = data.splitlines()
         if position > 0 and found:

@@ -7,7 +7,8 @@ and the problem, and the running configuration stays as it was.
 A valid config takes effect at once for what can change live (`LIVE`):
   * `[limits] max_concurrency` (waiting asynchronous calls that now fit start)
   * `[workers] freeze_after_ms`, `keep_warm_s`
-  * `[log] format`, `level`
+  * `[log] format`, `level`, `max_file_mb`, `keep_files`; and the function log
+    files are reopened (so that an external logrotate can move them)
   * `[auth] keys` (through faasd/auth.py's reload hook)
   * and the functions directory is rescanned, as if every file had changed.
 Every other key was bound when the daemon started (`[server]`, `[paths]`, the
@@ -25,6 +26,7 @@ from dataclasses import fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from .config import Config, ConfigError
+from .limits import MB
 from .logfmt import setup_logging
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ ReloadHook = Callable[[Config, Config], "set[str] | None"]
 # changes keeps its running value until the next start, and is logged.
 LIVE = {
     "limits.max_concurrency", "workers.freeze_after_ms", "workers.keep_warm_s",
-    "log.format", "log.level",
+    "log.format", "log.level", "log.max_file_mb", "log.keep_files",
     "auth.keys",  # faasd/auth.py's reload hook swaps the keys in force
 }
 
@@ -109,6 +111,9 @@ def apply(daemon: "Daemon", new: Config) -> set[str]:
         # Function lines are echoed by FunctionLogs itself, in the same format.
         quiet = new.log.level in ("warning", "error")
         daemon.logs.echo_format = None if quiet else new.log.format
+        daemon.logs.max_file_bytes = new.log.max_file_mb * MB
+        daemon.logs.keep_files = new.log.keep_files
+    daemon.logs.reopen()
     daemon.registry.refresh()
     return pending
 

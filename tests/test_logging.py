@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -60,3 +61,39 @@ def test_json_lines_are_one_object_each_with_function_and_request_id(start_daemo
     # The daemon's own lines are JSON too.
     assert any(entry.get("logger") == "faasd" and entry["message"].startswith("listening on")
                for entry in entries)
+
+
+LOUD = """
+def handler(event, context):
+    for i in range(event["lines"]):
+        print(f"call {event['call']} line {i} " + "x" * 200)
+    return event["call"]
+"""
+
+
+def test_function_logs_are_rotated_by_size_and_read_across_files(start_daemon, functions_dir, tmp_path):
+    config = tmp_path / "faasd.toml"
+    config.write_text("[log]\nmax_file_mb = 1\nkeep_files = 2\n")
+    daemon = start_daemon(functions_dir, config=config)
+    write_function(daemon.functions, "loud.py", LOUD)
+    loaded(daemon, "loud")
+    for call in range(14):  # about 280 KB each: 3.8 MB in all, past three 1 MB files
+        assert daemon.invoke("loud", {"call": call, "lines": 1200}).json() == call
+    logs = daemon.data / "logs"
+    assert sorted(p.name for p in logs.glob("loud.log*")) == ["loud.log", "loud.log.1", "loud.log.2"]
+    assert all(p.stat().st_size < 1.4 * 1024 * 1024 for p in logs.glob("loud.log*"))
+    # `faasd logs` (the log API) reads through the rotated files: the last
+    # five calls (1,203 lines each) are more than loud.log holds.
+    assert len((logs / "loud.log").read_text().splitlines()) < 5 * 1203
+    tail = daemon.log_of("loud").splitlines()[-5 * 1203:]
+    assert "\tSTART RequestId:" in tail[0] and "call 9 line 0 " in tail[1]
+    assert sum("\tREPORT RequestId:" in line for line in tail) == 5
+    assert "call 13 line 1199 " in tail[-3]
+    # SIGHUP reopens the files, for an external logrotate that moves them.
+    (logs / "loud.log").rename(logs / "loud.log.moved")
+    daemon.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in daemon.output(), message="the reload")
+    assert daemon.invoke("loud", {"call": 14, "lines": 1}).json() == 14
+    wait_until(lambda: (logs / "loud.log").exists() and "\tREPORT RequestId:" in (logs / "loud.log").read_text(),
+               message="a new loud.log")
+    assert "call 14 line 0" not in (logs / "loud.log.moved").read_text()

@@ -44,3 +44,47 @@ def test_timestamps_are_utc_with_milliseconds_across_second_boundaries(monkeypat
                           (1767323106.5, "2026-01-02T03:05:06.500Z")):
         monkeypatch.setattr(logs_module.time, "time", lambda now=now: now)
         assert logs_module.iso_now() == expected
+
+
+async def _write_flushed(logs: FunctionLogs, start: int, count: int, width: int) -> None:
+    """Lines start .. start+count-1, one flush (one loop turn) each."""
+    for i in range(start, start + count):
+        logs.write("fn", f"rid-{i}", f"line {i:06d} " + "x" * width)
+        logs.flush()
+
+
+def test_a_file_past_its_size_is_rotated_and_the_oldest_goes(tmp_path):
+    logs = FunctionLogs(tmp_path, echo_format=None, max_file_bytes=100_000, keep_files=2)
+    asyncio.run(_write_flushed(logs, 0, 1500, 200))  # about 370 KB: more than 3 files' worth
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["fn.log", "fn.log.1", "fn.log.2"], names
+    for path in tmp_path.iterdir():
+        assert path.stat().st_size <= 100_000 + 300  # past the size by at most one flush
+    # The files hold the newest lines in order, with nothing between them lost.
+    kept = [line for name in ("fn.log.2", "fn.log.1", "fn.log")
+            for line in (tmp_path / name).read_text().splitlines()]
+    numbers = [int(line.split("\t")[2].split()[1]) for line in kept]
+    assert numbers == list(range(numbers[0], 1500)) and numbers[0] > 0
+    # A tail reads across them.
+    tail = logs.tail("fn", 700)
+    assert [int(line.split("\t")[2].split()[1]) for line in tail] == list(range(800, 1500))
+    assert len(logs.tail("fn", 10**6)) == len(kept)
+    logs.close()
+
+
+def test_rotation_off_keeps_one_growing_file(tmp_path):
+    logs = FunctionLogs(tmp_path, echo_format=None, max_file_bytes=0)
+    asyncio.run(_write_flushed(logs, 0, 600, 200))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fn.log"]
+    logs.close()
+
+
+def test_reopen_lets_an_external_logrotate_move_the_file(tmp_path):
+    logs = FunctionLogs(tmp_path, echo_format=None)
+    asyncio.run(_write_flushed(logs, 0, 3, 10))
+    (tmp_path / "fn.log").rename(tmp_path / "fn.log-20261129")  # logrotate's create mode
+    logs.reopen()
+    asyncio.run(_write_flushed(logs, 3, 2, 10))
+    assert len((tmp_path / "fn.log-20261129").read_text().splitlines()) == 3
+    assert [line.split("\t")[1] for line in (tmp_path / "fn.log").read_text().splitlines()] == ["rid-3", "rid-4"]
+    logs.close()
