@@ -17,6 +17,7 @@ the files instead.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import AsyncIterator, BinaryIO, Callable
 
 import orjson
+
+log = logging.getLogger("faasd.logs")
 
 MAX_LINE = 16 * 1024  # longer lines are cut, with a marker
 MAX_TAIL_BYTES = 64 * 1024 * 1024  # the most a tail request reads back
@@ -76,6 +79,8 @@ class FunctionLogs:
         self._stream = stream if stream is not None else sys.stdout.buffer
         self._files: dict[str, BinaryIO] = {}
         self._sizes: dict[str, int] = {}  # bytes in each open file
+        self._lost: dict[str, tuple[int, str]] = {}  # lines a file did not take, and why
+        self._cut: set[str] = set()  # files whose last write stopped inside a line
         self._pending: dict[str, list[str]] = {}
         self._echo: list[str] = []
         self._followers: dict[str, set[asyncio.Queue]] = {}
@@ -125,13 +130,13 @@ class FunctionLogs:
         pending, self._pending = self._pending, {}
         limit = self.max_file_bytes
         for name, lines in pending.items():
-            handle = self._files.get(name)
-            if handle is None:
-                handle = self._files[name] = open(self.path(name), "ab", buffering=0)
-                self._sizes[name] = os.fstat(handle.fileno()).st_size
             data = "".join(lines).encode("utf-8", "backslashreplace")
-            handle.write(data)
-            size = self._sizes[name] = self._sizes[name] + len(data)
+            try:
+                self._append(name, data)
+            except OSError as exc:
+                self._unwritten(name, len(lines), exc)
+                continue
+            size = self._sizes[name]
             if limit and size > limit:
                 self._rotate(name)
         if self._echo:
@@ -141,6 +146,42 @@ class FunctionLogs:
                 self._stream.flush()
             except (BlockingIOError, BrokenPipeError, ValueError):
                 pass  # stdout gone or full: the per-function files still have every line
+
+    def _append(self, name: str, data: bytes) -> None:
+        handle = self._files.get(name)
+        if handle is None:
+            handle = self._files[name] = open(self.path(name), "ab", buffering=0)
+            self._sizes[name] = os.fstat(handle.fileno()).st_size
+        lost = self._lost.get(name)
+        if lost is not None:  # the file could not be written for a while: say so in it
+            data = (f"{iso_now()}\t-\t[faasd: {lost[0]} lines could not be written here: "
+                    f"{lost[1]}]\n".encode() + data)
+            if name in self._cut:  # the last write stopped inside a line
+                data = b"\n" + data
+        view = memoryview(data)
+        try:
+            while view:  # a write near a full disk may take only part
+                written = handle.write(view)
+                self._sizes[name] += written
+                view = view[written:]
+        except OSError:
+            if len(view) < len(data):
+                self._cut.add(name)
+            raise
+        self._cut.discard(name)
+        if lost is not None:
+            del self._lost[name]
+            log.warning("writing the log of %s again; %d lines could not be written to it",
+                        name, lost[0])
+
+    def _unwritten(self, name: str, count: int, exc: OSError) -> None:
+        """Lines the file did not take (a full disk, say): they still reach stdout and
+        followers; the file gets a marker line once it can be written again."""
+        previous = self._lost.get(name)
+        if previous is None:
+            log.warning("cannot write the log of %s (%s): its lines go to stdout only until it can",
+                        name, exc.strerror or exc)
+        self._lost[name] = ((previous[0] if previous else 0) + count, exc.strerror or str(exc))
 
     def _rotate(self, name: str) -> None:
         """NAME.log -> NAME.log.1 -> ... -> NAME.log.<keep_files>; the oldest goes."""
@@ -154,7 +195,7 @@ class FunctionLogs:
                     os.replace(older, path.with_name(f"{path.name}.{index + 1}"))
             os.replace(path, path.with_name(f"{path.name}.1"))
         except OSError as exc:  # the next flush appends to NAME.log again
-            sys.stderr.write(f"faasd: cannot rotate {path}: {exc}\n")
+            log.warning("cannot rotate %s: %s", path, exc)
 
     def reopen(self) -> None:
         """Close every file; the next lines open them anew (after an external logrotate)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
+import logging
 
 from faasd.logs import FunctionLogs
 
@@ -87,4 +89,45 @@ def test_reopen_lets_an_external_logrotate_move_the_file(tmp_path):
     asyncio.run(_write_flushed(logs, 3, 2, 10))
     assert len((tmp_path / "fn.log-20261129").read_text().splitlines()) == 3
     assert [line.split("\t")[1] for line in (tmp_path / "fn.log").read_text().splitlines()] == ["rid-3", "rid-4"]
+    logs.close()
+
+
+class FullDisk:
+    """A log file on a disk that fills up: takes `room` bytes, then ENOSPC until emptied."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.data = b""
+
+    def write(self, data) -> int:
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = bytes(data[:self.room])
+        self.data += taken
+        self.room -= len(taken)
+        return len(taken)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_full_disk_loses_file_lines_only_and_the_file_says_how_many(tmp_path, caplog):
+    stream = io.BytesIO()
+    logs = FunctionLogs(tmp_path, echo_format="text", stream=stream)
+    disk = logs._files["fn"] = FullDisk(room=150)
+    logs._sizes["fn"] = 0
+    caplog.set_level(logging.WARNING, logger="faasd.logs")
+    asyncio.run(_write_flushed(logs, 0, 5, 40))  # the first line fits, the second is cut
+    # Every line still reached stdout; the file took one line and part of the next.
+    assert len(stream.getvalue().decode().splitlines()) == 5
+    assert disk.data.count(b"\n") == 1 and not disk.data.endswith(b"\n")
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot write the log of fn (No space left on device): its lines go to stdout only until it can"]
+    disk.room = 10_000  # space again
+    asyncio.run(_write_flushed(logs, 5, 1, 40))
+    lines = disk.data.decode().splitlines()
+    assert len(lines) == 4  # the first, the cut one, the marker on a line of its own, the new one
+    assert lines[2].endswith("\t-\t[faasd: 4 lines could not be written here: No space left on device]")
+    assert lines[3].split("\t")[1] == "rid-5"
+    assert "writing the log of fn again; 4 lines could not be written to it" in caplog.text
     logs.close()
