@@ -29,6 +29,7 @@ import orjson
 log = logging.getLogger("faasd.logs")
 
 MAX_LINE = 16 * 1024  # longer lines are cut, with a marker
+IDLE_CLOSE_S = 60.0  # a log file not written for this long is closed (reopened on its next line)
 MAX_TAIL_BYTES = 64 * 1024 * 1024  # the most a tail request reads back
 
 
@@ -81,6 +82,8 @@ class FunctionLogs:
         self._sizes: dict[str, int] = {}  # bytes in each open file
         self._lost: dict[str, tuple[int, str]] = {}  # lines a file did not take, and why
         self._cut: set[str] = set()  # files whose last write stopped inside a line
+        self._written_at: dict[str, float] = {}  # monotonic time of each open file's last write
+        self._idle_check_at = time.monotonic() + IDLE_CLOSE_S
         self._pending: dict[str, list[str]] = {}
         self._echo: list[str] = []
         self._followers: dict[str, set[asyncio.Queue]] = {}
@@ -129,6 +132,7 @@ class FunctionLogs:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         limit = self.max_file_bytes
+        now = time.monotonic()
         for name, lines in pending.items():
             data = "".join(lines).encode("utf-8", "backslashreplace")
             try:
@@ -136,9 +140,12 @@ class FunctionLogs:
             except OSError as exc:
                 self._unwritten(name, len(lines), exc)
                 continue
+            self._written_at[name] = now
             size = self._sizes[name]
             if limit and size > limit:
                 self._rotate(name)
+        if now >= self._idle_check_at:
+            self._close_idle(now)
         if self._echo:
             echo, self._echo = self._echo, []
             try:
@@ -182,6 +189,18 @@ class FunctionLogs:
             log.warning("cannot write the log of %s (%s): its lines go to stdout only until it can",
                         name, exc.strerror or exc)
         self._lost[name] = ((previous[0] if previous else 0) + count, exc.strerror or str(exc))
+
+    def _close_idle(self, now: float) -> None:
+        """Close the files of functions that have not logged for IDLE_CLOSE_S (deleted
+        ones, renamed ones, quiet ones): open descriptors follow the functions in use."""
+        self._idle_check_at = now + IDLE_CLOSE_S
+        for name, written_at in list(self._written_at.items()):
+            if now - written_at > IDLE_CLOSE_S:
+                del self._written_at[name]
+                handle = self._files.pop(name, None)
+                if handle is not None:
+                    handle.close()
+                    self._sizes.pop(name, None)
 
     def _rotate(self, name: str) -> None:
         """NAME.log -> NAME.log.1 -> ... -> NAME.log.<keep_files>; the oldest goes."""

@@ -131,3 +131,26 @@ def test_a_full_disk_loses_file_lines_only_and_the_file_says_how_many(tmp_path, 
     assert lines[3].split("\t")[1] == "rid-5"
     assert "writing the log of fn again; 4 lines could not be written to it" in caplog.text
     logs.close()
+
+
+def test_the_file_of_a_function_that_stopped_logging_is_closed_and_reopened_on_its_next_line(
+        tmp_path, monkeypatch):
+    from faasd import logs as logs_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(logs_module.time, "monotonic", lambda: clock[0])
+    logs = FunctionLogs(tmp_path, echo_format=None)
+
+    async def line(name: str, text: str) -> None:
+        logs.write(name, "rid", text)
+        logs.flush()
+
+    asyncio.run(line("gone", "one"))
+    asyncio.run(line("busy", "one"))
+    assert set(logs._files) == {"gone", "busy"}
+    clock[0] += logs_module.IDLE_CLOSE_S + 1
+    asyncio.run(line("busy", "two"))
+    assert set(logs._files) == {"busy"}  # a deleted or quiet function holds no descriptor
+    asyncio.run(line("gone", "two"))
+    assert [l.split("\t")[2] for l in (tmp_path / "gone.log").read_text().splitlines()] == ["one", "two"]
+    logs.close()
