@@ -174,11 +174,7 @@ def forked_groups(template_pid: int) -> set[Path]:
 
 
 def test_the_cgroups_of_unused_spares_go_with_their_template(daemon):
-    write_function(daemon.functions, "fn.py", STATE)
-    loaded(daemon, "fn")
-    daemon.invoke("fn")
-    old = wait_until(lambda: (template_of(daemon, "fn") or {}).get("spares") and template_of(daemon, "fn"),
-                     message="a template holding a spare")
+    old = with_a_spare(daemon)
     spares = wait_until(lambda: forked_groups(old["pid"]), message="the spare in cgroups of its own")
     write_function(daemon.functions, "fn.py", STATE.replace("IMPORTED_AT = ", "VERSION = 2\nIMPORTED_AT = "))
     wait_until(lambda: process_state(old["pid"]) in (None, "Z"), timeout=15, message="the old template to stop")
