@@ -197,15 +197,18 @@ class FunctionLogs:
         for name, written_at in list(self._written_at.items()):
             if now - written_at > IDLE_CLOSE_S:
                 del self._written_at[name]
-                handle = self._files.pop(name, None)
-                if handle is not None:
-                    handle.close()
-                    self._sizes.pop(name, None)
+                self._close(name)
+
+    def _close(self, name: str) -> None:
+        """Close a function's file, if open; its next line opens it again."""
+        handle = self._files.pop(name, None)
+        if handle is not None:
+            handle.close()
+            self._sizes.pop(name, None)
 
     def _rotate(self, name: str) -> None:
         """NAME.log -> NAME.log.1 -> ... -> NAME.log.<keep_files>; the oldest goes."""
-        self._files.pop(name).close()
-        self._sizes.pop(name, None)
+        self._close(name)
         path = self.path(name)
         try:
             for index in range(self.keep_files - 1, 0, -1):
@@ -219,10 +222,8 @@ class FunctionLogs:
     def reopen(self) -> None:
         """Close every file; the next lines open them anew (after an external logrotate)."""
         self.flush()
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
-        self._sizes.clear()
+        for name in list(self._files):
+            self._close(name)
 
     def tail(self, name: str, lines: int = 100) -> list[str]:
         """The last `lines` lines of a function's log, rotated files included
@@ -274,10 +275,7 @@ class FunctionLogs:
         return lines()
 
     def close(self) -> None:
-        self.flush()
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
+        self.reopen()  # flushed, every file closed
 
 
 class LogCapture:
