@@ -18,6 +18,8 @@ import signal
 from pathlib import Path
 from typing import Iterable, Protocol
 
+from .sandbox import read_pids
+
 log = logging.getLogger("faasd.limits")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -62,10 +64,7 @@ class WorkerCgroup:
         return False
 
     def pids(self) -> list[int]:
-        try:
-            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-        except (OSError, ValueError):
-            return []
+        return read_pids(str(self.path))
 
     def kill_all(self) -> None:
         """SIGKILL everything in the cgroup, including processes that left the group."""
