@@ -30,17 +30,18 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections import defaultdict
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT
@@ -68,69 +69,122 @@ def outcome_of(invocation: Invocation) -> str:
     return OUTCOMES.get(kind, "error")
 
 
+class Histogram:
+    """One function's histogram: counts per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value on a bound counts in it
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        buckets, total = [], 0
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts):
+            total += count
+            buckets.append((bound, total))
+        return buckets
+
+
 class Metrics:
-    """The daemon's metrics: counters fed by observers, gauges read at scrape time."""
+    """The daemon's metrics: counters fed by observers, gauges read at scrape time.
+
+    The counters are plain dicts and lists, not prometheus_client's Counter and
+    Histogram: those take a lock per value, and these run on every invocation,
+    always on the event loop. They become metric families when scraped.
+    """
 
     def __init__(self, daemon: "Daemon") -> None:
         self.daemon = daemon
         self.registry = CollectorRegistry(auto_describe=True)
-        self.invocations = Counter(
-            "faasd_invocations", "Finished invocations, by function, trigger and outcome.",
-            ("function", "trigger", "outcome"), registry=self.registry)
-        self.duration = Histogram(
-            "faasd_invocation_duration_seconds", "Handler run time of finished invocations.",
-            ("function",), buckets=DURATION_BUCKETS, registry=self.registry)
-        self.init_duration = Histogram(
-            "faasd_init_duration_seconds", "Worker init time of cold starts, including failed inits.",
-            ("function",), buckets=INIT_BUCKETS, registry=self.registry)
-        self.cold_starts = Counter(
-            "faasd_cold_starts", "Invocations that had to start a worker.",
-            ("function",), registry=self.registry)
-        self.throttles = Counter(
-            "faasd_throttles", "Invocations refused for concurrency (HTTP 429).",
-            ("function", "trigger", "reason"), registry=self.registry)
-        # Children by (metric, labels): labels() costs a lock and a lookup per
-        # call, and this runs on every invocation. Also what to drop when a
-        # function goes away.
-        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
-        self._series: dict[str, set[tuple[Any, tuple[str, ...]]]] = defaultdict(set)
+        self.invocations: dict[tuple[str, str, str], int] = {}  # (function, trigger, outcome)
+        self.durations: dict[str, Histogram] = {}
+        self.inits: dict[str, Histogram] = {}
+        self.cold_starts: dict[str, int] = {}
+        self.throttles: dict[tuple[str, str, str], int] = {}  # (function, trigger, reason)
+        self.registry.register(InvocationCollector(self))
         self.registry.register(DaemonCollector(daemon))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
-    def _seen(self, metric: Any, labels: tuple[str, ...]) -> Any:
-        key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-            self._series[labels[0]].add(key)
-        return child
-
     def observe(self, spec: FunctionSpec, invocation: Invocation, source: str) -> None:
         name = spec.name
-        self._seen(self.invocations, (name, source, outcome_of(invocation))).inc()
-        if invocation.error is None or invocation.error.kind != INIT or invocation.duration_ms:
-            self._seen(self.duration, (name,)).observe(invocation.duration_ms / 1000)
+        error = invocation.error
+        key = (name, source, "success" if error is None else OUTCOMES.get(error.kind, "error"))
+        counts = self.invocations
+        counts[key] = counts.get(key, 0) + 1
+        if error is None or error.kind != INIT or invocation.duration_ms:
+            histogram = self.durations.get(name)
+            if histogram is None:
+                histogram = self.durations[name] = Histogram(DURATION_BUCKETS)
+            histogram.observe(invocation.duration_ms / 1000)
         if invocation.init_ms is not None:
-            self._seen(self.init_duration, (name,)).observe(invocation.init_ms / 1000)
-            self._seen(self.cold_starts, (name,)).inc()
+            histogram = self.inits.get(name)
+            if histogram is None:
+                histogram = self.inits[name] = Histogram(INIT_BUCKETS)
+            histogram.observe(invocation.init_ms / 1000)
+            self.cold_starts[name] = self.cold_starts.get(name, 0) + 1
 
     def throttled(self, spec: FunctionSpec, reason: str, source: str) -> None:
-        self._seen(self.throttles, (spec.name, source, reason)).inc()
+        key = (spec.name, source, reason)
+        self.throttles[key] = self.throttles.get(key, 0) + 1
 
     def function_changed(self, old: FunctionSpec | None, new: FunctionSpec | None) -> None:
         if new is None and old is not None:
-            for metric, labels in self._series.pop(old.name, set()):
-                self._children.pop((metric, labels), None)
-                try:
-                    metric.remove(*labels)
-                except KeyError:
-                    pass
+            name = old.name
+            for by_labels in (self.invocations, self.throttles):
+                for key in [key for key in by_labels if key[0] == name]:
+                    del by_labels[key]
+            for by_name in (self.durations, self.inits, self.cold_starts):
+                by_name.pop(name, None)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+
+class InvocationCollector(Collector):
+    """The invocation counters and histograms, as metric families."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self.metrics
+        invocations = CounterMetricFamily(
+            "faasd_invocations", "Finished invocations, by function, trigger and outcome.",
+            labels=("function", "trigger", "outcome"))
+        for labels, count in sorted(metrics.invocations.items()):
+            invocations.add_metric(labels, count)
+        yield invocations
+        for family, help_text, by_name in (
+                ("faasd_invocation_duration_seconds", "Handler run time of finished invocations.",
+                 metrics.durations),
+                ("faasd_init_duration_seconds", "Worker init time of cold starts, including failed inits.",
+                 metrics.inits)):
+            histogram = HistogramMetricFamily(family, help_text, labels=("function",))
+            for name, values in sorted(by_name.items()):
+                histogram.add_metric((name,), values.cumulative(), values.sum)
+            yield histogram
+        cold = CounterMetricFamily("faasd_cold_starts", "Invocations that had to start a worker.",
+                                   labels=("function",))
+        for name, count in sorted(metrics.cold_starts.items()):
+            cold.add_metric((name,), count)
+        yield cold
+        throttles = CounterMetricFamily("faasd_throttles", "Invocations refused for concurrency (HTTP 429).",
+                                        labels=("function", "trigger", "reason"))
+        for labels, count in sorted(metrics.throttles.items()):
+            throttles.add_metric(labels, count)
+        yield throttles
 
 
 class DaemonCollector(Collector):

@@ -192,3 +192,13 @@ def test_openmetrics_on_request(daemon):
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.rstrip().endswith("# EOF")
     assert "# TYPE faasd_invocations counter" in response.text
+
+
+def test_histogram_counts_a_value_on_a_bound_in_that_bound_and_is_cumulative():
+    from faasd.metrics import Histogram
+
+    histogram = Histogram((0.001, 0.01))
+    for seconds in (0.0005, 0.001, 0.002, 0.01, 5.0):
+        histogram.observe(seconds)
+    assert histogram.cumulative() == [("0.001", 2), ("0.01", 4), ("+Inf", 5)]
+    assert histogram.sum == 0.0005 + 0.001 + 0.002 + 0.01 + 5.0
