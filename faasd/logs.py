@@ -103,8 +103,8 @@ class FunctionLogs:
         if pending is None:
             pending = self._pending[name] = []
         followers = self._followers.get(name)
-        if any(len(text) > MAX_LINE for text in texts):
-            texts = tuple(_cut(text) for text in texts)
+        if max(map(len, texts)) > MAX_LINE:
+            texts = tuple(map(_cut, texts))
         text_echo = self.echo_format == "text"
         for text in texts:
             line = f"{stamp}\t{request_id}\t{text}\n"
