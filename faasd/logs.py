@@ -54,6 +54,10 @@ def iso_now() -> str:
     return _stamp
 
 
+# One write(): (function, ISO time, request id, lines without their newline).
+Entry = tuple[str, str, str, tuple[str, ...]]
+
+
 def _cut(text: str) -> str:
     if len(text) <= MAX_LINE:
         return text
@@ -84,11 +88,12 @@ class FunctionLogs:
         self._cut: set[str] = set()  # files whose last write stopped inside a line
         self._written_at: dict[str, float] = {}  # monotonic time of each open file's last write
         self._idle_check_at = time.monotonic() + IDLE_CLOSE_S
-        self._pending: dict[str, list[str]] = {}
-        self._echo: list[str] = []
+        # What write() was given since the last flush: (function, stamp, request id, texts).
+        # Lines are formatted in flush(), once per event-loop turn, not on every call.
+        self._batch: list[Entry] = []
         self._followers: dict[str, set[asyncio.Queue]] = {}
-        # taps see every line as written: tap(function, request_id, texts) (the dashboard's log tail)
-        self.taps: list[Callable[[str, str, tuple[str, ...]], None]] = []
+        # taps see every batch as flushed: tap(entries) (the dashboard's log tail)
+        self.taps: list[Callable[[list[Entry]], None]] = []
         self._flush_scheduled = False
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -97,40 +102,20 @@ class FunctionLogs:
 
     def write(self, name: str, request_id: str, *texts: str) -> None:
         """Append lines (without their newline) to a function's log."""
-        stamp = iso_now()
-        echo = self._echo if self.echo_format else None
-        pending = self._pending.get(name)
-        if pending is None:
-            pending = self._pending[name] = []
-        followers = self._followers.get(name)
         if max(map(len, texts)) > MAX_LINE:
             texts = tuple(map(_cut, texts))
-        text_echo = self.echo_format == "text"
-        for text in texts:
-            line = f"{stamp}\t{request_id}\t{text}\n"
-            pending.append(line)
-            if echo is not None:
-                if text_echo:
-                    # The request id on every line, as Lambda's runtimes log, so grep finds a whole invocation.
-                    echo.append(f"{stamp} INFO    [{name}] {request_id} {text}\n")
-                else:
-                    echo.append(orjson.dumps({
-                        "time": stamp, "level": "info", "logger": "faasd.function", "message": text,
-                        "function": name, "request_id": request_id},
-                        option=orjson.OPT_APPEND_NEWLINE).decode())
-            if followers:
-                for queue in followers:
-                    if queue.qsize() < 10000:
-                        queue.put_nowait(line)
-        for tap in self.taps:
-            tap(name, request_id, texts)
+        self._batch.append((name, iso_now(), request_id, texts))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         self._flush_scheduled = False
-        pending, self._pending = self._pending, {}
+        batch, self._batch = self._batch, []
+        pending, echo = self._format(batch)
+        if batch:
+            for tap in self.taps:
+                tap(batch)
         limit = self.max_file_bytes
         now = time.monotonic()
         for name, lines in pending.items():
@@ -146,13 +131,43 @@ class FunctionLogs:
                 self._rotate(name)
         if now >= self._idle_check_at:
             self._close_idle(now)
-        if self._echo:
-            echo, self._echo = self._echo, []
+        if echo:
             try:
                 self._stream.write("".join(echo).encode("utf-8", "backslashreplace"))
                 self._stream.flush()
             except (BlockingIOError, BrokenPipeError, ValueError):
                 pass  # stdout gone or full: the per-function files still have every line
+
+    def _format(self, batch: list[Entry]) -> tuple[dict[str, list[str]], list[str]]:
+        """The batch's lines: for each function's file, and for stdout; followers get theirs."""
+        pending: dict[str, list[str]] = {}
+        echo: list[str] = []
+        echo_format = self.echo_format
+        followers = self._followers
+        for name, stamp, request_id, texts in batch:
+            lines = pending.get(name)
+            if lines is None:
+                lines = pending[name] = []
+            head = f"{stamp}\t{request_id}\t"
+            for text in texts:
+                lines.append(f"{head}{text}\n")
+            if echo_format == "text":
+                # The request id on every line, as Lambda's runtimes log, so grep finds a whole invocation.
+                head = f"{stamp} INFO    [{name}] {request_id} "
+                for text in texts:
+                    echo.append(f"{head}{text}\n")
+            elif echo_format:
+                for text in texts:
+                    echo.append(orjson.dumps({
+                        "time": stamp, "level": "info", "logger": "faasd.function", "message": text,
+                        "function": name, "request_id": request_id},
+                        option=orjson.OPT_APPEND_NEWLINE).decode())
+            if followers and name in followers:
+                for queue in followers[name]:
+                    for text in texts:
+                        if queue.qsize() < 10000:
+                            queue.put_nowait(f"{stamp}\t{request_id}\t{text}\n")
+        return pending, echo
 
     def _append(self, name: str, data: bytes) -> None:
         handle = self._files.get(name)

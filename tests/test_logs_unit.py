@@ -154,3 +154,41 @@ def test_the_file_of_a_function_that_stopped_logging_is_closed_and_reopened_on_i
     asyncio.run(line("gone", "two"))
     assert [l.split("\t")[2] for l in (tmp_path / "gone.log").read_text().splitlines()] == ["one", "two"]
     logs.close()
+
+
+def test_one_flush_writes_each_functions_lines_in_order_to_files_stdout_followers_and_taps(tmp_path):
+    from faasd.ui import LogRing
+
+    stream = io.BytesIO()
+    logs = FunctionLogs(tmp_path, echo_format="text", stream=stream)
+    ring = LogRing()
+    logs.taps.append(ring.tap)
+
+    async def scenario() -> list[str]:
+        follower = logs.follow("a")
+        first = asyncio.ensure_future(follower.__anext__())
+        await asyncio.sleep(0)  # the follower is registered
+        logs.write("a", "r1", "START a1")
+        logs.write("b", "r2", "START b1", "b says hi")
+        logs.write("a", "r1", "END a1", "REPORT a1")
+        assert stream.getvalue() == b"" and ring.seq == 0  # nothing before the loop's turn ends
+        followed = [await first] + [await follower.__anext__() for _ in range(2)]
+        await follower.aclose()
+        return followed
+
+    followed = asyncio.run(scenario())
+    assert [line.split("\t")[2] for line in followed] == ["START a1\n", "END a1\n", "REPORT a1\n"]
+    assert [line.split("\t", 1)[1] for line in (tmp_path / "a.log").read_text().splitlines()] == [
+        "r1\tSTART a1", "r1\tEND a1", "r1\tREPORT a1"]
+    assert [line.split("\t", 1)[1] for line in (tmp_path / "b.log").read_text().splitlines()] == [
+        "r2\tSTART b1", "r2\tb says hi"]
+    echoed = stream.getvalue().decode().splitlines()
+    assert [line.split(" ", 1)[1] for line in echoed] == [
+        "INFO    [a] r1 START a1", "INFO    [b] r2 START b1", "INFO    [b] r2 b says hi",
+        "INFO    [a] r1 END a1", "INFO    [a] r1 REPORT a1"]
+    lines, last = ring.after(0)
+    assert last == 5
+    assert [(line["seq"], line["function"], line["request_id"], line["message"]) for line in lines] == [
+        (1, "a", "r1", "START a1"), (2, "b", "r2", "START b1"), (3, "b", "r2", "b says hi"),
+        (4, "a", "r1", "END a1"), (5, "a", "r1", "REPORT a1")]
+    logs.close()

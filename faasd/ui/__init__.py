@@ -37,6 +37,7 @@ from aiohttp import web
 from ..api import read_body
 from ..errors import InvokeRefused, Throttled
 from ..invoker import Invocation
+from ..logs import Entry
 from ..spec import FunctionSpec, valid_name
 
 if TYPE_CHECKING:
@@ -197,14 +198,17 @@ class LogRing(logging.Handler):
                                getattr(record, "function", None),
                                getattr(record, "request_id", None), message[:4000]))
 
-    def tap(self, function: str, request_id: str, texts: tuple[str, ...]) -> None:
-        """A function's log lines (faasd/logs.py writes those without `logging`)."""
+    def tap(self, entries: list[Entry]) -> None:
+        """Functions' log lines, a batch a flush (faasd/logs.py writes those without `logging`)."""
         now = time.time()
         with self._guard:
-            for text in texts:
-                self.seq += 1
-                self.lines.append((self.seq, now, "info", "faasd.function", function,
-                                   request_id, text[:4000]))
+            seq = self.seq
+            append = self.lines.append
+            for function, _, request_id, texts in entries:
+                for text in texts:
+                    seq += 1
+                    append((seq, now, "info", "faasd.function", function, request_id, text[:4000]))
+            self.seq = seq
 
     def after(self, seq: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]:
         with self._guard:
