@@ -49,6 +49,7 @@ from .sandbox import WorkerPlan, join_cgroups_of
 from .spec import FunctionSpec
 from .workers import (
     SITE_PATH_ENV, ProcessWorker, WorkerEnvironment, WorkerInitError, WorkerState, _Control,
+    describe_exit,
     python_command, python_site_path,
 )
 
@@ -63,6 +64,12 @@ SPARE_DECAY_S = 60.0    # without a shortage for this long, hold one spare fewer
 # copy of the template's page tables) does not compete for a core with the
 # spare's START and its first call.
 REPLACE_DELAY_S = 0.05
+# A spare that died unused is replaced at once; if the next dies unused too,
+# after SPARE_RETRY_S, and twice as late each time in a row up to
+# SPARE_RETRY_MAX_S: spares that cannot live do not make the template fork
+# without end.
+SPARE_RETRY_S = 0.05
+SPARE_RETRY_MAX_S = 30.0
 
 
 @dataclass(slots=True)
@@ -89,6 +96,14 @@ class Spare:
     output: int
     pidfd: int
     groups: asyncio.Task  # -> Groups: its own cgroups, being made
+
+    def last_output(self) -> str:
+        """What it wrote before it ended (a traceback, say), without waiting: at most 4 KB."""
+        try:
+            os.set_blocking(self.output, False)
+            return os.read(self.output, 4096).decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
 
     def discard(self) -> None:
         """Let it go unused: closing its channel makes it exit; its cgroups go once it has."""
@@ -122,6 +137,7 @@ class Template(ProcessWorker):
         self._statuses: dict[int, int] = {}
         self._status_waiters: dict[int, asyncio.Future] = {}
         self._replace_timer: asyncio.TimerHandle | None = None
+        self._spare_deaths = 0  # spares in a row that died unused
 
     async def start(self) -> None:
         await super().start()
@@ -197,14 +213,34 @@ class Template(ProcessWorker):
         for spare in self._spares:
             if spare.pid == pid:  # a spare died before it was needed
                 self._spares.remove(spare)
-                spare.discard()
-                self._top_up()
+                self._spare_died(spare, code)
                 return
         waiter = self._status_waiters.pop(pid, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(code)
         else:
             self._statuses[pid] = code
+
+    def _spare_died(self, spare: Spare, code: int) -> None:
+        """Replace a spare that died unused: at once the first time, later each time in a row."""
+        output = spare.last_output()
+        spare.discard()
+        self._spare_deaths += 1
+        deaths = self._spare_deaths
+        delay = 0.0 if deaths == 1 else min(SPARE_RETRY_MAX_S, SPARE_RETRY_S * 2 ** (deaths - 2))
+        log.warning("a spare of %s's template died before use (%s)%s; %s", self.spec.name,
+                    describe_exit(code), f": {output.splitlines()[-1]}" if output else "",
+                    "forking another" if not delay else
+                    f"{deaths} in a row, the next fork in {delay:.2f} s")
+        if output:
+            log.debug("the spare's output:\n%s", output)
+        if self._replace_timer is not None:
+            self._replace_timer.cancel()
+            self._replace_timer = None
+        if delay:
+            self._replace_timer = self._loop.call_later(delay, self._replace)
+        else:
+            self._top_up()
 
     async def _groups_for(self, pid: int) -> Groups:
         """A memory cgroup and a pids limit of its own for a spare, made off the event loop.
@@ -282,6 +318,10 @@ class Template(ProcessWorker):
     def _replace(self) -> None:
         self._replace_timer = None
         self._top_up()
+
+    def spare_served(self) -> None:
+        """A spare became a worker: spares live here, the next that dies is replaced at once."""
+        self._spare_deaths = 0
 
     async def exit_status(self, pid: int) -> int | None:
         """A forked child's exit status as the template reaped it (None if it cannot tell)."""
@@ -379,6 +419,7 @@ class ForkedWorker(ProcessWorker):
             raise
         self._send(protocol.START, orjson.dumps({"id": self.id, "env": changes}))
         await self._await_ready(spare.output, started)
+        self.template.spare_served()
 
     init_hint = "the forked worker never said READY"
 

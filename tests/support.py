@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -250,3 +251,23 @@ def request_lines(daemon, name: str, request_id: str) -> list[str]:
         if len(parts) == 3 and parts[1] == request_id:
             lines.append(parts[2])
     return lines
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("PPid:"))
+
+
+def concurrent(daemon, name: str, events: list[dict]) -> list[dict]:
+    """Invoke `name` with each event at once, each on a thread of its own; the results in order."""
+    results: list[dict] = [{}] * len(events)
+
+    def call(index: int, event: dict) -> None:
+        results[index] = daemon.invoke(name, event).json()
+
+    threads = [threading.Thread(target=call, args=(i, e)) for i, e in enumerate(events)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results

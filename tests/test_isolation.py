@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 from faasd.sandbox import tree_bytes
-from support import ROOT, own_groups, pids_with_env, process_state, wait_until, write_function
+from support import (
+    ROOT, concurrent, own_groups, parent_of, pids_with_env, process_state, wait_until,
+    write_function,
+)
 
 OK = """
 def handler(event, context):
@@ -626,6 +629,42 @@ def test_a_worker_as_the_dedicated_user_cannot_read_the_daemon(start_daemon, fun
     found = response.json()
     assert found["environ"] == "Permission denied" and found["mem"] == "Permission denied"
     assert found["signal"] == "Operation not permitted"
+
+
+# -- templates of run_as workers -----------------------------------------------------------
+
+FORKED = """
+import os, time
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    open(os.path.join("/tmp", event["write"]), "w").write("x")
+    return {"pid": os.getpid(), "uid": os.getuid(), "tmp": sorted(os.listdir("/tmp")),
+            "tmpdir": os.environ["TMPDIR"]}
+"""
+
+
+def test_workers_forked_from_a_run_as_template_get_their_own_tmpfs_and_spares_live(
+        start_daemon, functions_dir, faasd_user, readable_install):
+    """A template that root started as run_as is undumpable; its forks must still be able to
+    map their own user namespace for a tmpfs of their own (they used to die at once, and the
+    template forked without end)."""
+    write_function(functions_dir, "fn.py", FORKED)
+    write_function(functions_dir, "fn.toml", "timeout_s = 10\n")
+    daemon = start_daemon(functions_dir, env=readable_install)
+    first = invoke(daemon, "fn", {"write": "first"})[0]
+    template = wait_until(lambda: (daemon.function("fn")["template"] or {}).get("spares") == 1
+                          and daemon.function("fn")["template"], message="the template and its spare")
+    results = concurrent(daemon, "fn", [{"sleep": 0.6, "write": f"mine-{i}"} for i in range(3)])
+    forked = [r for r in results if r["pid"] != first["pid"]]
+    assert len(forked) >= 2, results
+    for index, result in enumerate(results):
+        assert [name for name in result["tmp"] if name.startswith("mine-")] == [f"mine-{index}"]
+        assert result["tmpdir"] == "/tmp" and result["uid"] == first["uid"]
+    assert all(parent_of(r["pid"]) == template["pid"] for r in forked)
+    wait_until(lambda: daemon.function("fn")["template"]["spares"] >= 1, message="a new spare")
+    time.sleep(0.5)
+    assert "died before use" not in daemon.output()
+    assert first["uid"] == faasd_user.pw_uid
 
 
 # -- the worker half alone, unprivileged ---------------------------------------------------

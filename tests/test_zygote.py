@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 from faasd.pool import CPU_BOUND_STARTS
-from support import descendants, loaded, own_groups, process_state, wait_until, write_function
+from support import (
+    concurrent, descendants, loaded, own_groups, parent_of, process_state, wait_until,
+    write_function,
+)
 
 STATE = """
 import os, time
@@ -25,25 +28,6 @@ def handler(event, context):
     return {"pid": os.getpid(), "imported_at": IMPORTED_AT, "tmp": sorted(os.listdir("/tmp")),
             "tmpdir": os.environ["TMPDIR"], "stream": context.log_stream_name}
 """
-
-
-def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("PPid:"))
-
-
-def concurrent(daemon, name: str, events: list[dict]) -> list[dict]:
-    results: list[dict] = [{}] * len(events)
-
-    def call(index: int, event: dict) -> None:
-        results[index] = daemon.invoke(name, event).json()
-
-    threads = [threading.Thread(target=call, args=(i, e)) for i, e in enumerate(events)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    return results
 
 
 def template_of(daemon, name: str) -> dict | None:

@@ -48,11 +48,13 @@ class TemplateProcess:
         return sum(orjson.loads(payload)["count"] for kind, payload in self.decoder.feed(data)
                    if kind == protocol.FORK)
 
-    def spare(self) -> int:
-        """Hand the daemon one spare: its control socket, output pipe and pidfd."""
+    def spare(self, says: bytes = b"") -> int:
+        """Hand the daemon one spare: its control socket, output pipe (holding what it
+        `says`) and pidfd."""
         self.next_pid += 1
         control, _ = socket.socketpair()
         out_read, out_write = os.pipe()
+        os.write(out_write, says)
         pidfd = os.pidfd_open(os.getpid())
         frame = protocol.encode(protocol.SPARE, orjson.dumps({"pid": self.next_pid}))
         fds = array.array("i", [control.fileno(), out_read, pidfd])
@@ -61,8 +63,8 @@ class TemplateProcess:
             os.close(fd)
         return self.next_pid
 
-    def exited(self, pid: int) -> None:
-        self.sock.send(protocol.encode(protocol.EXITED, orjson.dumps({"pid": pid, "returncode": -9})))
+    def exited(self, pid: int, returncode: int = -9) -> None:
+        self.sock.send(protocol.encode(protocol.EXITED, orjson.dumps({"pid": pid, "returncode": returncode})))
 
     @staticmethod
     async def settle() -> None:
@@ -160,6 +162,37 @@ async def test_a_spare_that_dies_while_held_is_dropped_and_replaced(process):
     alive = process.spare()
     await process.settle()
     assert (await take(template)).pid == alive
+
+
+async def test_spares_that_keep_dying_unused_are_forked_later_each_time_and_say_why(
+        process, monkeypatch, caplog):
+    monkeypatch.setattr(zygote, "SPARE_RETRY_S", 0.05)
+    template = process.template
+    template._top_up()
+    process.asked()
+    delays = []
+    for _ in range(4):
+        dead = process.spare(says=b"Traceback (most recent call last):\nPermissionError: denied\n")
+        await process.settle()
+        started = asyncio.get_running_loop().time()
+        process.exited(dead, returncode=70)
+        while not process.asked():  # the replacement's FORK
+            await asyncio.sleep(0.005)
+        delays.append(asyncio.get_running_loop().time() - started)
+    # The first is replaced at once (as in the test above); then no sooner than 0.05,
+    # 0.1 and 0.2 s after each death.
+    assert delays[1] >= 0.05 and delays[2] >= 0.1 and delays[3] >= 0.2
+    warnings = [r.getMessage() for r in caplog.records if "died before use" in r.getMessage()]
+    assert len(warnings) == 4
+    assert "exit status 70): PermissionError: denied; forking another" in warnings[0]
+    assert "4 in a row, the next fork in 0.20 s" in warnings[3]
+    # A spare that becomes a worker ends the streak: the next death is replaced at once.
+    template.spare_served()
+    dead = process.spare()
+    await process.settle()
+    process.exited(dead)
+    await process.settle()
+    assert process.asked() == 1
 
 
 async def test_a_failed_fork_fails_the_waiting_call_with_template_gone(process):

@@ -347,6 +347,7 @@ def _die_with_parent():
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 16384, 1 << 18, 2, 4
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 
 
 def _serve_as_template():
@@ -402,6 +403,10 @@ def _fork_spare(tmp_mb):
         os.close(out_read)
         try:
             _spare(child_control, out_write, tmp_mb, template_pid)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()  # to its output: the daemon logs it when the spare dies
         finally:
             os._exit(70)
     child_control.close()
@@ -484,10 +489,20 @@ def _own_tmp(tmp_mb):
     if libc.unshare(flags) != 0:
         return False
     if flags & CLONE_NEWUSER:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                           ("gid_map", f"{gid} {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as handle:
-                handle.write(text)
+        # A template that root started as run_as is undumpable, and so is this
+        # fork: its /proc files belong to root, and it could not open its own
+        # maps. It is dumpable for these three writes only, before any call
+        # has reached it; in that window a process of the same user could
+        # attach to it (with [workers] function_users: only its own function's).
+        dumpable = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        try:
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                               ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as handle:
+                    handle.write(text)
+        finally:
+            libc.prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)
     options = f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777".encode()
     if (libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
             or libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0):
