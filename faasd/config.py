@@ -60,6 +60,10 @@ class WorkersConfig:
     # data disk, limited per file and by a usage check (faasd/sandbox.py).
     tmpfs: bool = True
     python: str | None = None  # the interpreter of Python workers (default: faasd's own)
+    # uids "FIRST-LAST": each function's workers run as a uid of its own from
+    # this range, in run_as's group, so that no function can read or signal
+    # another's processes (faasd/sandbox.py's FunctionUsers). Needs run_as.
+    function_users: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,6 +187,18 @@ def _keys(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _uid_range(value: Any) -> tuple[int, int] | None:
+    if value is None or value == "":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError('expected a range of uids such as "200000-299999"')
+    first, last = int(match.group(1)), int(match.group(2))
+    if not 1000 <= first <= last < 2**32 - 1:
+        raise ValueError("expected FIRST-LAST with 1000 <= FIRST <= LAST < 4294967295")
+    return first, last
+
+
 def _cluster_name(value: Any) -> str:
     # Part of queue and exchange names: keep it to what reads well in them.
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
@@ -207,7 +223,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
     "workers": (WorkersConfig, {"freeze_after_ms": _non_negative_int,
                                 "keep_warm_s": _positive_float, "run_as": _optional_str,
                                 "drain_timeout_s": _positive_float, "zygote": _bool, "tmpfs": _bool,
-                                "python": _optional_str}),
+                                "python": _optional_str, "function_users": _uid_range}),
     "amqp": (AmqpConfig, {"url": _optional_str}),
     "cluster": (ClusterConfig, {"mode": _choice("local", "amqp"), "name": _cluster_name,
                                 "node": _optional_str, "address": _optional_str,
@@ -283,6 +299,9 @@ def load_config(
     if sections["cluster"].mode == "amqp" and not sections["amqp"].url:
         raise ConfigError((f"{path}: " if path else "") + "[cluster] mode = \"amqp\" needs the "
                           "broker's address: set [amqp] url (or FAASD_AMQP_URL)")
+    if sections["workers"].function_users and not sections["workers"].run_as:
+        raise ConfigError((f"{path}: " if path else "") + "[workers] function_users needs run_as: "
+                          "the functions' users join run_as's group")
     paths: PathsConfig = sections["paths"]
     sections["paths"] = replace(
         paths,

@@ -36,7 +36,7 @@ from .logs import FunctionLogs
 from .pool import PoolSettings, WorkerPool
 from .registry import Registry
 from .reload import ConfigLoader, ReloadHook, ReloadState, reload, status_line
-from .sandbox import Sandbox, set_daemon_undumpable
+from .sandbox import FunctionUsers, Sandbox, set_daemon_undumpable
 from .sdnotify import Notifier, listen_sockets
 from .spec import DEFAULT_REGION
 from .triggers.http import RouteTable
@@ -88,6 +88,7 @@ class Daemon:
         memory = MemoryLimits.detect()
         self._cleanups.append(memory.close)
         run_as = self._resolve_run_as()
+        users = self._function_users(run_as)
         python = config.workers.python or sys.executable
         unwritten = await asyncio.to_thread(compile_shim)
         if unwritten:
@@ -96,7 +97,7 @@ class Daemon:
         sandbox = await asyncio.to_thread(
             Sandbox.detect, python=python, run_as=run_as, run_as_name=config.workers.run_as,
             functions_dir=config.paths.functions, data_dir=data, config_file=config.source,
-            memory=memory, tmpfs=config.workers.tmpfs)
+            memory=memory, tmpfs=config.workers.tmpfs, users=users)
         self._cleanups.append(sandbox.close)
         self.isolation = {
             "memory_limit": {"active": True, "mode": memory.mode,
@@ -131,7 +132,7 @@ class Daemon:
                                  keep_files=config.log.keep_files)
         self._cleanups.append(self.logs.close)
         env = WorkerEnvironment(data_dir=data, memory=memory, region=self.region, run_as=run_as,
-                                python=python, sandbox=sandbox)
+                                python=python, sandbox=sandbox, users=users)
         self.pool = WorkerPool(env, PoolSettings(freeze_after_ms=config.workers.freeze_after_ms,
                                                  keep_warm_s=config.workers.keep_warm_s,
                                                  zygote=config.workers.zygote))
@@ -213,6 +214,22 @@ class Daemon:
             log.error("[workers] run_as = %r: no such user; workers run as root", name)
             return None
         return entry.pw_uid, entry.pw_gid
+
+    def _function_users(self, run_as: tuple[int, int] | None) -> FunctionUsers | None:
+        """[workers] function_users, where it can be had (root, with run_as)."""
+        span = self.config.workers.function_users
+        if span is None:
+            return None
+        if run_as is None:
+            log.warning("[workers] function_users is not used: it needs faasd started as root, "
+                        "with a run_as user")
+            return None
+        users = FunctionUsers(*span, gid=run_as[1])
+        taken = users.users_in_range()
+        if taken:
+            raise ConfigError(f"[workers] function_users {span[0]}-{span[1]} holds uids of this "
+                              f"host's users ({', '.join(taken[:5])}): choose a range no one has")
+        return users
 
     def readiness(self) -> dict[str, dict[str, Any]]:
         checks = {"listening": {"ok": self.ready, "detail": "accepting requests" if self.ready else "not ready"}}

@@ -25,8 +25,9 @@ pid), so one code path isolates every runtime. In order:
      runs as a dedicated user (NPROC counts every process of a uid, so on a
      uid shared with the daemon it would throttle the daemon too);
   4. no new privileges (setuid binaries gain nothing), then the drop to
-     `run_as` with no supplementary groups; inside a user namespace, every
-     capability is dropped instead;
+     `run_as` -- or to the function's own uid, with `[workers] function_users`
+     (FunctionUsers) -- with no supplementary groups; inside a user
+     namespace, every capability is dropped instead;
   5. PR_SET_PDEATHSIG: the kernel kills the worker when the daemon dies.
      Set last, because a change of credentials clears it.
 
@@ -459,6 +460,41 @@ def read_pids(directory: str) -> list[int]:
         return []
 
 
+class FunctionUsers:
+    """A uid of its own for each function's workers (`[workers] function_users`).
+
+    Workers of different functions then differ in uid, so none can read
+    another's /proc/PID/environ or memory, ptrace it, signal it, or reach its
+    Runtime API, whatever its runtime execs. Every uid is in run_as's group
+    (code readable by that group stays readable) and has no passwd entry: the
+    range must be one no other user or service on the host has. A function
+    keeps its uid for the daemon's life; uids are not reused.
+    """
+
+    def __init__(self, first: int, last: int, gid: int) -> None:
+        self.first, self.last, self.gid = first, last, gid
+        self._uids: dict[str, int] = {}
+
+    def identity(self, function: str) -> tuple[int, int]:
+        """(uid, gid) for a function's workers. Raises SandboxError when the range is used up."""
+        uid = self._uids.get(function)
+        if uid is None:
+            uid = self.first + len(self._uids)
+            if uid > self.last:
+                raise SandboxError(
+                    f"[workers] function_users {self.first}-{self.last} has no uid left for "
+                    f"{function}: {len(self._uids)} functions hold one; widen the range")
+            self._uids[function] = uid
+        return uid, self.gid
+
+    def users_in_range(self) -> list[str]:
+        """Accounts of this host whose uid falls in the range (it must have none)."""
+        import pwd
+
+        return sorted(f"{entry.pw_name} ({entry.pw_uid})" for entry in pwd.getpwall()
+                      if self.first <= entry.pw_uid <= self.last)
+
+
 class Sandbox:
     """What isolation this host allows, decided once at daemon start."""
 
@@ -467,9 +503,10 @@ class Sandbox:
                  mount_note: str = "", pids_mode: str | None = None, pids_base: str | None = None,
                  pids_note: str = "", read_only: list[str] | tuple[()] = (),
                  hide: list[tuple[str, list[str]]] | tuple[()] = (), hide_note: str = "",
-                 run_as_note: str = "") -> None:
+                 run_as_note: str = "", users: FunctionUsers | None = None) -> None:
         self.python = python
         self.run_as = run_as
+        self.users = users
         self.run_as_name = run_as_name
         self.mount = mount
         self.userns = userns
@@ -493,7 +530,8 @@ class Sandbox:
     @classmethod
     def detect(cls, *, python: str, run_as: tuple[int, int] | None, run_as_name: str | None,
                functions_dir: str | os.PathLike, data_dir: str | os.PathLike,
-               config_file: str | os.PathLike | None, memory: Any, tmpfs: bool = True) -> Sandbox:
+               config_file: str | os.PathLike | None, memory: Any, tmpfs: bool = True,
+               users: FunctionUsers | None = None) -> Sandbox:
         """Probe what this host allows. Blocking (runs short probe processes)."""
         import logging
 
@@ -504,7 +542,7 @@ class Sandbox:
         read_only = _unique([functions_dir, package_dir])
         hide, hide_note = _hidden_paths(data_dir, config_file, [functions_dir, package_dir, python])
         sandbox = cls(python=python, run_as=run_as, run_as_name=run_as_name,
-                      read_only=read_only, hide=hide, hide_note=hide_note)
+                      read_only=read_only, hide=hide, hide_note=hide_note, users=users)
         sandbox._detect_pids(memory)
         if not tmpfs:
             sandbox.mount_note = "[workers] tmpfs = false: /tmp is a directory on the data disk"
@@ -524,11 +562,16 @@ class Sandbox:
                             "(RLIMIT_FSIZE) and by a usage check", sandbox.mount_note)
         if run_as is not None:
             # The interpreter and its standard library must be readable by the
-            # run_as user, or every Python worker fails at its first import.
-            problem = sandbox._probe(sandbox._base_plan(tmp_mb=1), check_imports=True)
+            # run_as user (or the functions' users), or every Python worker
+            # fails at its first import.
+            plan = sandbox._base_plan(tmp_mb=1)
+            who = run_as_name
+            if users is not None:
+                plan["uid"], who = users.first, f"uid {users.first} ([workers] function_users)"
+            problem = sandbox._probe(plan, check_imports=True)
             if problem is not None:
                 sandbox.run_as_note = (
-                    f"workers as {run_as_name} cannot run {python}: {problem}; install faasd "
+                    f"workers as {who} cannot run {python}: {problem}; install faasd "
                     f"where that user can read it, or set [workers] python to an interpreter "
                     f"it can run (e.g. /usr/bin/python3)")
                 log.error("%s", sandbox.run_as_note)
@@ -611,14 +654,17 @@ class Sandbox:
         return plan
 
     def prepare(self, *, worker_id: str, task_root: str | os.PathLike, tmp_dir: str | os.PathLike,
-                tmp_mb: int, memory_cgroup: Any = None, visible: list[str] | tuple[()] = ()
-                ) -> WorkerPlan:
+                tmp_mb: int, memory_cgroup: Any = None, visible: list[str] | tuple[()] = (),
+                user: tuple[int, int] | None = None) -> WorkerPlan:
         """The isolation of one worker. Creates its pids cgroup.
 
         `visible`: paths the runtime reads (its libraries) that must stay
-        reachable even where they sit under /tmp or the data dir.
+        reachable even where they sit under /tmp or the data dir. `user`:
+        (uid, gid) to run as instead of run_as (a function's own user).
         """
         plan = self._base_plan(tmp_mb=tmp_mb)
+        if user is not None and self.run_as is not None:
+            plan["uid"], plan["gid"] = user
         plan["chdir"] = str(task_root)
         task_root = os.path.realpath(task_root)
         if not any(_inside(task_root, p) for p in self.read_only):
@@ -705,7 +751,21 @@ class Sandbox:
                                  "they can signal the daemon; start faasd as root with "
                                  "[workers] run_as for a separate user")
         limits = f"NOFILE {MAX_OPEN_FILES}, FSIZE = tmp_mb, CORE 0"
-        if self.nproc:
+        if self.users is not None and not self.run_as_note:
+            function_users = item(True, f"each function's workers run as a uid of their own from "
+                                        f"{self.users.first}-{self.users.last}, in {user}'s group: "
+                                        "no function can read or signal another's processes")
+        elif self.users is not None:
+            function_users = item(False, self.run_as_note)
+        elif self.run_as is not None:
+            function_users = item(False, f"the workers of every function run as {user}: a program "
+                                         "a worker execs can be read by the others' code; set "
+                                         "[workers] function_users to give each function a uid")
+        else:
+            function_users = item(False, "needs root and [workers] run_as")
+        if self.nproc and self.users is not None:
+            nproc = item(True, f"at most {self.nproc} processes/threads for each function's user")
+        elif self.nproc:
             nproc = item(True, f"at most {self.nproc} processes/threads for {user}, all workers together")
         else:
             nproc = item(False, "RLIMIT_NPROC counts every process of a uid: not set while workers "
@@ -731,6 +791,7 @@ class Sandbox:
                                  "by file permissions only")
         return {
             "run_as": run_as,
+            "function_users": function_users,
             "mount_namespace": item(self.mount, self.mount_note),
             "tmp": tmp,
             "code_read_only": code,

@@ -34,7 +34,7 @@ import orjson
 from . import protocol
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
 from .limits import MB, MemoryLimits, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes
-from .sandbox import PLAN_ENV, Sandbox, WorkerPlan, join_cgroups_of
+from .sandbox import PLAN_ENV, SETUP_ERROR, FunctionUsers, Sandbox, SandboxError, WorkerPlan, join_cgroups_of
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 
@@ -89,6 +89,15 @@ class WorkerEnvironment:
     node: str | None = None
     # Namespaces, /tmp, rlimits, user (faasd/sandbox.py); None: spawn unconfined.
     sandbox: Sandbox | None = None
+    # A uid for each function ([workers] function_users); None: all run as run_as.
+    users: FunctionUsers | None = None
+
+    def identity(self, function: str) -> tuple[int, int] | None:
+        """(uid, gid) the workers of `function` run as; None: the daemon's own.
+        Raises SandboxError when function_users has no uid left."""
+        if self.users is not None and self.run_as is not None:
+            return self.users.identity(function)
+        return self.run_as
 
     @property
     def tmp_root(self) -> Path:
@@ -274,6 +283,7 @@ class ProcessWorker(Worker):
         super().__init__(spec, env)
         self.command = command
         self.extra_env = extra_env or {}  # runtime plumbing the shim removes before user code
+        self.identity: tuple[int, int] | None = None  # (uid, gid) it runs as; None: the daemon's
         self.popen: subprocess.Popen | None = None
         self._control: _Control | None = None
         self._output_transport: asyncio.BaseTransport | None = None
@@ -297,9 +307,13 @@ class ProcessWorker(Worker):
     async def start(self) -> None:
         loop = self._loop
         started = time.monotonic()
+        try:
+            self.identity = self.env.identity(self.spec.name)
+        except SandboxError as exc:
+            raise WorkerInitError(FunctionError(INIT, SETUP_ERROR, str(exc)), 0.0, []) from None
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        if self.env.run_as:
-            os.chown(self.tmp_dir, *self.env.run_as)
+        if self.identity:
+            os.chown(self.tmp_dir, *self.identity)
         os.chmod(self.tmp_dir, 0o700)
         # Created first: the process may say READY as soon as it runs.
         self._ready = loop.create_future()
@@ -317,7 +331,7 @@ class ProcessWorker(Worker):
                 worker_id=self.id, task_root=self.spec.task_root, tmp_dir=self.tmp_dir,
                 tmp_mb=self.spec.tmp_mb, memory_cgroup=self.cgroup,
                 visible=child_env.get(SITE_PATH_ENV, "").split(os.pathsep)
-                + file_trigger_dirs(self.spec, self.env.data_dir))
+                + file_trigger_dirs(self.spec, self.env.data_dir), user=self.identity)
             command, credentials = self.sandbox.wrap(self.command), {}
             child_env[PLAN_ENV] = self.sandbox.environment(
                 child_sock.fileno() if child_sock is not None else None)
@@ -412,9 +426,9 @@ class ProcessWorker(Worker):
         return True
 
     def _credentials(self) -> dict:
-        if self.env.run_as is None:
+        if self.identity is None:
             return {}
-        uid, gid = self.env.run_as
+        uid, gid = self.identity
         return {"user": uid, "group": gid, "extra_groups": []}
 
     # -- events from the process -------------------------------------------------

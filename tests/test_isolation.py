@@ -168,8 +168,8 @@ def test_system_info_states_every_isolation_feature_and_why_not(start_daemon, fu
     needs_root()
     daemon = start_daemon(functions_dir)
     isolation = daemon.get("/system/info").json()["isolation"]
-    for feature in ("memory_limit", "process_groups", "run_as", "mount_namespace", "tmp",
-                    "code_read_only", "private_data", "rlimits", "nproc_limit", "pids_limit",
+    for feature in ("memory_limit", "process_groups", "run_as", "function_users", "mount_namespace",
+                    "tmp", "code_read_only", "private_data", "rlimits", "nproc_limit", "pids_limit",
                     "no_new_privileges", "pdeathsig", "env_allowlist", "pid_namespace",
                     "network_namespace", "daemon_memory_private", "api_auth"):
         assert isinstance(isolation[feature]["active"], bool), feature
@@ -643,14 +643,18 @@ def handler(event, context):
 """
 
 
+@pytest.mark.parametrize("own_users", [False, True], ids=["shared-run_as", "function_users"])
 def test_workers_forked_from_a_run_as_template_get_their_own_tmpfs_and_spares_live(
-        start_daemon, functions_dir, faasd_user, readable_install):
+        start_daemon, functions_dir, faasd_user, readable_install, own_users):
     """A template that root started as run_as is undumpable; its forks must still be able to
     map their own user namespace for a tmpfs of their own (they used to die at once, and the
     template forked without end)."""
     write_function(functions_dir, "fn.py", FORKED)
     write_function(functions_dir, "fn.toml", "timeout_s = 10\n")
-    daemon = start_daemon(functions_dir, env=readable_install)
+    env = dict(readable_install)
+    if own_users:
+        env["FAASD_WORKERS_FUNCTION_USERS"] = "%d-%d" % FUNCTION_USERS
+    daemon = start_daemon(functions_dir, env=env)
     first = invoke(daemon, "fn", {"write": "first"})[0]
     template = wait_until(lambda: (daemon.function("fn")["template"] or {}).get("spares") == 1
                           and daemon.function("fn")["template"], message="the template and its spare")
@@ -664,7 +668,112 @@ def test_workers_forked_from_a_run_as_template_get_their_own_tmpfs_and_spares_li
     wait_until(lambda: daemon.function("fn")["template"]["spares"] >= 1, message="a new spare")
     time.sleep(0.5)
     assert "died before use" not in daemon.output()
-    assert first["uid"] == faasd_user.pw_uid
+    assert (first["uid"] == faasd_user.pw_uid) is not own_users
+
+
+# -- one user per function ----------------------------------------------------------------
+
+KEEPER = "export const handler = async () => ({ok: true});\n"
+SNOOP = """
+import os
+
+def handler(event, context):
+    needle = event["needle"].encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as environ:
+                    if needle in environ.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    try:
+        with open(f"/proc/{event['pid']}/environ", "rb") as environ:
+            environ.read()
+        read = "allowed"
+    except OSError as exc:
+        read = exc.strerror
+    try:
+        os.kill(event["pid"], 0)
+        signal = "allowed"
+    except OSError as exc:
+        signal = exc.strerror
+    return {"found": found, "read": read, "signal": signal, "uid": os.getuid(), "gid": os.getgid()}
+"""
+FUNCTION_USERS = (3_800_000_000, 3_800_000_099)  # no host has users this high
+
+
+def _process_ids(pid: int) -> tuple[int, int]:
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["Uid"].split()[1]), int(status["Gid"].split()[1])
+
+
+@pytest.mark.parametrize("own_users", [False, True], ids=["shared-run_as", "function_users"])
+def test_with_function_users_no_function_can_read_or_signal_another_functions_worker(
+        start_daemon, functions_dir, faasd_user, readable_install, own_users):
+    """A Node worker execs node after dropping to its user, which leaves it dumpable: with
+    one shared run_as user the code of another function reads its environment (the limit
+    the README states); with function_users it cannot, nor signal it."""
+    if shutil.which("node") is None:
+        pytest.fail("node is missing: .ci/run installs the Debian package nodejs")
+    secret = f"keeper-secret-{os.getpid()}-{own_users}"
+    write_function(functions_dir, "keeper.mjs", KEEPER)
+    write_function(functions_dir, "keeper.toml", f'[env]\nSECRET = "{secret}"\n')
+    write_function(functions_dir, "snoop.py", SNOOP)
+    env = dict(readable_install)
+    if own_users:
+        env["FAASD_WORKERS_FUNCTION_USERS"] = "%d-%d" % FUNCTION_USERS
+    daemon = start_daemon(functions_dir, env=env)
+    assert invoke(daemon, "keeper") == ({"ok": True}, None)
+    keeper = sorted(pids_with_env("SECRET", secret))
+    assert keeper, "the keeper's worker holds its secret in its environment"
+    result, error = invoke(daemon, "snoop", {"needle": secret, "pid": keeper[0]})
+    assert error is None, result
+    keeper_ids = _process_ids(keeper[0])
+    isolation = daemon.get("/system/info").json()["isolation"]
+    if own_users:
+        assert result["found"] == [] and result["read"] == "Permission denied"
+        assert result["signal"] == "Operation not permitted"
+        uids = {keeper_ids[0], result["uid"]}
+        assert len(uids) == 2 and all(FUNCTION_USERS[0] <= uid <= FUNCTION_USERS[1] for uid in uids)
+        assert keeper_ids[1] == result["gid"] == faasd_user.pw_gid  # in run_as's group
+        assert isolation["function_users"]["active"] is True
+    else:
+        assert set(result["found"]) & set(keeper) and result["read"] == "allowed"
+        assert result["signal"] == "allowed"
+        assert keeper_ids == (result["uid"], result["gid"]) == (faasd_user.pw_uid, faasd_user.pw_gid)
+        assert isolation["function_users"]["active"] is False
+        assert "function_users" in isolation["function_users"]["note"]
+    still_serving(daemon)
+
+
+def test_a_function_past_the_end_of_function_users_fails_its_init_and_the_rest_runs(
+        start_daemon, functions_dir, readable_install):
+    write_function(functions_dir, "first.py", OK)
+    write_function(functions_dir, "second.py", OK)
+    daemon = start_daemon(functions_dir, env={**readable_install, "FAASD_WORKERS_FUNCTION_USERS":
+                                              "%d-%d" % (FUNCTION_USERS[0], FUNCTION_USERS[0])})
+    assert invoke(daemon, "first") == ({"ok": True}, None)
+    result, error = invoke(daemon, "second")
+    assert error == "Sandbox.SetupFailed"
+    assert "has no uid left for second" in result["errorMessage"], result
+    assert invoke(daemon, "first") == ({"ok": True}, None)
+
+
+def test_function_users_that_hold_a_hosts_user_or_lack_run_as_are_refused(
+        start_daemon, functions_dir, readable_install):
+    from faasd.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="function_users needs run_as"):
+        load_config(None, env={"FAASD_WORKERS_FUNCTION_USERS": "200000-200100"})
+    with pytest.raises(ConfigError, match="is not valid: expected a range of uids"):
+        load_config(None, env={"FAASD_WORKERS_FUNCTION_USERS": "lots", "FAASD_WORKERS_RUN_AS": "x"})
+    nobody = pwd.getpwnam("nobody").pw_uid
+    daemon = start_daemon(functions_dir, wait=False, env={
+        **readable_install, "FAASD_WORKERS_FUNCTION_USERS": f"{nobody - 10}-{nobody + 10}"})
+    assert daemon.process.wait(timeout=30) == 1
+    assert f"holds uids of this host's users (nobody ({nobody}))" in daemon.output()
 
 
 # -- the worker half alone, unprivileged ---------------------------------------------------
