@@ -331,7 +331,7 @@ class ProcessWorker(Worker):
                 worker_id=self.id, task_root=self.spec.task_root, tmp_dir=self.tmp_dir,
                 tmp_mb=self.spec.tmp_mb, memory_cgroup=self.cgroup,
                 visible=child_env.get(SITE_PATH_ENV, "").split(os.pathsep)
-                + file_trigger_dirs(self.spec, self.env.data_dir), user=self.identity)
+                + file_trigger_dirs(self.spec, self.env.data_dir, self.identity), user=self.identity)
             command, credentials = self.sandbox.wrap(self.command), {}
             child_env[PLAN_ENV] = self.sandbox.environment(
                 child_sock.fileno() if child_sock is not None else None)

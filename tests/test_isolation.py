@@ -671,6 +671,51 @@ def test_workers_forked_from_a_run_as_template_get_their_own_tmpfs_and_spares_li
     assert (first["uid"] == faasd_user.pw_uid) is not own_users
 
 
+# -- a file trigger's bucket, for run_as workers --------------------------------------------
+
+BUCKET_WRITER = """
+import os
+from pathlib import Path
+
+def handler(event, context):
+    for record in event.get("Records", []):
+        key = record["s3"]["object"]["key"]
+        source = Path(record["faasd"]["path"])
+        bucket = source.parents[len(Path(key).parts) - 1]
+        (bucket / "out").mkdir(exist_ok=True)
+        (bucket / "out" / (source.name + ".done")).write_text(source.read_text().upper())
+    return {"uid": os.getuid()}
+"""
+
+
+def test_run_as_workers_write_their_outputs_into_a_bucket_in_the_data_dir(
+        start_daemon, functions_dir, faasd_user, readable_install, tmp_path):
+    """Root creates a file trigger's dir; a handler running as run_as writes its outputs
+    beside the inputs (the thumbnail example); an operator's dir it cannot write is named."""
+    write_function(functions_dir, "writer/handler.py", BUCKET_WRITER)
+    write_function(functions_dir, "writer/function.toml",
+                   '[[triggers]]\ntype = "file"\ndir = "bucket"\npatterns = ["in/*.txt"]\n')
+    operators = tmp_path / "operators"
+    operators.mkdir(mode=0o755)
+    write_function(functions_dir, "elsewhere/handler.py", BUCKET_WRITER)
+    write_function(functions_dir, "elsewhere/function.toml",
+                   f'[[triggers]]\ntype = "file"\ndir = "{operators}"\npatterns = ["*.txt"]\n')
+    daemon = start_daemon(functions_dir, env=readable_install)
+    bucket = daemon.data / "bucket"
+    wait_until(bucket.is_dir, message="the bucket dir")
+    (bucket / "in").mkdir()
+    (bucket / "in" / "a.txt").write_text("hello")
+    done = bucket / "out" / "a.txt.done"
+    wait_until(done.exists, timeout=20, message="the handler's output")
+    assert done.read_text() == "HELLO"
+    assert done.stat().st_uid == faasd_user.pw_uid
+    assert bucket.stat().st_gid == faasd_user.pw_gid and bucket.stat().st_mode & 0o2070 == 0o2070
+    assert invoke(daemon, "elsewhere")[0] == {"uid": faasd_user.pw_uid}
+    wait_until(lambda: f"cannot write its file trigger's dir {operators}" in daemon.output(),
+               message="the warning about the operator's dir")
+    assert operators.stat().st_mode & 0o777 == 0o755  # not faasd's to change
+
+
 # -- one user per function ----------------------------------------------------------------
 
 KEEPER = "export const handler = async () => ({ok: true});\n"

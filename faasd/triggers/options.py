@@ -9,10 +9,14 @@ check` and every registry rescan run it.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Callable
+
+log = logging.getLogger("faasd.triggers")
 
 FILE_KEYS = {"dir", "patterns", "bucket"}
 CRON_KEYS = {"schedule", "timezone", "input", "catch_up", "overlap"}
@@ -189,11 +193,16 @@ def file_trigger_dir(directory: str, data_dir: Path) -> Path:
     return (path if path.is_absolute() else data_dir / path).resolve()
 
 
-def file_trigger_dirs(spec: Any, data_dir: Path) -> list[str]:
+def file_trigger_dirs(spec: Any, data_dir: Path, user: tuple[int, int] | None = None) -> list[str]:
     """The dirs a function's file triggers watch, created if missing.
 
     Its workers must see them, read-write, even where they sit in the data
     dir or under /tmp, which the worker sandbox hides: they are its bucket.
+    `user`: the workers' (uid, gid), where they run as another user than the
+    daemon (root with run_as). A bucket inside the data dir is faasd's own:
+    it is given to that group, writable and setgid (what the workers create
+    there stays in the group); one elsewhere is the operator's, and a warning
+    says when the workers cannot write it.
     """
     dirs = []
     for trigger in getattr(spec, "triggers", ()):
@@ -201,7 +210,29 @@ def file_trigger_dirs(spec: Any, data_dir: Path) -> list[str]:
             path = file_trigger_dir(trigger.get("dir"), data_dir)
             try:
                 path.mkdir(parents=True, exist_ok=True)
+                if user is not None:
+                    _share_with_workers(spec.name, path, data_dir, user)
             except OSError:
                 continue  # reported by the trigger itself when it starts
             dirs.append(str(path))
     return dirs
+
+
+_warned_unwritable: set[str] = set()
+
+
+def _share_with_workers(function: str, path: Path, data_dir: Path, user: tuple[int, int]) -> None:
+    uid, group = user
+    status = path.stat()
+    if ((status.st_uid == uid and status.st_mode & stat.S_IWUSR)
+            or (status.st_gid == group and status.st_mode & stat.S_IWGRP)
+            or status.st_mode & stat.S_IWOTH):
+        return
+    if path.resolve().is_relative_to(data_dir.resolve()):
+        os.chown(path, -1, group)
+        os.chmod(path, stat.S_IMODE(status.st_mode) | stat.S_IRWXG | stat.S_ISGID)
+    elif str(path) not in _warned_unwritable:
+        _warned_unwritable.add(str(path))
+        log.warning("function %s: its workers (uid %d, gid %d) cannot write its file trigger's "
+                    "dir %s: a handler that writes its outputs there will fail", function, uid,
+                    group, path)
