@@ -34,7 +34,9 @@ import orjson
 from . import protocol
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
 from .limits import MB, MemoryLimits, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes
-from .sandbox import PLAN_ENV, SETUP_ERROR, FunctionUsers, Sandbox, SandboxError, WorkerPlan, join_cgroups_of
+from .sandbox import (
+    PLAN_ENV, SETUP_ERROR, FunctionUsers, Sandbox, SandboxError, WorkerPlan, join_cgroups_of,
+)
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 

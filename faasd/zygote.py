@@ -49,8 +49,7 @@ from .sandbox import WorkerPlan, join_cgroups_of
 from .spec import FunctionSpec
 from .workers import (
     SITE_PATH_ENV, ProcessWorker, WorkerEnvironment, WorkerInitError, WorkerState, _Control,
-    describe_exit,
-    python_command, python_site_path,
+    describe_exit, python_command, python_site_path,
 )
 
 log = logging.getLogger("faasd.zygote")
@@ -389,6 +388,7 @@ class ForkedWorker(ProcessWorker):
     def __init__(self, spec: FunctionSpec, env: WorkerEnvironment, template: Template) -> None:
         super().__init__(spec, env, command=[])
         self.template = template
+        self.identity = template.identity  # a fork runs as its template does
         template.children.add(self.id)
 
     async def start(self) -> None:
