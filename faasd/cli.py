@@ -263,11 +263,17 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .registry import scan
+    from .sandbox import FunctionUsers
 
     try:
         config = _config(args)
     except ConfigError as exc:
         print(f"config: error: {exc}")
+        return 1
+    users = config.workers.function_users
+    problem = FunctionUsers(*users, gid=0).clash() if users else None
+    if problem:
+        print(f"config: error: {problem}")
         return 1
     print(f"config: ok ({config.source or 'built-in defaults'})")
     if not config.paths.functions.is_dir():

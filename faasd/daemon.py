@@ -225,10 +225,9 @@ class Daemon:
                         "with a run_as user")
             return None
         users = FunctionUsers(*span, gid=run_as[1])
-        taken = users.users_in_range()
-        if taken:
-            raise ConfigError(f"[workers] function_users {span[0]}-{span[1]} holds uids of this "
-                              f"host's users ({', '.join(taken[:5])}): choose a range no one has")
+        problem = users.clash()
+        if problem:
+            raise ConfigError(problem)
         return users
 
     def readiness(self) -> dict[str, dict[str, Any]]:

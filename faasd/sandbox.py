@@ -487,12 +487,16 @@ class FunctionUsers:
             self._uids[function] = uid
         return uid, self.gid
 
-    def users_in_range(self) -> list[str]:
-        """Accounts of this host whose uid falls in the range (it must have none)."""
+    def clash(self) -> str | None:
+        """Why the range cannot be used on this host (it holds accounts), or None."""
         import pwd
 
-        return sorted(f"{entry.pw_name} ({entry.pw_uid})" for entry in pwd.getpwall()
-                      if self.first <= entry.pw_uid <= self.last)
+        taken = sorted(f"{entry.pw_name} ({entry.pw_uid})" for entry in pwd.getpwall()
+                       if self.first <= entry.pw_uid <= self.last)
+        if not taken:
+            return None
+        return (f"[workers] function_users {self.first}-{self.last} holds uids of this host's "
+                f"users ({', '.join(taken[:5])}): choose a range no one has")
 
 
 class Sandbox:

@@ -815,10 +815,16 @@ def test_function_users_that_hold_a_hosts_user_or_lack_run_as_are_refused(
     with pytest.raises(ConfigError, match="is not valid: expected a range of uids"):
         load_config(None, env={"FAASD_WORKERS_FUNCTION_USERS": "lots", "FAASD_WORKERS_RUN_AS": "x"})
     nobody = pwd.getpwnam("nobody").pw_uid
-    daemon = start_daemon(functions_dir, wait=False, env={
-        **readable_install, "FAASD_WORKERS_FUNCTION_USERS": f"{nobody - 10}-{nobody + 10}"})
+    clashing = {**readable_install, "FAASD_WORKERS_FUNCTION_USERS": f"{nobody - 10}-{nobody + 10}"}
+    said = f"holds uids of this host's users (nobody ({nobody}))"
+    check = subprocess.run([sys.executable, "-m", "faasd", "check", "--functions", str(functions_dir)],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, **clashing, "PYTHONPATH": str(ROOT)})
+    assert check.returncode == 1 and "config: error: [workers] function_users" in check.stdout
+    assert said in check.stdout
+    daemon = start_daemon(functions_dir, wait=False, env=clashing)
     assert daemon.process.wait(timeout=30) == 1
-    assert f"holds uids of this host's users (nobody ({nobody}))" in daemon.output()
+    assert said in daemon.output()
 
 
 # -- the worker half alone, unprivileged ---------------------------------------------------
