@@ -427,6 +427,11 @@ class ProcessWorker(Worker):
         transport.write(protocol.encode(kind, payload))
         return True
 
+    def to_json(self) -> dict:
+        view = super().to_json()
+        view["uid"] = self.identity[0] if self.identity is not None else os.getuid()
+        return view
+
     def _credentials(self) -> dict:
         if self.identity is None:
             return {}

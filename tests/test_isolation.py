@@ -782,6 +782,9 @@ def test_with_function_users_no_function_can_read_or_signal_another_functions_wo
         assert result["signal"] == "Operation not permitted"
         uids = {keeper_ids[0], result["uid"]}
         assert len(uids) == 2 and all(FUNCTION_USERS[0] <= uid <= FUNCTION_USERS[1] for uid in uids)
+        # /system/functions/NAME says which uid each worker runs as.
+        assert {w["uid"] for w in daemon.workers("keeper")} == {keeper_ids[0]}
+        assert {w["uid"] for w in daemon.workers("snoop")} == {result["uid"]}
         assert keeper_ids[1] == result["gid"] == faasd_user.pw_gid  # in run_as's group
         assert isolation["function_users"]["active"] is True
     else:
