@@ -14,7 +14,10 @@ the two is what faasd adds to aiohttp.
 Run it on an otherwise idle machine: the count does not depend on timing
 except through how many requests one event-loop turn takes up, and with
 another busy process on the same cores (a package install) the per-request
-count for the same code moved from 463,554 to 543,060.
+count for the same code moved from 463,554 to 543,060. Even on an idle
+machine a run now and then batches differently (one commit measured 447,005,
+447,342 and 374,597), so each side is counted BENCH_RUNS times (3),
+interleaved, and the median is reported with every run's figure.
 
     python bench/instructions.py            # needs valgrind (apt-get install valgrind)
 
@@ -33,9 +36,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import FAASD_ROOT, emit_json, report
+from common import FAASD_ROOT, emit_json, median, report
 
 SMALL, LARGE = 800, 2400  # requests in the two counted runs
+# Each side is counted this many times, A B A B, and the median taken: now and
+# then a run batches requests differently and lands far from the others.
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 CONNECTIONS = 16
 REQUEST = b"GET /function/noop HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n\r\n"
 
@@ -165,17 +171,21 @@ def main() -> None:
         (directory / "functions" / "noop.py").write_text("def handler(event, context):\n    return 'ok'\n")
         # Templates fork real processes; log lines still go to files and stdout.
         (directory / "faasd.toml").write_text('[workers]\nzygote = false\n[log]\nlevel = "info"\n')
-        per_request = {}
-        for side in ("bare", "faasd"):
-            small = counted(side, SMALL, directory)
-            large = counted(side, LARGE, directory)
-            per_request[side] = (large - small) / (LARGE - SMALL)
+        samples: dict[str, list[float]] = {"bare": [], "faasd": []}
+        for _ in range(RUNS):
+            for side in samples:
+                small = counted(side, SMALL, directory)
+                large = counted(side, LARGE, directory)
+                samples[side].append((large - small) / (LARGE - SMALL))
+        per_request = {side: median(values) for side, values in samples.items()}
     added = per_request["faasd"] - per_request["bare"]
     report(f"instructions per HTTP request, client included ({LARGE} - {SMALL} requests, "
-           f"{CONNECTIONS} connections)", [
+           f"{CONNECTIONS} connections, median of {RUNS} runs)", [
         ("bare aiohttp handler", f"{per_request['bare']:,.0f}"),
         ("faasd, in-process workers", f"{per_request['faasd']:,.0f}"),
         ("added by faasd", f"{added:,.0f}  ({per_request['faasd'] / per_request['bare']:.2f} x bare)"),
+        *((f"{side} runs", ", ".join(f"{value:,.0f}" for value in values))
+          for side, values in samples.items()),
     ])
     emit_json("instructions", {"bare": per_request["bare"], "faasd": per_request["faasd"], "added": added})
 
