@@ -102,7 +102,7 @@ class FunctionLogs:
 
     def write(self, name: str, request_id: str, *texts: str) -> None:
         """Append lines (without their newline) to a function's log."""
-        if max(map(len, texts)) > MAX_LINE:
+        if max(map(len, texts), default=0) > MAX_LINE:
             texts = tuple(map(_cut, texts))
         self._batch.append((name, iso_now(), request_id, texts))
         if not self._flush_scheduled:
@@ -148,6 +148,7 @@ class FunctionLogs:
             lines = pending.get(name)
             if lines is None:
                 lines = pending[name] = []
+            first = len(lines)
             head = f"{stamp}\t{request_id}\t"
             for text in texts:
                 lines.append(f"{head}{text}\n")
@@ -164,9 +165,9 @@ class FunctionLogs:
                         option=orjson.OPT_APPEND_NEWLINE).decode())
             if followers and name in followers:
                 for queue in followers[name]:
-                    for text in texts:
+                    for line in lines[first:]:  # this entry's file lines
                         if queue.qsize() < 10000:
-                            queue.put_nowait(f"{stamp}\t{request_id}\t{text}\n")
+                            queue.put_nowait(line)
         return pending, echo
 
     def _append(self, name: str, data: bytes) -> None:

@@ -64,11 +64,6 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 INIT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-def outcome_of(invocation: Invocation) -> str:
-    kind = invocation.error.kind if invocation.error is not None else None
-    return OUTCOMES.get(kind, "error")
-
-
 class Histogram:
     """One function's histogram: counts per bucket (not cumulative) and the sum."""
 

@@ -667,7 +667,7 @@ class Sandbox:
         (uid, gid) to run as instead of run_as (a function's own user).
         """
         plan = self._base_plan(tmp_mb=tmp_mb)
-        if user is not None and self.run_as is not None:
+        if user is not None:
             plan["uid"], plan["gid"] = user
         plan["chdir"] = str(task_root)
         task_root = os.path.realpath(task_root)

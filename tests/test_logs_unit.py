@@ -192,3 +192,16 @@ def test_one_flush_writes_each_functions_lines_in_order_to_files_stdout_follower
         (1, "a", "r1", "START a1"), (2, "b", "r2", "START b1"), (3, "b", "r2", "b says hi"),
         (4, "a", "r1", "END a1"), (5, "a", "r1", "REPORT a1")]
     logs.close()
+
+
+def test_a_write_of_no_lines_writes_nothing(tmp_path):
+    stream = io.BytesIO()
+    logs = FunctionLogs(tmp_path, stream=stream)
+
+    async def scenario() -> None:
+        logs.write("fn", "rid")
+        logs.flush()
+
+    asyncio.run(scenario())
+    assert stream.getvalue() == b"" and logs.tail("fn", 10) == []
+    logs.close()
