@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from .errors import FunctionNotFound, InvalidRequest, InvokeRefused, Throttled
-from .spec import FunctionSpec, function_arn, new_request_id, valid_name
+from .spec import FunctionSpec, code_sha256, function_arn, new_request_id, valid_name
 from .triggers.http import valid_text
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def function_configuration(spec: FunctionSpec, region: str) -> dict[str, Any]:
         "Timeout": max(1, int(round(spec.timeout_s))),
         "MemorySize": spec.memory_mb,
         "LastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(modified)),
-        "CodeSha256": spec.revision,
+        "CodeSha256": code_sha256(spec),
         "Version": "$LATEST",
         "Environment": {"Variables": dict(spec.env)},
         "TracingConfig": {"Mode": "PassThrough"},

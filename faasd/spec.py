@@ -10,6 +10,8 @@ and reported while every other function keeps working.
 from __future__ import annotations
 
 import ast
+import base64
+import functools
 import hashlib
 import os
 import random
@@ -478,32 +480,63 @@ def _check_http_trigger(options: dict, where: str) -> None:
     options["methods"] = [m.upper() for m in methods]
 
 
+def code_files(source: Path) -> list[Path]:
+    """The files of a function's code, in path order: the source file, or every
+    file under the source directory except hidden entries and bytecode caches."""
+    if not source.is_dir():
+        return [source]
+    found: list[Path] = []
+    for root, dirs, files in os.walk(source):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        found.extend(Path(root) / name for name in sorted(files)
+                     if not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES))
+    return found
+
+
 def revision_of(source: Path, config_file: Path | None) -> str:
     """A fingerprint of the function's files: (path, size, mtime) of each.
 
-    Directories are walked (skipping hidden entries and bytecode caches); a
-    large function dir costs one stat per file, once per rescan.
+    A large function dir costs one stat per file, once per rescan.
     """
     parts: list[str] = []
-
-    def add(path: Path) -> None:
+    files = code_files(source)
+    if config_file is not None and not source.is_dir():
+        files.append(config_file)
+    for path in files:
         try:
             st = path.stat()
         except OSError:
-            return
+            continue
         parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
-
-    if source.is_dir():
-        for root, dirs, files in os.walk(source):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-            for name in sorted(files):
-                if not name.startswith(".") and not name.endswith(IGNORED_SUFFIXES):
-                    add(Path(root) / name)
-    else:
-        add(source)
-    if config_file is not None and not source.is_dir():
-        add(config_file)
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()
+
+
+def code_sha256(spec: FunctionSpec) -> str:
+    """Lambda's CodeSha256 for a function: base64 SHA-256 of its code.
+
+    Lambda hashes the deployment package; here the package is the function's
+    files, so the hash covers each code file's path (relative to the source)
+    and contents. As in Lambda, settings (function.toml or the NAME.toml
+    sidecar) are not code: changing them leaves the hash as it was. The files
+    are read once per revision.
+    """
+    return _code_sha256(spec.source, spec.config_file, spec.revision)
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_sha256(source: Path, config_file: Path | None, revision: str) -> str:
+    digest = hashlib.sha256()
+    base = source if source.is_dir() else source.parent
+    for path in code_files(source):
+        if path == config_file:
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        name = path.relative_to(base).as_posix().encode()
+        digest.update(len(name).to_bytes(4, "big") + name + len(data).to_bytes(8, "big") + data)
+    return base64.b64encode(digest.digest()).decode()
 
 
 # Identity faasd gives functions, in Lambda's formats. The account id is a

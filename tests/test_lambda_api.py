@@ -243,6 +243,40 @@ def test_get_function_returns_the_configuration_boto3_parses(daemon, lam):
     assert "Runtime.UserCodeSyntaxError" in broken["StateReason"]
 
 
+def test_code_sha256_is_the_codes_sha256_and_settings_do_not_change_it(daemon, lam):
+    # Lambda's CodeSha256 is base64 SHA-256 of the code; a settings change
+    # (memory, env) gives a new RevisionId and leaves CodeSha256 as it was.
+    write_function(daemon.functions, "hashed.py", ECHO)
+    wait_loaded(daemon, "hashed")
+    first = lam.get_function(FunctionName="hashed")["Configuration"]
+    assert len(base64.b64decode(first["CodeSha256"], validate=True)) == 32
+
+    write_function(daemon.functions, "hashed.toml", "memory_mb = 512\n")
+    wait_until(lambda: lam.get_function(FunctionName="hashed")["Configuration"]["MemorySize"] == 512,
+               message="the settings change to load")
+    settings = lam.get_function(FunctionName="hashed")["Configuration"]
+    assert settings["RevisionId"] != first["RevisionId"]
+    assert settings["CodeSha256"] == first["CodeSha256"]
+
+    write_function(daemon.functions, "hashed.py", ECHO + "# changed\n")
+    wait_until(lambda: lam.get_function(FunctionName="hashed")["Configuration"]["RevisionId"]
+               != settings["RevisionId"], message="the code change to load")
+    code = lam.get_function(FunctionName="hashed")["Configuration"]
+    assert code["CodeSha256"] != first["CodeSha256"]
+
+    # A directory function: every code file counts, its function.toml does not.
+    write_function(daemon.functions, "hashdir/handler.py", ECHO)
+    write_function(daemon.functions, "hashdir/lib/util.py", "X = 1\n")
+    wait_loaded(daemon, "hashdir")
+    before = lam.get_function(FunctionName="hashdir")["Configuration"]["CodeSha256"]
+    write_function(daemon.functions, "hashdir/function.toml", "timeout_s = 9\n")
+    wait_until(lambda: lam.get_function(FunctionName="hashdir")["Configuration"]["Timeout"] == 9,
+               message="hashdir's settings to load")
+    assert lam.get_function(FunctionName="hashdir")["Configuration"]["CodeSha256"] == before
+    write_function(daemon.functions, "hashdir/lib/util.py", "X = 2\n")
+    wait_until(lambda: lam.get_function(FunctionName="hashdir")["Configuration"]["CodeSha256"] != before,
+               message="hashdir's code change to change CodeSha256")
+
 def test_list_functions_pages_through_every_function(daemon, lam):
     for name in ("alpha", "beta", "gamma"):
         write_function(daemon.functions, f"{name}.py", ECHO)
