@@ -8,7 +8,8 @@ Every worker is in one state:
     any --crash / timeout / OOM / stale code / keep_warm_s--> RETIRING --> gone
 
 `acquire()` takes, in order: the most recently used idle worker, the most
-recently frozen worker (thawed with SIGCONT), or the first worker to become
+recently frozen worker (still stopped: its `run()` sends SIGCONT right after
+writing the call, so it wakes once, to the call), or the first worker to become
 free, whether released by another call or newly started. Each waiting call
 has a start under way for it, but only a few per function at a time: a
 burst of a thousand calls starts workers as fast as they come up, and calls
@@ -127,7 +128,7 @@ class FunctionPool:
             raise
 
     def _take_ready(self) -> Worker | None:
-        """The most recently used idle worker, else the most recently frozen one, thawed."""
+        """The most recently used idle worker, else the most recently frozen one."""
         revision = self.spec.revision
         while self._idle:
             worker = self._idle.pop()
@@ -139,8 +140,7 @@ class FunctionPool:
             worker = self._frozen.pop()
             self._frozen_at.pop(worker.id, None)
             if worker.alive and worker.spec.revision == revision:
-                worker.thaw()
-                return worker
+                return worker  # still stopped: run() thaws it once its call is written
             self.retire(worker)
         return None
 

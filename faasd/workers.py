@@ -143,6 +143,9 @@ class Worker:
         self.init_ms: float | None = None
         self.init_cpu_ms: float | None = None  # CPU time the process spent getting ready
         self.invocations = 0
+        # Stopped by freeze() and not yet thawed. The pool hands a frozen
+        # worker out still stopped; run() thaws it once the call is written.
+        self.frozen = False
         self.tmp_dir = env.tmp_root / self.id
         self.arn = function_arn(spec.name, env.region)  # context.invoked_function_arn
         self.cgroup: WorkerCgroup | None = None
@@ -205,6 +208,7 @@ class Worker:
         raise NotImplementedError
 
     def thaw(self) -> None:
+        """Undo freeze(). run() calls it for a worker still frozen when taken."""
         raise NotImplementedError
 
     async def stop(self) -> None:
@@ -570,6 +574,11 @@ class ProcessWorker(Worker):
             error = FunctionError(CRASH, "Runtime.ExitError",
                                   f"RequestId: {request_id} Error: {describe_exit(self.returncode)}")
             return RunResult(None, error, 0, False)
+        if self.frozen:
+            # SIGCONT after the call is written: the worker wakes once, to a
+            # frame already waiting, instead of once for the signal (to block
+            # in its read again) and once more for the frame.
+            self.thaw()
         self._deadline_handle = loop.call_at(
             loop.time() + max(deadline - time.time(), 0), self._on_deadline, call)
         if self.cgroup is None:
@@ -660,8 +669,10 @@ class ProcessWorker(Worker):
 
     def freeze(self) -> None:
         self._killpg(signal.SIGSTOP)
+        self.frozen = True
 
     def thaw(self) -> None:
+        self.frozen = False
         self._killpg(signal.SIGCONT)
 
     def kill(self) -> None:
