@@ -136,8 +136,12 @@ class Invoker:
         return limiter
 
     async def invoke(self, name: str, event: bytes, *, request_id: str | None = None,
-                     wait: bool = False, source: str = "api") -> Invocation:
+                     wait: bool = False, source: str = "api",
+                     client_context: dict | None = None) -> Invocation:
         """Run `name` on `event` (JSON bytes) and report how it went.
+
+        `client_context` is the caller's ClientContext (Lambda Invoke API),
+        the handler's `context.client_context`.
 
         Raises FunctionNotFound, Throttled (only when `wait` is false) or
         ShuttingDown; every failure of the function itself is in the result.
@@ -170,7 +174,7 @@ class Invoker:
         try:
             # The spec may have changed while we waited for a slot.
             spec = self.registry.get(name) or spec
-            invocation = await self._run(spec, event, request_id or new_request_id())
+            invocation = await self._run(spec, event, request_id or new_request_id(), client_context)
         finally:
             self.inflight -= 1
             fn_limit.release()
@@ -192,7 +196,8 @@ class Invoker:
                 log.exception("throttle observer failed")
         raise Throttled(reason, "Rate Exceeded.")
 
-    async def _run(self, spec: FunctionSpec, event: bytes, request_id: str) -> Invocation:
+    async def _run(self, spec: FunctionSpec, event: bytes, request_id: str,
+                   client_context: dict | None = None) -> Invocation:
         capture = LogCapture(self.logs, spec.name, request_id)
         invocation = Invocation(request_id=request_id, function=spec.name)
         if spec.load_error:
@@ -214,7 +219,7 @@ class Invoker:
         deadline = time.time() + spec.timeout_s
         result = None
         try:
-            result = await worker.run(request_id, event, deadline, capture)
+            result = await worker.run(request_id, event, deadline, capture, client_context)
         finally:
             invocation.duration_ms = (time.perf_counter() - started) * 1000
             pool.release(worker, result is not None and result.reusable)

@@ -88,6 +88,28 @@ def _code_size(spec: FunctionSpec) -> int:
     return sum(p.stat().st_size for p in spec.source.rglob("*") if p.is_file())
 
 
+MAX_CLIENT_CONTEXT = 3583  # Lambda's limit, in characters of base64
+
+
+def client_context(request: web.Request) -> dict[str, Any] | None:
+    """`X-Amz-Client-Context` (boto3's ClientContext): base64 of a JSON object,
+    which the handler sees as `context.client_context`. As in Lambda, only a
+    synchronous call passes it on; any call with a malformed one is refused."""
+    text = request.headers.get("X-Amz-Client-Context")
+    if not text:
+        return None
+    if len(text) > MAX_CLIENT_CONTEXT:
+        raise InvalidRequest(f"Client context must be at most {MAX_CLIENT_CONTEXT} characters of "
+                             f"base64, not {len(text)}")
+    try:
+        value = orjson.loads(base64.b64decode(text, validate=True))
+    except ValueError:  # binascii.Error and orjson.JSONDecodeError both are
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidRequest("Client context must be a valid Base64-encoded JSON object.")
+    return value
+
+
 def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     invoker = daemon.invoker
     region = daemon.region
@@ -121,6 +143,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                     raise InvalidRequest("Could not parse request body into json: the payload is not valid JSON") from None
             else:
                 body = b"{}"
+            context = client_context(request)
             if invocation_type == "DryRun":
                 return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
             if invocation_type == "Event":
@@ -137,7 +160,8 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                     "at 'invocationType' "
                     "failed to satisfy constraint: Member must satisfy enum value set: "
                     "[Event, RequestResponse, DryRun]")
-            invocation = await invoker.invoke(spec.name, body, request_id=request_id, source="api")
+            invocation = await invoker.invoke(spec.name, body, request_id=request_id, source="api",
+                                              client_context=context)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
         headers = {"x-amzn-RequestId": request_id, "X-Amz-Executed-Version": "$LATEST"}

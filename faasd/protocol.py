@@ -15,7 +15,8 @@ daemon -> worker
     INVOKE    header JSON, one b"\\n", then the event's JSON bytes untouched
               (so the daemon never re-encodes an event it already holds as
               bytes). Header: {"id": request id, "deadline_ms": epoch ms,
-              "arn": invoked function ARN}.
+              "arn": invoked function ARN}, and "client_context" (the
+              caller's ClientContext object) when the call has one.
     SHUTDOWN  empty; the worker exits 0.
 
 worker -> daemon

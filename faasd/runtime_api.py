@@ -9,7 +9,8 @@ bootstrap in `AWS_LAMBDA_RUNTIME_API` (`127.0.0.1:PORT`):
 
     GET  /2018-06-01/runtime/invocation/next         the next event; blocks until there is one.
          Headers: Lambda-Runtime-Aws-Request-Id, Lambda-Runtime-Deadline-Ms
-         (epoch ms), Lambda-Runtime-Invoked-Function-Arn, Lambda-Runtime-Trace-Id.
+         (epoch ms), Lambda-Runtime-Invoked-Function-Arn, Lambda-Runtime-Trace-Id,
+         and Lambda-Runtime-Client-Context when the caller sent a ClientContext.
     POST /2018-06-01/runtime/invocation/ID/response  the result (up to 6 MB)   -> 202
     POST /2018-06-01/runtime/invocation/ID/error     {"errorMessage", "errorType", "stackTrace"} -> 202
     POST /2018-06-01/runtime/init/error              the same, before the first /next -> 202
@@ -83,6 +84,7 @@ class _Event:
     deadline_ms: int
     arn: str
     body: bytes
+    client_context: str | None  # JSON text, for Lambda-Runtime-Client-Context
 
 
 def _refusal(status: int, error_type: str, message: str) -> web.Response:
@@ -378,7 +380,9 @@ class RuntimeApi:
         """Take an INVOKE frame's payload: the next /next gets it."""
         head, _, body = payload.partition(b"\n")
         header = orjson.loads(head)
-        self._queued = _Event(header["id"], int(header["deadline_ms"]), header.get("arn", ""), body)
+        context = header.get("client_context")
+        self._queued = _Event(header["id"], int(header["deadline_ms"]), header.get("arn", ""), body,
+                              None if context is None else orjson.dumps(context).decode())
         self._wake(True)
         return self._listener is not None
 
@@ -427,12 +431,15 @@ class RuntimeApi:
             return _refusal(503, "Unavailable", "the connection closed before the event was sent")
         event, self._queued = self._queued, None
         self._current = event.request_id
-        return web.Response(body=event.body, content_type="application/json", headers={
+        headers = {
             "Lambda-Runtime-Aws-Request-Id": event.request_id,
             "Lambda-Runtime-Deadline-Ms": str(event.deadline_ms),
             "Lambda-Runtime-Invoked-Function-Arn": event.arn,
             "Lambda-Runtime-Trace-Id": _trace_id(),
-        })
+        }
+        if event.client_context is not None:
+            headers["Lambda-Runtime-Client-Context"] = event.client_context
+        return web.Response(body=event.body, content_type="application/json", headers=headers)
 
     def _unknown_request(self, request_id: str) -> web.Response:
         if self._current is None:

@@ -201,7 +201,8 @@ class Worker:
     async def start(self) -> None:
         raise NotImplementedError
 
-    async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink) -> RunResult:
+    async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink,
+                  client_context: dict | None = None) -> RunResult:
         raise NotImplementedError
 
     def freeze(self) -> None:
@@ -563,12 +564,16 @@ class ProcessWorker(Worker):
 
     # -- invocation -------------------------------------------------------------
 
-    async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink) -> RunResult:
+    async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink,
+                  client_context: dict | None = None) -> RunResult:
         """Run one invocation. `deadline` is in epoch seconds."""
         loop = self._loop
         future = loop.create_future()
         call = self._call = _Call(request_id, future, sink)
-        header = orjson.dumps({"id": request_id, "deadline_ms": int(deadline * 1000), "arn": self.arn})
+        fields = {"id": request_id, "deadline_ms": int(deadline * 1000), "arn": self.arn}
+        if client_context is not None:
+            fields["client_context"] = client_context
+        header = orjson.dumps(fields)
         if not self.alive or not self._send(protocol.INVOKE, header + b"\n" + event):
             self._call = None
             error = FunctionError(CRASH, "Runtime.ExitError",

@@ -277,6 +277,42 @@ def test_code_sha256_is_the_codes_sha256_and_settings_do_not_change_it(daemon, l
     wait_until(lambda: lam.get_function(FunctionName="hashdir")["Configuration"]["CodeSha256"] != before,
                message="hashdir's code change to change CodeSha256")
 
+CONTEXT_PROBE = """
+def handler(event, context):
+    cc = context.client_context
+    return {
+        "identity": [context.identity.cognito_identity_id, context.identity.cognito_identity_pool_id],
+        "client_context": None if cc is None else {
+            "custom": cc.custom, "env": cc.env,
+            "client": None if cc.client is None else
+                      [cc.client.app_title, cc.client.installation_id, cc.client.app_version_code],
+        },
+    }
+"""
+
+
+def test_client_context_reaches_the_handler_as_lambdas_context_client_context(daemon, lam):
+    write_function(daemon.functions, "ctxprobe.py", CONTEXT_PROBE)
+    wait_loaded(daemon, "ctxprobe")
+    given = {"custom": {"tenant": "blue", "n": 3}, "env": {"locale": "en_GB"},
+             "client": {"app_title": "shop", "installation_id": "i-1"}}
+    encoded = base64.b64encode(json.dumps(given).encode()).decode()
+    seen = json.loads(lam.invoke(FunctionName="ctxprobe", ClientContext=encoded)["Payload"].read())
+    assert seen == {"identity": [None, None], "client_context": {
+        "custom": {"tenant": "blue", "n": 3}, "env": {"locale": "en_GB"},
+        "client": ["shop", "i-1", None]}}
+    # Without one, as in Lambda: client_context is None, identity still has its fields.
+    plain = json.loads(lam.invoke(FunctionName="ctxprobe")["Payload"].read())
+    assert plain == {"identity": [None, None], "client_context": None}
+
+    for bad in ("not base64!", base64.b64encode(b"[1, 2]").decode(), base64.b64encode(b"{nope").decode()):
+        with pytest.raises(lam.exceptions.InvalidRequestContentException) as refused:
+            lam.invoke(FunctionName="ctxprobe", ClientContext=bad)
+        assert "Client context must be a valid Base64-encoded JSON object" in str(refused.value)
+    huge = base64.b64encode(json.dumps({"custom": {"x": "y" * 3000}}).encode()).decode()
+    with pytest.raises(lam.exceptions.InvalidRequestContentException, match="at most 3583"):
+        lam.invoke(FunctionName="ctxprobe", ClientContext=huge)
+
 def test_list_functions_pages_through_every_function(daemon, lam):
     for name in ("alpha", "beta", "gamma"):
         write_function(daemon.functions, f"{name}.py", ECHO)

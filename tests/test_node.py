@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -116,6 +117,21 @@ def test_context_and_environment_are_lambdas(start_daemon, functions_dir):
     assert "DAEMON_SECRET" not in env
     assert not any(key.startswith("_FAASD") for key in env)
 
+
+def test_client_context_is_context_client_context(daemon):
+    write_function(daemon.functions, "nodecc.js", """
+        exports.handler = async (event, context) => ({
+          cc: context.clientContext === undefined ? "undefined" : context.clientContext,
+        });
+    """)
+    loaded(daemon, "nodecc")
+    given = {"custom": {"tenant": "blue"}, "client": {"app_title": "shop"}}
+    response = daemon.post("/2015-03-31/functions/nodecc/invocations", "{}", headers={
+        "Content-Type": "application/json",
+        "X-Amz-Client-Context": base64.b64encode(json.dumps(given).encode()).decode()})
+    assert response.status == 200, response.text
+    assert response.json() == {"cc": given}
+    assert daemon.invoke("nodecc").json() == {"cc": "undefined"}
 
 def test_console_output_lands_between_start_and_end_with_the_request_id(daemon):
     write_function(daemon.functions, "talk.mjs", """

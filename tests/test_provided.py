@@ -3,6 +3,7 @@ talking to faasd's Lambda Runtime API over loopback."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -53,6 +54,7 @@ def handler(event, context):
             "remaining": context.get_remaining_time_in_millis(),
             "function_name": context.function_name, "memory": context.memory_limit_in_mb,
             "runtime_api": os.environ["AWS_LAMBDA_RUNTIME_API"],
+            "custom": context.client_context and context.client_context.custom,
             "faasd_vars": [k for k in os.environ if k.startswith("_FAASD")]}
 """
 
@@ -79,7 +81,13 @@ def test_awss_python_runtime_interface_client_runs_unmodified(daemon):
     assert 0 < body["remaining"] <= 5000
     assert re.fullmatch(r"127\.0\.0\.1:\d+", body["runtime_api"])
     assert body["faasd_vars"] == []
+    assert body["custom"] is None
     assert "ric handler got {'k': 'v'}" in printed(daemon, "ric", request_id)
+    # A ClientContext reaches AWS's client as Lambda-Runtime-Client-Context.
+    given = {"custom": {"tenant": "blue"}}
+    with_context = daemon.invoke("ric", {"k": "cc"}, **{
+        "X-Amz-Client-Context": base64.b64encode(json.dumps(given).encode()).decode()})
+    assert with_context.json()["custom"] == {"tenant": "blue"}, with_context.text
     [worker] = daemon.workers("ric")
     assert worker["pid"] == body["pid"] and worker["runtime_api"] == body["runtime_api"]
 
@@ -93,7 +101,7 @@ def test_awss_python_runtime_interface_client_runs_unmodified(daemon):
                for line in printed(daemon, "ric", failed.headers["x-amzn-requestid"]))
     # Same worker, module state kept: a handled error does not cost the runtime.
     again = daemon.invoke("ric", {"k": 2}).json()
-    assert again["pid"] == body["pid"] and again["count"] == 3
+    assert again["pid"] == body["pid"] and again["count"] == 4  # the fourth call here
     assert daemon.get("/function/ric").status == 200
 
 

@@ -383,7 +383,7 @@ function invoke(payload) {
     memoryLimitInMB: process.env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE,
     logGroupName: process.env.AWS_LAMBDA_LOG_GROUP_NAME,
     logStreamName: process.env.AWS_LAMBDA_LOG_STREAM_NAME,
-    clientContext: undefined,
+    clientContext: header.client_context,
     identity: undefined,
     invokedFunctionArn: header.arn,
     awsRequestId: header.id,

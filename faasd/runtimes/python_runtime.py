@@ -121,6 +121,44 @@ class _FrameWriter:
         return False
 
 
+class _FromDict:
+    """An object with the keys of a dict named in __slots__ (missing ones None), as
+    AWS's runtime builds context.identity and context.client_context."""
+
+    __slots__ = ()
+
+    def __init__(self, values=None):
+        values = values if isinstance(values, dict) else {}
+        for name in self.__slots__:
+            setattr(self, name, values.get(name))
+
+    def __repr__(self):
+        fields = ",".join(f"{name}={getattr(self, name)}" for name in self.__slots__)
+        return f"{type(self).__name__}([{fields}])"
+
+
+class CognitoIdentity(_FromDict):
+    """context.identity: an Amazon Cognito identity, which faasd never has (its fields are None)."""
+
+    __slots__ = ("cognito_identity_id", "cognito_identity_pool_id")
+
+
+class Client(_FromDict):
+    __slots__ = ("installation_id", "app_title", "app_version_name", "app_version_code",
+                 "app_package_name")
+
+
+class ClientContext(_FromDict):
+    """context.client_context: the caller's ClientContext (Lambda Invoke API, synchronous calls)."""
+
+    __slots__ = ("custom", "env", "client")
+
+    def __init__(self, values=None):
+        super().__init__(values)
+        if self.client is not None:
+            self.client = Client(self.client)
+
+
 class LambdaContext:
     """The `context` argument, with the attributes AWS's runtime provides."""
 
@@ -128,11 +166,13 @@ class LambdaContext:
     # as AWS's runtime does at start-up, not on every call.
     _static = {}
 
-    def __init__(self, request_id, deadline_ms, invoked_function_arn):
+    def __init__(self, request_id, deadline_ms, invoked_function_arn, client_context=None):
         self.__dict__.update(self._static)
         self.aws_request_id = request_id
         self.invoked_function_arn = invoked_function_arn
         self._deadline_ms = deadline_ms
+        self.identity = CognitoIdentity()
+        self.client_context = None if client_context is None else ClientContext(client_context)
 
     @classmethod
     def read_environment(cls):
@@ -143,8 +183,6 @@ class LambdaContext:
             "memory_limit_in_mb": get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
             "log_group_name": get("AWS_LAMBDA_LOG_GROUP_NAME"),
             "log_stream_name": get("AWS_LAMBDA_LOG_STREAM_NAME"),
-            "identity": None,
-            "client_context": None,
         }
 
     def get_remaining_time_in_millis(self):
@@ -288,7 +326,8 @@ def _invoke(handler, payload):
         _send(protocol.ERROR, _encode_json(_error(
             "Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}")).encode())
         return
-    context = LambdaContext(request_id, header["deadline_ms"], header.get("arn", ""))
+    context = LambdaContext(request_id, header["deadline_ms"], header.get("arn", ""),
+                            header.get("client_context"))
     try:
         result = handler(event, context)
     except Exception as exc:
