@@ -16,6 +16,7 @@ from aiohttp import web
 
 from . import __version__
 from .errors import FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
+from .lambda_api import is_lambda_api, not_implemented
 from .spec import new_request_id, valid_name
 from .triggers.http import (
     Route, RouteTable, build_event, build_response, error_response, failure_response,
@@ -131,6 +132,8 @@ def http_trigger_handler(daemon: "Daemon"):
     async def by_route(request: web.Request) -> web.Response:
         found = routes.match(request.method, request.path)
         if found is None:
+            if is_lambda_api(request.path):
+                return not_implemented(request)
             return error_response(404, "Not Found")
         route, params = found
         return await invoke(request, route.function, route.route_key(request.method), params or None,

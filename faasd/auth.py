@@ -42,6 +42,7 @@ from aiohttp import web
 from .api import BODY_KEY, read_body
 from .config import Config, ConfigError
 from .errors import InvokeRefused
+from .lambda_api import is_lambda_api
 from .sigv4 import ALGORITHM, AuthError, precheck_sigv4, verify_sigv4
 from .spec import ACCOUNT_ID, FunctionSpec, new_request_id
 
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("faasd.auth")
 
-RUNTIME_API_PREFIX = "/2018-06-01/"  # the Lambda Runtime API: workers' own, not the Lambda API
 OPERATOR_PREFIXES = ("/system/", "/ui/")
 OPERATOR_PATHS = ("/system", "/metrics", "/ui")
 
@@ -88,15 +88,6 @@ def bearer_key(header: str | None, keys: Mapping[str, str], api_key: str | None 
 
 
 # -- where the checks apply ------------------------------------------------------------
-
-def is_lambda_api(path: str) -> bool:
-    """Lambda's API lives under dated prefixes (/2015-03-31/, /2017-10-31/, ...)."""
-    if len(path) < 12 or path[0] != "/" or path[11:12] != "/":
-        return False
-    head = path[1:11]
-    return (head[:4].isdigit() and head[4] == "-" and head[5:7].isdigit() and head[7] == "-"
-            and head[8:10].isdigit() and not path.startswith(RUNTIME_API_PREFIX))
-
 
 def is_operator_path(path: str) -> bool:
     return path in OPERATOR_PATHS or path.startswith(OPERATOR_PREFIXES) or path.startswith("/metrics/")

@@ -1,10 +1,15 @@
 """AWS Lambda's own API, so boto3 and the aws CLI talk to faasd as to Lambda.
 
-Invoke (`POST /2015-03-31/functions/NAME/invocations`), ListFunctions and
-GetFunction, with Lambda's headers, status codes and error shapes: service
-errors carry `x-amzn-ErrorType` and `{"Type", "message"}` (`"Message"` for
-ResourceNotFoundException, as botocore's model spells it), which botocore
-turns into `ResourceNotFoundException` and friends.
+Invoke (`POST /2015-03-31/functions/NAME/invocations`) and the read-only
+operations that deploy scripts and waiters use (ListFunctions, GetFunction,
+GetFunctionConfiguration, GetFunctionConcurrency, ListVersionsByFunction,
+ListAliases, ListTags), with Lambda's headers, status codes and error
+shapes: service errors carry `x-amzn-ErrorType` and `{"Type", "message"}`
+(`"Message"` for ResourceNotFoundException, as botocore's model spells it),
+which botocore turns into `ResourceNotFoundException` and friends. Any other
+Lambda API operation gets 501 `NotImplemented` saying what faasd serves:
+functions are files in functions/, so there is no CreateFunction or
+UpdateFunctionCode.
 
 A function is named as Lambda allows: `NAME`, `NAME:QUALIFIER`,
 `ACCOUNT:function:NAME` or the full ARN; the only version is `$LATEST`.
@@ -18,7 +23,7 @@ from __future__ import annotations
 import base64
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 from aiohttp import web
@@ -31,6 +36,9 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 API = "/2015-03-31"
+RUNTIME_API_PREFIX = "/2018-06-01/"  # the Lambda Runtime API: workers' own, not the Lambda API
+SERVED = ("Invoke, ListFunctions, GetFunction, GetFunctionConfiguration, GetFunctionConcurrency, "
+          "ListVersionsByFunction, ListAliases and ListTags")
 # Workers run on the daemon's own interpreter.
 RUNTIME_IDS = {"python": f"python{sys.version_info.major}.{sys.version_info.minor}",
                "node": "nodejs20.x", "provided": "provided.al2023"}
@@ -108,6 +116,24 @@ def client_context(request: web.Request) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise InvalidRequest("Client context must be a valid Base64-encoded JSON object.")
     return value
+
+
+def is_lambda_api(path: str) -> bool:
+    """Lambda's API lives under dated prefixes (/2015-03-31/, /2017-10-31/, ...)."""
+    if len(path) < 12 or path[0] != "/" or path[11:12] != "/":
+        return False
+    head = path[1:11]
+    return (head[:4].isdigit() and head[4] == "-" and head[5:7].isdigit() and head[7] == "-"
+            and head[8:10].isdigit() and not path.startswith(RUNTIME_API_PREFIX))
+
+
+def not_implemented(request: web.Request) -> web.Response:
+    """A Lambda API operation faasd does not serve, named with what it does serve."""
+    message = (f"faasd does not implement {request.method} {valid_text(request.path)[:200]} of the "
+               f"Lambda API. It serves {SERVED}; functions are files in its functions/ "
+               "directory: create, change or delete them there.")
+    return web.Response(status=501, body=orjson.dumps({"Type": "User", "message": message}),
+                        content_type="application/json", headers={"x-amzn-ErrorType": "NotImplemented"})
 
 
 def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
@@ -201,7 +227,34 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             body["Concurrency"] = {"ReservedConcurrentExecutions": spec.concurrency}
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
+    def read_only(view: Callable[[FunctionSpec], dict[str, Any]]):
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                spec = lookup(request)
+            except InvokeRefused as exc:
+                return service_error(exc)
+            return web.Response(body=orjson.dumps(view(spec)), content_type="application/json")
+        return handler
+
+    def concurrency(spec: FunctionSpec) -> dict[str, Any]:
+        return {} if spec.concurrency is None else {"ReservedConcurrentExecutions": spec.concurrency}
+
+    async def refuse(request: web.Request) -> web.Response:
+        return not_implemented(request)
+
     app.router.add_post(f"{API}/functions/{{name}}/invocations", invoke)
     app.router.add_get(f"{API}/functions", list_functions)
     app.router.add_get(f"{API}/functions/", list_functions)
     app.router.add_get(f"{API}/functions/{{name}}", get_function)
+    app.router.add_get(f"{API}/functions/{{name}}/configuration",
+                       read_only(lambda spec: function_configuration(spec, region)))
+    app.router.add_get("/2019-09-30/functions/{name}/concurrency", read_only(concurrency))
+    app.router.add_get(f"{API}/functions/{{name}}/versions",
+                       read_only(lambda spec: {"Versions": [function_configuration(spec, region)]}))
+    app.router.add_get(f"{API}/functions/{{name}}/aliases", read_only(lambda spec: {"Aliases": []}))
+    app.router.add_get("/2017-03-31/tags/{name}", read_only(lambda spec: {"Tags": {}}))
+    # The other methods on these paths are Lambda's write operations
+    # (CreateFunction, DeleteFunction, ...); other paths reach not_implemented
+    # through faasd/api.py's by_route, after the functions' own http routes.
+    for path in (f"{API}/functions", f"{API}/functions/", f"{API}/functions/{{name}}"):
+        app.router.add_route("*", path, refuse)

@@ -179,6 +179,20 @@ def document() -> dict[str, Any]:
                     "202": {"description": "Queued (Event)"},
                     "204": {"description": "Validated (DryRun)"},
                     **_lambda_errors(400, 403, 404, 408, 413, 429, 503)}}},
+            **{path: {"get": {
+                "summary": operation, "tags": ["lambda"], "operationId": operation,
+                "security": [{"sigv4": []}, {}], "parameters": [lambda_name],
+                "responses": {"200": _json({"type": "object"}, description),
+                              **_lambda_errors(403, 404)}}}
+               for path, operation, description in (
+                   ("/2015-03-31/functions/{name}/configuration", "GetFunctionConfiguration",
+                    "The function's configuration"),
+                   ("/2019-09-30/functions/{name}/concurrency", "GetFunctionConcurrency",
+                    "ReservedConcurrentExecutions, when the function sets concurrency"),
+                   ("/2015-03-31/functions/{name}/versions", "ListVersionsByFunction",
+                    "$LATEST, the only version"),
+                   ("/2015-03-31/functions/{name}/aliases", "ListAliases", "No aliases"),
+                   ("/2017-03-31/tags/{name}", "ListTags", "No tags"))},
             "/function/{name}": _invoke_path("invoke function", [name_param]),
             "/function/{name}/{proxy}": _invoke_path("invoke function path", [name_param, proxy]),
         },

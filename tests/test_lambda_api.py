@@ -15,6 +15,7 @@ from typing import Iterator
 import boto3
 import pytest
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from probe import PROBE_HANDLER, Probe
 from support import ROOT, wait_until, write_function
@@ -312,6 +313,51 @@ def test_client_context_reaches_the_handler_as_lambdas_context_client_context(da
     huge = base64.b64encode(json.dumps({"custom": {"x": "y" * 3000}}).encode()).decode()
     with pytest.raises(lam.exceptions.InvalidRequestContentException, match="at most 3583"):
         lam.invoke(FunctionName="ctxprobe", ClientContext=huge)
+
+def test_read_only_operations_and_waiters_of_deploy_scripts_work(daemon, lam):
+    write_function(daemon.functions, "limited.py", ECHO)
+    write_function(daemon.functions, "limited.toml", "concurrency = 3\n")
+    wait_loaded(daemon, "limited")
+    config = lam.get_function_configuration(FunctionName="limited")
+    config.pop("ResponseMetadata")
+    assert config == lam.get_function(FunctionName="limited")["Configuration"]
+    assert config["State"] == "Active"
+    lam.get_waiter("function_active_v2").wait(FunctionName="limited", WaiterConfig={"MaxAttempts": 1})
+    lam.get_waiter("function_updated").wait(FunctionName="limited", WaiterConfig={"MaxAttempts": 1})
+
+    assert lam.get_function_concurrency(FunctionName="limited")["ReservedConcurrentExecutions"] == 3
+    assert "ReservedConcurrentExecutions" not in lam.get_function_concurrency(FunctionName="echo")
+    versions = lam.list_versions_by_function(FunctionName="limited")["Versions"]
+    assert [v["Version"] for v in versions] == ["$LATEST"]
+    assert lam.list_aliases(FunctionName="limited")["Aliases"] == []
+    assert lam.list_tags(Resource=config["FunctionArn"])["Tags"] == {}
+    for call in (lambda: lam.get_function_configuration(FunctionName="ghost"),
+                 lambda: lam.get_function_concurrency(FunctionName="ghost"),
+                 lambda: lam.list_tags(Resource="arn:aws:lambda:us-east-1:000000000000:function:ghost")):
+        with pytest.raises(lam.exceptions.ResourceNotFoundException):
+            call()
+
+
+def test_lambda_operations_faasd_does_not_serve_say_so(daemon, lam):
+    # Functions are files: writes through the API, and reads of things faasd
+    # does not have, are refused with a message that says what it serves.
+    for call in (lambda: lam.create_function(FunctionName="new", Role="arn:aws:iam::1:role/r",
+                                             Code={"ZipFile": b"x"}, Runtime="python3.11",
+                                             Handler="a.b"),
+                 lambda: lam.delete_function(FunctionName="echo"),
+                 lambda: lam.update_function_code(FunctionName="echo", ZipFile=b"x"),
+                 lambda: lam.get_account_settings(),
+                 lambda: lam.list_event_source_mappings()):
+        with pytest.raises(ClientError) as refused:
+            call()
+        error = refused.value.response
+        assert error["Error"]["Code"] == "NotImplemented"
+        assert error["ResponseMetadata"]["HTTPStatusCode"] == 501
+        assert "GetFunctionConfiguration" in error["Error"]["Message"]
+        assert "functions/" in error["Error"]["Message"]
+    assert lam.get_function(FunctionName="echo")["Configuration"]["FunctionName"] == "echo"
+    # A path outside the Lambda API that no route matches is still a plain 404.
+    assert daemon.get("/nowhere/at/all").status == 404
 
 def test_list_functions_pages_through_every_function(daemon, lam):
     for name in ("alpha", "beta", "gamma"):
