@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -631,6 +632,45 @@ def test_a_worker_as_the_dedicated_user_cannot_read_the_daemon(start_daemon, fun
     assert found["signal"] == "Operation not permitted"
 
 
+
+@pytest.fixture
+def searchable_tmp() -> Iterator[Path]:
+    """A directory every user may enter (pytest's own are 0700), removed after the test."""
+    base = Path(tempfile.mkdtemp(prefix="faasd-test-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("runtime", ["python", "node"])
+def test_code_the_run_as_user_cannot_read_fails_with_an_init_error_that_says_so(
+        start_daemon, searchable_tmp, faasd_user, readable_install, runtime):
+    """Python and Node take code they may not read for code that is not there
+    ("No module named ..."); the init error says which user and which directory."""
+    if runtime == "node" and shutil.which("node") is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is not installed (CI requires it: .ci/run installs nodejs)")
+        pytest.skip("node is not installed; apt-get install nodejs")
+    private = searchable_tmp / "private"  # root's and 0700: faasd may not enter it
+    private.mkdir(mode=0o700)
+    functions = private / "functions"
+    if runtime == "python":
+        write_function(functions, "locked.py", "def handler(event, context):\n    return 1\n")
+    else:
+        write_function(functions, "locked.js", "exports.handler = async () => 1;\n")
+    write_function(functions, "locked.toml", "timeout_s = 10\n")
+    # Without mount namespaces nothing re-exposes the code under /tmp.
+    daemon = start_daemon(functions, env={**readable_install, "FAASD_WORKERS_TMPFS": "false"})
+    body, error = invoke(daemon, "locked")
+    assert error == "Runtime.ImportModuleError", body
+    message = body["errorMessage"]
+    assert f"this worker runs as uid {faasd_user.pw_uid}, which cannot read {functions}" in message
+    assert "ermission denied" in message  # EACCES, as each runtime spells it
+    private.chmod(0o755)  # the operator's fix: the next worker loads the code
+    wait_until(lambda: invoke(daemon, "locked")[1] is None, message="the code, once readable, to load")
+
 # -- templates of run_as workers -----------------------------------------------------------
 
 FORKED = """
@@ -676,6 +716,7 @@ def test_workers_forked_from_a_run_as_template_get_their_own_tmpfs_and_spares_li
 BUCKET_WRITER = """
 import os
 from pathlib import Path
+from typing import Iterator
 
 def handler(event, context):
     for record in event.get("Records", []):

@@ -246,7 +246,15 @@ async function loadHandler() {
     }
     if (error && (error.code === 'MODULE_NOT_FOUND' || error.code === 'ERR_MODULE_NOT_FOUND')) {
       // The require stack would only name this shim.
-      throw runtimeError('Runtime.ImportModuleError', String(error).split('\nRequire stack:')[0]);
+      let message = String(error).split('\nRequire stack:')[0];
+      try {
+        fs.readdirSync(root);
+      } catch (unreadable) {
+        // Node, like Python, reports code it may not read as code that is not there.
+        message += ` (this worker runs as uid ${process.getuid()}, which cannot read ${root}: ` +
+          `${unreadable.message}; every directory above the code must be searchable by that user)`;
+      }
+      throw runtimeError('Runtime.ImportModuleError', message);
     }
     throw error;
   }

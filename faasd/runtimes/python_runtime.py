@@ -277,9 +277,11 @@ def _load_handler():
         return None, _error("Runtime.UserCodeSyntaxError",
                             f"Syntax error in module '{module_name}': {exc}", stack)
     except ImportError as exc:
-        return None, _error("Runtime.ImportModuleError",
-                            f"Unable to import module '{module_name}': {exc}",
-                            _user_frames(exc.__traceback__))
+        message = f"Unable to import module '{module_name}': {exc}"
+        top = module_name.replace("/", ".").split(".")[0]
+        if isinstance(exc, ModuleNotFoundError) and exc.name == top:
+            message += _unreadable(task_root)
+        return None, _error("Runtime.ImportModuleError", message, _user_frames(exc.__traceback__))
     except BaseException as exc:  # the module's own code raised at import
         _log_exception(exc)
         return None, _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))
@@ -291,6 +293,17 @@ def _load_handler():
         return None, _error("Runtime.HandlerNotFound",
                             f"Handler '{function_name}' on module '{module_name}' is not callable")
     return handler, None
+
+
+def _unreadable(task_root):
+    """Why this worker cannot read its code, or "": Python's import system takes a
+    directory on sys.path that it may not read for one without the module."""
+    try:
+        os.listdir(task_root)
+    except OSError as exc:
+        return (f" (this worker runs as uid {os.getuid()}, which cannot read {task_root}: "
+                f"{exc.strerror}; every directory above the code must be searchable by that user)")
+    return ""
 
 
 def _log_exception(exc):
