@@ -402,7 +402,9 @@ class ProcessWorker(Worker):
         init_timeout = max(INIT_TIMEOUT_S, self.spec.timeout_s)
         try:
             await asyncio.wait_for(self._ready, init_timeout)
-        except WorkerInitError:
+        except WorkerInitError as exc:
+            # Failed inits are billed and reported too: INIT_REPORT's duration.
+            exc.init_ms = exc.init_ms or (time.monotonic() - started) * 1000
             await self._wait_exit(STOP_GRACE_S)
             self.kill()
             raise

@@ -395,6 +395,10 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
         reported = view["load_error"] or (view["init_error"] or {}).get("errorMessage")
         assert reported, view
     assert daemon.get("/function/good").status == 200
+    # A worker that started and failed to import reports how long it took, as Lambda does.
+    [init_report] = [line for line in daemon.log_of("importerr").splitlines()
+                     if "\tINIT_REPORT Init Duration:" in line][-1:]
+    assert float(init_report.split("Init Duration: ")[1].split(" ms")[0]) > 0, init_report
     check = subprocess.run([sys.executable, "-m", "faasd", "check", "--functions", str(daemon.functions)],
                            capture_output=True, text=True, cwd=daemon.data.parent,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
