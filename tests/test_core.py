@@ -408,6 +408,31 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
     assert "good: ok" in check.stdout
 
 
+def test_handlers_may_write_bytes_reconfigure_and_use_the_original_stdout(daemon):
+    # What runs on Lambda: sys.stdout.buffer (click, structlog), reconfigure()
+    # (scripts that force UTF-8), and the interpreter's own sys.__stdout__.
+    write_function(daemon.functions, "streams.py", r"""
+        import sys
+        def handler(event, context):
+            sys.stdout.reconfigure(encoding="utf-8", line_buffering=True)
+            word = "caf\u00e9 bytes\n".encode()
+            sys.stdout.buffer.write(word[:4])
+            sys.stdout.buffer.write(word[4:])  # the split character arrives whole
+            sys.stderr.buffer.write(b"raw \xff\n")
+            sys.__stdout__.write("through sys.__stdout__\n")
+            return [sys.stdout.line_buffering, sys.stdout.mode, sys.stdout.buffer.writable()]
+    """)
+    loaded(daemon, "streams")
+    response = daemon.invoke("streams")
+    assert response.json() == [True, "w", True], response.text
+    request_id = response.headers["x-amzn-requestid"]
+    wait_until(lambda: f"REPORT RequestId: {request_id}" in daemon.log_of("streams"), message="REPORT")
+    lines = [line.split("\t", 2)[2] for line in daemon.log_of("streams").splitlines()
+             if line.split("\t", 2)[1] == request_id]
+    printed = lines[1:lines.index(f"END RequestId: {request_id}")]
+    assert sorted(printed) == sorted(["caf\u00e9 bytes", "raw \\xff", "through sys.__stdout__"]), printed
+
+
 def test_logs_have_start_end_report_and_init_duration_on_cold_start(daemon):
     write_function(daemon.functions, "talk.py", """
         def handler(event, context):

@@ -73,14 +73,34 @@ def _recv_frame():
 
 
 class _FrameWriter:
-    """sys.stdout / sys.stderr: whole lines go to the daemon as LOG frames."""
+    """sys.stdout / sys.stderr: whole lines go to the daemon as LOG frames.
+
+    It has what code expects of a text stream on Lambda: `buffer` for bytes,
+    `reconfigure()` (output stays UTF-8 lines whatever it asks for), and the
+    attributes of a line-buffered TextIOWrapper.
+    """
 
     encoding = "utf-8"
     errors = "backslashreplace"
+    mode = "w"
+    newlines = None
+    line_buffering = True
+    write_through = False
 
     def __init__(self, name):
         self.name = name
         self._pending = []
+        self._buffer = None
+
+    @property
+    def buffer(self):
+        if self._buffer is None:
+            self._buffer = _FrameBuffer(self)
+        return self._buffer
+
+    def reconfigure(self, *, encoding=None, errors=None, newline=None, line_buffering=None,
+                    write_through=None):
+        """As TextIOWrapper.reconfigure() takes them; the daemon reads UTF-8 lines regardless."""
 
     def write(self, text):
         if not isinstance(text, str):
@@ -106,6 +126,52 @@ class _FrameWriter:
 
     def fileno(self):
         return 1 if self.name == "<stdout>" else 2
+
+    def readable(self):
+        return False
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    @property
+    def closed(self):
+        return False
+
+
+class _FrameBuffer:
+    """sys.stdout.buffer: bytes written here reach the log as text, decoded as UTF-8
+    across writes (a character split over two writes arrives whole), bad bytes escaped."""
+
+    def __init__(self, text):
+        import codecs
+
+        self._text = text
+        self._decode = codecs.getincrementaldecoder("utf-8")("backslashreplace").decode
+
+    @property
+    def raw(self):
+        return self
+
+    def write(self, data):
+        data = bytes(data)  # bytearray and memoryview too
+        self._text.write(self._decode(data))
+        return len(data)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        self._text.flush()
+
+    def fileno(self):
+        return self._text.fileno()
+
+    def isatty(self):
+        return False
 
     def readable(self):
         return False
@@ -585,6 +651,11 @@ def main():
 
         _sandbox.enter(sandbox)
     _die_with_parent()
+    # The interpreter's own stdout (fd 1, which the daemon reads too) is
+    # block-buffered on a pipe: code writing to sys.__stdout__ would see its
+    # lines held back until the worker exits. Each line goes out as written.
+    if sys.__stdout__ is not None:
+        sys.__stdout__.reconfigure(line_buffering=True)
     sys.stdout = _FrameWriter("<stdout>")
     sys.stderr = _FrameWriter("<stderr>")
     _install_logging()
