@@ -203,6 +203,12 @@ def _set_up_mounts(plan: dict[str, Any]) -> None:
                    keep=keep, read_only=True)
         elif os.path.exists(path):
             _mount("/dev/null", path, None, MS_BIND)
+    if plan.get("private_proc"):
+        # A /proc of the worker's own whose processes of other users are
+        # invisible (hidepid=2): the daemon, the host's services and, under
+        # function_users, every other function's workers. Last: the steps
+        # above may read the host's /proc.
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
     chdir = plan.get("chdir")
     if chdir:
         # The cwd still points into the mount below the new ones.
@@ -507,7 +513,8 @@ class Sandbox:
                  mount_note: str = "", pids_mode: str | None = None, pids_base: str | None = None,
                  pids_note: str = "", read_only: list[str] | tuple[()] = (),
                  hide: list[tuple[str, list[str]]] | tuple[()] = (), hide_note: str = "",
-                 run_as_note: str = "", users: FunctionUsers | None = None) -> None:
+                 run_as_note: str = "", users: FunctionUsers | None = None,
+                 private_proc: bool = False, proc_note: str = "") -> None:
         self.python = python
         self.run_as = run_as
         self.users = users
@@ -522,6 +529,8 @@ class Sandbox:
         self.hide = list(hide)  # (path, [paths inside it to keep])
         self.hide_note = hide_note
         self.run_as_note = run_as_note
+        self.private_proc = private_proc  # each worker mounts a /proc with hidepid=2
+        self.proc_note = proc_note
         self.nproc = user_process_limit() if run_as else None
         # The worker interpreter's installation, which it reads from after the
         # mounts -- and, when `python` is a virtual environment's, that
@@ -559,6 +568,7 @@ class Sandbox:
                 sandbox.mount, sandbox.userns = True, userns
                 sandbox.mount_note = ("a user namespace of the worker's own" if userns
                                       else "created as root")
+                sandbox._detect_private_proc(read_only, hide)
             else:
                 how = "unprivileged user namespaces" if userns else "as root"
                 sandbox.mount_note = f"mount namespaces are not available ({how}): {problem}"
@@ -580,6 +590,23 @@ class Sandbox:
                     f"it can run (e.g. /usr/bin/python3)")
                 log.error("%s", sandbox.run_as_note)
         return sandbox
+
+    def _detect_private_proc(self, read_only: list[str], hide: list) -> None:
+        """Whether workers can mount a /proc of their own that hides other users' processes."""
+        if self.userns:
+            self.proc_note = ("needs root: a worker in a user namespace of its own may not mount "
+                              "/proc; workers see every process of the host")
+            return
+        if self.run_as is None:
+            self.proc_note = "workers run as root, who sees every process: set [workers] run_as"
+            return
+        problem = self._probe({"mount": True, "userns": False, "tmp_mb": 1, "tmp_paths": ["/tmp"],
+                               "read_only": read_only, "hide": hide, "rlimits": {},
+                               "private_proc": True})
+        if problem is not None:
+            self.proc_note = f"a /proc of the worker's own could not be mounted: {problem}"
+            return
+        self.private_proc = True
 
     def _detect_pids(self, memory: Any) -> None:
         if memory is not None and getattr(memory, "mode", None) == "cgroup2" and memory.base:
@@ -645,6 +672,7 @@ class Sandbox:
             "hide": self.hide,
             # What workers need that a tmpfs over /tmp would cover.
             "visible": _unique(self.read_only + [self.python_prefix, self.python_env]),
+            "private_proc": self.private_proc,
             "rlimits": {"NOFILE": MAX_OPEN_FILES, "CORE": 0, "FSIZE": tmp_mb * MB},
             "uid": None,
             "gid": None,
@@ -793,6 +821,17 @@ class Sandbox:
             code = item(False, f"no mount namespace: keep functions/ not writable {owner}")
             hidden = item(False, "no mount namespace: the data dir and config file are protected "
                                  "by file permissions only")
+        if self.private_proc and self.users is not None:
+            processes = item(True, "each worker has a /proc of its own (hidepid=2) and sees only its "
+                                   "function's processes: not the daemon's, the host's services' "
+                                   "or another function's")
+        elif self.private_proc:
+            processes = item(True, f"each worker has a /proc of its own (hidepid=2) and sees only "
+                                   f"{user}'s processes: not the daemon's or the host's services', but "
+                                   "every function's workers; [workers] function_users hides those too")
+        else:
+            processes = item(False, self.proc_note or "no mount namespace: workers see every process "
+                                                      "of the host")
         return {
             "run_as": run_as,
             "function_users": function_users,
@@ -806,7 +845,8 @@ class Sandbox:
             "no_new_privileges": item(True, "setuid binaries gain nothing (PR_SET_NO_NEW_PRIVS)"),
             "pdeathsig": item(True, "workers are killed by the kernel when the daemon dies"),
             "env_allowlist": item(True, "workers get Lambda's variables and the function's [env] only"),
-            "pid_namespace": item(False, "not used: workers see the host's process list"),
+            "process_list": processes,
+            "pid_namespace": item(False, "not used: workers share the host's process ids"),
             "network_namespace": item(False, "not used: workers share the host's network"),
         }
 

@@ -171,12 +171,15 @@ def test_system_info_states_every_isolation_feature_and_why_not(start_daemon, fu
     isolation = daemon.get("/system/info").json()["isolation"]
     for feature in ("memory_limit", "process_groups", "run_as", "function_users", "mount_namespace",
                     "tmp", "code_read_only", "private_data", "rlimits", "nproc_limit", "pids_limit",
-                    "no_new_privileges", "pdeathsig", "env_allowlist", "pid_namespace",
-                    "network_namespace", "daemon_memory_private", "api_auth"):
+                    "no_new_privileges", "pdeathsig", "env_allowlist", "process_list",
+                    "pid_namespace", "network_namespace", "daemon_memory_private", "api_auth"):
         assert isinstance(isolation[feature]["active"], bool), feature
         assert isolation[feature]["note"], f"{feature} says nothing about itself"
     assert isolation["tmp"]["mode"] == "tmpfs"
     assert isolation["mount_namespace"]["active"] is True
+    # Root without run_as: its workers would see every process anyway.
+    assert isolation["process_list"]["active"] is False
+    assert "run_as" in isolation["process_list"]["note"]
 
 
 # -- /tmp quota ---------------------------------------------------------------------------
@@ -628,9 +631,10 @@ def test_a_worker_as_the_dedicated_user_cannot_read_the_daemon(start_daemon, fun
     response = daemon.get("/function/peek")
     assert response.status == 200, response.text
     found = response.json()
-    assert found["environ"] == "Permission denied" and found["mem"] == "Permission denied"
-    assert found["signal"] == "Operation not permitted"
-
+    # The worker's own /proc (hidepid=2) does not list the daemon at all, not
+    # even its command line; without it, environ and mem would be EACCES.
+    assert found == {"environ": "No such file or directory", "mem": "No such file or directory",
+                     "cmdline": "No such file or directory", "signal": "Operation not permitted"}
 
 
 @pytest.fixture
@@ -780,12 +784,14 @@ def handler(event, context):
         read = "allowed"
     except OSError as exc:
         read = exc.strerror
+    visible = {name: os.path.exists(f"/proc/{event[name]}") for name in ("pid", "daemon")}
     try:
         os.kill(event["pid"], 0)
         signal = "allowed"
     except OSError as exc:
         signal = exc.strerror
-    return {"found": found, "read": read, "signal": signal, "uid": os.getuid(), "gid": os.getgid()}
+    return {"found": found, "read": read, "signal": signal, "uid": os.getuid(), "gid": os.getgid(),
+            "visible": visible, "self": os.path.exists(f"/proc/{os.getpid()}/status")}
 """
 FUNCTION_USERS = (3_800_000_000, 3_800_000_099)  # no host has users this high
 
@@ -814,13 +820,19 @@ def test_with_function_users_no_function_can_read_or_signal_another_functions_wo
     assert invoke(daemon, "keeper") == ({"ok": True}, None)
     keeper = sorted(pids_with_env("SECRET", secret))
     assert keeper, "the keeper's worker holds its secret in its environment"
-    result, error = invoke(daemon, "snoop", {"needle": secret, "pid": keeper[0]})
+    result, error = invoke(daemon, "snoop", {"needle": secret, "pid": keeper[0], "daemon": daemon.process.pid})
     assert error is None, result
     keeper_ids = _process_ids(keeper[0])
     isolation = daemon.get("/system/info").json()["isolation"]
+    # Each worker's own /proc (hidepid=2) shows it no process of another user.
+    assert result["self"] is True and result["visible"]["daemon"] is False
+    assert isolation["process_list"]["active"] is True
     if own_users:
-        assert result["found"] == [] and result["read"] == "Permission denied"
+        # The keeper's worker is not even listed: its /proc entry does not exist.
+        assert result["found"] == [] and result["read"] == "No such file or directory"
+        assert result["visible"]["pid"] is False
         assert result["signal"] == "Operation not permitted"
+        assert "another function's" in isolation["process_list"]["note"]
         uids = {keeper_ids[0], result["uid"]}
         assert len(uids) == 2 and all(FUNCTION_USERS[0] <= uid <= FUNCTION_USERS[1] for uid in uids)
         # /system/functions/NAME says which uid each worker runs as.
@@ -830,7 +842,9 @@ def test_with_function_users_no_function_can_read_or_signal_another_functions_wo
         assert isolation["function_users"]["active"] is True
     else:
         assert set(result["found"]) & set(keeper) and result["read"] == "allowed"
+        assert result["visible"]["pid"] is True
         assert result["signal"] == "allowed"
+        assert "function_users hides those too" in isolation["process_list"]["note"]
         assert keeper_ids == (result["uid"], result["gid"]) == (faasd_user.pw_uid, faasd_user.pw_gid)
         assert isolation["function_users"]["active"] is False
         assert "function_users" in isolation["function_users"]["note"]
