@@ -20,6 +20,7 @@ sees on every attempt.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import sys
 import time
@@ -209,7 +210,10 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             return service_error(InvalidRequest("Marker and MaxItems must be whole numbers"))
         count = max(1, min(count, 10000))
         page = specs[start:start + count]
-        body: dict[str, Any] = {"Functions": [function_configuration(s, region) for s in page]}
+        # Off the event loop: the configuration walks (and, once per revision,
+        # hashes) each function's files.
+        configs = await asyncio.to_thread(lambda: [function_configuration(s, region) for s in page])
+        body: dict[str, Any] = {"Functions": configs}
         if start + count < len(specs):
             body["NextMarker"] = str(start + count)
         return web.Response(body=orjson.dumps(body), content_type="application/json")
@@ -220,7 +224,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         except InvokeRefused as exc:
             return service_error(exc)
         body = {
-            "Configuration": function_configuration(spec, region),
+            "Configuration": await asyncio.to_thread(function_configuration, spec, region),
             "Code": {"RepositoryType": "S3", "Location": f"file://{spec.source}"},
         }
         if spec.concurrency is not None:
@@ -233,7 +237,8 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                 spec = lookup(request)
             except InvokeRefused as exc:
                 return service_error(exc)
-            return web.Response(body=orjson.dumps(view(spec)), content_type="application/json")
+            body = await asyncio.to_thread(view, spec)  # as get_function: off the event loop
+            return web.Response(body=orjson.dumps(body), content_type="application/json")
         return handler
 
     def concurrency(spec: FunctionSpec) -> dict[str, Any]:

@@ -528,7 +528,7 @@ def _code_sha256(source: Path, config_file: Path | None, revision: str) -> str:
     digest = hashlib.sha256()
     base = source if source.is_dir() else source.parent
     for path in code_files(source):
-        if path == config_file:
+        if path == config_file or not path.is_file():  # a FIFO would block the read forever
             continue
         try:
             data = path.read_bytes()

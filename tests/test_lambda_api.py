@@ -277,6 +277,12 @@ def test_code_sha256_is_the_codes_sha256_and_settings_do_not_change_it(daemon, l
     write_function(daemon.functions, "hashdir/lib/util.py", "X = 2\n")
     wait_until(lambda: lam.get_function(FunctionName="hashdir")["Configuration"]["CodeSha256"] != before,
                message="hashdir's code change to change CodeSha256")
+    # A FIFO among the files is no code: reading it would wait for a writer forever.
+    revision = lam.get_function(FunctionName="hashdir")["Configuration"]["RevisionId"]
+    os.mkfifo(daemon.functions / "hashdir" / "pipe")
+    wait_until(lambda: lam.get_function(FunctionName="hashdir")["Configuration"]["RevisionId"]
+               != revision, message="hashdir with its FIFO")
+    assert daemon.get("/healthz").status == 200
 
 CONTEXT_PROBE = """
 def handler(event, context):
