@@ -586,26 +586,3 @@ class ProvidedWorker(ProcessWorker):
         for part in line.rstrip("\r").split("\r"):
             super()._on_output(part)
 
-    def _drain_output(self) -> None:
-        """Read what the bootstrap printed before it answered.
-
-        Its output and its answer travel on different descriptors; without
-        this, the last lines could be read after the invocation's END.
-        """
-        transport = self._output_transport
-        if transport is None or transport.is_closing():
-            return
-        pipe = transport.get_extra_info("pipe")
-        if pipe is None:
-            return
-        receiver = transport.get_protocol()
-        while True:
-            try:
-                data = os.read(pipe.fileno(), 256 * 1024)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            if not data:
-                return
-            receiver.data_received(data)

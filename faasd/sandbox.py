@@ -324,6 +324,13 @@ def apply(plan: dict[str, Any]) -> None:
         os.environ["TMPDIR"] = plan["tmpdir"]
 
 
+# How launch() says that the runtime could not be executed, where no control
+# channel carries its INIT_ERROR (a provided bootstrap's worker): its last
+# line of output starts with EXEC_FAILED, and it exits with EXEC_FAILED_STATUS.
+EXEC_FAILED = "cannot run "
+EXEC_FAILED_STATUS = 127
+
+
 def _report(plan: Any, text: str, error_type: str = SETUP_ERROR) -> None:
     """Tell the daemon (INIT_ERROR on the control channel, when there is one) and stderr."""
     try:
@@ -928,5 +935,5 @@ def launch(argv: list[str]) -> None:
     try:
         os.execvpe(argv[0], argv, os.environ)
     except OSError as exc:
-        _report(json.loads(value), f"cannot run {argv[0]}: {exc.strerror}", "Runtime.InvalidEntrypoint")
-        os._exit(127)
+        _report(json.loads(value), f"{EXEC_FAILED}{argv[0]}: {exc.strerror}", "Runtime.InvalidEntrypoint")
+        os._exit(EXEC_FAILED_STATUS)

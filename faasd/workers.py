@@ -35,7 +35,8 @@ from . import protocol
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
 from .limits import MB, MemoryLimits, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes
 from .sandbox import (
-    PLAN_ENV, SETUP_ERROR, FunctionUsers, Sandbox, SandboxError, WorkerPlan, join_cgroups_of,
+    EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, Sandbox, SandboxError,
+    WorkerPlan, join_cgroups_of,
 )
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
@@ -516,8 +517,44 @@ class ProcessWorker(Worker):
     async def _fail_start_after_exit(self) -> None:
         code = await self._wait_exit(STOP_GRACE_S)
         if self._ready is not None and not self._ready.done():
-            error = FunctionError(INIT, "Runtime.ExitError", describe_exit(code))
-            self._ready.set_exception(WorkerInitError(error, 0.0, list(self._init_logs)))
+            self._ready.set_exception(WorkerInitError(self._start_failure(code), 0.0,
+                                                      list(self._init_logs)))
+
+    def _drain_output(self) -> None:
+        """Read what the process printed and the event loop has not read yet.
+
+        Its output and its answers (or its exit) travel on different
+        descriptors; without this, its last lines could be read too late: a
+        bootstrap's after the invocation's END, a failed start's after the
+        error that they explain.
+        """
+        transport = self._output_transport
+        if transport is None or transport.is_closing():
+            return
+        pipe = transport.get_extra_info("pipe")
+        if pipe is None:
+            return
+        receiver = transport.get_protocol()
+        while True:
+            try:
+                data = os.read(pipe.fileno(), 256 * 1024)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            receiver.data_received(data)
+
+    def _start_failure(self, code: int | None) -> FunctionError:
+        """Why a process that ended before READY failed, when it did not say so itself."""
+        self._drain_output()
+        last = self._init_logs[-1] if self._init_logs else ""
+        if code == EXEC_FAILED_STATUS and last.startswith(EXEC_FAILED):
+            # The launcher could not exec the runtime (a bootstrap the worker's
+            # user may not run): Lambda's error for an entrypoint it cannot start.
+            return FunctionError(INIT, "Runtime.InvalidEntrypoint", last)
+        return FunctionError(INIT, "Runtime.ExitError", describe_exit(code))
 
     def _on_exit(self) -> None:
         """The pidfd says the process ended: reap it (our child) and settle everything."""
@@ -541,8 +578,8 @@ class ProcessWorker(Worker):
         if call is not None and not call.future.done():
             call.future.set_result((None, self._death_error(call)))
         if self._ready is not None and not self._ready.done():
-            error = FunctionError(INIT, "Runtime.ExitError", describe_exit(self.returncode))
-            self._ready.set_exception(WorkerInitError(error, 0.0, list(self._init_logs)))
+            self._ready.set_exception(WorkerInitError(self._start_failure(self.returncode), 0.0,
+                                                      list(self._init_logs)))
         if not self.exited.done():
             self.exited.set_result(self.returncode)
 

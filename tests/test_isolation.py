@@ -675,6 +675,18 @@ def test_code_the_run_as_user_cannot_read_fails_with_an_init_error_that_says_so(
     private.chmod(0o755)  # the operator's fix: the next worker loads the code
     wait_until(lambda: invoke(daemon, "locked")[1] is None, message="the code, once readable, to load")
 
+
+def test_a_bootstrap_the_run_as_user_may_not_run_is_an_invalid_entrypoint(
+        start_daemon, searchable_tmp, faasd_user, readable_install):
+    """Root may run it, so the daemon's own check passes; the worker's user may not."""
+    functions = searchable_tmp / "functions"
+    bootstrap = write_function(functions, "rootonly/bootstrap", "#!/bin/sh\nexit 0\n")
+    bootstrap.chmod(0o700)  # root's
+    daemon = start_daemon(functions, env=readable_install)
+    body, error = invoke(daemon, "rootonly")
+    assert error == "Runtime.InvalidEntrypoint", body
+    assert body["errorMessage"] == f"cannot run {bootstrap}: Permission denied"
+
 # -- templates of run_as workers -----------------------------------------------------------
 
 FORKED = """
