@@ -72,7 +72,31 @@ def _recv_frame():
         buffer += chunk
 
 
-class _FrameWriter:
+class _LogStream:
+    """What a write-only, never-closed stream answers, for the two below."""
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def isatty(self):
+        return False
+
+    def readable(self):
+        return False
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    @property
+    def closed(self):
+        return False
+
+
+class _FrameWriter(_LogStream):
     """sys.stdout / sys.stderr: whole lines go to the daemon as LOG frames.
 
     It has what code expects of a text stream on Lambda: `buffer` for bytes,
@@ -111,37 +135,17 @@ class _FrameWriter:
                 self.flush()
         return len(text)
 
-    def writelines(self, lines):
-        for line in lines:
-            self.write(line)
-
     def flush(self):
         if self._pending:
             data = "".join(self._pending)
             self._pending.clear()
             _send(protocol.LOG, data.encode("utf-8", "backslashreplace"))
 
-    def isatty(self):
-        return False
-
     def fileno(self):
         return 1 if self.name == "<stdout>" else 2
 
-    def readable(self):
-        return False
 
-    def writable(self):
-        return True
-
-    def seekable(self):
-        return False
-
-    @property
-    def closed(self):
-        return False
-
-
-class _FrameBuffer:
+class _FrameBuffer(_LogStream):
     """sys.stdout.buffer: bytes written here reach the log as text, decoded as UTF-8
     across writes (a character split over two writes arrives whole), bad bytes escaped."""
 
@@ -160,31 +164,11 @@ class _FrameBuffer:
         self._text.write(self._decode(data))
         return len(data)
 
-    def writelines(self, lines):
-        for line in lines:
-            self.write(line)
-
     def flush(self):
         self._text.flush()
 
     def fileno(self):
         return self._text.fileno()
-
-    def isatty(self):
-        return False
-
-    def readable(self):
-        return False
-
-    def writable(self):
-        return True
-
-    def seekable(self):
-        return False
-
-    @property
-    def closed(self):
-        return False
 
 
 class _FromDict:
@@ -336,16 +320,16 @@ def _load_handler():
     sys.path.insert(0, task_root)
     import importlib
 
+    dotted = module_name.replace("/", ".")
     try:
-        module = importlib.import_module(module_name.replace("/", "."))
+        module = importlib.import_module(dotted)
     except SyntaxError as exc:
         stack = [f'  File "{exc.filename}" Line {exc.lineno}\n        {(exc.text or "").strip()}\n']
         return None, _error("Runtime.UserCodeSyntaxError",
                             f"Syntax error in module '{module_name}': {exc}", stack)
     except ImportError as exc:
         message = f"Unable to import module '{module_name}': {exc}"
-        top = module_name.replace("/", ".").split(".")[0]
-        if isinstance(exc, ModuleNotFoundError) and exc.name == top:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == dotted.split(".")[0]:
             message += _unreadable(task_root)
         return None, _error("Runtime.ImportModuleError", message, _user_frames(exc.__traceback__))
     except BaseException as exc:  # the module's own code raised at import
