@@ -515,10 +515,7 @@ class ProcessWorker(Worker):
             self._loop.create_task(self._fail_start_after_exit())
 
     async def _fail_start_after_exit(self) -> None:
-        code = await self._wait_exit(STOP_GRACE_S)
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(WorkerInitError(self._start_failure(code), 0.0,
-                                                      list(self._init_logs)))
+        self._fail_start(await self._wait_exit(STOP_GRACE_S))
 
     def _drain_output(self) -> None:
         """Read what the process printed and the event loop has not read yet.
@@ -538,23 +535,25 @@ class ProcessWorker(Worker):
         while True:
             try:
                 data = os.read(pipe.fileno(), 256 * 1024)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # BlockingIOError included: nothing more to read now
                 return
             if not data:
                 return
             receiver.data_received(data)
 
-    def _start_failure(self, code: int | None) -> FunctionError:
-        """Why a process that ended before READY failed, when it did not say so itself."""
+    def _fail_start(self, code: int | None) -> None:
+        """A process that ended before READY without saying why: fail its start."""
+        if self._ready is None or self._ready.done():
+            return
         self._drain_output()
         last = self._init_logs[-1] if self._init_logs else ""
         if code == EXEC_FAILED_STATUS and last.startswith(EXEC_FAILED):
             # The launcher could not exec the runtime (a bootstrap the worker's
             # user may not run): Lambda's error for an entrypoint it cannot start.
-            return FunctionError(INIT, "Runtime.InvalidEntrypoint", last)
-        return FunctionError(INIT, "Runtime.ExitError", describe_exit(code))
+            error = FunctionError(INIT, "Runtime.InvalidEntrypoint", last)
+        else:
+            error = FunctionError(INIT, "Runtime.ExitError", describe_exit(code))
+        self._ready.set_exception(WorkerInitError(error, 0.0, list(self._init_logs)))
 
     def _on_exit(self) -> None:
         """The pidfd says the process ended: reap it (our child) and settle everything."""
@@ -577,9 +576,7 @@ class ProcessWorker(Worker):
         call = self._call
         if call is not None and not call.future.done():
             call.future.set_result((None, self._death_error(call)))
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(WorkerInitError(self._start_failure(self.returncode), 0.0,
-                                                      list(self._init_logs)))
+        self._fail_start(self.returncode)
         if not self.exited.done():
             self.exited.set_result(self.returncode)
 
