@@ -568,14 +568,14 @@ class Sandbox:
             sandbox.mount_note = "[workers] tmpfs = false: /tmp is a directory on the data disk"
         else:
             userns = os.geteuid() != 0
-            problem = sandbox._probe({"mount": True, "userns": userns, "tmp_mb": 1,
-                                      "tmp_paths": ["/tmp"], "read_only": read_only,
-                                      "hide": hide, "rlimits": {}})
+            mounts = {"mount": True, "userns": userns, "tmp_mb": 1, "tmp_paths": ["/tmp"],
+                      "read_only": read_only, "hide": hide, "rlimits": {}}
+            problem = sandbox._probe(mounts)
             if problem is None:
                 sandbox.mount, sandbox.userns = True, userns
                 sandbox.mount_note = ("a user namespace of the worker's own" if userns
                                       else "created as root")
-                sandbox._detect_private_proc(read_only, hide)
+                sandbox._detect_private_proc(mounts)
             else:
                 how = "unprivileged user namespaces" if userns else "as root"
                 sandbox.mount_note = f"mount namespaces are not available ({how}): {problem}"
@@ -598,8 +598,9 @@ class Sandbox:
                 log.error("%s", sandbox.run_as_note)
         return sandbox
 
-    def _detect_private_proc(self, read_only: list[str], hide: list) -> None:
-        """Whether workers can mount a /proc of their own that hides other users' processes."""
+    def _detect_private_proc(self, mounts: dict[str, Any]) -> None:
+        """Whether workers can mount a /proc of their own that hides other users' processes,
+        on top of `mounts` (the plan that probed their mount namespace)."""
         if self.userns:
             self.proc_note = ("needs root: a worker in a user namespace of its own may not mount "
                               "/proc; workers see every process of the host")
@@ -607,9 +608,7 @@ class Sandbox:
         if self.run_as is None:
             self.proc_note = "workers run as root, who sees every process: set [workers] run_as"
             return
-        problem = self._probe({"mount": True, "userns": False, "tmp_mb": 1, "tmp_paths": ["/tmp"],
-                               "read_only": read_only, "hide": hide, "rlimits": {},
-                               "private_proc": True})
+        problem = self._probe({**mounts, "private_proc": True})
         if problem is not None:
             self.proc_note = f"a /proc of the worker's own could not be mounted: {problem}"
             return
