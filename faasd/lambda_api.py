@@ -218,31 +218,29 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             body["NextMarker"] = str(start + count)
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    async def get_function(request: web.Request) -> web.Response:
-        try:
-            spec = lookup(request)
-        except InvokeRefused as exc:
-            return service_error(exc)
-        body = {
-            "Configuration": await asyncio.to_thread(function_configuration, spec, region),
-            "Code": {"RepositoryType": "S3", "Location": f"file://{spec.source}"},
-        }
-        if spec.concurrency is not None:
-            body["Concurrency"] = {"ReservedConcurrentExecutions": spec.concurrency}
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
-
     def read_only(view: Callable[[FunctionSpec], dict[str, Any]]):
         async def handler(request: web.Request) -> web.Response:
             try:
                 spec = lookup(request)
             except InvokeRefused as exc:
                 return service_error(exc)
-            body = await asyncio.to_thread(view, spec)  # as get_function: off the event loop
+            # Off the event loop: a configuration walks (and, once per
+            # revision, hashes) the function's files.
+            body = await asyncio.to_thread(view, spec)
             return web.Response(body=orjson.dumps(body), content_type="application/json")
         return handler
 
     def concurrency(spec: FunctionSpec) -> dict[str, Any]:
         return {} if spec.concurrency is None else {"ReservedConcurrentExecutions": spec.concurrency}
+
+    def function(spec: FunctionSpec) -> dict[str, Any]:
+        body = {
+            "Configuration": function_configuration(spec, region),
+            "Code": {"RepositoryType": "S3", "Location": f"file://{spec.source}"},
+        }
+        if spec.concurrency is not None:
+            body["Concurrency"] = concurrency(spec)
+        return body
 
     async def refuse(request: web.Request) -> web.Response:
         return not_implemented(request)
@@ -250,7 +248,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     app.router.add_post(f"{API}/functions/{{name}}/invocations", invoke)
     app.router.add_get(f"{API}/functions", list_functions)
     app.router.add_get(f"{API}/functions/", list_functions)
-    app.router.add_get(f"{API}/functions/{{name}}", get_function)
+    app.router.add_get(f"{API}/functions/{{name}}", read_only(function))
     app.router.add_get(f"{API}/functions/{{name}}/configuration",
                        read_only(lambda spec: function_configuration(spec, region)))
     app.router.add_get("/2019-09-30/functions/{name}/concurrency", read_only(concurrency))
