@@ -84,36 +84,29 @@ class SandboxError(Exception):
 
 # -- worker half ------------------------------------------------------------------------
 
-_libc = None
+def _call(name: str, *args: object) -> int:
+    """libc's `name`(*args) (faasd/libc.py, loaded by the worker half only)."""
+    from . import libc
 
-
-def _c():
-    global _libc
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
+    return libc.call(name, *args)
 
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        import ctypes
+        from . import libc
 
-        errno = ctypes.get_errno()
-        raise SandboxError(f"{what}: {os.strerror(errno)}")
+        raise SandboxError(f"{what}: {os.strerror(libc.errno())}")
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int,
            data: str | None = None) -> None:
-    _check(_c().mount(source.encode() if source else None, target.encode(),
-                      fstype.encode() if fstype else None, flags,
-                      data.encode() if data else None),
+    _check(_call("mount", source.encode() if source else None, target.encode(),
+                 fstype.encode() if fstype else None, flags, data.encode() if data else None),
            f"mount {fstype or 'bind'} on {target}")
 
 
 def _prctl(option: int, arg: int) -> None:
-    _check(_c().prctl(option, arg, 0, 0, 0), f"prctl({option})")
+    _check(_call("prctl", option, arg, 0, 0, 0), f"prctl({option})")
 
 
 def _locked_flags(path: str) -> int:
@@ -167,13 +160,13 @@ def join_cgroups_of(pid: int, procs_files: list[str]) -> None:
 def _new_namespaces(plan: dict[str, Any]) -> None:
     if plan.get("userns"):
         uid, gid = os.getuid(), os.getgid()
-        _check(_c().unshare(CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount namespace)")
+        _check(_call("unshare", CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount namespace)")
         # The worker keeps its own uid inside; it gets no other.
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
     else:
-        _check(_c().unshare(CLONE_NEWNS), "unshare(mount namespace)")
+        _check(_call("unshare", CLONE_NEWNS), "unshare(mount namespace)")
     # Nothing mounted here may propagate back to the host.
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
 
@@ -262,19 +255,16 @@ def _set_limits(plan: dict[str, Any]) -> None:
 
 
 def _drop_capabilities() -> None:
-    import ctypes
+    import struct
 
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+    from . import libc
 
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
-
-    header = Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (Data * 2)()
+    # struct __user_cap_header_struct {u32 version; int pid}, and two (version 3)
+    # struct __user_cap_data_struct {u32 effective, permitted, inheritable}: all zero.
+    header = libc.buffer(8)
+    struct.pack_into("=Ii", header, 0, _LINUX_CAPABILITY_VERSION_3, 0)
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    _check(_c().capset(ctypes.byref(header), data), "capset")
+    _check(libc.call("capset", header, libc.buffer(24)), "capset")
 
 
 def _drop_privileges(plan: dict[str, Any]) -> None:
@@ -304,11 +294,11 @@ def apply(plan: dict[str, Any]) -> None:
     """Carry out a plan in this process. Raises SandboxError (or OSError)."""
     # Everything this needs is loaded now: after the drop to run_as, the
     # interpreter's own library may not be readable.
-    import ctypes  # noqa: F401
     import resource  # noqa: F401
     import signal  # noqa: F401
+    import struct  # noqa: F401
 
-    _c()
+    from . import libc  # noqa: F401
     # Armed now for the wait below, and again at the end: a new user namespace
     # or a change of uid clears it.
     _die_with_parent(plan.get("parent_pid"))

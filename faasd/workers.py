@@ -763,7 +763,8 @@ def _loads(payload: bytes) -> dict:
 # What a Python worker imports from faasd before user code: loaded from their
 # cached bytecode, they cost a start no compilation.
 SHIM_SOURCES = (RUNTIME_DIR / "python_runtime.py", RUNTIME_DIR.parent / "__init__.py",
-                RUNTIME_DIR.parent / "protocol.py", RUNTIME_DIR.parent / "sandbox.py")
+                RUNTIME_DIR.parent / "protocol.py", RUNTIME_DIR.parent / "sandbox.py",
+                RUNTIME_DIR.parent / "libc.py")
 
 
 def compile_shim(sources: Iterable[Path] = SHIM_SOURCES) -> list[Path]:

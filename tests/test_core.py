@@ -59,6 +59,19 @@ def test_a_module_may_share_a_name_with_the_runtimes_own_files(daemon):
         assert daemon.get(f"/function/{name}").json() == {"mine": name, "shim_from_bytecode_cache": True}
 
 
+def test_a_worker_starts_without_the_ctypes_package(daemon):
+    """Its libc calls (parent-death signal, sandbox) go through faasd/libc.py:
+    `import ctypes` would cost every first start milliseconds."""
+    write_function(daemon.functions, "lean.py", """
+        import sys
+
+        def handler(event, context):
+            return {"ctypes": "ctypes" in sys.modules, "libc": "faasd.libc" in sys.modules}
+    """)
+    loaded(daemon, "lean")
+    assert daemon.get("/function/lean").json() == {"ctypes": False, "libc": True}
+
+
 def test_directory_function_with_function_toml_and_sidecar_toml(daemon):
     write_function(daemon.functions, "dirfn/main.py", """
         import os

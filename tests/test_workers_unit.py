@@ -29,5 +29,6 @@ def test_what_cannot_be_written_is_named_and_nothing_is_raised(tmp_path):
 
 def test_the_shim_sources_are_the_files_a_python_worker_imports():
     names = {path.relative_to(SHIM_SOURCES[1].parent).as_posix() for path in SHIM_SOURCES}
-    assert names == {"runtimes/python_runtime.py", "__init__.py", "protocol.py", "sandbox.py"}
+    assert names == {"runtimes/python_runtime.py", "__init__.py", "protocol.py", "sandbox.py",
+                     "libc.py"}
     assert all(path.is_file() for path in SHIM_SOURCES)

@@ -429,11 +429,11 @@ def _peak_kb():
 def _die_with_parent():
     """Ask the kernel for SIGKILL when the daemon dies, so no worker outlives it."""
     try:
-        import ctypes
         import signal
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        from faasd import libc
+
+        libc.call("prctl", 1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     parent = os.environ.pop("_FAASD_PARENT_PID", None)
@@ -458,7 +458,8 @@ def _serve_as_template():
 
     # What forked workers need later is loaded now, once, in the template.
     import array  # noqa: F401
-    import ctypes  # noqa: F401
+
+    from faasd import libc  # noqa: F401
 
     gc.collect()
     gc.freeze()  # keep the collector from dirtying shared pages in every fork
@@ -549,9 +550,9 @@ def _spare(control, out_write, tmp_mb, template_pid):
     # Die with the template. Set after entering a user namespace, which
     # clears the parent-death signal; then make sure the template is still
     # there (it may have died before the signal was armed).
-    import ctypes
+    from faasd import libc
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    libc.call("prctl", 1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
     if os.getppid() != template_pid:
         os._exit(0)
     kind, payload = _recv_frame()
@@ -583,12 +584,11 @@ def _own_tmp(tmp_mb):
     namespace (mapping only its own uid). Where neither is allowed, the worker
     gets a directory of its own inside the template's /tmp instead.
     """
-    import ctypes
+    from faasd import libc
 
-    libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWNS if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNS
-    if libc.unshare(flags) != 0:
+    if libc.call("unshare", flags) != 0:
         return False
     if flags & CLONE_NEWUSER:
         # A template that root started as run_as is undumpable, and so is this
@@ -596,18 +596,18 @@ def _own_tmp(tmp_mb):
         # maps. It is dumpable for these three writes only, before any call
         # has reached it; in that window a process of the same user could
         # attach to it (with [workers] function_users: only its own function's).
-        dumpable = libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
-        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+        dumpable = libc.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
+        libc.call("prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)
         try:
             for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
                                ("gid_map", f"{gid} {gid} 1")):
                 with open(f"/proc/self/{name}", "w") as handle:
                     handle.write(text)
         finally:
-            libc.prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)
+            libc.call("prctl", PR_SET_DUMPABLE, dumpable, 0, 0, 0)
     options = f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777".encode()
-    if (libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
-            or libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0):
+    if (libc.call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
+            or libc.call("mount", b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0):
         os._exit(71)  # half-isolated: never serve like this
     return True
 
