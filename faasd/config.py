@@ -51,6 +51,9 @@ class LimitsConfig:
 @dataclass(frozen=True, kw_only=True)
 class WorkersConfig:
     freeze_after_ms: int = 100
+    # After writing a call, keep the event loop polling (not sleeping) this
+    # long for the reply (faasd/workers.py's ReplyPoller); 0: off.
+    reply_poll_us: int = 200
     keep_warm_s: float = 600.0
     run_as: str | None = None
     drain_timeout_s: float = 30.0
@@ -220,7 +223,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
                               "insecure": _bool, "idle_timeout_s": _positive_float}),
     "paths": (PathsConfig, {"functions": Path, "data": Path}),
     "limits": (LimitsConfig, {"max_concurrency": _positive_int}),
-    "workers": (WorkersConfig, {"freeze_after_ms": _non_negative_int,
+    "workers": (WorkersConfig, {"freeze_after_ms": _non_negative_int, "reply_poll_us": _non_negative_int,
                                 "keep_warm_s": _positive_float, "run_as": _optional_str,
                                 "drain_timeout_s": _positive_float, "zygote": _bool, "tmpfs": _bool,
                                 "python": _optional_str, "function_users": _uid_range}),

@@ -40,7 +40,7 @@ from .sandbox import FunctionUsers, Sandbox, set_daemon_undumpable
 from .sdnotify import Notifier, listen_sockets
 from .spec import DEFAULT_REGION
 from .triggers.http import RouteTable
-from .workers import WorkerEnvironment, compile_shim
+from .workers import ReplyPoller, WorkerEnvironment, compile_shim
 
 log = logging.getLogger("faasd")
 
@@ -131,8 +131,10 @@ class Daemon:
                                  max_file_bytes=config.log.max_file_mb * MB,
                                  keep_files=config.log.keep_files)
         self._cleanups.append(self.logs.close)
+        poll_s = config.workers.reply_poll_us / 1e6
         env = WorkerEnvironment(data_dir=data, memory=memory, region=self.region, run_as=run_as,
-                                python=python, sandbox=sandbox, users=users)
+                                python=python, sandbox=sandbox, users=users,
+                                replies=ReplyPoller(poll_s) if poll_s else None)
         self.pool = WorkerPool(env, PoolSettings(freeze_after_ms=config.workers.freeze_after_ms,
                                                  keep_warm_s=config.workers.keep_warm_s,
                                                  zygote=config.workers.zygote))

@@ -80,6 +80,59 @@ class RunResult:
     reusable: bool
 
 
+class ReplyPoller:
+    """Keeps the event loop polling, not sleeping, for a short while after a call is written.
+
+    At low load the daemon has nothing to do while a worker runs a call: its
+    event loop sleeps in epoll_wait, and the worker's reply has to wake its
+    core again. On a VM waking an idle core takes tens of microseconds, paid
+    on every call. Instead, for up to `window_s` after a call is written, the
+    loop keeps a callback ready, so it polls (epoll_wait with no timeout) and
+    reads a quick reply as soon as it lands; past the window it sleeps as
+    before. A worker whose last reply took longer than the window is not
+    polled for, so a slow function costs no polling at all, and a fast one
+    at most `window_s` of the daemon's CPU a call. With more calls in flight
+    than the cores left beside the daemon's, it does not poll either: the
+    workers need every core, and a loop that sleeps now and then reads
+    several replies per wake-up.
+    """
+
+    def __init__(self, window_s: float, max_waiting: int | None = None) -> None:
+        self.window_s = window_s
+        self.max_waiting = max_waiting or max(1, (os.cpu_count() or 1) - 1)
+        self._waiting = 0  # calls written and polled for, not yet answered
+        # time.monotonic() when polling stops (uvloop's loop.time() counts whole milliseconds)
+        self._until = 0.0
+        self._polling = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def begin(self, last_reply_s: float) -> bool:
+        """A call was written to a worker whose previous call took `last_reply_s`
+        to answer (0 for its first). Unless that was longer than the window,
+        poll for up to window_s from now and return True: end() must follow."""
+        if last_reply_s > self.window_s:
+            return False
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._waiting += 1
+        self._until = time.monotonic() + self.window_s
+        if not self._polling:
+            self._polling = True
+            loop.call_soon(self._poll)
+        return True
+
+    def end(self) -> None:
+        """Its reply came (or the call ended otherwise)."""
+        self._waiting -= 1
+
+    def _poll(self) -> None:
+        if 0 < self._waiting <= self.max_waiting and time.monotonic() < self._until:
+            self._loop.call_soon(self._poll)  # type: ignore[union-attr]
+        else:
+            self._polling = False
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkerEnvironment:
     """What every worker of this daemon shares: where to put things, as whom to run."""
@@ -94,6 +147,8 @@ class WorkerEnvironment:
     sandbox: Sandbox | None = None
     # A uid for each function ([workers] function_users); None: all run as run_as.
     users: FunctionUsers | None = None
+    # Polls for quick replies ([workers] reply_poll_us); None: the loop sleeps at once.
+    replies: ReplyPoller | None = None
 
     def identity(self, function: str) -> tuple[int, int] | None:
         """(uid, gid) the workers of `function` run as; None: the daemon's own.
@@ -305,6 +360,7 @@ class ProcessWorker(Worker):
         self._loop = asyncio.get_running_loop()
         self._peak_kb: int | None = None
         self._idle_log_bytes = 0  # output outside invocations, against MAX_LOG_BYTES
+        self._reply_s = 0.0  # how long its last call took to answer
 
     def environment(self) -> dict[str, str]:
         env = self.base_environment()
@@ -627,9 +683,15 @@ class ProcessWorker(Worker):
         tmp_check = None
         if self.sandbox is not None and self.sandbox.tmp_limit is not None:
             tmp_check = loop.create_task(self._watch_tmp(call))
+        replies = self.env.replies
+        polled = replies is not None and replies.begin(self._reply_s)
+        written = time.monotonic()
         try:
             payload, error = await future
         finally:
+            self._reply_s = time.monotonic() - written
+            if polled:
+                replies.end()  # type: ignore[union-attr]
             # Output without a final newline belongs to this call, not the next.
             if self._output is not None:
                 self._output.flush()
