@@ -551,6 +551,16 @@ def test_idle_workers_are_frozen_and_thawed_by_the_same_pid(start_daemon, functi
     wait_until(lambda: process_state(pid) == "T", message="the worker to freeze again")
 
 
+def test_reply_polling_can_be_turned_off_and_refuses_a_negative_window(start_daemon, functions_dir):
+    write_function(functions_dir, "quick.py", "def handler(e, c):\n    return e\n")
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_REPLY_POLL_US": "0"})
+    assert [daemon.invoke("quick", {"n": n}).json() for n in range(3)] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    daemon.stop()
+    refused = start_daemon(functions_dir, env={"FAASD_WORKERS_REPLY_POLL_US": "-1"}, wait=False)
+    assert refused.process.wait(timeout=30) == 2
+    assert "FAASD_WORKERS_REPLY_POLL_US: '-1' is not valid" in refused.output()
+
+
 def test_frozen_workers_retire_after_keep_warm_but_min_warm_stay(start_daemon, functions_dir):
     write_function(functions_dir, "cold.py", "import os\ndef handler(e, c):\n    return os.getpid()\n")
     write_function(functions_dir, "warm.py", "import os\ndef handler(e, c):\n    return os.getpid()\n")
