@@ -92,14 +92,17 @@ class ReplyPoller:
     before. A worker whose last reply took longer than the window is not
     polled for, so a slow function costs no polling at all, and a fast one
     at most `window_s` of the daemon's CPU a call. With more calls in flight
-    than the cores left beside the daemon's, it does not poll either: the
-    workers need every core, and a loop that sleeps now and then reads
-    several replies per wake-up.
+    than the cores the daemon may use beside its own (none on one core), it
+    does not poll either: the workers need every core, and a loop that
+    sleeps now and then reads several replies per wake-up.
     """
 
     def __init__(self, window_s: float, max_waiting: int | None = None) -> None:
         self.window_s = window_s
-        self.max_waiting = max_waiting or max(1, (os.cpu_count() or 1) - 1)
+        if max_waiting is None:
+            # The cores this daemon may run on, less its own; on one core it never polls.
+            max_waiting = len(os.sched_getaffinity(0)) - 1
+        self.max_waiting = max_waiting
         self._waiting = 0  # calls written and polled for, not yet answered
         # time.monotonic() when polling stops (uvloop's loop.time() counts whole milliseconds)
         self._until = 0.0

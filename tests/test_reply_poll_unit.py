@@ -118,3 +118,28 @@ def test_with_more_calls_out_than_spare_cores_it_does_not_poll():
     crowded, alone = run(scenario)
     assert crowded <= ASLEEP
     assert alone > 10 * ASLEEP
+
+
+def test_on_a_single_core_it_never_polls():
+    """There is no other core to keep awake: the worker needs the daemon's."""
+    async def scenario(selector: RecordingSelector) -> int:
+        poller = ReplyPoller(window_s=10.0, max_waiting=0)
+        assert poller.begin(0.0)
+        selector.timeouts.clear()
+        await asyncio.sleep(0.02)
+        poller.end()
+        return polls(selector.timeouts)
+
+    assert run(scenario) <= ASLEEP
+
+
+def test_a_daemon_confined_to_one_core_never_polls():
+    """By default it counts the cores the daemon may run on (taskset, systemd's
+    CPUAffinity=), not the machine's."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from faasd.workers import ReplyPoller; print(ReplyPoller(window_s=0.001).max_waiting)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "0"
