@@ -100,6 +100,7 @@ def http_trigger_handler(daemon: "Daemon"):
                 refusal, authorizer = await trigger_auth.check(request, setting, route_key, params)
                 if refusal is not None:
                     return refusal
+            invoker.expect(name)  # the worker wakes while the body is read and the event built
             body = await read_body(request, limit)
             event = build_event(request, body, route_key=route_key,
                                 path_parameters=params, request_id=request_id)

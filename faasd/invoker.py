@@ -128,6 +128,18 @@ class Invoker:
             raise FunctionNotFound(name)
         return spec
 
+    def expect(self, name: str) -> None:
+        """A call of `name` is being prepared: the pool may wake the worker it
+        will most likely use while the caller builds the event. Only on a quiet
+        daemon: with calls in flight the cores are awake anyway, and the pool
+        would not poll for the reply (faasd/workers.py's ReplyPoller)."""
+        replies = self.pool.env.replies
+        if replies is None or self.inflight >= replies.max_waiting:
+            return
+        spec = self.registry.get(name)
+        if spec is not None and not spec.load_error:
+            self.pool.get(spec).wake_next()
+
     def function_limit(self, spec: FunctionSpec) -> Limiter:
         limiter = self._function_limits.get(spec.name)
         if limiter is None:

@@ -127,6 +127,18 @@ class FunctionPool:
                 self.release(waiter.result()[0], True)  # handed over as the call was cancelled
             raise
 
+    def wake_next(self) -> None:
+        """A call is on its way (an HTTP request for the function is being read):
+        wake the idle worker it will most likely get, so that the worker's core
+        is up when the call is written. Only where the daemon will poll for that
+        worker's reply (a quick function, a quiet daemon): under load, or for a
+        slow function, the write would buy nothing."""
+        replies = self.env.replies
+        if self._idle and replies is not None:
+            worker = self._idle[-1]
+            if worker.spec.revision == self.spec.revision and replies.would_poll(worker.last_reply_s):
+                worker.wake()
+
     def _take_ready(self) -> Worker | None:
         """The most recently used idle worker, else the most recently frozen one."""
         revision = self.spec.revision

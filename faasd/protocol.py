@@ -18,6 +18,10 @@ daemon -> worker
               "arn": invoked function ARN}, and "client_context" (the
               caller's ClientContext object) when the call has one.
     SHUTDOWN  empty; the worker exits 0.
+    WAKE      empty; a call for this worker is probably on its way (an HTTP
+              request for its function is being read). The worker reads it
+              and waits on: the point is that its core is awake by the time
+              the INVOKE comes. Any frame a worker does not know it ignores.
 
 worker -> daemon
     READY       {"init_ms": float} once the handler is imported.
@@ -68,6 +72,7 @@ MAX_FRAME = 64 * 1024 * 1024  # larger than any payload Lambda accepts
 # daemon -> worker
 INVOKE = 1
 SHUTDOWN = 2
+WAKE = 5
 
 # worker -> daemon
 READY = 10
@@ -85,7 +90,7 @@ SPARE = 18
 
 KIND_NAMES = {
     INVOKE: "INVOKE", SHUTDOWN: "SHUTDOWN", READY: "READY", INIT_ERROR: "INIT_ERROR",
-    LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR", STATS: "STATS", FORK: "FORK",
+    LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR", STATS: "STATS", FORK: "FORK", WAKE: "WAKE",
     START: "START", EXITED: "EXITED", SPARE: "SPARE",
 }
 

@@ -109,6 +109,11 @@ class ReplyPoller:
         self._polling = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def would_poll(self, last_reply_s: float) -> bool:
+        """Whether a call written now, to a worker whose previous call took
+        `last_reply_s` to answer, would be polled for."""
+        return last_reply_s <= self.window_s and self._waiting < self.max_waiting
+
     def begin(self, last_reply_s: float) -> bool:
         """A call was written to a worker whose previous call took `last_reply_s`
         to answer (0 for its first). Unless that was longer than the window,
@@ -205,6 +210,7 @@ class Worker:
         # Stopped by freeze() and not yet thawed. The pool hands a frozen
         # worker out still stopped; run() thaws it once the call is written.
         self.frozen = False
+        self.last_reply_s = 0.0  # how long its last call took to answer (0: none yet)
         self.tmp_dir = env.tmp_root / self.id
         self.arn = function_arn(spec.name, env.region)  # context.invoked_function_arn
         self.cgroup: WorkerCgroup | None = None
@@ -270,6 +276,10 @@ class Worker:
     def thaw(self) -> None:
         """Undo freeze(). run() calls it for a worker still frozen when taken."""
         raise NotImplementedError
+
+    def wake(self) -> None:
+        """A call for this idle worker is probably on its way: get its core up.
+        Optional; by default nothing."""
 
     async def stop(self) -> None:
         raise NotImplementedError
@@ -363,7 +373,6 @@ class ProcessWorker(Worker):
         self._loop = asyncio.get_running_loop()
         self._peak_kb: int | None = None
         self._idle_log_bytes = 0  # output outside invocations, against MAX_LOG_BYTES
-        self._reply_s = 0.0  # how long its last call took to answer
 
     def environment(self) -> dict[str, str]:
         env = self.base_environment()
@@ -687,12 +696,12 @@ class ProcessWorker(Worker):
         if self.sandbox is not None and self.sandbox.tmp_limit is not None:
             tmp_check = loop.create_task(self._watch_tmp(call))
         replies = self.env.replies
-        polled = replies is not None and replies.begin(self._reply_s)
+        polled = replies is not None and replies.begin(self.last_reply_s)
         written = time.monotonic()
         try:
             payload, error = await future
         finally:
-            self._reply_s = time.monotonic() - written
+            self.last_reply_s = time.monotonic() - written
             if polled:
                 replies.end()  # type: ignore[union-attr]
             # Output without a final newline belongs to this call, not the next.
@@ -776,6 +785,12 @@ class ProcessWorker(Worker):
     def freeze(self) -> None:
         self._killpg(signal.SIGSTOP)
         self.frozen = True
+
+    def wake(self) -> None:
+        # A WAKE frame: reading it wakes the process, and with it its core,
+        # while the daemon still builds the call (a frozen one stays as it is).
+        if self._call is None and not self.frozen:
+            self._send(protocol.WAKE)
 
     def thaw(self) -> None:
         self.frozen = False
