@@ -47,6 +47,8 @@ import json
 import os
 import sys
 
+from . import libc  # the worker half's system calls; light, unlike ctypes (faasd/libc.py)
+
 TYPE_CHECKING = False  # typing itself costs a worker's start a few ms
 if TYPE_CHECKING:
     from typing import Any
@@ -84,29 +86,20 @@ class SandboxError(Exception):
 
 # -- worker half ------------------------------------------------------------------------
 
-def _call(name: str, *args: object) -> int:
-    """libc's `name`(*args) (faasd/libc.py, loaded by the worker half only)."""
-    from . import libc
-
-    return libc.call(name, *args)
-
-
 def _check(result: int, what: str) -> None:
     if result != 0:
-        from . import libc
-
         raise SandboxError(f"{what}: {os.strerror(libc.errno())}")
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int,
            data: str | None = None) -> None:
-    _check(_call("mount", source.encode() if source else None, target.encode(),
+    _check(libc.call("mount", source.encode() if source else None, target.encode(),
                  fstype.encode() if fstype else None, flags, data.encode() if data else None),
            f"mount {fstype or 'bind'} on {target}")
 
 
 def _prctl(option: int, arg: int) -> None:
-    _check(_call("prctl", option, arg, 0, 0, 0), f"prctl({option})")
+    _check(libc.call("prctl", option, arg, 0, 0, 0), f"prctl({option})")
 
 
 def _locked_flags(path: str) -> int:
@@ -160,13 +153,13 @@ def join_cgroups_of(pid: int, procs_files: list[str]) -> None:
 def _new_namespaces(plan: dict[str, Any]) -> None:
     if plan.get("userns"):
         uid, gid = os.getuid(), os.getgid()
-        _check(_call("unshare", CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount namespace)")
+        _check(libc.call("unshare", CLONE_NEWUSER | CLONE_NEWNS), "unshare(user, mount namespace)")
         # The worker keeps its own uid inside; it gets no other.
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"{uid} {uid} 1")
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
     else:
-        _check(_call("unshare", CLONE_NEWNS), "unshare(mount namespace)")
+        _check(libc.call("unshare", CLONE_NEWNS), "unshare(mount namespace)")
     # Nothing mounted here may propagate back to the host.
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
 
@@ -257,8 +250,6 @@ def _set_limits(plan: dict[str, Any]) -> None:
 def _drop_capabilities() -> None:
     import struct
 
-    from . import libc
-
     # struct __user_cap_header_struct {u32 version; int pid}, and two (version 3)
     # struct __user_cap_data_struct {u32 effective, permitted, inheritable}: all zero.
     header = libc.buffer(8)
@@ -298,7 +289,6 @@ def apply(plan: dict[str, Any]) -> None:
     import signal  # noqa: F401
     import struct  # noqa: F401
 
-    from . import libc  # noqa: F401
     # Armed now for the wait below, and again at the end: a new user namespace
     # or a change of uid clears it.
     _die_with_parent(plan.get("parent_pid"))
