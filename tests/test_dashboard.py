@@ -62,6 +62,11 @@ def browser(tmp_path: Path):
                    timeout=20, message="chromium and chromedriver to exit")
 
 
+ROWS_SCRIPT = """return Object.fromEntries(Array.from(
+    document.querySelectorAll("#functions-table tbody tr"),
+    row => [row.getAttribute("data-function"), row.innerText]));"""
+
+
 def text_of(driver, element_id: str) -> str:
     return driver.find_element("id", element_id).text
 
@@ -91,8 +96,9 @@ def test_dashboard_shows_functions_invokes_through_the_form_and_charts_update(st
     driver.get(daemon.url + "/ui/")
 
     # Functions, their triggers and load errors.
-    rows = lambda: {row.get_attribute("data-function"): row.text
-                    for row in driver.find_elements("css selector", "#functions-table tbody tr")}
+    # Read in one script run: the page redraws the table as it polls, and rows
+    # found by one WebDriver call may be gone by the next (a stale element).
+    rows = lambda: driver.execute_script(ROWS_SCRIPT)
     wait_until(lambda: set(rows()) >= {"greet", "fails", "broken", "scheduled"}, 20,
                message="the functions table")
     assert "load error" in rows()["broken"] and "Runtime.UserCodeSyntaxError" in rows()["broken"]
