@@ -740,7 +740,10 @@ def handler(event, context):
         source = Path(record["faasd"]["path"])
         bucket = source.parents[len(Path(key).parts) - 1]
         (bucket / "out").mkdir(exist_ok=True)
-        (bucket / "out" / (source.name + ".done")).write_text(source.read_text().upper())
+        # As the thumbnail example does: whoever sees the output sees all of it.
+        partial = bucket / "out" / ("." + source.name + ".partial")
+        partial.write_text(source.read_text().upper())
+        partial.replace(bucket / "out" / (source.name + ".done"))
     return {"uid": os.getuid()}
 """
 
