@@ -433,7 +433,7 @@ def _die_with_parent():
 
         from faasd import libc
 
-        libc.call("prctl", 1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        libc.call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
     parent = os.environ.pop("_FAASD_PARENT_PID", None)
@@ -449,7 +449,7 @@ def _die_with_parent():
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 16384, 1 << 18, 2, 4
-PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+PR_SET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 1, 3, 4
 
 
 def _serve_as_template():
@@ -552,7 +552,7 @@ def _spare(control, out_write, tmp_mb, template_pid):
     # there (it may have died before the signal was armed).
     from faasd import libc
 
-    libc.call("prctl", 1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    libc.call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != template_pid:
         os._exit(0)
     kind, payload = _recv_frame()
