@@ -179,7 +179,8 @@ def system_handlers(daemon: "Daemon"):
         follow = request.query.get("follow", "") in ("1", "true", "yes")
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)
-        stream = daemon.logs.follow(name) if follow else None
+        # aiohttp does not cancel a handler whose client went away: the follow checks.
+        stream = daemon.logs.follow(name, gone=lambda: _gone(request)) if follow else None
         for line in daemon.logs.tail(name, lines):
             await response.write(line.encode())
         if stream is not None:
@@ -189,6 +190,11 @@ def system_handlers(daemon: "Daemon"):
         return response
 
     return healthz, readyz, functions, function, info, logs
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 # -- the one middleware: auth for the API, errors the framework raises -------------------

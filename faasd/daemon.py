@@ -189,6 +189,8 @@ class Daemon:
         self.ready = False
         timeout = self.config.workers.drain_timeout_s
         log.info("shutting down: draining in-flight invocations (up to %gs)", timeout)
+        if hasattr(self, "logs"):
+            self.logs.end_follows()  # else the runner's cleanup waits for each to the timeout
         if self._runner is not None:
             await self._runner.cleanup()
         if hasattr(self, "invoker") and not await self.invoker.drain(timeout):

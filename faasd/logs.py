@@ -31,6 +31,7 @@ log = logging.getLogger("faasd.logs")
 MAX_LINE = 16 * 1024  # longer lines are cut, with a marker
 IDLE_CLOSE_S = 60.0  # a log file not written for this long is closed (reopened on its next line)
 MAX_TAIL_BYTES = 64 * 1024 * 1024  # the most a tail request reads back
+FOLLOW_CHECK_S = 5.0  # how often a quiet follow checks that its reader is still there
 
 
 _stamp_ms = -1
@@ -276,19 +277,37 @@ class FunctionLogs:
             found = found[1:]  # the first one may be cut
         return [line + "\n" for line in found[-lines:]]
 
-    def follow(self, name: str) -> AsyncIterator[str]:
-        """New lines of a function's log, from this call on (not from the first read)."""
-        queue: asyncio.Queue[str] = asyncio.Queue()
+    def follow(self, name: str, gone: Callable[[], bool] = lambda: False) -> AsyncIterator[str]:
+        """New lines of a function's log, from this call on (not from the first read).
+
+        It ends when faasd stops (end_follows) or, checked every
+        FOLLOW_CHECK_S while no line comes, once `gone()` says the reader left.
+        """
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
         self._followers.setdefault(name, set()).add(queue)
 
         async def lines() -> AsyncIterator[str]:
             try:
                 while True:
-                    yield await queue.get()
+                    try:
+                        line = await asyncio.wait_for(queue.get(), FOLLOW_CHECK_S)
+                    except asyncio.TimeoutError:
+                        if gone():
+                            return
+                        continue
+                    if line is None:
+                        return
+                    yield line
             finally:
                 self._followers[name].discard(queue)
 
         return lines()
+
+    def end_follows(self) -> None:
+        """End every follow (at shutdown: an open follow would hold it up)."""
+        for queues in self._followers.values():
+            for queue in queues:
+                queue.put_nowait(None)
 
     def close(self) -> None:
         self.reopen()  # flushed, every file closed

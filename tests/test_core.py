@@ -525,6 +525,24 @@ def test_logs_follow_streams_new_lines(daemon):
         follower.wait(10)
 
 
+def test_an_open_follow_ends_when_faasd_stops_and_does_not_hold_the_stop_up(daemon):
+    write_function(daemon.functions, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    follower = subprocess.Popen([sys.executable, "-m", "faasd", "logs", "echo", "--follow", "-n", "1",
+                                 "--url", daemon.url], stdout=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+    try:
+        assert "REPORT RequestId" in follower.stdout.readline()  # following now
+        # The drain allows 30 s; a stop held up by the follow would be killed at 10.
+        assert daemon.stop(timeout=10) == 0
+        assert follower.wait(10) == 0  # its stream ended: the follow saw faasd go
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGTERM)
+            follower.wait(10)
+
+
 def test_health_readiness_and_system_views(daemon):
     write_function(daemon.functions, "echo.py", ECHO)
     wait_until(lambda: daemon.get("/function/echo").status == 200)

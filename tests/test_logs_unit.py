@@ -194,6 +194,38 @@ def test_one_flush_writes_each_functions_lines_in_order_to_files_stdout_follower
     logs.close()
 
 
+def test_a_follow_ends_at_shutdown_and_when_its_reader_is_gone(tmp_path, monkeypatch):
+    import faasd.logs
+
+    monkeypatch.setattr(faasd.logs, "FOLLOW_CHECK_S", 0.01)
+    logs = FunctionLogs(tmp_path, echo_format=None)
+    reader_left = False
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async def read(follower) -> list[str]:
+            return [line.split("\t")[2] async for line in follower]
+
+        stays = asyncio.ensure_future(read(logs.follow("a")))
+        leaves = asyncio.ensure_future(read(logs.follow("a", gone=lambda: reader_left)))
+        await asyncio.sleep(0.05)  # both registered, and quiet past several checks
+        logs.write("a", "r1", "one")
+        await asyncio.sleep(0.05)
+        nonlocal reader_left
+        reader_left = True
+        left = await asyncio.wait_for(leaves, 5)
+        assert not stays.done() and len(logs._followers["a"]) == 1
+        logs.write("a", "r2", "two")
+        await asyncio.sleep(0.05)
+        logs.end_follows()
+        return left, await asyncio.wait_for(stays, 5)
+
+    left, stayed = asyncio.run(scenario())
+    assert left == ["one\n"]
+    assert stayed == ["one\n", "two\n"]
+    assert logs._followers["a"] == set()
+    logs.close()
+
+
 def test_a_write_of_no_lines_writes_nothing(tmp_path):
     stream = io.BytesIO()
     logs = FunctionLogs(tmp_path, stream=stream)
