@@ -46,12 +46,18 @@ template -> daemon
     SPARE     {"pid"}, carrying three descriptors as SCM_RIGHTS ancillary
               data: the spare's control socket, its output pipe and a pidfd
               for it. A spare is a forked child, isolated and waiting for its
-              START; the daemon holds it (and moves it into a memory cgroup of
-              its own) until a call needs a worker. On failure {"error"} and
-              no descriptors.
+              START; the daemon holds it until a call needs a worker. On
+              failure {"error"} and no descriptors.
     EXITED    {"pid", "returncode"} (negative: the signal) when a forked worker
               ends: the template is its parent and reaps it.
 daemon -> spare
+    JOIN      {"groups": [names]}, carrying as SCM_RIGHTS one descriptor per
+              group: its cgroup v1 `tasks` file, opened by the daemon. Always
+              the spare's first frame. The spare writes "0" to each and closes
+              it, which moves it (one thread) into its own memory cgroup and
+              pids group without the kernel's global lock (sandbox.py,
+              self_join_file); the daemon moves it into cgroup v2 groups
+              itself. A spare that cannot join exits.
     START     {"id": worker id, "env": {NAME: value}}: become this worker;
               it answers READY and then serves INVOKE like any worker.
 
@@ -85,13 +91,14 @@ STATS = 15
 # templates
 FORK = 3
 START = 4
+JOIN = 6
 EXITED = 17
 SPARE = 18
 
 KIND_NAMES = {
     INVOKE: "INVOKE", SHUTDOWN: "SHUTDOWN", READY: "READY", INIT_ERROR: "INIT_ERROR",
     LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR", STATS: "STATS", FORK: "FORK", WAKE: "WAKE",
-    START: "START", EXITED: "EXITED", SPARE: "SPARE",
+    START: "START", JOIN: "JOIN", EXITED: "EXITED", SPARE: "SPARE",
 }
 
 CONTROL_FD_ENV = "_FAASD_CONTROL_FD"  # names the control socket's descriptor in a worker

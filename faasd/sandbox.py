@@ -15,7 +15,8 @@ shim calls it itself; every other runtime is started through
 `runtimes/sandbox_exec.py`, which calls it and then execs the runtime (same
 pid), so one code path isolates every runtime. In order:
 
-  1. join the worker's cgroups (memory, pids): everything it forks stays in them;
+  1. join the worker's cgroups (memory, pids): everything it forks stays in them
+     (cgroup v1 groups it joins itself, in microseconds: self_join_file);
   2. a private mount namespace -- as root, or inside a new user namespace
      when the daemon is unprivileged -- with a tmpfs of `tmp_mb` at /tmp (also
      seen at /var/tmp) and a small one at /dev/shm, the functions dir and
@@ -120,14 +121,48 @@ def _is_member(procs_file: str, pid: str) -> bool:
         return False
 
 
+def self_join_file(procs_file: str) -> str | None:
+    """The `tasks` file of the cgroup v1 group whose `cgroup.procs` is
+    `procs_file`; None on cgroup v2, which has no such file.
+
+    Writing 0 to `tasks` moves the writing thread only, and the kernel does
+    that without its global threadgroup lock. Moving a whole process
+    (`cgroup.procs`, or any pid but 0) takes that lock for writing, which
+    waits out an RCU grace period (5 to 20 ms) and holds up every fork and
+    exit on the host meanwhile. For a process with one thread, as every
+    worker is when it joins, moving its thread moves the process.
+    """
+    tasks = os.path.join(os.path.dirname(procs_file), "tasks")
+    return tasks if os.path.exists(tasks) else None
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
 def _join_cgroups(procs_files: list[str]) -> None:
     """Be in every cgroup of `procs_files` before going on.
 
-    The daemon moves this process already, while the interpreter starts
-    (join_cgroups_of; a cgroup v1 move waits out an RCU grace period, 5 to
-    20 ms): wait for that, and join only what it has not done in time.
+    A cgroup v1 group it joins itself, through its `tasks` file
+    (self_join_file: microseconds). A cgroup v2 one the daemon moves it into
+    already, while the interpreter starts (join_cgroups_of): wait for that,
+    and join only what it has not done in time.
     """
     pid = str(os.getpid())
+    waiting = []
+    for path in procs_files:
+        tasks = self_join_file(path)
+        if tasks is not None and _single_threaded():
+            try:
+                _write(tasks, "0")
+            except OSError as exc:
+                raise SandboxError(f"cannot join cgroup {os.path.dirname(path)}: {exc.strerror}") from None
+        else:
+            waiting.append(path)
+    procs_files = waiting
     if procs_files and all(os.path.exists(path) for path in procs_files):  # else nobody can join it
         import time
 
@@ -144,8 +179,14 @@ def _join_cgroups(procs_files: list[str]) -> None:
             raise SandboxError(f"cannot join cgroup {os.path.dirname(path)}: {exc.strerror}") from None
 
 
+def parent_moves(procs_files: list[str]) -> list[str]:
+    """Of a worker's cgroups, those the daemon moves it into (cgroup v2's):
+    it joins the others by itself."""
+    return [path for path in procs_files if self_join_file(path) is None]
+
+
 def join_cgroups_of(pid: int, procs_files: list[str]) -> None:
-    """The daemon's half of _join_cgroups: move a just-started worker into its cgroups."""
+    """The daemon's half of _join_cgroups: move a just-started worker into its parent_moves()."""
     for path in procs_files:
         _write(path, str(pid))
 

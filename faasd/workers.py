@@ -36,7 +36,7 @@ from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
 from .limits import MB, MemoryLimits, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes
 from .sandbox import (
     EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, Sandbox, SandboxError,
-    WorkerPlan, join_cgroups_of,
+    WorkerPlan, join_cgroups_of, parent_moves,
 )
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
@@ -439,10 +439,12 @@ class ProcessWorker(Worker):
         self._pidfd = os.pidfd_open(self.pid)
         loop.add_reader(self._pidfd, self._on_exit)
         joining = None
-        if self.sandbox is not None and self.sandbox.plan["cgroups"]:
-            # Moved while its interpreter starts; it waits for this before user
-            # code runs (and joins by itself what is not done in time).
-            joining = loop.create_task(self._join_cgroups(self.sandbox.plan["cgroups"]))
+        moves = parent_moves(self.sandbox.plan["cgroups"]) if self.sandbox is not None else []
+        if moves:
+            # Moved while its interpreter starts (cgroup v2; it joins v1
+            # groups by itself). It waits for this before user code runs, and
+            # joins by itself what is not done in time.
+            joining = loop.create_task(self._join_cgroups(moves))
         elif self.cgroup is not None and self.sandbox is None:
             try:
                 await asyncio.to_thread(self.cgroup.add, self.pid)  # blocks ~15 ms on cgroup v1

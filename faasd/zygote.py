@@ -12,9 +12,9 @@ The daemon keeps spares: children the template forked ahead of demand (FORK
 moves into a process group and (through a mount namespace, or a user and
 mount namespace when unprivileged) a fresh tmpfs at /tmp, and waits; the
 template passes the daemon its two descriptors and a pidfd (SPARE,
-SCM_RIGHTS), and the daemon moves it into a memory cgroup and a pids limit
-of its own at once (a fork bomb in one forked worker leaves its siblings and
-the template their processes).
+SCM_RIGHTS), and the daemon makes it a memory cgroup and a pids limit of its
+own at once, which the spare joins itself (JOIN; a fork bomb in one forked
+worker leaves its siblings and the template their processes).
 A `ForkedWorker` takes a spare, sends it START with its per-call environment,
 and has a worker as soon as it answers READY; the template forks a
 replacement REPLACE_DELAY_S later, once the new worker has had the core.
@@ -45,7 +45,7 @@ import orjson
 from . import protocol
 from .errors import INIT, FunctionError
 from .limits import WorkerCgroup, remove_when_empty
-from .sandbox import WorkerPlan, join_cgroups_of
+from .sandbox import WorkerPlan, join_cgroups_of, self_join_file
 from .spec import FunctionSpec
 from .workers import (
     SITE_PATH_ENV, ProcessWorker, WorkerEnvironment, WorkerInitError, WorkerState, _Control,
@@ -200,7 +200,9 @@ class Template(ProcessWorker):
             return
         pid = int(reply["pid"])
         control, output, pidfd = (self._fds.pop(0) for _ in range(3))
-        spare = Spare(pid, control, output, pidfd, self._loop.create_task(self._groups_for(pid)))
+        # A duplicate for JOIN: discarding the spare closes `control` meanwhile.
+        joining = self._groups_for(pid, os.dup(control))
+        spare = Spare(pid, control, output, pidfd, self._loop.create_task(joining))
         waiter = next_pending(self._spare_waiters)
         if waiter is not None:
             waiter.set_result(spare)
@@ -241,36 +243,53 @@ class Template(ProcessWorker):
         else:
             self._top_up()
 
-    async def _groups_for(self, pid: int) -> Groups:
+    async def _groups_for(self, pid: int, control: int) -> Groups:
         """A memory cgroup and a pids limit of its own for a spare, made off the event loop.
 
-        Moving a process between cgroups can take the kernel milliseconds (it
-        waits for an RCU grace period), so spares move as soon as they exist.
+        The spare joins them itself (JOIN, which carries their v1 `tasks`
+        files): moving a process from outside takes the kernel milliseconds
+        and holds up every fork on the host meanwhile. Only cgroup v2 groups
+        are moved into from here. `control` is a duplicate of the spare's
+        channel, closed here.
         """
         name = f"{self.spec.name}-forked-{pid}"
 
         def create() -> Groups:
-            memory = self.env.memory.create(name, self.spec.memory_mb)
-            if memory is not None:
+            channel = socket.socket(fileno=control)
+            try:
+                memory = self.env.memory.create(name, self.spec.memory_mb)
+                pids = None
+                if self.env.sandbox is not None:
+                    try:
+                        pids = self.env.sandbox.own_pids_limit(name, memory)
+                    except OSError as exc:
+                        log.warning("cannot give forked worker %s a pids limit of its own: %s; "
+                                    "it shares its template's", pid, exc)
+                groups = [group for group in (memory, pids) if group is not None]
+                fds: list[int] = []
+                names: list[str] = []
                 try:
-                    memory.add(pid)
+                    for group in groups:
+                        directory = str(group.path if isinstance(group, WorkerCgroup) else group.pids_dir)
+                        procs = os.path.join(directory, "cgroup.procs")
+                        tasks = self_join_file(procs)
+                        if tasks is None:
+                            join_cgroups_of(pid, [procs])
+                        else:
+                            fds.append(os.open(tasks, os.O_WRONLY | os.O_CLOEXEC))
+                            names.append(directory)
+                    socket.send_fds(channel, [protocol.encode(
+                        protocol.JOIN, orjson.dumps({"groups": names}))], fds)
                 except OSError as exc:
-                    log.warning("cannot move forked worker %s into its memory cgroup: %s", pid, exc)
-                    memory.remove()
-                    memory = None
-            pids = None
-            if self.env.sandbox is not None:
-                try:
-                    pids = self.env.sandbox.own_pids_limit(name, memory)
-                    if pids is not None:
-                        join_cgroups_of(pid, pids.plan["cgroups"])
-                except OSError as exc:
-                    log.warning("cannot give forked worker %s a pids limit of its own: %s; "
-                                "it shares its template's", pid, exc)
-                    if pids is not None:
-                        pids.remove()
-                    pids = None
-            return Groups(memory, pids)
+                    # Without its JOIN the spare exits at its first frame:
+                    # it never runs outside its groups.
+                    log.warning("cannot move forked worker %s into its cgroups: %s", pid, exc)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+                return Groups(memory, pids)
+            finally:
+                channel.close()
 
         return await asyncio.to_thread(create)
 

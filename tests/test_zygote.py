@@ -224,6 +224,31 @@ def with_a_spare(daemon) -> dict:
                       and template_of(daemon, "fn"), message="the template and its spare")
 
 
+def test_spares_and_forked_workers_are_in_cgroups_of_their_own(daemon):
+    # A spare joins its own memory and pids groups while it is held (JOIN):
+    # from its first frame on it is in every hierarchy its template is in,
+    # in a group named for it, with the function's memory limit.
+    template = with_a_spare(daemon)
+    hierarchies = len(own_groups(template["pid"]))
+    assert hierarchies >= 1
+
+    def joined(pid: int) -> bool:
+        groups = own_groups(pid)
+        return len(groups) == hierarchies and {g.name for g in groups} == {f"fn-forked-{pid}"}
+
+    spare = wait_until(lambda: next(iter(spares_of(daemon, "fn", template)), None), message="the spare")
+    wait_until(lambda: joined(spare), timeout=5, message=f"the spare {spare} in its own groups")
+    for group in own_groups(spare):
+        for name in ("memory.limit_in_bytes", "memory.max"):
+            if (group / name).exists():
+                assert int((group / name).read_text()) == 128 * 1024 * 1024
+    results = concurrent(daemon, "fn", [{"sleep": 0.5}] * 3)
+    forked = [r["pid"] for r in results if parent_of(r["pid"]) == template["pid"]]
+    assert forked
+    for pid in forked:
+        assert joined(pid), own_groups(pid)
+
+
 def test_a_burst_that_found_no_spare_leaves_more_spares_for_the_next(daemon):
     template = with_a_spare(daemon)
     # The first worker serves one call; five more need forks at once, and one

@@ -555,6 +555,7 @@ def _spare(control, out_write, tmp_mb, template_pid):
     libc.call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != template_pid:
         os._exit(0)
+    _join_groups()
     kind, payload = _recv_frame()
     if kind != protocol.START:
         os._exit(0)  # the daemon let it go unused
@@ -575,6 +576,32 @@ def _spare(control, out_write, tmp_mb, template_pid):
     _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - started) * 1000,
                                       "tmp": note}).encode())
     os._exit(_serve())
+
+
+def _join_groups():
+    """Take the daemon's JOIN and move into this worker's own cgroups.
+
+    It carries each cgroup v1 group's `tasks` file, opened by the daemon (so
+    writable whatever this process's user). Writing 0 to it moves this
+    thread, and a fork has only the one: microseconds, where the daemon's
+    move of the process took milliseconds and held up every fork on the host.
+    """
+    data, fds, _, _ = socket.recv_fds(_sock, 1 << 16, 8)
+    if not data:
+        os._exit(0)  # the daemon let it go unused
+    _inbox.extend(data)
+    kind, payload = _recv_frame()
+    if kind != protocol.JOIN:
+        os._exit(0)
+    names = json.loads(payload).get("groups", [])
+    for index, fd in enumerate(fds):
+        try:
+            os.write(fd, b"0")
+        except OSError as exc:
+            name = names[index] if index < len(names) else f"#{index}"
+            os.write(2, f"cannot join cgroup {name}: {exc.strerror}\n".encode())
+            os._exit(70)
+        os.close(fd)
 
 
 def _own_tmp(tmp_mb):
