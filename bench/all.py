@@ -43,11 +43,11 @@ def main() -> None:
          f"p99 {f('throughput', 'faasd_p99_ms', '.2f')} ms, {f('throughput', 'errors', 'd')} errors; "
          f"the floor design {f('throughput', 'floor_ratio', '.2f')} x",
          ">= 0.6 x, p99 <= 5 ms, 0 errors"),
-        ("2. added latency at 1 connection", f"p50 +{f('throughput', 'added_p50_us', '.0f')} us, "
-         f"p99 +{f('throughput', 'added_p99_us', '.0f')} us; the floor design "
-         f"+{f('throughput', 'floor_added_p50_us', '.0f')} / +{f('throughput', 'floor_added_p99_us', '.0f')} us",
+        ("2. added latency at 1 connection", f"p50 {f('throughput', 'added_p50_us', '+.0f')} us, "
+         f"p99 {f('throughput', 'added_p99_us', '+.0f')} us; the floor design "
+         f"{f('throughput', 'floor_added_p50_us', '+.0f')} / {f('throughput', 'floor_added_p99_us', '+.0f')} us",
          "p50 <= 80 us, p99 <= 250 us"),
-        ("3. thaw (frozen vs warm worker)", f"+{f('thaw', 'added_us', '.0f')} us", "<= 50 us"),
+        ("3. thaw (frozen vs warm worker)", f"{f('thaw', 'added_us', '+.0f')} us", "<= 50 us"),
         ("4. forked worker ready", f"p50 {f('zygote', 'forked_p50_ms', '.2f')} ms, p99 "
          f"{f('zygote', 'forked_p99_ms', '.2f')} ms, {f('zygote', 'speedup', '.0f')}x faster than "
          f"python -I + imports (template {f('zygote', 'template_rss_mb', '.0f')} MB)",
