@@ -499,13 +499,18 @@ def test_cli_invoke_list_logs_check_and_new(daemon, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_logs_follow_streams_new_lines(daemon):
+def follow_echo(daemon, lines: int) -> subprocess.Popen:
+    """`faasd logs echo --follow -n LINES` against `daemon`, once echo answers."""
     write_function(daemon.functions, "echo.py", ECHO)
     wait_until(lambda: daemon.get("/function/echo").status == 200)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    follower = subprocess.Popen([sys.executable, "-m", "faasd", "logs", "echo", "--follow", "-n", "0",
-                                 "--url", daemon.url], stdout=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "faasd", "logs", "echo", "--follow", "-n", str(lines),
+                             "--url", daemon.url], stdout=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def test_logs_follow_streams_new_lines(daemon):
+    follower = follow_echo(daemon, 0)
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(follower.stdout), daemon=True)
     reader.start()
@@ -526,12 +531,7 @@ def test_logs_follow_streams_new_lines(daemon):
 
 
 def test_an_open_follow_ends_when_faasd_stops_and_does_not_hold_the_stop_up(daemon):
-    write_function(daemon.functions, "echo.py", ECHO)
-    wait_until(lambda: daemon.get("/function/echo").status == 200)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    follower = subprocess.Popen([sys.executable, "-m", "faasd", "logs", "echo", "--follow", "-n", "1",
-                                 "--url", daemon.url], stdout=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
+    follower = follow_echo(daemon, 1)
     try:
         assert "REPORT RequestId" in follower.stdout.readline()  # following now
         # The drain allows 30 s; a stop held up by the follow would be killed at 10.
