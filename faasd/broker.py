@@ -25,6 +25,7 @@ from yarl import URL
 
 CONNECT_TIMEOUT_S = 10
 RETRY_MAX_S = 30.0
+LET_GO_TIMEOUT_S = 5.0
 
 Setup = Callable[[AbstractRobustConnection], Awaitable[None]]
 
@@ -32,6 +33,24 @@ Setup = Callable[[AbstractRobustConnection], Awaitable[None]]
 def redact(url: str) -> str:
     parsed = URL(url)
     return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+async def let_go(call: Awaitable[Any], log: logging.Logger, what: str,
+                 timeout: float = LET_GO_TIMEOUT_S) -> bool:
+    """Await a broker call that lets something go (a consumer's cancel, a
+    channel's close); True if it completed.
+
+    A robust channel's call waits for a lost connection to come back, which
+    at shutdown with the broker gone is never: it is given up after
+    `timeout`. A failure is logged at debug level only, since the broker lets
+    go of whatever a closed connection held anyway.
+    """
+    try:
+        await asyncio.wait_for(call, timeout)
+        return True
+    except Exception:
+        log.debug("%s failed", what, exc_info=True)
+        return False
 
 
 class BrokerConnection:
@@ -180,8 +199,14 @@ class BrokerConnection:
         if self._closed:
             self.set_state("closed")
             return
+        reason = str(exc) if exc else "connection closed"
+        if self.state["state"] == "reconnecting":
+            # Each failed attempt closes it again: the loss has been told.
+            self.state["last_error"] = reason
+            self._log.debug("%sreconnecting to %s failed (%s)", self._prefix, self.state["url"], reason)
+            return
         self.state["disconnects"] += 1
-        self.set_state("reconnecting", str(exc) if exc else "connection closed")
+        self.set_state("reconnecting", reason)
         self._log.warning("%sconnection to %s lost (%s); reconnecting", self._prefix, self.state["url"], exc)
 
     def _on_reconnect(self, _connection: Any) -> None:

@@ -53,18 +53,22 @@ class BrokerReconnectNoise(logging.Filter):
 
     On every loss aiormq logs a WARNING with two tracebacks from its reader,
     aio-pika an ERROR from each channel's close callback, and a WARNING per
-    reconnect attempt. faasd says the same once, in its own words ("AMQP
-    connection to ... lost (reason); reconnecting", then "reconnected"), and
-    /readyz and the metrics show it: the tracebacks and the callback error go
-    to debug level, and each attempt to info.
+    reconnect attempt; while the broker refuses connections, each attempt
+    also brings aiormq's ERROR "error when creating transport" and aio-pika's
+    "Connection to ... closed. Reconnecting". faasd says the same once, in its
+    own words ("AMQP connection to ... lost (reason); reconnecting", then
+    "reconnected"), and /readyz and the metrics show it: the tracebacks, the
+    errors and the repeats go to debug level, and each attempt (one line) to info.
     """
 
     DEBUG = (("aiormq.connection", "Cancelling cause reader exited abnormally"),
+             ("aiormq.connection", "error when creating transport"),
+             ("aio_pika.robust_connection", "closed. Reconnecting after"),
              ("aio_pika.tools", "RobustChannel._on_close"))
     INFO = (("aio_pika.robust_connection", "Connection attempt to"),)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno <= logging.INFO or not record.name.startswith(("aiormq", "aio_pika")):
+        if record.levelno < logging.INFO or not record.name.startswith(("aiormq", "aio_pika")):
             return True
         message = record.getMessage()
         for level, patterns in ((logging.DEBUG, self.DEBUG), (logging.INFO, self.INFO)):

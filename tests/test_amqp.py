@@ -7,8 +7,6 @@ import base64
 import json
 import re
 import shutil
-import socket
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +16,7 @@ import aio_pika
 import pytest
 
 from faasd.spec import load_spec
-from support import EXAMPLES, free_port, http, wait_until, write_function
+from support import EXAMPLES, Proxy, free_port, http, wait_until, write_function
 
 pytestmark = pytest.mark.amqp
 
@@ -99,74 +97,6 @@ def names(amqp_url: str) -> Iterator[Names]:
     found = Names(amqp_url)
     yield found
     found.cleanup()
-
-
-class Proxy:
-    """A TCP proxy to the broker that a test can cut, refuse and restore."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.refusing = False
-        self.pairs: list[tuple[socket.socket, socket.socket]] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.refusing:
-                client.close()
-                continue
-            try:
-                server = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            with self.lock:
-                self.pairs.append((client, server))
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, target: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                target.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, target):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        """Drop every connection at once, as a broken network would; refuse new ones."""
-        self.refusing = True
-        with self.lock:
-            pairs, self.pairs = self.pairs, []
-        for pair in pairs:
-            for sock in pair:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-
-    def restore(self) -> None:
-        self.refusing = False
-
-    def close(self) -> None:
-        self.closed = True
-        self.cut()
-        self.listener.close()
 
 
 # -- the daemon's side ------------------------------------------------------------------
@@ -391,6 +321,33 @@ def test_a_cut_connection_is_restored_with_readyz_degraded_meanwhile_and_nothing
         wait_until(lambda: 99 in {json.loads(m)["n"] for m in sns_messages(daemon, "steady")}, timeout=20)
     finally:
         proxy.close()
+
+
+def test_a_broker_gone_for_good_is_told_quietly_and_faasd_stops_at_once(
+        names, start_daemon, functions_dir, tmp_path, amqp_url):
+    exchange = names.exchange()
+    amqp_function(functions_dir, "steady", f'exchange = "{exchange}"')
+    amqp_function(functions_dir, "other", f'exchange = "{exchange}"')
+    proxy = Proxy(("127.0.0.1", 5672))
+    try:
+        proxied = amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}")
+        daemon = start_daemon(functions_dir, config=config(tmp_path, proxied))
+        wait_until(lambda: consuming(daemon, "steady") and consuming(daemon, "other"))
+    finally:
+        proxy.close()  # connections cut, the port closed: every attempt is refused
+    wait_until(lambda: daemon.get("/readyz").status == 503, timeout=20, message="/readyz to degrade")
+    wait_until(lambda: daemon.output().count("Connection refused") >= 2, timeout=20,
+               message="two refused reconnect attempts")
+    output = daemon.output()
+    # The loss told once; then one line per attempt, not the libraries' ERRORs and repeats.
+    assert output.count(" lost (") == 1, output
+    assert not [line for line in output.splitlines()
+                if " ERROR " in line and ("aio_pika" in line or "aiormq" in line)]
+    assert "closed. Reconnecting after" not in output
+    # A consumer's cancel waits for the connection to come back: a stop that
+    # waited for it would wait for ever. The drain allows 30 s; a stop held up
+    # by the broker would be killed at 10.
+    assert daemon.stop(timeout=10) == 0
 
 
 def test_kill_9_with_messages_pending_they_are_redelivered_on_restart(

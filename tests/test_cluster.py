@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import aio_pika
 import pytest
 
-from support import ROOT, Daemon, free_port, http, wait_until, write_function
+from support import ROOT, Daemon, Proxy, free_port, http, wait_until, write_function
 
 from faasd.cluster.topology import Names
 
@@ -321,6 +321,25 @@ def test_a_node_without_its_broker_is_not_ready_and_refuses_events(cluster: Clus
     assert "broker" in refused.json()["message"], refused.text
     # Synchronous calls do not need the broker.
     assert node.invoke("work", {"i": 2}).status == 200
+
+
+@pytest.mark.amqp
+def test_a_node_stops_at_once_while_its_broker_is_unreachable(cluster: Cluster, amqp_url: str):
+    # Letting a consumer go waits for the connection to come back: with the
+    # broker gone, a stop that waited for it would wait for ever.
+    write_function(cluster.functions, "work.py", RECORDER)
+    proxy = Proxy(("127.0.0.1", 5672))
+    try:
+        node = cluster.start("cut", url=amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}"))
+        cluster.wait_formed(1)
+        assert event(node, "work", {"i": 1})
+        wait_until(lambda: log_lines(node, "work", "RAN"), 20, message="the event to run")
+        proxy.cut()
+        wait_until(lambda: node.get("/readyz").status == 503, 20, message="/readyz to degrade")
+        # The drain allows 30 s; a stop held up by the broker would be killed at 10.
+        assert node.stop(timeout=10) == 0
+    finally:
+        proxy.close()
 
 
 def _answers(daemon: Daemon) -> bool:

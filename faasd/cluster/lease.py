@@ -28,7 +28,6 @@ request id (cron's ids are derived from the schedule and the instant).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
+from ..broker import let_go
 from .topology import Names
 
 log = logging.getLogger("faasd.cluster")
@@ -123,7 +123,4 @@ class ScheduleLease:
 
 
 async def _quietly(operation: Any) -> None:
-    try:
-        await asyncio.wait_for(operation, 5)
-    except Exception:
-        log.debug("cluster: schedule lease: a broker call failed", exc_info=True)
+    await let_go(operation, log, "cluster: schedule lease: a broker call")

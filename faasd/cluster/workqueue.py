@@ -75,6 +75,7 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
+from ..broker import let_go
 from ..errors import HANDLED, FunctionError, InvokeRefused, ShuttingDown
 from ..queue import (
     SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit, dead_letter_path, destination_function,
@@ -518,10 +519,9 @@ class ClusterQueue:
         if consumer.cancelled:
             return False
         consumer.cancelled = True
-        try:
-            await consumer.queue.cancel(consumer.tag)
-        except Exception:
-            log.debug("cancelling the consumer of %s failed", consumer.function, exc_info=True)
+        if self.link.connected:  # else the broker has dropped the consumer with the connection
+            await let_go(consumer.queue.cancel(consumer.tag), log,
+                         f"cancelling the consumer of {consumer.function}")
         return True
 
     async def _retire(self, consumer: _Consumer, spec: FunctionSpec | None) -> None:
@@ -792,10 +792,7 @@ async def _close_channel(channel: Any) -> None:
     # A robust channel closed by the broker reopens itself unless told to close.
     if channel is None or (channel.is_closed and not isinstance(channel, AbstractRobustChannel)):
         return
-    try:
-        await asyncio.wait_for(channel.close(), 5)
-    except Exception:
-        log.debug("closing a broker channel failed", exc_info=True)
+    await let_go(channel.close(), log, "closing a broker channel")
 
 
 def _explain(exc: BaseException) -> str:

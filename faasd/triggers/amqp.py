@@ -55,7 +55,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from ..broker import BrokerConnection, redact  # noqa: F401 (redact: also for importers)
+from ..broker import LET_GO_TIMEOUT_S, BrokerConnection, let_go, redact  # noqa: F401 (redact: also for importers)
 from ..spec import ACCOUNT_ID, FunctionSpec, Trigger, new_request_id
 from .base import RunningTrigger, TriggerSource, queue_of
 
@@ -242,7 +242,8 @@ class AmqpSource(TriggerSource):
         self.broker = BrokerConnection(
             self.url, connect_url=self._connect_url, log=log, prefix="AMQP ",
             waiting="AMQP triggers wait", restored="consumers restored", initial="idle",
-            on_state=self._state_changed, close_error="error closing the AMQP connection")
+            on_state=self._state_changed, close_error="error closing the AMQP connection",
+            close_timeout=LET_GO_TIMEOUT_S)
         self.state = self.broker.state
         daemon.amqp_state = self.state  # type: ignore[attr-defined]
         self._set_connected(None if not self.url else False)
@@ -427,11 +428,9 @@ class AmqpTrigger(RunningTrigger):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self.queue is not None and self.consumer_tag is not None:
-            try:
-                await self.queue.cancel(self.consumer_tag)
-            except Exception:
-                log.debug("cancelling consumer %s failed", self.consumer_tag, exc_info=True)
+        if self.queue is not None and self.consumer_tag is not None and self.source.broker.connected:
+            # With the connection lost the broker has dropped the consumer already.
+            await let_go(self.queue.cancel(self.consumer_tag), log, f"cancelling consumer {self.consumer_tag}")
         # Let events in flight finish and be acknowledged (not when the daemon
         # is stopping: it has drained what it could, the rest is redelivered).
         if not self.source._closed and self.inflight:
@@ -449,10 +448,7 @@ class AmqpTrigger(RunningTrigger):
         self.queue = None
         self.consumer_tag = None
         if channel is not None and not channel.is_closed:
-            try:
-                await channel.close()
-            except Exception:
-                log.debug("closing an AMQP channel failed", exc_info=True)
+            await let_go(channel.close(), log, "closing an AMQP channel")
 
     def update(self, spec: FunctionSpec) -> None:
         self.spec = spec
