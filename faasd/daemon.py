@@ -189,11 +189,18 @@ class Daemon:
         self.ready = False
         timeout = self.config.workers.drain_timeout_s
         log.info("shutting down: draining in-flight invocations (up to %gs)", timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if hasattr(self, "invoker"):
+            # Nothing new starts from here on, from any source: an event whose
+            # turn comes while HTTP calls finish waits for the next start.
+            self.invoker.refuse_new()
         if hasattr(self, "logs"):
             self.logs.end_follows()  # else the runner's cleanup waits for each to the timeout
         if self._runner is not None:
-            await self._runner.cleanup()
-        if hasattr(self, "invoker") and not await self.invoker.drain(timeout):
+            await self._runner.cleanup()  # stops listening; waits for HTTP calls in flight
+        remaining = max(0.0, deadline - loop.time())
+        if hasattr(self, "invoker") and not await self.invoker.drain(remaining):
             log.warning("drain timed out with %d invocations in flight; their workers are killed",
                         self.invoker.inflight)
         while self._cleanups:

@@ -277,9 +277,13 @@ class Invoker:
                 line += f"\tError Type: {error.error_type}"
         return line
 
+    def refuse_new(self) -> None:
+        """From now on no call starts: each raises ShuttingDown (a queued event waits for the next start)."""
+        self.draining = True
+
     async def drain(self, timeout: float) -> bool:
         """Refuse new calls; wait up to `timeout` for in-flight ones. True if all ended."""
-        self.draining = True
+        self.refuse_new()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True

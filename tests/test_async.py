@@ -242,6 +242,38 @@ def test_sigterm_keeps_waiting_events_for_the_next_start(start_daemon, functions
     wait_until(lambda: queue_view(restarted, "patient")["depth"] == 0)
 
 
+def test_nothing_new_starts_while_sigterm_waits_for_http_calls(start_daemon, functions_dir, probe, tmp_path):
+    # SIGTERM first waits for HTTP calls in flight. A queued event that
+    # would have started meanwhile (its slot came free) must wait for the
+    # next start instead: started then, it could outlast the drain.
+    config = tmp_path / "faasd.toml"
+    config.write_text("[workers]\ndrain_timeout_s = 5\n")
+    daemon = start_daemon(functions_dir, config=config)
+    probed(daemon, probe, "patient", "concurrency = 1")
+    write_function(daemon.functions, "slow.py", "import time\ndef handler(e, c):\n    time.sleep(2)\n    return 'done'\n")
+    write_function(daemon.functions, "slow.toml", "timeout_s = 10\n")
+    wait_until(lambda: daemon.get("/system/functions/slow").status == 200, message="slow to load")
+    first = event(daemon, "patient", {"id": "first", "gate": "g"})
+    probe.wait_for(1, "start", id="first")
+    second = event(daemon, "patient", {"id": "second", "gate": "h"})  # waits for the one slot
+    result = {}
+    call = threading.Thread(target=lambda: result.update(response=daemon.get("/function/slow")))
+    call.start()
+    wait_until(lambda: daemon.function("slow")["inflight"] == 1, message="the HTTP call in flight")
+    daemon.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    probe.release("g")  # the first event ends while the HTTP call still runs: its slot is free
+    assert probe.wait_for(1, "end", id="first")[0]["rid"] == first
+    call.join(20)
+    assert result["response"].status == 200 and result["response"].json() == "done"
+    assert daemon.stop() == 0
+    assert not probe.seen("start", id="second")
+    probe.release("h")
+    restarted = start_daemon(functions_dir, config=config, data=daemon.data)
+    assert probe.wait_for(1, "end", id="second", timeout=60)[0]["rid"] == second
+    wait_until(lambda: queue_view(restarted, "patient")["depth"] == 0)
+
+
 def test_an_event_older_than_max_event_age_is_dead_lettered_unrun(start_daemon, functions_dir, probe):
     daemon = start_daemon(functions_dir)
     probed(daemon, probe, "stale", "concurrency = 1\n[async]\nmax_event_age_s = 60")
