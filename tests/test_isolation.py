@@ -725,6 +725,12 @@ def test_workers_forked_from_a_run_as_template_get_their_own_tmpfs_and_spares_li
         assert [name for name in result["tmp"] if name.startswith("mine-")] == [f"mine-{index}"]
         assert result["tmpdir"] == "/tmp" and result["uid"] == first["uid"]
     assert all(parent_of(r["pid"]) == template["pid"] for r in forked)
+    # Each joined cgroups of its own as that user, inside its user namespace,
+    # through the files the daemon opened for it (JOIN).
+    hierarchies = len(own_groups(template["pid"]))
+    for result in forked:
+        groups = own_groups(result["pid"])
+        assert len(groups) == hierarchies and {g.name for g in groups} == {f"fn-forked-{result['pid']}"}
     wait_until(lambda: daemon.function("fn")["template"]["spares"] >= 1, message="a new spare")
     time.sleep(0.5)
     assert "died before use" not in daemon.output()
