@@ -32,6 +32,7 @@ MAX_LINE = 16 * 1024  # longer lines are cut, with a marker
 IDLE_CLOSE_S = 60.0  # a log file not written for this long is closed (reopened on its next line)
 MAX_TAIL_BYTES = 64 * 1024 * 1024  # the most a tail request reads back
 FOLLOW_CHECK_S = 5.0  # how often a quiet follow checks that its reader is still there
+FOLLOW_BACKLOG = 10000  # lines held for a follower that reads slower than they come
 
 
 _stamp_ms = -1
@@ -65,6 +66,25 @@ def _cut(text: str) -> str:
     return text[:MAX_LINE] + f" [faasd: line truncated, {len(text) - MAX_LINE} more characters]"
 
 
+class _FollowQueue(asyncio.Queue):
+    """A follower's lines. Past FOLLOW_BACKLOG unread ones, new lines are
+    dropped, and the reader is told how many where the gap is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def offer(self, line: str) -> None:
+        if self.qsize() >= FOLLOW_BACKLOG:
+            self.dropped += 1
+            return
+        if self.dropped:
+            self.put_nowait(f"{iso_now()}\t-\t[faasd: {self.dropped} lines were dropped here: "
+                            f"this reader fell behind]\n")
+            self.dropped = 0
+        self.put_nowait(line)
+
+
 class FunctionLogs:
     """Function log lines to files, stdout and followers, written in batches.
 
@@ -92,7 +112,7 @@ class FunctionLogs:
         # What write() was given since the last flush: (function, stamp, request id, texts).
         # Lines are formatted in flush(), once per event-loop turn, not on every call.
         self._batch: list[Entry] = []
-        self._followers: dict[str, set[asyncio.Queue]] = {}
+        self._followers: dict[str, set[_FollowQueue]] = {}
         # taps see every batch as flushed: tap(entries) (the dashboard's log tail)
         self.taps: list[Callable[[list[Entry]], None]] = []
         self._flush_scheduled = False
@@ -167,8 +187,7 @@ class FunctionLogs:
             if followers and name in followers:
                 for queue in followers[name]:
                     for line in lines[first:]:  # this entry's file lines
-                        if queue.qsize() < 10000:
-                            queue.put_nowait(line)
+                        queue.offer(line)
         return pending, echo
 
     def _append(self, name: str, data: bytes) -> None:
@@ -283,7 +302,7 @@ class FunctionLogs:
         It ends when faasd stops (end_follows) or, checked every
         FOLLOW_CHECK_S while no line comes, once `gone()` says the reader left.
         """
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        queue = _FollowQueue()
         self._followers.setdefault(name, set()).add(queue)
 
         async def lines() -> AsyncIterator[str]:

@@ -226,6 +226,33 @@ def test_a_follow_ends_at_shutdown_and_when_its_reader_is_gone(tmp_path, monkeyp
     logs.close()
 
 
+def test_a_follower_that_falls_behind_is_told_how_many_lines_it_missed(tmp_path, monkeypatch):
+    import faasd.logs
+
+    monkeypatch.setattr(faasd.logs, "FOLLOW_BACKLOG", 3)
+    logs = FunctionLogs(tmp_path, echo_format=None)
+
+    async def scenario() -> list[str]:
+        follower = logs.follow("a")
+        for i in range(5):  # the reader reads nothing meanwhile
+            logs.write("a", "r", f"line {i}")
+        logs.flush()
+        read = [await follower.__anext__() for _ in range(3)]
+        logs.write("a", "r", "line 5")
+        logs.flush()
+        read += [await follower.__anext__() for _ in range(2)]
+        logs.end_follows()
+        assert [line async for line in follower] == []
+        return [line.split("\t")[2].rstrip("\n") for line in read]
+
+    assert asyncio.run(scenario()) == [
+        "line 0", "line 1", "line 2",
+        "[faasd: 2 lines were dropped here: this reader fell behind]", "line 5"]
+    # The file has every line.
+    assert len((tmp_path / "a.log").read_text().splitlines()) == 6
+    logs.close()
+
+
 def test_a_write_of_no_lines_writes_nothing(tmp_path):
     stream = io.BytesIO()
     logs = FunctionLogs(tmp_path, stream=stream)
