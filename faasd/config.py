@@ -3,9 +3,10 @@
 Sources, lowest precedence first: built-in defaults, the TOML file
 (`--config`, else `$FAASD_CONFIG`, else `./config/faasd.toml` if it exists),
 `FAASD_<SECTION>_<KEY>` environment variables, then command-line flags.
-Relative paths are relative to the config file's directory (or to the
-current directory when there is no file). Every error names the source, the
-key and what would be accepted.
+Relative paths in the file (and the defaults, when there is a file) are
+relative to the file's directory; those given by environment variables or
+flags, and the defaults without a file, to the current directory. Every
+error names the source, the key and what would be accepted.
 """
 
 from __future__ import annotations
@@ -280,6 +281,9 @@ def load_config(
             )
 
     sections: dict[str, Any] = {}
+    # What each [paths] value is relative to: the file's directory for the
+    # file's values and the defaults, the current one for environment and flags.
+    path_bases: dict[str, Path] = {}
     for section, (cls, fields) in _SCHEMA.items():
         values: dict[str, Any] = {}
         table = raw.get(section, {})
@@ -293,11 +297,13 @@ def load_config(
             values[key] = _coerce(fields[key], value, f"{path}: {section}.{key}")
         for key, coercer in fields.items():
             env_name = f"FAASD_{section.upper()}_{key.upper()}"
+            flag = (overrides or {}).get(section, {}).get(key)
             if env_name in env:
                 values[key] = _coerce(coercer, env[env_name], f"${env_name}")
-            flag = (overrides or {}).get(section, {}).get(key)
             if flag is not None:
                 values[key] = _coerce(coercer, flag, f"--{key.replace('_', '-')}")
+            if section == "paths" and (env_name in env or flag is not None):
+                path_bases[key] = Path.cwd()
         sections[section] = cls(**values)
 
     if sections["cluster"].mode == "amqp" and not sections["amqp"].url:
@@ -309,8 +315,8 @@ def load_config(
     paths: PathsConfig = sections["paths"]
     sections["paths"] = replace(
         paths,
-        functions=(base / paths.functions).resolve(),
-        data=(base / paths.data).resolve(),
+        functions=(path_bases.get("functions", base) / paths.functions).resolve(),
+        data=(path_bases.get("data", base) / paths.data).resolve(),
     )
     return Config(**sections, source=source)
 
