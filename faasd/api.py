@@ -211,22 +211,26 @@ def guard_middleware(daemon: "Daemon"):
     @web.middleware
     async def guarded(request: web.Request, handler) -> web.StreamResponse:
         started = perf_counter()
+        daemon.http_active += 1  # a stop waits for these (Daemon._stop_http)
         try:
-            if guard is not None and guard.active:
-                refusal = await guard.check(request)
-                if refusal is not None:
-                    return refusal
-            response = await handler(request)
+            refusal = await guard.check(request) if guard is not None and guard.active else None
+            response = refusal if refusal is not None else await handler(request)
         except web.HTTPException as exc:
-            if exc.status >= 400 and exc.content_type != JSON:
-                message = exc.reason if exc.status != 413 else "Request Entity Too Large"
-                return error_response(exc.status, message, dict(exc.headers) if exc.status == 405 else None)
-            raise
+            if exc.status < 400 or exc.content_type == JSON:
+                raise
+            message = exc.reason if exc.status != 413 else "Request Entity Too Large"
+            response = error_response(exc.status, message, dict(exc.headers) if exc.status == 405 else None)
         except FunctionNotFound as exc:
-            return error_response(404, exc.message)
+            response = error_response(404, exc.message)
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
-            return error_response(500, "Internal Server Error")
+            response = error_response(500, "Internal Server Error")
+        finally:
+            daemon.http_active -= 1
+            if daemon.http_stopping:
+                daemon.http_request_ended()
+        if daemon.http_stopping and not response.prepared:
+            response.force_close()  # faasd is stopping: no next request on this connection
         if isinstance(response, web.Response) and "X-Duration-Seconds" not in response.headers:
             response.headers["X-Duration-Seconds"] = f"{perf_counter() - started:.6f}"
         return response

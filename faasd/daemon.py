@@ -43,6 +43,8 @@ from .triggers.http import RouteTable
 from .workers import ReplyPoller, WorkerEnvironment, compile_shim
 
 log = logging.getLogger("faasd")
+# What is still in progress when the drain ends gets this long before it is cancelled.
+HTTP_GRACE_S = 1.0
 
 
 class Daemon:
@@ -68,6 +70,11 @@ class Daemon:
         # Checks every request to the Lambda API and operator paths (faasd/auth.py).
         self.request_guard: auth.RequestGuard | None = None
         self._runner: web.AppRunner | None = None
+        # HTTP requests in progress (kept by the middleware, faasd/api.py), and
+        # whether a stop is waiting for them to end.
+        self.http_active = 0
+        self.http_stopping = False
+        self._http_quiet = asyncio.Event()
         self._cleanups: list[Callable[[], Awaitable[None] | None]] = []
         self.address: tuple[str, int] | None = None
 
@@ -156,7 +163,7 @@ class Daemon:
         # request's headers (slow-loris): aiohttp closes a connection still
         # waiting for a complete request when it fires.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=config.workers.drain_timeout_s,
+                                     shutdown_timeout=HTTP_GRACE_S,  # after _stop_http's own wait
                                      keepalive_timeout=config.server.idle_timeout_s)
         await self._runner.setup()
         if sock is not None:
@@ -192,13 +199,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if hasattr(self, "invoker"):
-            # Nothing new starts from here on, from any source: an event whose
-            # turn comes while HTTP calls finish waits for the next start.
-            self.invoker.refuse_new()
+            # No queued event starts from here on: one whose turn comes while
+            # HTTP calls finish waits for the next start.
+            self.invoker.stop_events()
         if hasattr(self, "logs"):
             self.logs.end_follows()  # else the runner's cleanup waits for each to the timeout
         if self._runner is not None:
-            await self._runner.cleanup()  # stops listening; waits for HTTP calls in flight
+            await self._stop_http(deadline)
         remaining = max(0.0, deadline - loop.time())
         if hasattr(self, "invoker") and not await self.invoker.drain(remaining):
             log.warning("drain timed out with %d invocations in flight; their workers are killed",
@@ -212,6 +219,33 @@ class Daemon:
             except Exception:
                 log.exception("error during shutdown")
         log.info("stopped")
+
+    async def _stop_http(self, deadline: float) -> None:
+        """Stop listening, let the requests in progress end, then close every connection.
+
+        aiohttp's own graceful shutdown stops reading from every connection at
+        once, so a request whose body was still arriving would wait for it
+        until the timeout. So first only the listening sockets close, and the
+        requests in progress (uploads included) run to the deadline; each
+        response from now on closes its connection (api.py's middleware).
+        """
+        assert self._runner is not None
+        for site in list(self._runner.sites):
+            await site.stop()
+        self.http_stopping = True
+        if self.http_active:
+            self._http_quiet.clear()
+            loop = asyncio.get_running_loop()
+            try:
+                await asyncio.wait_for(self._http_quiet.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                log.warning("%d HTTP requests still in progress at the drain's end", self.http_active)
+        await self._runner.cleanup()  # idle keep-alive connections; what is left, after HTTP_GRACE_S
+
+    def http_request_ended(self) -> None:
+        """Called by the middleware while stopping, as each request ends."""
+        if self.http_active == 0:
+            self._http_quiet.set()
 
     # -- views -------------------------------------------------------------------------
 

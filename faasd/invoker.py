@@ -116,7 +116,8 @@ class Invoker:
         self.global_limit = Limiter(max_concurrency)
         self._function_limits: dict[str, Limiter] = {}
         self.inflight = 0
-        self.draining = False
+        self.draining = False  # no queued event starts any more (SIGTERM)
+        self._calls_refused = False  # nor any call: the drain has begun
         self._idle = asyncio.Event()
         self._idle.set()
         self.observers: list[InvocationObserver] = []
@@ -155,10 +156,15 @@ class Invoker:
         `client_context` is the caller's ClientContext (Lambda Invoke API),
         the handler's `context.client_context`.
 
+        With `wait` (the queues dispatching an event) it waits for a free
+        concurrency slot instead of raising Throttled, and is refused from
+        the start of a shutdown (stop_events); other calls only once the
+        drain begins.
+
         Raises FunctionNotFound, Throttled (only when `wait` is false) or
         ShuttingDown; every failure of the function itself is in the result.
         """
-        if self.draining:
+        if self.draining and (wait or self._calls_refused):
             raise ShuttingDown("faasd is shutting down")
         spec = self.spec(name)
         fn_limit = self.function_limit(spec)
@@ -277,13 +283,16 @@ class Invoker:
                 line += f"\tError Type: {error.error_type}"
         return line
 
-    def refuse_new(self) -> None:
-        """From now on no call starts: each raises ShuttingDown (a queued event waits for the next start)."""
+    def stop_events(self) -> None:
+        """From now on no queued event starts: its dispatch raises ShuttingDown and
+        it waits for the next start. Synchronous calls (HTTP requests the server
+        has already read) still run, until drain()."""
         self.draining = True
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new calls; wait up to `timeout` for in-flight ones. True if all ended."""
-        self.refuse_new()
+        self.stop_events()
+        self._calls_refused = True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -612,6 +613,28 @@ def test_concurrency_one_throttles_the_second_call_with_429(daemon):
     assert results["first"] == 200
     assert second.status == 429
     assert second.json() == {"message": "Too Many Requests"}
+
+
+def test_a_request_still_arriving_at_sigterm_is_served(daemon):
+    # Read before SIGTERM, its body after: it is in flight, and is served.
+    write_function(daemon.functions, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+    body = b'{"k": 1}'
+    head = (f"POST /function/echo HTTP/1.1\r\nHost: faasd\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as conn:
+        conn.sendall(head + body[:3])
+        time.sleep(0.2)  # the handler waits for the rest of the body
+        daemon.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "shutting down" in daemon.output(), message="the shutdown to begin")
+        conn.sendall(body[3:])
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    status = reply.split(b"\r\n", 1)[0]
+    assert status == b"HTTP/1.1 200 OK", reply[:300]
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["body"] == '{"k": 1}'
+    assert daemon.process.wait(20) == 0
 
 
 def test_sigterm_drains_in_flight_calls_and_leaves_no_process(daemon):
