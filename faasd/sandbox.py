@@ -152,14 +152,12 @@ def _join_cgroups(procs_files: list[str]) -> None:
     and join only what it has not done in time.
     """
     pid = str(os.getpid())
+    single = _single_threaded()
     waiting = []
     for path in procs_files:
         tasks = self_join_file(path)
-        if tasks is not None and _single_threaded():
-            try:
-                _write(tasks, "0")
-            except OSError as exc:
-                raise SandboxError(f"cannot join cgroup {os.path.dirname(path)}: {exc.strerror}") from None
+        if tasks is not None and single:
+            _join(path, tasks, "0")
         else:
             waiting.append(path)
     procs_files = waiting
@@ -173,10 +171,15 @@ def _join_cgroups(procs_files: list[str]) -> None:
                 break
             time.sleep(0.0005)
     for path in procs_files:
-        try:
-            _write(path, pid)
-        except OSError as exc:
-            raise SandboxError(f"cannot join cgroup {os.path.dirname(path)}: {exc.strerror}") from None
+        _join(path, path, pid)
+
+
+def _join(procs_file: str, target: str, text: str) -> None:
+    """Write `text` to `target`, a file of the group of `procs_file`, or say which group failed."""
+    try:
+        _write(target, text)
+    except OSError as exc:
+        raise SandboxError(f"cannot join cgroup {os.path.dirname(procs_file)}: {exc.strerror}") from None
 
 
 def parent_moves(procs_files: list[str]) -> list[str]:
