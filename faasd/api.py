@@ -110,9 +110,11 @@ def http_trigger_handler(daemon: "Daemon"):
                                               request_id=request_id, source="http")
         except InvokeRefused as exc:
             headers = {"X-Amzn-ErrorType": exc.error_type}
+            message = HTTP_REFUSALS.get(exc.status, exc.message)
             if isinstance(exc, Throttled):
                 headers["Retry-After"] = "1"
-            return error_response(exc.status, HTTP_REFUSALS.get(exc.status, exc.message), headers)
+                return error_response(exc.status, message, headers, reason=exc.reason)
+            return error_response(exc.status, message, headers)
         if invocation.error is not None:
             return failure_response(invocation.error, request_id)
         response = build_response(invocation.payload)

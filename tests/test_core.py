@@ -612,7 +612,24 @@ def test_concurrency_one_throttles_the_second_call_with_429(daemon):
     thread.join()
     assert results["first"] == 200
     assert second.status == 429
-    assert second.json() == {"message": "Too Many Requests"}
+    assert second.json() == {"message": "Too Many Requests",
+                             "reason": "ReservedFunctionConcurrentInvocationLimitExceeded"}
+
+
+def test_the_global_limit_throttles_with_its_own_reason(start_daemon, functions_dir):
+    daemon = start_daemon(functions_dir, env={"FAASD_LIMITS_MAX_CONCURRENCY": "1"})
+    write_function(daemon.functions, "long.py", "import time\ndef handler(e, c):\n    time.sleep(1.5)\n    return 1\n")
+    write_function(daemon.functions, "other.py", "def handler(e, c):\n    return 2\n")
+    loaded(daemon, "long")
+    loaded(daemon, "other")
+    thread = threading.Thread(target=lambda: daemon.get("/function/long"))
+    thread.start()
+    wait_until(lambda: daemon.function("long")["inflight"] == 1, message="the first call in flight")
+    refused = daemon.get("/function/other")
+    thread.join()
+    assert refused.status == 429
+    assert refused.json() == {"message": "Too Many Requests", "reason": "ConcurrentInvocationLimitExceeded"}
+    assert daemon.get("/function/other").json() == 2
 
 
 def test_a_request_still_arriving_at_sigterm_is_served(daemon):

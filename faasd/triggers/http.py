@@ -261,8 +261,9 @@ def _as_list(value: Any) -> Iterable[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps({"message": message}),
+def error_response(status: int, message: str, headers: dict[str, str] | None = None,
+                   **fields: str) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps({"message": message, **fields}),
                         content_type="application/json", headers=headers)
 
 
