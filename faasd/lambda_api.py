@@ -40,6 +40,7 @@ API = "/2015-03-31"
 RUNTIME_API_PREFIX = "/2018-06-01/"  # the Lambda Runtime API: workers' own, not the Lambda API
 SERVED = ("Invoke, ListFunctions, GetFunction, GetFunctionConfiguration, GetFunctionConcurrency, "
           "ListVersionsByFunction, ListAliases and ListTags")
+MAX_EVENT_BYTES = 1024 * 1024  # Lambda's limit for an asynchronous invocation's payload
 # Workers run on the daemon's own interpreter.
 RUNTIME_IDS = {"python": f"python{sys.version_info.major}.{sys.version_info.minor}",
                "node": "nodejs20.x", "provided": "provided.al2023"}
@@ -162,7 +163,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
         try:
             spec = lookup(request)
-            body = await read_body(request, limit)
+            body = await read_body(request, min(limit, MAX_EVENT_BYTES) if invocation_type == "Event" else limit)
             if body:
                 try:
                     orjson.loads(body)
@@ -207,7 +208,9 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             start = int(request.query.get("Marker", "0") or 0)
             count = int(request.query.get("MaxItems", "50") or 50)
         except ValueError:
-            return service_error(InvalidRequest("Marker and MaxItems must be whole numbers"))
+            start = -1
+        if start < 0:
+            return service_error(InvalidRequest("Marker must be a whole number of 0 or more, and MaxItems a whole number"))
         count = max(1, min(count, 10000))
         page = specs[start:start + count]
         # Off the event loop: the configuration walks (and, once per revision,

@@ -212,9 +212,15 @@ def test_an_oversized_or_malformed_payload_is_refused(daemon, lam):
         lam.invoke(FunctionName="echo", Payload=b'"' + b"x" * (7 * 1024 * 1024) + b'"')
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
     assert "6291456 bytes" in caught.value.response["Error"]["Message"]
-    with pytest.raises(lam.exceptions.RequestTooLargeException):
+    # An asynchronous invocation's payload is held to Lambda's 1 MB.
+    with pytest.raises(lam.exceptions.RequestTooLargeException) as caught:
         lam.invoke(FunctionName="echo", InvocationType="Event",
-                   Payload=b'"' + b"x" * (7 * 1024 * 1024) + b'"')
+                   Payload=b'"' + b"x" * (1024 * 1024) + b'"')
+    assert "1048576 bytes" in caught.value.response["Error"]["Message"]
+    fits = lam.invoke(FunctionName="echo", InvocationType="Event",
+                      Payload=b'"' + b"x" * (1024 * 1024 - 2) + b'"')
+    assert fits["StatusCode"] == 202
+    assert lam.invoke(FunctionName="echo", Payload=b'"' + b"x" * (2 * 1024 * 1024) + b'"')["StatusCode"] == 200
     with pytest.raises(lam.exceptions.InvalidRequestContentException):
         lam.invoke(FunctionName="echo", Payload=b"{not json")
 
@@ -376,6 +382,8 @@ def test_list_functions_pages_through_every_function(daemon, lam):
              for page in lam.get_paginator("list_functions").paginate(PaginationConfig={"PageSize": 2})
              for f in page["Functions"]]
     assert names == ["alpha", "beta", "echo", "gamma"]
+    with pytest.raises(lam.exceptions.InvalidRequestContentException):
+        lam.list_functions(Marker="-1")
     echo = next(f for f in lam.list_functions()["Functions"] if f["FunctionName"] == "echo")
     for key in ("FunctionArn", "Runtime", "Handler", "MemorySize", "Timeout", "LastModified",
                 "State", "CodeSha256", "Role"):
