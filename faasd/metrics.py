@@ -216,6 +216,11 @@ class DaemonCollector(Collector):
         functions.add_metric(("load_error",), broken)
         yield functions
 
+        active = GaugeMetricFamily("faasd_http_requests_in_progress",
+                                   "HTTP requests being read or answered now, this scrape included.")
+        active.add_metric((), daemon.http_active)
+        yield active
+
         invoker = daemon.invoker
         total = GaugeMetricFamily("faasd_concurrent_executions", "Invocations running now.")
         total.add_metric((), invoker.inflight)

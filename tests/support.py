@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from prometheus_client.parser import text_string_to_metric_families
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "functions"
 
@@ -339,3 +341,23 @@ class Proxy:
         self.closed = True
         self.cut()
         self.listener.close()
+
+
+def scrape(daemon) -> dict[tuple[str, frozenset], float]:
+    """`GET /metrics`, parsed: (sample name, labels) -> value."""
+    response = daemon.get("/metrics")
+    assert response.status == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    found = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def value(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def metric(daemon, name: str, **labels: str) -> float | None:
+    return value(scrape(daemon), name, **labels)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from support import free_port, http, wait_until, write_function
+from support import free_port, http, metric, scrape, value, wait_until, write_function
 
 WORK = """
 import os, time
@@ -27,28 +25,9 @@ def handler(event, context):
 """
 
 
-def scrape(daemon) -> dict[tuple[str, frozenset], float]:
-    response = daemon.get("/metrics")
-    assert response.status == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    found = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return found
-
-
-def value(samples: dict, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-def metric(daemon, name: str, **labels: str) -> float | None:
-    return value(scrape(daemon), name, **labels)
-
-
 def test_invocations_durations_and_cold_starts_by_function_trigger_and_outcome(daemon):
-    write_function(daemon.functions, "work.py", WORK)
     write_function(daemon.functions, "work.toml", "timeout_s = 1\n")
+    write_function(daemon.functions, "work.py", WORK)
     wait_until(lambda: daemon.get("/system/functions/work").status == 200)
 
     assert daemon.get("/function/work").status == 200                     # http, success, cold
@@ -82,8 +61,8 @@ def gate_file(daemon):
 
 
 def test_throttles_concurrency_and_worker_states(daemon):
-    write_function(daemon.functions, "held.py", WORK)
     write_function(daemon.functions, "held.toml", "concurrency = 1\ntimeout_s = 60\n")
+    write_function(daemon.functions, "held.py", WORK)
     wait_until(lambda: daemon.get("/system/functions/held").status == 200)
     gate = gate_file(daemon)
     statuses: list[int] = []
@@ -115,10 +94,10 @@ def test_throttles_concurrency_and_worker_states(daemon):
 
 
 def test_async_queue_depth_oldest_age_and_dead_letters(daemon):
-    write_function(daemon.functions, "held.py", WORK)
     write_function(daemon.functions, "held.toml", "concurrency = 1\ntimeout_s = 60\n")
-    write_function(daemon.functions, "doomed.py", WORK)
+    write_function(daemon.functions, "held.py", WORK)
     write_function(daemon.functions, "doomed.toml", "[async]\nmax_retries = 0\n")
+    write_function(daemon.functions, "doomed.py", WORK)
     wait_until(lambda: daemon.get("/system/functions/doomed").status == 200)
     gate = gate_file(daemon)
     try:
