@@ -135,7 +135,8 @@ def records(daemon, name: str) -> list[dict]:
 
 
 def amqp_state(daemon, name: str) -> dict:
-    return next(t["state"] for t in daemon.function(name)["triggers"] if t["type"] == "amqp")
+    # {} while the function is listed without its trigger yet (its files still being written).
+    return next((t["state"] for t in daemon.function(name)["triggers"] if t["type"] == "amqp"), {})
 
 
 def consuming(daemon, name: str) -> bool:

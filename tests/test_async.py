@@ -29,9 +29,10 @@ def probe() -> Iterator[Probe]:
 
 def probed(daemon, probe: Probe, name: str, toml: str = "") -> None:
     """A function that reports to `probe`; `toml` adds to its config."""
-    write_function(daemon.functions, f"{name}.py", PROBE_HANDLER)
+    # The settings first: a lone NAME.toml is no function, so the code never runs without them.
     write_function(daemon.functions, f"{name}.toml",
                    f'timeout_s = 60\n{toml}\n[env]\nPROBE = "{probe.url}"\n')
+    write_function(daemon.functions, f"{name}.py", PROBE_HANDLER)
     wait_until(lambda: daemon.get(f"/system/functions/{name}").status == 200,
                message=f"{name} to load")
 
@@ -250,8 +251,8 @@ def test_nothing_new_starts_while_sigterm_waits_for_http_calls(start_daemon, fun
     config.write_text("[workers]\ndrain_timeout_s = 5\n")
     daemon = start_daemon(functions_dir, config=config)
     probed(daemon, probe, "patient", "concurrency = 1")
-    write_function(daemon.functions, "slow.py", "import time\ndef handler(e, c):\n    time.sleep(2)\n    return 'done'\n")
     write_function(daemon.functions, "slow.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "slow.py", "import time\ndef handler(e, c):\n    time.sleep(2)\n    return 'done'\n")
     wait_until(lambda: daemon.get("/system/functions/slow").status == 200, message="slow to load")
     first = event(daemon, "patient", {"id": "first", "gate": "g"})
     probe.wait_for(1, "start", id="first")
@@ -261,7 +262,7 @@ def test_nothing_new_starts_while_sigterm_waits_for_http_calls(start_daemon, fun
     call.start()
     wait_until(lambda: daemon.function("slow")["inflight"] == 1, message="the HTTP call in flight")
     daemon.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_until(lambda: "shutting down" in daemon.output(), message="the shutdown to begin")
     probe.release("g")  # the first event ends while the HTTP call still runs: its slot is free
     assert probe.wait_for(1, "end", id="first")[0]["rid"] == first
     call.join(20)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, descendants, http, loaded, process_state, wait_until, write_function
+from support import ROOT, descendants, http, loaded, metric, process_state, wait_until, write_function
 
 HELLO = """
 def handler(event, context):
@@ -391,8 +391,8 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
     write_function(daemon.functions, "good.py", ECHO)
     write_function(daemon.functions, "syntax.py", "def handler(event, context:\n    return 1\n")
     write_function(daemon.functions, "nohandler.py", "def other(event, context):\n    return 1\n")
-    write_function(daemon.functions, "badtoml.py", ECHO)
     write_function(daemon.functions, "badtoml.toml", "memory_mb = [\n")
+    write_function(daemon.functions, "badtoml.py", ECHO)
     write_function(daemon.functions, "importerr.py", "import not_a_module_anywhere\ndef handler(e, c):\n    return 1\n")
     loaded(daemon, "importerr")
     expectations = {
@@ -582,8 +582,8 @@ def test_reply_polling_can_be_turned_off_and_refuses_a_negative_window(start_dae
 
 def test_frozen_workers_retire_after_keep_warm_but_min_warm_stay(start_daemon, functions_dir):
     write_function(functions_dir, "cold.py", "import os\ndef handler(e, c):\n    return os.getpid()\n")
-    write_function(functions_dir, "warm.py", "import os\ndef handler(e, c):\n    return os.getpid()\n")
     write_function(functions_dir, "warm.toml", "min_warm = 1\n")
+    write_function(functions_dir, "warm.py", "import os\ndef handler(e, c):\n    return os.getpid()\n")
     daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_FREEZE_AFTER_MS": "10",
                                               "FAASD_WORKERS_KEEP_WARM_S": "1"})
     wait_until(lambda: len(daemon.workers("warm")) == 1, message="min_warm worker to be prewarmed")
@@ -597,8 +597,8 @@ def test_frozen_workers_retire_after_keep_warm_but_min_warm_stay(start_daemon, f
 
 
 def test_concurrency_one_throttles_the_second_call_with_429(daemon):
-    write_function(daemon.functions, "one.py", "import time\ndef handler(e, c):\n    time.sleep(1.5)\n    return 1\n")
     write_function(daemon.functions, "one.toml", "concurrency = 1\ntimeout_s = 10\n")
+    write_function(daemon.functions, "one.py", "import time\ndef handler(e, c):\n    time.sleep(1.5)\n    return 1\n")
     loaded(daemon, "one")
     results = {}
 
@@ -641,7 +641,9 @@ def test_a_request_still_arriving_at_sigterm_is_served(daemon):
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as conn:
         conn.sendall(head + body[:3])
-        time.sleep(0.2)  # the handler waits for the rest of the body
+        # The handler waits for the rest of the body; the scrape counts itself.
+        wait_until(lambda: metric(daemon, "faasd_http_requests_in_progress") == 2,
+                   message="the request in progress")
         daemon.process.send_signal(signal.SIGTERM)
         wait_until(lambda: "shutting down" in daemon.output(), message="the shutdown to begin")
         conn.sendall(body[3:])
@@ -655,10 +657,10 @@ def test_a_request_still_arriving_at_sigterm_is_served(daemon):
 
 
 def test_sigterm_drains_in_flight_calls_and_leaves_no_process(daemon):
-    write_function(daemon.functions, "slow.py", "import time\ndef handler(e, c):\n    time.sleep(1.5)\n    return 'done'\n")
     write_function(daemon.functions, "slow.toml", "timeout_s = 10\n")
-    write_function(daemon.functions, "other.py", ECHO)
+    write_function(daemon.functions, "slow.py", "import time\ndef handler(e, c):\n    time.sleep(1.5)\n    return 'done'\n")
     write_function(daemon.functions, "other.toml", "min_warm = 2\n")
+    write_function(daemon.functions, "other.py", ECHO)
     wait_until(lambda: len(daemon.workers("other")) == 2, message="prewarmed workers")
     loaded(daemon, "slow")
     pid = daemon.process.pid

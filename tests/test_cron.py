@@ -249,24 +249,35 @@ def records(daemon, name: str) -> list[dict]:
 
 
 def cron_state(daemon, name: str) -> dict:
-    return next(t["state"] for t in daemon.function(name)["triggers"] if t["type"] == "cron")
+    """The cron trigger's state; {} while the function is listed without its trigger yet."""
+    return next((t["state"] for t in daemon.function(name)["triggers"] if t["type"] == "cron"), {})
+
+
+def tick_time(record: dict) -> float:
+    return datetime.strptime(record["event"]["time"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=timezone.utc).timestamp()
 
 
 def test_an_every_second_schedule_fires_each_second_in_real_time(start_daemon, functions_dir):
-    cron_function(functions_dir, "tick", 'schedule = "* * * * * *"')
+    # Runs may overlap: a slow cold start must not make this test about the overlap rule.
+    cron_function(functions_dir, "tick", 'schedule = "* * * * * *"\noverlap = "allow"')
     daemon = start_daemon(functions_dir)
-    wait_until(lambda: len(records(daemon, "tick")) >= 6, timeout=30, message="six ticks")
-    got = records(daemon, "tick")
-    times = [datetime.strptime(r["event"]["time"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
-             for r in got]
-    assert times == sorted(times) and len(set(times)) == len(times)
-    assert all(b - a == 1 for a, b in zip(times, times[1:]))  # no tick lost, none repeated
+
+    def six_in_a_row() -> bool:  # no tick lost: a lost one would leave a gap for ever
+        times = sorted(tick_time(r) for r in records(daemon, "tick"))
+        return times[:6] == [times[0] + i for i in range(6)] if times else False
+
+    wait_until(six_in_a_row, timeout=30, message="six consecutive ticks")
+    got = sorted(records(daemon, "tick"), key=tick_time)
+    times = [tick_time(r) for r in got]
+    assert len(set(times)) == len(times)  # none repeated
     event = got[0]["event"]
     assert event["source"] == "aws.events" and event["detail-type"] == "Scheduled Event"
     assert event["detail"] == {} and event["resources"][0].endswith(":rule/tick-cron-0")
     assert event["id"] == got[0]["request_id"]
-    # Each run starts soon after its scheduled second (generous: a loaded CI box).
-    assert all(0 <= r["start"] - t < 2.0 for r, t in zip(got, times))
+    # Each run starts soon after its scheduled second (generous: a loaded CI box,
+    # and the first run includes the worker's cold start).
+    assert all(0 <= r["start"] - t < 5.0 for r, t in zip(got, times))
     state = cron_state(daemon, "tick")
     assert state["status"] == "scheduled" and state["fired"] >= 6 and state["skipped_overlap"] == 0
     assert state["max_lateness_ms"] is not None and state["last_lateness_ms"] >= 0
@@ -299,19 +310,25 @@ def test_missed_ticks_run_only_with_catch_up(start_daemon, functions_dir, catch_
     stopped = time.time()
     time.sleep(3)  # about three ticks missed
     before = len(records(daemon, "daily"))
+    starting = time.time()
     daemon = start_daemon(functions_dir)
     restarted = time.time()
     wait_until(lambda: len(records(daemon, "daily")) >= before + 2, timeout=20)
-    first = records(daemon, "daily")[before]["event"]["time"]
-    first_at = datetime.strptime(first, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    # A tick queued just before the stop may run after the restart; a tick of
+    # the downtime runs only when caught up.
+    missed = [t for t in map(tick_time, records(daemon, "daily")[before:]) if stopped < t < starting]
     if catch_up:
-        # The most recent missed tick, and only that one.
-        assert stopped - 1 < first_at < restarted
+        # The most recent missed tick, and only that one: every tick of the
+        # downtime up to it is missing, and the schedule goes on after it.
+        told = re.findall(r"catching up the tick of (\S+) missed", daemon.output())
+        assert len(told) == 1, told
+        caught = datetime.strptime(told[0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+        assert stopped < caught < restarted
+        after = list(map(tick_time, records(daemon, "daily")[before:]))
+        assert [t for t in after if stopped < t <= caught] == [caught]
         assert cron_state(daemon, "daily")["caught_up"] == 1
-        second = records(daemon, "daily")[before + 1]["event"]["time"]
-        assert second > first
     else:
-        assert first_at >= restarted - 1
+        assert missed == []
         assert cron_state(daemon, "daily")["caught_up"] == 0
 
 

@@ -210,8 +210,8 @@ def handler(event, context):
 
 def test_tmp_past_tmp_mb_fails_with_enospc_in_a_private_tmpfs(start_daemon, functions_dir):
     needs_root()
-    write_function(functions_dir, "fill.py", FILL_TMP)
     write_function(functions_dir, "fill.toml", "tmp_mb = 8\nmemory_mb = 256\n")
+    write_function(functions_dir, "fill.py", FILL_TMP)
     daemon = start_daemon(functions_dir)
     before = shutil.disk_usage("/tmp").used
     # Many files: the tmpfs is full.
@@ -232,8 +232,8 @@ def test_tmp_past_tmp_mb_fails_with_enospc_in_a_private_tmpfs(start_daemon, func
 
 def test_tmp_on_disk_is_limited_per_file_and_in_total(start_daemon, functions_dir):
     needs_root()
-    write_function(functions_dir, "fill.py", FILL_TMP)
     write_function(functions_dir, "fill.toml", "tmp_mb = 8\ntimeout_s = 20\n")
+    write_function(functions_dir, "fill.py", FILL_TMP)
     daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_TMPFS": "false"})
     isolation = daemon.get("/system/info").json()["isolation"]
     assert isolation["tmp"]["mode"] == "disk" and "tmpfs = false" in isolation["tmp"]["note"]
@@ -278,8 +278,8 @@ def _check_oom(daemon) -> None:
 
 def test_out_of_memory_with_cgroups(start_daemon, functions_dir):
     needs_root()
-    write_function(functions_dir, "hog.py", HOG)
     write_function(functions_dir, "hog.toml", "memory_mb = 64\ntimeout_s = 20\n")
+    write_function(functions_dir, "hog.py", HOG)
     daemon = start_daemon(functions_dir)
     assert daemon.get("/system/info").json()["isolation"]["memory_limit"]["mode"] in ("cgroup1", "cgroup2")
     _check_oom(daemon)
@@ -292,8 +292,8 @@ def test_out_of_memory_with_the_monitor_when_no_cgroup_is_writable(start_daemon,
     hide = ("for d in /sys/fs/cgroup/memory /sys/fs/cgroup/unified /sys/fs/cgroup; do "
             "[ -d $d ] && mount -t tmpfs -o size=4k none $d 2>/dev/null; done; exec \"$@\"")
     prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", hide, "sh"]
-    write_function(functions_dir, "hog.py", HOG)
     write_function(functions_dir, "hog.toml", "memory_mb = 64\ntimeout_s = 20\n")
+    write_function(functions_dir, "hog.py", HOG)
     daemon = start_daemon(functions_dir, prefix=prefix)
     memory = daemon.get("/system/info").json()["isolation"]["memory_limit"]
     assert memory["mode"] == "monitor", memory
@@ -337,10 +337,10 @@ def test_fork_bomb_is_contained(start_daemon, functions_dir):
     needs_root()
     # Forking up to the limit and reaping every child takes seconds on a slow
     # machine: that call gets time enough. The bomb ends at its timeout.
-    write_function(functions_dir, "forks.py", FORKS)
     write_function(functions_dir, "forks.toml", "timeout_s = 20\nmemory_mb = 1024\n")
-    write_function(functions_dir, "bomb.py", FORKS)
+    write_function(functions_dir, "forks.py", FORKS)
     write_function(functions_dir, "bomb.toml", "timeout_s = 3\nmemory_mb = 1024\n")
+    write_function(functions_dir, "bomb.py", FORKS)
     daemon = start_daemon(functions_dir)
     assert daemon.get("/system/info").json()["isolation"]["pids_limit"]["active"] is True
     result, error = invoke(daemon, "forks")
@@ -377,8 +377,8 @@ def handler(event, context):
 
 def test_a_killed_workers_cgroups_go_once_its_last_process_has_exited(start_daemon, functions_dir):
     needs_root()
-    write_function(functions_dir, "heavy.py", HEAVY_CHILD)
     write_function(functions_dir, "heavy.toml", "memory_mb = 1024\n")
+    write_function(functions_dir, "heavy.py", HEAVY_CHILD)
     daemon = start_daemon(functions_dir)
     assert daemon.get("/system/info").json()["isolation"]["memory_limit"]["mode"] != "monitor"
     result, error = invoke(daemon, "heavy")
@@ -446,8 +446,8 @@ def handler(event, context):
 
 def test_log_flood_is_truncated_with_a_marker(start_daemon, functions_dir):
     needs_root()
-    write_function(functions_dir, "flood.py", FLOOD)
     write_function(functions_dir, "flood.toml", "timeout_s = 30\n")
+    write_function(functions_dir, "flood.py", FLOOD)
     daemon = start_daemon(functions_dir)
     result, error = invoke(daemon, "flood", {"kb": 8 * 1024})  # 8 MB of output
     assert (result, error) == ("flooded", None)
@@ -513,8 +513,8 @@ def _sleepers(marker: str) -> list[int]:
 
 def test_handler_ignoring_sigterm_is_killed_on_timeout_and_at_shutdown(start_daemon, functions_dir):
     needs_root()
-    write_function(functions_dir, "stubborn.py", STUBBORN)
     write_function(functions_dir, "stubborn.toml", "timeout_s = 1\n")
+    write_function(functions_dir, "stubborn.py", STUBBORN)
     daemon = start_daemon(functions_dir)
     result, error = invoke(daemon, "stubborn", {"sleep": 30, "child": True})
     assert error == "Sandbox.Timedout", result
@@ -604,8 +604,8 @@ ALLOWED = {
 
 def test_workers_get_an_allowlisted_environment(start_daemon, functions_dir):
     needs_root()
-    write_function(functions_dir, "environ.py", ENVIRON)
     write_function(functions_dir, "environ.toml", '[env]\nGREETING = "hi"\n')
+    write_function(functions_dir, "environ.py", ENVIRON)
     daemon = start_daemon(functions_dir, env={
         "DATABASE_PASSWORD": "hunter2", "AWS_SECRET_ACCESS_KEY": "daemon-secret",
         "FAASD_AUTH_KEYS": "AKIDTEST=the-secret-of-faasd", "LD_PRELOAD": ""})
@@ -709,8 +709,8 @@ def test_workers_forked_from_a_run_as_template_get_their_own_tmpfs_and_spares_li
     """A template that root started as run_as is undumpable; its forks must still be able to
     map their own user namespace for a tmpfs of their own (they used to die at once, and the
     template forked without end)."""
-    write_function(functions_dir, "fn.py", FORKED)
     write_function(functions_dir, "fn.toml", "timeout_s = 10\n")
+    write_function(functions_dir, "fn.py", FORKED)
     env = dict(readable_install)
     if own_users:
         env["FAASD_WORKERS_FUNCTION_USERS"] = "%d-%d" % FUNCTION_USERS
@@ -718,7 +718,7 @@ def test_workers_forked_from_a_run_as_template_get_their_own_tmpfs_and_spares_li
     first = invoke(daemon, "fn", {"write": "first"})[0]
     template = wait_until(lambda: (daemon.function("fn")["template"] or {}).get("spares") == 1
                           and daemon.function("fn")["template"], message="the template and its spare")
-    results = concurrent(daemon, "fn", [{"sleep": 0.6, "write": f"mine-{i}"} for i in range(3)])
+    results = concurrent(daemon, "fn", [{"sleep": 2, "write": f"mine-{i}"} for i in range(3)])
     forked = [r for r in results if r["pid"] != first["pid"]]
     assert len(forked) >= 2, results
     for index, result in enumerate(results):

@@ -64,8 +64,8 @@ def probe() -> Iterator[Probe]:
 
 @pytest.fixture
 def lam(daemon):
-    write_function(daemon.functions, "echo.py", ECHO)
     write_function(daemon.functions, "echo.toml", "memory_mb = 256\ntimeout_s = 7\n")
+    write_function(daemon.functions, "echo.py", ECHO)
     wait_loaded(daemon, "echo")
     return lambda_client(daemon.url)
 
@@ -125,8 +125,8 @@ def test_a_failed_run_is_200_with_function_error_unhandled(daemon, lam):
 
 
 def test_a_timeout_reads_as_lambdas_task_timed_out(daemon, lam):
-    write_function(daemon.functions, "sleepy.py", SLEEPY)
     write_function(daemon.functions, "sleepy.toml", "timeout_s = 1\n")
+    write_function(daemon.functions, "sleepy.py", SLEEPY)
     wait_loaded(daemon, "sleepy")
     response = lam.invoke(FunctionName="sleepy", Payload=b"{}", LogType="Tail")
     assert response["StatusCode"] == 200
@@ -147,8 +147,8 @@ def test_dry_run_checks_the_function_without_running_it(daemon, lam):
 
 
 def test_event_returns_202_and_the_function_runs_with_that_request_id(daemon, probe):
-    write_function(daemon.functions, "probed.py", PROBE_HANDLER)
     write_function(daemon.functions, "probed.toml", f'[env]\nPROBE = "{probe.url}"\n')
+    write_function(daemon.functions, "probed.py", PROBE_HANDLER)
     wait_loaded(daemon, "probed")
     lam = lambda_client(daemon.url)
     response = lam.invoke(FunctionName="probed", InvocationType="Event", Payload=b'{"id": "e1"}')
@@ -240,8 +240,8 @@ def test_get_function_returns_the_configuration_boto3_parses(daemon, lam):
     assert config["Version"] == "$LATEST" and config["PackageType"] == "Zip"
     assert response["Code"]["RepositoryType"] == "S3"
 
-    write_function(daemon.functions, "limited.py", ECHO)
     write_function(daemon.functions, "limited.toml", "concurrency = 3\n")
+    write_function(daemon.functions, "limited.py", ECHO)
     write_function(daemon.functions, "broken.py", "def handler(event, context):\n    return (\n")
     wait_loaded(daemon, "limited", "broken")
     assert lam.get_function(FunctionName="limited")["Concurrency"] == {"ReservedConcurrentExecutions": 3}
@@ -327,8 +327,8 @@ def test_client_context_reaches_the_handler_as_lambdas_context_client_context(da
         lam.invoke(FunctionName="ctxprobe", ClientContext=huge)
 
 def test_read_only_operations_and_waiters_of_deploy_scripts_work(daemon, lam):
-    write_function(daemon.functions, "limited.py", ECHO)
     write_function(daemon.functions, "limited.toml", "concurrency = 3\n")
+    write_function(daemon.functions, "limited.py", ECHO)
     wait_loaded(daemon, "limited")
     config = lam.get_function_configuration(FunctionName="limited")
     config.pop("ResponseMetadata")

@@ -35,13 +35,14 @@ def template_of(daemon, name: str) -> dict | None:
 
 
 def test_new_workers_are_forked_from_the_template_that_imported_the_handler(daemon):
-    write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "fn.py", STATE)
     loaded(daemon, "fn")
     first = daemon.invoke("fn").json()
     template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
                           message="the template to be ready")
-    results = concurrent(daemon, "fn", [{"sleep": 0.5}] * 3)
+    # Each call outlasts a fork, even a slow one: a freed worker would serve a second call.
+    results = concurrent(daemon, "fn", [{"sleep": 2}] * 3)
     forked = [r for r in results if r["pid"] != first["pid"]]
     assert len(forked) >= 2
     for result in forked:
@@ -58,12 +59,12 @@ def test_new_workers_are_forked_from_the_template_that_imported_the_handler(daem
 
 
 def test_each_forked_worker_has_its_own_tmp(daemon):
-    write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "fn.py", STATE)
     loaded(daemon, "fn")
     daemon.invoke("fn")
     wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms"), message="the template")
-    results = concurrent(daemon, "fn", [{"sleep": 0.6, "write": f"mine-{i}"} for i in range(3)])
+    results = concurrent(daemon, "fn", [{"sleep": 2, "write": f"mine-{i}"} for i in range(3)])
     for index, result in enumerate(results):
         assert f"mine-{index}" in result["tmp"]
         assert not any(name.startswith("mine-") and name != f"mine-{index}" for name in result["tmp"])
@@ -103,8 +104,8 @@ def test_each_forked_worker_has_a_pids_limit_of_its_own(daemon):
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    write_function(daemon.functions, "fn.py", THREADS)
     write_function(daemon.functions, "fn.toml", "timeout_s = 30\nmemory_mb = 512\n")
+    write_function(daemon.functions, "fn.py", THREADS)
     loaded(daemon, "fn")
     spawned = daemon.invoke("fn").json()["pid"]
     template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
@@ -169,8 +170,8 @@ def test_the_cgroups_of_unused_spares_go_with_their_template(daemon):
 
 
 def test_a_crashing_forked_worker_reports_its_signal_and_is_replaced(daemon):
-    write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "fn.py", STATE)
     loaded(daemon, "fn")
     daemon.invoke("fn")
     wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms"), message="the template")
@@ -182,8 +183,8 @@ def test_a_crashing_forked_worker_reports_its_signal_and_is_replaced(daemon):
 
 
 def test_when_the_template_dies_workers_are_spawned_again(daemon):
-    write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "fn.py", STATE)
     loaded(daemon, "fn")
     daemon.invoke("fn")
     template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
@@ -216,8 +217,8 @@ def spares_of(daemon, name: str, template: dict) -> set[int]:
 
 def with_a_spare(daemon) -> dict:
     """Function `fn` called once, so that its template is up and holds its one spare."""
-    write_function(daemon.functions, "fn.py", STATE)
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "fn.py", STATE)
     loaded(daemon, "fn")
     daemon.invoke("fn")
     return wait_until(lambda: (template_of(daemon, "fn") or {}).get("spares") == 1
@@ -253,7 +254,7 @@ def test_a_burst_that_found_no_spare_leaves_more_spares_for_the_next(daemon):
     template = with_a_spare(daemon)
     # The first worker serves one call; five more need forks at once, and one
     # spare is held: the others wait for forks, so more spares are held after.
-    results = concurrent(daemon, "fn", [{"sleep": 0.5}] * 6)
+    results = concurrent(daemon, "fn", [{"sleep": 2}] * 6)  # each outlasts the forks
     assert len({r["pid"] for r in results}) == 6
     wait_until(lambda: template_of(daemon, "fn")["spares"] >= 2, message="more spares")
     # Each held spare is a live child of the template, never more than MAX_SPARES.
