@@ -317,7 +317,8 @@ def _node_syntax_error(spec) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="faasd", description="A self-hosted AWS Lambda for one Linux box.")
-    parser.add_argument("--config", help="config file (default: $FAASD_CONFIG, else ./config/faasd.toml)")
+    config_help = "config file (default: $FAASD_CONFIG, else ./config/faasd.toml)"
+    parser.add_argument("--config", help=config_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client(p: argparse.ArgumentParser) -> None:
@@ -364,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate the config and every function")
     check.add_argument("--functions", help="functions directory")
     check.set_defaults(func=cmd_check)
+
+    # --config may come after the command too; there, it wins over one given before it.
+    for command in commands.choices.values():
+        command.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     return parser
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, descendants, http, loaded, metric, process_state, wait_until, write_function
+from support import ROOT, descendants, free_port, http, loaded, metric, process_state, wait_until, write_function
 
 HELLO = """
 def handler(event, context):
@@ -498,6 +498,40 @@ def test_cli_invoke_list_logs_check_and_new(daemon, tmp_path):
     again = subprocess.run(cli + ["new", "fresh", "--functions", str(daemon.functions)],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def run_cli(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAASD_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "faasd", *argv], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=60)
+
+
+def test_cli_takes_config_after_the_command_as_well_as_before_it(start_daemon, functions_dir, tmp_path):
+    port = free_port()
+    config = tmp_path / "faasd.toml"
+    config.write_text(f'[server]\nport = {port}\n[paths]\nfunctions = "{functions_dir}"\n'
+                      f'[limits]\nmax_concurrency = 7\n')
+    daemon = start_daemon(functions_dir, port=port, args=["--config", str(config)])
+    assert daemon.get("/system/info").json()["max_concurrency"] == 7
+    write_function(functions_dir, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+
+    invoked = run_cli("invoke", "echo", "--config", str(config), "--data", '{"a": 1}')
+    assert invoked.returncode == 0 and json.loads(invoked.stdout) == {"a": 1}, invoked.stderr
+    listing = run_cli("list", "--config", str(config))
+    assert listing.returncode == 0 and "echo" in listing.stdout, listing.stderr
+    logs = run_cli("logs", "echo", "--config", str(config))
+    assert "REPORT RequestId" in logs.stdout, logs.stderr
+    new = run_cli("new", "fresh", "--config", str(config), cwd=tmp_path)
+    assert new.returncode == 0 and (functions_dir / "fresh" / "function.toml").is_file(), new.stderr
+    check = run_cli("check", "--config", str(config), cwd=tmp_path)
+    assert check.returncode == 0 and f"config: ok ({config})" in check.stdout, check.stdout
+    # Before the command it still counts; after it, it wins.
+    before = run_cli("--config", str(config), "list")
+    assert before.returncode == 0 and "echo" in before.stdout, before.stderr
+    both = run_cli("--config", str(tmp_path / "absent.toml"), "list", "--config", str(config))
+    assert both.returncode == 0 and "echo" in both.stdout, both.stderr
 
 
 def follow_echo(daemon, lines: int) -> subprocess.Popen:
