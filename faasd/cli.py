@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,9 +13,16 @@ import textwrap
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 from .config import ConfigError, load_config
 from .spec import RUNTIMES, valid_name
+
+NAME_RULE = "use 1 to 64 of A-Z a-z 0-9 _ -"
+# How the Lambda API takes a function: NAME, NAME:QUALIFIER,
+# ACCOUNT:function:NAME[:QUALIFIER] or the function's ARN.
+FUNCTION_REF_RE = re.compile(r"(?:(?:arn:aws[a-z-]*:lambda:[a-z0-9-]+:)?\d{12}:function:)?"
+                             r"(?P<name>[^:]+)(?::[A-Za-z0-9$_-]{1,128})?")
 
 
 def _config(args: argparse.Namespace):
@@ -75,6 +83,11 @@ def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | N
         raise SystemExit(f"faasd: cannot reach the daemon at {url}: {exc.reason}") from None
 
 
+def _refuse_name(given: str, rule: str = NAME_RULE) -> int:
+    print(f"faasd: invalid function name {given!r}: {rule}", file=sys.stderr)
+    return 2
+
+
 # -- commands ------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -88,6 +101,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
+    found = FUNCTION_REF_RE.fullmatch(args.name)
+    if found is None or not valid_name(found["name"]):
+        return _refuse_name(args.name, f"{NAME_RULE}; a :QUALIFIER or the function's ARN may be given")
     data = args.data
     if data is None:
         payload = b"{}" if sys.stdin.isatty() else sys.stdin.buffer.read() or b"{}"
@@ -104,7 +120,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         raise SystemExit(f"faasd: the payload is not valid JSON: {exc}") from None
     headers = {"Content-Type": "application/json",
                "X-Amz-Invocation-Type": "Event" if args.async_ else "RequestResponse"}
-    url = f"{_base_url(args)}/2015-03-31/functions/{args.name}/invocations"
+    url = f"{_base_url(args)}/2015-03-31/functions/{quote(args.name, safe=':$')}/invocations"
     response = _request(url, data=payload, headers=headers, method="POST", auth=_credentials(args))
     body = response.read()
     if response.status == 202:
@@ -178,8 +194,10 @@ def cmd_list_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    if not valid_name(args.name):
+        return _refuse_name(args.name)
     query = f"lines={args.lines}" + ("&follow=1" if args.follow else "")
-    response = _request(f"{_base_url(args)}/system/functions/{args.name}/logs?{query}",
+    response = _request(f"{_base_url(args)}/system/functions/{quote(args.name)}/logs?{query}",
                         timeout=None if args.follow else 60, auth=_credentials(args))
     if response.status != 200:
         print(f"faasd: {json.loads(response.read()).get('message')}", file=sys.stderr)
@@ -232,9 +250,7 @@ TEMPLATES = {
 
 def cmd_new(args: argparse.Namespace) -> int:
     if not valid_name(args.name):
-        print(f"faasd: invalid function name {args.name!r}: use 1 to 64 of A-Z a-z 0-9 _ -",
-              file=sys.stderr)
-        return 2
+        return _refuse_name(args.name)
     config = _config(args)
     target = config.paths.functions / args.name
     existing = [p for p in (target, target.with_suffix(".py"), target.with_suffix(".js"),

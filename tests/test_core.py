@@ -534,6 +534,23 @@ def test_cli_takes_config_after_the_command_as_well_as_before_it(start_daemon, f
     assert both.returncode == 0 and "echo" in both.stdout, both.stderr
 
 
+def test_cli_refuses_an_invalid_function_name_before_any_request(daemon):
+    write_function(daemon.functions, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    for url in (daemon.url, nobody):
+        for argv in (["invoke", "bad name"], ["invoke", "a/b"], ["invoke", "../../system/info"],
+                     ["invoke", "echo:a/b"], ["invoke", "x" * 65], ["logs", "a b"], ["logs", "a/b"],
+                     ["logs", "echo:$LATEST"]):
+            result = run_cli(*argv, "--url", url)
+            assert result.returncode == 2, (argv, result.stderr)
+            assert result.stderr.startswith(f"faasd: invalid function name {argv[1]!r}"), (argv, result.stderr)
+    for given in ("echo:$LATEST", "000000000000:function:echo",
+                  "arn:aws:lambda:us-east-1:000000000000:function:echo:$LATEST"):
+        result = run_cli("invoke", given, "--data", '{"b": 2}', "--url", daemon.url)
+        assert result.returncode == 0 and json.loads(result.stdout) == {"b": 2}, (given, result.stderr)
+
+
 def follow_echo(daemon, lines: int) -> subprocess.Popen:
     """`faasd logs echo --follow -n LINES` against `daemon`, once echo answers."""
     write_function(daemon.functions, "echo.py", ECHO)
