@@ -83,6 +83,17 @@ def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | N
         raise SystemExit(f"faasd: cannot reach the daemon at {url}: {exc.reason}") from None
 
 
+def _error_message(body: bytes) -> str:
+    """The text of an error answer: its `Message` (Lambda's ResourceNotFoundException)
+    or `message` (faasd's other errors), else the body as it came."""
+    try:
+        error = json.loads(body)
+    except ValueError:
+        error = None
+    message = error.get("Message") or error.get("message") if isinstance(error, dict) else None
+    return str(message) if message else body.decode(errors="replace")
+
+
 def _refuse_name(given: str, rule: str = NAME_RULE) -> int:
     print(f"faasd: invalid function name {given!r}: {rule}", file=sys.stderr)
     return 2
@@ -127,12 +138,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         print(f"queued: request id {response.headers.get('x-amzn-RequestId')}")
         return 0
     if response.status >= 400:
-        try:
-            message = json.loads(body).get("message", body.decode())
-        except ValueError:
-            message = body.decode(errors="replace")
-        print(f"faasd: {response.headers.get('x-amzn-ErrorType', response.status)}: {message}",
-              file=sys.stderr)
+        print(f"faasd: {response.headers.get('x-amzn-ErrorType', response.status)}: "
+              f"{_error_message(body)}", file=sys.stderr)
         return 2
     sys.stdout.write(body.decode(errors="replace") + "\n")
     return 1 if response.headers.get("X-Amz-Function-Error") else 0
@@ -200,7 +207,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     response = _request(f"{_base_url(args)}/system/functions/{quote(args.name)}/logs?{query}",
                         timeout=None if args.follow else 60, auth=_credentials(args))
     if response.status != 200:
-        print(f"faasd: {json.loads(response.read()).get('message')}", file=sys.stderr)
+        print(f"faasd: {_error_message(response.read())}", file=sys.stderr)
         return 2
     try:
         for line in response:

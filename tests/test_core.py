@@ -551,6 +551,13 @@ def test_cli_refuses_an_invalid_function_name_before_any_request(daemon):
         assert result.returncode == 0 and json.loads(result.stdout) == {"b": 2}, (given, result.stderr)
 
 
+def test_cli_invoke_of_a_missing_function_prints_lambdas_message(daemon):
+    result = run_cli("invoke", "nosuch", "--url", daemon.url)
+    assert result.returncode == 2
+    assert result.stderr.startswith("faasd: ResourceNotFoundException: Function not found: arn:"), result.stderr
+    assert result.stderr.endswith(":function:nosuch\n"), result.stderr
+
+
 def follow_echo(daemon, lines: int) -> subprocess.Popen:
     """`faasd logs echo --follow -n LINES` against `daemon`, once echo answers."""
     write_function(daemon.functions, "echo.py", ECHO)
