@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .config import ConfigError, load_config
-from .spec import RUNTIMES, valid_name
+from .spec import RUNTIMES, reserved_path, valid_name
 
 NAME_RULE = "use 1 to 64 of A-Z a-z 0-9 _ -"
 # How the Lambda API takes a function: NAME, NAME:QUALIFIER,
@@ -271,16 +271,17 @@ def cmd_new(args: argparse.Namespace) -> int:
         path.write_text(textwrap.dedent(text))
         if filename == "bootstrap":
             path.chmod(0o755)
+    route = f"/{args.name}"
+    reserved = reserved_path(route)
+    trigger = "" if reserved else f'\n[[triggers]]\ntype = "http"\npath = "{route}"\n'
     (target / "function.toml").write_text(textwrap.dedent(f'''\
         runtime = "{args.runtime}"
         memory_mb = 128
         timeout_s = 3
-
-        [[triggers]]
-        type = "http"
-        path = "/{args.name}"
-        '''))
+        ''') + trigger)
     print(f"created {target}; try: curl {config.url}/function/{args.name}")
+    if reserved:
+        print(f"it has no http trigger at {route}: {route} is reserved by faasd")
     return 0
 
 

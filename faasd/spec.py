@@ -453,6 +453,13 @@ DATED_PREFIX_RE = re.compile(r"^/\d{4}-\d{2}-\d{2}(/|$)")
 HTTP_AUTH_RE = re.compile(r"^(key|function:[A-Za-z0-9_-]{1,64})$")
 
 
+def reserved_path(path: str) -> bool:
+    """Whether `path` is faasd's own, so that no http trigger may take it."""
+    return (path.startswith(("/function/", "/system/", "/ui/", "/metrics/"))
+            or DATED_PREFIX_RE.match(path) is not None
+            or path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/system", "/ui"))
+
+
 def _check_http_trigger(options: dict, where: str) -> None:
     unknown = set(options) - HTTP_TRIGGER_KEYS
     if unknown:
@@ -462,9 +469,7 @@ def _check_http_trigger(options: dict, where: str) -> None:
     path = options.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
         raise SpecError(f"{where}: http trigger needs path = \"/some/{{param}}\" starting with /")
-    reserved = ("/function/", "/system/", "/ui/", "/metrics/")
-    if (path.startswith(reserved) or DATED_PREFIX_RE.match(path)
-            or path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/system", "/ui")):
+    if reserved_path(path):
         raise SpecError(f"{where}: http trigger path {path!r} is reserved by faasd")
     auth = options.get("auth")
     if auth is not None and (not isinstance(auth, str) or not HTTP_AUTH_RE.match(auth)):

@@ -558,6 +558,22 @@ def test_cli_invoke_of_a_missing_function_prints_lambdas_message(daemon):
     assert result.stderr.endswith(":function:nosuch\n"), result.stderr
 
 
+def test_cli_new_makes_a_function_that_loads_when_its_name_is_a_path_of_faasds(daemon, tmp_path):
+    names = ("healthz", "readyz", "metrics", "system", "ui", "2015-03-31")
+    for name in names:
+        new = run_cli("new", name, "--functions", str(daemon.functions), cwd=tmp_path)
+        assert new.returncode == 0, new.stderr
+        assert f"/{name} is reserved by faasd" in new.stdout and f"/function/{name}" in new.stdout, new.stdout
+    check = run_cli("check", "--functions", str(daemon.functions), cwd=tmp_path)
+    assert check.returncode == 0, check.stdout
+    for name in names:
+        assert f"{name}: ok (python, handler.handler; triggers: http)" in check.stdout, check.stdout
+    wait_until(lambda: daemon.get("/function/healthz").status == 200, message="healthz the function")
+    assert daemon.get("/function/healthz").json() == {"hello": "world"}
+    assert daemon.get("/healthz").json() != {"hello": "world"}
+    assert daemon.function("metrics")["load_error"] is None
+
+
 def follow_echo(daemon, lines: int) -> subprocess.Popen:
     """`faasd logs echo --follow -n LINES` against `daemon`, once echo answers."""
     write_function(daemon.functions, "echo.py", ECHO)
