@@ -143,7 +143,9 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     region = daemon.region
     limit = daemon.config.server.max_body_bytes
 
-    def lookup(request: web.Request) -> FunctionSpec:
+    def target(request: web.Request) -> tuple[FunctionSpec, str | None]:
+        """The function named, and the ARN it was invoked by when the caller
+        named a qualifier (None: the function's own, unqualified ARN)."""
         # Lambda accepts NAME, NAME:QUALIFIER, ACCOUNT:function:NAME[:QUALIFIER]
         # and the full ARN; `?Qualifier=` works too.
         given = request.match_info["name"]
@@ -154,7 +156,10 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         spec = daemon.registry.get(name) if valid_name(name) else None
         if spec is None or qualifier not in ("", "$LATEST"):
             raise FunctionNotFound(arn)  # its message reads "Function not found: ARN", as Lambda's
-        return spec
+        return spec, arn if qualifier else None
+
+    def lookup(request: web.Request) -> FunctionSpec:
+        return target(request)[0]
 
     async def invoke(request: web.Request) -> web.StreamResponse:
         from .api import read_body
@@ -162,7 +167,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         request_id = new_request_id()
         invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
         try:
-            spec = lookup(request)
+            spec, invoked_arn = target(request)
             body = await read_body(request, min(limit, MAX_EVENT_BYTES) if invocation_type == "Event" else limit)
             if body:
                 try:
@@ -189,7 +194,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                     "failed to satisfy constraint: Member must satisfy enum value set: "
                     "[Event, RequestResponse, DryRun]")
             invocation = await invoker.invoke(spec.name, body, request_id=request_id, source="api",
-                                              client_context=context)
+                                              client_context=context, invoked_arn=invoked_arn)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
         headers = {"x-amzn-RequestId": request_id, "X-Amz-Executed-Version": "$LATEST"}

@@ -212,7 +212,8 @@ class Worker:
         self.frozen = False
         self.last_reply_s = 0.0  # how long its last call took to answer (0: none yet)
         self.tmp_dir = env.tmp_root / self.id
-        self.arn = function_arn(spec.name, env.region)  # context.invoked_function_arn
+        # context.invoked_function_arn, unless the caller named a qualifier
+        self.arn = function_arn(spec.name, env.region)
         self.cgroup: WorkerCgroup | None = None
         self.sandbox: WorkerPlan | None = None
         self.returncode: int | None = None
@@ -267,7 +268,9 @@ class Worker:
         raise NotImplementedError
 
     async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink,
-                  client_context: dict | None = None) -> RunResult:
+                  client_context: dict | None = None, invoked_arn: str | None = None) -> RunResult:
+        """Run one invocation. `deadline` is in epoch seconds; `invoked_arn`
+        is context.invoked_function_arn when not the function's own (`arn`)."""
         raise NotImplementedError
 
     def freeze(self) -> None:
@@ -671,12 +674,11 @@ class ProcessWorker(Worker):
     # -- invocation -------------------------------------------------------------
 
     async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink,
-                  client_context: dict | None = None) -> RunResult:
-        """Run one invocation. `deadline` is in epoch seconds."""
+                  client_context: dict | None = None, invoked_arn: str | None = None) -> RunResult:
         loop = self._loop
         future = loop.create_future()
         call = self._call = _Call(request_id, future, sink)
-        fields = {"id": request_id, "deadline_ms": int(deadline * 1000), "arn": self.arn}
+        fields = {"id": request_id, "deadline_ms": int(deadline * 1000), "arn": invoked_arn or self.arn}
         if client_context is not None:
             fields["client_context"] = client_context
         header = orjson.dumps(fields)

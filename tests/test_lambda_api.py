@@ -182,6 +182,19 @@ def test_names_arns_and_the_latest_qualifier_reach_the_function(daemon, lam):
     assert caught.value.response["Error"]["Message"].endswith(":function:echo:prod")
 
 
+def test_context_invoked_function_arn_is_the_arn_the_caller_named(daemon, lam):
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:echo"
+    named = {"echo": arn, "echo:$LATEST": f"{arn}:$LATEST", "000000000000:function:echo": arn,
+             arn: arn, f"{arn}:$LATEST": f"{arn}:$LATEST"}
+    for name, expected in named.items():
+        response = lam.invoke(FunctionName=name, Payload=b"{}")
+        assert json.loads(response["Payload"].read())["arn"] == expected, name
+    response = lam.invoke(FunctionName="echo", Qualifier="$LATEST")
+    assert json.loads(response["Payload"].read())["arn"] == f"{arn}:$LATEST"
+    # The same warm worker, called by its route: the qualifier was that call's only.
+    assert daemon.get("/function/echo").json()["arn"] == arn
+
+
 def test_a_busy_function_raises_too_many_requests(daemon, probe):
     write_function(daemon.functions, "single.py", PROBE_HANDLER)
     write_function(daemon.functions, "single.toml",

@@ -133,6 +133,18 @@ def test_client_context_is_context_client_context(daemon):
     assert response.json() == {"cc": given}
     assert daemon.invoke("nodecc").json() == {"cc": "undefined"}
 
+def test_context_invoked_function_arn_carries_the_callers_qualifier(daemon):
+    write_function(daemon.functions, "nodearn.js", """
+        exports.handler = async (event, context) => context.invokedFunctionArn;
+    """)
+    loaded(daemon, "nodearn")
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:nodearn"
+    assert daemon.invoke("nodearn:$LATEST").json() == f"{arn}:$LATEST"
+    assert daemon.invoke(f"{arn}:$LATEST").json() == f"{arn}:$LATEST"
+    assert daemon.invoke("nodearn").json() == arn
+    assert daemon.get("/function/nodearn").json() == arn
+
+
 def test_console_output_lands_between_start_and_end_with_the_request_id(daemon):
     write_function(daemon.functions, "talk.mjs", """
         export const handler = async () => {

@@ -178,6 +178,32 @@ def test_a_shell_and_curl_bootstrap_as_in_awss_tutorial(daemon):
     assert '{"status":"OK"}' in daemon.log_of("tutorial")
 
 
+ARN_BOOTSTRAP = """\
+#!/bin/sh
+set -eu
+api="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+while true
+do
+  headers="$(mktemp)"
+  curl -sS -o /dev/null -D "$headers" "$api/invocation/next"
+  id=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$headers" | tr -d '[:space:]' | cut -d: -f2)
+  arn=$(grep -Fi Lambda-Runtime-Invoked-Function-Arn "$headers" | cut -d' ' -f2 | tr -d '[:space:]')
+  curl -sS -o /dev/null "$api/invocation/$id/response" -d "\\"$arn\\""
+  rm -f "$headers"
+done
+"""
+
+
+def test_the_invoked_function_arn_header_carries_the_callers_qualifier(daemon):
+    require_tool("curl", "curl")
+    write_function(daemon.functions, "shellarn/bootstrap", ARN_BOOTSTRAP)
+    loaded(daemon, "shellarn")
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:shellarn"
+    assert daemon.invoke("shellarn:$LATEST").json() == f"{arn}:$LATEST"
+    assert daemon.invoke("shellarn").json() == arn
+    assert daemon.get("/function/shellarn").json() == arn
+
+
 def test_only_the_workers_own_user_reaches_its_runtime_api(daemon):
     """Loopback is every local user's: another user asking for the next event is refused."""
     curl = require_tool("curl", "curl")
