@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -30,7 +29,7 @@ import orjson
 from aiohttp import web
 
 from .errors import FunctionNotFound, InvalidRequest, InvokeRefused, Throttled
-from .spec import FunctionSpec, code_sha256, function_arn, new_request_id, valid_name
+from .spec import RUNTIME_IDS, FunctionSpec, code_sha256, function_arn, new_request_id, valid_name
 from .triggers.http import valid_text
 
 if TYPE_CHECKING:
@@ -41,9 +40,6 @@ RUNTIME_API_PREFIX = "/2018-06-01/"  # the Lambda Runtime API: workers' own, not
 SERVED = ("Invoke, ListFunctions, GetFunction, GetFunctionConfiguration, GetFunctionConcurrency, "
           "ListVersionsByFunction, ListAliases and ListTags")
 MAX_EVENT_BYTES = 1024 * 1024  # Lambda's limit for an asynchronous invocation's payload
-# Workers run on the daemon's own interpreter.
-RUNTIME_IDS = {"python": f"python{sys.version_info.major}.{sys.version_info.minor}",
-               "node": "nodejs20.x", "provided": "provided.al2023"}
 
 
 def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:

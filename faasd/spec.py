@@ -16,6 +16,7 @@ import hashlib
 import os
 import random
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,10 @@ from typing import Any, Mapping
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RUNTIMES = ("python", "node", "provided")
+# Lambda's runtime identifier for each (GetFunction's `Runtime`, and what
+# AWS_EXECUTION_ENV names). Python workers run on the daemon's own interpreter.
+RUNTIME_IDS = {"python": f"python{sys.version_info.major}.{sys.version_info.minor}",
+               "node": "nodejs20.x", "provided": "provided.al2023"}
 FILE_RUNTIMES = {".py": "python", ".js": "node", ".mjs": "node"}
 DEFAULT_HANDLERS = {"python": "handler.handler", "node": "index.handler", "provided": "bootstrap"}
 TRIGGER_TYPES = ("http", "file", "cron", "amqp")

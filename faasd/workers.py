@@ -38,7 +38,7 @@ from .sandbox import (
     EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, Sandbox, SandboxError,
     WorkerPlan, join_cgroups_of, parent_moves,
 )
-from .spec import DEFAULT_REGION, FunctionSpec, function_arn
+from .spec import DEFAULT_REGION, RUNTIME_IDS, FunctionSpec, function_arn
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 
 log = logging.getLogger("faasd.worker")
@@ -255,12 +255,13 @@ class Worker:
             "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
             "AWS_REGION": self.env.region,
             "AWS_DEFAULT_REGION": self.env.region,
-            "AWS_EXECUTION_ENV": f"AWS_Lambda_{spec.runtime}",
             "_HANDLER": spec.handler,
             "LAMBDA_TASK_ROOT": str(spec.task_root),
             "LAMBDA_RUNTIME_DIR": str(RUNTIME_DIR),
             "TMPDIR": str(self.tmp_dir),
         }
+        if spec.runtime != "provided":  # Lambda's OS-only runtimes leave it unset
+            env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{RUNTIME_IDS.get(spec.runtime, spec.runtime)}"
         return env
 
     # Subclasses implement these.

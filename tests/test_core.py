@@ -234,6 +234,10 @@ def test_context_and_environment_are_lambdas_and_the_daemons_do_not_leak(start_d
     assert env["_HANDLER"] == "env.handler"
     assert env["LAMBDA_TASK_ROOT"] == str(functions_dir)
     assert env["AWS_REGION"]
+    # The runtime identifier GetFunction reports, as Lambda's runtimes set it (python3.11, ...).
+    runtime = daemon.get("/2015-03-31/functions/env").json()["Configuration"]["Runtime"]
+    assert runtime == f"python{sys.version_info.major}.{sys.version_info.minor}"
+    assert env["AWS_EXECUTION_ENV"] == f"AWS_Lambda_{runtime}"
     assert Path(env["TMPDIR"]).is_absolute()
     assert not any(k.startswith("_FAASD") for k in env)
     assert ctx["function_name"] == "env" and ctx["function_version"] == "$LATEST"

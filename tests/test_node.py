@@ -112,6 +112,8 @@ def test_context_and_environment_are_lambdas(start_daemon, functions_dir):
     assert 0 < ctx["remaining"] <= 5000
     assert env["GREETING"] == "hi" and env["_HANDLER"] == "ctx.handler"
     assert env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] == "256"
+    runtime = daemon.get("/2015-03-31/functions/ctx").json()["Configuration"]["Runtime"]
+    assert runtime.startswith("nodejs") and env["AWS_EXECUTION_ENV"] == f"AWS_Lambda_{runtime}"
     assert env["LAMBDA_TASK_ROOT"] == str(functions_dir)
     assert Path(env["TMPDIR"]).is_dir()
     assert "DAEMON_SECRET" not in env

@@ -55,6 +55,7 @@ def handler(event, context):
             "function_name": context.function_name, "memory": context.memory_limit_in_mb,
             "runtime_api": os.environ["AWS_LAMBDA_RUNTIME_API"],
             "custom": context.client_context and context.client_context.custom,
+            "execution_env": os.environ.get("AWS_EXECUTION_ENV"),
             "faasd_vars": [k for k in os.environ if k.startswith("_FAASD")]}
 """
 
@@ -81,6 +82,8 @@ def test_awss_python_runtime_interface_client_runs_unmodified(daemon):
     assert 0 < body["remaining"] <= 5000
     assert re.fullmatch(r"127\.0\.0\.1:\d+", body["runtime_api"])
     assert body["faasd_vars"] == []
+    # Lambda's OS-only runtimes (provided.al2023) leave AWS_EXECUTION_ENV unset.
+    assert body["execution_env"] is None
     assert body["custom"] is None
     assert "ric handler got {'k': 'v'}" in printed(daemon, "ric", request_id)
     # A ClientContext reaches AWS's client as Lambda-Runtime-Client-Context.
