@@ -375,6 +375,8 @@ class ProcessWorker(Worker):
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._monitor_handle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
+        # This call's peak memory in KiB: its STATS frame, or read before the
+        # daemon killed the worker. None: read it when the call ends.
         self._peak_kb: int | None = None
         self._idle_log_bytes = 0  # output outside invocations, against MAX_LOG_BYTES
 
@@ -683,6 +685,7 @@ class ProcessWorker(Worker):
         if client_context is not None:
             fields["client_context"] = client_context
         header = orjson.dumps(fields)
+        self._peak_kb = None
         if not self.alive or not self._send(protocol.INVOKE, header + b"\n" + event):
             self._call = None
             error = FunctionError(CRASH, "Runtime.ExitError",
@@ -743,39 +746,51 @@ class ProcessWorker(Worker):
                 call.tmp_full = True
                 log.warning("worker %s of %s: /tmp passed its %d MB quota; killing it",
                             self.id, self.spec.name, self.spec.tmp_mb)
-                self.kill()
-                call.future.set_result((None, self._death_error(call)))
+                self._kill_for(call)
 
     def _on_deadline(self, call: _Call) -> None:
         if call.future.done():
             return
         call.timed_out = True
-        self.kill()
-        # _on_exit resolves the call once the kernel reports the death; resolve
-        # now anyway so a process stuck in uninterruptible sleep cannot hold it.
-        call.future.set_result((None, self._death_error(call)))
+        self._kill_for(call)
 
     def _monitor(self, call: _Call) -> None:
         if call.future.done() or self.pid is None:
             return
         sample = rss_bytes(self.pid)
+        if sample is not None:
+            # Kept for a process that dies by itself: its VmHWM goes with it.
+            self._peak_kb = max(self._peak_kb or 0, sample[1] // 1024)
         if sample is not None and sample[0] > self.spec.memory_mb * MB:
             call.oom = True
             log.warning("worker %s passed its %d MB memory limit (RSS %d MB); killing it",
                         self.id, self.spec.memory_mb, sample[0] // MB)
-            self.kill()
-            call.future.set_result((None, self._death_error(call)))
+            self._kill_for(call)
             return
         self._monitor_handle = self._loop.call_later(MONITOR_INTERVAL_S, self._monitor, call)
 
-    def max_memory_mb(self) -> int:
-        if self._peak_kb is not None:  # the shim said so in a STATS frame
-            return max(1, round(self._peak_kb / 1024))
+    def _kill_for(self, call: _Call) -> None:
+        """Kill the worker and fail `call` (the flag saying why is set): its peak
+        memory is read first, while the process still has it to read."""
+        self._peak_kb = self._read_peak_kb() or self._peak_kb
+        self.kill()
+        # _on_exit resolves the call once the kernel reports the death; resolve
+        # now anyway so a process stuck in uninterruptible sleep cannot hold it.
+        call.future.set_result((None, self._death_error(call)))
+
+    def _read_peak_kb(self) -> int | None:
+        """The worker's peak memory in KiB: its cgroup's where it has one, else its
+        process's high-water mark (VmHWM); None when neither can be read."""
         peak = self.cgroup.peak_bytes() if self.cgroup is not None else None
         if peak is None and self.pid is not None:
             sample = rss_bytes(self.pid)
             peak = sample[1] if sample else None
-        return max(1, round((peak or 0) / MB))
+        return None if peak is None else peak // 1024
+
+    def max_memory_mb(self) -> int:
+        """`Max Memory Used` of the call that just ended."""
+        peak_kb = self._peak_kb if self._peak_kb is not None else self._read_peak_kb()
+        return max(1, round((peak_kb or 0) / 1024))
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -255,6 +255,31 @@ def request_lines(daemon, name: str, request_id: str) -> list[str]:
     return lines
 
 
+def report_of(daemon, name: str, request_id: str) -> str:
+    """The REPORT line of one invocation, once it is logged."""
+    marker = f"REPORT RequestId: {request_id}"
+    wait_until(lambda: marker in daemon.log_of(name), message=marker)
+    return next(line for line in daemon.log_of(name).splitlines() if marker in line)
+
+
+def max_memory_used(report: str) -> int:
+    """The `Max Memory Used` of a REPORT line, in MB."""
+    return int(report.split("Max Memory Used: ")[1].split(" MB")[0])
+
+
+# Holds `mb` MB for `sleep_s` seconds, then exits the process (`exit`) or returns.
+MEMORY_HOLDER = """
+import os, time
+
+def handler(event, context):
+    held = b"x" * (event["mb"] * 1024 * 1024)
+    time.sleep(event.get("sleep_s", 0))
+    if event.get("exit"):
+        os._exit(3)
+    return {"pid": os.getpid(), "held": len(held)}
+"""
+
+
 def parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("PPid:"))

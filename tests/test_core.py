@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from support import ROOT, descendants, free_port, http, loaded, metric, process_state, wait_until, write_function
+from support import (
+    MEMORY_HOLDER, ROOT, descendants, free_port, http, loaded, max_memory_used, metric, process_state,
+    report_of, wait_until, write_function,
+)
 
 HELLO = """
 def handler(event, context):
@@ -343,6 +346,22 @@ def test_a_crashing_worker_gives_502_and_is_replaced(daemon, how):
     error = daemon.invoke("crash", {"rawQueryString": "crash"}).json()
     assert error["errorType"] == "Runtime.ExitError"
     assert "Runtime exited with error" in error["errorMessage"]
+
+
+def test_a_call_that_times_out_or_crashes_reports_the_memory_it_used(daemon):
+    write_function(daemon.functions, "holder.toml", "memory_mb = 256\ntimeout_s = 1\n")
+    write_function(daemon.functions, "holder.py", MEMORY_HOLDER)
+    loaded(daemon, "holder")
+    for event, error_type in (({"sleep_s": 30}, "Sandbox.Timedout"),
+                              ({"exit": True}, "Runtime.ExitError")):
+        # A warm worker: the peak it reported for a small call must not stand for the next.
+        assert daemon.invoke("holder", {"mb": 1}).json()["held"] == 1024 * 1024
+        # 100 MB: more than a small call reports, even on a spawned worker, whose
+        # getrusage() peak starts at the daemon's own.
+        response = daemon.invoke("holder", {"mb": 100, **event})
+        assert response.json()["errorType"] == error_type, response.text
+        report = report_of(daemon, "holder", response.headers["x-amzn-requestid"])
+        assert "\tStatus: " in report and max_memory_used(report) >= 100, report
 
 
 def test_memory_over_the_limit_fails_the_invocation_and_replaces_the_worker(daemon):

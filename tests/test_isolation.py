@@ -24,8 +24,8 @@ import pytest
 
 from faasd.sandbox import tree_bytes
 from support import (
-    ROOT, concurrent, own_groups, parent_of, pids_with_env, process_state, wait_until,
-    write_function,
+    MEMORY_HOLDER, ROOT, concurrent, max_memory_used, own_groups, parent_of, pids_with_env,
+    process_state, report_of, wait_until, write_function,
 )
 
 OK = """
@@ -262,11 +262,13 @@ def handler(event, context):
 
 
 def _check_oom(daemon) -> None:
-    result, error = invoke(daemon, "hog", {"mb": 400})
-    assert error == "Runtime.OutOfMemory", result
+    response = daemon.invoke("hog", {"mb": 400})
+    result = response.json()
+    assert result["errorType"] == "Runtime.OutOfMemory", result
     assert "memory limit of 64 MB exceeded" in result["errorMessage"]
-    log = daemon.log_of("hog")
-    assert "\tStatus: error\tError Type: Runtime.OutOfMemory" in log
+    report = report_of(daemon, "hog", response.headers["x-amzn-requestid"])
+    assert "\tStatus: error\tError Type: Runtime.OutOfMemory" in report
+    assert max_memory_used(report) >= 48, report  # about the limit, read before the kill
     # A run within the limit reports what it used, truthfully.
     result, error = invoke(daemon, "hog", {"mb": 20})
     assert (result, error) == (20, None)
@@ -285,19 +287,42 @@ def test_out_of_memory_with_cgroups(start_daemon, functions_dir):
     _check_oom(daemon)
 
 
-def test_out_of_memory_with_the_monitor_when_no_cgroup_is_writable(start_daemon, functions_dir):
-    needs_root()
-    # A host without a memory cgroup faasd may use: the daemon runs in a mount
-    # namespace where the memory hierarchies are empty directories.
-    hide = ("for d in /sys/fs/cgroup/memory /sys/fs/cgroup/unified /sys/fs/cgroup; do "
-            "[ -d $d ] && mount -t tmpfs -o size=4k none $d 2>/dev/null; done; exec \"$@\"")
-    prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", hide, "sh"]
-    write_function(functions_dir, "hog.toml", "memory_mb = 64\ntimeout_s = 20\n")
-    write_function(functions_dir, "hog.py", HOG)
-    daemon = start_daemon(functions_dir, prefix=prefix)
+# A host without a memory cgroup faasd may use: the daemon runs in a mount
+# namespace where the memory hierarchies are empty directories.
+_HIDE_CGROUPS = ("for d in /sys/fs/cgroup/memory /sys/fs/cgroup/unified /sys/fs/cgroup; do "
+                 "[ -d $d ] && mount -t tmpfs -o size=4k none $d 2>/dev/null; done; exec \"$@\"")
+WITHOUT_MEMORY_CGROUPS = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                          _HIDE_CGROUPS, "sh"]
+
+
+def _start_without_memory_cgroups(start_daemon, functions_dir):
+    daemon = start_daemon(functions_dir, prefix=WITHOUT_MEMORY_CGROUPS)
     memory = daemon.get("/system/info").json()["isolation"]["memory_limit"]
     assert memory["mode"] == "monitor", memory
-    _check_oom(daemon)
+    return daemon
+
+
+def test_out_of_memory_with_the_monitor_when_no_cgroup_is_writable(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "hog.toml", "memory_mb = 64\ntimeout_s = 20\n")
+    write_function(functions_dir, "hog.py", HOG)
+    _check_oom(_start_without_memory_cgroups(start_daemon, functions_dir))
+
+
+def test_without_a_cgroup_a_call_that_times_out_or_crashes_reports_the_memory_it_used(
+        start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "holder.toml", "memory_mb = 256\ntimeout_s = 1\n")
+    write_function(functions_dir, "holder.py", MEMORY_HOLDER)
+    daemon = _start_without_memory_cgroups(start_daemon, functions_dir)
+    # Each on a new worker: no earlier call's figure to fall back on, and the
+    # process (with its own record of its peak) is gone by the time the call ends.
+    for event, error_type in (({"sleep_s": 30}, "Sandbox.Timedout"),
+                              ({"sleep_s": 0.3, "exit": True}, "Runtime.ExitError")):
+        response = daemon.invoke("holder", {"mb": 100, **event})
+        assert response.json()["errorType"] == error_type, response.text
+        report = report_of(daemon, "holder", response.headers["x-amzn-requestid"])
+        assert "\tStatus: " in report and max_memory_used(report) >= 100, report
 
 
 # -- processes, files, output, results ------------------------------------------------------
