@@ -419,11 +419,46 @@ def _invoke(handler, payload):
     _sock.sendall(_encode(protocol.STATS, _peak_kb()) + _encode(*reply))
 
 
+# A spawned worker's getrusage() peak starts at the daemon's: an exec keeps
+# the peak of the memory it replaces, and until its exec the new process ran
+# in the daemon's memory (vfork). Where that inherited figure stands above the
+# worker's own peak (VmHWM), the own one is reported, read again only after
+# page faults may have raised it. Forked workers start with a peak of their own.
+_inherited_kb = 0
+_own = (-1, 0)  # (page faults when VmHWM was read, VmHWM in KiB)
+
+
 def _peak_kb():
     """Peak resident memory of this worker and the children it waited for, in KiB."""
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    global _own
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss
+    if peak <= _inherited_kb:
+        faults = usage.ru_minflt + usage.ru_majflt
+        if faults != _own[0]:
+            own = _vm_hwm_kb() or peak
+            usage = resource.getrusage(resource.RUSAGE_SELF)  # the read faults too
+            _own = (usage.ru_minflt + usage.ru_majflt, own)
+        peak = _own[1]
+    peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return peak.to_bytes(4, "big")
+
+
+def _vm_hwm_kb():
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _note_inherited_peak():
+    global _inherited_kb
+    peak, own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _vm_hwm_kb()
+    _inherited_kb = peak if own is not None and peak > own else 0
 
 
 def _die_with_parent():
@@ -679,6 +714,7 @@ def main():
     _HANDLER_FN = handler
     if template:
         return _serve_as_template()
+    _note_inherited_peak()
     _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - _T0) * 1000}).encode())
     return _serve()
 
