@@ -288,6 +288,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .registry import scan
     from .sandbox import FunctionUsers
+    from .triggers.http import claim, routes_of
 
     try:
         config = _config(args)
@@ -304,9 +305,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"functions: error: {config.paths.functions} is not a directory")
         return 1
     specs = scan(config.paths.functions)
+    # As the daemon starts: functions claim their routes in name order.
+    _, conflicts = claim(routes_of(spec) for _, spec in sorted(specs.items()) if not spec.load_error)
     failed = 0
     for name, spec in sorted(specs.items()):
-        error = spec.load_error or (_node_syntax_error(spec) if spec.runtime == "node" else None)
+        error = (spec.load_error or (_node_syntax_error(spec) if spec.runtime == "node" else None)
+                 or "; ".join(conflicts.get(name, [])))
         if error:
             failed += 1
             print(f"{name}: error: {error}")

@@ -288,6 +288,7 @@ class Daemon:
         pool = self.pool.pools.get(name)
         view = spec.to_json()
         view["routes"] = [f"/function/{name}"] + [r.template for r in self.routes.routes(name)]
+        view["route_conflicts"] = self.routes.conflicts(name)
         view["workers"] = pool.to_json() if pool else []
         view["template"] = pool.template_json() if pool else None
         view["worker_counts"] = pool.counts() if pool else {}

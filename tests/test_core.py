@@ -211,6 +211,44 @@ def test_http_trigger_routes_with_path_parameters_and_methods(daemon):
     assert daemon.get("/thumbs/7").status == 404
 
 
+NAMED = """
+import os
+def handler(event, context):
+    return context.function_name
+"""
+SHARED_ROUTE = '[[triggers]]\ntype = "http"\npath = "/shared/{id}"\n'
+
+
+def test_a_route_two_functions_claim_stays_with_the_first_and_the_other_is_told(
+        start_daemon, functions_dir, tmp_path):
+    for name in ("alpha", "beta"):
+        write_function(functions_dir, f"{name}.toml", SHARED_ROUTE.replace("{id}", f"{{{name}_id}}"))
+        write_function(functions_dir, f"{name}.py", NAMED)
+    config = tmp_path / "faasd.toml"
+    config.write_text(f'[paths]\nfunctions = "{functions_dir}"\n')
+    checked = run_cli("--config", str(config), "check")
+    assert checked.returncode == 1, checked.stdout
+    assert ("beta: error: http trigger path '/shared/{beta_id}' is already the route of function "
+            "'alpha'; it is not served here") in checked.stdout
+    assert "alpha: ok" in checked.stdout
+
+    daemon = start_daemon(functions_dir)
+    assert daemon.get("/shared/1").json() == "alpha"  # at start, in name order
+    assert daemon.function("beta")["route_conflicts"] == [
+        "http trigger path '/shared/{beta_id}' is already the route of function 'alpha'; it is not served here"]
+    assert daemon.function("beta")["routes"] == ["/function/beta"]
+    assert daemon.function("alpha")["route_conflicts"] == []
+    assert "function beta: http trigger path '/shared/{beta_id}' is already the route" in daemon.output()
+    assert daemon.get("/function/beta").json() == "beta"
+
+    (functions_dir / "alpha.toml").unlink()  # alpha lets go: beta is served there
+    wait_until(lambda: daemon.get("/shared/1").json() == "beta", message="beta on /shared")
+    assert daemon.function("beta")["route_conflicts"] == []
+    write_function(functions_dir, "alpha.toml", SHARED_ROUTE)  # back: beta keeps it now
+    wait_until(lambda: daemon.function("alpha")["route_conflicts"], message="alpha told")
+    assert daemon.get("/shared/1").json() == "beta"
+
+
 def test_context_and_environment_are_lambdas_and_the_daemons_do_not_leak(start_daemon, functions_dir):
     write_function(functions_dir, "env.py", """
         import os

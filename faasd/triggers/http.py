@@ -9,6 +9,7 @@ becomes the response by API Gateway's payload 2.0 rules.
 from __future__ import annotations
 
 import base64
+import logging
 import binascii
 import re
 import time
@@ -22,6 +23,8 @@ from multidict import CIMultiDict
 
 from ..errors import FunctionError
 from ..spec import ACCOUNT_ID, FunctionSpec
+
+log = logging.getLogger("faasd.http")
 
 TEXT_TYPES = ("text/", "application/json", "application/javascript", "application/xml",
               "application/x-www-form-urlencoded", "application/graphql", "+json", "+xml")
@@ -57,29 +60,73 @@ def compile_template(template: str) -> tuple[re.Pattern, int]:
     return re.compile("^/" + "/".join(parts) + "/?$"), literal
 
 
+def routes_of(spec: FunctionSpec) -> list[Route]:
+    """The routes a function's http triggers ask for."""
+    routes = []
+    for trigger in spec.triggers:
+        if trigger.type == "http":
+            pattern, literal = compile_template(trigger.get("path"))
+            routes.append(Route(spec.name, trigger.get("path"), frozenset(trigger.get("methods", ["ANY"])),
+                                pattern, literal, trigger.get("auth")))
+    return routes
+
+
+def claim(claims: Iterable[list[Route]]) -> tuple[list[Route], dict[str, list[str]]]:
+    """Each function's routes, in the order they were claimed: those kept, and for
+    each function the routes it cannot have because an earlier one holds them
+    (the same path, parameters' names aside, with methods in common)."""
+    kept: list[Route] = []
+    conflicts: dict[str, list[str]] = {}
+    for routes in claims:
+        for route in routes:
+            shape = _shape(route.template)
+            holder = next((k for k in kept if k.function != route.function and _shape(k.template) == shape
+                           and ("ANY" in k.methods or "ANY" in route.methods
+                                or not k.methods.isdisjoint(route.methods))), None)
+            if holder is None:
+                kept.append(route)
+            else:
+                conflicts.setdefault(route.function, []).append(
+                    f"http trigger path {route.template!r} is already the route of function "
+                    f"{holder.function!r}; it is not served here")
+    return kept, conflicts
+
+
+def _shape(template: str) -> str:
+    return re.sub(r"\{[A-Za-z0-9_]+(\+?)\}", r"{\1}", template.rstrip("/") or "/")
+
+
 class RouteTable:
-    """The routes of every function's http triggers, most specific first."""
+    """The routes of every function's http triggers, most specific first.
+
+    A route that another function already has is not taken (see `claim`):
+    the function that claimed it first keeps it, and `conflicts(name)` says
+    why the other's is missing. At start functions claim routes in name
+    order; a function changed later keeps its place.
+    """
 
     def __init__(self) -> None:
-        self._routes: dict[str, list[Route]] = {}
+        self._claims: dict[str, list[Route]] = {}  # in the order functions claimed them
         self._ordered: list[Route] = []
+        self._conflicts: dict[str, list[str]] = {}
 
     def function_changed(self, old: FunctionSpec | None, new: FunctionSpec | None) -> None:
         name = (new or old).name  # type: ignore[union-attr]
-        self._routes.pop(name, None)
-        if new is not None:
-            routes = []
-            for trigger in new.triggers:
-                if trigger.type != "http":
-                    continue
-                pattern, literal = compile_template(trigger.get("path"))
-                methods = frozenset(trigger.get("methods", ["ANY"]))
-                routes.append(Route(name, trigger.get("path"), methods, pattern, literal,
-                                    trigger.get("auth")))
-            if routes:
-                self._routes[name] = routes
-        self._ordered = sorted((r for rs in self._routes.values() for r in rs),
-                               key=lambda r: -r.literal_length)
+        routes = routes_of(new) if new is not None else []
+        if routes:
+            self._claims[name] = routes
+        else:
+            self._claims.pop(name, None)
+        kept, conflicts = claim(self._claims.values())
+        for function, problems in conflicts.items():
+            if problems != self._conflicts.get(function):
+                for problem in problems:
+                    log.warning("function %s: %s", function, problem)
+        self._conflicts = conflicts
+        self._ordered = sorted(kept, key=lambda r: -r.literal_length)
+
+    def conflicts(self, name: str) -> list[str]:
+        return self._conflicts.get(name, [])
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         """The route for a request, with its path parameters; None if none fits."""
@@ -99,7 +146,8 @@ class RouteTable:
         return None
 
     def routes(self, name: str) -> list[Route]:
-        return self._routes.get(name, [])
+        """The routes `name` is served at (not those another function holds)."""
+        return [route for route in self._ordered if route.function == name]
 
 
 def is_text(content_type: str) -> bool:
