@@ -47,6 +47,23 @@ log = logging.getLogger("faasd")
 HTTP_GRACE_S = 1.0
 
 
+def check_address_free(host: str, port: int) -> None:
+    """Raise OSError if another process listens on `host`:`port` (0: any port will do)."""
+    if not port:
+        return
+    for family, kind, proto, _, address in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the site binds
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {address[0]} port {address[1]}: "
+                                         f"{exc.strerror}") from None
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -89,8 +106,11 @@ class Daemon:
         for stale in (data / "workers").iterdir():
             shutil.rmtree(stale, ignore_errors=True)
 
-        # An open API on a public address is refused before anything starts.
+        # An open API on a public address is refused before anything starts,
+        # and so is a taken address: no trigger fires for a daemon that cannot serve.
         exposure = auth.check_exposure(config, sock)
+        if sock is None:
+            check_address_free(config.server.host, config.server.port)
         undumpable = set_daemon_undumpable()
         memory = MemoryLimits.detect()
         self._cleanups.append(memory.close)

@@ -21,7 +21,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config as BotoConfig
 from botocore.credentials import Credentials
 
-from support import http, write_function
+from support import http, wait_until, write_function
 
 KEY_ID = "AKIDFAASDTEST"
 SECRET = "a-long-random-secret-for-tests"
@@ -267,6 +267,25 @@ def test_a_public_address_without_keys_is_refused_unless_insecure(start_daemon, 
     output = daemon.output()
     assert "cannot start: [server] host = '0.0.0.0' is not a loopback address and no [auth] keys" in output
     assert "pass --insecure" in output
+
+
+def test_a_taken_port_stops_the_start_before_any_trigger_fires(start_daemon, functions_dir, tmp_path):
+    write_function(functions_dir, "tick.toml", 'min_warm = 1\n[[triggers]]\ntype = "cron"\n'
+                                               'schedule = "* * * * * *"\ncatch_up = 1\n')
+    write_function(functions_dir, "tick.py", "def handler(e, c):\n    print('TICKED')\n")
+    data = tmp_path / "data"
+    first = start_daemon(functions_dir, data=data)
+    wait_until(lambda: "TICKED" in first.output(), message="a tick")
+    assert first.stop() == 0
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        daemon = start_daemon(functions_dir, wait=False, port=holder.getsockname()[1], data=data)
+        assert daemon.process.wait(30) == 1
+    output = daemon.output()
+    assert f"cannot start: [Errno 98] cannot listen on 127.0.0.1 port {daemon.port}" in output, output
+    # Nothing ran for a daemon that could not serve: no tick was caught up or fired.
+    assert "catching up" not in output and "TICKED" not in output, output
 
 
 def test_a_public_address_with_keys_is_served(start_daemon, functions_dir):
