@@ -245,7 +245,10 @@ def default_config_path(env: Mapping[str, str] = os.environ) -> Path | None:
     if env.get("FAASD_CONFIG"):
         return Path(env["FAASD_CONFIG"])
     candidate = Path("config/faasd.toml")
-    return candidate if candidate.is_file() else None
+    try:
+        return candidate if candidate.is_file() else None
+    except OSError:  # a working directory this user may not search holds no config of theirs
+        return None
 
 
 def load_config(

@@ -45,6 +45,8 @@ from .workers import ReplyPoller, WorkerEnvironment, compile_shim
 log = logging.getLogger("faasd")
 # What is still in progress when the drain ends gets this long before it is cancelled.
 HTTP_GRACE_S = 1.0
+# Not in use by design, or by the operator's choice: no gap to warn of at start.
+NOT_ISOLATION_GAPS = {"pid_namespace", "network_namespace", "function_users", "api_auth"}
 
 
 def check_address_free(host: str, port: int) -> None:
@@ -152,6 +154,10 @@ class Daemon:
             log.warning("running as root with no [workers] run_as: function code runs as root and "
                         "can do anything root can; set [workers] run_as = \"faasd\" (a user with "
                         "no other rights)")
+        missing = [f"{name} ({entry['note']})" for name, entry in self.isolation.items()
+                   if not entry["active"] and name not in NOT_ISOLATION_GAPS]
+        if missing:
+            log.warning("isolation not in use (details: GET /system/info): %s", "; ".join(missing))
 
         quiet = config.log.level in ("warning", "error")  # function lines are info
         self.logs = FunctionLogs(data / "logs", echo_format=None if quiet else config.log.format,
@@ -271,7 +277,11 @@ class Daemon:
 
     def _resolve_run_as(self) -> tuple[int, int] | None:
         name = self.config.workers.run_as
-        if not name or os.geteuid() != 0:
+        if not name:
+            return None
+        if os.geteuid() != 0:
+            log.warning("[workers] run_as = %r is not used: it needs faasd started as root; workers "
+                        "run as faasd's own user (uid %d)", name, os.geteuid())
             return None
         try:
             entry = pwd.getpwnam(name)

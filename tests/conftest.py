@@ -30,7 +30,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     def start(functions: Path | None = None, *, wait: bool = True, port: int | None = None,
               data: Path | None = None, config: Path | None = None,
               env: dict[str, str] | None = None, args: list[str] | None = None,
-              prefix: list[str] | None = None) -> Daemon:
+              prefix: list[str] | None = None, python: str = sys.executable) -> Daemon:
         daemon = Daemon(
             functions=functions or (tmp_path / "functions"),
             data=data or (tmp_path / "data"),
@@ -39,6 +39,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
             env=env or {},
             extra_args=args or [],
             prefix=prefix or [],
+            python=python,
         )
         daemon.functions.mkdir(parents=True, exist_ok=True)
         started.append(daemon)

@@ -153,6 +153,7 @@ class Daemon:
     # A command that execs the daemon (same pid), e.g. `unshare ... --` to run it on
     # a host that lacks something.
     prefix: list[str] = field(default_factory=list)
+    python: str = sys.executable
 
     @property
     def url(self) -> str:
@@ -160,7 +161,7 @@ class Daemon:
 
     def start(self, wait: bool = True, timeout: float = 20) -> "Daemon":
         self.log_path = self.data.parent / f"daemon-{self.port}-{time.monotonic_ns()}.log"
-        args = [*self.prefix, sys.executable, "-m", "faasd"]
+        args = [*self.prefix, self.python, "-m", "faasd"]
         if self.config is not None:
             args += ["--config", str(self.config)]
         args += ["serve", "--functions", str(self.functions), "--data-dir", str(self.data),

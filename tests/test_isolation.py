@@ -7,6 +7,7 @@ Needs root (as CI runs): the `faasd` system user is created when missing.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pwd
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from packaging.requirements import Requirement
 
 from faasd.sandbox import tree_bytes
 from support import (
@@ -933,6 +935,82 @@ def test_function_users_that_hold_a_hosts_user_or_lack_run_as_are_refused(
     daemon = start_daemon(functions_dir, wait=False, env=clashing)
     assert daemon.process.wait(timeout=30) == 1
     assert said in daemon.output()
+
+
+# -- the whole daemon, unprivileged -----------------------------------------------------------
+
+def _distributions(name: str) -> dict[str, importlib.metadata.Distribution]:
+    """`name`'s installed distribution and every one it needs, on this platform."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    todo = [name]
+    while todo:
+        dist = importlib.metadata.distribution(todo.pop())
+        key = dist.metadata["Name"].lower().replace("_", "-")
+        if key in found:
+            continue
+        found[key] = dist
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return found
+
+
+@pytest.fixture(scope="module")
+def unprivileged_install(readable_install) -> dict[str, str]:
+    """readable_install plus faasd's dependencies, for a daemon that is not root."""
+    base = Path(readable_install["PYTHONPATH"])
+    site = base / "site"
+    for key, dist in _distributions("faasd").items():
+        if key == "faasd":
+            continue
+        for file in dist.files or []:
+            source = Path(dist.locate_file(file))
+            if source.is_file() and "__pycache__" not in file.parts and not str(file).startswith(".."):
+                (site / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, site / file)
+    for path in site.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    os.chmod(site, 0o755)
+    return {**readable_install, "PYTHONPATH": f"{base}{os.pathsep}{site}"}
+
+
+def test_an_unprivileged_daemon_serves_and_says_which_isolation_it_could_not_use(
+        start_daemon, faasd_user, unprivileged_install):
+    home = Path(tempfile.mkdtemp(prefix="faasd-unprivileged-", dir="/tmp"))
+    try:
+        os.chmod(home, 0o755)
+        functions, data = home / "functions", home / "data"
+        write_function(functions, "hello.py", "import os\ndef handler(e, c):\n    return os.getuid()\n")
+        data.mkdir()
+        for path in (home, *home.rglob("*")):
+            os.chown(path, faasd_user.pw_uid, faasd_user.pw_gid)
+        # Started from a working directory that user may not read, as `runuser` from /root is.
+        become = (f'cd /root && exec setpriv --reuid={faasd_user.pw_uid} --regid={faasd_user.pw_gid} '
+                  '--clear-groups -- "$@"')
+        daemon = start_daemon(functions, data=data, python=unprivileged_install["FAASD_WORKERS_PYTHON"],
+                              prefix=["sh", "-c", become, "sh"], env=unprivileged_install)
+        status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+        assert f"Uid:\t{faasd_user.pw_uid}\t" in status
+        response = daemon.invoke("hello")
+        assert response.status == 200 and response.json() == faasd_user.pw_uid, response.text
+
+        output = daemon.output()
+        assert f"[workers] run_as = 'faasd' is not used: it needs faasd started as root" in output
+        isolation = daemon.get("/system/info").json()["isolation"]
+        assert isolation["run_as"]["active"] is False
+        # Every protection it could not use is named once, in one line, as /system/info has it.
+        said = [line for line in output.splitlines() if "isolation not in use" in line]
+        assert len(said) == 1, output
+        missing = {name for name, entry in isolation.items() if not entry["active"]
+                   and name not in {"pid_namespace", "network_namespace", "function_users", "api_auth"}}
+        assert missing, isolation
+        for name in missing:
+            assert f"{name} ({isolation[name]['note']})" in said[0], name
+        for name in set(isolation) - missing:
+            assert f"{name} (" not in said[0], name
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # -- the worker half alone, unprivileged ---------------------------------------------------
