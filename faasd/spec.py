@@ -376,9 +376,23 @@ def _number(raw: dict, key: str, default: float, where: str, *, low: float, high
     return float(value)
 
 
+# Set by faasd for every worker, as Lambda sets them: Lambda refuses them in a
+# function's configuration, and faasd's own would win over them unseen.
+RESERVED_ENV = frozenset({
+    "_HANDLER", "_X_AMZN_TRACE_ID", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV",
+    "AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_INITIALIZATION_TYPE", "AWS_LAMBDA_LOG_GROUP_NAME", "AWS_LAMBDA_LOG_STREAM_NAME",
+    "AWS_LAMBDA_RUNTIME_API", "LAMBDA_TASK_ROOT", "LAMBDA_RUNTIME_DIR", "TMPDIR",
+})
+
+
 def _env(value: Any, where: str) -> dict[str, str]:
     if not isinstance(value, dict):
         raise SpecError(f"{where}: [env] must be a table of NAME = \"value\"")
+    reserved = sorted(RESERVED_ENV.intersection(value))
+    if reserved:
+        raise SpecError(f"{where}: [env] sets {', '.join(reserved)}: reserved, as in Lambda; faasd "
+                        "sets them for every worker (AWS_REGION: the one faasd was started with)")
     env: dict[str, str] = {}
     for key, item in value.items():
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):

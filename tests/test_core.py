@@ -471,11 +471,15 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
     write_function(daemon.functions, "badtoml.toml", "memory_mb = [\n")
     write_function(daemon.functions, "badtoml.py", ECHO)
     write_function(daemon.functions, "importerr.py", "import not_a_module_anywhere\ndef handler(e, c):\n    return 1\n")
+    write_function(daemon.functions, "reserved.toml", '[env]\nAWS_REGION = "eu-west-1"\nTMPDIR = "/x"\n')
+    write_function(daemon.functions, "reserved.py", ECHO)
     loaded(daemon, "importerr")
+    loaded(daemon, "reserved")
     expectations = {
         "syntax": "Runtime.UserCodeSyntaxError",
         "nohandler": "Runtime.HandlerNotFound",
         "badtoml": "Runtime.InvalidConfiguration",
+        "reserved": "Runtime.InvalidConfiguration",
         "importerr": "Runtime.ImportModuleError",
     }
     for name, error_type in expectations.items():
@@ -496,6 +500,7 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
     assert check.returncode == 1
     assert "syntax: error: Runtime.UserCodeSyntaxError" in check.stdout
     assert "badtoml: error: badtoml.toml: not valid TOML" in check.stdout
+    assert "reserved: error: reserved.toml: [env] sets AWS_REGION, TMPDIR: reserved, as in Lambda" in check.stdout
     assert "good: ok" in check.stdout
 
 
