@@ -6,14 +6,18 @@ Two families:
     them into Lambda's service errors (`{"Type", "message"}` + `x-amzn-ErrorType`).
   * `FunctionError`: the invocation ran and failed (handler error, timeout,
     out of memory, crash, init error). Returned inside an `Invocation`, never
-    raised, in Lambda's function error shape `{"errorMessage", "errorType",
-    "stackTrace"}`.
+    raised. The caller gets the error document the runtime reported, as
+    Lambda passes it on (Python's `{"errorMessage", "errorType", "stackTrace"}`,
+    Node's `{"errorType", "errorMessage", "trace"}`, whatever a custom runtime
+    posted), or, for failures faasd itself saw, Python's shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 
 class InvokeRefused(Exception):
@@ -81,18 +85,36 @@ class FunctionError:
     error_type: str
     message: str
     stack_trace: list[str] = field(default_factory=list)
+    # What the runtime reported, which the caller gets unchanged: a JSON value,
+    # or the bytes of a body that is not JSON. None: an error faasd describes.
+    document: Any = None
 
-    def to_lambda(self) -> dict[str, Any]:
-        return {"errorMessage": self.message, "errorType": self.error_type,
-                "stackTrace": self.stack_trace}
+    def to_lambda(self) -> Any:
+        """The error as a JSON value, for the caller and for records."""
+        document = self.document
+        if document is None:
+            return {"errorMessage": self.message, "errorType": self.error_type,
+                    "stackTrace": self.stack_trace}
+        if isinstance(document, bytes):
+            return document.decode("utf-8", "replace")
+        return document
+
+    def to_bytes(self) -> bytes:
+        """The error as the Invoke API's response body."""
+        if isinstance(self.document, bytes):
+            return self.document
+        return orjson.dumps(self.to_lambda())
 
     @classmethod
-    def from_payload(cls, kind: str, payload: dict[str, Any]) -> "FunctionError":
-        trace = payload.get("stackTrace") or []
+    def from_payload(cls, kind: str, payload: Any, error_type: str = "Error") -> "FunctionError":
+        """The error a runtime reported; `error_type` where the document names none."""
+        if not isinstance(payload, dict):
+            return cls(kind, error_type, str(payload), document=payload)
+        trace = payload.get("stackTrace", payload.get("trace")) or []
         if not isinstance(trace, list):
             trace = [str(trace)]
-        return cls(kind, str(payload.get("errorType") or "Error"),
-                   str(payload.get("errorMessage") or ""), [str(t) for t in trace])
+        return cls(kind, str(payload.get("errorType") or error_type),
+                   str(payload.get("errorMessage") or ""), [str(t) for t in trace], payload)
 
     @classmethod
     def from_load_error(cls, text: str) -> "FunctionError":

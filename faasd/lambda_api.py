@@ -198,7 +198,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             headers["X-Amz-Log-Result"] = base64.b64encode(invocation.log_tail.encode()[-4096:]).decode()
         if invocation.error is not None:
             headers["X-Amz-Function-Error"] = "Unhandled"
-            payload = orjson.dumps(invocation.error.to_lambda())
+            payload = invocation.error.to_bytes()
         else:
             payload = invocation.payload if invocation.payload is not None else b"null"
         return web.Response(status=200, body=payload, content_type="application/json", headers=headers)

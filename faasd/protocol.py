@@ -25,7 +25,7 @@ daemon -> worker
 
 worker -> daemon
     READY       {"init_ms": float} once the handler is imported.
-    INIT_ERROR  {"errorType", "errorMessage", "stackTrace"}; the worker exits.
+    INIT_ERROR  the error document, as ERROR's; the worker exits.
     LOG         raw text: whole lines the handler printed during this
                 invocation, sent as they are written so that a killed worker
                 still leaves its output behind.
@@ -33,9 +33,12 @@ worker -> daemon
                 worker's peak resident memory in KiB (so the daemon need not
                 read /proc or the cgroup on every call for `Max Memory Used`).
     RESULT      the handler's return value as JSON bytes. Ends an invocation.
-    ERROR       {"errorType", "errorMessage", "stackTrace"}. Ends an invocation.
-                With "fatal": true the runtime exits after it (an uncaught
-                exception), so the daemon does not reuse the worker.
+    ERROR       the error document the caller gets, in the runtime's Lambda
+                shape: {"errorType", "errorMessage", "stackTrace"} (Python),
+                {"errorType", "errorMessage", "trace"} (Node). Ends an
+                invocation. With "fatal": true (removed from the document) the
+                runtime exits after it (an uncaught exception), so the daemon
+                does not reuse the worker.
 
 Templates (faasd/zygote.py): a worker started with `_FAASD_TEMPLATE=1`
 imports the handler, says READY, and then serves only these:

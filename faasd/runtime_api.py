@@ -12,8 +12,13 @@ bootstrap in `AWS_LAMBDA_RUNTIME_API` (`127.0.0.1:PORT`):
          (epoch ms), Lambda-Runtime-Invoked-Function-Arn, Lambda-Runtime-Trace-Id,
          and Lambda-Runtime-Client-Context when the caller sent a ClientContext.
     POST /2018-06-01/runtime/invocation/ID/response  the result (up to 6 MB)   -> 202
-    POST /2018-06-01/runtime/invocation/ID/error     {"errorMessage", "errorType", "stackTrace"} -> 202
+    POST /2018-06-01/runtime/invocation/ID/error     the error document               -> 202
     POST /2018-06-01/runtime/init/error              the same, before the first /next -> 202
+
+As on Lambda, the caller gets a posted error document unchanged (AWS's
+clients post `{"errorMessage", "errorType", "stackTrace"}`, Node's with
+`trace`, some with more keys), and the Lambda-Runtime-Function-Error-Type
+header types one that does not name its `errorType`.
 
 Refusals are RAPID's: 400 `InvalidRequestID` (a reply for a request that
 is not in flight), 403 `InvalidStateTransition` (init/error after init, or
@@ -63,7 +68,7 @@ import orjson
 from aiohttp import web
 
 from . import protocol
-from .errors import INIT, FunctionError
+from .errors import HANDLED, INIT, FunctionError
 from .spec import FunctionSpec
 from .sandbox import read_pids
 from .workers import ProcessWorker, WorkerEnvironment, WorkerInitError
@@ -101,21 +106,16 @@ def _trace_id() -> str:
             f"Parent={secrets.token_hex(8)};Sampled=0")
 
 
-def _error_payload(body: bytes, header_type: str | None) -> dict:
-    """Lambda's error shape from what a runtime posted; the header types a bare body."""
+def _posted_error(kind: str, body: bytes, header_type: str | None) -> FunctionError:
+    """The error a runtime posted: its body is the document the caller gets."""
+    error_type = header_type or "Unhandled"
     try:
-        value = orjson.loads(body) if body else None
+        document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        return {"errorType": header_type or "Unhandled",
-                "errorMessage": body[:4096].decode("utf-8", "replace"), "stackTrace": []}
-    trace = value.get("stackTrace")
-    if not isinstance(trace, list):
-        trace = [] if trace is None else [str(trace)]
-    message = value.get("errorMessage")
-    return {"errorType": str(value.get("errorType") or header_type or "Unhandled"),
-            "errorMessage": "" if message is None else str(message), "stackTrace": trace}
+        document = None
+    if isinstance(document, dict):
+        return FunctionError.from_payload(kind, document, error_type)
+    return FunctionError(kind, error_type, body[:4096].decode("utf-8", "replace"), document=body)
 
 
 async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes, bool]:
@@ -465,14 +465,12 @@ class RuntimeApi:
             what = f"Response payload size ({size} bytes)" if size else "Response payload size"
             # The runtime is usually in no state to go on (clients raise on
             # a 413), so this worker is replaced, as the error is reported.
-            self.worker.runtime_reply(protocol.ERROR, {
-                "errorType": "Function.ResponseSizeTooLarge",
-                "errorMessage": f"{what} exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).",
-                "stackTrace": [], "fatal": True,
-            })
+            self.worker.runtime_error(FunctionError(
+                HANDLED, "Function.ResponseSizeTooLarge",
+                f"{what} exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes)."), fatal=True)
             return _refusal(413, "RequestEntityTooLarge",
                             f"Exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).")
-        self.worker.runtime_reply(protocol.RESULT, body)
+        self.worker.runtime_result(body)
         return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
 
     async def _error(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
@@ -482,7 +480,7 @@ class RuntimeApi:
         if request_id != self._current:
             return self._unknown_request(request_id)
         self._current = None
-        self.worker.runtime_reply(protocol.ERROR, _error_payload(body, request.headers.get(ERROR_TYPE_HEADER)))
+        self.worker.runtime_error(_posted_error(HANDLED, body, request.headers.get(ERROR_TYPE_HEADER)))
         return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
 
     async def _init_error(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -490,7 +488,7 @@ class RuntimeApi:
             return self._refuse_state("init/error after the runtime asked for its first invocation; "
                                       "post to /invocation/ID/error instead")
         body, _ = await _read_body(request, MAX_RESPONSE_BYTES)
-        self.worker.runtime_init_error(_error_payload(body, request.headers.get(ERROR_TYPE_HEADER)))
+        self.worker.runtime_init_error(_posted_error(INIT, body, request.headers.get(ERROR_TYPE_HEADER)))
         return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
 
 
@@ -569,13 +567,17 @@ class ProvidedWorker(ProcessWorker):
     def runtime_ready(self) -> None:
         self._on_frame(protocol.READY, b"")
 
-    def runtime_reply(self, kind: int, payload: bytes | dict) -> None:
+    def runtime_result(self, payload: bytes) -> None:
         self._drain_output()
-        self._on_frame(kind, payload if isinstance(payload, bytes) else orjson.dumps(payload))
+        self._on_frame(protocol.RESULT, payload)
 
-    def runtime_init_error(self, error: dict) -> None:
+    def runtime_error(self, error: FunctionError, fatal: bool = False) -> None:
         self._drain_output()
-        self._on_frame(protocol.INIT_ERROR, orjson.dumps(error))
+        self._fail_call(error, fatal)
+
+    def runtime_init_error(self, error: FunctionError) -> None:
+        self._drain_output()
+        self._fail_init(error)
 
     def _on_output(self, line: str) -> None:
         # AWS's runtime clients join the lines of one log record with \r

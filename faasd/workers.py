@@ -550,17 +550,29 @@ class ProcessWorker(Worker):
                 call.future.set_result((payload, None))
             else:
                 data = _loads(payload)
-                call.fatal = data.pop("fatal", False) is True
-                call.future.set_result((None, FunctionError.from_payload(HANDLED, data)))
+                fatal = data.pop("fatal", False) is True
+                self._fail_call(FunctionError.from_payload(HANDLED, data), fatal)
         elif kind == protocol.READY:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         elif kind == protocol.INIT_ERROR:
-            if self._ready is not None and not self._ready.done():
-                error = FunctionError.from_payload(INIT, _loads(payload))
-                self._ready.set_exception(WorkerInitError(error, 0.0, list(self._init_logs)))
+            self._fail_init(FunctionError.from_payload(INIT, _loads(payload)))
         else:
             log.warning("worker %s sent an unknown frame kind %d", self.id, kind)
+
+    def _fail_call(self, error: FunctionError, fatal: bool = False) -> None:
+        """The runtime reported the call in flight failed (`fatal`: and it exits)."""
+        call = self._call
+        if call is None or call.future.done():
+            log.warning("worker %s sent a reply with no invocation in flight", self.id)
+            return
+        call.fatal = fatal
+        call.future.set_result((None, error))
+
+    def _fail_init(self, error: FunctionError) -> None:
+        """The runtime reported it could not load the function."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(WorkerInitError(error, 0.0, list(self._init_logs)))
 
     def _on_output(self, line: str) -> None:
         call = self._call

@@ -196,10 +196,12 @@ def test_thrown_errors_have_lambdas_node_shape_and_the_worker_survives(daemon):
     response = daemon.invoke("boom")
     assert response.headers["x-amz-function-error"] == "Unhandled"
     error = response.json()
+    # Lambda's Node runtime: `trace`, the lines of error.stack (Python's runtime says stackTrace).
+    assert list(error) == ["errorType", "errorMessage", "trace"]
     assert error["errorType"] == "TypeError" and error["errorMessage"] == "kaboom 42"
-    assert error["stackTrace"][0] == "TypeError: kaboom 42"
-    assert any("at helper" in frame for frame in error["stackTrace"])
-    assert not any("node_worker" in frame for frame in error["stackTrace"])
+    assert error["trace"][0] == "TypeError: kaboom 42"
+    assert any("at helper" in frame for frame in error["trace"])
+    assert not any("node_worker" in frame for frame in error["trace"])
     request_id = response.headers["x-amzn-requestid"]
     wait_until(lambda: any("Invoke Error" in line for line in request_lines(daemon, "boom", request_id)),
                message="the Invoke Error log line")
@@ -208,7 +210,7 @@ def test_thrown_errors_have_lambdas_node_shape_and_the_worker_survives(daemon):
     assert json.loads(logged.split("Invoke Error \t", 1)[1])["errorType"] == "TypeError"
 
     string = daemon.invoke("boom", {"kind": "string"}).json()
-    assert string == {"errorType": "string", "errorMessage": "just a string", "stackTrace": []}
+    assert string == {"errorType": "string", "errorMessage": "just a string", "trace": []}
     http = daemon.get("/function/boom")
     assert http.status == 502 and http.json() == {"message": "Internal Server Error"}
     assert "kaboom" not in http.text

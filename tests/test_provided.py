@@ -99,6 +99,8 @@ def test_awss_python_runtime_interface_client_runs_unmodified(daemon):
     error = failed.json()
     assert error["errorType"] == "ValueError" and error["errorMessage"] == "refused by the handler"
     assert any("raise ValueError" in frame for frame in error["stackTrace"])
+    # The client's own keys too: Lambda passes the posted document on unchanged.
+    assert error["requestId"] == failed.headers["x-amzn-requestid"]
     # The client logs the error itself; its \r-joined record reads as lines here.
     assert any(line.startswith("[ERROR] ValueError: refused by the handler")
                for line in printed(daemon, "ric", failed.headers["x-amzn-requestid"]))
@@ -122,6 +124,67 @@ def test_awslambdaric_init_errors_reach_the_caller(daemon):
         assert daemon.get(f"/function/{name}").status == 502
         assert f"Error Type: {error_type}" in daemon.log_of(name)
     assert "not_a_module_anywhere" in daemon.invoke("ricbad").json()["errorMessage"]
+
+
+POSTING_BOOTSTRAP = f"""\
+#!{sys.executable}
+# Posts, for each event, the error body and type header the event names.
+import json, os, urllib.request
+
+API = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime"
+if os.environ.get("INIT_ERROR"):
+    request = urllib.request.Request(API + "/init/error", data=os.environ["INIT_ERROR"].encode(),
+                                     headers={{"Lambda-Runtime-Function-Error-Type": "Runtime.ConfigError"}})
+    urllib.request.urlopen(request).read()
+    raise SystemExit(1)
+while True:
+    with urllib.request.urlopen(API + "/invocation/next") as response:
+        request_id = response.headers["Lambda-Runtime-Aws-Request-Id"]
+        event = json.loads(response.read())
+    headers = {{"Lambda-Runtime-Function-Error-Type": event["type"]}} if event.get("type") else {{}}
+    request = urllib.request.Request(f"{{API}}/invocation/{{request_id}}/error",
+                                     data=event["body"].encode(), headers=headers)
+    urllib.request.urlopen(request).read()
+"""
+
+
+def test_a_posted_error_document_reaches_the_caller_unchanged(daemon):
+    write_function(daemon.functions, "poster/bootstrap", POSTING_BOOTSTRAP)
+    write_function(daemon.functions, "initposter/bootstrap", POSTING_BOOTSTRAP)
+    write_function(daemon.functions, "initposter/function.toml",
+                   '[env]\nINIT_ERROR = \'{"errorMessage": "DATABASE_URL is not set", "details": {"key": "DATABASE_URL"}}\'\n')
+    loaded(daemon, "poster")
+    # What AWS's Node runtime interface client posts: `trace`, not stackTrace.
+    node = {"errorType": "TypeError", "errorMessage": "kaboom",
+            "trace": ["TypeError: kaboom", "    at helper (/var/task/index.js:1:25)"]}
+    # And what a handler's own error class may carry besides.
+    extra = {"errorType": "DbError", "errorMessage": "no connection", "stackTrace": [],
+             "code": "ECONNREFUSED", "details": {"host": "db", "port": 5432}}
+    for document, header in ((node, "TypeError"), (extra, None)):
+        response = daemon.invoke("poster", {"body": json.dumps(document), "type": header})
+        assert response.headers["x-amz-function-error"] == "Unhandled"
+        assert response.json() == document
+        assert daemon.post("/function/poster", {"body": json.dumps(document)}).status == 502
+    # The header types a document that does not say its type; the body is still the caller's.
+    untyped = {"errorMessage": "no type in here"}
+    response = daemon.invoke("poster", {"body": json.dumps(untyped), "type": "Custom.Untyped"})
+    assert response.json() == untyped
+    request_id = response.headers["x-amzn-requestid"]
+    recorded = next(error for error in daemon.get("/system/activity").json()["recent_errors"]
+                    if error["request_id"] == request_id)
+    assert recorded["error_type"] == "Custom.Untyped"
+    # A body that is not JSON is passed on as it came.
+    response = daemon.invoke("poster", {"body": "segfault in module foo", "type": "Runtime.Crash"})
+    assert response.headers["x-amz-function-error"] == "Unhandled"
+    assert response.body == b"segfault in module foo"
+
+    loaded(daemon, "initposter")
+    response = daemon.invoke("initposter")
+    assert response.headers["x-amz-function-error"] == "Unhandled"
+    assert response.json() == {"errorMessage": "DATABASE_URL is not set", "details": {"key": "DATABASE_URL"}}
+    init_error = daemon.function("initposter")["init_error"]
+    assert init_error["details"] == {"key": "DATABASE_URL"}
+    assert "Error Type: Runtime.ConfigError" in daemon.log_of("initposter")
 
 
 # -- a shell script with curl, as in AWS's custom runtime tutorial --------------------------

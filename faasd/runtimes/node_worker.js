@@ -144,19 +144,18 @@ function userStack(stack) {
   return String(stack).split('\n').filter((line) => !line.includes(__filename));
 }
 
-/** {errorType, errorMessage, stackTrace}: what the caller gets, as AWS's runtime builds it. */
+/** {errorType, errorMessage, trace}: what the caller gets, as AWS's Node runtime builds it. */
 function describe(error) {
   try {
     if (util.types.isNativeError(error) || isErrorLike(error)) {
-      return { errorType: error.name, errorMessage: error.message, stackTrace: userStack(error.stack) };
+      return { errorType: error.name, errorMessage: error.message, trace: userStack(error.stack) };
     }
-    return { errorType: typeof error, errorMessage: String(error), stackTrace: [] };
+    return { errorType: typeof error, errorMessage: String(error), trace: [] };
   } catch (_) {
     return {
       errorType: 'handled',
       errorMessage: 'callback called with Error argument, but there was a problem while retrieving ' +
         'one or more of its message, name, and stack',
-      stackTrace: [],
     };
   }
 }
@@ -317,7 +316,7 @@ function respond(call, result) {
     finish(call, ERROR, JSON.stringify({
       errorType: 'Function.ResponseSizeTooLarge',
       errorMessage: `Response payload size (${size} bytes) exceeded maximum allowed payload size (${MAX_RESPONSE_BYTES} bytes).`,
-      stackTrace: [],
+      trace: [],
     }));
     return;
   }
@@ -344,7 +343,7 @@ function invoke(payload) {
     event = body.length ? JSON.parse(body.toString('utf8')) : null;
   } catch (error) {
     finish(call, ERROR, JSON.stringify({
-      errorType: 'Runtime.UnmarshalError', errorMessage: `Unable to unmarshal input: ${error.message}`, stackTrace: [],
+      errorType: 'Runtime.UnmarshalError', errorMessage: `Unable to unmarshal input: ${error.message}`, trace: [],
     }));
     return;
   }
