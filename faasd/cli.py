@@ -261,7 +261,7 @@ def cmd_new(args: argparse.Namespace) -> int:
     config = _config(args)
     target = config.paths.functions / args.name
     existing = [p for p in (target, target.with_suffix(".py"), target.with_suffix(".js"),
-                            target.with_suffix(".mjs")) if p.exists()]
+                            target.with_suffix(".mjs"), target.with_suffix(".cjs")) if p.exists()]
     if existing:
         print(f"faasd: {existing[0]} already exists", file=sys.stderr)
         return 2

@@ -1,8 +1,8 @@
 """What a function is: its files on disk turned into a `FunctionSpec`.
 
 A spec is built from one entry of `functions/` (a file `NAME.py`, `NAME.js`,
-`NAME.mjs` with an optional sidecar `NAME.toml`, or a directory `NAME/` with
-an optional `function.toml`). Building never raises for the user's mistakes:
+`NAME.mjs` or `NAME.cjs` with an optional sidecar `NAME.toml`, or a directory
+`NAME/` with an optional `function.toml`). Building never raises for the user's mistakes:
 a spec that cannot load carries `load_error`, so that the function is listed
 and reported while every other function keeps working.
 """
@@ -28,7 +28,7 @@ RUNTIMES = ("python", "node", "provided")
 # AWS_EXECUTION_ENV names). Python workers run on the daemon's own interpreter.
 RUNTIME_IDS = {"python": f"python{sys.version_info.major}.{sys.version_info.minor}",
                "node": "nodejs20.x", "provided": "provided.al2023"}
-FILE_RUNTIMES = {".py": "python", ".js": "node", ".mjs": "node"}
+FILE_RUNTIMES = {".py": "python", ".js": "node", ".mjs": "node", ".cjs": "node"}
 DEFAULT_HANDLERS = {"python": "handler.handler", "node": "index.handler", "provided": "bootstrap"}
 TRIGGER_TYPES = ("http", "file", "cron", "amqp")
 ON_FAILURE_RE = re.compile(r"^(dir|function:[A-Za-z0-9_-]{1,64})$")
@@ -217,7 +217,7 @@ def _guess_runtime(source: Path) -> str | None:
         return FILE_RUNTIMES.get(source.suffix)
     if (source / "handler.py").is_file():
         return "python"
-    if (source / "index.js").is_file() or (source / "index.mjs").is_file():
+    if any((source / f"index{suffix}").is_file() for suffix in (".js", ".mjs", ".cjs")):
         return "node"
     bootstrap = source / "bootstrap"
     if bootstrap.is_file() and os.access(bootstrap, os.X_OK):

@@ -84,6 +84,27 @@ def test_commonjs_esm_and_directory_handlers_in_every_style(daemon):
         assert daemon.function(name)["runtime"] == "node"
 
 
+def test_cjs_files_are_node_functions_as_js_and_mjs_are(daemon):
+    functions = daemon.functions
+    # Under a package.json that makes .js files ES modules, .cjs stays CommonJS.
+    write_function(functions, "package.json", '{"type": "module"}')
+    write_function(functions, "plain.cjs", """
+        const { basename } = require("path");
+        exports.handler = async (event) => ({ n: event.n, file: basename(__filename) });
+    """)
+    write_function(functions, "cjsindex/index.cjs", """
+        exports.handler = (event, context, callback) => callback(null, { n: event.n * 2 });
+    """)
+    loaded(daemon, "plain")
+    loaded(daemon, "cjsindex")
+    assert daemon.invoke("plain", {"n": 3}).json() == {"n": 3, "file": "plain.cjs"}
+    assert daemon.invoke("cjsindex", {"n": 3}).json() == {"n": 6}
+    for name in ("plain", "cjsindex"):
+        assert daemon.function(name)["runtime"] == "node"
+        assert daemon.function(name)["load_error"] is None
+    assert daemon.get("/function/plain").status == 200
+
+
 def test_context_and_environment_are_lambdas(start_daemon, functions_dir):
     write_function(functions_dir, "ctx.js", """
         exports.handler = async (event, context) => ({
