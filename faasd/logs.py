@@ -291,7 +291,11 @@ class FunctionLogs:
             if position > 0 or newlines > lines or len(chunks) * block >= MAX_TAIL_BYTES:
                 break
         data = b"".join(reversed(chunks)).decode("utf-8", "replace")
-        found = data.splitlines()
+        # Split at newlines only: a runtime's record may hold \r (Lambda's Node
+        # runtime joins the lines of a multi-line message with it).
+        found = data.split("\n")
+        if found and found[-1] == "":
+            found.pop()
         if position > 0 and found:
             found = found[1:]  # the first one may be cut
         return [line + "\n" for line in found[-lines:]]

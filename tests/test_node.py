@@ -199,6 +199,27 @@ def test_console_output_lands_between_start_and_end_with_the_request_id(daemon):
     assert "Init Duration:" in lines[end + 1]
 
 
+def test_a_multi_line_message_is_one_log_record_with_its_newlines_as_cr(daemon):
+    write_function(daemon.functions, "lines.js", """
+        exports.handler = async () => {
+          console.log("first\\nsecond\\nthird");
+          console.error(new Error("with a stack"));
+          return "ok";
+        };
+    """)
+    loaded(daemon, "lines")
+    request_id = daemon.invoke("lines").headers["x-amzn-requestid"]
+    wait_until(lambda: f"REPORT RequestId: {request_id}" in daemon.log_of("lines"), message="the REPORT line")
+    # Lines of the log end at \n only: a record may hold \r.
+    records = [line.split("\t", 2)[2] for line in daemon.log_of("lines").split("\n")
+               if line.count("\t") >= 2 and line.split("\t", 2)[1] == request_id]
+    printed = records[1:records.index(f"END RequestId: {request_id}")]
+    assert len(printed) == 2, printed
+    assert printed[0].endswith(f"\t{request_id}\tINFO\tfirst\rsecond\rthird")
+    message = printed[1].split(f"\t{request_id}\tERROR\t", 1)[1]
+    assert message.startswith("Error: with a stack\r    at ") and "\n" not in message
+
+
 def test_thrown_errors_have_lambdas_node_shape_and_the_worker_survives(daemon):
     write_function(daemon.functions, "boom.js", """
         function helper() { throw new TypeError("kaboom 42"); }

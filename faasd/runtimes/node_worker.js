@@ -15,8 +15,9 @@
  * response until the event loop is empty. For that, the control socket is
  * unreferenced while a handler runs, so Node's 'beforeExit' fires when only
  * the handler's own work could have kept the loop alive. console.* writes
- * Lambda's `time\trequestId\tLEVEL\tmessage` lines as LOG frames; errors,
- * init errors and their types follow AWS's Node runtime.
+ * Lambda's `time\trequestId\tLEVEL\tmessage` records as LOG frames, one line
+ * each (a message's newlines become \r, as on Lambda); errors, init errors
+ * and their types follow AWS's Node runtime.
  *
  * Node's standard library only: the function's own code decides what else is loaded.
  */
@@ -110,7 +111,7 @@ function patchConsole() {
       return () => {};
     }
     return (...args) => {
-      const text = util.format(...args);
+      const text = util.format(...args).replace(/\n/g, '\r');
       send(LOG, `${new Date().toISOString()}\t${currentRequestId}\t${level}\t${text}\n`);
     };
   };
