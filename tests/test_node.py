@@ -220,6 +220,48 @@ def test_a_multi_line_message_is_one_log_record_with_its_newlines_as_cr(daemon):
     assert message.startswith("Error: with a stack\r    at ") and "\n" not in message
 
 
+def test_json_log_format_writes_one_json_object_per_console_call(daemon):
+    write_function(daemon.functions, "jsonlog.js", """
+        exports.handler = async (event) => {
+          console.log("hello", 42);
+          console.info({ order: 7, items: ["a", "b"] });
+          console.warn("two\\nlines");
+          console.debug("below the level");
+          console.error("failed:", new RangeError("too far"));
+          if (event.fail) throw new TypeError("kaboom");
+          return "ok";
+        };
+    """)
+    write_function(daemon.functions, "jsonlog.toml",
+                   '[env]\nAWS_LAMBDA_LOG_FORMAT = "JSON"\nAWS_LAMBDA_LOG_LEVEL = "INFO"\n')
+    loaded(daemon, "jsonlog")
+    response = daemon.invoke("jsonlog", {"fail": True})
+    request_id = response.headers["x-amzn-requestid"]
+    wait_until(lambda: any(line.startswith("REPORT") for line in request_lines(daemon, "jsonlog", request_id)),
+               message="the REPORT line")
+    lines = request_lines(daemon, "jsonlog", request_id)
+    printed = lines[lines.index(f"START RequestId: {request_id} Version: $LATEST") + 1:
+                    lines.index(f"END RequestId: {request_id}")]
+    records = [json.loads(line) for line in printed]
+    for record in records:
+        assert record["timestamp"].endswith("Z") and record["requestId"] == request_id
+    assert [(r["level"], r["message"]) for r in records[:3]] == [
+        ("INFO", "hello 42"),
+        ("INFO", {"order": 7, "items": ["a", "b"]}),
+        ("WARN", "two\nlines"),
+    ]
+    failed = records[3]
+    assert failed["level"] == "ERROR" and failed["message"].startswith("failed: RangeError: too far")
+    assert failed["errorType"] == "RangeError" and failed["errorMessage"] == "too far"
+    assert failed["stackTrace"][0] == "RangeError: too far"
+    # The runtime's own record of the handler's error: the error is the message.
+    invoke_error = records[4]
+    assert invoke_error["level"] == "ERROR" and len(records) == 5
+    assert invoke_error["message"]["errorType"] == "TypeError"
+    assert invoke_error["message"]["errorMessage"] == "kaboom"
+    assert invoke_error["message"]["stackTrace"][0] == "TypeError: kaboom"
+
+
 def test_thrown_errors_have_lambdas_node_shape_and_the_worker_survives(daemon):
     write_function(daemon.functions, "boom.js", """
         function helper() { throw new TypeError("kaboom 42"); }

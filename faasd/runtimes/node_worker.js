@@ -16,8 +16,9 @@
  * unreferenced while a handler runs, so Node's 'beforeExit' fires when only
  * the handler's own work could have kept the loop alive. console.* writes
  * Lambda's `time\trequestId\tLEVEL\tmessage` records as LOG frames, one line
- * each (a message's newlines become \r, as on Lambda); errors, init errors
- * and their types follow AWS's Node runtime.
+ * each (a message's newlines become \r, as on Lambda), or with
+ * AWS_LAMBDA_LOG_FORMAT=JSON one JSON object each; errors, init errors and
+ * their types follow AWS's Node runtime.
  *
  * Node's standard library only: the function's own code decides what else is loaded.
  */
@@ -101,19 +102,54 @@ function onFrame(kind, payload) {
 // -- console: Lambda's log lines, as LOG frames -----------------------------------
 
 let currentRequestId; // printed as "undefined" outside any invocation, as on Lambda
+let jsonLogs = false; // AWS_LAMBDA_LOG_FORMAT=JSON: Lambda's LoggingConfig LogFormat
 
 const LEVELS = { TRACE: 1, DEBUG: 2, INFO: 3, WARN: 4, ERROR: 5, FATAL: 6 };
 
+function textRecord(level, args) {
+  const text = util.format(...args).replace(/\n/g, '\r');
+  return `${new Date().toISOString()}\t${currentRequestId}\t${level}\t${text}`;
+}
+
+function errorFields(error) {
+  return {
+    errorType: error?.constructor?.name ?? 'UnknownError',
+    errorMessage: error.message,
+    stackTrace: typeof error.stack === 'string' ? userStack(error.stack) : [],
+  };
+}
+
+function jsonReplacer(_key, value) {
+  return value instanceof Error ? Object.assign(errorFields(value), value) : value;
+}
+
+/** {timestamp, level, requestId, message}: a lone argument is the message as it is, an
+ * Error's fields included; more are formatted, with the first Error's fields beside. */
+function jsonRecord(level, args) {
+  const record = { timestamp: new Date().toISOString(), level, requestId: currentRequestId };
+  if (args.length === 1) {
+    record.message = args[0];
+    try {
+      return JSON.stringify(record, jsonReplacer);
+    } catch (_) {
+      record.message = util.format(args[0]);
+      return JSON.stringify(record);
+    }
+  }
+  record.message = util.format(...args);
+  const error = args.find((arg) => arg instanceof Error);
+  return JSON.stringify(error ? Object.assign(record, errorFields(error)) : record);
+}
+
 function patchConsole() {
   const threshold = LEVELS[(process.env.AWS_LAMBDA_LOG_LEVEL || '').toUpperCase()] || LEVELS.TRACE;
+  jsonLogs = (process.env.AWS_LAMBDA_LOG_FORMAT || '').toUpperCase() === 'JSON';
+  const record = jsonLogs ? jsonRecord : textRecord;
   const logger = (level) => {
     if (LEVELS[level] < threshold) {
       return () => {};
     }
-    return (...args) => {
-      const text = util.format(...args).replace(/\n/g, '\r');
-      send(LOG, `${new Date().toISOString()}\t${currentRequestId}\t${level}\t${text}\n`);
-    };
+    return (...args) => send(LOG, `${record(level, args)}\n`);
   };
   console.trace = logger('TRACE');
   console.debug = logger('DEBUG');
@@ -177,6 +213,15 @@ function formatted(error) {
     return '\t' + JSON.stringify(error instanceof Error ? error : new Error(String(error)), replacer);
   } catch (_) {
     return '\t' + JSON.stringify(describe(error));
+  }
+}
+
+/** Log an error the runtime caught; in JSON logs the error itself is the message, as on Lambda. */
+function logError(label, error) {
+  if (jsonLogs) {
+    console.error(error instanceof Error ? error : new Error(error));
+  } else {
+    console.error(label, formatted(error));
   }
 }
 
@@ -328,7 +373,7 @@ function fail(call, error) {
   if (call.finished) {
     return;
   }
-  console.error('Invoke Error', formatted(error));
+  logError('Invoke Error', error);
   finish(call, ERROR, JSON.stringify(describe(error)));
 }
 
@@ -429,13 +474,13 @@ function die(error, code) {
 }
 
 process.on('uncaughtException', (error) => {
-  console.error('Uncaught Exception', formatted(error));
+  logError('Uncaught Exception', error);
   die(error, 129);
 });
 
 process.on('unhandledRejection', (reason) => {
   const error = runtimeError('Runtime.UnhandledPromiseRejection', reason && reason.toString ? reason.toString() : String(reason));
-  console.error('Unhandled Promise Rejection', formatted(error));
+  logError('Unhandled Promise Rejection', error);
   die(error, 128);
 });
 
@@ -445,7 +490,7 @@ async function main() {
     handler = await loadHandler();
   } catch (error) {
     if (!(error && String(error.name).startsWith('Runtime.'))) {
-      console.error('Uncaught Exception', formatted(error)); // the module's own code threw
+      logError('Uncaught Exception', error); // the module's own code threw
     }
     send(INIT_ERROR, JSON.stringify(describe(error)), () => process.exit(1));
     return;
