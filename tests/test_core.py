@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -287,6 +288,20 @@ def test_context_and_environment_are_lambdas_and_the_daemons_do_not_leak(start_d
     assert ctx["aws_request_id"] == response.headers["x-amzn-requestid"]
     assert ctx["log_group_name"] == "/aws/lambda/env"
     assert 0 < ctx["remaining"] <= 3000
+
+
+def test_each_call_has_an_xray_trace_id_of_its_own_in_lambdas_format(daemon):
+    write_function(daemon.functions, "tracepy.py", """
+        import os
+        def handler(event, context):
+            return os.environ.get("_X_AMZN_TRACE_ID")
+    """)
+    loaded(daemon, "tracepy")
+    first, second = daemon.invoke("tracepy").json(), daemon.invoke("tracepy").json()
+    for trace in (first, second):
+        assert re.fullmatch(r"Root=1-[0-9a-f]{8}-[0-9a-f]{24};Parent=[0-9a-f]{16};Sampled=0", trace), trace
+        assert abs(int(trace.split("-")[1], 16) - time.time()) < 60  # X-Ray's epoch seconds
+    assert first != second
 
 
 def test_module_state_and_tmp_files_survive_warm_invocations(daemon):

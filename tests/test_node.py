@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,18 @@ def test_context_and_environment_are_lambdas(start_daemon, functions_dir):
     assert Path(env["TMPDIR"]).is_dir()
     assert "DAEMON_SECRET" not in env
     assert not any(key.startswith("_FAASD") for key in env)
+
+
+def test_each_call_has_an_xray_trace_id_of_its_own_in_lambdas_format(daemon):
+    write_function(daemon.functions, "tracejs.js", """
+        exports.handler = async () => process.env._X_AMZN_TRACE_ID;
+    """)
+    loaded(daemon, "tracejs")
+    first, second = daemon.invoke("tracejs").json(), daemon.invoke("tracejs").json()
+    for trace in (first, second):
+        assert re.fullmatch(r"Root=1-[0-9a-f]{8}-[0-9a-f]{24};Parent=[0-9a-f]{16};Sampled=0", trace), trace
+        assert abs(int(trace.split("-")[1], 16) - time.time()) < 60  # X-Ray's epoch seconds
+    assert first != second
 
 
 def test_client_context_is_context_client_context(daemon):

@@ -56,6 +56,7 @@ def handler(event, context):
             "runtime_api": os.environ["AWS_LAMBDA_RUNTIME_API"],
             "custom": context.client_context and context.client_context.custom,
             "execution_env": os.environ.get("AWS_EXECUTION_ENV"),
+            "trace": os.environ.get("_X_AMZN_TRACE_ID"),
             "faasd_vars": [k for k in os.environ if k.startswith("_FAASD")]}
 """
 
@@ -85,6 +86,8 @@ def test_awss_python_runtime_interface_client_runs_unmodified(daemon):
     # Lambda's OS-only runtimes (provided.al2023) leave AWS_EXECUTION_ENV unset.
     assert body["execution_env"] is None
     assert body["custom"] is None
+    # The client sets _X_AMZN_TRACE_ID from Lambda-Runtime-Trace-Id: the other runtimes' format.
+    assert re.fullmatch(r"Root=1-[0-9a-f]{8}-[0-9a-f]{24};Parent=[0-9a-f]{16};Sampled=0", body["trace"])
     assert "ric handler got {'k': 'v'}" in printed(daemon, "ric", request_id)
     # A ClientContext reaches AWS's client as Lambda-Runtime-Client-Context.
     given = {"custom": {"tenant": "blue"}}
@@ -107,6 +110,7 @@ def test_awss_python_runtime_interface_client_runs_unmodified(daemon):
     # Same worker, module state kept: a handled error does not cost the runtime.
     again = daemon.invoke("ric", {"k": 2}).json()
     assert again["pid"] == body["pid"] and again["count"] == 4  # the fourth call here
+    assert again["trace"] != body["trace"]
     assert daemon.get("/function/ric").status == 200
 
 

@@ -25,6 +25,7 @@
 
 const T0 = process.hrtime.bigint();
 
+const crypto = require('crypto');
 const fs = require('fs');
 const net = require('net');
 const path = require('path');
@@ -377,11 +378,19 @@ function fail(call, error) {
   finish(call, ERROR, JSON.stringify(describe(error)));
 }
 
+/** A new X-Ray trace header, in the format Lambda gives each invocation. */
+function traceId() {
+  const random = crypto.randomBytes(20).toString('hex');
+  const seconds = Math.floor(Date.now() / 1000).toString(16).padStart(8, '0');
+  return `Root=1-${seconds}-${random.slice(0, 24)};Parent=${random.slice(24)};Sampled=0`;
+}
+
 function invoke(payload) {
   const newline = payload.indexOf(10);
   const header = JSON.parse(payload.subarray(0, newline).toString('utf8'));
   const body = payload.subarray(newline + 1);
   currentRequestId = header.id;
+  process.env._X_AMZN_TRACE_ID = traceId();
   const call = { finished: false };
   inflight = call;
   let event;

@@ -378,11 +378,18 @@ _encode_result = json.JSONEncoder(default=_default).encode
 _encode_json = json.JSONEncoder().encode
 
 
+def _trace_id():
+    """A new X-Ray trace header, in the format Lambda gives each invocation."""
+    random = os.urandom(20).hex()
+    return f"Root=1-{int(time.time()):08x}-{random[:24]};Parent={random[24:]};Sampled=0"
+
+
 def _invoke(handler, payload):
     global _current_request_id
     head, _, body = payload.partition(b"\n")
     header = _decode(head.decode())
     request_id = _current_request_id = header["id"]
+    os.environ["_X_AMZN_TRACE_ID"] = _trace_id()
     try:
         event = _decode(body.decode()) if body else None
     except ValueError as exc:  # UnicodeDecodeError included
