@@ -319,6 +319,49 @@ def test_thrown_errors_have_lambdas_node_shape_and_the_worker_survives(daemon):
     assert daemon.invoke("cberr").json()["errorType"] == "RangeError"
 
 
+def test_streamify_response_handlers_run_and_their_stream_is_the_result(daemon):
+    write_function(daemon.functions, "stream.js", """
+        exports.handler = awslambda.streamifyResponse(async (event, responseStream, context) => {
+          responseStream.setContentType("text/plain");
+          responseStream.write("Hello, ");
+          await new Promise((resolve) => setTimeout(resolve, 10));
+          responseStream.write({ n: event.n, id: context.awsRequestId.length });
+          if (event.fail) throw new RangeError("stream broke");
+          responseStream.end("!");
+        });
+    """)
+    # ES modules see the global too; the metadata is a function URL's.
+    write_function(daemon.functions, "streamhttp.mjs", """
+        import { Readable } from "node:stream";
+        import { pipeline } from "node:stream/promises";
+        export const handler = awslambda.streamifyResponse(async (event, responseStream) => {
+          const metadata = { statusCode: 201, headers: { "content-type": "text/html", "x-streamed": "yes" },
+                             cookies: ["flavour=mint"] };
+          responseStream = awslambda.HttpResponseStream.from(responseStream, metadata);
+          await pipeline(Readable.from(["<p>", "streamed", "</p>"]), responseStream);
+        });
+    """)
+    loaded(daemon, "stream")
+    response = daemon.invoke("stream", {"n": 1})
+    assert "x-amz-function-error" not in response.headers, response.text
+    assert response.body == b'Hello, {"n":1,"id":36}!'
+    failed = daemon.invoke("stream", {"n": 2, "fail": True})
+    assert failed.headers["x-amz-function-error"] == "Unhandled"
+    assert failed.json()["errorType"] == "RangeError" and failed.json()["errorMessage"] == "stream broke"
+    assert daemon.invoke("stream", {"n": 3}).body == b'Hello, {"n":3,"id":36}!'
+
+    loaded(daemon, "streamhttp")
+    page = daemon.get("/function/streamhttp")
+    assert page.status == 201, page.text
+    assert page.headers["content-type"] == "text/html" and page.headers["x-streamed"] == "yes"
+    assert page.headers["set-cookie"] == "flavour=mint"
+    assert page.body == b"<p>streamed</p>"
+    # The Invoke API gives what Lambda's gives for it: the prelude, eight NUL bytes, the body.
+    buffered = daemon.invoke("streamhttp").body
+    prelude, body = buffered.split(bytes(8))
+    assert json.loads(prelude)["statusCode"] == 201 and body == b"<p>streamed</p>"
+
+
 def test_callback_waits_for_an_empty_event_loop_unless_told_not_to(daemon):
     write_function(daemon.functions, "later.js", """
         exports.handler = (event, context, callback) => {

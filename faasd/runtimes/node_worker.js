@@ -14,11 +14,14 @@
  * where `context.callbackWaitsForEmptyEventLoop` (default true) holds the
  * response until the event loop is empty. For that, the control socket is
  * unreferenced while a handler runs, so Node's 'beforeExit' fires when only
- * the handler's own work could have kept the loop alive. console.* writes
- * Lambda's `time\trequestId\tLEVEL\tmessage` records as LOG frames, one line
- * each (a message's newlines become \r, as on Lambda), or with
- * AWS_LAMBDA_LOG_FORMAT=JSON one JSON object each; errors, init errors and
- * their types follow AWS's Node runtime.
+ * the handler's own work could have kept the loop alive. Streaming handlers
+ * (`awslambda.streamifyResponse`) run too, but faasd has no streaming
+ * invoke: what they write is the call's result once their stream has ended.
+ *
+ * console.* writes Lambda's `time\trequestId\tLEVEL\tmessage` records as LOG
+ * frames, one line each (a message's newlines become \r, as on Lambda), or
+ * with AWS_LAMBDA_LOG_FORMAT=JSON one JSON object each; errors, init errors
+ * and their types follow AWS's Node runtime.
  *
  * Node's standard library only: the function's own code decides what else is loaded.
  */
@@ -29,6 +32,7 @@ const crypto = require('crypto');
 const fs = require('fs');
 const net = require('net');
 const path = require('path');
+const { Writable } = require('stream');
 const util = require('util');
 const { pathToFileURL } = require('url');
 
@@ -226,6 +230,96 @@ function logError(label, error) {
   }
 }
 
+// -- response streaming: Lambda's `awslambda` global ----------------------------------
+
+const HANDLER_STREAMING = Symbol.for('aws.lambda.runtime.handler.streaming');
+const STREAM_RESPONSE = 'response';
+const HTTP_INTEGRATION_RESPONSE = 'application/vnd.awslambda.http-integration-response';
+
+/** The `responseStream` of a streaming handler. faasd has no streaming invoke, so it
+ * keeps what is written, and the whole of it is the call's result. */
+class ResponseStream extends Writable {
+  constructor() {
+    super();
+    this.chunks = [];
+    this.size = 0; // past MAX_RESPONSE_BYTES bytes are counted, not kept
+    this.started = false;
+    this._onBeforeFirstWrite = undefined; // set by HttpResponseStream.from, as on Lambda
+  }
+
+  setContentType(_contentType) {
+    if (this.started) {
+      throw runtimeError('Runtime.InvalidStreamingOperation', 'Cannot set content-type, too late.');
+    }
+  }
+
+  start() {
+    if (!this.started) {
+      this.started = true;
+      if (typeof this._onBeforeFirstWrite === 'function') {
+        this._onBeforeFirstWrite((data) => super.write(data));
+      }
+    }
+  }
+
+  write(chunk, encoding, callback) {
+    if (typeof chunk !== 'string' && !Buffer.isBuffer(chunk) && chunk?.constructor !== Uint8Array) {
+      chunk = JSON.stringify(chunk);
+    }
+    this.start();
+    return super.write(chunk, encoding, callback);
+  }
+
+  end(chunk, encoding, callback) {
+    if (typeof chunk === 'function') {
+      [chunk, callback] = [undefined, chunk];
+    } else if (typeof encoding === 'function') {
+      [encoding, callback] = [undefined, encoding];
+    }
+    if (chunk !== undefined && chunk !== null) {
+      this.write(chunk, encoding);
+    }
+    this.start(); // the metadata of a response with no body
+    return super.end(callback);
+  }
+
+  _write(chunk, _encoding, callback) {
+    this.size += chunk.length;
+    if (this.size <= MAX_RESPONSE_BYTES) {
+      this.chunks.push(chunk);
+    }
+    callback();
+  }
+}
+
+/** awslambda.HttpResponseStream: a function URL's status, headers and cookies, as a JSON
+ * prelude and eight NUL bytes before the body (Lambda's http-integration-response). */
+class HttpResponseStream {
+  static from(underlyingStream, prelude) {
+    underlyingStream.setContentType(HTTP_INTEGRATION_RESPONSE);
+    const metadata = JSON.stringify(prelude);
+    underlyingStream._onBeforeFirstWrite = (write) => {
+      write(metadata);
+      write(new Uint8Array(8));
+    };
+    return underlyingStream;
+  }
+}
+
+function installAwsLambdaGlobal() {
+  const optOut = process.env.AWS_LAMBDA_NODEJS_NO_GLOBAL_AWSLAMBDA;
+  if (optOut === '1' || optOut === 'true') {
+    return;
+  }
+  globalThis.awslambda = {
+    streamifyResponse: (streamingHandler) => {
+      streamingHandler[HANDLER_STREAMING] = STREAM_RESPONSE;
+      return streamingHandler;
+    },
+    HttpResponseStream,
+  };
+}
+
 // -- loading the handler, as AWS's Node runtime does ----------------------------------
 
 function packageTypeIsModule(folder) {
@@ -283,6 +377,7 @@ async function loadHandler() {
     throw runtimeError('Runtime.MalformedHandlerName', 'Bad handler');
   }
   const [, moduleName, handlerPath] = match;
+  installAwsLambdaGlobal();
   let app;
   try {
     app = await loadModule(root, moduleRoot, moduleName);
@@ -311,6 +406,10 @@ async function loadHandler() {
   if (typeof handler !== 'function') {
     throw runtimeError('Runtime.HandlerNotFound', `${fullHandler} is not a function`);
   }
+  const streaming = handler[HANDLER_STREAMING];
+  if (streaming && streaming !== STREAM_RESPONSE) {
+    throw runtimeError('Runtime.MalformedStreamingHandler', 'Only response streaming is supported.');
+  }
   return handler;
 }
 
@@ -318,6 +417,7 @@ async function loadHandler() {
 
 let handler = null;
 let handlerIsAsync = false;
+let handlerStreams = false;
 let ready = false;
 let inflight = null; // {finished} of the invocation not yet answered
 let onEmptyLoop = null; // what to do when the event loop runs dry during an invocation
@@ -360,14 +460,27 @@ function respond(call, result) {
   }
   const size = Buffer.byteLength(data, 'utf8');
   if (size > MAX_RESPONSE_BYTES) {
-    finish(call, ERROR, JSON.stringify({
-      errorType: 'Function.ResponseSizeTooLarge',
-      errorMessage: `Response payload size (${size} bytes) exceeded maximum allowed payload size (${MAX_RESPONSE_BYTES} bytes).`,
-      trace: [],
-    }));
+    finish(call, ERROR, tooLarge(size));
     return;
   }
   finish(call, RESULT, data);
+}
+
+/** A streaming handler's answer: the bytes written to its stream, as they are. */
+function respondStreamed(call, stream) {
+  if (stream.size > MAX_RESPONSE_BYTES) {
+    finish(call, ERROR, tooLarge(stream.size));
+    return;
+  }
+  finish(call, RESULT, Buffer.concat(stream.chunks));
+}
+
+function tooLarge(size) {
+  return JSON.stringify({
+    errorType: 'Function.ResponseSizeTooLarge',
+    errorMessage: `Response payload size (${size} bytes) exceeded maximum allowed payload size (${MAX_RESPONSE_BYTES} bytes).`,
+    trace: [],
+  });
 }
 
 function fail(call, error) {
@@ -403,6 +516,29 @@ function invoke(payload) {
     return;
   }
 
+  const deadline = Number(header.deadline_ms);
+  const environment = {
+    functionVersion: process.env.AWS_LAMBDA_FUNCTION_VERSION,
+    functionName: process.env.AWS_LAMBDA_FUNCTION_NAME,
+    memoryLimitInMB: process.env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE,
+    logGroupName: process.env.AWS_LAMBDA_LOG_GROUP_NAME,
+    logStreamName: process.env.AWS_LAMBDA_LOG_STREAM_NAME,
+    clientContext: header.client_context,
+    identity: undefined,
+    invokedFunctionArn: header.arn,
+    awsRequestId: header.id,
+    getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
+  };
+  control.unref();
+  if (handlerStreams) {
+    invokeStreaming(call, event, environment);
+  } else {
+    invokeWithCallback(call, event, environment);
+  }
+}
+
+/** An async or promise handler, or one that answers through its callback or the context. */
+function invokeWithCallback(call, event, environment) {
   let waitForEmptyEventLoop = true;
   let answered = false; // only the first of callback/succeed/fail/done counts
   const once = (fn) => (...args) => {
@@ -429,7 +565,6 @@ function invoke(payload) {
       onEmptyLoop = () => setImmediate(() => respond(call, result));
     }
   });
-  const deadline = Number(header.deadline_ms);
   const context = {
     get callbackWaitsForEmptyEventLoop() {
       return waitForEmptyEventLoop;
@@ -440,16 +575,7 @@ function invoke(payload) {
     succeed: once((result) => done(null, result)),
     fail: once((error) => done(error === undefined || error === null ? 'handled' : error, null)),
     done: once(done),
-    functionVersion: process.env.AWS_LAMBDA_FUNCTION_VERSION,
-    functionName: process.env.AWS_LAMBDA_FUNCTION_NAME,
-    memoryLimitInMB: process.env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE,
-    logGroupName: process.env.AWS_LAMBDA_LOG_GROUP_NAME,
-    logStreamName: process.env.AWS_LAMBDA_LOG_STREAM_NAME,
-    clientContext: header.client_context,
-    identity: undefined,
-    invokedFunctionArn: header.arn,
-    awsRequestId: header.id,
-    getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
+    ...environment,
   };
 
   // If the loop runs dry before the handler answered: an async handler left a
@@ -458,7 +584,6 @@ function invoke(payload) {
     ? () => fail(call, runtimeError('Runtime.NodeJsExit',
       'Runtime exited without providing a reason: the handler returned a Promise that was never settled'))
     : () => respond(call, null);
-  control.unref();
   try {
     const result = handler(event, context, callback);
     if (result && typeof result.then === 'function') {
@@ -467,6 +592,43 @@ function invoke(payload) {
   } catch (error) {
     callback(error);
   }
+}
+
+/** A streamified handler, `(event, responseStream, context)`: it answers once its promise
+ * has settled and the stream has ended. */
+function invokeStreaming(call, event, environment) {
+  const context = { callbackWaitsForEmptyEventLoop: true, ...environment };
+  const stream = new ResponseStream();
+  let returned = false;
+  const settle = () => {
+    if (returned && stream.writableFinished) {
+      respondStreamed(call, stream);
+    }
+  };
+  stream.on('finish', settle);
+  stream.on('error', (error) => fail(call, error));
+  // The stream has ended but the handler's promise never settles: the response stands.
+  onEmptyLoop = () => (stream.writableFinished
+    ? respondStreamed(call, stream)
+    : fail(call, 'Response stream is not finished.'));
+  let result;
+  try {
+    result = handler(event, stream, context);
+  } catch (error) {
+    fail(call, error);
+    return;
+  }
+  if (!result || typeof result.then !== 'function') {
+    fail(call, 'Streaming does not support non-async handlers.');
+    return;
+  }
+  result.then((value) => {
+    if (value !== undefined) {
+      console.warn('Streaming handlers ignore return values.');
+    }
+    returned = true;
+    settle();
+  }, (error) => fail(call, error));
 }
 
 // An exception nothing caught ends the process, as on Lambda: the invocation
@@ -505,6 +667,7 @@ async function main() {
     return;
   }
   handlerIsAsync = Boolean(handler.constructor && handler.constructor.name === 'AsyncFunction');
+  handlerStreams = handler[HANDLER_STREAMING] === STREAM_RESPONSE;
   ready = true;
   send(READY, JSON.stringify({ init_ms: Number(process.hrtime.bigint() - T0) / 1e6 }));
 }

@@ -3,7 +3,8 @@
 `/function/NAME[/rest]` always reaches NAME; each `[[triggers]] type = "http"`
 adds a route like `/thumbs/{id}` (with `{name+}` for a greedy tail). The
 request becomes the event API Gateway would send; the handler's return value
-becomes the response by API Gateway's payload 2.0 rules.
+becomes the response by API Gateway's payload 2.0 rules, and a streamed
+response with HttpResponseStream metadata as a function URL answers it.
 """
 
 from __future__ import annotations
@@ -259,7 +260,9 @@ def build_response(payload: bytes | None) -> web.Response:
     try:
         value = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        return error_response(502, "Internal Server Error")
+        value = _streamed_response(payload)
+        if value is None:
+            return error_response(502, "Internal Server Error")
     if not isinstance(value, dict) or "statusCode" not in value:
         return web.Response(status=200, body=payload, content_type="application/json")
     status = value.get("statusCode")
@@ -290,11 +293,35 @@ def build_response(payload: bytes | None) -> web.Response:
                 return error_response(502, "Internal Server Error")
         else:
             data = body.encode()
+    elif isinstance(body, bytes):
+        data = body
     else:
         data = orjson.dumps(body)
     if "Content-Type" not in headers and data:
         headers["Content-Type"] = "application/json"
     return web.Response(status=status, body=data, headers=headers)
+
+
+# A streamed response with HttpResponseStream metadata (Lambda's
+# application/vnd.awslambda.http-integration-response): a JSON prelude, then
+# eight NUL bytes, then the body.
+PRELUDE_END = bytes(8)
+
+
+def _streamed_response(payload: bytes) -> dict[str, Any] | None:
+    """What a function URL answers a streamed response with: the prelude's
+    statusCode (200 if absent), headers and cookies, and the body as it is.
+    None if `payload` is not such a response."""
+    prelude, end, body = payload.partition(PRELUDE_END)
+    if not end:
+        return None
+    try:
+        metadata = orjson.loads(prelude)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(metadata, dict):
+        return None
+    return {"statusCode": 200, **metadata, "body": body}
 
 
 def _header_value(item: Any) -> str:
