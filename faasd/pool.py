@@ -40,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import ShuttingDown
+from .errors import INIT, FunctionError, ShuttingDown
 from .spec import FunctionSpec
 from .zygote import ForkedWorker, Template, TemplateGone, next_pending
 from .workers import (
@@ -246,6 +246,19 @@ class FunctionPool:
         self._frozen_at[worker.id] = time.monotonic()
 
     async def _spawn(self) -> Worker:
+        """A new worker, started; whatever keeps it from starting is a WorkerInitError."""
+        try:
+            return await self._new_worker()
+        except WorkerInitError as exc:
+            self.last_init_error = exc
+            raise
+        except Exception as exc:
+            log.error("cannot start a worker of %s", self.spec.name, exc_info=exc)
+            error = FunctionError(INIT, "Runtime.InvalidEntrypoint", f"cannot start the runtime: {exc}")
+            self.last_init_error = WorkerInitError(error, 0.0, [])
+            raise self.last_init_error from exc
+
+    async def _new_worker(self) -> Worker:
         """A new worker: forked from the revision's template when one is ready, else spawned."""
         template = self.template
         if template is not None and template.ready and template.spec.revision == self.spec.revision:
@@ -258,12 +271,7 @@ class FunctionPool:
                 log.warning("template of %s cannot fork (%s); starting a worker from scratch",
                             self.spec.name, exc.__cause__)
                 self._drop_template(template)
-        try:
-            worker = self.factory(self.spec, self.env)
-        except WorkerInitError as exc:  # the runtime itself is missing
-            self.last_init_error = exc
-            raise
-        worker = await self._start(worker)
+        worker = await self._start(self.factory(self.spec, self.env))
         self._ensure_template()
         return worker
 
@@ -272,11 +280,6 @@ class FunctionPool:
         worker.exited.add_done_callback(lambda _: self._on_exit(worker))
         try:
             await worker.start()
-        except WorkerInitError as exc:
-            self.last_init_error = exc
-            self._forget(worker)
-            await worker.stop()
-            raise
         except BaseException:
             self._forget(worker)
             await worker.stop()

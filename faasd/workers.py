@@ -431,7 +431,7 @@ class ProcessWorker(Worker):
                 close_fds=True,
                 **credentials,
             )
-        except OSError as exc:
+        except Exception as exc:  # OSError, or ValueError for a NUL in an argument or variable
             os.close(out_read)
             raise WorkerInitError(
                 FunctionError(INIT, "Runtime.InvalidEntrypoint", f"cannot start the runtime: {exc}"),

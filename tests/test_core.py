@@ -519,6 +519,43 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
     assert "good: ok" in check.stdout
 
 
+def test_a_worker_that_cannot_be_started_fails_its_call_and_holds_nothing(start_daemon, functions_dir):
+    # Popen refuses a NUL in the environment (_HANDLER here) with a ValueError, not an OSError.
+    write_function(functions_dir, "unstartable/bootstrap", "#!/bin/sh\nexit 1\n")
+    write_function(functions_dir, "unstartable/function.toml", 'handler = "boot\\u0000strap"\n')
+    write_function(functions_dir, "other.py", ECHO)
+    daemon = start_daemon(functions_dir, env={"FAASD_LIMITS_MAX_CONCURRENCY": "2"})
+    loaded(daemon, "unstartable")
+    url = f"{daemon.url}/2015-03-31/functions/unstartable/invocations"
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(http("POST", url, b"{}", timeout=10)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert len(results) == 2
+    for response in results:
+        error = response.json()
+        assert response.headers["x-amz-function-error"] == "Unhandled"
+        assert error["errorType"] == "Runtime.InvalidEntrypoint", error
+        assert error["errorMessage"].startswith("cannot start the runtime: "), error
+    assert daemon.get("/function/other").status == 200
+    assert daemon.function("unstartable")["inflight"] == 0
+
+    def open_fds() -> int:
+        return len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+
+    before = open_fds()
+    for _ in range(3):
+        assert http("POST", url, b"{}", timeout=10).json()["errorType"] == "Runtime.InvalidEntrypoint"
+    wait_until(lambda: open_fds() <= before, timeout=5, message="no descriptor kept per failed start")
+    assert daemon.get("/function/other").status == 200
+    stopping = time.monotonic()
+    assert daemon.stop() == 0
+    assert time.monotonic() - stopping < 10
+
+
 def test_handlers_may_write_bytes_reconfigure_and_use_the_original_stdout(daemon):
     # What runs on Lambda: sys.stdout.buffer (click, structlog), reconfigure()
     # (scripts that force UTF-8), and the interpreter's own sys.__stdout__.

@@ -170,3 +170,26 @@ async def test_calls_still_waiting_when_the_pool_closes_are_refused_as_shutting_
     bench.open_gates()
     await closing
     assert all(not w.alive for w in bench.pool.workers.values())
+
+
+async def test_a_start_that_raises_anything_fails_one_call_with_an_init_error_and_the_pool_serves_on(bench):
+    calls = [asyncio.ensure_future(bench.pool.acquire()) for _ in range(2)]
+    await bench.settle()
+    broken = bench.starting[0]
+    broken.gate.set_exception(ValueError("embedded null byte"))
+    await bench.settle()
+    error = calls[0].exception()
+    assert isinstance(error, WorkerInitError)
+    assert (error.error.error_type, error.error.message) == (
+        "Runtime.InvalidEntrypoint", "cannot start the runtime: embedded null byte")
+    assert broken.id not in bench.pool.workers and not broken.alive
+    bench.open_gates()
+    await bench.settle()
+    assert calls[1].result()[1]
+    assert bench.pool.last_init_error is None
+    later = asyncio.ensure_future(bench.pool.acquire())
+    await bench.settle()
+    bench.open_gates()
+    await bench.settle()
+    assert later.done() and later.result()[1]
+    await bench.pool.close()
