@@ -95,6 +95,10 @@ UNKNOWN_FUNCTION_CAP = 1
 # The dispatcher looks at the queue at least this often, whatever it was
 # told: a guard against a lost wake-up or a jump of the wall clock.
 MAX_IDLE_S = 5.0
+# An event's outcome that cannot be written (a full disk) is tried again after
+# this long, doubling up to OUTCOME_RETRY_MAX_S, until it is written.
+OUTCOME_RETRY_FIRST_S = 1.0
+OUTCOME_RETRY_MAX_S = 30.0
 SUCCESS = "Success"
 RETRIES_EXHAUSTED = "RetriesExhausted"
 EVENT_AGE_EXCEEDED = "EventAgeExceeded"
@@ -167,6 +171,7 @@ class Journal:
         self.path = path
         self.conn: sqlite3.Connection | None = None
         self.commit_ms: deque[float] = deque(maxlen=256)
+        self.wrote = False  # the last transaction committed a change (not only reads)
 
     def open(self) -> tuple[list[tuple[int, str, float]], dict[tuple[str, str], int], int]:
         """Open (creating) the database; put interrupted events back; return what is there."""
@@ -222,6 +227,7 @@ class Journal:
         assert conn is not None
         started = time.perf_counter()
         results: list[tuple[bool, Any]] = []
+        changes = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
@@ -239,6 +245,7 @@ class Journal:
                 conn.execute("ROLLBACK")
             raise
         self.commit_ms.append((time.perf_counter() - started) * 1000)
+        self.wrote = conn.total_changes != changes
         return results
 
     def close(self) -> None:
@@ -404,6 +411,8 @@ class AsyncQueue:
         self._lock_fd: int | None = None
         self._pending_ops: list[tuple[Op, Callable[[Any], None] | None, asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
+        self._write_failing = False  # said once, until a transaction that writes commits
+        self._unwritten: dict[int, str] = {}  # event id -> why its outcome is not written yet
         self._dispatcher: asyncio.Task | None = None
         self._tasks: dict[int, asyncio.Task] = {}
         self._callbacks: dict[int, OnDone] = {}
@@ -552,6 +561,29 @@ class AsyncQueue:
             self._writer = self._loop.create_task(self._write_batches(), name="faasd-queue-writer")
         return await asyncio.shield(future)
 
+    async def _write_outcome(self, event: _Event, op: Op, committed: Callable[[Any], None]) -> None:
+        """`_write` an event's outcome, trying again (1 s, doubling to 30 s) until it is written.
+
+        Until then the event stays running, so it is neither lost nor run
+        again, and the queue's readiness check fails.
+        """
+        delay = OUTCOME_RETRY_FIRST_S
+        while True:
+            try:
+                await self._write(op, committed)
+            except (OSError, sqlite3.Error) as exc:
+                if not self._unwritten:
+                    log.error("asynchronous queue: cannot write the outcome of %s %s (%s); it "
+                              "stays running, and is written as soon as the disk allows",
+                              event.function, event.request_id, exc)
+                self._unwritten[event.id] = str(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, OUTCOME_RETRY_MAX_S)
+                continue
+            if self._unwritten.pop(event.id, None) is not None and not self._unwritten:
+                log.info("asynchronous queue: every outcome held back is written")
+            return
+
     async def _write_batches(self) -> None:
         while self._pending_ops:
             batch, self._pending_ops = self._pending_ops, []
@@ -559,11 +591,16 @@ class AsyncQueue:
                 results = await self._loop.run_in_executor(
                     self._executor, self._journal.apply, [op for op, _, _ in batch])
             except Exception as exc:
-                log.error("asynchronous queue: a transaction on %s failed: %s", self.path, exc)
+                if not self._write_failing:
+                    log.error("asynchronous queue: a transaction on %s failed: %s", self.path, exc)
+                    self._write_failing = True
                 for _, _, future in batch:
                     if not future.done():
                         future.set_exception(OSError(f"the asynchronous queue cannot write {self.path}: {exc}"))
                 continue
+            if self._write_failing and self._journal.wrote:  # reads commit on a full disk too
+                log.info("asynchronous queue: transactions on %s commit again", self.path)
+                self._write_failing = False
             for (_, committed, future), (ok, value) in zip(batch, results):
                 if ok and committed is not None:
                     try:
@@ -751,7 +788,7 @@ class AsyncQueue:
             self._held_running.discard(event.id)
             committed(None)
             return
-        await self._write(retry, committed)
+        await self._write_outcome(event, retry, committed)
 
     async def _release(self, event: _Event) -> None:
         """Put a claimed event back as it was: it runs again when the dispatcher next looks."""
@@ -765,7 +802,7 @@ class AsyncQueue:
             self._held_running.discard(event.id)
             committed(None)
             return
-        await self._write(lambda conn: conn.execute(
+        await self._write_outcome(event, lambda conn: conn.execute(
             "UPDATE events SET running = 0 WHERE id = ?", (event.id,)), committed)
 
     # -- outcomes ----------------------------------------------------------------------------
@@ -808,9 +845,9 @@ class AsyncQueue:
             if target is None:
                 committed(None)  # nothing to write
             else:
-                await self._write(done, committed)
+                await self._write_outcome(event, done, committed)
         else:
-            await self._write(done, committed)
+            await self._write_outcome(event, done, committed)
         if attempts > 1 or event.source == "destination":
             log.info("async %s %s (from %s): succeeded on attempt %d", event.function,
                      event.request_id, event.source, attempts)
@@ -860,7 +897,7 @@ class AsyncQueue:
 
         if event.id < 0:
             self._forget_held(event)
-        await self._write(dead_letter, committed)
+        await self._write_outcome(event, dead_letter, committed)
         where = f"function {target}" if target else str(path)
         reason = f"{error.error_type}: {error.message[:200]}" if error else "never ran"
         log.error("async %s %s (from %s): %s after %d attempts (%s); record sent to %s",
@@ -891,6 +928,10 @@ async def start(daemon: "Daemon") -> None:
         dispatcher = queue._dispatcher
         if dispatcher is None or dispatcher.done():
             return False, "the dispatcher is not running"
+        if queue._unwritten:
+            reason = next(iter(queue._unwritten.values()))
+            return False, (f"{len(queue._unwritten)} event outcomes not yet written ({reason}); "
+                           "trying again")
         depth = sum(len(c.pending) for c in queue._counts.values())
         commits = queue.commit_latency_ms()
         return True, (f"{depth} events queued; commit p50 {commits['p50']} ms, "

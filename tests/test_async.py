@@ -302,3 +302,56 @@ def test_two_daemons_never_share_one_queue(start_daemon, functions_dir, tmp_path
     assert second.process.wait(30) == 1
     assert "in use by another faasd" in second.output()
     assert http("GET", first.url + "/readyz").status == 200
+
+
+def fill(path) -> None:
+    """Write `path` until its file system has no room left."""
+    block = b"\0" * (64 * 1024)
+    with open(path, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(block)
+        except OSError:
+            pass
+        try:
+            while True:
+                handle.write(b"\0")
+        except OSError:
+            pass
+
+
+def test_an_outcome_the_full_disk_refuses_is_written_once_there_is_room_again(
+        start_daemon, functions_dir, probe, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "faasd-test", str(data)], check=True)
+    daemon = None
+    try:
+        daemon = start_daemon(functions_dir, data=data)
+        probed(daemon, probe, "steady", "concurrency = 1")
+        first = event(daemon, "steady", {"id": "first", "gate": "g"})
+        probe.wait_for(1, "start", id="first")
+        filler = data / "filler"
+        fill(filler)
+        probe.release("g")
+        probe.wait_for(1, "end", id="first")
+        wait_until(lambda: daemon.get("/readyz").status == 503, message="/readyz to fail")
+        check = daemon.get("/readyz").json()["checks"]["async_queue"]
+        assert not check["ok"] and "not yet written" in check["detail"], check
+        time.sleep(3.5)  # tried again after 1 s and 2 s
+        assert queue_view(daemon, "steady")["running"] == 1
+        filler.unlink()
+        wait_until(lambda: queue_view(daemon, "steady")["succeeded"] == 1, timeout=10,
+                   message="the first event's outcome to be written")
+        assert daemon.get("/readyz").status == 200
+        second = event(daemon, "steady", {"id": "second"})
+        probe.wait_for(1, "end", id="second")
+        wait_until(lambda: queue_view(daemon, "steady")["succeeded"] == 2, message="the second event")
+        assert queue_view(daemon, "steady")["depth"] == 0
+        assert [note["rid"] for note in probe.seen("start")] == [first, second]
+        output = daemon.output()
+        assert output.count("cannot write the outcome") == 1 and output.count("a transaction on") == 1
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        subprocess.run(["umount", str(data)], check=True)
