@@ -19,7 +19,7 @@ from .errors import FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
 from .lambda_api import is_lambda_api, not_implemented
 from .spec import new_request_id, valid_name
 from .triggers.http import (
-    Route, RouteTable, build_event, build_response, error_response, failure_response,
+    MalformedResponse, Route, RouteTable, build_event, build_response, error_response, failure_response,
 )
 
 if TYPE_CHECKING:
@@ -117,7 +117,11 @@ def http_trigger_handler(daemon: "Daemon"):
             return error_response(exc.status, message, headers)
         if invocation.error is not None:
             return failure_response(invocation.error, request_id)
-        response = build_response(invocation.payload)
+        try:
+            response = build_response(invocation.payload)
+        except MalformedResponse as exc:
+            daemon.logs.write(name, request_id, f"Malformed Lambda proxy response: {exc}")
+            response = error_response(502, "Internal Server Error")
         response.headers["apigw-requestid"] = request_id
         response.headers["X-Duration-Seconds"] = f"{invocation.duration_ms / 1000:.6f}"
         return response

@@ -182,6 +182,39 @@ def test_payload_2_0_response_rules(daemon):
     assert sorted(v for k, v in conn_headers if k.lower() == "set-cookie") == ["c1=x", "c2=y"]
 
 
+MALFORMED = {
+    "headers": ({"statusCode": 200, "headers": 5}, "headers must be an object"),
+    "header_value": ({"statusCode": 200, "headers": {"X-A": {"v": 1}}}, "header 'X-A'"),
+    "header_name": ({"statusCode": 200, "headers": {"X-A\nB": "1"}}, "not a valid header name"),
+    "cookies": ({"statusCode": 200, "cookies": 5}, "cookies must be a list of strings"),
+    "multi": ({"statusCode": 200, "multiValueHeaders": "x"}, "multiValueHeaders must be an object"),
+    "body": ({"statusCode": 200, "body": {"k": "v"}}, "body must be a string, not an object"),
+    "base64": ({"statusCode": 200, "isBase64Encoded": True, "body": "not base64!"}, "not valid base64"),
+    "flag": ({"statusCode": 200, "isBase64Encoded": "yes", "body": "eWVz"}, "isBase64Encoded must be"),
+    "status": ({"statusCode": "teapot"}, "statusCode 'teapot'"),
+}
+
+
+def test_a_malformed_response_is_502_and_the_log_says_what_is_wrong(daemon):
+    write_function(daemon.functions, "shapes.py", f"""
+        MALFORMED = {MALFORMED!r}
+
+        def handler(event, context):
+            return MALFORMED[event["queryStringParameters"]["kind"]][0]
+    """)
+    loaded(daemon, "shapes")
+    for kind, (_, problem) in MALFORMED.items():
+        response = daemon.get(f"/function/shapes?kind={kind}")
+        assert response.status == 502, (kind, response.status, response.text)
+        assert response.json() == {"message": "Internal Server Error"}, kind
+        line = next(line for line in daemon.log_of("shapes").splitlines()
+                    if line.split("\t")[1:2] == [response.headers["apigw-requestid"]]
+                    and "Malformed Lambda proxy response" in line)
+        assert problem in line, (kind, line)
+    assert "Traceback" not in daemon.output()
+    assert daemon.get("/function/shapes?kind=nope").status == 502  # the handler's own KeyError
+
+
 def _raw_headers(url: str) -> list[tuple[str, str]]:
     import http.client
     from urllib.parse import urlparse

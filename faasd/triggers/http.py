@@ -253,8 +253,17 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
     return event
 
 
+class MalformedResponse(ValueError):
+    """A handler's return value that payload 2.0 cannot turn into a response; says why."""
+
+
 def build_response(payload: bytes | None) -> web.Response:
-    """Turn a handler's return value into the HTTP response, by payload 2.0 rules."""
+    """Turn a handler's return value into the HTTP response, by payload 2.0 rules.
+
+    A dict with `statusCode` is the response; it must have API Gateway's
+    shape, or MalformedResponse says what is wrong with it. Any other value
+    is the JSON body of a 200.
+    """
     if payload is None:
         return web.Response(status=200, body=b"null", content_type="application/json")
     try:
@@ -262,41 +271,58 @@ def build_response(payload: bytes | None) -> web.Response:
     except orjson.JSONDecodeError:
         value = _streamed_response(payload)
         if value is None:
-            return error_response(502, "Internal Server Error")
+            raise MalformedResponse("the response is not JSON") from None
     if not isinstance(value, dict) or "statusCode" not in value:
         return web.Response(status=200, body=payload, content_type="application/json")
-    status = value.get("statusCode")
+    status = value["statusCode"]
     if isinstance(status, str) and status.isdigit():
         status = int(status)
     if not isinstance(status, int) or not 100 <= status <= 599:
-        return error_response(502, "Internal Server Error")
+        raise MalformedResponse(f"statusCode {value['statusCode']!r} is not an HTTP status code")
     headers: CIMultiDict[str] = CIMultiDict()
-    for key, item in (value.get("headers") or {}).items():
-        if str(key).lower() not in DROPPED_RESPONSE_HEADERS:
-            headers[str(key)] = _header_value(item)
-    for key, items in (value.get("multiValueHeaders") or {}).items():
-        if str(key).lower() in DROPPED_RESPONSE_HEADERS:
-            continue
-        headers.popall(str(key), None)
-        for item in items if isinstance(items, list) else [items]:
-            headers.add(str(key), _header_value(item))
-    for cookie in _as_list(value.get("cookies")):
-        headers.add("Set-Cookie", str(cookie))
+    single = value.get("headers")
+    if single:
+        if not isinstance(single, dict):
+            raise MalformedResponse(f"headers must be an object, not {_kind(single)}")
+        for key, item in single.items():
+            if key.lower() not in DROPPED_RESPONSE_HEADERS:
+                headers[_header_name(key)] = _header_value(key, item)
+    multi = value.get("multiValueHeaders")
+    if multi:
+        if not isinstance(multi, dict):
+            raise MalformedResponse(f"multiValueHeaders must be an object, not {_kind(multi)}")
+        for key, items in multi.items():
+            if key.lower() in DROPPED_RESPONSE_HEADERS:
+                continue
+            name = _header_name(key)
+            headers.popall(name, None)
+            for item in items if isinstance(items, list) else [items]:
+                headers.add(name, _header_value(name, item))
+    cookies = value.get("cookies")
+    if cookies:
+        if not isinstance(cookies, list):
+            raise MalformedResponse(f"cookies must be a list of strings, not {_kind(cookies)}")
+        for cookie in cookies:
+            if not isinstance(cookie, str):
+                raise MalformedResponse(f"cookies must be a list of strings; one is {_kind(cookie)}")
+            headers.add("Set-Cookie", _header_value("Set-Cookie", cookie))
     body = value.get("body")
+    encoded = value.get("isBase64Encoded")
+    if encoded is not None and not isinstance(encoded, bool):
+        raise MalformedResponse(f"isBase64Encoded must be true or false, not {_kind(encoded)}")
     if body is None:
         data = b""
-    elif isinstance(body, str):
-        if value.get("isBase64Encoded"):
-            try:
-                data = base64.b64decode(body, validate=True)
-            except (binascii.Error, ValueError):
-                return error_response(502, "Internal Server Error")
-        else:
-            data = body.encode()
-    elif isinstance(body, bytes):
+    elif isinstance(body, bytes):  # a streamed response's body, as it came
         data = body
+    elif not isinstance(body, str):
+        raise MalformedResponse(f"body must be a string, not {_kind(body)}")
+    elif encoded:
+        try:
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise MalformedResponse("isBase64Encoded is true but the body is not valid base64") from None
     else:
-        data = orjson.dumps(body)
+        data = body.encode()
     if "Content-Type" not in headers and data:
         headers["Content-Type"] = "application/json"
     return web.Response(status=status, body=data, headers=headers)
@@ -324,16 +350,34 @@ def _streamed_response(payload: bytes) -> dict[str, Any] | None:
     return {"statusCode": 200, **metadata, "body": body}
 
 
-def _header_value(item: Any) -> str:
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_name(name: str) -> str:
+    if _TOKEN.fullmatch(name) is None:
+        raise MalformedResponse(f"{name!r} is not a valid header name")
+    return name
+
+
+def _header_value(name: str, item: Any) -> str:
+    if isinstance(item, str):
+        return item.replace("\r", " ").replace("\n", " ")
     if isinstance(item, bool):
         return "true" if item else "false"
-    return str(item).replace("\r", " ").replace("\n", " ")
+    if isinstance(item, (int, float)):
+        return str(item)
+    raise MalformedResponse(f"header {name!r} must have a string value, not {_kind(item)}")
 
 
-def _as_list(value: Any) -> Iterable[Any]:
+def _kind(value: Any) -> str:
+    """A JSON value's type, as an error message names it."""
     if value is None:
-        return ()
-    return value if isinstance(value, list) else [value]
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None,
