@@ -46,6 +46,11 @@ class InvalidRequest(InvokeRefused):
     error_type = "InvalidRequestContentException"
 
 
+class InvalidParameter(InvokeRefused):
+    status = 400
+    error_type = "InvalidParameterValueException"
+
+
 class Throttled(InvokeRefused):
     status = 429
     error_type = "TooManyRequestsException"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 from aiohttp import web
 
-from .errors import FunctionNotFound, InvalidRequest, InvokeRefused, Throttled
+from .errors import FunctionNotFound, InvalidParameter, InvalidRequest, InvokeRefused, Throttled
 from .spec import RUNTIME_IDS, FunctionSpec, code_sha256, function_arn, new_request_id, valid_name
 from .triggers.http import valid_text
 
@@ -162,7 +162,12 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
 
         request_id = new_request_id()
         invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+        log_type = request.headers.get("X-Amz-Log-Type", "None")
         try:
+            if log_type not in ("None", "Tail"):
+                raise InvalidParameter(
+                    f"1 validation error detected: Value '{valid_text(log_type)[:100]}' at 'logType' "
+                    "failed to satisfy constraint: Member must satisfy enum value set: [None, Tail]")
             spec, invoked_arn = target(request)
             body = await read_body(request, min(limit, MAX_EVENT_BYTES) if invocation_type == "Event" else limit)
             if body:
@@ -194,7 +199,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         except InvokeRefused as exc:
             return service_error(exc, request_id)
         headers = {"x-amzn-RequestId": request_id, "X-Amz-Executed-Version": "$LATEST"}
-        if request.headers.get("X-Amz-Log-Type") == "Tail":
+        if log_type == "Tail":
             headers["X-Amz-Log-Result"] = base64.b64encode(invocation.log_tail.encode()[-4096:]).decode()
         if invocation.error is not None:
             headers["X-Amz-Function-Error"] = "Unhandled"

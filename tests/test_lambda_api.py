@@ -101,6 +101,18 @@ def test_log_type_tail_returns_the_invocations_own_log(daemon, lam):
     assert "LogResult" not in lam.invoke(FunctionName="echo", Payload=b"{}")
 
 
+def test_a_log_type_other_than_none_or_tail_is_refused_before_anything_runs(daemon, lam):
+    assert "LogResult" not in lam.invoke(FunctionName="echo", Payload=b"{}", LogType="None")
+    runs = daemon.log_of("echo").count("START RequestId")
+    for invocation_type in ("RequestResponse", "Event"):
+        with pytest.raises(lam.exceptions.InvalidParameterValueException) as refused:
+            lam.invoke(FunctionName="echo", Payload=b"{}", LogType="Bogus", InvocationType=invocation_type)
+        assert refused.value.response["Error"]["Message"] == (
+            "1 validation error detected: Value 'Bogus' at 'logType' failed to satisfy constraint: "
+            "Member must satisfy enum value set: [None, Tail]")
+    assert daemon.log_of("echo").count("START RequestId") == runs
+
+
 def test_log_tail_is_the_last_4_kb(daemon, lam):
     write_function(daemon.functions, "chatty.py", CHATTY)
     wait_loaded(daemon, "chatty")
