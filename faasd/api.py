@@ -178,10 +178,15 @@ def system_handlers(daemon: "Daemon"):
             return json_response({"message": "invalid function name"}, status=400)
         if daemon.registry.get(name) is None and not daemon.logs.path(name).exists():
             return json_response({"message": f"Function not found: {name}"}, status=404)
+        given = request.query.get("lines", "100")
         try:
-            lines = max(0, min(int(request.query.get("lines", "100")), 100000))
+            lines = int(given)
         except ValueError:
-            return json_response({"message": "lines must be a whole number"}, status=400)
+            lines = -1
+        if lines < 0:
+            return json_response({"message": f"lines must be a whole number of 0 or more, not {given[:100]!r}"},
+                                 status=400)
+        lines = min(lines, 100000)
         follow = request.query.get("follow", "") in ("1", "true", "yes")
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)

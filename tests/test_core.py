@@ -772,6 +772,17 @@ def test_logs_follow_streams_new_lines(daemon):
         follower.wait(10)
 
 
+def test_logs_refuse_lines_that_is_not_a_whole_number_of_0_or_more(daemon):
+    write_function(daemon.functions, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+    for lines in ("-1", "-100", "x", "1.5"):
+        response = daemon.get(f"/system/functions/echo/logs?lines={lines}")
+        assert response.status == 400, (lines, response.status, response.text)
+        assert response.json() == {"message": f"lines must be a whole number of 0 or more, not {lines!r}"}
+    assert daemon.get("/system/functions/echo/logs?lines=0").text == ""
+    assert "START RequestId" in daemon.get("/system/functions/echo/logs?lines=5").text
+
+
 def test_an_open_follow_ends_when_faasd_stops_and_does_not_hold_the_stop_up(daemon):
     follower = follow_echo(daemon, 1)
     try:
