@@ -157,7 +157,7 @@ def load_spec(name: str, source: Path) -> FunctionSpec:
     is_dir = source.is_dir()
     task_root = source if is_dir else source.parent
     config_file = source / "function.toml" if is_dir else source.with_suffix(".toml")
-    if not config_file.is_file():
+    if not config_file.is_file() and not config_file.is_dir():
         config_file = None
     base = FunctionSpec(
         name=name,
@@ -177,6 +177,8 @@ def load_spec(name: str, source: Path) -> FunctionSpec:
             problem = outside_functions(source.parent, path)
             if problem:
                 raise SpecError(problem)
+        if config_file is not None and config_file.is_dir():
+            raise SpecError(f"{config_file.name} is a directory, not a TOML file of settings")
         raw = _read_toml(config_file) if config_file else {}
         return _build(base, raw, is_dir)
     except SpecError as exc:

@@ -589,6 +589,27 @@ def test_a_worker_that_cannot_be_started_fails_its_call_and_holds_nothing(start_
     assert time.monotonic() - stopping < 10
 
 
+def test_settings_that_are_a_directory_are_a_load_error(start_daemon, functions_dir):
+    write_function(functions_dir, "good.py", ECHO)
+    write_function(functions_dir, "sidecar.py", ECHO)
+    write_function(functions_dir, "dirfn/handler.py", ECHO)
+    (functions_dir / "dirfn" / "function.toml").mkdir()
+    daemon = start_daemon(functions_dir)
+    assert daemon.function("sidecar")["load_error"] is None
+    (functions_dir / "sidecar.toml").mkdir()
+    for name, settings in (("sidecar", "sidecar.toml"), ("dirfn", "function.toml")):
+        wait_until(lambda: daemon.function(name)["load_error"], message=f"{name}'s load error")
+        assert daemon.function(name)["load_error"] == f"{settings} is a directory, not a TOML file of settings"
+        error = daemon.invoke(name).json()
+        assert error["errorType"] == "Runtime.InvalidConfiguration", error
+        assert settings in error["errorMessage"]
+    assert daemon.get("/function/good").status == 200
+    (functions_dir / "sidecar.toml").rmdir()
+    write_function(functions_dir, "sidecar.toml", "timeout_s = 5\n")
+    wait_until(lambda: daemon.function("sidecar")["load_error"] is None, message="the settings file to load")
+    assert daemon.function("sidecar")["timeout_s"] == 5
+
+
 def test_handlers_may_write_bytes_reconfigure_and_use_the_original_stdout(daemon):
     # What runs on Lambda: sys.stdout.buffer (click, structlog), reconfigure()
     # (scripts that force UTF-8), and the interpreter's own sys.__stdout__.
