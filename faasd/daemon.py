@@ -167,7 +167,8 @@ class Daemon:
         poll_s = config.workers.reply_poll_us / 1e6
         env = WorkerEnvironment(data_dir=data, memory=memory, region=self.region, run_as=run_as,
                                 python=python, sandbox=sandbox, users=users,
-                                replies=ReplyPoller(poll_s) if poll_s else None)
+                                replies=ReplyPoller(poll_s) if poll_s else None,
+                                idle_log=self.logs.write_idle)
         self.pool = WorkerPool(env, PoolSettings(freeze_after_ms=config.workers.freeze_after_ms,
                                                  keep_warm_s=config.workers.keep_warm_s,
                                                  zygote=config.workers.zygote))

@@ -237,6 +237,7 @@ class Invoker:
             return invocation
         if cold:
             invocation.init_ms = worker.init_ms
+            capture.logged(worker.init_logs)
         capture(f"START RequestId: {request_id} Version: $LATEST")
         started = time.perf_counter()
         deadline = time.time() + spec.timeout_s
@@ -261,8 +262,7 @@ class Invoker:
                          spec: FunctionSpec, init_logs: list[str]) -> None:
         error = invocation.error
         assert error is not None and error.kind == INIT
-        for line in init_logs[-20:]:
-            capture(line)
+        capture.logged(init_logs)
         capture(f"INIT_REPORT Init Duration: {invocation.init_ms or 0:.2f} ms\tPhase: init\t"
                 f"Status: error\tError Type: {error.error_type}")
         capture(f"[ERROR] {error.error_type}: {error.message}")

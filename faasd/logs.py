@@ -130,6 +130,11 @@ class FunctionLogs:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
+    def write_idle(self, name: str, text: str) -> None:
+        """Append a line that belongs to no invocation (what a worker printed while it
+        started, say); its request id is `-`."""
+        self.write(name, "-", text)
+
     def flush(self) -> None:
         self._flush_scheduled = False
         batch, self._batch = self._batch, []
@@ -355,3 +360,8 @@ class LogCapture:
                 lines.append(text)
             else:
                 lines[-1] = text
+
+    def logged(self, texts: list[str]) -> None:
+        """Lines in the function's log already (what the worker printed while it
+        started for this invocation, at most 1000): kept for the tail only."""
+        self.lines.extend(texts)

@@ -157,6 +157,9 @@ class WorkerEnvironment:
     users: FunctionUsers | None = None
     # Polls for quick replies ([workers] reply_poll_us); None: the loop sleeps at once.
     replies: ReplyPoller | None = None
+    # Where a worker's output outside any invocation goes, as idle_log(function, line):
+    # the function's log (FunctionLogs.write_idle); None: the daemon's own log.
+    idle_log: Callable[[str, str], None] | None = None
 
     def identity(self, function: str) -> tuple[int, int] | None:
         """(uid, gid) the workers of `function` run as; None: the daemon's own.
@@ -218,8 +221,14 @@ class Worker:
         self.sandbox: WorkerPlan | None = None
         self.returncode: int | None = None
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        # Output printed outside any invocation (at init) goes here.
-        self.idle_sink: LineSink = lambda line: log.info("[%s] %s", spec.name, line)
+        # Output printed outside any invocation (at init, between calls) goes here.
+        if env.idle_log is not None:
+            self.idle_sink: LineSink = functools.partial(env.idle_log, spec.name)
+        else:
+            self.idle_sink = lambda line: log.info("[%s] %s", spec.name, line)
+        # What it printed while it started: in the function's log as it came, and
+        # kept for the tail of the call it was started for, or for its init error.
+        self.init_logs: list[str] = []
 
     def set_state(self, state: WorkerState) -> None:
         self.state = state
@@ -371,7 +380,6 @@ class ProcessWorker(Worker):
         self._pidfd: int | None = None
         self._ready: asyncio.Future | None = None
         self._call: _Call | None = None
-        self._init_logs: list[str] = []
         self._deadline_handle: asyncio.TimerHandle | None = None
         self._monitor_handle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
@@ -490,7 +498,7 @@ class ProcessWorker(Worker):
             error = FunctionError(INIT, "Sandbox.Timedout",
                                   f"Init timed out after {init_timeout:.2f} seconds: {self.init_hint}")
             raise WorkerInitError(error, (time.monotonic() - started) * 1000,
-                                  list(self._init_logs)) from None
+                                  list(self.init_logs)) from None
         self.init_ms = (time.monotonic() - started) * 1000
         self.init_cpu_ms = process_cpu_ms(self.pid) if self.pid else None
 
@@ -554,6 +562,7 @@ class ProcessWorker(Worker):
                 self._fail_call(FunctionError.from_payload(HANDLED, data), fatal)
         elif kind == protocol.READY:
             if self._ready is not None and not self._ready.done():
+                self._drain_output()  # what it printed before READY is its init's
                 self._ready.set_result(None)
         elif kind == protocol.INIT_ERROR:
             self._fail_init(FunctionError.from_payload(INIT, _loads(payload)))
@@ -572,7 +581,7 @@ class ProcessWorker(Worker):
     def _fail_init(self, error: FunctionError) -> None:
         """The runtime reported it could not load the function."""
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(WorkerInitError(error, 0.0, list(self._init_logs)))
+            self._ready.set_exception(WorkerInitError(error, 0.0, list(self.init_logs)))
 
     def _on_output(self, line: str) -> None:
         call = self._call
@@ -592,9 +601,16 @@ class ProcessWorker(Worker):
                     self.idle_sink(f"[faasd: output truncated: more than {MAX_LOG_BYTES} bytes "
                                    "printed outside an invocation; the rest is dropped]")
                 return
-            if self.state is WorkerState.STARTING and len(self._init_logs) < 1000:
-                self._init_logs.append(line)
-            self.idle_sink(line)
+            if self.state is WorkerState.STARTING:
+                self._log_init(line)
+            else:
+                self.idle_sink(line)
+
+    def _log_init(self, line: str) -> None:
+        """A line printed while the worker starts: logged now, and kept (the first 1000)."""
+        if len(self.init_logs) < 1000:
+            self.init_logs.append(line)
+        self.idle_sink(line)
 
     def _on_control_lost(self) -> None:
         # The process closed its socket: it exited or is about to. The pidfd
@@ -634,14 +650,14 @@ class ProcessWorker(Worker):
         if self._ready is None or self._ready.done():
             return
         self._drain_output()
-        last = self._init_logs[-1] if self._init_logs else ""
+        last = self.init_logs[-1] if self.init_logs else ""
         if code == EXEC_FAILED_STATUS and last.startswith(EXEC_FAILED):
             # The launcher could not exec the runtime (a bootstrap the worker's
             # user may not run): Lambda's error for an entrypoint it cannot start.
             error = FunctionError(INIT, "Runtime.InvalidEntrypoint", last)
         else:
             error = FunctionError(INIT, "Runtime.ExitError", describe_exit(code))
-        self._ready.set_exception(WorkerInitError(error, 0.0, list(self._init_logs)))
+        self._ready.set_exception(WorkerInitError(error, 0.0, list(self.init_logs)))
 
     def _on_exit(self) -> None:
         """The pidfd says the process ended: reap it (our child) and settle everything."""

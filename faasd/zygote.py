@@ -146,6 +146,17 @@ class Template(ProcessWorker):
     def ready(self) -> bool:
         return self.alive and self.init_ms is not None and self.state is not WorkerState.RETIRING
 
+    def _log_init(self, line: str) -> None:
+        # Kept, not logged: the first worker forked from it logs it (hand_over_init_logs).
+        if len(self.init_logs) < 1000:
+            self.init_logs.append(line)
+
+    def hand_over_init_logs(self) -> list[str]:
+        """What the handler's import printed here, for the first worker forked from it;
+        nothing for the ones after."""
+        lines, self.init_logs = self.init_logs, []
+        return lines
+
     # The template's channel carries descriptors, which asyncio transports
     # drop: it is read with recvmsg() from a plain reader callback instead.
     async def _open_control(self) -> socket.socket | None:
@@ -436,6 +447,9 @@ class ForkedWorker(ProcessWorker):
             control.close()
             os.close(spare.output)
             raise
+        # The import it starts from ran in the template: the first fork tells what it printed.
+        for line in self.template.hand_over_init_logs():
+            self._log_init(line)
         self._send(protocol.START, orjson.dumps({"id": self.id, "env": changes}))
         await self._await_ready(spare.output, started)
         self.template.spare_served()

@@ -1,9 +1,13 @@
-"""The daemon's stdout: every line of an invocation carries its request id, in text and in JSON."""
+"""Function lines: on the daemon's stdout every line of an invocation carries its request id,
+in text and in JSON; what a worker prints while it loads is logged before its first START."""
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 import signal
+import sys
 
 import pytest
 
@@ -97,3 +101,68 @@ def test_function_logs_are_rotated_by_size_and_read_across_files(start_daemon, f
     wait_until(lambda: (logs / "loud.log").exists() and "\tREPORT RequestId:" in (logs / "loud.log").read_text(),
                message="a new loud.log")
     assert "call 14 line 0" not in (logs / "loud.log.moved").read_text()
+
+
+# What each runtime prints while it loads the function, and then in a call.
+INIT_PRINTS = {
+    "python": ("hello.py", """
+        import sys
+        print("init says hello")
+        print("init warns", file=sys.stderr)
+        def handler(event, context):
+            print("handler says hi")
+            return 1
+    """),
+    "node": ("hello.js", """
+        console.log("init says hello");
+        process.stderr.write("init warns\\n");
+        exports.handler = async () => { console.log("handler says hi"); return 1; };
+    """),
+    "provided": ("hello/bootstrap", f"""\
+        #!{sys.executable}
+        import os, sys, urllib.request
+        print("init says hello", flush=True)
+        print("init warns", file=sys.stderr, flush=True)
+        API = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime/invocation/"
+        while True:
+            with urllib.request.urlopen(API + "next") as event:
+                request_id = event.headers["Lambda-Runtime-Aws-Request-Id"]
+            print("handler says hi", flush=True)
+            urllib.request.urlopen(urllib.request.Request(API + request_id + "/response", b"1")).read()
+    """),
+}
+
+
+def said(lines: list[str], text: str) -> bool:
+    """Whether one of `lines` ends with `text` (Node's lines start with a time and a request id)."""
+    return any(line.endswith(text) for line in lines)
+
+
+def call_hello(daemon, runtime: str) -> tuple[str, list[str], list[str]]:
+    """Invoke the `hello` function of `runtime` once, cold: its request id, its log
+    tail (X-Amz-Log-Result) and the function's log, as texts."""
+    if runtime == "node" and shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    path, source = INIT_PRINTS[runtime]
+    write_function(daemon.functions, path, source)
+    loaded(daemon, "hello")
+    response = daemon.invoke("hello", **{"X-Amz-Log-Type": "Tail"})
+    assert response.status == 200 and response.json() == 1, response.text
+    request_id = response.headers["x-amzn-requestid"]
+    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().splitlines()
+    report = f"REPORT RequestId: {request_id}"
+    wait_until(lambda: report in daemon.log_of("hello") and report in daemon.output(), message=report)
+    log = [line.split("\t", 2)[2] for line in daemon.log_of("hello").splitlines()]
+    return request_id, tail, log
+
+
+@pytest.mark.parametrize("runtime", ["python", "node", "provided"])
+def test_what_a_function_prints_while_it_loads_is_logged_before_its_first_start(daemon, runtime):
+    request_id, tail, log = call_hello(daemon, runtime)
+    start = f"START RequestId: {request_id} Version: $LATEST"
+    for lines in (tail, log):
+        before, after = lines[:lines.index(start)], lines[lines.index(start):]
+        assert said(before, "init says hello") and said(before, "init warns"), lines
+        assert said(after, "handler says hi") and not said(after, "init says hello"), lines
+    # The daemon's stdout has each line once, as every function line.
+    assert daemon.output().count("init says hello") == 1, daemon.output()

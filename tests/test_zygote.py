@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import threading
@@ -56,6 +57,49 @@ def test_new_workers_are_forked_from_the_template_that_imported_the_handler(daem
     workers = {w["pid"]: w for w in daemon.workers("fn")}
     assert all(workers[r["pid"]]["init_ms"] < 1000 for r in forked)
     assert daemon.get("/system/info").json()["isolation"]["worker_templates"]["active"] is True
+
+
+LOUD_IMPORT = """
+import os, time
+print("imported in", os.getpid())
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    return {"pid": os.getpid(), "request_id": context.aws_request_id}
+"""
+
+
+def test_what_the_templates_import_printed_is_logged_once_by_its_first_forked_worker(daemon):
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "fn.py", LOUD_IMPORT)
+    loaded(daemon, "fn")
+    first = daemon.invoke("fn").json()
+    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
+                          message="the template to be ready")
+    imported = f"imported in {template['pid']}"
+    tails: dict[str, list[str]] = {}
+
+    def call() -> None:
+        response = daemon.invoke("fn", {"sleep": 2}, **{"X-Amz-Log-Type": "Tail"})
+        tails[response.json()["request_id"]] = base64.b64decode(
+            response.headers["x-amz-log-result"]).decode().splitlines()
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    forked = [request_id for request_id, tail in tails.items()  # the cold starts
+              if any(line.startswith("REPORT") and "Init Duration" in line for line in tail)]
+    assert len(forked) >= 2, tails
+    # The template imported the handler once, for every worker forked from it:
+    # what that printed is told once, before the first forked worker's call.
+    told = [request_id for request_id in forked if imported in tails[request_id]]
+    assert len(told) == 1, tails
+    tail = tails[told[0]]
+    assert tail.index(imported) < tail.index(f"START RequestId: {told[0]} Version: $LATEST")
+    log = [line.split("\t", 2)[2] for line in daemon.log_of("fn").splitlines()]
+    assert log.count(imported) == 1 and log.count(f"imported in {first['pid']}") == 1, log
+    assert daemon.output().count(imported) == 1
 
 
 def test_each_forked_worker_has_its_own_tmp(daemon):
