@@ -274,11 +274,14 @@ class Invoker:
     @staticmethod
     def _report(spec: FunctionSpec, invocation: Invocation, status: str | None = None) -> str:
         duration = invocation.duration_ms
+        init = invocation.init_ms
+        # Lambda bills the init phase too, in every runtime (since 1 August 2025).
+        billed = max(1, math.ceil(duration + (init or 0)))
         line = (f"REPORT RequestId: {invocation.request_id}\tDuration: {duration:.2f} ms\t"
-                f"Billed Duration: {max(1, math.ceil(duration))} ms\t"
+                f"Billed Duration: {billed} ms\t"
                 f"Memory Size: {spec.memory_mb} MB\tMax Memory Used: {invocation.max_memory_mb} MB")
-        if invocation.init_ms is not None:
-            line += f"\tInit Duration: {invocation.init_ms:.2f} ms"
+        if init is not None:
+            line += f"\tInit Duration: {init:.2f} ms"
         error = invocation.error
         if status is None and error is not None and error.kind in ("timeout", "oom", "crash"):
             status = {"timeout": "timeout", "oom": "error", "crash": "error"}[error.kind]

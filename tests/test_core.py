@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -657,6 +658,31 @@ def test_logs_have_start_end_report_and_init_duration_on_cold_start(daemon):
     # The daemon's stdout carries the same lines.
     assert "hello from the handler" in daemon.output()
     assert "REPORT RequestId:" in daemon.output()
+
+
+def report_ms(report: str, field: str) -> float:
+    """A field of a REPORT line, in ms: `Duration`, `Billed Duration`, `Init Duration`."""
+    return float(report.split(f"\t{field}: ")[1].split(" ms")[0])
+
+
+def test_billed_duration_of_a_cold_start_includes_its_init_duration(daemon):
+    # Lambda bills the INIT phase of every runtime (since 1 August 2025).
+    write_function(daemon.functions, "slowinit.py", """
+        import time
+        time.sleep(0.3)
+        def handler(event, context):
+            return 1
+    """)
+    loaded(daemon, "slowinit")
+    cold, warm = (daemon.invoke("slowinit").headers["x-amzn-requestid"] for _ in range(2))
+    report = report_of(daemon, "slowinit", cold)
+    duration, init = report_ms(report, "Duration"), report_ms(report, "Init Duration")
+    assert init >= 300, report
+    assert abs(report_ms(report, "Billed Duration") - math.ceil(duration + init)) <= 1, report
+    report = report_of(daemon, "slowinit", warm)
+    assert "Init Duration" not in report
+    assert abs(report_ms(report, "Billed Duration") - max(1, math.ceil(report_ms(report, "Duration")))) <= 1
+
 
 
 def test_cli_invoke_list_logs_check_and_new(daemon, tmp_path):
