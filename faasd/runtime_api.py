@@ -539,7 +539,9 @@ class ProvidedWorker(ProcessWorker):
     async def start(self) -> None:
         problem = check_bootstrap(self.bootstrap)
         if problem is not None:
-            raise WorkerInitError(FunctionError(INIT, "Runtime.InvalidEntrypoint", problem), 0.0, [])
+            self._log_init_start()
+            raise WorkerInitError(FunctionError(INIT, "Runtime.InvalidEntrypoint", problem), 0.0,
+                                  list(self.init_logs))
         await super().start()
 
     async def _open_control(self) -> None:

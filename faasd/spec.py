@@ -22,6 +22,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import __version__
+
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RUNTIMES = ("python", "node", "provided")
 # Lambda's runtime identifier for each (GetFunction's `Runtime`, and what
@@ -584,3 +586,12 @@ def new_request_id() -> str:
 
 def function_arn(name: str, region: str = DEFAULT_REGION) -> str:
     return f"arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{name}"
+
+
+@functools.cache
+def runtime_version(runtime: str, region: str = DEFAULT_REGION) -> tuple[str, str]:
+    """The runtime version that serves `runtime` and its ARN, as Lambda's INIT_START line
+    names them (`python:3.13.v14`, `arn:aws:lambda:REGION::runtime:<sha256>`): here the
+    runtime's identifier and the faasd release whose shim runs it, and a digest of that."""
+    version = f"{RUNTIME_IDS.get(runtime, runtime)}:faasd-{__version__}"
+    return version, f"arn:aws:lambda:{region}::runtime:{hashlib.sha256(version.encode()).hexdigest()}"

@@ -38,7 +38,7 @@ from .sandbox import (
     EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, Sandbox, SandboxError,
     WorkerPlan, join_cgroups_of, parent_moves,
 )
-from .spec import DEFAULT_REGION, RUNTIME_IDS, FunctionSpec, function_arn
+from .spec import DEFAULT_REGION, RUNTIME_IDS, FunctionSpec, function_arn, runtime_version
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 
 log = logging.getLogger("faasd.worker")
@@ -397,10 +397,12 @@ class ProcessWorker(Worker):
     async def start(self) -> None:
         loop = self._loop
         started = time.monotonic()
+        self._log_init_start()
         try:
             self.identity = self.env.identity(self.spec.name)
         except SandboxError as exc:
-            raise WorkerInitError(FunctionError(INIT, SETUP_ERROR, str(exc)), 0.0, []) from None
+            raise WorkerInitError(FunctionError(INIT, SETUP_ERROR, str(exc)), 0.0,
+                                  list(self.init_logs)) from None
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         if self.identity:
             os.chown(self.tmp_dir, *self.identity)
@@ -443,7 +445,7 @@ class ProcessWorker(Worker):
             os.close(out_read)
             raise WorkerInitError(
                 FunctionError(INIT, "Runtime.InvalidEntrypoint", f"cannot start the runtime: {exc}"),
-                (time.monotonic() - started) * 1000, [],
+                (time.monotonic() - started) * 1000, list(self.init_logs),
             ) from None
         finally:
             if child_sock is not None:
@@ -611,6 +613,11 @@ class ProcessWorker(Worker):
         if len(self.init_logs) < 1000:
             self.init_logs.append(line)
         self.idle_sink(line)
+
+    def _log_init_start(self) -> None:
+        """Lambda's first line of a new execution environment: the runtime version it runs."""
+        version, arn = runtime_version(self.spec.runtime, self.env.region)
+        self._log_init(f"INIT_START Runtime Version: {version}\tRuntime Version ARN: {arn}")
 
     def _on_control_lost(self) -> None:
         # The process closed its socket: it exited or is about to. The pidfd

@@ -151,6 +151,9 @@ class Template(ProcessWorker):
         if len(self.init_logs) < 1000:
             self.init_logs.append(line)
 
+    def _log_init_start(self) -> None:
+        pass  # it serves no calls: each worker forked from it starts its own log
+
     def hand_over_init_logs(self) -> list[str]:
         """What the handler's import printed here, for the first worker forked from it;
         nothing for the ones after."""
@@ -447,6 +450,7 @@ class ForkedWorker(ProcessWorker):
             control.close()
             os.close(spare.output)
             raise
+        self._log_init_start()
         # The import it starts from ran in the template: the first fork tells what it printed.
         for line in self.template.hand_over_init_logs():
             self._log_init(line)

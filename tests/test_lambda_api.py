@@ -92,7 +92,9 @@ def test_log_type_tail_returns_the_invocations_own_log(daemon, lam):
     request_id = response["ResponseMetadata"]["RequestId"]
     log = base64.b64decode(response["LogResult"]).decode()
     lines = log.splitlines()
-    assert lines[0] == f"START RequestId: {request_id} Version: $LATEST"
+    # A cold start: the new worker's INIT_START comes first, then the invocation's lines.
+    assert lines[0].startswith("INIT_START Runtime Version: ")
+    assert lines[1] == f"START RequestId: {request_id} Version: $LATEST"
     assert "echo got {'n': 1}" in lines
     assert f"END RequestId: {request_id}" in lines
     assert re.match(rf"REPORT RequestId: {request_id}\tDuration: [\d.]+ ms\tBilled Duration: \d+ ms\t"

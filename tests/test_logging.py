@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import signal
 import sys
 
 import pytest
+
+import faasd
 
 from support import loaded, wait_until, write_function
 
@@ -37,6 +40,10 @@ def invoke_chatty(daemon) -> str:
 def test_text_lines_of_an_invocation_all_carry_its_request_id(daemon):
     request_id = invoke_chatty(daemon)
     lines = [line for line in daemon.output().splitlines() if "[chatty]" in line]
+    # The new worker's INIT_START belongs to no invocation: `-` for a request id.
+    assert [line.split("[chatty] - ", 1)[1].split()[0] for line in lines if "[chatty] - " in line] == [
+        "INIT_START"]
+    lines = [line for line in lines if "[chatty] - " not in line]
     texts = [line.split(request_id, 1)[1].strip() if request_id in line else line for line in lines]
     assert any(t.startswith("START RequestId") for t in texts)
     assert "first line" in texts and "second line" in texts
@@ -58,6 +65,8 @@ def test_json_lines_are_one_object_each_with_function_and_request_id(start_daemo
     entries = [json.loads(line) for line in daemon.output().splitlines() if line.strip()]
     assert all({"time", "level", "message"} <= set(entry) for entry in entries)
     ours = [entry for entry in entries if entry.get("function") == "chatty"]
+    assert [entry["message"].split()[0] for entry in ours if entry["request_id"] == "-"] == ["INIT_START"]
+    ours = [entry for entry in ours if entry["request_id"] != "-"]
     messages = [entry["message"] for entry in ours]
     assert "first line" in messages and "second line" in messages
     assert any(m.startswith("REPORT RequestId") for m in messages)
@@ -166,3 +175,23 @@ def test_what_a_function_prints_while_it_loads_is_logged_before_its_first_start(
         assert said(after, "handler says hi") and not said(after, "init says hello"), lines
     # The daemon's stdout has each line once, as every function line.
     assert daemon.output().count("init says hello") == 1, daemon.output()
+
+
+@pytest.mark.parametrize("runtime", ["python", "node", "provided"])
+def test_a_cold_start_logs_init_start_with_the_runtime_version_first(daemon, runtime):
+    request_id, tail, log = call_hello(daemon, runtime)
+    configuration = daemon.get("/2015-03-31/functions/hello").json()["Configuration"]
+    region = configuration["FunctionArn"].split(":")[3]
+    version = f"{configuration['Runtime']}:faasd-{faasd.__version__}"
+    init_start = re.compile(rf"INIT_START Runtime Version: {re.escape(version)}\t"
+                            rf"Runtime Version ARN: arn:aws:lambda:{region}::runtime:[0-9a-f]{{64}}")
+    for lines in (tail, log):
+        assert init_start.fullmatch(lines[0]), lines
+        assert said(lines[1:lines.index(f"START RequestId: {request_id} Version: $LATEST")], "init says hello")
+    # One INIT_START for each new worker: a warm call adds none.
+    response = daemon.invoke("hello", **{"X-Amz-Log-Type": "Tail"})
+    assert "INIT_START" not in base64.b64decode(response.headers["x-amz-log-result"]).decode()
+    wait_until(lambda: f"REPORT RequestId: {response.headers['x-amzn-requestid']}" in daemon.log_of("hello"),
+               message="the warm call's REPORT")
+    log = [line.split("\t", 2)[2] for line in daemon.log_of("hello").splitlines()]
+    assert sum(text.startswith("INIT_START") for text in log) == 1, log
