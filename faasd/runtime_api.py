@@ -21,9 +21,10 @@ clients post `{"errorMessage", "errorType", "stackTrace"}`, Node's with
 header types one that does not name its `errorType`.
 
 Refusals are RAPID's: 400 `InvalidRequestID` (a reply for a request that
-is not in flight), 403 `InvalidStateTransition` (init/error after init, or
-/next before the event in flight is answered), 413 `RequestEntityTooLarge`
-(a response over 6 MB: the invocation fails with
+is not in flight), 403 `InvalidStateTransition` (a reply before the first
+/next, a second reply for the invocation just answered, init/error after
+init, or /next before the event in flight is answered), 413
+`RequestEntityTooLarge` (a response over 6 MB: the invocation fails with
 `Function.ResponseSizeTooLarge`), 404 for any other path.
 
 The API is an adapter onto the frames of faasd/protocol.py: the first /next
@@ -305,6 +306,7 @@ class RuntimeApi:
         self._listener: asyncio.AbstractServer | None = None
         self._queued: _Event | None = None  # given by the daemon, not yet fetched
         self._current: str | None = None  # fetched by the bootstrap, not yet answered
+        self._answered: str | None = None  # answered, and no /next has fetched another since
         # A /next waiting for an event; its result says whether one came (False: superseded).
         self._waiter: asyncio.Future[bool] | None = None
 
@@ -430,7 +432,7 @@ class RuntimeApi:
             # The bootstrap went away: the event waits for its next poll.
             return _refusal(503, "Unavailable", "the connection closed before the event was sent")
         event, self._queued = self._queued, None
-        self._current = event.request_id
+        self._current, self._answered = event.request_id, None
         headers = {
             "Lambda-Runtime-Aws-Request-Id": event.request_id,
             "Lambda-Runtime-Deadline-Ms": str(event.deadline_ms),
@@ -441,7 +443,13 @@ class RuntimeApi:
             headers["Lambda-Runtime-Client-Context"] = event.client_context
         return web.Response(body=event.body, content_type="application/json", headers=headers)
 
-    def _unknown_request(self, request_id: str) -> web.Response:
+    def _out_of_turn(self, request_id: str) -> web.Response:
+        """The refusal of a reply for `request_id`, which is not the invocation in flight."""
+        if not self.polled:
+            return self._refuse_state(f"a reply for request ID {request_id} before the runtime asked "
+                                      "for its first invocation")
+        if request_id == self._answered:
+            return self._refuse_state(f"invocation {request_id} has been answered already")
         if self._current is None:
             message = f"request ID {request_id} is not in flight: no invocation is"
         else:
@@ -455,11 +463,11 @@ class RuntimeApi:
 
     async def _response(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         if request_id != self._current:
-            return self._unknown_request(request_id)
+            return self._out_of_turn(request_id)
         body, too_large = await _read_body(request, MAX_RESPONSE_BYTES)
         if request_id != self._current:  # timed out while the body arrived
-            return self._unknown_request(request_id)
-        self._current = None
+            return self._out_of_turn(request_id)
+        self._current, self._answered = None, request_id
         if too_large:
             size = request.content_length
             what = f"Response payload size ({size} bytes)" if size else "Response payload size"
@@ -475,11 +483,11 @@ class RuntimeApi:
 
     async def _error(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         if request_id != self._current:
-            return self._unknown_request(request_id)
+            return self._out_of_turn(request_id)
         body, _ = await _read_body(request, MAX_RESPONSE_BYTES)
         if request_id != self._current:
-            return self._unknown_request(request_id)
-        self._current = None
+            return self._out_of_turn(request_id)
+        self._current, self._answered = None, request_id
         self.worker.runtime_error(_posted_error(HANDLED, body, request.headers.get(ERROR_TYPE_HEADER)))
         return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
 

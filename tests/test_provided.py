@@ -625,9 +625,53 @@ def test_the_runtime_api_refuses_calls_out_of_order_as_rapid_does(daemon):
         "event": {"probe": 1},
     }
     # Printed after the invocation ended: the daemon's own log has it.
-    wait_until(lambda: "second response: 400 InvalidRequestID" in daemon.output(),
+    wait_until(lambda: "second response: 403 InvalidStateTransition" in daemon.output(),
                message="the probe's report of a second response")
     assert 'response accepted: 202 {"status":"OK"}' in daemon.output()
+
+
+REPLY_TWICE_BOOTSTRAP = f"""\
+#!{sys.executable}
+# Replies out of turn: before its first /next, and again after each response.
+import json, os, urllib.error, urllib.request
+
+API = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime"
+
+def call(method, path, body=None):
+    request = urllib.request.Request(API + path, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+def answer(method, path, body):
+    code, _, text = call(method, path, body)
+    return [code, json.loads(text).get("errorType")]
+
+seen = {{"before_next": answer("POST", "/invocation/never-issued/response", b"1")}}
+while True:
+    _, headers, _ = call("GET", "/invocation/next")
+    request_id = headers["Lambda-Runtime-Aws-Request-Id"]
+    call("POST", f"/invocation/{{request_id}}/response", json.dumps(seen).encode())
+    seen = {{
+        "second_response": answer("POST", f"/invocation/{{request_id}}/response", b"2"),
+        "error_after_response": answer("POST", f"/invocation/{{request_id}}/error", b"{{}}"),
+        "never_issued": answer("POST", "/invocation/never-issued/response", b"3"),
+    }}
+"""
+
+
+def test_a_reply_before_the_first_next_or_after_the_response_is_an_invalid_state_transition(daemon):
+    write_function(daemon.functions, "twice/bootstrap", REPLY_TWICE_BOOTSTRAP)
+    loaded(daemon, "twice")
+    # Each call returns what the API answered the replies out of turn before it.
+    assert daemon.invoke("twice").json() == {"before_next": [403, "InvalidStateTransition"]}
+    assert daemon.invoke("twice").json() == {
+        "second_response": [403, "InvalidStateTransition"],
+        "error_after_response": [403, "InvalidStateTransition"],
+        "never_issued": [400, "InvalidRequestID"],
+    }
 
 
 def test_the_custom_runtime_example_answers(start_daemon, tmp_path):
