@@ -814,12 +814,15 @@ class ProcessWorker(Worker):
         call.future.set_result((None, self._death_error(call)))
 
     def _read_peak_kb(self) -> int | None:
-        """The worker's peak memory in KiB: its cgroup's where it has one, else its
-        process's high-water mark (VmHWM); None when neither can be read."""
+        """The worker's peak memory in KiB: the larger of its cgroup's peak, where it has
+        one, and its process's high-water mark (VmHWM); None when neither can be read.
+        The cgroup counts the worker's children, but not the pages of a file that
+        another cgroup read first (most of a `node` binary's, when node ran before):
+        VmHWM counts those."""
         peak = self.cgroup.peak_bytes() if self.cgroup is not None else None
-        if peak is None and self.pid is not None:
-            sample = rss_bytes(self.pid)
-            peak = sample[1] if sample else None
+        sample = rss_bytes(self.pid) if self.pid is not None else None
+        if sample is not None:
+            peak = max(peak or 0, sample[1])
         return None if peak is None else peak // 1024
 
     def max_memory_mb(self) -> int:

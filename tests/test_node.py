@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from support import EXAMPLES, ROOT, loaded, process_state, request_lines, wait_until, write_function
+from support import (
+    EXAMPLES, ROOT, loaded, max_memory_used, process_state, report_of, request_lines, wait_until,
+    write_function,
+)
 
 NODE = shutil.which("node")
 
@@ -500,6 +503,19 @@ def test_memory_over_the_limit_fails_the_call_and_replaces_the_worker(daemon):
     assert error["errorType"] == "Runtime.OutOfMemory", error
     assert "128 MB" in error["errorMessage"]
     assert daemon.invoke("hog").json() != pid
+
+
+def test_max_memory_used_of_a_warm_node_worker_is_at_least_its_resident_memory(daemon):
+    # Much of a node worker's memory is the node binary's pages, which its
+    # memory cgroup may not count (they were charged to whoever read them first).
+    write_function(daemon.functions, "rss.js", "exports.handler = async () => process.memoryUsage().rss;\n")
+    loaded(daemon, "rss")
+    daemon.invoke("rss")
+    response = daemon.invoke("rss")
+    rss_mb = response.json() / (1024 * 1024)
+    report = report_of(daemon, "rss", response.headers["x-amzn-requestid"])
+    assert "Init Duration" not in report
+    assert max_memory_used(report) >= rss_mb - 1, (report, rss_mb)
 
 
 def test_idle_node_workers_freeze_and_thaw_with_their_state_and_tmp(start_daemon, functions_dir):
