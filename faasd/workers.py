@@ -215,6 +215,8 @@ class Worker:
         self.frozen = False
         self.last_reply_s = 0.0  # how long its last call took to answer (0: none yet)
         self.tmp_dir = env.tmp_root / self.id
+        # context.log_stream_name, as Lambda names an execution environment's stream
+        self.log_stream = time.strftime("%Y/%m/%d/[$LATEST]", time.gmtime()) + os.urandom(16).hex()
         # context.invoked_function_arn, unless the caller named a qualifier
         self.arn = function_arn(spec.name, env.region)
         self.cgroup: WorkerCgroup | None = None
@@ -260,7 +262,7 @@ class Worker:
             "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
             "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory_mb),
             "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{spec.name}",
-            "AWS_LAMBDA_LOG_STREAM_NAME": time.strftime("%Y/%m/%d/[$LATEST]") + self.id,
+            "AWS_LAMBDA_LOG_STREAM_NAME": self.log_stream,
             "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
             "AWS_REGION": self.env.region,
             "AWS_DEFAULT_REGION": self.env.region,

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 
 import pytest
 
@@ -195,3 +196,33 @@ def test_a_cold_start_logs_init_start_with_the_runtime_version_first(daemon, run
                message="the warm call's REPORT")
     log = [line.split("\t", 2)[2] for line in daemon.log_of("hello").splitlines()]
     assert sum(text.startswith("INIT_START") for text in log) == 1, log
+
+
+STREAM_NAMES = {
+    "python": ("stream.py", "def handler(event, context):\n    return context.log_stream_name\n"),
+    "node": ("stream.js", "exports.handler = async (event, context) => context.logStreamName;\n"),
+    "provided": ("stream/bootstrap", f"""\
+        #!{sys.executable}
+        import json, os, urllib.request
+        API = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime/invocation/"
+        while True:
+            with urllib.request.urlopen(API + "next") as event:
+                request_id = event.headers["Lambda-Runtime-Aws-Request-Id"]
+            name = json.dumps(os.environ["AWS_LAMBDA_LOG_STREAM_NAME"]).encode()
+            urllib.request.urlopen(urllib.request.Request(API + request_id + "/response", name)).read()
+    """),
+}
+
+
+@pytest.mark.parametrize("runtime", ["python", "node", "provided"])
+def test_a_workers_log_stream_name_is_lambdas_and_lasts_its_life(daemon, runtime):
+    if runtime == "node" and shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    path, source = STREAM_NAMES[runtime]
+    write_function(daemon.functions, path, source)
+    loaded(daemon, "stream")
+    days = {time.strftime("%Y/%m/%d", time.gmtime(time.time() + offset)) for offset in (-5, 0)}
+    first, second = (daemon.invoke("stream").json() for _ in range(2))
+    assert first == second  # one worker served both
+    match = re.fullmatch(r"(\d{4}/\d{2}/\d{2})/\[\$LATEST\][0-9a-f]{32}", first)
+    assert match and match.group(1) in days, first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import signal
 import threading
 import time
@@ -49,6 +50,7 @@ def test_new_workers_are_forked_from_the_template_that_imported_the_handler(daem
     for result in forked:
         assert parent_of(result["pid"]) == template["pid"]
         assert result["stream"] != first["stream"]
+        assert re.fullmatch(r"\d{4}/\d{2}/\d{2}/\[\$LATEST\][0-9a-f]{32}", result["stream"])
     assert len({r["pid"] for r in forked}) == len(forked)
     # Module-level code ran once, in the template: every fork shares its result,
     # which is not the spawned first worker's.
