@@ -9,6 +9,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -247,9 +248,8 @@ def test_kill_9_right_after_a_burst_loses_no_file(setup, start_daemon, functions
     assert sum(counts.values()) <= len(names) + 4
 
 
-def test_an_inotify_queue_overflow_is_caught_up_by_a_rescan(setup):
-    start, watched = setup
-    daemon = start()
+def overflow_inotify(daemon, watched: Path, *, then: Callable[[], None] = lambda: None) -> None:
+    """Make the daemon's inotify queue overflow; `then` runs while its events are being dropped."""
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     noise = [watched / ".noise-a", watched / ".noise-b"]
     for path in noise:
@@ -259,16 +259,89 @@ def test_an_inotify_queue_overflow_is_caught_up_by_a_rescan(setup):
     try:
         for i in range(limit + 2000):
             os.utime(noise[i % 2])  # alternating names, so the kernel cannot merge them
-        for i in range(5):
-            (watched / f"lost-{i}.jpg").write_bytes(b"x")  # their events are dropped
+        then()
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_an_inotify_queue_overflow_is_caught_up_by_a_rescan(setup):
+    start, watched = setup
+    daemon = start()
+
+    def write_files() -> None:
+        for i in range(5):
+            (watched / f"lost-{i}.jpg").write_bytes(b"x")  # their events are dropped
+
+    overflow_inotify(daemon, watched, then=write_files)
     wait_until(lambda: len(records(daemon)) >= 5, timeout=30,
                message="the files whose events were dropped to fire")
     time.sleep(1)
     assert sorted(keys(daemon)) == [f"lost-{i}.jpg" for i in range(5)]
     assert "queue overflow" in daemon.output()
     assert trigger_state(daemon, "uploads")["rescans"] >= 2
+
+
+def write_bytes_named(directory: Path, name: bytes, content: bytes = b"x") -> None:
+    """Write a file whose name is raw bytes (need not be valid UTF-8)."""
+    with open(os.path.join(os.fsencode(directory), name), "wb") as handle:
+        handle.write(content)
+
+
+def test_a_name_that_is_not_utf8_is_skipped_with_one_warning_and_holds_up_no_other_file(
+        setup, start_daemon, functions_dir, tmp_path):
+    start, watched = setup
+    daemon = start()
+    # A directory of finished files moved in: a rescan of it finds the bad name among good ones.
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    moved_in = [f"g{i:02d}.jpg" for i in range(12)]
+    for name in moved_in:
+        (batch / name).write_bytes(name.encode())
+    write_bytes_named(batch, b"bad\xe9.jpg")
+    old = time.time() - 60
+    for name in os.listdir(os.fsencode(batch)):
+        os.utime(os.path.join(os.fsencode(batch), name), (old, old))  # written long ago: no settle wait
+    shutil.move(batch, watched / "batch")
+    # Written in place: the bad name has a close event of its own.
+    write_bytes_named(watched, b"loose\xe9.jpg")
+    (watched / "after.jpg").write_bytes(b"a")
+    expected = {f"batch/{name}" for name in moved_in} | {"after.jpg"}
+    wait_until(lambda: set(keys(daemon)) >= expected, timeout=20,
+               message="every good file to fire")
+    # Closed again and found again by a full rescan: the bad names are not warned about twice.
+    write_bytes_named(watched, b"loose\xe9.jpg", b"again")
+    rescans = trigger_state(daemon, "uploads")["rescans"]
+    overflow_inotify(daemon, watched)
+    wait_until(lambda: trigger_state(daemon, "uploads")["rescans"] > rescans, timeout=20,
+               message="the rescan after the overflow")
+    time.sleep(1)
+    assert sorted(keys(daemon)) == sorted(expected)
+    warnings = [line for line in daemon.output().splitlines() if "not valid UTF-8" in line]
+    assert len(warnings) == 2, warnings
+    for name in (b"batch/bad\xe9.jpg", b"loose\xe9.jpg"):
+        assert any(" WARNING " in line and "function uploads" in line
+                   and repr(os.fsencode(watched) + b"/" + name) in line for line in warnings), warnings
+    assert "not valid UTF-8" in trigger_state(daemon, "uploads")["last_error"]
+    assert "Traceback" not in daemon.output()
+    assert daemon.stop() == 0
+
+    # Written while down beside another bad name: the start-up rescan fires every good one.
+    while_down = [f"d{i:02d}.jpg" for i in range(12)]
+    for name in while_down:
+        (watched / name).write_bytes(name.encode())
+    write_bytes_named(watched, b"down\xe9.jpg")
+    for name in [os.fsencode(name) for name in while_down] + [b"down\xe9.jpg"]:
+        os.utime(os.path.join(os.fsencode(watched), name), (old, old))
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: set(keys(daemon)) >= expected | set(while_down), timeout=20,
+               message="the files written while down to fire")
+    # Renamed to a valid name, a skipped file fires.
+    os.rename(os.path.join(os.fsencode(watched), b"loose\xe9.jpg"), watched / "loose.jpg")
+    wait_until(lambda: "loose.jpg" in keys(daemon), timeout=20)
+    time.sleep(1)
+    assert sorted(keys(daemon)) == sorted(expected | set(while_down) | {"loose.jpg"})
+    assert daemon.output().count("not valid UTF-8") == 3
+    assert "Traceback" not in daemon.output()
 
 
 def test_file_triggers_follow_hot_reload(start_daemon, functions_dir, tmp_path):

@@ -26,6 +26,11 @@ or moved within the tree keeps its ledger entry and does not fire again.
 Attribute changes right after a write (`cp -p`, `tar x` setting the mtime)
 update the ledger entry instead of making the file look new.
 
+A file whose path is not valid UTF-8 never fires: an S3 key, the ledger's
+path and `Records[0].faasd.path` are all text, and none of them could name
+it. It is skipped with one warning (per name, per start); renamed to a
+valid name, it fires.
+
 Events go to the asynchronous queue with a request id derived from the
 file's identity, so a file is one event even if it were offered twice.
 """
@@ -155,6 +160,15 @@ def is_hidden_or_temp(rel: str) -> bool:
         return True
     name = parts[-1]
     return name.endswith(TEMP_SUFFIXES) or name.startswith(TEMP_PREFIXES)
+
+
+def is_utf8(rel: str) -> bool:
+    """False for a name that was not valid UTF-8 on disk (os.fsdecode kept its bytes as surrogates)."""
+    try:
+        rel.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def matches(rel: str, patterns: list[str]) -> bool:
@@ -329,6 +343,7 @@ class FileTrigger(RunningTrigger):
         self._tasks: set[asyncio.Task] = set()
         self._rescan_task: asyncio.Task | None = None
         self._rescan_again: str | None = None
+        self._skipped: set[str] = set()  # names that are not UTF-8, warned about once
         self._stopped = False
         self.fired = 0
         self.failed = 0
@@ -384,13 +399,27 @@ class FileTrigger(RunningTrigger):
     # -- events (in the loop) ----------------------------------------------------------
 
     def rel(self, path: str | bytes) -> str | None:
+        """`path` relative to the watched dir, / separated; None outside it or if not UTF-8."""
         path = os.fsdecode(path)
         if not path:
             return None
         rel = os.path.relpath(path, self.root)
         if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
             return None
-        return rel.replace(os.sep, "/")
+        rel = rel.replace(os.sep, "/")
+        if not is_utf8(rel):
+            self._skip_undecodable(rel)
+            return None
+        return rel
+
+    def _skip_undecodable(self, rel: str) -> None:
+        if rel in self._skipped or not matches(rel, self.patterns):
+            return
+        self._skipped.add(rel)
+        path = os.fsencode(self.root / rel)
+        self.last_error = f"{path!r}: name is not valid UTF-8; skipped"
+        log.warning("function %s: skipping %r: its name is not valid UTF-8, which an S3 key must be "
+                    "(renamed to a valid name, it fires)", self.spec.name, path)
 
     def on_event(self, event: FileSystemEvent) -> None:
         if self._stopped:
@@ -589,10 +618,16 @@ class FileTrigger(RunningTrigger):
         for rel, ident in found.items():
             if recorded.get(rel) == ident or self.pending.get(rel) == ident:
                 continue
-            if now - ident[2] / 1e9 < SETTLE_S:
-                self._defer(rel, ident)  # may still be being written
-            else:
-                self.consider(rel)
+            if not is_utf8(rel):
+                self._skip_undecodable(rel)
+                continue
+            try:
+                if now - ident[2] / 1e9 < SETTLE_S:
+                    self._defer(rel, ident)  # may still be being written
+                else:
+                    self.consider(rel)
+            except Exception:
+                log.exception("function %s: rescan: cannot consider %s", self.spec.name, self.root / rel)
         if subtree is None:
             # Entries of files that are gone: keeps the ledger as small as the dir.
             gone = [rel for rel in recorded if rel not in found and rel not in self.pending]
