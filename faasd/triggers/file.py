@@ -31,14 +31,18 @@ path and `Records[0].faasd.path` are all text, and none of them could name
 it. It is skipped with one warning (per name, per start); renamed to a
 valid name, it fires.
 
-Events go to the asynchronous queue with a request id derived from the
-file's identity, so a file is one event even if it were offered twice.
+The record's object has the key (URL-encoded, as S3 sends it), the size
+and the eTag: the MD5 of the content in hex, as S3 gives an object uploaded
+in one part, read in a thread (see ETags). Events go to the asynchronous
+queue with a request id derived from the file's identity, so a file is one
+event even if it were offered twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fnmatch
+import hashlib
 import logging
 import os
 import stat
@@ -80,6 +84,9 @@ EVENT_TYPES: list[type[FileSystemEvent]] = [
     FileClosedEvent, FileMovedEvent, FileDeletedEvent, FileAttribEvent, FileModifiedEvent,
     DirCreatedEvent, DirMovedEvent, DirDeletedEvent,
 ]
+# Files up to this size have their eTags read in batches of up to ETAG_BATCH_FILES (see ETags).
+ETAG_BATCH_FILE_SIZE = 256 * 1024
+ETAG_BATCH_FILES = 64
 REQUEST_ID_NAMESPACE = uuid.UUID("6f3a5e2c-8d1b-4c7e-9a0f-2b4d6e8f1a3c")
 
 Identity = tuple[int, int, int]  # inode, size, mtime_ns
@@ -184,11 +191,76 @@ def s3_key(rel: str) -> str:
     return quote_plus(rel, safe="/")
 
 
+def etag_of(path: str) -> str:
+    """S3's eTag of an object uploaded in one part: the hex MD5 of its content."""
+    with open(path, "rb") as handle:
+        # A checksum, not a security use: FIPS builds allow MD5 only when told so.
+        digest = hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False))
+    return digest.hexdigest()
+
+
+def _etags_of(paths: list[str]) -> list[str | OSError]:
+    """The eTag of each file, or why it could not be read (runs in a thread)."""
+    results: list[str | OSError] = []
+    for path in paths:
+        try:
+            results.append(etag_of(path))
+        except OSError as exc:
+            results.append(exc)
+    return results
+
+
+class ETags:
+    """Reads files' eTags in the default executor, small files in batches.
+
+    Handing one small file to a thread costs more than reading it, so the
+    small files asked for in one turn of the loop (a burst, a rescan) go to
+    a thread together, up to ETAG_BATCH_FILES at a time. A larger file is
+    read on its own, and holds up no batch.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[str, asyncio.Future[str]]] = []
+
+    async def of(self, path: str, size: int) -> str:
+        """The eTag of the file at `path`, `size` bytes long when it was seen; OSError if unreadable."""
+        loop = asyncio.get_running_loop()
+        if size > ETAG_BATCH_FILE_SIZE:
+            return await loop.run_in_executor(None, etag_of, path)
+        if not self._waiting:
+            loop.call_soon(self._hand_over)
+        future: asyncio.Future[str] = loop.create_future()
+        self._waiting.append((path, future))
+        if len(self._waiting) >= ETAG_BATCH_FILES:
+            self._hand_over()
+        return await future
+
+    def _hand_over(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if batch:
+            job = asyncio.get_running_loop().run_in_executor(None, _etags_of, [path for path, _ in batch])
+            job.add_done_callback(lambda job: self._deliver(batch, job))
+
+    @staticmethod
+    def _deliver(batch: list[tuple[str, asyncio.Future[str]]], job: asyncio.Future) -> None:
+        try:
+            results = job.result()
+        except BaseException as exc:
+            results = [exc] * len(batch)
+        for (_, future), result in zip(batch, results):
+            if future.done():
+                continue  # its _fire was cancelled
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 def iso_ms(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{int(timestamp * 1000) % 1000:03d}Z"
 
 
-def s3_event(*, bucket: str, rel: str, path: str, ident: Identity, region: str,
+def s3_event(*, bucket: str, rel: str, path: str, ident: Identity, etag: str, region: str,
              request_id: str) -> dict[str, Any]:
     """The S3 ObjectCreated:Put notification Lambda receives, for one file."""
     _, size, mtime_ns = ident
@@ -207,7 +279,8 @@ def s3_event(*, bucket: str, rel: str, path: str, ident: Identity, region: str,
             "configurationId": "faasd-file-trigger",
             "bucket": {"name": bucket, "ownerIdentity": {"principalId": "faasd"},
                        "arn": f"arn:aws:s3:::{bucket}"},
-            "object": {"key": s3_key(rel), "size": size, "sequencer": f"{mtime_ns:016X}"},
+            "object": {"key": s3_key(rel), "size": size, "eTag": etag,
+                       "sequencer": f"{mtime_ns:016X}"},
         },
         "faasd": {"path": path},
     }]}
@@ -270,6 +343,7 @@ class FileSource(TriggerSource):
         self.observer.daemon = True
         self._watches: dict[str, tuple[ObservedWatch, _Dispatch]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.etags = ETags()
         self.overflows = 0
 
     async def attach(self) -> None:
@@ -558,9 +632,12 @@ class FileTrigger(RunningTrigger):
     async def _fire(self, rel: str, ident: Identity) -> None:
         request_id = self._request_id(rel, ident)
         path = str(self.root / rel)
-        event = s3_event(bucket=self.bucket, rel=rel, path=path, ident=ident,
-                         region=self.source.daemon.region, request_id=request_id)
         try:
+            etag = await self._etag(rel, path, ident[1])
+            if etag is None:
+                return
+            event = s3_event(bucket=self.bucket, rel=rel, path=path, ident=ident, etag=etag,
+                             region=self.source.daemon.region, request_id=request_id)
             await queue_of(self.source.daemon).put(self.spec.name, orjson.dumps(event),
                                                    request_id=request_id, source="file")
         except Exception as exc:
@@ -578,6 +655,19 @@ class FileTrigger(RunningTrigger):
         self.last_fired = {"path": path, "size": ident[1], "request_id": request_id,
                            "at": time.time()}
         log.debug("function %s: %s queued as %s", self.spec.name, path, request_id)
+
+    async def _etag(self, rel: str, path: str, size: int) -> str | None:
+        """The file's eTag, or None if it cannot be read (then it does not fire)."""
+        try:
+            return await self.source.etags.of(path, size)
+        except FileNotFoundError:
+            return None  # deleted since, or renamed: its new name fires as itself
+        except OSError as exc:
+            # Not in the ledger: the next rescan (or restart) offers it again.
+            self.failed += 1
+            self.last_error = f"{rel}: cannot be read: {exc}"
+            log.error("function %s: file %s cannot be read: %s", self.spec.name, path, exc)
+            return None
 
     # -- rescans -----------------------------------------------------------------------
 
