@@ -8,7 +8,8 @@ probing, what this host allows; `Sandbox.prepare()` gives each worker a
 `WorkerPlan`: the JSON that the worker receives in `_FAASD_SANDBOX`, its pids
 cgroup, and the `/tmp` usage check when `/tmp` is a plain directory.
 `Sandbox.describe()` says which protections are active, and why not, for
-/system/info.
+/system/info. Where no cgroup holds a worker's processes, `MountNamespace`
+finds them by the mount namespace the worker made for itself.
 
 Worker half -- `enter(plan)` is the first thing a worker does: the Python
 shim calls it itself; every other runtime is started through
@@ -487,6 +488,81 @@ class WorkerPlan:
             except OSError:
                 return False
         return True
+
+
+class MountNamespace:
+    """A worker's own mount namespace: where no cgroup holds a worker's
+    processes, this one does.
+
+    Every process a worker starts stays in the namespace it made for itself
+    (sandbox `enter`, or a spare's own tmpfs), whatever its session, process
+    group or parent, and nothing else is in it: only CAP_SYS_ADMIN could
+    leave it or join it. The namespace is held open from the moment it is
+    found, so that its inode number names it alone until close(): a freed
+    namespace's number is soon reused by a new one (another worker's).
+    """
+
+    def __init__(self, fd: int, key: tuple[int, int]) -> None:
+        self.fd = fd
+        self.key = key  # (st_dev, st_ino) of its nsfs inode
+
+    @classmethod
+    def of(cls, pid: int) -> MountNamespace | None:
+        """The mount namespace of process `pid` if it is its own: not its
+        parent's (the daemon's, or a forked worker's template's); else None."""
+        try:
+            fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            mine = os.fstat(fd)
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
+            key = (mine.st_dev, mine.st_ino)
+            others = {_namespace_key(p) for p in (parent, os.getpid())}
+        except (OSError, ValueError, IndexError):
+            others = {None}
+        if None in others or key in others:  # unknown counts as shared
+            os.close(fd)
+            return None
+        return cls(fd, key)
+
+    def pids(self) -> list[int]:
+        """Every process in the namespace (a scan of /proc)."""
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit() and _namespace_key(name) == self.key:
+                found.append(int(name))
+        return found
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the namespace."""
+        import signal
+
+        signalled: set[int] = set()
+        for _ in range(20):  # a fork bomb may add processes while we kill
+            pids = set(self.pids())
+            if pids <= signalled:  # all killed (some may still be on their way out)
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            signalled |= pids
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _namespace_key(pid: int | str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/mnt")
+    except OSError:  # gone, or not ours to look at
+        return None
+    return st.st_dev, st.st_ino
 
 
 def read_pids(directory: str) -> list[int]:

@@ -35,8 +35,8 @@ from . import protocol
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
 from .limits import MB, MemoryLimits, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes
 from .sandbox import (
-    EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, Sandbox, SandboxError,
-    WorkerPlan, join_cgroups_of, parent_moves,
+    EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, MountNamespace, Sandbox,
+    SandboxError, WorkerPlan, join_cgroups_of, parent_moves,
 )
 from .spec import DEFAULT_REGION, RUNTIME_IDS, FunctionSpec, function_arn, runtime_version
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
@@ -380,6 +380,9 @@ class ProcessWorker(Worker):
         self._output_transport: asyncio.BaseTransport | None = None
         self._output: _Output | None = None
         self._pidfd: int | None = None
+        # Without a memory cgroup: the mount namespace it made itself, which
+        # holds every process it starts (what a pids cgroup would), once known.
+        self.namespace: MountNamespace | None = None
         self._ready: asyncio.Future | None = None
         self._call: _Call | None = None
         self._deadline_handle: asyncio.TimerHandle | None = None
@@ -567,6 +570,7 @@ class ProcessWorker(Worker):
         elif kind == protocol.READY:
             if self._ready is not None and not self._ready.done():
                 self._drain_output()  # what it printed before READY is its init's
+                self._find_namespace()
                 self._ready.set_result(None)
         elif kind == protocol.INIT_ERROR:
             self._fail_init(FunctionError.from_payload(INIT, _loads(payload)))
@@ -585,6 +589,7 @@ class ProcessWorker(Worker):
     def _fail_init(self, error: FunctionError) -> None:
         """The runtime reported it could not load the function."""
         if self._ready is not None and not self._ready.done():
+            self._find_namespace()  # before it exits: its init may have left processes
             self._ready.set_exception(WorkerInitError(error, 0.0, list(self.init_logs)))
 
     def _on_output(self, line: str) -> None:
@@ -857,12 +862,34 @@ class ProcessWorker(Worker):
         self._killpg(signal.SIGCONT)
 
     def kill(self) -> None:
-        """SIGKILL the worker's process group (and its cgroup, if any)."""
+        """SIGKILL the worker's process group, and the rest of its processes
+        (those in other sessions): by its cgroups, else by its mount namespace."""
+        self._find_namespace()  # killed before READY: its init may have left processes
         self._killpg(signal.SIGKILL)
         if self.cgroup is not None:
             self.cgroup.kill_all()
         if self.sandbox is not None:
             self.sandbox.kill_all()
+        if self.namespace is not None:
+            self.namespace.kill_all()
+
+    def _find_namespace(self) -> None:
+        """Without a memory cgroup, hold on to the mount namespace the worker made
+        itself (MountNamespace), if it has made one by now."""
+        sandbox = self.env.sandbox
+        if (self.namespace is not None or self.cgroup is not None or self.pid is None
+                or self._pidfd is None or sandbox is None or not sandbox.mount):
+            return
+        namespace = MountNamespace.of(self.pid)
+        if namespace is None:
+            return
+        try:
+            # Alive after the namespace was opened: that was its pid, not a reused one.
+            signal.pidfd_send_signal(self._pidfd, 0)
+        except OSError:
+            namespace.close()
+            return
+        self.namespace = namespace
 
     async def _wait_exit(self, timeout: float) -> int | None:
         try:
@@ -889,6 +916,9 @@ class ProcessWorker(Worker):
             self._output_transport.close()
         # Its processes are killed, but some may still be on their way out.
         remove_when_empty(self._loop, [g for g in (self.cgroup, self.sandbox) if g is not None])
+        if self.namespace is not None:
+            self.namespace.close()  # from now on its number may name another's
+            self.namespace = None
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 

@@ -421,6 +421,58 @@ def test_a_killed_workers_cgroups_go_once_its_last_process_has_exited(start_daem
     still_serving(daemon)
 
 
+ESCAPES = """
+import subprocess, time
+
+def handler(event, context):
+    # `setsid` forks when it leads its group: the sleep is orphaned at once,
+    # in a session of its own, and no longer a child of anything of the worker's.
+    subprocess.Popen(["setsid", "sleep", event["tag"]], start_new_session=True)
+    time.sleep(event.get("sleep_s", 0))
+    return "started"
+"""
+
+
+def pids_running(*argv: str) -> list[int]:
+    """Processes whose command line is exactly `argv`."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if entry.isdigit() and cmdline.read() == wanted:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_without_a_pids_cgroup_what_a_worker_starts_in_another_session_dies_with_it(
+        start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "escapes.toml", "timeout_s = 1\n")
+    write_function(functions_dir, "escapes.py", ESCAPES)
+    daemon = _start_without_memory_cgroups(start_daemon, functions_dir)
+    assert daemon.get("/system/info").json()["isolation"]["pids_limit"]["active"] is False
+    # Durations no other process on the host sleeps for.
+    timed_out, retired = (f"{90000 + os.getpid() % 10000}.{n}" for n in (1, 2))
+    try:
+        response = daemon.invoke("escapes", {"tag": timed_out, "sleep_s": 30})
+        assert response.json()["errorType"] == "Sandbox.Timedout", response.text
+        wait_until(lambda: not pids_running("sleep", timed_out), timeout=5,
+                   message="the timed-out worker's sleep (another session) to be killed with it")
+        # A worker that ends normally (here: the daemon stops) takes its processes along too.
+        assert invoke(daemon, "escapes", {"tag": retired}) == ("started", None)
+        wait_until(lambda: pids_running("sleep", retired), message="the second sleep to start")
+        still_serving(daemon)
+        daemon.stop()
+        wait_until(lambda: not pids_running("sleep", retired), timeout=5,
+                   message="the retired worker's sleep to be killed with it")
+    finally:
+        for pid in pids_running("sleep", timed_out) + pids_running("sleep", retired):
+            os.kill(pid, signal.SIGKILL)
+
+
 def process_rss_mb(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as status:
