@@ -4,8 +4,11 @@
   * cgroup v2 with the memory controller delegated to us (a writable
     subtree, as systemd's `Delegate=yes` gives), or
   * cgroup v1's memory hierarchy, writable (root on most hosts), or
-  * RSS monitoring: the worker's process group is sampled while it is busy
-    and killed when it passes the limit (reported as an out-of-memory error).
+  * monitoring: the daemon measures what a worker holds -- the resident
+    memory of every process of it (`ProcessTree`) and its private tmpfs
+    /tmp -- once when it is ready and every 50 ms while it is busy, and
+    checks each call's peak as the call ends; past the limit the worker is
+    killed and the call fails as out of memory (faasd/workers.py).
 Whatever the mode, `Max Memory Used` is the worker's true peak.
 """
 
@@ -15,10 +18,11 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Iterable, Protocol
 
-from .sandbox import read_pids
+from .sandbox import namespace_key, read_pids
 
 log = logging.getLogger("faasd.limits")
 
@@ -266,20 +270,105 @@ def proc_stat_fields(pid: int | str) -> list[bytes]:
         return stat.read().rsplit(b")", 1)[1].split()
 
 
-def group_rss_bytes(pgid: int) -> int:
-    """The summed RSS of every process in a process group."""
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = proc_stat_fields(entry.name)
-        except OSError:
-            continue
-        # fields[2] is pgrp (field 5 of stat), fields[21] is rss in pages.
-        if int(fields[2]) == pgid:
-            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    return total
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+LISTING_TTL_S = 0.02  # workers sampled this close together share one listing of /proc
+_listing: tuple[float, frozenset[int]] = (float("-inf"), frozenset())
+
+
+def proc_pids() -> frozenset[int]:
+    """The processes in /proc: listed now, or at most LISTING_TTL_S ago."""
+    global _listing
+    now = time.monotonic()
+    if now - _listing[0] > LISTING_TTL_S:
+        _listing = (now, frozenset(int(name) for name in os.listdir("/proc") if name.isdigit()))
+    return _listing[1]
+
+
+class ProcessTree:
+    """The processes of one worker, for the memory monitor where no cgroup counts them.
+
+    Besides the worker's own process: every process whose parent is one of
+    them, every process in its process group, and -- once `namespace` is
+    set (sandbox.MountNamespace.key) -- every process in its mount
+    namespace, which alone finds a process whose parent exited before it
+    was seen (what `setsid` starts, say). A member stays one when its parent
+    exits. There is no cheap list of a process's children (the `children`
+    files of /proc/PID/task/ need a kernel option, and lose a child whose
+    parent exits), so members are found as they appear: each sample lists
+    /proc (one listing serves every worker sampled within LISTING_TTL_S) and
+    reads the stat of the processes new since the last, then of each member.
+    """
+
+    def __init__(self, leader: int) -> None:
+        self.leader = leader
+        self.namespace: tuple[int, int] | None = None
+        # Listed before the worker can have started anything: none of these is its.
+        self._seen = proc_pids()
+        self._members: dict[int, bytes] = {}  # pid -> its start time (stat), against pid reuse
+
+    def sample(self) -> tuple[int, int, int] | None:
+        """(resident bytes of all its processes, its own process's peak resident
+        bytes, how many processes); None once its own process is gone."""
+        own = rss_bytes(self.leader)
+        if own is None:
+            return None
+        self._find_new()
+        total = own[0]
+        for pid, started in list(self._members.items()):
+            try:
+                fields = proc_stat_fields(pid)
+            except OSError:
+                fields = None
+            if fields is None or fields[19] != started:  # gone (or its pid is another's now)
+                del self._members[pid]
+                continue
+            total += int(fields[21]) * PAGE_SIZE  # fields[21]: rss in pages (field 24 of stat)
+        return total, own[1], 1 + len(self._members)
+
+    def _find_new(self) -> None:
+        pids = proc_pids()
+        new, self._seen = pids - self._seen, pids
+        unknown = {}  # pid -> (parent, start time) of the new ones not (yet) known as members
+        for pid in new:
+            if pid == self.leader:
+                continue
+            try:
+                fields = proc_stat_fields(pid)
+            except OSError:
+                continue
+            # fields[1], [2], [19]: ppid, pgrp, starttime (fields 4, 5 and 22 of stat).
+            if int(fields[2]) == self.leader or (
+                    self.namespace is not None and namespace_key(pid) == self.namespace):
+                self._members[pid] = fields[19]
+            else:
+                unknown[pid] = (int(fields[1]), fields[19])
+        found = True
+        while found:  # children of members, and theirs, in whatever order /proc listed them
+            found = False
+            for pid, (parent, started) in list(unknown.items()):
+                if parent == self.leader or parent in self._members:
+                    self._members[pid] = started
+                    del unknown[pid]
+                    found = True
+
+    def pss_bytes(self) -> int | None:
+        """The proportional set size of all its processes: a page they share (as
+        a fork shares its parent's) is counted once, as a cgroup counts it, where
+        their resident sizes count it in each. Walks their page tables, so it is
+        read only when resident sizes add up past a limit. None if unreadable."""
+        total = 0
+        for pid in (self.leader, *self._members):
+            try:
+                with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+                    for line in rollup:
+                        if line.startswith(b"Pss:"):
+                            total += int(line.split()[1]) * 1024
+                            break
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # gone: it holds nothing
+            except (OSError, ValueError, IndexError):
+                return None
+        return total
 
 
 _TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")

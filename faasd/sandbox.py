@@ -519,7 +519,7 @@ class MountNamespace:
             with open(f"/proc/{pid}/stat", "rb") as stat:
                 parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
             key = (mine.st_dev, mine.st_ino)
-            others = {_namespace_key(p) for p in (parent, os.getpid())}
+            others = {namespace_key(p) for p in (parent, os.getpid())}
         except (OSError, ValueError, IndexError):
             others = {None}
         if None in others or key in others:  # unknown counts as shared
@@ -531,7 +531,7 @@ class MountNamespace:
         """Every process in the namespace (a scan of /proc)."""
         found = []
         for name in os.listdir("/proc"):
-            if name.isdigit() and _namespace_key(name) == self.key:
+            if name.isdigit() and namespace_key(name) == self.key:
                 found.append(int(name))
         return found
 
@@ -557,12 +557,27 @@ class MountNamespace:
             self.fd = -1
 
 
-def _namespace_key(pid: int | str) -> tuple[int, int] | None:
+def namespace_key(pid: int | str) -> tuple[int, int] | None:
+    """What names the mount namespace of process `pid` (None: gone, or not ours to look at)."""
     try:
         st = os.stat(f"/proc/{pid}/ns/mnt")
-    except OSError:  # gone, or not ours to look at
+    except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def private_tmp_bytes(pid: int) -> int | None:
+    """What the private tmpfs at /tmp of a worker in a mount namespace of its
+    own holds, in bytes: its pages are memory. None if it cannot be read, or
+    if that /tmp is the daemon's own file system."""
+    path = f"/proc/{pid}/root/tmp"
+    try:
+        if os.stat(path).st_dev == os.stat("/tmp").st_dev:
+            return None
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 def read_pids(directory: str) -> list[int]:

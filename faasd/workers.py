@@ -33,10 +33,12 @@ import orjson
 
 from . import protocol
 from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
-from .limits import MB, MemoryLimits, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes
+from .limits import (
+    MB, MemoryLimits, ProcessTree, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes,
+)
 from .sandbox import (
     EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, MountNamespace, Sandbox,
-    SandboxError, WorkerPlan, join_cgroups_of, parent_moves,
+    SandboxError, WorkerPlan, join_cgroups_of, parent_moves, private_tmp_bytes,
 )
 from .spec import DEFAULT_REGION, RUNTIME_IDS, FunctionSpec, function_arn, runtime_version
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
@@ -383,6 +385,7 @@ class ProcessWorker(Worker):
         # Without a memory cgroup: the mount namespace it made itself, which
         # holds every process it starts (what a pids cgroup would), once known.
         self.namespace: MountNamespace | None = None
+        self._tree: ProcessTree | None = None  # its processes, for the memory monitor
         self._ready: asyncio.Future | None = None
         self._call: _Call | None = None
         self._deadline_handle: asyncio.TimerHandle | None = None
@@ -488,6 +491,8 @@ class ProcessWorker(Worker):
 
     async def _await_ready(self, output_fd: int, started: float) -> None:
         """Read the process's output from `output_fd`; wait for its READY; set init_ms."""
+        if self.cgroup is None and self.pid is not None:
+            self._tree = ProcessTree(self.pid)  # before it can start a process
         self._output_transport, self._output = await self._loop.connect_read_pipe(
             lambda: _Output(self), os.fdopen(output_fd, "rb", buffering=0))
         # As Lambda: 10 s to initialise, or the function's timeout if longer.
@@ -543,7 +548,8 @@ class ProcessWorker(Worker):
         call = self._call
         if kind == protocol.STATS:
             if len(payload) >= 4:
-                self._peak_kb = int.from_bytes(payload[:4], "big")
+                # What the monitor saw (children alive, /tmp) may be more.
+                self._peak_kb = max(self._peak_kb or 0, int.from_bytes(payload[:4], "big"))
         elif kind == protocol.LOG:
             text = payload.decode("utf-8", "backslashreplace")
             lines = text.split("\n")
@@ -571,6 +577,8 @@ class ProcessWorker(Worker):
             if self._ready is not None and not self._ready.done():
                 self._drain_output()  # what it printed before READY is its init's
                 self._find_namespace()
+                if self.cgroup is None and self._out_of_memory_at_init():
+                    return  # _ready holds its init error
                 self._ready.set_result(None)
         elif kind == protocol.INIT_ERROR:
             self._fail_init(FunctionError.from_payload(INIT, _loads(payload)))
@@ -766,6 +774,14 @@ class ProcessWorker(Worker):
             if tmp_check is not None:
                 tmp_check.cancel()
         self.invocations += 1
+        if (self.cgroup is None and self._peak_kb is not None and self._peak_kb > self.spec.memory_mb * 1024
+                and (error is None or error.kind == HANDLED)):
+            # Without a cgroup: its peak (STATS, children it waited for included)
+            # passed the limit where no sample saw it.
+            call.oom = True
+            log.warning("worker %s of %s passed its %d MB memory limit (peak %d MB); killing it",
+                        self.id, self.spec.name, self.spec.memory_mb, self._peak_kb // 1024)
+            payload, error = None, self._death_error(call)
         if tmp_check is not None and error is None and await self._tmp_exceeded():
             # Written just before the reply: this call stands, the worker goes.
             log.warning("worker %s: /tmp holds more than %d MB; retiring it", self.id, self.spec.tmp_mb)
@@ -799,22 +815,54 @@ class ProcessWorker(Worker):
     def _monitor(self, call: _Call) -> None:
         if call.future.done() or self.pid is None:
             return
-        sample = rss_bytes(self.pid)
+        sample = self._memory_in_use()
         if sample is not None:
             # Kept for a process that dies by itself: its VmHWM goes with it.
-            self._peak_kb = max(self._peak_kb or 0, sample[1] // 1024)
+            self._peak_kb = max(self._peak_kb or 0, max(sample) // 1024)
         if sample is not None and sample[0] > self.spec.memory_mb * MB:
             call.oom = True
-            log.warning("worker %s passed its %d MB memory limit (RSS %d MB); killing it",
-                        self.id, self.spec.memory_mb, sample[0] // MB)
+            log.warning("worker %s of %s passed its %d MB memory limit (%d MB); killing it",
+                        self.id, self.spec.name, self.spec.memory_mb, sample[0] // MB)
             self._kill_for(call)
             return
         self._monitor_handle = self._loop.call_later(MONITOR_INTERVAL_S, self._monitor, call)
 
+    def _memory_in_use(self) -> tuple[int, int] | None:
+        """Without a cgroup: (what the worker holds now, in bytes: the resident
+        memory of all its processes and what its private /tmp holds; its own
+        process's peak resident memory). None once it is gone."""
+        tree = self._tree
+        sample = tree.sample() if tree is not None else None
+        if sample is None:
+            return None
+        resident, peak, processes = sample
+        tmp = (private_tmp_bytes(tree.leader) or 0) if self.namespace is not None else 0
+        if resident + tmp > self.spec.memory_mb * MB and processes > 1:
+            # Its processes may share pages (a fork, say), which a cgroup counts once.
+            resident = tree.pss_bytes() or resident
+        return resident + tmp, peak
+
+    def _out_of_memory_at_init(self) -> bool:
+        """Without a cgroup, init's memory is looked at once, at READY: a worker
+        that holds more than memory_mb by then, or whose process did at its
+        peak, fails its init, as the kernel would have killed it. A template
+        that does is not used. True if it failed."""
+        sample = self._memory_in_use()
+        if sample is None or max(sample) <= self.spec.memory_mb * MB:
+            return False
+        log.warning("worker %s of %s passed its %d MB memory limit at init (%d MB); killing it",
+                    self.id, self.spec.name, self.spec.memory_mb, max(sample) // MB)
+        self.kill()
+        assert self._ready is not None
+        self._ready.set_exception(WorkerInitError(FunctionError(
+            INIT, "Runtime.OutOfMemory", "Runtime exited with error: signal: killed "
+            f"(memory limit of {self.spec.memory_mb} MB exceeded)"), 0.0, list(self._init_logs)))
+        return True
+
     def _kill_for(self, call: _Call) -> None:
         """Kill the worker and fail `call` (the flag saying why is set): its peak
         memory is read first, while the process still has it to read."""
-        self._peak_kb = self._read_peak_kb() or self._peak_kb
+        self._peak_kb = max(self._read_peak_kb() or 0, self._peak_kb or 0) or None
         self.kill()
         # _on_exit resolves the call once the kernel reports the death; resolve
         # now anyway so a process stuck in uninterruptible sleep cannot hold it.
@@ -890,6 +938,8 @@ class ProcessWorker(Worker):
             namespace.close()
             return
         self.namespace = namespace
+        if self._tree is not None:
+            self._tree.namespace = namespace.key
 
     async def _wait_exit(self, timeout: float) -> int | None:
         try:

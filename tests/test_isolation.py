@@ -26,8 +26,8 @@ from packaging.requirements import Requirement
 
 from faasd.sandbox import tree_bytes
 from support import (
-    MEMORY_HOLDER, ROOT, concurrent, max_memory_used, own_groups, parent_of, pids_with_env,
-    process_state, report_of, wait_until, write_function,
+    MEMORY_HOLDER, ROOT, concurrent, descendants, loaded, max_memory_used, own_groups, parent_of,
+    pids_with_env, process_state, report_of, wait_until, write_function,
 )
 
 OK = """
@@ -325,6 +325,107 @@ def test_without_a_cgroup_a_call_that_times_out_or_crashes_reports_the_memory_it
         assert response.json()["errorType"] == error_type, response.text
         report = report_of(daemon, "holder", response.headers["x-amzn-requestid"])
         assert "\tStatus: " in report and max_memory_used(report) >= 100, report
+
+
+CHILD_HOG = """
+import subprocess, sys, time
+
+def handler(event, context):
+    hold = f"b = b'x' * ({event['mb']} << 20)"
+    if event.get("keep_s"):
+        # A child in a session of its own, holding its memory while the handler waits.
+        subprocess.Popen([sys.executable, "-c", hold + "; import time; time.sleep(60)"],
+                         start_new_session=True)
+        time.sleep(event["keep_s"])
+    else:
+        subprocess.run([sys.executable, "-c", hold], check=True)
+    return "done"
+"""
+
+
+def test_without_a_cgroup_memory_held_by_a_workers_children_counts(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "children.toml", "memory_mb = 128\ntimeout_s = 20\n")
+    write_function(functions_dir, "children.py", CHILD_HOG)
+    daemon = _start_without_memory_cgroups(start_daemon, functions_dir)
+    for event in ({"mb": 600}, {"mb": 300, "keep_s": 5}):
+        response = daemon.invoke("children", event)
+        result = response.json()
+        assert result.get("errorType") == "Runtime.OutOfMemory", (event, result)
+        assert "memory limit of 128 MB exceeded" in result["errorMessage"]
+        report = report_of(daemon, "children", response.headers["x-amzn-requestid"])
+        assert "\tError Type: Runtime.OutOfMemory" in report and max_memory_used(report) >= 128, report
+    # Within the limit, a child is no problem.
+    assert invoke(daemon, "children", {"mb": 20}) == ("done", None)
+    # A child that came and went before anything could sample it (at init): the
+    # worker's peak, which its first call reports, says it all the same.
+    write_function(functions_dir, "initchild.toml", "memory_mb = 128\n")
+    write_function(functions_dir, "initchild.py", INIT_CHILD)
+    loaded(daemon, "initchild")
+    result, error = invoke(daemon, "initchild")
+    assert error == "Runtime.OutOfMemory", result
+    still_serving(daemon)
+
+
+INIT_CHILD = """
+import subprocess, sys
+
+subprocess.run([sys.executable, "-c", "b = b'x' * (300 << 20)"], check=True)
+
+def handler(event, context):
+    return "done"
+"""
+
+
+INIT_HOG = """
+held = b"x" * (400 << 20)
+
+def handler(event, context):
+    return len(held)
+"""
+
+
+def test_without_a_cgroup_a_worker_over_its_memory_at_init_fails_its_init(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "inithog.toml", "memory_mb = 128\n")
+    write_function(functions_dir, "inithog.py", INIT_HOG)
+    daemon = _start_without_memory_cgroups(start_daemon, functions_dir)
+    for _ in range(2):  # the second call finds no warm worker, and no template, either
+        response = daemon.invoke("inithog")
+        result = response.json()
+        assert result.get("errorType") == "Runtime.OutOfMemory", result
+        assert "memory limit of 128 MB exceeded" in result["errorMessage"]
+        assert "Phase: init\tStatus: error\tError Type: Runtime.OutOfMemory" in daemon.log_of("inithog")
+        wait_until(lambda: not daemon.workers("inithog") and daemon.function("inithog")["template"] is None,
+                   message="no worker and no template of inithog left")
+    holders = [pid for pid in descendants(daemon.process.pid) if (process_rss_mb(pid) or 0) > 128]
+    assert not holders, [(pid, process_rss_mb(pid)) for pid in holders]
+    still_serving(daemon)
+
+
+TMP_HOG = """
+import os, time
+
+def handler(event, context):
+    with open("/tmp/big", "wb") as f:
+        for _ in range(event["mb"]):
+            f.write(b"x" * (1 << 20))
+    time.sleep(event.get("sleep_s", 0))
+    return os.path.getsize("/tmp/big")
+"""
+
+
+def test_without_a_cgroup_a_workers_private_tmp_counts_toward_its_memory(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "tmphog.toml", "memory_mb = 128\ntmp_mb = 512\ntimeout_s = 20\n")
+    write_function(functions_dir, "tmphog.py", TMP_HOG)
+    daemon = _start_without_memory_cgroups(start_daemon, functions_dir)
+    assert daemon.get("/system/info").json()["isolation"]["tmp"]["mode"] == "tmpfs"
+    result, error = invoke(daemon, "tmphog", {"mb": 200, "sleep_s": 2})
+    assert error == "Runtime.OutOfMemory", result
+    result, error = invoke(daemon, "tmphog", {"mb": 40})
+    assert (result, error) == (40 << 20, None)
+    still_serving(daemon)
 
 
 # -- processes, files, output, results ------------------------------------------------------
