@@ -128,11 +128,18 @@ class Daemon:
             functions_dir=config.paths.functions, data_dir=data, config_file=config.source,
             memory=memory, tmpfs=config.workers.tmpfs, users=users)
         self._cleanups.append(sandbox.close)
+        if memory.mode == "monitor":
+            memory_note = (f"{memory.reason}: the daemon counts every process of each worker and "
+                           "its private /tmp (a tmpfs, where mount namespaces allow), once at init, "
+                           "every 50 ms during a call and at its end, and kills it past memory_mb")
+            worker_limit = "memory limit kept by the monitor"
+        else:
+            memory_note = "a memory cgroup per worker, enforced by the kernel"
+            worker_limit = "memory cgroup"
         self.isolation = {
-            "memory_limit": {"active": True, "mode": memory.mode,
-                             "note": memory.reason or "enforced by the kernel"},
+            "memory_limit": {"active": True, "mode": memory.mode, "note": memory_note},
             "process_groups": {"active": True, "note": "each worker leads its own group; killed as one"},
-            **sandbox.describe(),
+            **sandbox.describe(memory.mode),
             "daemon_memory_private": {
                 "active": undumpable,
                 "note": "workers cannot ptrace the daemon or read its memory and environment"
@@ -141,7 +148,7 @@ class Daemon:
             "worker_templates": {
                 "active": config.workers.zygote and sandbox.mount,
                 "note": ("new Python workers fork from a per-revision template; each gets its own "
-                         "process group, memory cgroup, pids limit (where pids_limit is active) "
+                         f"process group, {worker_limit}, pids limit (where pids_limit is active) "
                          "and tmpfs /tmp" if config.workers.zygote and sandbox.mount else
                          "off: [workers] zygote = false" if not config.workers.zygote else
                          "off: without mount namespaces a forked worker's /tmp would escape its quota")},

@@ -886,8 +886,9 @@ class Sandbox:
 
     # -- report -------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, dict[str, Any]]:
-        """Each protection: active or not, and why, for /system/info."""
+    def describe(self, memory_mode: str | None = None) -> dict[str, dict[str, Any]]:
+        """Each protection: active or not, and why, for /system/info. `memory_mode`
+        is MemoryLimits.mode: "monitor" where workers have no memory cgroup."""
         def item(active: Any, note: str, **extra: Any) -> dict[str, Any]:
             return {"active": bool(active), "note": note, **extra}
 
@@ -923,14 +924,24 @@ class Sandbox:
         else:
             nproc = item(False, "RLIMIT_NPROC counts every process of a uid: not set while workers "
                                 "share a uid with the daemon or root")
+        monitored = memory_mode == "monitor"
         if self.pids_mode:
             pids = item(True, f"at most {MAX_PROCESSES_PER_WORKER} processes/threads per worker "
                               f"({self.pids_mode} pids controller)")
+        elif not monitored:
+            pids = item(False, f"{self.pids_note}; a worker's memory cgroup still holds every "
+                               "process it starts, and they are killed with it")
+        elif self.mount:
+            pids = item(False, f"{self.pids_note}; what a worker starts in another session is "
+                               "still killed with it by its mount namespace")
         else:
-            pids = item(False, self.pids_note)
+            pids = item(False, f"{self.pids_note}; with no mount namespace either, what a worker "
+                               "starts in another session can outlive it")
         if self.mount:
+            held = ("the memory monitor counts what it holds toward memory_mb" if monitored
+                    else "its pages are charged to the worker's memory cgroup")
             tmp = item(True, f"a private tmpfs of tmp_mb at /tmp and /var/tmp ({self.mount_note}); "
-                             "its pages count toward the worker's memory", mode="tmpfs")
+                             f"{held}", mode="tmpfs")
         else:
             tmp = item(True, f"{self.mount_note}; each file is limited to tmp_mb (RLIMIT_FSIZE) "
                              "and the worker is stopped when its /tmp passes tmp_mb", mode="disk")

@@ -178,6 +178,8 @@ def test_system_info_states_every_isolation_feature_and_why_not(start_daemon, fu
         assert isinstance(isolation[feature]["active"], bool), feature
         assert isolation[feature]["note"], f"{feature} says nothing about itself"
     assert isolation["tmp"]["mode"] == "tmpfs"
+    assert "charged to the worker's memory cgroup" in isolation["tmp"]["note"]
+    assert "memory cgroup" in isolation["worker_templates"]["note"]
     assert isolation["mount_namespace"]["active"] is True
     # Root without run_as: its workers would see every process anyway.
     assert isolation["process_list"]["active"] is False
@@ -302,6 +304,21 @@ def _start_without_memory_cgroups(start_daemon, functions_dir):
     memory = daemon.get("/system/info").json()["isolation"]["memory_limit"]
     assert memory["mode"] == "monitor", memory
     return daemon
+
+
+def test_without_a_cgroup_system_info_says_what_the_monitor_does_instead(start_daemon, functions_dir):
+    needs_root()
+    isolation = _start_without_memory_cgroups(start_daemon, functions_dir).get(
+        "/system/info").json()["isolation"]
+    notes = {name: feature["note"] for name, feature in isolation.items()}
+    assert not any("memory cgroup" in note for note in notes.values()), notes
+    assert "every process of each worker and its private /tmp" in notes["memory_limit"]
+    assert isolation["tmp"]["mode"] == "tmpfs"
+    assert "the memory monitor counts what it holds toward memory_mb" in notes["tmp"]
+    assert isolation["worker_templates"]["active"] is True
+    assert "memory limit kept by the monitor" in notes["worker_templates"]
+    assert isolation["pids_limit"]["active"] is False
+    assert "killed with it by its mount namespace" in notes["pids_limit"]
 
 
 def test_out_of_memory_with_the_monitor_when_no_cgroup_is_writable(start_daemon, functions_dir):
