@@ -156,7 +156,8 @@ class Daemon:
         log.info("faasd %s starting: functions %s, data %s", __version__, config.paths.functions, data)
         log.info("%s", exposure)
         if memory.mode == "monitor":
-            log.warning("memory limits by monitoring RSS, not the kernel: %s", memory.reason)
+            log.warning("memory limits by watching each worker's memory (its processes and its "
+                        "/tmp), not by the kernel: %s", memory.reason)
         if os.geteuid() == 0 and run_as is None:
             log.warning("running as root with no [workers] run_as: function code runs as root and "
                         "can do anything root can; set [workers] run_as = \"faasd\" (a user with "

@@ -943,16 +943,23 @@ class Sandbox:
             tmp = item(True, f"a private tmpfs of tmp_mb at /tmp and /var/tmp ({self.mount_note}); "
                              f"{held}", mode="tmpfs")
         else:
-            tmp = item(True, f"{self.mount_note}; each file is limited to tmp_mb (RLIMIT_FSIZE) "
-                             "and the worker is stopped when its /tmp passes tmp_mb", mode="disk")
+            tmp = item(True, f"{self.mount_note}; TMPDIR is a directory of the worker's own, each "
+                             "file limited to tmp_mb (RLIMIT_FSIZE) and the worker stopped when the "
+                             "directory passes tmp_mb; code that writes to /tmp itself shares the "
+                             "host's /tmp", mode="disk")
         if self.mount:
             code = item(True, "functions/ and faasd's code are mounted read-only in every worker")
             hidden = item(bool(self.hide), self.hide_note)
         else:
             owner = f"by {user}" if user else "by the workers' user"
             code = item(False, f"no mount namespace: keep functions/ not writable {owner}")
-            hidden = item(False, "no mount namespace: the data dir and config file are protected "
-                                 "by file permissions only")
+            if self.run_as is None:
+                hidden = item(False, "no mount namespace, and workers run as the daemon's own user: "
+                                     "function code can read and change the data dir (queue, logs, "
+                                     "dead letters) and read the config file, [auth] keys included")
+            else:
+                hidden = item(False, f"no mount namespace: the data dir and config file are kept "
+                                     f"from {user} by file permissions only")
         if self.private_proc and self.users is not None:
             processes = item(True, "each worker has a /proc of its own (hidepid=2) and sees only its "
                                    "function's processes: not the daemon's, the host's services' "

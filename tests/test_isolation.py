@@ -241,6 +241,10 @@ def test_tmp_on_disk_is_limited_per_file_and_in_total(start_daemon, functions_di
     daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_TMPFS": "false"})
     isolation = daemon.get("/system/info").json()["isolation"]
     assert isolation["tmp"]["mode"] == "disk" and "tmpfs = false" in isolation["tmp"]["note"]
+    assert "code that writes to /tmp itself shares the host's /tmp" in isolation["tmp"]["note"]
+    # Workers that run as the daemon's user, in no mount namespace of their own, can reach its files.
+    assert isolation["private_data"]["active"] is False
+    assert "can read and change the data dir" in isolation["private_data"]["note"]
     # One file: RLIMIT_FSIZE stops it at tmp_mb.
     result, error = invoke(daemon, "fill", {"mb": 32})
     assert error is None and result == {"errno": "EFBIG", "written": 8 * 1024 * 1024}
