@@ -856,7 +856,7 @@ class ProcessWorker(Worker):
         assert self._ready is not None
         self._ready.set_exception(WorkerInitError(FunctionError(
             INIT, "Runtime.OutOfMemory", "Runtime exited with error: signal: killed "
-            f"(memory limit of {self.spec.memory_mb} MB exceeded)"), 0.0, list(self._init_logs)))
+            f"(memory limit of {self.spec.memory_mb} MB exceeded)"), 0.0, list(self.init_logs)))
         return True
 
     def _kill_for(self, call: _Call) -> None:
