@@ -16,6 +16,7 @@ import hashlib
 import os
 import random
 import re
+import stat
 import sys
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -154,13 +155,39 @@ def discover(functions_dir: Path) -> dict[str, Path]:
     return found
 
 
+def config_file_of(source: Path) -> Path | None:
+    """The function's settings: `function.toml` in its directory, or the sidecar
+    `NAME.toml` of a single file; None where there is none."""
+    path = source / "function.toml" if source.is_dir() else source.with_suffix(".toml")
+    try:
+        os.stat(path)
+    except OSError:
+        return None
+    return path  # a directory too: load_spec says it cannot be settings
+
+
+def read_file(path: Path) -> bytes:
+    """The contents of a regular file, read without ever blocking.
+
+    Anything else raises OSError "not a regular file" unread: a FIFO would
+    hold the reader until some writer came, a device would never end. The
+    open itself cannot wait either (O_NONBLOCK), should the file be swapped
+    for a FIFO after the first look.
+    """
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError("not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file")
+        return handle.read()
+
+
 def load_spec(name: str, source: Path) -> FunctionSpec:
     """Build the spec for one entry of functions/. Never raises SpecError."""
     is_dir = source.is_dir()
     task_root = source if is_dir else source.parent
-    config_file = source / "function.toml" if is_dir else source.with_suffix(".toml")
-    if not config_file.is_file() and not config_file.is_dir():
-        config_file = None
+    config_file = config_file_of(source)
     base = FunctionSpec(
         name=name,
         runtime=_guess_runtime(source) or "python",
@@ -181,6 +208,9 @@ def load_spec(name: str, source: Path) -> FunctionSpec:
                 raise SpecError(problem)
         if config_file is not None and config_file.is_dir():
             raise SpecError(f"{config_file.name} is a directory, not a TOML file of settings")
+        if not is_dir and not _is_regular(source):
+            raise SpecError(f"{source.name}: not a regular file: a function is a file or a directory "
+                            "(a FIFO, socket or device cannot be one)")
         raw = _read_toml(config_file) if config_file else {}
         return _build(base, raw, is_dir)
     except SpecError as exc:
@@ -207,9 +237,16 @@ def _with(spec: FunctionSpec, **changes: Any) -> FunctionSpec:
     return replace(spec, **changes)
 
 
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(read_file(path).decode())
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path.name}: not valid TOML: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -305,7 +342,7 @@ def _single_file_handler(source: Path) -> str:
 
 def _python_top_level_names(path: Path) -> set[str] | None:
     try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
+        tree = ast.parse(read_file(path), filename=str(path))
     except (SyntaxError, ValueError, OSError):
         return None
     names: set[str] = set()
@@ -345,12 +382,14 @@ def check_code(spec: FunctionSpec) -> str | None:
     problem = outside_functions(spec.source.parent, path) if path.is_symlink() else None
     if problem:
         return f"Runtime.ImportModuleError: Unable to import module '{module}': {problem}"
-    if not path.is_file():
+    if not path.exists():
         if (spec.task_root / module.replace(".", "/") / "__init__.py").is_file():
             return None
         return f"Runtime.ImportModuleError: Unable to import module '{module}': No module named '{module}'"
     try:
-        ast.parse(path.read_bytes(), filename=path.name)
+        ast.parse(read_file(path), filename=path.name)
+    except OSError as exc:
+        return f"Runtime.ImportModuleError: Unable to import module '{module}': {path.name}: {exc}"
     except SyntaxError as exc:
         return (
             f"Runtime.UserCodeSyntaxError: Syntax error in module '{module}': "
@@ -556,10 +595,10 @@ def _code_sha256(source: Path, config_file: Path | None, revision: str) -> str:
     digest = hashlib.sha256()
     base = source if source.is_dir() else source.parent
     for path in code_files(source):
-        if path == config_file or not path.is_file():  # a FIFO would block the read forever
+        if path == config_file:
             continue
         try:
-            data = path.read_bytes()
+            data = read_file(path)
         except OSError:
             continue
         name = path.relative_to(base).as_posix().encode()

@@ -611,6 +611,34 @@ def test_settings_that_are_a_directory_are_a_load_error(start_daemon, functions_
     assert daemon.function("sidecar")["timeout_s"] == 5
 
 
+def test_a_fifo_in_functions_is_a_load_error_and_blocks_nothing(daemon):
+    # Reading a FIFO waits for a writer that never comes: faasd must not try.
+    write_function(daemon.functions, "good.py", ECHO)
+    loaded(daemon, "good")
+    os.mkfifo(daemon.functions / "fifo.py")
+    write_function(daemon.functions, "piped.py", ECHO)
+    os.mkfifo(daemon.functions / "piped.toml")
+    write_function(daemon.functions, "pkg/function.toml", 'runtime = "python"\nhandler = "main.handler"\n')
+    os.mkfifo(daemon.functions / "pkg" / "main.py")
+    for name in ("fifo", "piped", "pkg"):
+        loaded(daemon, name)
+    assert daemon.function("fifo")["load_error"].startswith("fifo.py: not a regular file")
+    assert daemon.function("piped")["load_error"] == "piped.toml: cannot be read: not a regular file"
+    assert daemon.function("pkg")["load_error"] == (
+        "Runtime.ImportModuleError: Unable to import module 'main': main.py: not a regular file")
+    assert daemon.invoke("good", {"still": "here"}).json() == {"still": "here"}
+    assert daemon.get("/function/fifo").status == 502
+    started = time.monotonic()
+    check = subprocess.run([sys.executable, "-m", "faasd", "check", "--functions", str(daemon.functions)],
+                           capture_output=True, text=True, cwd=daemon.data.parent, timeout=30,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert time.monotonic() - started < 15
+    assert check.returncode == 1, check.stdout
+    assert "fifo: error: fifo.py: not a regular file" in check.stdout
+    assert "piped: error: piped.toml: cannot be read: not a regular file" in check.stdout
+    assert "good: ok" in check.stdout
+
+
 def test_handlers_may_write_bytes_reconfigure_and_use_the_original_stdout(daemon):
     # What runs on Lambda: sys.stdout.buffer (click, structlog), reconfigure()
     # (scripts that force UTF-8), and the interpreter's own sys.__stdout__.
