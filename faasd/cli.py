@@ -288,6 +288,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .registry import scan
     from .sandbox import FunctionUsers
+    from .spec import misnamed
     from .triggers.http import claim, routes_of
 
     try:
@@ -317,7 +318,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         else:
             triggers = ", ".join(t.type for t in spec.triggers) or "http"
             print(f"{name}: ok ({spec.runtime}, {spec.handler}; triggers: {triggers})")
-    print(f"{len(specs)} functions, {failed} with errors")
+    unnamed = misnamed(config.paths.functions)
+    for entry in unnamed:
+        print(f"{entry}: error: the name is not valid UTF-8; a function's name is 1 to 64 of "
+              "A-Z a-z 0-9 _ -: rename it")
+    failed += len(unnamed)
+    print(f"{len(specs) + len(unnamed)} functions, {failed} with errors")
     return 1 if failed else 0
 
 

@@ -21,7 +21,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from .spec import FunctionSpec, discover, load_spec
+from .spec import FunctionSpec, discover, load_spec, misnamed
 
 log = logging.getLogger("faasd.registry")
 
@@ -50,6 +50,7 @@ class Registry:
         self._rescan_handle: asyncio.TimerHandle | None = None
         self._periodic: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._misnamed: set[str] = set()  # warned of once, while they stay
 
     def get(self, name: str) -> FunctionSpec | None:
         return self.specs.get(name)
@@ -60,6 +61,7 @@ class Registry:
     def refresh(self) -> list[tuple[FunctionSpec | None, FunctionSpec | None]]:
         """Rescan now; tell listeners what changed; return the changes."""
         found = discover(self.functions_dir)
+        self._warn_misnamed(misnamed(self.functions_dir))
         changes: list[tuple[FunctionSpec | None, FunctionSpec | None]] = []
         for name in list(self.specs):
             if name not in found:
@@ -80,6 +82,13 @@ class Registry:
                 except Exception:
                     log.exception("listener failed on a change of %s", (new or old).name)
         return changes
+
+    def _warn_misnamed(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self._misnamed:
+                log.warning("%s/%s is skipped: its name is not valid UTF-8, and a function's name is "
+                            "1 to 64 of A-Z a-z 0-9 _ -; rename it", self.functions_dir, name)
+        self._misnamed = set(names)
 
     @staticmethod
     def _report(old: FunctionSpec | None, new: FunctionSpec | None) -> None:

@@ -145,6 +145,8 @@ def discover(functions_dir: Path) -> dict[str, Path]:
     except FileNotFoundError:
         return found
     for entry in entries:
+        if not _is_utf8(entry.name):
+            continue  # see misnamed()
         path = Path(entry.path)
         name = entry_name(path)
         if name is None:
@@ -181,6 +183,26 @@ def read_file(path: Path) -> bytes:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError("not a regular file")
         return handle.read()
+
+
+def misnamed(functions_dir: Path) -> list[str]:
+    """Entries of functions/ whose names are not valid UTF-8, with the bad bytes
+    shown escaped (`bad\\xff.py`). `discover` leaves them out: no function may
+    have such a name, and no listing, log line or metric label could carry it."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(functions_dir))
+    except FileNotFoundError:
+        return []
+    return [os.fsencode(name).decode(errors="backslashreplace") for name in names
+            if not _is_utf8(name) and entry_name(functions_dir / name) is not None]
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # undecodable bytes, kept as surrogates by os.fsdecode
+        return False
+    return True
 
 
 def load_spec(name: str, source: Path) -> FunctionSpec:
@@ -575,7 +597,7 @@ def revision_of(source: Path, config_file: Path | None) -> str:
         except OSError:
             continue
         parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.blake2b("\n".join(parts).encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(os.fsencode("\n".join(parts)), digest_size=8).hexdigest()
 
 
 def code_sha256(spec: FunctionSpec) -> str:
@@ -601,7 +623,7 @@ def _code_sha256(source: Path, config_file: Path | None, revision: str) -> str:
             data = read_file(path)
         except OSError:
             continue
-        name = path.relative_to(base).as_posix().encode()
+        name = os.fsencode(path.relative_to(base).as_posix())
         digest.update(len(name).to_bytes(4, "big") + name + len(data).to_bytes(8, "big") + data)
     return base64.b64encode(digest.digest()).decode()
 

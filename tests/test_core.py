@@ -639,6 +639,30 @@ def test_a_fifo_in_functions_is_a_load_error_and_blocks_nothing(daemon):
     assert "good: ok" in check.stdout
 
 
+def test_a_name_that_is_not_utf8_is_skipped_with_one_warning_and_the_rest_is_served(
+        start_daemon, functions_dir):
+    write_function(functions_dir, "good.py", ECHO)
+    (functions_dir / os.fsdecode(b"bad\xff.py")).write_text(ECHO)
+    write_function(functions_dir, "tree/handler.py", ECHO)
+    (functions_dir / "tree" / os.fsdecode(b"data-\xfe.bin")).write_bytes(b"\x00")
+    daemon = start_daemon(functions_dir)
+    assert daemon.invoke("good", {"a": 1}).json() == {"a": 1}
+    assert daemon.invoke("tree", {"b": 2}).json() == {"b": 2}
+    listed = daemon.get("/system/functions")
+    assert listed.status == 200 and sorted(f["name"] for f in listed.json()["functions"]) == ["good", "tree"]
+    assert daemon.get("/2015-03-31/functions/tree").status == 200  # its code hash covers the file
+    # A rescan (any change under functions/) does not warn again.
+    write_function(functions_dir, "later.py", ECHO)
+    loaded(daemon, "later")
+    warnings = [line for line in daemon.output().splitlines() if "not valid UTF-8" in line]
+    assert len(warnings) == 1, warnings
+    assert "bad\\xff.py is skipped: its name is not valid UTF-8" in warnings[0]
+    check = run_cli("check", "--functions", str(functions_dir))
+    assert check.returncode == 1, check.stdout
+    assert "bad\\xff.py: error: the name is not valid UTF-8" in check.stdout
+    assert "tree: ok" in check.stdout and "good: ok" in check.stdout
+
+
 def test_handlers_may_write_bytes_reconfigure_and_use_the_original_stdout(daemon):
     # What runs on Lambda: sys.stdout.buffer (click, structlog), reconfigure()
     # (scripts that force UTF-8), and the interpreter's own sys.__stdout__.
