@@ -186,7 +186,7 @@ class Daemon:
 
         self.registry.subscribe(self.routes.function_changed)
         self.registry.subscribe(self.pool.function_changed)
-        self.registry.refresh()
+        await self.registry.rescan()
         self.registry.start()
         self._cleanups.append(self.registry.stop)
 

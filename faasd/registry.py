@@ -2,10 +2,16 @@
 
 The registry owns the answer to "which functions exist, and what is their
 code right now". It rescans on any filesystem event under functions/
-(watchdog; debounced), compares each entry's revision with what it had, and
-tells its listeners about each function that appeared, changed or went
-away. A periodic rescan covers events inotify may drop (queue overflow,
-network filesystems).
+(watchdog; debounced), compares each entry's revision (a stat of its files)
+with what it had, loads the functions that are new or changed, and tells its
+listeners about each function that appeared, changed or went away. A
+periodic rescan covers events inotify may drop (queue overflow, network
+filesystems).
+
+The file work of a rescan runs in a thread, so that a big function's code
+stalls no request while it loads (spec.py parses big modules in a child
+process, as the parser would hold the GIL); the listeners hear of the
+changes on the event loop, in order. One rescan runs at a time.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from .spec import FunctionSpec, discover, load_spec, misnamed
+from .spec import FunctionSpec, config_file_of, discover, load_spec, misnamed, revision_of
 
 log = logging.getLogger("faasd.registry")
 
 Listener = Callable[[FunctionSpec | None, FunctionSpec | None], None]
+Change = tuple[FunctionSpec | None, FunctionSpec | None]
 
 DEBOUNCE_S = 0.05
 # Only changes matter. Leaving out opens and reads keeps the inotify thread
@@ -41,6 +48,20 @@ def scan(functions_dir: Path) -> dict[str, FunctionSpec]:
     return {name: load_spec(name, path) for name, path in discover(functions_dir).items()}
 
 
+def compare(functions_dir: Path, known: dict[str, FunctionSpec]) -> list[Change]:
+    """What changed in `functions_dir` since `known`, as (old, new) pairs: only the
+    functions that are new or whose revision changed are loaded again."""
+    found = discover(functions_dir)
+    changes: list[Change] = [(old, None) for name, old in known.items() if name not in found]
+    for name, path in found.items():
+        old = known.get(name)
+        if (old is not None and old.source == path
+                and old.revision == revision_of(path, config_file_of(path))):
+            continue
+        changes.append((old, load_spec(name, path)))
+    return changes
+
+
 class Registry:
     def __init__(self, functions_dir: Path) -> None:
         self.functions_dir = functions_dir
@@ -48,7 +69,9 @@ class Registry:
         self._listeners: list[Listener] = []
         self._observer: Observer | None = None
         self._rescan_handle: asyncio.TimerHandle | None = None
-        self._periodic: asyncio.Task | None = None
+        self._due = asyncio.Event()
+        self._scanning = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._misnamed: set[str] = set()  # warned of once, while they stay
 
@@ -58,30 +81,30 @@ class Registry:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def refresh(self) -> list[tuple[FunctionSpec | None, FunctionSpec | None]]:
+    async def rescan(self) -> list[Change]:
         """Rescan now; tell listeners what changed; return the changes."""
-        found = discover(self.functions_dir)
-        self._warn_misnamed(misnamed(self.functions_dir))
-        changes: list[tuple[FunctionSpec | None, FunctionSpec | None]] = []
-        for name in list(self.specs):
-            if name not in found:
-                old = self.specs.pop(name)
-                changes.append((old, None))
-        for name, path in found.items():
-            old = self.specs.get(name)
-            new = load_spec(name, path)
-            if old is not None and old.revision == new.revision and old.source == new.source:
-                continue
-            self.specs[name] = new
-            changes.append((old, new))
-        for old, new in changes:
-            self._report(old, new)
-            for listener in self._listeners:
-                try:
-                    listener(old, new)
-                except Exception:
-                    log.exception("listener failed on a change of %s", (new or old).name)
-        return changes
+        async with self._scanning:
+            changes, unnamed = await asyncio.to_thread(self._look, dict(self.specs))
+            self._warn_misnamed(unnamed)
+            for old, new in changes:
+                if new is None:
+                    del self.specs[old.name]  # type: ignore[union-attr]
+                else:
+                    self.specs[new.name] = new
+                self._report(old, new)
+                for listener in self._listeners:
+                    try:
+                        listener(old, new)
+                    except Exception:
+                        log.exception("listener failed on a change of %s", (new or old).name)
+            return changes
+
+    def _look(self, known: dict[str, FunctionSpec]) -> tuple[list[Change], list[str]]:
+        return compare(self.functions_dir, known), misnamed(self.functions_dir)
+
+    def rescan_soon(self) -> None:
+        """Have the watcher rescan as soon as it can (e.g. after a config reload)."""
+        self._due.set()
 
     def _warn_misnamed(self, names: list[str]) -> None:
         for name in names:
@@ -111,7 +134,7 @@ class Registry:
                                 event_filter=WATCHED_EVENTS)
         self._observer.daemon = True
         self._observer.start()
-        self._periodic = self._loop.create_task(self._rescan_periodically())
+        self._watcher = self._loop.create_task(self._rescan_when_due())
 
     def _schedule_threadsafe(self) -> None:
         loop = self._loop
@@ -121,23 +144,24 @@ class Registry:
     def _schedule(self) -> None:
         if self._rescan_handle is not None:
             self._rescan_handle.cancel()
-        self._rescan_handle = asyncio.get_running_loop().call_later(DEBOUNCE_S, self._rescan)
+        self._rescan_handle = asyncio.get_running_loop().call_later(DEBOUNCE_S, self._due.set)
 
-    def _rescan(self) -> None:
-        self._rescan_handle = None
-        try:
-            self.refresh()
-        except Exception:
-            log.exception("rescanning %s failed", self.functions_dir)
-
-    async def _rescan_periodically(self) -> None:
+    async def _rescan_when_due(self) -> None:
+        """Every rescan after the first: on a (debounced) event, else every FALLBACK_RESCAN_S."""
         while True:
-            await asyncio.sleep(FALLBACK_RESCAN_S)
-            self._rescan()
+            try:
+                await asyncio.wait_for(self._due.wait(), FALLBACK_RESCAN_S)
+            except asyncio.TimeoutError:
+                pass
+            self._due.clear()
+            try:
+                await self.rescan()
+            except Exception:
+                log.exception("rescanning %s failed", self.functions_dir)
 
     def stop(self) -> None:
-        if self._periodic is not None:
-            self._periodic.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._rescan_handle is not None:
             self._rescan_handle.cancel()
         if self._observer is not None:

@@ -114,7 +114,7 @@ def apply(daemon: "Daemon", new: Config) -> set[str]:
         daemon.logs.max_file_bytes = new.log.max_file_mb * MB
         daemon.logs.keep_files = new.log.keep_files
     daemon.logs.reopen()
-    daemon.registry.refresh()
+    daemon.registry.rescan_soon()
     return pending
 
 

@@ -13,10 +13,12 @@ import ast
 import base64
 import functools
 import hashlib
+import json
 import os
 import random
 import re
 import stat
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -356,17 +358,72 @@ def _single_file_handler(source: Path) -> str:
     module = source.stem
     if source.suffix == ".py":
         # `handler`, or `lambda_handler` where `handler` is absent.
-        names = _python_top_level_names(source)
+        try:
+            names = module_facts(source).names
+        except OSError:
+            names = None
         if names is not None and "handler" not in names and "lambda_handler" in names:
             return f"{module}.lambda_handler"
     return f"{module}.handler"
 
 
-def _python_top_level_names(path: Path) -> set[str] | None:
+# A module bigger than this is parsed in a child process: the parser holds the
+# GIL from start to end (about 2 s for 1.5 MB here), so parsed in one of the
+# daemon's threads it would stop the event loop, and every request, as long.
+PARSE_IN_CHILD_BYTES = 64 * 1024
+PARSE_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ModuleFacts:
+    """What a Python module's text tells without running it."""
+
+    syntax_error: str | None = None  # "invalid syntax (main.py, line 3)"
+    names: frozenset[str] | None = None  # top-level names; None where only an import can tell
+
+
+def module_facts(path: Path) -> ModuleFacts:
+    """The facts of a module file, parsed once for each version of it (OSError if
+    it cannot be read)."""
+    status = os.stat(path)
+    return _module_facts(path, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _module_facts(path: Path, inode: int, size: int, mtime_ns: int) -> ModuleFacts:
+    source = read_file(path)
+    if len(source) > PARSE_IN_CHILD_BYTES:
+        return _facts_from_child(source, path.name)
+    return _facts(source, path.name)
+
+
+def _facts(source: bytes, filename: str) -> ModuleFacts:
     try:
-        tree = ast.parse(read_file(path), filename=str(path))
-    except (SyntaxError, ValueError, OSError):
-        return None
+        tree = ast.parse(source, filename=filename)
+    except SyntaxError as exc:
+        where = f"{filename}, line {exc.lineno}" if exc.lineno else filename
+        return ModuleFacts(syntax_error=f"{exc.msg} ({where})")
+    except ValueError as exc:  # source code string cannot contain null bytes
+        return ModuleFacts(syntax_error=f"{exc} ({filename})")
+    except (RecursionError, MemoryError):
+        return ModuleFacts(syntax_error=f"too deeply nested to parse ({filename})")
+    return ModuleFacts(names=_top_level_names(tree))
+
+
+def _facts_from_child(source: bytes, filename: str) -> ModuleFacts:
+    """`_facts` in a child process (this file run as a script); no facts if it fails."""
+    try:
+        done = subprocess.run([sys.executable, "-I", __file__, filename], input=source,
+                              capture_output=True, timeout=PARSE_TIMEOUT_S, check=True)
+        answer = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return ModuleFacts()
+    names = answer["names"]
+    return ModuleFacts(syntax_error=answer["syntax_error"],
+                       names=None if names is None else frozenset(names))
+
+
+def _top_level_names(tree: ast.Module) -> frozenset[str] | None:
     names: set[str] = set()
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -381,7 +438,7 @@ def _python_top_level_names(path: Path) -> set[str] | None:
             # Anything dynamic (if/try/for at module level) may define the
             # handler; only a worker's import can tell.
             return None
-    return names
+    return frozenset(names)
 
 
 def check_code(spec: FunctionSpec) -> str | None:
@@ -409,18 +466,12 @@ def check_code(spec: FunctionSpec) -> str | None:
             return None
         return f"Runtime.ImportModuleError: Unable to import module '{module}': No module named '{module}'"
     try:
-        ast.parse(read_file(path), filename=path.name)
+        facts = module_facts(path)
     except OSError as exc:
         return f"Runtime.ImportModuleError: Unable to import module '{module}': {path.name}: {exc}"
-    except SyntaxError as exc:
-        return (
-            f"Runtime.UserCodeSyntaxError: Syntax error in module '{module}': "
-            f"{exc.msg} ({path.name}, line {exc.lineno})"
-        )
-    except ValueError as exc:
-        return f"Runtime.UserCodeSyntaxError: Syntax error in module '{module}': {exc}"
-    names = _python_top_level_names(path)
-    if names is not None and function not in names:
+    if facts.syntax_error:
+        return f"Runtime.UserCodeSyntaxError: Syntax error in module '{module}': {facts.syntax_error}"
+    if facts.names is not None and function not in facts.names:
         return f"Runtime.HandlerNotFound: Handler '{function}' missing on module '{module}'"
     return None
 
@@ -656,3 +707,10 @@ def runtime_version(runtime: str, region: str = DEFAULT_REGION) -> tuple[str, st
     runtime's identifier and the faasd release whose shim runs it, and a digest of that."""
     version = f"{RUNTIME_IDS.get(runtime, runtime)}:faasd-{__version__}"
     return version, f"arn:aws:lambda:{region}::runtime:{hashlib.sha256(version.encode()).hexdigest()}"
+
+
+if __name__ == "__main__":
+    # The child of _facts_from_child: a module's text on stdin, its facts on stdout.
+    found = _facts(sys.stdin.buffer.read(), sys.argv[1])
+    json.dump({"syntax_error": found.syntax_error,
+               "names": None if found.names is None else sorted(found.names)}, sys.stdout)

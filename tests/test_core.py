@@ -639,6 +639,40 @@ def test_a_fifo_in_functions_is_a_load_error_and_blocks_nothing(daemon):
     assert "good: ok" in check.stdout
 
 
+def _big_module(revision: int) -> str:
+    """About 1.5 MB of Python: a module-level table, as handlers that embed one have."""
+    rows = "".join(f"    {{'id': {i}, 'name': 'item{i * 7919 % 100003}', 'v': {i / 7:.6f}}},\n"
+                   for i in range(30000))
+    return f"# revision {revision}\nTABLE = [\n{rows}]\n\ndef handler(event, context):\n    return len(TABLE)\n"
+
+
+def _worst_latency_ms(daemon, seconds: float) -> float:
+    worst = 0.0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.monotonic()
+        assert daemon.get("/healthz").status == 200
+        worst = max(worst, (time.monotonic() - started) * 1000)
+        time.sleep(0.01)
+    return worst
+
+
+def test_a_big_function_stalls_no_request_at_rescans_or_when_it_changes(start_daemon, functions_dir):
+    # The parser holds the GIL: parsing 1.5 MB on the event loop (or in one of
+    # the daemon's threads) stopped every request for seconds at each rescan.
+    (functions_dir / "big.py").write_text(_big_module(1))
+    write_function(functions_dir, "hello.py", HELLO)
+    daemon = start_daemon(functions_dir)
+    assert daemon.function("big")["load_error"] is None
+    revision = daemon.function("big")["revision"]
+    # Two periodic rescans (every 5 s) find nothing changed.
+    assert _worst_latency_ms(daemon, 6.0) < 1000
+    write_function(functions_dir, "big.py", _big_module(2))
+    assert _worst_latency_ms(daemon, 3.0) < 1000
+    wait_until(lambda: daemon.function("big")["revision"] != revision, message="big.py to reload")
+    assert daemon.get("/function/hello").status == 200
+
+
 def test_a_name_that_is_not_utf8_is_skipped_with_one_warning_and_the_rest_is_served(
         start_daemon, functions_dir):
     write_function(functions_dir, "good.py", ECHO)
