@@ -11,12 +11,15 @@ error names the source, the key and what would be accepted.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
+
+from .spec import read_file
 
 
 class ConfigError(Exception):
@@ -132,19 +135,24 @@ def _bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
+def _whole_number(value: Any) -> int:
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise ValueError("expected a whole number")  # 1.5, nan and inf too
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
 def _positive_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number")
-    number = int(value)
-    if number <= 0 or (isinstance(value, float) and not value.is_integer()):
+    number = _whole_number(value)
+    if number <= 0:
         raise ValueError("expected a positive whole number")
     return number
 
 
 def _non_negative_int(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("expected a whole number")
-    number = int(value)
+    number = _whole_number(value)
     if number < 0:
         raise ValueError("expected zero or a positive whole number")
     return number
@@ -154,8 +162,22 @@ def _positive_float(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number")
     number = float(value)
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number, not nan or inf")
     if number <= 0:
         raise ValueError("expected a positive number")
+    return number
+
+
+# A request body is held in memory whole; past this, its size in bytes would
+# not even be a number.
+MAX_BODY_MB = 1024 * 1024
+
+
+def _body_mb(value: Any) -> float:
+    number = _positive_float(value)
+    if number > MAX_BODY_MB:
+        raise ValueError(f"expected a size in MB up to {MAX_BODY_MB}")
     return number
 
 
@@ -169,7 +191,16 @@ def _port(value: Any) -> int:
 def _str(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
+    if "\0" in value:
+        raise ValueError("a NUL character cannot be part of it")
     return value
+
+
+def _path(value: Any) -> Path:
+    path = Path(value)
+    if "\0" in str(path):
+        raise ValueError("a NUL character cannot be part of a path")
+    return path
 
 
 def _optional_str(value: Any) -> str | None:
@@ -220,9 +251,9 @@ def _choice(*options: str):
 
 
 _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
-    "server": (ServerConfig, {"host": _str, "port": _port, "max_body_mb": _positive_float,
+    "server": (ServerConfig, {"host": _str, "port": _port, "max_body_mb": _body_mb,
                               "insecure": _bool, "idle_timeout_s": _positive_float}),
-    "paths": (PathsConfig, {"functions": Path, "data": Path}),
+    "paths": (PathsConfig, {"functions": _path, "data": _path}),
     "limits": (LimitsConfig, {"max_concurrency": _positive_int}),
     "workers": (WorkersConfig, {"freeze_after_ms": _non_negative_int,
                                 "reply_poll_us": _non_negative_int,
@@ -268,13 +299,20 @@ def load_config(
     base = Path.cwd()
     source: Path | None = None
     if path is not None:
-        source = Path(path).resolve()
+        source = _resolve(Path(path), str(path))
         try:
-            raw = tomllib.loads(source.read_text())
+            raw = tomllib.loads(read_file(source).decode())
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: byte {exc.start} is not UTF-8, and TOML "
+                              "files are UTF-8 text") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: cannot be read: arrays or tables nested too deeply") from None
         base = source.parent
         unknown = set(raw) - set(_SCHEMA)
         if unknown:
@@ -318,14 +356,21 @@ def load_config(
     paths: PathsConfig = sections["paths"]
     sections["paths"] = replace(
         paths,
-        functions=(path_bases.get("functions", base) / paths.functions).resolve(),
-        data=(path_bases.get("data", base) / paths.data).resolve(),
+        functions=_resolve(path_bases.get("functions", base) / paths.functions, "paths.functions"),
+        data=_resolve(path_bases.get("data", base) / paths.data, "paths.data"),
     )
     return Config(**sections, source=source)
+
+
+def _resolve(path: Path, what: str) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ConfigError(f"{what}: cannot be resolved: {exc}") from None
 
 
 def _coerce(coercer: Any, value: Any, where: str) -> Any:
     try:
         return coercer(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"{where}: {value!r} is not valid: {exc}") from None

@@ -1,10 +1,18 @@
-"""Unit tests of faasd.config: what a relative path is relative to."""
+"""Unit tests of faasd.config: what a relative path is relative to, and what is refused."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
-from faasd.config import load_config
+import pytest
+
+from faasd.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _layout(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
@@ -42,3 +50,113 @@ def test_without_a_file_everything_is_relative_to_the_current_directory(tmp_path
     config = load_config(None, env={})
     assert config.paths.functions == tmp_path / "functions"
     assert config.paths.data == tmp_path / ".faasd"
+
+
+FLOAT_KEYS = ["server.max_body_mb", "server.idle_timeout_s", "workers.keep_warm_s",
+              "workers.drain_timeout_s", "cluster.heartbeat_s"]
+INT_KEYS = ["server.port", "limits.max_concurrency", "workers.freeze_after_ms",
+            "workers.reply_poll_us", "cluster.prefetch", "log.max_file_mb", "log.keep_files"]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS + INT_KEYS)
+@pytest.mark.parametrize("number", ["nan", "inf", "-inf"])
+def test_a_number_that_is_not_finite_is_refused_in_the_file_and_the_environment(
+        tmp_path, key, number):
+    section, name = key.split(".")
+    config = tmp_path / "faasd.toml"
+    config.write_text(f"[{section}]\n{name} = {number}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(config, env={})
+    assert f"{config}: {key}: {number} is not valid: expected a" in str(refused.value)
+    variable = f"FAASD_{section.upper()}_{name.upper()}"
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, env={variable: number})
+    assert f"${variable}: {number!r} is not valid: expected a" in str(refused.value)
+
+
+def test_whole_numbers_refuse_fractions_and_sizes_stay_numbers(tmp_path):
+    config = tmp_path / "faasd.toml"
+    config.write_text("[workers]\nfreeze_after_ms = 1.5\n")
+    with pytest.raises(ConfigError, match="workers.freeze_after_ms: 1.5 is not valid: expected a whole number"):
+        load_config(config, env={})
+    config.write_text("[server]\nmax_body_mb = 1e308\n")
+    with pytest.raises(ConfigError, match="server.max_body_mb: 1e\\+308 is not valid: expected a size in MB"):
+        load_config(config, env={})
+    config.write_text('[paths]\ndata = "state\\u0000"\n')
+    with pytest.raises(ConfigError, match="paths.data: .* a NUL character cannot be part of a path"):
+        load_config(config, env={})
+    config.write_text('[workers]\nrun_as = "faasd\\u0000"\n')
+    with pytest.raises(ConfigError, match="workers.run_as: .* a NUL character cannot be part of it"):
+        load_config(config, env={})
+
+
+def test_a_file_that_cannot_be_read_as_toml_is_one_config_error(tmp_path):
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"# caf\xe9\n[limits]\nmax_concurrency = 5\n")
+    with pytest.raises(ConfigError, match=r"latin1.toml: not valid TOML: byte 5 is not UTF-8"):
+        load_config(latin1, env={})
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: cannot be read: not a regular file$"):
+        load_config(tmp_path, env={})
+    unreadable = tmp_path / "unreadable.toml"
+    unreadable.write_text("")
+    unreadable.chmod(0)
+    if os.geteuid() != 0:
+        with pytest.raises(ConfigError, match="unreadable.toml: cannot be read: Permission denied"):
+            load_config(unreadable, env={})
+
+
+def test_a_fifo_as_the_config_file_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "faasd.toml"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_config(fifo, env={})
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():  # let the blocked open go, to fail the test rather than hang it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail("load_config waited for a writer to open the FIFO")
+    assert isinstance(outcome[0], ConfigError)
+    assert str(outcome[0]) == f"{fifo}: cannot be read: not a regular file"
+
+
+def _faasd(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FAASD_")}
+    return subprocess.run([sys.executable, "-m", "faasd", *argv], capture_output=True, text=True,
+                          env={**clean, "PYTHONPATH": str(ROOT), **env}, timeout=60)
+
+
+def test_serve_and_check_refuse_a_nan_setting_in_one_line(tmp_path):
+    (tmp_path / "functions").mkdir()
+    env = {"FAASD_SERVER_MAX_BODY_MB": "nan"}
+    check = _faasd("check", "--functions", str(tmp_path / "functions"), env=env)
+    assert check.returncode == 1
+    assert check.stdout.strip() == ("config: error: $FAASD_SERVER_MAX_BODY_MB: 'nan' is not valid: "
+                                    "expected a finite number, not nan or inf")
+    serve = _faasd("serve", "--functions", str(tmp_path / "functions"), "--data-dir",
+                   str(tmp_path / "data"), "--port", "0", env=env)
+    assert serve.returncode == 2
+    assert serve.stderr.strip() == ("faasd: $FAASD_SERVER_MAX_BODY_MB: 'nan' is not valid: "
+                                    "expected a finite number, not nan or inf")
+    assert "Traceback" not in serve.stdout + serve.stderr
+
+
+def test_a_symlink_loop_or_a_nesting_too_deep_is_one_config_error(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(ConfigError, match=rf"^{loop}: cannot be resolved: Symlink loop"):
+        load_config(loop, env={})
+    config = tmp_path / "faasd.toml"
+    config.write_text('[paths]\nfunctions = "loop"\n')
+    with pytest.raises(ConfigError, match="^paths.functions: cannot be resolved: Symlink loop"):
+        load_config(config, env={})
+    config.write_text("[limits]\nmax_concurrency = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="faasd.toml: cannot be read: arrays or tables nested too deeply"):
+        load_config(config, env={})
