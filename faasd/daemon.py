@@ -400,7 +400,11 @@ async def serve(config: Config, loader: ConfigLoader | None = None) -> int:
             if loader is None:
                 log.warning("SIGHUP: no config source to reload from; ignored")
                 continue
-            await reload(daemon, loader, notifier, reloads)
+            try:
+                await reload(daemon, loader, notifier, reloads)
+            except Exception:  # the next SIGHUP must still find this task
+                log.exception("config reload failed; the running configuration is kept")
+                notifier.ready(status_line(daemon))
 
     watchdog = loop.create_task(notifier.run_watchdog())
     background = [loop.create_task(reload_on_hangup()),

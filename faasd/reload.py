@@ -120,28 +120,32 @@ def apply(daemon: "Daemon", new: Config) -> set[str]:
 
 async def reload(daemon: "Daemon", loader: ConfigLoader, notifier: "Notifier",
                  state: ReloadState) -> bool:
-    """Reload the config from its source; True if the new one is in force."""
+    """Reload the config from its source; True if the new one is in force.
+
+    However it ends, it is counted, said in one log line, and followed by
+    READY=1: systemd waits for that after RELOADING=1.
+    """
     notifier.reloading("Reloading configuration")
     state.last_at = time.time()
     source = daemon.config.source or "built-in defaults"
     try:
         new = loader()
-    except ConfigError as exc:
-        state.refused += 1
-        state.last_ok = False
-        state.last_error = str(exc)
-        log.error("config reload refused, the running configuration is kept: %s", exc)
-        notifier.ready(f"{status_line(daemon)}; reload refused: {exc}")
+    except Exception as exc:
+        if isinstance(exc, ConfigError):  # it names the file, the key and the problem
+            problem = str(exc)
+        else:
+            problem = f"{source}: {type(exc).__name__}: {exc}"
+            log.debug("config reload: reading %s failed", source, exc_info=True)
+        log.error("config reload refused, the running configuration is kept: %s", problem)
+        _refused(daemon, notifier, state, problem, "reload refused")
         return False
     try:
         pending = apply(daemon, new)
     except Exception as exc:
-        # systemd waits for READY=1 after RELOADING=1 whatever happens.
-        state.refused += 1
-        state.last_ok = False
-        state.last_error = f"{type(exc).__name__}: {exc}"
-        log.exception("config reload failed part-way; restart faasd to be sure of its config")
-        notifier.ready(f"{status_line(daemon)}; reload failed: {state.last_error}")
+        problem = f"{type(exc).__name__}: {exc}"
+        log.exception("config reload failed part-way (%s); restart faasd to be sure of its config",
+                      problem)
+        _refused(daemon, notifier, state, problem, "reload failed")
         return False
     state.succeeded += 1
     state.last_ok = True
@@ -151,6 +155,14 @@ async def reload(daemon: "Daemon", loader: ConfigLoader, notifier: "Notifier",
     log.info("configuration reloaded from %s", new.source or source)
     notifier.ready(status_line(daemon))
     return True
+
+
+def _refused(daemon: "Daemon", notifier: "Notifier", state: ReloadState, problem: str,
+             outcome: str) -> None:
+    state.refused += 1
+    state.last_ok = False
+    state.last_error = problem
+    notifier.ready(f"{status_line(daemon)}; {outcome}: {problem}")
 
 
 def status_line(daemon: "Daemon") -> str:

@@ -182,6 +182,38 @@ def test_reload_applies_live_keys_at_once_and_names_restart_only_ones(start_daem
     assert daemon.post("/function/hello", b"x" * (2 * 1024 * 1024)).status == 200
 
 
+def test_a_config_that_is_not_utf8_is_refused_and_the_next_sighup_still_reloads(
+        start_daemon, functions_dir, tmp_path, notify_socket):
+    config = tmp_path / "faasd.toml"
+    config.write_text(CONFIG.format(max_concurrency=50))
+    daemon = start_daemon(functions_dir, config=config, env={"NOTIFY_SOCKET": str(notify_socket.path)})
+    notify_socket.wait_for("READY", "1")
+
+    config.write_bytes(b"# caf\xe9\n" + CONFIG.format(max_concurrency=5).encode())
+    before = len(notify_socket.messages)
+    daemon.process.send_signal(signal.SIGHUP)
+    index, _ = notify_socket.wait_for("RELOADING", "1", after=before)
+    _, refused = notify_socket.wait_for("READY", "1", after=index + 1)
+    assert f"reload refused: {config}: not valid TOML: byte 5 is not UTF-8" in refused["STATUS"]
+    wait_until(lambda: "config reload refused" in daemon.output(), message="the refusal in the log")
+    [line] = [l for l in daemon.output().splitlines() if "config reload refused" in l]
+    assert f"{config}: not valid TOML: byte 5 is not UTF-8" in line
+    assert "Traceback" not in daemon.output()
+    assert daemon.get("/system/info").json()["max_concurrency"] == 50
+
+    config.write_text(CONFIG.format(max_concurrency=7))
+    before = len(notify_socket.messages)
+    daemon.process.send_signal(signal.SIGHUP)
+    index, _ = notify_socket.wait_for("RELOADING", "1", after=before)
+    _, done = notify_socket.wait_for("READY", "1", after=index + 1)
+    assert "refused" not in done["STATUS"]
+    assert daemon.get("/system/info").json()["max_concurrency"] == 7
+    metrics = daemon.get("/metrics").text
+    assert 'faasd_config_reloads_total{result="refused"} 1.0' in metrics
+    assert 'faasd_config_reloads_total{result="success"} 1.0' in metrics
+    assert "faasd_config_last_reload_successful 1.0" in metrics
+
+
 def test_without_systemd_serve_runs_the_same_and_sighup_still_reloads(start_daemon, functions_dir, tmp_path):
     config = tmp_path / "faasd.toml"
     config.write_text(CONFIG.format(max_concurrency=50))
