@@ -81,6 +81,7 @@ class Daemon:
         self.route_hooks: list[Callable[[web.Application], None]] = []
         self.readiness_checks: dict[str, Callable[[], tuple[bool, str]]] = {}
         self.describers: list[Callable[[str, dict], None]] = []
+        self._failed_describers: set[Callable[[str, dict], None]] = set()  # logged once each
         self.reload_hooks: list[ReloadHook] = []  # see faasd/reload.py
         self.reload_state = ReloadState()
         self.isolation: dict[str, Any] = {}
@@ -336,7 +337,13 @@ class Daemon:
         limiter = self.invoker.function_limit(spec)
         view["inflight"] = limiter.used
         for describer in self.describers:
-            describer(name, view)
+            try:
+                describer(name, view)
+            except Exception:
+                if describer not in self._failed_describers:
+                    self._failed_describers.add(describer)
+                    log.exception("describing function %s failed in %r; its fields are left out "
+                                  "of /system/functions (logged once)", name, describer)
         return view
 
     def info(self) -> dict[str, Any]:

@@ -328,7 +328,7 @@ def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool) -> FunctionSpe
     handler = raw.get("handler")
     if handler is None:
         handler = DEFAULT_HANDLERS[runtime] if is_dir else _single_file_handler(base.source)
-    if not isinstance(handler, str) or not handler:
+    if not isinstance(handler, str) or not handler or "\0" in handler:
         raise SpecError(f"{where}: handler must be a string like 'module.function'")
     if runtime != "provided" and "." not in handler:
         raise SpecError(f"{where}: handler {handler!r} must be 'module.function'")
@@ -517,6 +517,9 @@ def _env(value: Any, where: str) -> dict[str, str]:
             item = "true" if item else "false"
         if not isinstance(item, (str, int, float)):
             raise SpecError(f"{where}: env.{key} must be a string or a number")
+        if isinstance(item, str) and "\0" in item:
+            raise SpecError(f"{where}: env.{key} holds a NUL character, which no environment "
+                            "variable can")
         env[key] = str(item)
     return env
 
@@ -606,6 +609,18 @@ def _check_http_trigger(options: dict, where: str) -> None:
         raise SpecError(f"{where}: http trigger needs path = \"/some/{{param}}\" starting with /")
     if reserved_path(path):
         raise SpecError(f"{where}: http trigger path {path!r} is reserved by faasd")
+    from .triggers.http import compile_template  # as the route table will
+
+    try:
+        compile_template(path)
+    except re.error as exc:
+        params = [segment.strip("{+}") for segment in path.split("/")
+                  if segment.startswith("{") and segment.endswith("}")]
+        twice = sorted({param for param in params if params.count(param) > 1})
+        if twice:
+            raise SpecError(f"{where}: http trigger path {path!r} names the parameter {{{twice[0]}}} "
+                            "more than once: each needs a name of its own") from None
+        raise SpecError(f"{where}: http trigger path {path!r} cannot be routed: {exc.msg}") from None
     auth = options.get("auth")
     if auth is not None and (not isinstance(auth, str) or not HTTP_AUTH_RE.match(auth)):
         raise SpecError(f"{where}: auth = {auth!r}: expected \"key\" (one of [auth] keys) or "

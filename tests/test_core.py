@@ -553,43 +553,6 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
     assert "good: ok" in check.stdout
 
 
-def test_a_worker_that_cannot_be_started_fails_its_call_and_holds_nothing(start_daemon, functions_dir):
-    # Popen refuses a NUL in the environment (_HANDLER here) with a ValueError, not an OSError.
-    write_function(functions_dir, "unstartable/bootstrap", "#!/bin/sh\nexit 1\n")
-    write_function(functions_dir, "unstartable/function.toml", 'handler = "boot\\u0000strap"\n')
-    write_function(functions_dir, "other.py", ECHO)
-    daemon = start_daemon(functions_dir, env={"FAASD_LIMITS_MAX_CONCURRENCY": "2"})
-    loaded(daemon, "unstartable")
-    url = f"{daemon.url}/2015-03-31/functions/unstartable/invocations"
-    results: list = []
-    threads = [threading.Thread(target=lambda: results.append(http("POST", url, b"{}", timeout=10)))
-               for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(15)
-    assert len(results) == 2
-    for response in results:
-        error = response.json()
-        assert response.headers["x-amz-function-error"] == "Unhandled"
-        assert error["errorType"] == "Runtime.InvalidEntrypoint", error
-        assert error["errorMessage"].startswith("cannot start the runtime: "), error
-    assert daemon.get("/function/other").status == 200
-    assert daemon.function("unstartable")["inflight"] == 0
-
-    def open_fds() -> int:
-        return len(os.listdir(f"/proc/{daemon.process.pid}/fd"))
-
-    before = open_fds()
-    for _ in range(3):
-        assert http("POST", url, b"{}", timeout=10).json()["errorType"] == "Runtime.InvalidEntrypoint"
-    wait_until(lambda: open_fds() <= before, timeout=5, message="no descriptor kept per failed start")
-    assert daemon.get("/function/other").status == 200
-    stopping = time.monotonic()
-    assert daemon.stop() == 0
-    assert time.monotonic() - stopping < 10
-
-
 def test_settings_that_are_a_directory_are_a_load_error(start_daemon, functions_dir):
     write_function(functions_dir, "good.py", ECHO)
     write_function(functions_dir, "sidecar.py", ECHO)
@@ -609,6 +572,32 @@ def test_settings_that_are_a_directory_are_a_load_error(start_daemon, functions_
     write_function(functions_dir, "sidecar.toml", "timeout_s = 5\n")
     wait_until(lambda: daemon.function("sidecar")["load_error"] is None, message="the settings file to load")
     assert daemon.function("sidecar")["timeout_s"] == 5
+
+
+def test_settings_that_would_fail_later_are_load_errors_and_the_listing_stays_up(daemon):
+    write_function(daemon.functions, "good.py", ECHO)
+    write_function(daemon.functions, "nul.toml", '[env]\nGREETING = "a\\u0000b"\n')
+    write_function(daemon.functions, "nul.py", ECHO)
+    write_function(daemon.functions, "rare.toml",
+                   '[[triggers]]\ntype = "cron"\nschedule = "rate(99999999999999 days)"\n')
+    write_function(daemon.functions, "rare.py", ECHO)
+    write_function(daemon.functions, "twice.toml", '[[triggers]]\ntype = "http"\npath = "/y/{a}/{a}"\n')
+    write_function(daemon.functions, "twice.py", ECHO)
+    for name in ("good", "nul", "rare", "twice"):
+        loaded(daemon, name)
+    listing = daemon.get("/system/functions")
+    assert listing.status == 200, listing.text
+    errors = {f["name"]: f["load_error"] for f in listing.json()["functions"]}
+    assert errors["good"] is None
+    assert "env.GREETING holds a NUL character" in errors["nul"]
+    assert "a rate is at most 10 years" in errors["rare"]
+    assert "names the parameter {a} more than once" in errors["twice"]
+    started = time.monotonic()
+    failed = http("POST", f"{daemon.url}/2015-03-31/functions/nul/invocations", "{}", timeout=20)
+    assert failed.status == 200 and failed.headers["x-amz-function-error"] == "Unhandled"
+    assert failed.json()["errorType"] == "Runtime.InvalidConfiguration"
+    assert time.monotonic() - started < 10
+    assert daemon.invoke("good", {"a": 1}).json() == {"a": 1}
 
 
 def test_a_fifo_in_functions_is_a_load_error_and_blocks_nothing(daemon):

@@ -32,6 +32,7 @@ MAX_AMQP_NAME = 200
 AMQP_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 RATE_RE = re.compile(r"^rate\(\s*(\d+)\s+(minute|minutes|hour|hours|day|days)\s*\)$")
 RATE_UNITS = {"minute": 60, "hour": 3600, "day": 86400}
+MAX_RATE_S = 3650 * 86400  # ten years: past them no tick comes, and times stop being printable
 
 
 def check_trigger(kind: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +63,8 @@ def check_file(options: dict[str, Any]) -> dict[str, Any]:
     directory = options.get("dir")
     if not isinstance(directory, str) or not directory.strip():
         raise ValueError("a file trigger needs dir = \"uploads/images\" (relative to the data dir, or absolute)")
+    if "\0" in directory:
+        raise ValueError(f"dir = {directory!r}: a NUL character cannot be part of a path")
     patterns = _string_list(options, "patterns", ["*"])
     if not patterns or any(not p for p in patterns):
         raise ValueError("patterns must not be empty: leave it out to match every file")
@@ -79,7 +82,11 @@ def parse_rate(schedule: str) -> int | None:
     value, unit = int(match.group(1)), match.group(2).rstrip("s")
     if value < 1:
         raise ValueError(f"schedule = {schedule!r}: the rate must be at least 1")
-    return value * RATE_UNITS[unit]
+    seconds = value * RATE_UNITS[unit]
+    if seconds > MAX_RATE_S:
+        raise ValueError(f"schedule = {schedule!r}: a rate is at most 10 years "
+                         "(rate(3650 days), 87600 hours or 5256000 minutes)")
+    return seconds
 
 
 def cron_fields(schedule: str) -> tuple[str, bool]:

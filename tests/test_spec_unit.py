@@ -1,0 +1,81 @@
+"""Unit tests of faasd.spec: what function.toml may say, and what is refused at load."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from faasd.config import Config
+from faasd.daemon import Daemon
+from faasd.spec import load_spec
+
+HANDLER = "def handler(event, context):\n    return event\n"
+
+
+def _load(tmp_path: Path, toml: str, name: str = "fn"):
+    functions = tmp_path / "functions"
+    functions.mkdir(exist_ok=True)
+    (functions / f"{name}.py").write_text(HANDLER)
+    (functions / f"{name}.toml").write_text(textwrap.dedent(toml))
+    return load_spec(name, functions / f"{name}.py")
+
+
+def test_a_nul_in_an_env_value_or_the_handler_is_a_load_error(tmp_path):
+    # Popen refuses it ("embedded null byte"): no worker could ever start.
+    spec = _load(tmp_path, '[env]\nGREETING = "a\\u0000b"\n')
+    assert spec.load_error == "fn.toml: env.GREETING holds a NUL character, which no environment variable can"
+    spec = _load(tmp_path, 'handler = "fn\\u0000.handler"\n')
+    assert spec.load_error == "fn.toml: handler must be a string like 'module.function'"
+    assert _load(tmp_path, '[env]\nGREETING = "a\\tb"\n').load_error is None
+
+
+def test_a_nul_in_a_file_triggers_dir_is_a_load_error(tmp_path):
+    spec = _load(tmp_path, '[[triggers]]\ntype = "file"\ndir = "up\\u0000loads"\n')
+    assert spec.load_error == ("fn.toml: triggers[0] (file): dir = 'up\\x00loads': a NUL character "
+                               "cannot be part of a path")
+
+
+@pytest.mark.parametrize("path, problem", [
+    ("/y/{a}/{a}", "names the parameter {a} more than once: each needs a name of its own"),
+    ("/y/{a}/{a+}", "names the parameter {a} more than once: each needs a name of its own"),
+    ("/y/{1a}", "cannot be routed: bad character in group name '1a'"),
+])
+def test_an_http_path_the_route_table_cannot_compile_is_a_load_error(tmp_path, path, problem):
+    spec = _load(tmp_path, f'[[triggers]]\ntype = "http"\npath = "{path}"\n')
+    assert spec.load_error == f"fn.toml: triggers[0]: http trigger path {path!r} {problem}"
+    assert _load(tmp_path, '[[triggers]]\ntype = "http"\npath = "/y/{a}/{b+}"\n').load_error is None
+
+
+def test_a_cron_rate_over_ten_years_is_a_load_error(tmp_path):
+    spec = _load(tmp_path, '[[triggers]]\ntype = "cron"\nschedule = "rate(99999999999999 days)"\n')
+    assert spec.load_error == ("fn.toml: triggers[0] (cron): schedule = 'rate(99999999999999 days)': a "
+                               "rate is at most 10 years (rate(3650 days), 87600 hours or 5256000 minutes)")
+    for fine in ("rate(3650 days)", "rate(87600 hours)", "rate(5256000 minutes)"):
+        assert _load(tmp_path, f'[[triggers]]\ntype = "cron"\nschedule = "{fine}"\n').load_error is None
+    assert _load(tmp_path, '[[triggers]]\ntype = "cron"\nschedule = "rate(3651 days)"\n').load_error
+
+
+def test_a_describer_that_fails_leaves_its_fields_out_and_is_logged_once(tmp_path, caplog):
+    daemon = Daemon(Config())
+    daemon.pool = SimpleNamespace(pools={})
+    daemon.invoker = SimpleNamespace(function_limit=lambda spec: SimpleNamespace(used=0))
+    daemon.registry.specs["fn"] = _load(tmp_path, "")
+
+    def broken(name: str, view: dict) -> None:
+        raise OverflowError("timestamp out of range for platform time_t")
+
+    def fine(name: str, view: dict) -> None:
+        view["fine"] = name
+
+    daemon.describers += [broken, fine]
+    caplog.set_level(logging.ERROR, logger="faasd")
+    for _ in range(3):
+        view = daemon.describe("fn")
+        assert view["name"] == "fn" and view["fine"] == "fn"
+    [record] = caplog.records
+    assert record.getMessage().startswith("describing function fn failed in <function ")
+    assert record.exc_info[0] is OverflowError
