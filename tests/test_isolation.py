@@ -1170,7 +1170,7 @@ def test_an_unprivileged_daemon_serves_and_says_which_isolation_it_could_not_use
         assert response.status == 200 and response.json() == faasd_user.pw_uid, response.text
 
         output = daemon.output()
-        assert f"[workers] run_as = 'faasd' is not used: it needs faasd started as root" in output
+        assert "[workers] run_as = 'faasd' is not used: it needs faasd started as root" in output
         isolation = daemon.get("/system/info").json()["isolation"]
         assert isolation["run_as"]["active"] is False
         # Every protection it could not use is named once, in one line, as /system/info has it.
