@@ -73,6 +73,7 @@ log = logging.getLogger("faasd.triggers.file")
 
 SETTLE_S = 2.0
 STOP_WAIT_S = 5.0
+OVERFLOW_TOLD_ONCE_S = 1.0  # overflow lines closer than this are one overflow
 # Names that editors, browsers, rsync and upload tools use while a file is
 # still being written; the finished file gets its real name by a rename.
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".filepart",
@@ -345,6 +346,7 @@ class FileSource(TriggerSource):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.etags = ETags()
         self.overflows = 0
+        self._last_overflow = float("-inf")
 
     async def attach(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -388,8 +390,14 @@ class FileSource(TriggerSource):
                 pass
 
     def _overflowed(self) -> None:
-        self.overflows += 1
-        log.warning("inotify dropped events (queue overflow): rescanning every watched dir")
+        # watchdog tells of one overflow in several log lines (one of them per
+        # watch): it is said once, and each line asks for a rescan, which
+        # rescans already pending absorb.
+        now = time.monotonic()
+        if now - self._last_overflow > OVERFLOW_TOLD_ONCE_S:
+            self.overflows += 1
+            log.warning("inotify dropped events (queue overflow): rescanning every watched dir")
+        self._last_overflow = now
         for _, running in list(self.running.values()):
             assert isinstance(running, FileTrigger)
             running.request_rescan("inotify queue overflow")
