@@ -38,13 +38,7 @@ def _config(args: argparse.Namespace):
 def _base_url(args: argparse.Namespace) -> str:
     if args.url:
         return args.url.rstrip("/")
-    config = _config(args)
-    host = config.server.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.server.port}"
+    return _config(args).url
 
 
 def _credentials(args: argparse.Namespace) -> tuple[str, str] | None:
@@ -150,7 +144,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         return cmd_list_cluster(args)
     response = _request(f"{_base_url(args)}/system/functions", auth=_credentials(args))
     if response.status != 200:
-        print(f"faasd: the daemon answered {response.status}", file=sys.stderr)
+        print(f"faasd: the daemon answered {response.status}: {_error_message(response.read())}",
+              file=sys.stderr)
         return 2
     functions = json.loads(response.read())["functions"]
     if args.json:
@@ -173,7 +168,8 @@ def cmd_list_cluster(args: argparse.Namespace) -> int:
     """The nodes of the daemon's cluster (GET /system/cluster), their functions and load."""
     response = _request(f"{_base_url(args)}/system/cluster", auth=_credentials(args))
     if response.status != 200:
-        print(f"faasd: the daemon answered {response.status}", file=sys.stderr)
+        print(f"faasd: the daemon answered {response.status}: {_error_message(response.read())}",
+              file=sys.stderr)
         return 2
     view = json.loads(response.read())
     if args.json:

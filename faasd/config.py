@@ -117,7 +117,10 @@ class Config:
 
     @property
     def url(self) -> str:
+        """Where a client on this machine reaches the daemon (a wildcard host: loopback)."""
         host = self.server.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.server.port}"

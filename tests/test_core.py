@@ -780,8 +780,10 @@ def test_cli_invoke_list_logs_check_and_new(daemon, tmp_path):
     logs = subprocess.run(cli + ["logs", "echo", "--url", daemon.url], capture_output=True, text=True, env=env)
     assert "REPORT RequestId" in logs.stdout
     new = subprocess.run(cli + ["new", "fresh", "--functions", str(daemon.functions)],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+                         capture_output=True, text=True, env={**env, "FAASD_SERVER_HOST": "0.0.0.0"},
+                         cwd=tmp_path)
     assert new.returncode == 0, new.stderr
+    assert "try: curl http://127.0.0.1:8080/function/fresh" in new.stdout  # where a client finds it
     wait_until(lambda: daemon.get("/fresh").status == 200, message="the new function's route")
     assert daemon.get("/function/fresh").json() == {"hello": "world"}
     again = subprocess.run(cli + ["new", "fresh", "--functions", str(daemon.functions)],

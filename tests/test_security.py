@@ -182,6 +182,11 @@ def test_the_faasd_client_signs_with_the_configured_key(secured):
     done = subprocess.run([sys.executable, "-m", "faasd", "invoke", "hello", "--url", secured.url],
                           capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2 and "MissingAuthenticationTokenException" in done.stderr
+    # `faasd list` says why, in the daemon's words.
+    done = subprocess.run([sys.executable, "-m", "faasd", "list", "--url", secured.url],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and done.stderr.startswith("faasd: the daemon answered 401: "), done.stderr
+    assert len(done.stderr.strip()) > len("faasd: the daemon answered 401: "), done.stderr
 
 
 # -- bearer on the operator views -------------------------------------------------------
