@@ -53,7 +53,7 @@ from . import libc  # the worker half's system calls; light, unlike ctypes (faas
 
 TYPE_CHECKING = False  # typing itself costs a worker's start a few ms
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
 
 # Names the plan in a worker's environment; removed before user code runs.
 PLAN_ENV = "_FAASD_SANDBOX"
@@ -464,19 +464,9 @@ class WorkerPlan:
 
     def kill_all(self) -> None:
         """SIGKILL every process of the worker's pids cgroup (those that left its process group too)."""
-        if self.pids_dir is None:
-            return
-        import signal
-
-        for _ in range(20):  # a fork bomb may add processes while we kill
-            pids = read_pids(self.pids_dir)
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        if self.pids_dir is not None:
+            pids_dir = self.pids_dir
+            kill_every(lambda: set(read_pids(pids_dir)))
 
     def remove(self) -> bool:
         """Remove the pids cgroup; False while it still has members (killed ones take a moment)."""
@@ -488,6 +478,25 @@ class WorkerPlan:
             except OSError:
                 return False
         return True
+
+
+def kill_every(members: Callable[[], set[int]]) -> None:
+    """SIGKILL every process `members()` lists, again as long as it lists new ones
+    (a fork bomb may add processes while we kill; killed ones may still be listed
+    on their way out)."""
+    import signal
+
+    signalled: set[int] = set()
+    for _ in range(20):
+        pids = members()
+        if pids <= signalled:
+            return
+        for pid in pids - signalled:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        signalled |= pids
 
 
 class MountNamespace:
@@ -537,19 +546,7 @@ class MountNamespace:
 
     def kill_all(self) -> None:
         """SIGKILL every process in the namespace."""
-        import signal
-
-        signalled: set[int] = set()
-        for _ in range(20):  # a fork bomb may add processes while we kill
-            pids = set(self.pids())
-            if pids <= signalled:  # all killed (some may still be on their way out)
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            signalled |= pids
+        kill_every(lambda: set(self.pids()))
 
     def close(self) -> None:
         if self.fd >= 0:

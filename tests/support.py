@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -387,3 +388,12 @@ def value(samples: dict, name: str, **labels: str) -> float | None:
 
 def metric(daemon, name: str, **labels: str) -> float | None:
     return value(scrape(daemon), name, **labels)
+
+
+def assert_own_trace_ids(daemon, name: str) -> None:
+    """Two calls of `name`, which returns its _X_AMZN_TRACE_ID, each see one of their own, in X-Ray's form."""
+    first, second = daemon.invoke(name).json(), daemon.invoke(name).json()
+    for trace in (first, second):
+        assert re.fullmatch(r"Root=1-[0-9a-f]{8}-[0-9a-f]{24};Parent=[0-9a-f]{16};Sampled=0", trace), trace
+        assert abs(int(trace.split("-")[1], 16) - time.time()) < 60  # X-Ray's epoch seconds
+    assert first != second

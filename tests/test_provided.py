@@ -578,9 +578,8 @@ def test_a_bootstrap_that_never_polls_fails_init_with_a_timeout(daemon):
     assert "thinking" in daemon.log_of("sleepy")
 
 
-PROBE_BOOTSTRAP = f"""\
-#!{sys.executable}
-# Calls the Runtime API out of order and reports how it answered.
+# A bootstrap's way to the Runtime API: call() answers (status, headers, body), errors included.
+RUNTIME_API_CALL = """\
 import json, os, urllib.error, urllib.request
 
 API = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime"
@@ -592,22 +591,28 @@ def call(method, path, body=None):
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
+"""
 
+
+PROBE_BOOTSTRAP = f"""\
+#!{sys.executable}
+# Calls the Runtime API out of order and reports how it answered.
+""" + RUNTIME_API_CALL + """
 status, headers, event = call("GET", "/invocation/next")
 request_id = headers["Lambda-Runtime-Aws-Request-Id"]
-seen = {{}}
+seen = {}
 for name, method, path, body in [
     ("wrong_id", "POST", "/invocation/not-this-one/response", b"1"),
     ("next_in_flight", "GET", "/invocation/next", None),
-    ("init_error_late", "POST", "/init/error", b"{{}}"),
+    ("init_error_late", "POST", "/init/error", b"{}"),
     ("unknown_path", "GET", "/nowhere", None),
 ]:
     code, _, answer = call(method, path, body)
     seen[name] = [code, json.loads(answer).get("errorType")]
 seen["event"] = json.loads(event)
-status, _, answer = call("POST", f"/invocation/{{request_id}}/response", json.dumps(seen).encode())
+status, _, answer = call("POST", f"/invocation/{request_id}/response", json.dumps(seen).encode())
 print("response accepted:", status, answer.decode(), flush=True)
-status, _, answer = call("POST", f"/invocation/{{request_id}}/response", b"twice")
+status, _, answer = call("POST", f"/invocation/{request_id}/response", b"twice")
 print("second response:", status, json.loads(answer)["errorType"], flush=True)
 call("GET", "/invocation/next")
 """
@@ -633,32 +638,21 @@ def test_the_runtime_api_refuses_calls_out_of_order_as_rapid_does(daemon):
 REPLY_TWICE_BOOTSTRAP = f"""\
 #!{sys.executable}
 # Replies out of turn: before its first /next, and again after each response.
-import json, os, urllib.error, urllib.request
-
-API = "http://" + os.environ["AWS_LAMBDA_RUNTIME_API"] + "/2018-06-01/runtime"
-
-def call(method, path, body=None):
-    request = urllib.request.Request(API + path, data=body, method=method)
-    try:
-        with urllib.request.urlopen(request) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
-
+""" + RUNTIME_API_CALL + """
 def answer(method, path, body):
     code, _, text = call(method, path, body)
     return [code, json.loads(text).get("errorType")]
 
-seen = {{"before_next": answer("POST", "/invocation/never-issued/response", b"1")}}
+seen = {"before_next": answer("POST", "/invocation/never-issued/response", b"1")}
 while True:
     _, headers, _ = call("GET", "/invocation/next")
     request_id = headers["Lambda-Runtime-Aws-Request-Id"]
-    call("POST", f"/invocation/{{request_id}}/response", json.dumps(seen).encode())
-    seen = {{
-        "second_response": answer("POST", f"/invocation/{{request_id}}/response", b"2"),
-        "error_after_response": answer("POST", f"/invocation/{{request_id}}/error", b"{{}}"),
+    call("POST", f"/invocation/{request_id}/response", json.dumps(seen).encode())
+    seen = {
+        "second_response": answer("POST", f"/invocation/{request_id}/response", b"2"),
+        "error_after_response": answer("POST", f"/invocation/{request_id}/error", b"{}"),
         "never_issued": answer("POST", "/invocation/never-issued/response", b"3"),
-    }}
+    }
 """
 
 
