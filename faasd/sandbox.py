@@ -209,18 +209,21 @@ def _new_namespaces(plan: dict[str, Any]) -> None:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
+# The worker's private /tmp: where it is, the others bound to it, and what in it
+# stays reachable. Kept for the workers a template forks, each of which covers
+# it with a /tmp of its own (tmp_of_its_own).
+_tmp: dict[str, Any] = {}
+
+
 def _set_up_mounts(plan: dict[str, Any]) -> None:
     tmp_mb = int(plan["tmp_mb"])
     needed = plan.get("visible", [])
     scratch = [p for p in plan.get("tmp_paths", ["/tmp"]) if os.path.isdir(p)]
     if scratch:
         first = scratch[0]
-        _cover(first, MS_NOSUID | MS_NODEV,
-               f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777",
-               keep=_within(needed, first), read_only=False)
-        for other in scratch[1:]:
-            if not _within(needed, other):
-                _mount(first, other, None, MS_BIND)
+        _tmp.update(path=first, keep=_within(needed, first),
+                    bound=[other for other in scratch[1:] if not _within(needed, other)])
+        _cover_tmp(tmp_mb)
     if os.path.isdir("/dev/shm") and not _within(needed, "/dev/shm"):
         _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                f"size={min(SHM_MAX_MB, tmp_mb)}m,mode=1777")
@@ -244,6 +247,25 @@ def _set_up_mounts(plan: dict[str, Any]) -> None:
     if chdir:
         # The cwd still points into the mount below the new ones.
         os.chdir(chdir)
+
+
+def _cover_tmp(tmp_mb: int) -> None:
+    path = _tmp["path"]
+    _cover(path, MS_NOSUID | MS_NODEV, f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777",
+           keep=_tmp["keep"], read_only=False)
+    for other in _tmp["bound"]:
+        _mount(path, other, None, MS_BIND)
+
+
+def tmp_of_its_own(tmp_mb: int) -> bool:
+    """In a worker forked from a template, in a mount namespace of its own: a
+    fresh /tmp where the template had one, keeping reachable what the
+    template's kept (its code, its Python, where they live under the host's
+    /tmp). False if the template has no private /tmp to replace."""
+    if not _tmp:
+        return False
+    _cover_tmp(tmp_mb)
+    return True
 
 
 def _within(paths: list[str], directory: str) -> list[str]:

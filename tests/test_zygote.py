@@ -104,6 +104,35 @@ def test_what_the_templates_import_printed_is_logged_once_by_its_first_forked_wo
     assert daemon.output().count(imported) == 1
 
 
+READS_ITS_FILES = """
+import os, subprocess, sys, time
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    data = open(os.path.join(os.environ["LAMBDA_TASK_ROOT"], "data.txt")).read()
+    child = subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True)
+    return {"pid": os.getpid(), "data": data, "child": child.stdout.strip() or child.stderr[-300:]}
+"""
+
+
+def test_a_forked_worker_reaches_what_its_template_reaches_under_the_hosts_tmp(daemon):
+    # This suite's functions (and a checkout's Python, in some CI clones) live
+    # under the host's /tmp, which every worker covers with a /tmp of its own:
+    # a fork must keep its code's files and its interpreter reachable there too.
+    assert str(daemon.functions).startswith("/tmp/"), daemon.functions
+    write_function(daemon.functions, "reader/function.toml", "timeout_s = 20\n")
+    write_function(daemon.functions, "reader/handler.py", READS_ITS_FILES)
+    write_function(daemon.functions, "reader/data.txt", "the function's own file")
+    loaded(daemon, "reader")
+    first = daemon.invoke("reader").json()
+    template = wait_until(lambda: (template_of(daemon, "reader") or {}).get("init_ms") and template_of(daemon, "reader"),
+                          message="the template to be ready")
+    results = concurrent(daemon, "reader", [{"sleep": 2}] * 3)
+    for result in results:
+        assert result.get("data") == "the function's own file" and result["child"] == "42", result
+    forked = [r for r in results if r["pid"] != first["pid"]]
+    assert forked and all(parent_of(r["pid"]) == template["pid"] for r in forked), results
+
+
 def test_each_forked_worker_has_its_own_tmp(daemon):
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
     write_function(daemon.functions, "fn.py", STATE)

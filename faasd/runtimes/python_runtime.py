@@ -674,10 +674,18 @@ def _own_tmp(tmp_mb):
                     handle.write(text)
         finally:
             libc.call("prctl", PR_SET_DUMPABLE, dumpable, 0, 0, 0)
-    options = f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777".encode()
-    if (libc.call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None) != 0
-            or libc.call("mount", b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0):
+    if libc.call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         os._exit(71)  # half-isolated: never serve like this
+    sandbox = sys.modules.get("faasd.sandbox")  # loaded where the template isolated itself
+    try:
+        if sandbox is not None and sandbox.tmp_of_its_own(tmp_mb):
+            return True
+    except Exception as exc:  # SandboxError or OSError: its output tells the daemon why
+        os.write(2, f"faasd could not give this worker a /tmp of its own: {exc}\n".encode())
+        os._exit(71)
+    options = f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777".encode()
+    if libc.call("mount", b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
+        os._exit(71)
     return True
 
 
