@@ -38,7 +38,7 @@ from .registry import Registry
 from .reload import ConfigLoader, ReloadHook, ReloadState, reload, status_line
 from .sandbox import FunctionUsers, Sandbox, set_daemon_undumpable
 from .sdnotify import Notifier, listen_sockets
-from .spec import DEFAULT_REGION
+from .spec import DEFAULT_REGION, runtime_id
 from .triggers.http import RouteTable
 from .workers import ReplyPoller, WorkerEnvironment, compile_shim
 
@@ -121,6 +121,7 @@ class Daemon:
         users = self._function_users(run_as)
         python = config.workers.python or sys.executable
         unwritten = await asyncio.to_thread(compile_shim)
+        await asyncio.to_thread(runtime_id, "node")  # asks `node --version` once, off the loop
         if unwritten:
             log.debug("cannot write the bytecode of %s: Python workers compile them at each start",
                       ", ".join(str(path) for path in unwritten))

@@ -29,7 +29,7 @@ import orjson
 from aiohttp import web
 
 from .errors import FunctionNotFound, InvalidParameter, InvalidRequest, InvokeRefused, Throttled
-from .spec import RUNTIME_IDS, FunctionSpec, code_sha256, function_arn, new_request_id, valid_name
+from .spec import FunctionSpec, code_sha256, function_arn, new_request_id, runtime_id, valid_name
 from .triggers.http import valid_text
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def function_configuration(spec: FunctionSpec, region: str) -> dict[str, Any]:
     config: dict[str, Any] = {
         "FunctionName": spec.name,
         "FunctionArn": function_arn(spec.name, region),
-        "Runtime": RUNTIME_IDS.get(spec.runtime, spec.runtime),
+        "Runtime": runtime_id(spec.runtime),
         "Role": f"arn:aws:iam::000000000000:role/faasd-{spec.name}",
         "Handler": spec.handler,
         "CodeSize": _code_size(spec),

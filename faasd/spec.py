@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -716,11 +717,35 @@ def function_arn(name: str, region: str = DEFAULT_REGION) -> str:
 
 
 @functools.cache
+def runtime_id(runtime: str) -> str:
+    """Lambda's identifier of the runtime that serves `runtime` here, as GetFunction
+    reports it and AWS_EXECUTION_ENV carries it: python3.X for the daemon's own
+    Python, nodejs<major>.x for the `node` on PATH (asked once: `node --version`)."""
+    if runtime == "node":
+        major = _node_major()
+        if major is not None:
+            return f"nodejs{major}.x"
+    return RUNTIME_IDS.get(runtime, runtime)
+
+
+def _node_major() -> int | None:
+    node = shutil.which("node")
+    if node is None:
+        return None
+    try:
+        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.match(r"v(\d+)\.", version.strip())
+    return int(found[1]) if found else None
+
+
+@functools.cache
 def runtime_version(runtime: str, region: str = DEFAULT_REGION) -> tuple[str, str]:
     """The runtime version that serves `runtime` and its ARN, as Lambda's INIT_START line
     names them (`python:3.13.v14`, `arn:aws:lambda:REGION::runtime:<sha256>`): here the
     runtime's identifier and the faasd release whose shim runs it, and a digest of that."""
-    version = f"{RUNTIME_IDS.get(runtime, runtime)}:faasd-{__version__}"
+    version = f"{runtime_id(runtime)}:faasd-{__version__}"
     return version, f"arn:aws:lambda:{region}::runtime:{hashlib.sha256(version.encode()).hexdigest()}"
 
 

@@ -40,7 +40,7 @@ from .sandbox import (
     EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, MountNamespace, Sandbox,
     SandboxError, WorkerPlan, join_cgroups_of, parent_moves, private_tmp_bytes,
 )
-from .spec import DEFAULT_REGION, RUNTIME_IDS, FunctionSpec, function_arn, runtime_version
+from .spec import DEFAULT_REGION, FunctionSpec, function_arn, runtime_id, runtime_version
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 
 log = logging.getLogger("faasd.worker")
@@ -274,7 +274,7 @@ class Worker:
             "TMPDIR": str(self.tmp_dir),
         }
         if spec.runtime != "provided":  # Lambda's OS-only runtimes leave it unset
-            env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{RUNTIME_IDS.get(spec.runtime, spec.runtime)}"
+            env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{runtime_id(spec.runtime)}"
         return env
 
     # Subclasses implement these.

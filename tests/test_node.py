@@ -137,7 +137,9 @@ def test_context_and_environment_are_lambdas(start_daemon, functions_dir):
     assert env["GREETING"] == "hi" and env["_HANDLER"] == "ctx.handler"
     assert env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] == "256"
     runtime = daemon.get("/2015-03-31/functions/ctx").json()["Configuration"]["Runtime"]
-    assert runtime.startswith("nodejs") and env["AWS_EXECUTION_ENV"] == f"AWS_Lambda_{runtime}"
+    # The Node.js that runs it: nodejs20.x for node v20, nodejs22.x for v22.
+    major = subprocess.run([NODE, "--version"], capture_output=True, text=True).stdout.strip()[1:].split(".")[0]
+    assert runtime == f"nodejs{major}.x" and env["AWS_EXECUTION_ENV"] == f"AWS_Lambda_{runtime}"
     assert env["LAMBDA_TASK_ROOT"] == str(functions_dir)
     assert Path(env["TMPDIR"]).is_dir()
     assert "DAEMON_SECRET" not in env

@@ -11,7 +11,7 @@ import pytest
 
 from faasd.config import Config
 from faasd.daemon import Daemon
-from faasd.spec import load_spec
+from faasd.spec import load_spec, runtime_id
 
 HANDLER = "def handler(event, context):\n    return event\n"
 
@@ -79,3 +79,19 @@ def test_a_describer_that_fails_leaves_its_fields_out_and_is_logged_once(tmp_pat
     [record] = caplog.records
     assert record.getMessage().startswith("describing function fn failed in <function ")
     assert record.exc_info[0] is OverflowError
+
+
+@pytest.mark.parametrize("version, expected", [("v22.9.0", "nodejs22.x"), ("v20.20.2", "nodejs20.x"),
+                                               (None, "nodejs20.x")])
+def test_the_node_runtime_is_named_for_the_node_on_path(tmp_path, monkeypatch, version, expected):
+    if version is not None:
+        node = tmp_path / "node"
+        node.write_text(f"#!/bin/sh\necho {version}\n")
+        node.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no node on it at all, for None
+    runtime_id.cache_clear()
+    try:
+        assert runtime_id("node") == expected
+        assert runtime_id("provided") == "provided.al2023"
+    finally:
+        runtime_id.cache_clear()
