@@ -95,6 +95,7 @@ UNKNOWN_FUNCTION_CAP = 1
 # The dispatcher looks at the queue at least this often, whatever it was
 # told: a guard against a lost wake-up or a jump of the wall clock.
 MAX_IDLE_S = 5.0
+DISPATCH_RETRY_S = 1.0  # after a dispatch that failed (a full disk, a locked database)
 # An event's outcome that cannot be written (a full disk) is tried again after
 # this long, doubling up to OUTCOME_RETRY_MAX_S, until it is written.
 OUTCOME_RETRY_FIRST_S = 1.0
@@ -639,13 +640,25 @@ class AsyncQueue:
         return [(name, take) for _, name, take in found], max(0, total)
 
     async def _dispatch_forever(self) -> None:
+        failures = 0  # in a row: the first is told with its traceback, the recovery once
         while not self._closing:
             self._wake.clear()
             try:
                 delay = await self._claim_ready()
             except Exception:
-                log.exception("asynchronous queue: dispatch failed; trying again in 1s")
-                delay = 1.0
+                failures += 1
+                if failures == 1:
+                    log.exception("asynchronous queue: dispatch failed; trying again every %gs, "
+                                  "and saying so again when it works", DISPATCH_RETRY_S)
+                else:
+                    log.debug("asynchronous queue: dispatch failed again (%d in a row)", failures,
+                              exc_info=True)
+                delay = DISPATCH_RETRY_S
+            else:
+                if failures:
+                    log.warning("asynchronous queue: dispatching again after %d failed attempts",
+                                failures)
+                    failures = 0
             if self._closing:
                 break
             try:
