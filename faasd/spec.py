@@ -148,7 +148,7 @@ def discover(functions_dir: Path) -> dict[str, Path]:
     except FileNotFoundError:
         return found
     for entry in entries:
-        if not _is_utf8(entry.name):
+        if not is_utf8(entry.name):
             continue  # see misnamed()
         path = Path(entry.path)
         name = entry_name(path)
@@ -197,13 +197,14 @@ def misnamed(functions_dir: Path) -> list[str]:
     except FileNotFoundError:
         return []
     return [os.fsencode(name).decode(errors="backslashreplace") for name in names
-            if not _is_utf8(name) and entry_name(functions_dir / name) is not None]
+            if not is_utf8(name) and entry_name(functions_dir / name) is not None]
 
 
-def _is_utf8(name: str) -> bool:
+def is_utf8(name: str) -> bool:
+    """False for a name that was not valid UTF-8 on disk (os.fsdecode kept its bytes as surrogates)."""
     try:
         name.encode()
-    except UnicodeEncodeError:  # undecodable bytes, kept as surrogates by os.fsdecode
+    except UnicodeEncodeError:
         return False
     return True
 

@@ -62,7 +62,7 @@ from watchdog.events import (
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
-from ..spec import FunctionSpec, Trigger
+from ..spec import FunctionSpec, Trigger, is_utf8
 from .base import RunningTrigger, TriggerSource, open_state_db, queue_of
 from .options import file_trigger_dir
 
@@ -168,15 +168,6 @@ def is_hidden_or_temp(rel: str) -> bool:
         return True
     name = parts[-1]
     return name.endswith(TEMP_SUFFIXES) or name.startswith(TEMP_PREFIXES)
-
-
-def is_utf8(rel: str) -> bool:
-    """False for a name that was not valid UTF-8 on disk (os.fsdecode kept its bytes as surrogates)."""
-    try:
-        rel.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def matches(rel: str, patterns: list[str]) -> bool:
