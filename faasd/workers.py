@@ -718,10 +718,7 @@ class ProcessWorker(Worker):
                 f"{prefix}Runtime exited with error: signal: killed "
                 f"(/tmp holds more than its tmp_mb quota of {self.spec.tmp_mb} MB)")
         if call.oom or (self.cgroup is not None and self.cgroup.oom_killed()):
-            return FunctionError(
-                OUT_OF_MEMORY, "Runtime.OutOfMemory",
-                f"{prefix}Runtime exited with error: signal: killed "
-                f"(memory limit of {self.spec.memory_mb} MB exceeded)")
+            return self._out_of_memory(OUT_OF_MEMORY, prefix)
         return FunctionError(CRASH, "Runtime.ExitError", prefix + describe_exit(self.returncode))
 
     # -- invocation -------------------------------------------------------------
@@ -854,10 +851,12 @@ class ProcessWorker(Worker):
                     self.id, self.spec.name, self.spec.memory_mb, max(sample) // MB)
         self.kill()
         assert self._ready is not None
-        self._ready.set_exception(WorkerInitError(FunctionError(
-            INIT, "Runtime.OutOfMemory", "Runtime exited with error: signal: killed "
-            f"(memory limit of {self.spec.memory_mb} MB exceeded)"), 0.0, list(self.init_logs)))
+        self._ready.set_exception(WorkerInitError(self._out_of_memory(INIT), 0.0, list(self.init_logs)))
         return True
+
+    def _out_of_memory(self, kind: str, prefix: str = "") -> FunctionError:
+        return FunctionError(kind, "Runtime.OutOfMemory", f"{prefix}Runtime exited with error: signal: "
+                             f"killed (memory limit of {self.spec.memory_mb} MB exceeded)")
 
     def _kill_for(self, call: _Call) -> None:
         """Kill the worker and fail `call` (the flag saying why is set): its peak
