@@ -257,15 +257,14 @@ def _cover_tmp(tmp_mb: int) -> None:
         _mount(path, other, None, MS_BIND)
 
 
-def tmp_of_its_own(tmp_mb: int) -> bool:
+def tmp_of_its_own(tmp_mb: int) -> None:
     """In a worker forked from a template, in a mount namespace of its own: a
-    fresh /tmp where the template had one, keeping reachable what the
+    fresh /tmp, made as the template's was, keeping reachable what the
     template's kept (its code, its Python, where they live under the host's
-    /tmp). False if the template has no private /tmp to replace."""
+    /tmp); a plain one where the template made none."""
     if not _tmp:
-        return False
+        _tmp.update(path="/tmp", keep=[], bound=[])
     _cover_tmp(tmp_mb)
-    return True
 
 
 def _within(paths: list[str], directory: str) -> list[str]:

@@ -490,7 +490,7 @@ def _die_with_parent():
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
-MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV = 16384, 1 << 18, 2, 4
+MS_REC, MS_PRIVATE = 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE = 1, 3, 4
 
 
@@ -676,15 +676,12 @@ def _own_tmp(tmp_mb):
             libc.call("prctl", PR_SET_DUMPABLE, dumpable, 0, 0, 0)
     if libc.call("mount", None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         os._exit(71)  # half-isolated: never serve like this
-    sandbox = sys.modules.get("faasd.sandbox")  # loaded where the template isolated itself
+    from faasd import sandbox  # loaded already where the template isolated itself
+
     try:
-        if sandbox is not None and sandbox.tmp_of_its_own(tmp_mb):
-            return True
+        sandbox.tmp_of_its_own(tmp_mb)
     except Exception as exc:  # SandboxError or OSError: its output tells the daemon why
         os.write(2, f"faasd could not give this worker a /tmp of its own: {exc}\n".encode())
-        os._exit(71)
-    options = f"size={tmp_mb}m,nr_inodes={max(4096, tmp_mb * 256)},mode=1777".encode()
-    if libc.call("mount", b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV, options) != 0:
         os._exit(71)
     return True
 
