@@ -36,13 +36,18 @@ def template_of(daemon, name: str) -> dict | None:
     return daemon.function(name)["template"]
 
 
+def ready_template(daemon, name: str) -> dict:
+    """The function's template, once it has imported the handler."""
+    return wait_until(lambda: (template_of(daemon, name) or {}).get("init_ms") and template_of(daemon, name),
+                      message="the template to be ready")
+
+
 def test_new_workers_are_forked_from_the_template_that_imported_the_handler(daemon):
     write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
     write_function(daemon.functions, "fn.py", STATE)
     loaded(daemon, "fn")
     first = daemon.invoke("fn").json()
-    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
-                          message="the template to be ready")
+    template = ready_template(daemon, "fn")
     # Each call outlasts a fork, even a slow one: a freed worker would serve a second call.
     results = concurrent(daemon, "fn", [{"sleep": 2}] * 3)
     forked = [r for r in results if r["pid"] != first["pid"]]
@@ -75,8 +80,7 @@ def test_what_the_templates_import_printed_is_logged_once_by_its_first_forked_wo
     write_function(daemon.functions, "fn.py", LOUD_IMPORT)
     loaded(daemon, "fn")
     first = daemon.invoke("fn").json()
-    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
-                          message="the template to be ready")
+    template = ready_template(daemon, "fn")
     imported = f"imported in {template['pid']}"
     tails: dict[str, list[str]] = {}
 
@@ -124,8 +128,7 @@ def test_a_forked_worker_reaches_what_its_template_reaches_under_the_hosts_tmp(d
     write_function(daemon.functions, "reader/data.txt", "the function's own file")
     loaded(daemon, "reader")
     first = daemon.invoke("reader").json()
-    template = wait_until(lambda: (template_of(daemon, "reader") or {}).get("init_ms") and template_of(daemon, "reader"),
-                          message="the template to be ready")
+    template = ready_template(daemon, "reader")
     results = concurrent(daemon, "reader", [{"sleep": 2}] * 3)
     for result in results:
         assert result.get("data") == "the function's own file" and result["child"] == "42", result
@@ -183,8 +186,7 @@ def test_each_forked_worker_has_a_pids_limit_of_its_own(daemon):
     write_function(daemon.functions, "fn.py", THREADS)
     loaded(daemon, "fn")
     spawned = daemon.invoke("fn").json()["pid"]
-    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
-                          message="the template")
+    template = ready_template(daemon, "fn")
     results: dict[str, dict] = {}
 
     def call(key: str, event: dict) -> None:
@@ -215,8 +217,7 @@ def test_a_code_change_builds_a_new_template_and_the_old_one_goes(daemon):
     write_function(daemon.functions, "fn.py", STATE)
     loaded(daemon, "fn")
     daemon.invoke("fn")
-    old = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
-                     message="the first template")
+    old = ready_template(daemon, "fn")
     write_function(daemon.functions, "fn.py", STATE.replace("IMPORTED_AT = ", "VERSION = 2\nIMPORTED_AT = "))
     wait_until(lambda: daemon.function("fn")["revision"] != old["revision"], message="the new revision")
     daemon.invoke("fn")
@@ -262,8 +263,7 @@ def test_when_the_template_dies_workers_are_spawned_again(daemon):
     write_function(daemon.functions, "fn.py", STATE)
     loaded(daemon, "fn")
     daemon.invoke("fn")
-    template = wait_until(lambda: (template_of(daemon, "fn") or {}).get("init_ms") and template_of(daemon, "fn"),
-                          message="the template")
+    template = ready_template(daemon, "fn")
     left = own_groups(template["pid"]) + [Path(template["tmp_dir"])]
     assert all(path.exists() for path in left), left
     os.kill(template["pid"], signal.SIGKILL)
