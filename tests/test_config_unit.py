@@ -74,19 +74,16 @@ def test_a_number_that_is_not_finite_is_refused_in_the_file_and_the_environment(
     assert f"${variable}: {number!r} is not valid: expected a" in str(refused.value)
 
 
-def test_whole_numbers_refuse_fractions_and_sizes_stay_numbers(tmp_path):
+@pytest.mark.parametrize("text, refusal", [
+    ("[workers]\nfreeze_after_ms = 1.5\n", "workers.freeze_after_ms: 1.5 is not valid: expected a whole number"),
+    ("[server]\nmax_body_mb = 1e308\n", "server.max_body_mb: 1e\\+308 is not valid: expected a size in MB"),
+    ('[paths]\ndata = "state\\u0000"\n', "paths.data: .* a NUL character cannot be part of a path"),
+    ('[workers]\nrun_as = "faasd\\u0000"\n', "workers.run_as: .* a NUL character cannot be part of it"),
+])
+def test_whole_numbers_refuse_fractions_and_sizes_stay_numbers(tmp_path, text, refusal):
     config = tmp_path / "faasd.toml"
-    config.write_text("[workers]\nfreeze_after_ms = 1.5\n")
-    with pytest.raises(ConfigError, match="workers.freeze_after_ms: 1.5 is not valid: expected a whole number"):
-        load_config(config, env={})
-    config.write_text("[server]\nmax_body_mb = 1e308\n")
-    with pytest.raises(ConfigError, match="server.max_body_mb: 1e\\+308 is not valid: expected a size in MB"):
-        load_config(config, env={})
-    config.write_text('[paths]\ndata = "state\\u0000"\n')
-    with pytest.raises(ConfigError, match="paths.data: .* a NUL character cannot be part of a path"):
-        load_config(config, env={})
-    config.write_text('[workers]\nrun_as = "faasd\\u0000"\n')
-    with pytest.raises(ConfigError, match="workers.run_as: .* a NUL character cannot be part of it"):
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=refusal):
         load_config(config, env={})
 
 
