@@ -78,13 +78,24 @@ def function_configuration(spec: FunctionSpec, region: str) -> dict[str, Any]:
         "PackageType": "Zip",
         "Architectures": ["x86_64"],
         "EphemeralStorage": {"Size": spec.tmp_mb},
-        "LoggingConfig": {"LogFormat": "Text", "LogGroup": f"/aws/lambda/{spec.name}"},
+        "LoggingConfig": logging_config(spec),
         "State": "Failed" if spec.load_error else "Active",
         "LastUpdateStatus": "Failed" if spec.load_error else "Successful",
     }
     if spec.load_error:
         config["StateReason"] = spec.load_error
         config["StateReasonCode"] = "InvalidCode"
+    return config
+
+
+def logging_config(spec: FunctionSpec) -> dict[str, str]:
+    """Lambda's LoggingConfig: the levels only with JSON logs, as Lambda reports them."""
+    config = {"LogFormat": spec.log_format}
+    if spec.application_log_level is not None:
+        config["ApplicationLogLevel"] = spec.application_log_level
+    if spec.system_log_level is not None:
+        config["SystemLogLevel"] = spec.system_log_level
+    config["LogGroup"] = f"/aws/lambda/{spec.name}"
     return config
 
 

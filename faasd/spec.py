@@ -37,6 +37,10 @@ RUNTIME_IDS = {"python": f"python{sys.version_info.major}.{sys.version_info.mino
 FILE_RUNTIMES = {".py": "python", ".js": "node", ".mjs": "node", ".cjs": "node"}
 DEFAULT_HANDLERS = {"python": "handler.handler", "node": "index.handler", "provided": "bootstrap"}
 TRIGGER_TYPES = ("http", "file", "cron", "amqp")
+# Lambda's LoggingConfig: the log format, and (JSON only) the levels that pass.
+LOG_FORMATS = ("Text", "JSON")
+APPLICATION_LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+SYSTEM_LOG_LEVELS = ("DEBUG", "INFO", "WARN")
 ON_FAILURE_RE = re.compile(r"^(dir|function:[A-Za-z0-9_-]{1,64})$")
 
 # Entries of functions/ that are never functions: editor droppings, hidden
@@ -92,6 +96,9 @@ class FunctionSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     async_config: AsyncConfig = field(default_factory=AsyncConfig)
     triggers: tuple[Trigger, ...] = ()
+    log_format: str = "Text"  # "Text" or "JSON"
+    application_log_level: str | None = None  # JSON only: TRACE ... FATAL
+    system_log_level: str | None = None  # JSON only: DEBUG, INFO or WARN
     load_error: str | None = None
 
     @property
@@ -111,6 +118,9 @@ class FunctionSpec:
             "concurrency": self.concurrency,
             "min_warm": self.min_warm,
             "env": sorted(self.env),  # names only: values may be secrets
+            "log_format": self.log_format,
+            "application_log_level": self.application_log_level,
+            "system_log_level": self.system_log_level,
             "async": {
                 "max_retries": self.async_config.max_retries,
                 "retry_delays_s": list(self.async_config.retry_delays_s),
@@ -294,7 +304,7 @@ def _guess_runtime(source: Path) -> str | None:
 
 _KNOWN_KEYS = {
     "runtime", "handler", "memory_mb", "timeout_s", "tmp_mb", "concurrency",
-    "min_warm", "env", "async", "triggers",
+    "min_warm", "env", "async", "triggers", "log_format", "application_log_level", "system_log_level",
 }
 
 
@@ -335,6 +345,8 @@ def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool) -> FunctionSpe
     if runtime != "provided" and "." not in handler:
         raise SpecError(f"{where}: handler {handler!r} must be 'module.function'")
 
+    env = _env(raw.get("env", {}), where)
+    logging_config = _logging(raw, env, where)
     spec = _with(
         base,
         runtime=runtime,
@@ -344,7 +356,8 @@ def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool) -> FunctionSpe
         tmp_mb=_int(raw, "tmp_mb", 512, where, low=1, high=10240),
         concurrency=_int(raw, "concurrency", None, where, low=1, high=100000),
         min_warm=_int(raw, "min_warm", 0, where, low=0, high=1000),
-        env=_env(raw.get("env", {}), where),
+        env=env,
+        **logging_config,
         async_config=_async(raw.get("async", {}), where),
         triggers=_triggers(raw.get("triggers", []), where),
     )
@@ -524,6 +537,51 @@ def _env(value: Any, where: str) -> dict[str, str]:
                             "variable can")
         env[key] = str(item)
     return env
+
+
+# What [env] could set before function.toml had the logging keys: read as them.
+LEGACY_LOG_ENV = {"AWS_LAMBDA_LOG_FORMAT": "log_format", "AWS_LAMBDA_LOG_LEVEL": "application_log_level"}
+
+
+def _logging(raw: dict, env: dict[str, str], where: str) -> dict[str, str | None]:
+    """The function's LoggingConfig: `log_format`, and with JSON `application_log_level`
+    and `system_log_level` (INFO unless set), as Lambda allows them.
+
+    Lambda sets AWS_LAMBDA_LOG_FORMAT and AWS_LAMBDA_LOG_LEVEL for the worker
+    from these. An [env] that sets them (the way to JSON logs before these keys)
+    is read as the key it stands for, and taken out of [env]; setting both is an error.
+    """
+    values = {key: raw[key] for key in ("log_format", "application_log_level", "system_log_level")
+              if key in raw}
+    labels = {key: key for key in values}
+    for name, key in LEGACY_LOG_ENV.items():
+        if name in env:
+            if key in values:
+                raise SpecError(f"{where}: [env] sets {name} and {key} is set too: keep {key} "
+                                f"only (faasd sets {name} from it)")
+            values[key] = env.pop(name)
+            labels[key] = f"[env] {name}"
+
+    def choice(key: str, choices: tuple[str, ...]) -> str | None:
+        value = values.get(key)
+        if value is None:
+            return None
+        # Any case in the file (`json` is JSON); as Lambda spells them in the result.
+        for spelt in choices:
+            if isinstance(value, str) and value.upper() == spelt.upper():
+                return spelt
+        raise SpecError(f"{where}: {labels[key]} = {value!r}: expected one of {', '.join(choices)}")
+
+    log_format = choice("log_format", LOG_FORMATS) or "Text"
+    levels = {"application_log_level": choice("application_log_level", APPLICATION_LOG_LEVELS),
+              "system_log_level": choice("system_log_level", SYSTEM_LOG_LEVELS)}
+    if log_format == "JSON":
+        return {"log_format": log_format, **{key: level or "INFO" for key, level in levels.items()}}
+    for key, level in levels.items():
+        if level is not None:
+            raise SpecError(f"{where}: {labels[key]} = {level!r} needs log_format = \"JSON\": as in "
+                            "Lambda, log levels are filtered only in JSON logs")
+    return {"log_format": log_format, **levels}
 
 
 def _async(value: Any, where: str) -> AsyncConfig:

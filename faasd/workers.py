@@ -266,6 +266,7 @@ class Worker:
             "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{spec.name}",
             "AWS_LAMBDA_LOG_STREAM_NAME": self.log_stream,
             "AWS_LAMBDA_INITIALIZATION_TYPE": "on-demand",
+            "AWS_LAMBDA_LOG_FORMAT": spec.log_format,
             "AWS_REGION": self.env.region,
             "AWS_DEFAULT_REGION": self.env.region,
             "_HANDLER": spec.handler,
@@ -273,6 +274,8 @@ class Worker:
             "LAMBDA_RUNTIME_DIR": str(RUNTIME_DIR),
             "TMPDIR": str(self.tmp_dir),
         }
+        if spec.application_log_level is not None:  # JSON logs: what the runtime lets through
+            env["AWS_LAMBDA_LOG_LEVEL"] = spec.application_log_level
         if spec.runtime != "provided":  # Lambda's OS-only runtimes leave it unset
             env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{runtime_id(spec.runtime)}"
         return env

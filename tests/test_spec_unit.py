@@ -95,3 +95,43 @@ def test_the_node_runtime_is_named_for_the_node_on_path(tmp_path, monkeypatch, v
         assert runtime_id("provided") == "provided.al2023"
     finally:
         runtime_id.cache_clear()
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ("", ("Text", None, None)),
+    ('log_format = "Text"\n', ("Text", None, None)),
+    ('log_format = "json"\n', ("JSON", "INFO", "INFO")),
+    ('log_format = "JSON"\napplication_log_level = "trace"\nsystem_log_level = "Warn"\n',
+     ("JSON", "TRACE", "WARN")),
+    ('log_format = "JSON"\napplication_log_level = "FATAL"\n', ("JSON", "FATAL", "INFO")),
+    # What [env] said before these keys: read as them, and no longer in [env].
+    ('[env]\nAWS_LAMBDA_LOG_FORMAT = "JSON"\nAWS_LAMBDA_LOG_LEVEL = "WARN"\nGREETING = "hi"\n',
+     ("JSON", "WARN", "INFO")),
+])
+def test_the_logging_config_is_lambdas_with_levels_only_in_json(tmp_path, toml, expected):
+    spec = _load(tmp_path, toml)
+    assert spec.load_error is None
+    assert (spec.log_format, spec.application_log_level, spec.system_log_level) == expected
+    assert not {"AWS_LAMBDA_LOG_FORMAT", "AWS_LAMBDA_LOG_LEVEL"} & set(spec.env)
+
+
+@pytest.mark.parametrize("toml, problem", [
+    ('log_format = "XML"\n', "log_format = 'XML': expected one of Text, JSON"),
+    ("log_format = true\n", "log_format = True: expected one of Text, JSON"),
+    ('log_format = "JSON"\napplication_log_level = "VERBOSE"\n',
+     "application_log_level = 'VERBOSE': expected one of TRACE, DEBUG, INFO, WARN, ERROR, FATAL"),
+    ('log_format = "JSON"\nsystem_log_level = "ERROR"\n',
+     "system_log_level = 'ERROR': expected one of DEBUG, INFO, WARN"),
+    ('application_log_level = "DEBUG"\n', "application_log_level = 'DEBUG' needs log_format = \"JSON\": "
+     "as in Lambda, log levels are filtered only in JSON logs"),
+    ('log_format = "Text"\nsystem_log_level = "WARN"\n', "system_log_level = 'WARN' needs log_format = "
+     "\"JSON\": as in Lambda, log levels are filtered only in JSON logs"),
+    ('[env]\nAWS_LAMBDA_LOG_LEVEL = "WARN"\n', "[env] AWS_LAMBDA_LOG_LEVEL = 'WARN' needs log_format = "
+     "\"JSON\": as in Lambda, log levels are filtered only in JSON logs"),
+    ('[env]\nAWS_LAMBDA_LOG_FORMAT = "yaml"\n', "[env] AWS_LAMBDA_LOG_FORMAT = 'yaml': expected one of "
+     "Text, JSON"),
+    ('log_format = "JSON"\n[env]\nAWS_LAMBDA_LOG_FORMAT = "JSON"\n', "[env] sets AWS_LAMBDA_LOG_FORMAT "
+     "and log_format is set too: keep log_format only (faasd sets AWS_LAMBDA_LOG_FORMAT from it)"),
+])
+def test_a_logging_setting_lambda_would_refuse_is_a_load_error_that_says_why(tmp_path, toml, problem):
+    assert _load(tmp_path, toml).load_error == f"fn.toml: {problem}"
