@@ -5,7 +5,9 @@ socket inherited (see faasd/protocol.py for the framing) and the
 function's environment (`_HANDLER`, `LAMBDA_TASK_ROOT`, ...). It imports the
 handler once, says READY, then serves INVOKE frames one at a time until
 SHUTDOWN or end of file. Handler errors, import errors and their types follow
-AWS's Python runtime so that logs and error payloads read the same.
+AWS's Python runtime so that logs and error payloads read the same, in Lambda's
+Text log format or its JSON one (AWS_LAMBDA_LOG_FORMAT=JSON: each `logging`
+record one JSON object, the root logger at AWS_LAMBDA_LOG_LEVEL).
 
 Standard library only: the function's own code decides what else is loaded.
 """
@@ -246,24 +248,88 @@ class LambdaContext:
 _current_request_id = ""
 
 
+def _log_settings():
+    """(JSON logs?, the root logger's level name or ""), from AWS_LAMBDA_LOG_FORMAT and
+    AWS_LAMBDA_LOG_LEVEL as AWS's Python runtime reads them: logging has no TRACE, so
+    TRACE is DEBUG."""
+    json_logs = os.environ.get("AWS_LAMBDA_LOG_FORMAT", "").upper() == "JSON"
+    level = os.environ.get("AWS_LAMBDA_LOG_LEVEL", "").upper()
+    return json_logs, "DEBUG" if level == "TRACE" else level
+
+
 def _setup_logging(logging):
-    """The root logger as AWS's runtime sets it up: Lambda's line format, with the request id."""
+    """The root logger as AWS's runtime sets it up: Lambda's line format with the request
+    id, or in JSON logs one JSON object a record; at the application log level if set."""
 
     class _RequestIdFilter(logging.Filter):
         def filter(self, record):
             record.aws_request_id = _current_request_id
             return True
 
+    json_logs, level = _log_settings()
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(
-        "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s\n",
-        "%Y-%m-%dT%H:%M:%S",
-    ))
-    handler.formatter.converter = time.gmtime
+    if json_logs:
+        handler.setFormatter(_json_formatter(logging)())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "[%(levelname)s]\t%(asctime)s.%(msecs)03dZ\t%(aws_request_id)s\t%(message)s\n",
+            "%Y-%m-%dT%H:%M:%S",
+        ))
+        handler.formatter.converter = time.gmtime
     handler.addFilter(_RequestIdFilter())
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.WARNING)
+    root.setLevel(level if level in logging.getLevelNamesMapping() else logging.WARNING)
+
+
+# A LogRecord's own attributes: any other one came from `extra` and joins the JSON record.
+_RECORD_FIELDS = frozenset({
+    "name", "msg", "args", "levelname", "levelno", "pathname", "filename", "module", "exc_info",
+    "exc_text", "stack_info", "lineno", "funcName", "created", "msecs", "relativeCreated", "thread",
+    "threadName", "processName", "process", "taskName", "message", "asctime", "aws_request_id",
+})
+
+
+def _iso_time(seconds):
+    """2026-01-02T03:04:05.678Z, as Lambda's JSON records give their time."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds * 1000) % 1000:03d}Z"
+
+
+def _json_formatter(logging):
+    """The formatter of AWS's Python runtime in JSON logs: timestamp, level, message,
+    logger, the exception's stackTrace, errorType, errorMessage and location where
+    there is one, requestId, then the record's `extra` fields; nothing that is None."""
+    encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+    class JsonFormatter(logging.Formatter):
+        def format(self, record):
+            # Lambda's levels are the standard ones: a custom level rounds down to one.
+            record.levelno = min(50, max(0, record.levelno)) // 10 * 10
+            record.levelname = logging.getLevelName(record.levelno)
+            exc_info = record.exc_info
+            if not exc_info or exc_info[0] is None:
+                exc_info = None
+            result = {
+                "timestamp": _iso_time(record.created),
+                "level": record.levelname,
+                "message": record.getMessage(),
+                "logger": record.name,
+            }
+            if exc_info is not None:
+                import traceback
+
+                result["stackTrace"] = traceback.format_tb(exc_info[2])
+                result["errorType"] = exc_info[0].__name__
+                result["errorMessage"] = str(exc_info[1])
+            result["requestId"] = getattr(record, "aws_request_id", None)
+            if exc_info is not None:
+                result["location"] = f"{record.pathname}:{record.funcName}:{record.lineno}"
+            for key, value in record.__dict__.items():
+                if key not in _RECORD_FIELDS and key not in result:
+                    result[key] = value
+            return encode({key: value for key, value in result.items() if value is not None})
+
+    return JsonFormatter
 
 
 class _configure_logging_on_import:
@@ -357,6 +423,16 @@ def _unreadable(task_root):
 
 
 def _log_exception(exc):
+    json_logs, level = _log_settings()
+    if json_logs:
+        # As AWS's runtime logs it in JSON logs: the error document, at ERROR.
+        if level not in ("FATAL", "CRITICAL"):
+            sys.stdout.write(_encode_json({
+                "timestamp": _iso_time(time.time()), "level": "ERROR", "errorMessage": str(exc),
+                "errorType": type(exc).__name__, "requestId": _current_request_id,
+                "stackTrace": _user_frames(exc.__traceback__)}) + "\n")
+            sys.stdout.flush()
+        return
     import traceback
 
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
