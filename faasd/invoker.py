@@ -1,7 +1,8 @@
 """The one path every invocation takes, whatever triggered it.
 
 trigger -> Invoker.invoke() -> concurrency limits -> pool.acquire() ->
-worker.run() -> logs (START/END/REPORT) -> Invocation.
+worker.run() -> logs (START/END/REPORT, or Lambda's JSON records: faasd/platform_log.py)
+-> Invocation.
 
 Limits: a call holds one slot of the global `max_concurrency` and one of the
 function's `concurrency`. A synchronous call that finds either full is
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from typing import Callable, NoReturn
 
 from .errors import INIT, FunctionError, FunctionNotFound, ShuttingDown, Throttled
 from .logs import FunctionLogs, LogCapture
+from .platform_log import billed_ms, json_platform_log
 from .pool import WorkerPool
 from .registry import Registry
 from .spec import FunctionSpec, new_request_id
@@ -238,7 +239,11 @@ class Invoker:
         if cold:
             invocation.init_ms = worker.init_ms
             capture.logged(worker.init_logs)
-        capture(f"START RequestId: {request_id} Version: $LATEST")
+        platform = json_platform_log(spec)
+        if platform is None:
+            capture(f"START RequestId: {request_id} Version: $LATEST")
+        else:
+            capture(*platform.start(request_id))
         started = time.perf_counter()
         deadline = time.time() + spec.timeout_s
         result = None
@@ -250,6 +255,11 @@ class Invoker:
         invocation.payload = result.payload
         invocation.error = result.error
         invocation.max_memory_mb = result.max_memory_mb
+        if platform is not None:
+            said = [result.error.message] if result.error is not None and result.error.kind != "error" else []
+            capture(*said, *platform.done(invocation))
+            invocation.log_lines = capture.lines
+            return invocation
         end = f"END RequestId: {request_id}"
         if result.error is not None and result.error.kind != "error":
             capture(result.error.message, end, self._report(spec, invocation))
@@ -263,6 +273,12 @@ class Invoker:
         error = invocation.error
         assert error is not None and error.kind == INIT
         capture.logged(init_logs)
+        platform = json_platform_log(spec)
+        if platform is not None:
+            capture(*platform.init_failed(invocation), *platform.start(invocation.request_id),
+                    *platform.done(invocation))
+            invocation.log_lines = capture.lines
+            return
         capture(f"INIT_REPORT Init Duration: {invocation.init_ms or 0:.2f} ms\tPhase: init\t"
                 f"Status: error\tError Type: {error.error_type}")
         capture(f"[ERROR] {error.error_type}: {error.message}")
@@ -275,8 +291,7 @@ class Invoker:
     def _report(spec: FunctionSpec, invocation: Invocation, status: str | None = None) -> str:
         duration = invocation.duration_ms
         init = invocation.init_ms
-        # Lambda bills the init phase too, in every runtime (since 1 August 2025).
-        billed = max(1, math.ceil(duration + (init or 0)))
+        billed = billed_ms(duration, init)
         line = (f"REPORT RequestId: {invocation.request_id}\tDuration: {duration:.2f} ms\t"
                 f"Billed Duration: {billed} ms\t"
                 f"Memory Size: {spec.memory_mb} MB\tMax Memory Used: {invocation.max_memory_mb} MB")

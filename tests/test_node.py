@@ -245,17 +245,22 @@ def test_json_log_format_writes_one_json_object_per_console_call(daemon):
           return "ok";
         };
     """)
+    # As it was written before function.toml had log_format: [env] sets the runtime's
+    # variables, and they are read as log_format and application_log_level.
     write_function(daemon.functions, "jsonlog.toml",
                    '[env]\nAWS_LAMBDA_LOG_FORMAT = "JSON"\nAWS_LAMBDA_LOG_LEVEL = "INFO"\n')
     loaded(daemon, "jsonlog")
+    assert daemon.function("jsonlog")["log_format"] == "JSON"
     response = daemon.invoke("jsonlog", {"fail": True})
     request_id = response.headers["x-amzn-requestid"]
-    wait_until(lambda: any(line.startswith("REPORT") for line in request_lines(daemon, "jsonlog", request_id)),
-               message="the REPORT line")
-    lines = request_lines(daemon, "jsonlog", request_id)
-    printed = lines[lines.index(f"START RequestId: {request_id} Version: $LATEST") + 1:
-                    lines.index(f"END RequestId: {request_id}")]
-    records = [json.loads(line) for line in printed]
+    wait_until(lambda: any('"type":"platform.report"' in line
+                           for line in request_lines(daemon, "jsonlog", request_id)),
+               message="the platform.report record")
+    lines = [json.loads(line) for line in request_lines(daemon, "jsonlog", request_id)]
+    # The platform's START and REPORT are Lambda's JSON records too.
+    assert lines[0]["type"] == "platform.start" and lines[-1]["type"] == "platform.report"
+    assert lines[-1]["record"]["status"] == "error" and lines[-1]["record"]["errorType"] == "TypeError"
+    records = lines[1:-1]
     for record in records:
         assert record["timestamp"].endswith("Z") and record["requestId"] == request_id
     assert [(r["level"], r["message"]) for r in records[:3]] == [
