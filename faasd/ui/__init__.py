@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections import deque
@@ -172,6 +173,18 @@ def _round(value: float | None) -> float | None:
 _LINE_FIELDS = ("seq", "time", "level", "logger", "function", "request_id", "message")
 
 
+# A runtime's JSON record (log_format = "JSON"): Node's and Python's both begin so.
+_RECORD_LEVEL = re.compile(r'\{"timestamp": ?"[^"]*", ?"level": ?"([A-Z]+)"')
+_LEVELS = {"TRACE": "debug", "DEBUG": "debug", "INFO": "info", "WARN": "warning", "WARNING": "warning",
+           "ERROR": "error", "FATAL": "critical", "CRITICAL": "critical"}
+
+
+def _record_level(text: str) -> str:
+    """The dashboard's level of a function's line: a JSON record's own, else info."""
+    found = _RECORD_LEVEL.match(text)
+    return _LEVELS.get(found[1], "info") if found else "info"
+
+
 class LogRing(logging.Handler):
     """The last LOG_LINES records of the daemon's log, numbered for polling.
 
@@ -207,7 +220,8 @@ class LogRing(logging.Handler):
             for function, _, request_id, texts in entries:
                 for text in texts:
                     seq += 1
-                    append((seq, now, "info", "faasd.function", function, request_id, text[:4000]))
+                    level = _record_level(text) if text[:1] == "{" else "info"
+                    append((seq, now, level, "faasd.function", function, request_id, text[:4000]))
             self.seq = seq
 
     def after(self, seq: int, limit: int = 500) -> tuple[list[dict[str, Any]], int]:

@@ -379,9 +379,12 @@ function logMatches(line, filter) {
     .some((v) => v && String(v).toLowerCase().includes(f));
 }
 
+// Lambda's START/END/REPORT lines, or their JSON records (log_format = "JSON").
+const PLATFORM_LINE = /^((REPORT|START|END) RequestId|\{"time":"[^"]*","type":"platform\.)/;
+
 function logRow(line) {
   const classes = ["log-line"];
-  if (/^(REPORT|START|END) RequestId/.test(line.message)) classes.push("report");
+  if (PLATFORM_LINE.test(line.message)) classes.push("report");
   if (line.level === "error" || line.level === "critical") classes.push("error");
   const time = new Date(line.time * 1000).toLocaleTimeString([], { hour12: false });
   return h("div", { class: classes.join(" ") },
