@@ -320,3 +320,40 @@ def test_a_custom_runtime_gets_the_log_settings_and_the_platform_records(daemon)
     # What the bootstrap writes is its own business: it reaches the log as it is.
     assert f"serving {request_id}" in texts
     assert [r["type"] for r in records(texts)] == ["platform.start", "platform.report"]
+
+
+FORKED = """
+import logging, os, time
+
+logging.getLogger().info("set up in %s", os.getpid())
+
+
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    logging.getLogger("forks").info("served by %s", os.getpid())
+    return {"pid": os.getpid(), "request_id": context.aws_request_id}
+"""
+
+
+def test_workers_forked_from_a_template_log_json_as_the_first_one(daemon):
+    from support import concurrent, parent_of
+    from test_zygote import ready_template
+
+    write_function(daemon.functions, "forked.py", FORKED)
+    write_function(daemon.functions, "forked.toml", 'log_format = "JSON"\ntimeout_s = 10\n')
+    loaded(daemon, "forked")
+    first = daemon.invoke("forked").json()
+    template = ready_template(daemon, "forked")
+    results = concurrent(daemon, "forked", [{"sleep": 2}] * 3)
+    forked = [r for r in results if r["pid"] != first["pid"]]
+    assert forked and all(parent_of(r["pid"]) == template["pid"] for r in forked), results
+    for result in [first, *forked]:
+        wait_report(daemon, "forked", result["request_id"])
+        served, = records(request_lines(daemon, "forked", result["request_id"]))[1:-1]
+        assert (served["level"], served["logger"]) == ("INFO", "forks")
+        assert served["message"] == f"served by {result['pid']}"
+        assert served["requestId"] == result["request_id"]
+    idle = texts_of(daemon.log_of("forked").splitlines(), "-")
+    # The template's import logged its record once, for its first fork; each worker its initStart.
+    assert sum('"set up in ' in text for text in idle) == 2
+    assert len(platform(idle, "platform.initStart")) == 1 + len({r["pid"] for r in forked})
