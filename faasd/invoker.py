@@ -241,9 +241,10 @@ class Invoker:
             capture.logged(worker.init_logs)
         platform = json_platform_log(spec)
         if platform is None:
-            capture(f"START RequestId: {request_id} Version: $LATEST")
+            capture.opening(f"START RequestId: {request_id} Version: $LATEST")
         else:
-            capture(*platform.start(request_id))
+            for line in platform.start(request_id):  # none where the system log level leaves it out
+                capture.opening(line)
         started = time.perf_counter()
         deadline = time.time() + spec.timeout_s
         result = None

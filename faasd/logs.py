@@ -5,7 +5,10 @@ printed, END, REPORT). In `<data>/logs/NAME.log` each line is stored as
 `<ISO time>\\t<request id>\\t<text>`; on stdout it has the daemon's log
 format (text, or JSON with `function` and `request_id` fields). Writes are
 buffered and flushed once per event-loop turn: a burst of invocations costs
-one write per file, not one per line.
+one write per file, not one per line. An invocation's START line waits up
+to HOLD_S (5 ms) for the lines after it, so that a quick call, alone on a
+quiet daemon, costs one write per file and not two; whatever is written
+meanwhile takes it along, and a longer call's START is written at HOLD_S.
 
 A file that grows past `max_file_bytes` is rotated: NAME.log becomes
 NAME.log.1 (and .1 becomes .2, up to `keep_files`; the oldest goes), and
@@ -33,6 +36,9 @@ IDLE_CLOSE_S = 60.0  # a log file not written for this long is closed (reopened 
 MAX_TAIL_BYTES = 64 * 1024 * 1024  # the most a tail request reads back
 FOLLOW_CHECK_S = 5.0  # how often a quiet follow checks that its reader is still there
 FOLLOW_BACKLOG = 10000  # lines held for a follower that reads slower than they come
+# A START line waits this long for the invocation's next lines before it is
+# written alone: a quick call's START, END and REPORT go out in one write.
+HOLD_S = 0.005
 
 
 _stamp_ms = -1
@@ -116,6 +122,7 @@ class FunctionLogs:
         # taps see every batch as flushed: tap(entries) (the dashboard's log tail)
         self.taps: list[Callable[[list[Entry]], None]] = []
         self._flush_scheduled = False
+        self._hold_timer: asyncio.TimerHandle | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
@@ -130,6 +137,14 @@ class FunctionLogs:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
 
+    def write_held(self, name: str, request_id: str, text: str) -> None:
+        """Append a line that may wait up to HOLD_S for the next write (an
+        invocation's START, for its END and REPORT): it is flushed with the
+        next line written, or alone once HOLD_S has passed."""
+        self._batch.append((name, iso_now(), request_id, (_cut(text),)))
+        if not self._flush_scheduled and self._hold_timer is None:
+            self._hold_timer = asyncio.get_running_loop().call_later(HOLD_S, self.flush)
+
     def write_idle(self, name: str, text: str) -> None:
         """Append a line that belongs to no invocation (what a worker printed while it
         started, say); its request id is `-`."""
@@ -137,6 +152,9 @@ class FunctionLogs:
 
     def flush(self) -> None:
         self._flush_scheduled = False
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         batch, self._batch = self._batch, []
         pending, echo = self._format(batch)
         if batch:
@@ -362,6 +380,12 @@ class LogCapture:
                 lines.append(text)
             else:
                 lines[-1] = text
+
+    def opening(self, text: str) -> None:
+        """The invocation's first line (START): written with the lines that follow
+        it, or alone after FunctionLogs.HOLD_S (see write_held)."""
+        self.logs.write_held(self.name, self.request_id, text)
+        self.lines.append(text)
 
     def logged(self, texts: list[str]) -> None:
         """Lines in the function's log already (what the worker printed while it

@@ -264,3 +264,49 @@ def test_a_write_of_no_lines_writes_nothing(tmp_path):
     asyncio.run(scenario())
     assert stream.getvalue() == b"" and logs.tail("fn", 10) == []
     logs.close()
+
+
+class _CountingStream(io.BytesIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data) -> int:  # type: ignore[override]
+        self.writes += 1
+        return super().write(data)
+
+
+def test_a_start_line_waits_for_the_calls_next_lines_and_goes_out_with_them(tmp_path):
+    stream = _CountingStream()
+    logs = FunctionLogs(tmp_path, echo_format="text", stream=stream)
+
+    async def scenario() -> None:
+        logs.write_held("fn", "r1", "START r1")
+        for _ in range(5):
+            await asyncio.sleep(0)  # loop turns pass: a START alone is not written yet
+        assert stream.writes == 0 and not (tmp_path / "fn.log").exists()
+        logs.write("fn", "r1", "END r1", "REPORT r1")
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    assert stream.writes == 1  # START, END and REPORT in one write
+    assert [line.split("\t")[2] for line in logs.tail("fn", 10)] == ["START r1\n", "END r1\n", "REPORT r1\n"]
+    logs.close()
+
+
+def test_a_start_line_of_a_longer_call_is_written_after_the_hold(tmp_path, monkeypatch):
+    import faasd.logs
+
+    monkeypatch.setattr(faasd.logs, "HOLD_S", 0.01)
+    stream = _CountingStream()
+    logs = FunctionLogs(tmp_path, echo_format="text", stream=stream)
+
+    async def scenario() -> None:
+        logs.write_held("fn", "r1", "START r1")
+        await asyncio.sleep(0.05)
+        assert stream.writes == 1 and (tmp_path / "fn.log").read_text().endswith("\tr1\tSTART r1\n")
+        logs.write_held("fn", "r2", "START r2")  # held again; close() writes what is held
+        logs.close()
+
+    asyncio.run(scenario())
+    assert [line.split("\t")[2] for line in logs.tail("fn", 10)] == ["START r1\n", "START r2\n"]
