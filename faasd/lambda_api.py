@@ -1,10 +1,15 @@
 """AWS Lambda's own API, so boto3 and the aws CLI talk to faasd as to Lambda.
 
 Invoke (`POST /2015-03-31/functions/NAME/invocations`) and the read-only
-operations that deploy scripts and waiters use (ListFunctions, GetFunction,
-GetFunctionConfiguration, GetFunctionConcurrency, ListVersionsByFunction,
-ListAliases, ListTags), with Lambda's headers, status codes and error
-shapes: service errors carry `x-amzn-ErrorType` and `{"Type", "message"}`
+operations that deploy scripts, waiters and inventory tools use
+(ListFunctions, GetFunction, GetFunctionConfiguration,
+GetFunctionConcurrency, ListVersionsByFunction, ListAliases, ListTags,
+GetAccountSettings, GetFunctionEventInvokeConfig and its List,
+GetFunctionUrlConfig and its List, GetPolicy, ListLayers,
+GetFunctionRecursionConfig), each telling what faasd does: the event invoke
+config is the function's `[async]`, its URL `/function/NAME/`, and there
+are no resource policies, layers or loop detection. All with Lambda's
+headers, status codes and error shapes: service errors carry `x-amzn-ErrorType` and `{"Type", "message"}`
 (`"Message"` for ResourceNotFoundException, as botocore's model spells it),
 which botocore turns into `ResourceNotFoundException` and friends. Any other
 Lambda API operation gets 501 `NotImplemented` saying what faasd serves:
@@ -38,7 +43,11 @@ if TYPE_CHECKING:
 API = "/2015-03-31"
 RUNTIME_API_PREFIX = "/2018-06-01/"  # the Lambda Runtime API: workers' own, not the Lambda API
 SERVED = ("Invoke, ListFunctions, GetFunction, GetFunctionConfiguration, GetFunctionConcurrency, "
-          "ListVersionsByFunction, ListAliases and ListTags")
+          "ListVersionsByFunction, ListAliases, ListTags, GetAccountSettings, "
+          "GetFunctionEventInvokeConfig, ListFunctionEventInvokeConfigs, GetFunctionUrlConfig, "
+          "ListFunctionUrlConfigs, GetPolicy, ListLayers and GetFunctionRecursionConfig")
+# AccountLimit's code sizes, as Lambda states them; faasd enforces none of them.
+CODE_SIZE_LIMITS = {"TotalCodeSize": 80530636800, "CodeSizeUnzipped": 262144000, "CodeSizeZipped": 52428800}
 MAX_EVENT_BYTES = 1024 * 1024  # Lambda's limit for an asynchronous invocation's payload
 
 
@@ -55,10 +64,7 @@ def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
 
 def function_configuration(spec: FunctionSpec, region: str) -> dict[str, Any]:
     """FunctionConfiguration as Lambda returns it."""
-    try:
-        modified = spec.source.stat().st_mtime
-    except OSError:
-        modified = time.time()
+    modified = _modified(spec)
     config: dict[str, Any] = {
         "FunctionName": spec.name,
         "FunctionArn": function_arn(spec.name, region),
@@ -97,6 +103,48 @@ def logging_config(spec: FunctionSpec) -> dict[str, str]:
         config["SystemLogLevel"] = spec.system_log_level
     config["LogGroup"] = f"/aws/lambda/{spec.name}"
     return config
+
+
+def event_invoke_config(spec: FunctionSpec, region: str) -> dict[str, Any]:
+    """FunctionEventInvokeConfig: the function's `[async]` settings. A destination
+    is a function's ARN; the dead-letter dir (`on_failure = "dir"`) is faasd's
+    own and has none, so it shows as no destination."""
+    settings = spec.async_config
+    destinations: dict[str, Any] = {"OnSuccess": {}, "OnFailure": {}}
+    for key, target in (("OnSuccess", settings.on_success), ("OnFailure", settings.on_failure)):
+        if target and target.startswith("function:"):
+            destinations[key] = {"Destination": function_arn(target.split(":", 1)[1], region)}
+    return {
+        "LastModified": _modified(spec),
+        "FunctionArn": function_arn(spec.name, region) + ":$LATEST",
+        "MaximumRetryAttempts": settings.max_retries,
+        "MaximumEventAgeInSeconds": int(settings.max_event_age_s),
+        "DestinationConfig": destinations,
+    }
+
+
+def url_config(spec: FunctionSpec, region: str, base: str, auth: str | None) -> dict[str, Any]:
+    """FunctionUrlConfig: every function answers at `/function/NAME/` (`base` is
+    this daemon's scheme and host as the caller reached it). AuthType is
+    AWS_IAM where a key guards it (SigV4 is accepted there) and NONE where it
+    is public or, beyond what a Lambda URL can say, guarded by an authorizer
+    function."""
+    modified = time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(_modified(spec)))
+    return {
+        "FunctionUrl": f"{base}/function/{spec.name}/",
+        "FunctionArn": function_arn(spec.name, region),
+        "AuthType": "AWS_IAM" if auth == "key" else "NONE",
+        "CreationTime": modified,
+        "LastModifiedTime": modified,
+        "InvokeMode": "BUFFERED",
+    }
+
+
+def _modified(spec: FunctionSpec) -> float:
+    try:
+        return spec.source.stat().st_mtime
+    except OSError:
+        return time.time()
 
 
 def _code_size(spec: FunctionSpec) -> int:
@@ -262,6 +310,44 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             body["Concurrency"] = concurrency(spec)
         return body
 
+    async def account_settings(request: web.Request) -> web.Response:
+        specs = list(daemon.registry.specs.values())
+        total = daemon.config.limits.max_concurrency
+        reserved = sum(spec.concurrency or 0 for spec in specs)
+        sizes = await asyncio.to_thread(lambda: [_code_size(spec) for spec in specs])
+        body = {
+            "AccountLimit": {**CODE_SIZE_LIMITS, "ConcurrentExecutions": total,
+                             "UnreservedConcurrentExecutions": max(0, total - reserved)},
+            "AccountUsage": {"TotalCodeSize": sum(sizes), "FunctionCount": len(specs)},
+        }
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    def function_url(request: web.Request, spec: FunctionSpec) -> dict[str, Any]:
+        auth = daemon.http_auth.setting(spec.name, None) if daemon.http_auth is not None else None
+        return url_config(spec, region, f"{request.scheme}://{valid_text(request.host)}", auth)
+
+    def with_request(view: Callable[[web.Request, FunctionSpec], dict[str, Any]]):
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                spec = lookup(request)
+            except InvokeRefused as exc:
+                return service_error(exc)
+            return web.Response(body=orjson.dumps(view(request, spec)), content_type="application/json")
+        return handler
+
+    async def no_policy(request: web.Request) -> web.Response:
+        try:
+            lookup(request)
+        except InvokeRefused as exc:
+            return service_error(exc)
+        # Lambda's answer for a function with no resource policy.
+        return web.Response(status=404, content_type="application/json", headers={
+            "x-amzn-ErrorType": "ResourceNotFoundException", "x-amzn-RequestId": new_request_id()},
+            body=b'{"Type":"User","Message":"The resource you requested does not exist."}')
+
+    async def no_layers(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"Layers":[]}', content_type="application/json")
+
     async def refuse(request: web.Request) -> web.Response:
         return not_implemented(request)
 
@@ -276,6 +362,20 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                        read_only(lambda spec: {"Versions": [function_configuration(spec, region)]}))
     app.router.add_get(f"{API}/functions/{{name}}/aliases", read_only(lambda spec: {"Aliases": []}))
     app.router.add_get("/2017-03-31/tags/{name}", read_only(lambda spec: {"Tags": {}}))
+    app.router.add_get("/2016-08-19/account-settings/", account_settings)
+    app.router.add_get("/2016-08-19/account-settings", account_settings)
+    app.router.add_get("/2019-09-25/functions/{name}/event-invoke-config",
+                       read_only(lambda spec: event_invoke_config(spec, region)))
+    app.router.add_get("/2019-09-25/functions/{name}/event-invoke-config/list",
+                       read_only(lambda spec: {"FunctionEventInvokeConfigs": [event_invoke_config(spec, region)]}))
+    app.router.add_get("/2021-10-31/functions/{name}/url", with_request(function_url))
+    app.router.add_get("/2021-10-31/functions/{name}/urls",
+                       with_request(lambda request, spec: {"FunctionUrlConfigs": [function_url(request, spec)]}))
+    app.router.add_get(f"{API}/functions/{{name}}/policy", no_policy)
+    app.router.add_get("/2018-10-31/layers", no_layers)
+    # faasd does not detect recursive loops (Lambda's default, Terminate, would say it does).
+    app.router.add_get("/2024-08-31/functions/{name}/recursion-config",
+                       read_only(lambda spec: {"RecursiveLoop": "Allow"}))
     # The other methods on these paths are Lambda's write operations
     # (CreateFunction, DeleteFunction, ...); other paths reach not_implemented
     # through faasd/api.py's by_route, after the functions' own http routes.

@@ -385,7 +385,7 @@ def test_lambda_operations_faasd_does_not_serve_say_so(daemon, lam):
                                              Handler="a.b"),
                  lambda: lam.delete_function(FunctionName="echo"),
                  lambda: lam.update_function_code(FunctionName="echo", ZipFile=b"x"),
-                 lambda: lam.get_account_settings(),
+                 lambda: lam.put_function_concurrency(FunctionName="echo", ReservedConcurrentExecutions=2),
                  lambda: lam.list_event_source_mappings()):
         with pytest.raises(ClientError) as refused:
             call()
@@ -397,6 +397,55 @@ def test_lambda_operations_faasd_does_not_serve_say_so(daemon, lam):
     assert lam.get_function(FunctionName="echo")["Configuration"]["FunctionName"] == "echo"
     # A path outside the Lambda API that no route matches is still a plain 404.
     assert daemon.get("/nowhere/at/all").status == 404
+
+def test_inventory_operations_say_what_faasd_does(daemon, lam):
+    write_function(daemon.functions, "limited.toml",
+                   'concurrency = 3\n[async]\nmax_retries = 1\nmax_event_age_s = 600\n'
+                   'on_failure = "function:echo"\n')
+    write_function(daemon.functions, "limited.py", ECHO)
+    wait_loaded(daemon, "limited")
+    echo_arn = "arn:aws:lambda:us-east-1:000000000000:function:echo"
+
+    account = lam.get_account_settings()
+    assert account["AccountLimit"]["ConcurrentExecutions"] == 1000  # [limits] max_concurrency
+    assert account["AccountLimit"]["UnreservedConcurrentExecutions"] == 997  # limited reserves 3
+    code = [p for p in daemon.functions.iterdir() if p.suffix in (".py", ".toml")]
+    assert account["AccountUsage"] == {
+        "FunctionCount": 2,
+        "TotalCodeSize": sum(p.stat().st_size for p in code if p.suffix == ".py")}
+
+    # The event invoke config is the function's [async]; the dead-letter dir has no ARN.
+    limited = lam.get_function_event_invoke_config(FunctionName="limited")
+    assert limited["FunctionArn"].endswith(":function:limited:$LATEST")
+    assert (limited["MaximumRetryAttempts"], limited["MaximumEventAgeInSeconds"]) == (1, 600)
+    assert limited["DestinationConfig"] == {"OnSuccess": {}, "OnFailure": {"Destination": echo_arn}}
+    echo = lam.list_function_event_invoke_configs(FunctionName="echo")["FunctionEventInvokeConfigs"]
+    assert [(c["MaximumRetryAttempts"], c["MaximumEventAgeInSeconds"], c["DestinationConfig"])
+            for c in echo] == [(2, 21600, {"OnSuccess": {}, "OnFailure": {}})]
+
+    # Every function's URL is /function/NAME/, and it answers there.
+    url = lam.get_function_url_config(FunctionName="limited")
+    assert url["FunctionUrl"] == f"{daemon.url}/function/limited/"
+    assert (url["AuthType"], url["InvokeMode"]) == ("NONE", "BUFFERED")
+    assert [c["FunctionUrl"] for c in lam.list_function_url_configs(FunctionName="limited")[
+        "FunctionUrlConfigs"]] == [url["FunctionUrl"]]
+    answer = daemon.get(url["FunctionUrl"][len(daemon.url):] + "?hello=1")
+    assert answer.status == 200 and answer.json()["event"]["queryStringParameters"] == {"hello": "1"}
+
+    # No resource policies, layers or recursive-loop detection here.
+    with pytest.raises(lam.exceptions.ResourceNotFoundException):
+        lam.get_policy(FunctionName="limited")
+    assert lam.list_layers()["Layers"] == []
+    assert lam.get_function_recursion_config(FunctionName="limited")["RecursiveLoop"] == "Allow"
+
+    for call in (lambda: lam.get_function_event_invoke_config(FunctionName="ghost"),
+                 lambda: lam.get_function_url_config(FunctionName="ghost"),
+                 lambda: lam.get_policy(FunctionName="ghost"),
+                 lambda: lam.get_function_recursion_config(FunctionName="ghost")):
+        with pytest.raises(lam.exceptions.ResourceNotFoundException) as missing:
+            call()
+        assert "ghost" in str(missing.value)
+
 
 def test_list_functions_pages_through_every_function(daemon, lam):
     for name in ("alpha", "beta", "gamma"):
