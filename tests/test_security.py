@@ -229,6 +229,9 @@ def test_a_trigger_with_auth_key_wants_one_of_the_keys(start_daemon, functions_d
     response = signed(daemon, "GET", "/private", service="execute-api")
     assert response.status == 200 and response.json()["authorizer"]["iam"]["accessKey"] == KEY_ID
     assert signed(daemon, "GET", "/private", service="execute-api", secret="nope").status == 403
+    # Its function URL says it wants IAM (SigV4) auth.
+    url = lambda_client(daemon).get_function_url_config(FunctionName="private")
+    assert url["AuthType"] == "AWS_IAM" and url["FunctionUrl"] == f"{daemon.url}/function/private/"
 
 
 def test_an_authorizer_function_allows_denies_and_passes_its_context(start_daemon, functions_dir):
