@@ -207,11 +207,26 @@ def cmd_logs(args: argparse.Namespace) -> int:
         return 2
     try:
         for line in response:
-            sys.stdout.write(line.decode(errors="replace"))
+            sys.stdout.write(_shown(line.decode(errors="replace")))
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _shown(line: str) -> str:
+    """A log line for a terminal. A record that holds \r (a Node message or an
+    error with a stack: Lambda's runtimes join a record's lines with it) is
+    shown as lines of their own, each with the record's time and request id,
+    as CloudWatch shows it; printed as it is, each \r would return the cursor
+    and the next part would overwrite the last."""
+    if "\r" not in line:
+        return line
+    parts = line.rstrip("\n").split("\t", 2)
+    if len(parts) < 3:
+        return line.replace("\r", "\n")
+    head = f"{parts[0]}\t{parts[1]}\t"
+    return "".join(f"{head}{text}\n" for text in parts[2].split("\r"))
 
 
 TEMPLATES = {

@@ -231,6 +231,15 @@ def test_a_multi_line_message_is_one_log_record_with_its_newlines_as_cr(daemon):
     assert printed[0].endswith(f"\t{request_id}\tINFO\tfirst\rsecond\rthird")
     message = printed[1].split(f"\t{request_id}\tERROR\t", 1)[1]
     assert message.startswith("Error: with a stack\r    at ") and "\n" not in message
+    # `faasd logs` shows each part of a record on a line of its own, with the record's request id.
+    shown = subprocess.run([sys.executable, "-m", "faasd", "logs", "lines", "--url", daemon.url],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           timeout=60)
+    assert shown.returncode == 0 and "\r" not in shown.stdout
+    texts = [line.split("\t", 2)[2] for line in shown.stdout.splitlines()
+             if line.count("\t") >= 2 and line.split("\t", 2)[1] == request_id]
+    assert texts[1:4] == [f"{printed[0].split(chr(13))[0]}", "second", "third"]
+    assert texts[4].endswith("\tERROR\tError: with a stack") and texts[5].startswith("    at ")
 
 
 def test_json_log_format_writes_one_json_object_per_console_call(daemon):
