@@ -295,6 +295,8 @@ def test_context_and_environment_are_lambdas_and_the_daemons_do_not_leak(start_d
                 "aws_request_id": context.aws_request_id,
                 "log_group_name": context.log_group_name,
                 "log_stream_name": context.log_stream_name,
+                "tenant_id": context.tenant_id,
+                "repr": repr(context),
                 "remaining": context.get_remaining_time_in_millis()}}
     """)
     daemon = start_daemon(functions_dir, env={"DAEMON_SECRET": "s3cr3t", "AWS_SECRET_ACCESS_KEY": "nope"})
@@ -321,6 +323,14 @@ def test_context_and_environment_are_lambdas_and_the_daemons_do_not_leak(start_d
     assert ctx["aws_request_id"] == response.headers["x-amzn-requestid"]
     assert ctx["log_group_name"] == "/aws/lambda/env"
     assert 0 < ctx["remaining"] <= 3000
+    assert ctx["tenant_id"] is None
+    # print(context) shows what AWS's runtime shows.
+    assert ctx["repr"] == (
+        f"LambdaContext([aws_request_id={ctx['aws_request_id']},log_group_name=/aws/lambda/env,"
+        f"log_stream_name={ctx['log_stream_name']},function_name=env,memory_limit_in_mb=128,"
+        f"function_version=$LATEST,invoked_function_arn={ctx['invoked_function_arn']},"
+        "client_context=None,identity=CognitoIdentity([cognito_identity_id=None,"
+        "cognito_identity_pool_id=None]),tenant_id=None])")
 
 
 def test_each_call_has_an_xray_trace_id_of_its_own_in_lambdas_format(daemon):

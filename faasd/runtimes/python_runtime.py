@@ -217,6 +217,7 @@ class LambdaContext:
     # Read from the environment once the worker's environment is final (_serve),
     # as AWS's runtime does at start-up, not on every call.
     _static = {}
+    tenant_id = None  # Lambda's tenant isolation mode, which faasd does not have
 
     def __init__(self, request_id, deadline_ms, invoked_function_arn, client_context=None):
         self.__dict__.update(self._static)
@@ -243,6 +244,15 @@ class LambdaContext:
     def log(self, message):
         sys.stdout.write(str(message))
         sys.stdout.flush()
+
+    def __repr__(self):
+        # As AWS's runtime shows it (print(context), logging it).
+        return (f"{type(self).__name__}([aws_request_id={self.aws_request_id},"
+                f"log_group_name={self.log_group_name},log_stream_name={self.log_stream_name},"
+                f"function_name={self.function_name},memory_limit_in_mb={self.memory_limit_in_mb},"
+                f"function_version={self.function_version},"
+                f"invoked_function_arn={self.invoked_function_arn},client_context={self.client_context},"
+                f"identity={self.identity},tenant_id={self.tenant_id}])")
 
 
 _current_request_id = ""
