@@ -15,7 +15,7 @@ import pytest
 
 import faasd
 
-from support import loaded, wait_until, write_function
+from support import loaded, request_lines, wait_until, write_function
 
 CHATTY = """
 import logging, sys
@@ -51,6 +51,17 @@ def test_text_lines_of_an_invocation_all_carry_its_request_id(daemon):
     assert any("through logging" in t for t in texts)
     assert any(t.startswith("REPORT RequestId") for t in texts)
     assert all(request_id in line for line in lines), [l for l in lines if request_id not in l]
+
+
+def test_a_logging_record_is_one_line_in_lambdas_text_format(daemon):
+    request_id = invoke_chatty(daemon)
+    lines = request_lines(daemon, "chatty", request_id)
+    printed = lines[1:lines.index(f"END RequestId: {request_id}")]
+    assert sorted(printed[:2]) == ["first line", "second line"]  # stdout and stderr, either first
+    level, stamp, rid, message = printed[2].split("\t")
+    assert (level, rid, message) == ("[WARNING]", request_id, "through logging")
+    assert stamp.endswith("Z") and len(stamp) == len("2026-01-02T03:04:05.678Z")
+    assert len(printed) == 3, printed  # no empty line after the record
 
 
 @pytest.mark.parametrize("how", ["flag", "config"])

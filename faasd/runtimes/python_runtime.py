@@ -286,6 +286,7 @@ def _setup_logging(logging):
             "%Y-%m-%dT%H:%M:%S",
         ))
         handler.formatter.converter = time.gmtime
+        handler.terminator = ""  # the format ends the record, as AWS's does
     handler.addFilter(_RequestIdFilter())
     root = logging.getLogger()
     root.addHandler(handler)
