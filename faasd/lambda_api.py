@@ -1,6 +1,8 @@
 """AWS Lambda's own API, so boto3 and the aws CLI talk to faasd as to Lambda.
 
-Invoke (`POST /2015-03-31/functions/NAME/invocations`) and the read-only
+Invoke (`POST /2015-03-31/functions/NAME/invocations`),
+InvokeWithResponseStream (`POST /2021-11-15/functions/NAME/response-streaming-invocations`,
+whose answer is an event stream: faasd/eventstream.py) and the read-only
 operations that deploy scripts, waiters and inventory tools use
 (ListFunctions, GetFunction, GetFunctionConfiguration,
 GetFunctionConcurrency, ListVersionsByFunction, ListAliases, ListTags,
@@ -28,27 +30,35 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 from aiohttp import web
 
 from .errors import FunctionNotFound, InvalidParameter, InvalidRequest, InvokeRefused, Throttled
+from .eventstream import encode_event
 from .spec import FunctionSpec, code_sha256, function_arn, new_request_id, runtime_id, valid_name
 from .triggers.http import valid_text
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .invoker import Invocation
 
 API = "/2015-03-31"
 RUNTIME_API_PREFIX = "/2018-06-01/"  # the Lambda Runtime API: workers' own, not the Lambda API
-SERVED = ("Invoke, ListFunctions, GetFunction, GetFunctionConfiguration, GetFunctionConcurrency, "
-          "ListVersionsByFunction, ListAliases, ListTags, GetAccountSettings, "
+SERVED = ("Invoke, InvokeWithResponseStream, ListFunctions, GetFunction, GetFunctionConfiguration, "
+          "GetFunctionConcurrency, ListVersionsByFunction, ListAliases, ListTags, GetAccountSettings, "
           "GetFunctionEventInvokeConfig, ListFunctionEventInvokeConfigs, GetFunctionUrlConfig, "
           "ListFunctionUrlConfigs, GetPolicy, ListLayers and GetFunctionRecursionConfig")
 # AccountLimit's code sizes, as Lambda states them; faasd enforces none of them.
 CODE_SIZE_LIMITS = {"TotalCodeSize": 80530636800, "CodeSizeUnzipped": 262144000, "CodeSizeZipped": 52428800}
 MAX_EVENT_BYTES = 1024 * 1024  # Lambda's limit for an asynchronous invocation's payload
+LOG_TYPES = ("None", "Tail")
+INVOCATION_TYPES = ("Event", "RequestResponse", "DryRun")
+STREAM_INVOCATION_TYPES = ("RequestResponse", "DryRun")  # InvokeWithResponseStream has no Event
+EVENT_STREAM = "application/vnd.amazon.eventstream"
+STREAM_CHUNK = 64 * 1024  # the most result bytes in one PayloadChunk event
 
 
 def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
@@ -175,6 +185,62 @@ def client_context(request: web.Request) -> dict[str, Any] | None:
     return value
 
 
+@dataclass(frozen=True)
+class Call:
+    """An Invoke-style request, checked: what to run, on what, and what to send back."""
+
+    spec: FunctionSpec
+    invoked_arn: str | None  # the ARN the caller named with a qualifier; None: the function's own
+    payload: bytes
+    client_context: dict[str, Any] | None
+    tail: bool  # X-Amz-Log-Type: Tail
+
+
+def validation_message(value: str, member: str, allowed: tuple[str, ...]) -> str:
+    """Lambda's words for a header value outside its set."""
+    return (f"1 validation error detected: Value '{valid_text(value)[:100]}' at '{member}' "
+            f"failed to satisfy constraint: Member must satisfy enum value set: [{', '.join(allowed)}]")
+
+
+def response_body(invocation: "Invocation") -> bytes:
+    """What Invoke answers with: the function's result (`null` for none), or its error document."""
+    if invocation.error is not None:
+        return invocation.error.to_bytes()
+    return invocation.payload if invocation.payload is not None else b"null"
+
+
+def log_result(invocation: "Invocation") -> str:
+    """LogType=Tail's answer: the base64 of the invocation's last 4 KB of log."""
+    return base64.b64encode(invocation.log_tail.encode()[-4096:]).decode()
+
+
+def stream_response(invocation: "Invocation", request_id: str, tail: bool) -> web.Response:
+    """InvokeWithResponseStream's answer: the result in PayloadChunk events, then
+    InvokeComplete with `ErrorCode`, `ErrorDetails` and `LogResult` where they apply.
+
+    faasd's functions do not stream: a worker hands over its whole result (a
+    Node `streamifyResponse` handler's too, once its stream has ended), so the
+    chunks are cut from that result and sent together after the function has
+    finished. A client reads the events Lambda would send, only not as the
+    function writes them.
+    """
+    body = response_body(invocation)
+    complete: dict[str, str] = {}
+    if invocation.error is None:
+        events = [encode_event("PayloadChunk", body[start:start + STREAM_CHUNK], "application/octet-stream")
+                  for start in range(0, len(body), STREAM_CHUNK)]
+    else:
+        events = []
+        # As Lambda passes on a runtime's error trailers: the error's type, and its document.
+        complete["ErrorCode"] = invocation.error.error_type
+        complete["ErrorDetails"] = body.decode("utf-8", "replace")
+    if tail:
+        complete["LogResult"] = log_result(invocation)
+    events.append(encode_event("InvokeComplete", orjson.dumps(complete), "application/json"))
+    return web.Response(status=200, body=b"".join(events), content_type=EVENT_STREAM,
+                        headers={"x-amzn-RequestId": request_id, "X-Amz-Executed-Version": "$LATEST"})
+
+
 def is_lambda_api(path: str) -> bool:
     """Lambda's API lives under dated prefixes (/2015-03-31/, /2017-10-31/, ...)."""
     if len(path) < 12 or path[0] != "/" or path[11:12] != "/":
@@ -216,56 +282,70 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     def lookup(request: web.Request) -> FunctionSpec:
         return target(request)[0]
 
-    async def invoke(request: web.Request) -> web.StreamResponse:
+    async def read_call(request: web.Request, body_limit: int) -> Call:
+        """The function, payload and headers of an Invoke-style request, checked
+        as Lambda checks them before anything runs (InvokeRefused if wrong)."""
         from .api import read_body
 
+        log_type = request.headers.get("X-Amz-Log-Type", "None")
+        if log_type not in LOG_TYPES:
+            raise InvalidParameter(validation_message(log_type, "logType", LOG_TYPES))
+        spec, invoked_arn = target(request)
+        payload = await read_body(request, body_limit)
+        if payload:
+            try:
+                orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                raise InvalidRequest("Could not parse request body into json: the payload is not valid JSON") from None
+        return Call(spec, invoked_arn, payload or b"{}", client_context(request), log_type == "Tail")
+
+    async def run(call: Call, request_id: str) -> "Invocation":
+        return await invoker.invoke(call.spec.name, call.payload, request_id=request_id, source="api",
+                                    client_context=call.client_context, invoked_arn=call.invoked_arn)
+
+    async def invoke(request: web.Request) -> web.StreamResponse:
         request_id = new_request_id()
         invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
-        log_type = request.headers.get("X-Amz-Log-Type", "None")
         try:
-            if log_type not in ("None", "Tail"):
-                raise InvalidParameter(
-                    f"1 validation error detected: Value '{valid_text(log_type)[:100]}' at 'logType' "
-                    "failed to satisfy constraint: Member must satisfy enum value set: [None, Tail]")
-            spec, invoked_arn = target(request)
-            body = await read_body(request, min(limit, MAX_EVENT_BYTES) if invocation_type == "Event" else limit)
-            if body:
-                try:
-                    orjson.loads(body)
-                except orjson.JSONDecodeError:
-                    raise InvalidRequest("Could not parse request body into json: the payload is not valid JSON") from None
-            else:
-                body = b"{}"
-            context = client_context(request)
+            call = await read_call(request, min(limit, MAX_EVENT_BYTES) if invocation_type == "Event" else limit)
             if invocation_type == "DryRun":
                 return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
             if invocation_type == "Event":
                 if daemon.queue is None:
                     raise InvokeRefused("asynchronous invocation is not available")
                 try:
-                    await daemon.queue.put(spec.name, body, request_id=request_id, source="api")
+                    await daemon.queue.put(call.spec.name, call.payload, request_id=request_id, source="api")
                 except OSError as exc:  # the disk refused: say so, never answer 202
                     raise InvokeRefused(f"the event could not be stored: {exc}") from None
                 return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
             if invocation_type != "RequestResponse":
-                raise InvalidRequest(
-                    f"1 validation error detected: Value '{valid_text(invocation_type)[:100]}' "
-                    "at 'invocationType' "
-                    "failed to satisfy constraint: Member must satisfy enum value set: "
-                    "[Event, RequestResponse, DryRun]")
-            invocation = await invoker.invoke(spec.name, body, request_id=request_id, source="api",
-                                              client_context=context, invoked_arn=invoked_arn)
+                raise InvalidRequest(validation_message(invocation_type, "invocationType", INVOCATION_TYPES))
+            invocation = await run(call, request_id)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
         headers = {"x-amzn-RequestId": request_id, "X-Amz-Executed-Version": "$LATEST"}
-        if log_type == "Tail":
-            headers["X-Amz-Log-Result"] = base64.b64encode(invocation.log_tail.encode()[-4096:]).decode()
+        if call.tail:
+            headers["X-Amz-Log-Result"] = log_result(invocation)
         if invocation.error is not None:
             headers["X-Amz-Function-Error"] = "Unhandled"
-            payload = invocation.error.to_bytes()
-        else:
-            payload = invocation.payload if invocation.payload is not None else b"null"
-        return web.Response(status=200, body=payload, content_type="application/json", headers=headers)
+        return web.Response(status=200, body=response_body(invocation), content_type="application/json",
+                            headers=headers)
+
+    async def invoke_with_response_stream(request: web.Request) -> web.StreamResponse:
+        # Refusals are Invoke's, as plain JSON errors: the event stream has not started.
+        request_id = new_request_id()
+        invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+        try:
+            call = await read_call(request, limit)
+            if invocation_type == "DryRun":
+                return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
+            if invocation_type != "RequestResponse":
+                raise InvalidRequest(validation_message(invocation_type, "invocationType",
+                                                        STREAM_INVOCATION_TYPES))
+            invocation = await run(call, request_id)
+        except InvokeRefused as exc:
+            return service_error(exc, request_id)
+        return stream_response(invocation, request_id, call.tail)
 
     async def list_functions(request: web.Request) -> web.Response:
         specs = [daemon.registry.specs[n] for n in sorted(daemon.registry.specs)]
@@ -352,6 +432,8 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         return not_implemented(request)
 
     app.router.add_post(f"{API}/functions/{{name}}/invocations", invoke)
+    app.router.add_post("/2021-11-15/functions/{name}/response-streaming-invocations",
+                        invoke_with_response_stream)
     app.router.add_get(f"{API}/functions", list_functions)
     app.router.add_get(f"{API}/functions/", list_functions)
     app.router.add_get(f"{API}/functions/{{name}}", read_only(function))

@@ -1,8 +1,9 @@
 """The OpenAPI 3.1 document of faasd's HTTP API, served at `/openapi.json`.
 
 It describes what a client can rely on: the Lambda API (Invoke,
-ListFunctions, GetFunction), the `/function/NAME` HTTP invocation path, the
-health probes and the operator views under `/system/`. Response bodies are
+InvokeWithResponseStream, ListFunctions, GetFunction and the other reads),
+the `/function/NAME` HTTP invocation path, the health probes and the
+operator views under `/system/`. Response bodies are
 described where faasd fixes their shape; a function's own answers are the
 function's business. The document is checked against the running daemon by
 a Schemathesis run in the tests (tests/test_security.py): no request it can
@@ -50,6 +51,29 @@ def _operator(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str
     return {"summary": summary, "tags": ["system"], "security": [{"bearer": []}, {}],
             "responses": {**responses, "401": _json(MESSAGE, "Bearer secret missing or wrong")},
             **extra}
+
+
+def _lambda_invoke(operation: str, name: dict[str, Any], invocation_types: list[str],
+                   responses: dict[str, Any]) -> dict[str, Any]:
+    """Invoke, or InvokeWithResponseStream: the same request, answered its own way."""
+    return {
+        "summary": operation, "tags": ["lambda"], "operationId": operation,
+        "security": [{"sigv4": []}, {}],
+        "parameters": [
+            name,
+            {"name": "X-Amz-Invocation-Type", "in": "header", "required": False,
+             "schema": {"type": "string", "enum": invocation_types}},
+            {"name": "X-Amz-Log-Type", "in": "header", "required": False,
+             "schema": {"type": "string", "enum": ["None", "Tail"]}},
+            {"name": "X-Amz-Client-Context", "in": "header", "required": False,
+             "description": "base64 of a JSON object: the handler's context.client_context",
+             "schema": {"type": "string", "maxLength": 3583}},
+            {"name": "Qualifier", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": ["$LATEST"]}}],
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {}}}},
+        "responses": {**responses, "204": {"description": "Validated (DryRun)"},
+                      **_lambda_errors(400, 403, 404, 408, 413, 429, 503)},
+    }
 
 
 def _invoke_path(summary: str, params: list[dict[str, Any]]) -> dict[str, Any]:
@@ -156,29 +180,19 @@ def document() -> dict[str, Any]:
                     "Configuration": {"type": "object"}, "Code": {"type": "object"}},
                     "required": ["Configuration"]}, "The function"),
                     **_lambda_errors(403, 404)}}},
-            "/2015-03-31/functions/{name}/invocations": {"post": {
-                "summary": "Invoke", "tags": ["lambda"], "operationId": "Invoke",
-                "security": [{"sigv4": []}, {}],
-                "parameters": [
-                    lambda_name,
-                    {"name": "X-Amz-Invocation-Type", "in": "header", "required": False,
-                     "schema": {"type": "string", "enum": ["RequestResponse", "Event", "DryRun"]}},
-                    {"name": "X-Amz-Log-Type", "in": "header", "required": False,
-                     "schema": {"type": "string", "enum": ["None", "Tail"]}},
-                    {"name": "X-Amz-Client-Context", "in": "header", "required": False,
-                     "description": "base64 of a JSON object: the handler's context.client_context",
-                     "schema": {"type": "string", "maxLength": 3583}},
-                    {"name": "Qualifier", "in": "query", "required": False,
-                     "schema": {"type": "string", "enum": ["$LATEST"]}}],
-                "requestBody": {"required": False,
-                                "content": {"application/json": {"schema": {}}}},
-                "responses": {
-                    "200": {"description": "The function's result, or its error with "
-                                           "X-Amz-Function-Error: Unhandled",
-                            "content": {"application/json": {"schema": {}}}},
-                    "202": {"description": "Queued (Event)"},
-                    "204": {"description": "Validated (DryRun)"},
-                    **_lambda_errors(400, 403, 404, 408, 413, 429, 503)}}},
+            "/2015-03-31/functions/{name}/invocations": {"post": _lambda_invoke(
+                "Invoke", lambda_name, ["RequestResponse", "Event", "DryRun"],
+                {"200": {"description": "The function's result, or its error with "
+                                        "X-Amz-Function-Error: Unhandled",
+                         "content": {"application/json": {"schema": {}}}},
+                 "202": {"description": "Queued (Event)"}})},
+            "/2021-11-15/functions/{name}/response-streaming-invocations": {"post": _lambda_invoke(
+                "InvokeWithResponseStream", lambda_name, ["RequestResponse", "DryRun"],
+                {"200": {"description": "An AWS event stream: the function's result in PayloadChunk "
+                                        "events, then InvokeComplete (ErrorCode, ErrorDetails, "
+                                        "LogResult). faasd sends it once the function has finished.",
+                         "content": {"application/vnd.amazon.eventstream": {
+                             "schema": {"type": "string", "format": "binary"}}}}})},
             **{path: {"get": {
                 "summary": operation, "tags": ["lambda"], "operationId": operation,
                 "security": [{"sigv4": []}, {}], "parameters": [lambda_name],

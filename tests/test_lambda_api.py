@@ -227,11 +227,14 @@ def test_a_busy_function_raises_too_many_requests(daemon, probe):
         assert error["ResponseMetadata"]["HTTPStatusCode"] == 429
         assert error["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
         assert error["Error"]["Message"] == "Rate Exceeded."
+        with pytest.raises(lam.exceptions.TooManyRequestsException) as caught:
+            lam.invoke_with_response_stream(FunctionName="single", Payload=b'{"id": "streamed"}')
+        assert caught.value.response["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
     finally:
         probe.release("g")
         slow.join(60)
     assert results and results[0]["StatusCode"] == 200
-    assert not probe.seen("start", id="second")
+    assert not probe.seen("start", id="second") and not probe.seen("start", id="streamed")
 
 
 def test_an_oversized_or_malformed_payload_is_refused(daemon, lam):
@@ -250,6 +253,94 @@ def test_an_oversized_or_malformed_payload_is_refused(daemon, lam):
     assert lam.invoke(FunctionName="echo", Payload=b'"' + b"x" * (2 * 1024 * 1024) + b'"')["StatusCode"] == 200
     with pytest.raises(lam.exceptions.InvalidRequestContentException):
         lam.invoke(FunctionName="echo", Payload=b"{not json")
+
+
+def stream(lam, **call) -> tuple[dict, list[dict]]:
+    """invoke_with_response_stream's answer, and the events boto3 read from its stream."""
+    response = lam.invoke_with_response_stream(**call)
+    return response, list(response["EventStream"])
+
+
+def test_invoke_with_response_stream_sends_the_result_in_payload_chunks(daemon, lam):
+    big = "v" * 150_000
+    response, events = stream(lam, FunctionName="echo", Payload=json.dumps({"k": big}).encode())
+    assert response["StatusCode"] == 200
+    assert response["ExecutedVersion"] == "$LATEST"
+    assert response["ResponseStreamContentType"] == "application/vnd.amazon.eventstream"
+    *chunks, complete = events
+    # The result, cut into chunks of at most 64 KiB, then InvokeComplete with no error.
+    assert complete == {"InvokeComplete": {}}
+    assert len(chunks) == 3 and all(len(c["PayloadChunk"]["Payload"]) <= 64 * 1024 for c in chunks)
+    result = json.loads(b"".join(c["PayloadChunk"]["Payload"] for c in chunks))
+    assert result["event"] == {"k": big}
+    assert result["request_id"] == response["ResponseMetadata"]["RequestId"]
+    # Named as Invoke names functions, qualifier included.
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:echo"
+    for call in ({"FunctionName": f"{arn}:$LATEST"}, {"FunctionName": "echo", "Qualifier": "$LATEST"}):
+        _, [chunk, complete] = stream(lam, **call)
+        assert json.loads(chunk["PayloadChunk"]["Payload"])["arn"] == f"{arn}:$LATEST"
+        assert complete == {"InvokeComplete": {}}
+
+
+def test_a_failed_run_ends_the_stream_with_its_error_in_invoke_complete(daemon, lam):
+    write_function(daemon.functions, "fail.py", FAIL)
+    write_function(daemon.functions, "sleepy.toml", "timeout_s = 1\n")
+    write_function(daemon.functions, "sleepy.py", SLEEPY)
+    wait_loaded(daemon, "fail", "sleepy")
+    response, [complete] = stream(lam, FunctionName="fail", Payload=b"{}")
+    assert response["StatusCode"] == 200
+    error = complete["InvokeComplete"]
+    assert set(error) == {"ErrorCode", "ErrorDetails"}
+    assert error["ErrorCode"] == "ValueError"
+    details = json.loads(error["ErrorDetails"])
+    assert details["errorMessage"] == "the input was not what I wanted"
+    assert details["errorType"] == "ValueError"
+    assert any("fail.py" in frame for frame in details["stackTrace"])
+    # Failures faasd sees itself read the same way.
+    _, [complete] = stream(lam, FunctionName="sleepy")
+    assert complete["InvokeComplete"]["ErrorCode"] == "Sandbox.Timedout"
+    assert "Task timed out after 1.00 seconds" in json.loads(complete["InvokeComplete"]["ErrorDetails"])["errorMessage"]
+
+
+def test_log_type_tail_puts_the_invocations_log_in_invoke_complete(daemon, lam):
+    response, [chunk, complete] = stream(lam, FunctionName="echo", Payload=b'{"n": 2}', LogType="Tail")
+    request_id = response["ResponseMetadata"]["RequestId"]
+    assert json.loads(chunk["PayloadChunk"]["Payload"])["event"] == {"n": 2}
+    lines = base64.b64decode(complete["InvokeComplete"]["LogResult"]).decode().splitlines()
+    assert f"START RequestId: {request_id} Version: $LATEST" in lines
+    assert "echo got {'n': 2}" in lines
+    assert lines[-1].startswith(f"REPORT RequestId: {request_id}\tDuration: ")
+    _, [_, complete] = stream(lam, FunctionName="echo", LogType="None")
+    assert complete == {"InvokeComplete": {}}
+
+
+def test_invoke_with_response_stream_refuses_as_invoke_does_before_anything_runs(daemon, lam):
+    runs = daemon.log_of("echo").count("START RequestId")
+    with pytest.raises(lam.exceptions.ResourceNotFoundException) as caught:
+        lam.invoke_with_response_stream(FunctionName="ghost", Payload=b"{}")
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert caught.value.response["Error"]["Message"] == (
+        "Function not found: arn:aws:lambda:us-east-1:000000000000:function:ghost")
+    with pytest.raises(lam.exceptions.ResourceNotFoundException):
+        lam.invoke_with_response_stream(FunctionName="echo", Qualifier="prod")
+    with pytest.raises(lam.exceptions.InvalidRequestContentException):
+        lam.invoke_with_response_stream(FunctionName="echo", Payload=b"{not json")
+    with pytest.raises(lam.exceptions.RequestTooLargeException) as caught:
+        lam.invoke_with_response_stream(FunctionName="echo", Payload=b'"' + b"x" * (7 * 1024 * 1024) + b'"')
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+    with pytest.raises(lam.exceptions.InvalidParameterValueException):
+        lam.invoke_with_response_stream(FunctionName="echo", LogType="Bogus")
+    # Lambda streams synchronous calls only: Event is not one of its invocation types.
+    with pytest.raises(lam.exceptions.InvalidRequestContentException) as caught:
+        lam.invoke_with_response_stream(FunctionName="echo", InvocationType="Event")
+    assert caught.value.response["Error"]["Message"] == (
+        "1 validation error detected: Value 'Event' at 'invocationType' failed to satisfy constraint: "
+        "Member must satisfy enum value set: [RequestResponse, DryRun]")
+    response, events = stream(lam, FunctionName="echo", InvocationType="DryRun")
+    assert response["StatusCode"] == 204 and events == []
+    with pytest.raises(lam.exceptions.ResourceNotFoundException):
+        lam.invoke_with_response_stream(FunctionName="ghost", InvocationType="DryRun")
+    assert daemon.log_of("echo").count("START RequestId") == runs
 
 
 def test_get_function_returns_the_configuration_boto3_parses(daemon, lam):
@@ -341,6 +432,8 @@ def test_client_context_reaches_the_handler_as_lambdas_context_client_context(da
     assert seen == {"identity": [None, None], "client_context": {
         "custom": {"tenant": "blue", "n": 3}, "env": {"locale": "en_GB"},
         "client": ["shop", "i-1", None]}}
+    _, [chunk, _] = stream(lam, FunctionName="ctxprobe", ClientContext=encoded)
+    assert json.loads(chunk["PayloadChunk"]["Payload"])["client_context"]["custom"] == {"tenant": "blue", "n": 3}
     # Without one, as in Lambda: client_context is None, identity still has its fields.
     plain = json.loads(lam.invoke(FunctionName="ctxprobe")["Payload"].read())
     assert plain == {"identity": [None, None], "client_context": None}

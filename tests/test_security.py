@@ -96,6 +96,11 @@ def test_boto3_with_the_right_key_invokes_lists_and_gets(secured):
     # The second key works as well.
     other = lambda_client(secured, key="AKIDOTHER", secret="another-secret")
     assert other.invoke(FunctionName="hello", Payload=b"{}")["StatusCode"] == 200
+    # InvokeWithResponseStream is signed, and checked, as Invoke is.
+    streamed = client.invoke_with_response_stream(FunctionName=arn, Payload=json.dumps({"name": "stream"}))
+    [chunk, complete] = streamed["EventStream"]
+    assert json.loads(chunk["PayloadChunk"]["Payload"]) == {"hello": "stream"}
+    assert complete == {"InvokeComplete": {}}
 
 
 def test_the_aws_cli_with_the_right_key_works_and_a_wrong_one_does_not(secured, tmp_path):
@@ -130,15 +135,19 @@ def test_a_wrong_secret_is_refused_as_aws_refuses_it(secured):
         lambda_client(secured, secret="not-the-secret").list_functions()
     assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(botocore.exceptions.ClientError) as caught:
+        lambda_client(secured, secret="not-the-secret").invoke_with_response_stream(FunctionName="hello")
+    assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
 
 
 def test_an_unknown_key_and_a_missing_signature_are_refused(secured):
     message = _refusal(signed(secured, "GET", "/2015-03-31/functions/", key="AKIDUNKNOWN"),
                        "UnrecognizedClientException")
     assert message == "The security token included in the request is invalid."
-    message = _refusal(http("POST", secured.url + "/2015-03-31/functions/hello/invocations", b"{}"),
-                       "MissingAuthenticationTokenException")
-    assert message == "Missing Authentication Token"
+    for path in ("/2015-03-31/functions/hello/invocations",
+                 "/2021-11-15/functions/hello/response-streaming-invocations"):
+        message = _refusal(http("POST", secured.url + path, b"{}"), "MissingAuthenticationTokenException")
+        assert message == "Missing Authentication Token"
     garbled = http("GET", secured.url + "/2015-03-31/functions/",
                    headers={"Authorization": "AWS4-HMAC-SHA256 Credential=x", "X-Amz-Date": "now"})
     _refusal(garbled, "IncompleteSignatureException")
@@ -458,6 +467,7 @@ def test_schemathesis_finds_no_server_error(start_daemon, functions_dir, tmp_pat
     document = daemon.get("/openapi.json").json()
     assert document["openapi"].startswith("3.")
     assert "/2015-03-31/functions/{name}/invocations" in document["paths"]
+    assert "/2021-11-15/functions/{name}/response-streaming-invocations" in document["paths"]
     # 501 is faasd's deliberate answer to a Lambda API operation it does not
     # serve (PublishVersion is POST on the path of ListVersionsByFunction, and
     # Schemathesis tries every method); any other 5xx is a server error.
