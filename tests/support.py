@@ -24,6 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "functions"
 
 
+def lambda_client(url: str, *, key: str = "AKIDTEST", secret: str = "secret", read_timeout: float = 90):
+    """boto3's own Lambda client against a daemon, one attempt a call: a test
+    sees each answer, not botocore's retries of it."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "lambda", endpoint_url=url, region_name="us-east-1", aws_access_key_id=key, aws_secret_access_key=secret,
+        config=Config(retries={"total_max_attempts": 1}, read_timeout=read_timeout, connect_timeout=5))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

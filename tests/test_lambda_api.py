@@ -12,13 +12,11 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-import boto3
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from probe import PROBE_HANDLER, Probe
-from support import ROOT, wait_until, write_function
+from support import ROOT, lambda_client, wait_until, write_function
 
 ECHO = """
 def handler(event, context):
@@ -44,15 +42,6 @@ def handler(event, context):
         print(str(i) * 2000)
     return "ok"
 """
-
-
-def lambda_client(url: str):
-    return boto3.client(
-        "lambda", endpoint_url=url, region_name="us-east-1",
-        aws_access_key_id="AKIDTEST", aws_secret_access_key="secret",
-        # One attempt: the test sees each answer, not botocore's retries of it.
-        config=Config(retries={"total_max_attempts": 1}, read_timeout=90, connect_timeout=5),
-    )
 
 
 @pytest.fixture

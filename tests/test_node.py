@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from support import (
-    EXAMPLES, ROOT, assert_own_trace_ids, loaded, max_memory_used, process_state, report_of, request_lines, wait_until,
-    write_function,
+    EXAMPLES, ROOT, assert_own_trace_ids, lambda_client, loaded, max_memory_used, process_state, report_of,
+    request_lines, wait_until, write_function,
 )
 
 NODE = shutil.which("node")
@@ -362,6 +362,11 @@ def test_streamify_response_handlers_run_and_their_stream_is_the_result(daemon):
     assert failed.headers["x-amz-function-error"] == "Unhandled"
     assert failed.json()["errorType"] == "RangeError" and failed.json()["errorMessage"] == "stream broke"
     assert daemon.invoke("stream", {"n": 3}).body == b'Hello, {"n":3,"id":36}!'
+    # boto3's InvokeWithResponseStream reads the same stream as PayloadChunk events.
+    answer = lambda_client(daemon.url).invoke_with_response_stream(FunctionName="stream", Payload=b'{"n": 4}')
+    *chunks, complete = list(answer["EventStream"])
+    assert b"".join(c["PayloadChunk"]["Payload"] for c in chunks) == b'Hello, {"n":4,"id":36}!'
+    assert complete == {"InvokeComplete": {}}
 
     loaded(daemon, "streamhttp")
     page = daemon.get("/function/streamhttp")

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import boto3
 import botocore.auth
 import botocore.exceptions
 import pytest
 from botocore.awsrequest import AWSRequest
-from botocore.config import Config as BotoConfig
 from botocore.credentials import Credentials
 
+import support
 from support import http, wait_until, write_function
 
 KEY_ID = "AKIDFAASDTEST"
@@ -48,10 +47,7 @@ def handler(event, context):
 
 
 def lambda_client(daemon, *, key: str = KEY_ID, secret: str = SECRET):
-    return boto3.client(
-        "lambda", endpoint_url=daemon.url, region_name="us-east-1",
-        aws_access_key_id=key, aws_secret_access_key=secret,
-        config=BotoConfig(retries={"total_max_attempts": 1}, connect_timeout=5, read_timeout=30))
+    return support.lambda_client(daemon.url, key=key, secret=secret, read_timeout=30)
 
 
 def signed(daemon, method: str, path: str, body: bytes = b"", *, secret: str = SECRET,
