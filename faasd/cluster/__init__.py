@@ -145,6 +145,9 @@ class Cluster:
         consuming, detail = self.queue.consuming()
         if not consuming:
             return False, f"cluster {self.names.cluster}: {detail}"
+        held = self.queue.held_back()
+        if held:
+            return False, f"cluster {self.names.cluster}: {held}"
         nodes = [n for n in self.members.nodes() if n.get("state") != "lost"]
         owner = next((n["node"] for n in nodes if n.get("schedule_owner")), None)
         return True, (f"cluster {self.names.cluster}: node {self.node}, {len(nodes)} node(s) up; "

@@ -26,7 +26,10 @@ message only after the invocation ended:
     due), then ack;
   * given up: the record goes to the `on_failure` function (published) or to
     `<data-dir>/dead-letter/NAME/` of the node that ran the last attempt,
-    then ack.
+    then ack. A dead-letter file the disk refuses (full, read-only) is tried
+    again (1 s, doubling to 30 s) until it is written, as the embedded queue
+    does with an outcome it cannot write: until then the event stays here
+    unacknowledged, neither lost nor run again, and `/readyz` fails.
 A node that dies before the ack loses nothing: the broker gives its
 unacknowledged events to another node (at least once; an interrupted run is
 not counted as an attempt). A node that is stopping cancels its consumers at
@@ -68,6 +71,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -78,8 +82,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from ..broker import let_go
 from ..errors import HANDLED, FunctionError, InvokeRefused, ShuttingDown
 from ..queue import (
-    SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit, dead_letter_path, destination_function,
-    destination_record, next_attempt, notify_done, write_file_durably,
+    OUTCOME_RETRY_FIRST_S, OUTCOME_RETRY_MAX_S, SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit,
+    dead_letter_path, destination_function, destination_record, next_attempt, notify_done,
+    write_file_durably,
 )
 from ..spec import AsyncConfig, FunctionSpec, new_request_id
 from .link import BrokerLink
@@ -266,6 +271,7 @@ class ClusterQueue:
         self._tasks: set[asyncio.Task] = set()  # deliveries and held events being processed
         self._callbacks: dict[str, tuple[OnDone, float]] = {}
         self._figures: dict[str, _Figures] = {}
+        self._unwritten: dict[str, str] = {}  # request id -> why its dead letter is not written yet
         self._closing = False
         self._consuming = True
         self._subscribed = False
@@ -291,6 +297,13 @@ class ClusterQueue:
         if waiting:
             return False, f"starting the consumers of {len(waiting)} function(s)"
         return True, f"taking events of {len(self.consumed())} function(s)"
+
+    def held_back(self) -> str | None:
+        """Why events are held here unacknowledged, their dead letters not yet written (for /readyz)."""
+        if not self._unwritten:
+            return None
+        reason = next(iter(self._unwritten.values()))
+        return f"{len(self._unwritten)} dead letter(s) not yet written ({reason}); trying again"
 
     async def close(self) -> None:
         """Stop consuming; let outcomes being recorded finish; hand the rest back to the broker."""
@@ -693,8 +706,7 @@ class ClusterQueue:
             destination = f"function:{target}"
         elif record is not None:
             path = dead_letter_path(self.dead_letter_dir, job.function, job.request_id)
-            await asyncio.to_thread(write_file_durably, path,
-                                    orjson.dumps(record, option=orjson.OPT_INDENT_2))
+            await self._write_dead_letter(job, path, orjson.dumps(record, option=orjson.OPT_INDENT_2))
             destination = str(path)
         if succeeded:
             figures.succeeded += 1
@@ -713,6 +725,29 @@ class ClusterQueue:
             condition=condition, attempts=step.attempts, error=None if succeeded else step.error,
             response=step.invocation.payload if succeeded and step.invocation else None,
             destination=destination)
+
+    async def _write_dead_letter(self, job: Job, path: Path, data: bytes) -> None:
+        """Write `job`'s dead-letter file, trying again (1 s, doubling to 30 s) until it is written.
+
+        Until then its message stays unacknowledged on this node: handed back,
+        it would run again and fail again, a loop for as long as the disk is full.
+        """
+        delay = OUTCOME_RETRY_FIRST_S
+        while True:
+            try:
+                await asyncio.to_thread(write_file_durably, path, data)
+            except OSError as exc:
+                if not self._unwritten:
+                    log.error("cluster: cannot write the dead letter of %s %s to %s (%s); the event "
+                              "stays here unacknowledged, and the file is written as soon as the "
+                              "disk allows", job.function, job.request_id, path.parent, exc)
+                self._unwritten[job.request_id] = exc.strerror or str(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, OUTCOME_RETRY_MAX_S)
+                continue
+            if self._unwritten.pop(job.request_id, None) is not None and not self._unwritten:
+                log.info("cluster: every dead letter held back is written")
+            return
 
     # -- outcomes for on_done ----------------------------------------------------------------
 
