@@ -118,6 +118,8 @@ def test_context_and_environment_are_lambdas(start_daemon, functions_dir):
             awsRequestId: context.awsRequestId, logGroupName: context.logGroupName,
             remaining: context.getRemainingTimeInMillis(),
             waits: context.callbackWaitsForEmptyEventLoop,
+            // As on Lambda: there, and undefined unless the function uses tenant isolation.
+            tenantId: "tenantId" in context ? String(context.tenantId) : "absent",
           },
         });
     """)
@@ -130,7 +132,7 @@ def test_context_and_environment_are_lambdas(start_daemon, functions_dir):
         "functionName": "ctx", "functionVersion": "$LATEST",
         "invokedFunctionArn": ctx["invokedFunctionArn"], "memoryLimitInMB": "256",
         "awsRequestId": response.headers["x-amzn-requestid"], "logGroupName": "/aws/lambda/ctx",
-        "remaining": ctx["remaining"], "waits": True,
+        "remaining": ctx["remaining"], "waits": True, "tenantId": "undefined",
     }
     assert ctx["invokedFunctionArn"].endswith(":function:ctx")
     assert 0 < ctx["remaining"] <= 5000

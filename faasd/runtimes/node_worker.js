@@ -527,6 +527,7 @@ function invoke(payload) {
     identity: undefined,
     invokedFunctionArn: header.arn,
     awsRequestId: header.id,
+    tenantId: undefined, // Lambda's tenant isolation mode, which faasd does not have
     getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
   };
   control.unref();
