@@ -297,6 +297,7 @@ def test_context_and_environment_are_lambdas_and_the_daemons_do_not_leak(start_d
                 "log_stream_name": context.log_stream_name,
                 "tenant_id": context.tenant_id,
                 "repr": repr(context),
+                "public": sorted(name for name in dir(context) if not name.startswith("_")),
                 "remaining": context.get_remaining_time_in_millis()}}
     """)
     daemon = start_daemon(functions_dir, env={"DAEMON_SECRET": "s3cr3t", "AWS_SECRET_ACCESS_KEY": "nope"})
@@ -324,6 +325,11 @@ def test_context_and_environment_are_lambdas_and_the_daemons_do_not_leak(start_d
     assert ctx["log_group_name"] == "/aws/lambda/env"
     assert 0 < ctx["remaining"] <= 3000
     assert ctx["tenant_id"] is None
+    # What a handler finds on it is what awslambdaric's LambdaContext has, and no more.
+    assert ctx["public"] == [
+        "aws_request_id", "client_context", "function_name", "function_version",
+        "get_remaining_time_in_millis", "identity", "invoked_function_arn", "log", "log_group_name",
+        "log_stream_name", "memory_limit_in_mb", "tenant_id", "w3c"]
     # print(context) shows what AWS's runtime shows.
     assert ctx["repr"] == (
         f"LambdaContext([aws_request_id={ctx['aws_request_id']},log_group_name=/aws/lambda/env,"

@@ -407,6 +407,7 @@ def handler(event, context):
             "client": None if cc.client is None else
                       [cc.client.app_title, cc.client.installation_id, cc.client.app_version_code],
         },
+        "w3c": context.w3c(),
     }
 """
 
@@ -414,18 +415,22 @@ def handler(event, context):
 def test_client_context_reaches_the_handler_as_lambdas_context_client_context(daemon, lam):
     write_function(daemon.functions, "ctxprobe.py", CONTEXT_PROBE)
     wait_loaded(daemon, "ctxprobe")
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     given = {"custom": {"tenant": "blue", "n": 3}, "env": {"locale": "en_GB"},
-             "client": {"app_title": "shop", "installation_id": "i-1"}}
+             "client": {"app_title": "shop", "installation_id": "i-1"},
+             "w3c": {"traceparent": traceparent, "tracestate": "shop=1", "baggage": 7, "other": "x"}}
     encoded = base64.b64encode(json.dumps(given).encode()).decode()
     seen = json.loads(lam.invoke(FunctionName="ctxprobe", ClientContext=encoded)["Payload"].read())
     assert seen == {"identity": [None, None], "client_context": {
         "custom": {"tenant": "blue", "n": 3}, "env": {"locale": "en_GB"},
-        "client": ["shop", "i-1", None]}}
+        "client": ["shop", "i-1", None]},
+        # context.w3c(): the trace context's string fields, as awslambdaric gives them.
+        "w3c": {"traceparent": traceparent, "tracestate": "shop=1"}}
     _, [chunk, _] = stream(lam, FunctionName="ctxprobe", ClientContext=encoded)
     assert json.loads(chunk["PayloadChunk"]["Payload"])["client_context"]["custom"] == {"tenant": "blue", "n": 3}
     # Without one, as in Lambda: client_context is None, identity still has its fields.
     plain = json.loads(lam.invoke(FunctionName="ctxprobe")["Payload"].read())
-    assert plain == {"identity": [None, None], "client_context": None}
+    assert plain == {"identity": [None, None], "client_context": None, "w3c": {}}
 
     for bad in ("not base64!", base64.b64encode(b"[1, 2]").decode(), base64.b64encode(b"{nope").decode()):
         with pytest.raises(lam.exceptions.InvalidRequestContentException) as refused:

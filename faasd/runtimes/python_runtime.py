@@ -211,12 +211,18 @@ class ClientContext(_FromDict):
             self.client = Client(self.client)
 
 
+# The W3C trace-context fields a caller's ClientContext may carry under `w3c`.
+_W3C_FIELDS = ("traceparent", "tracestate", "baggage")
+
+
 class LambdaContext:
-    """The `context` argument, with the attributes AWS's runtime provides."""
+    """The `context` argument: the attributes and methods of AWS's runtime's, and
+    nothing else in sight (helpers are the module's, names starting with _ aside)."""
 
     # Read from the environment once the worker's environment is final (_serve),
-    # as AWS's runtime does at start-up, not on every call.
+    # as AWS's runtime does at start-up, not on every call: see _read_static_context.
     _static = {}
+    _w3c = {}  # most calls have no client context, so none of its trace context either
     tenant_id = None  # Lambda's tenant isolation mode, which faasd does not have
 
     def __init__(self, request_id, deadline_ms, invoked_function_arn, client_context=None):
@@ -225,21 +231,21 @@ class LambdaContext:
         self.invoked_function_arn = invoked_function_arn
         self._deadline_ms = deadline_ms
         self.identity = CognitoIdentity()
-        self.client_context = None if client_context is None else ClientContext(client_context)
-
-    @classmethod
-    def read_environment(cls):
-        get = os.environ.get
-        cls._static = {
-            "function_name": get("AWS_LAMBDA_FUNCTION_NAME"),
-            "function_version": get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
-            "memory_limit_in_mb": get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
-            "log_group_name": get("AWS_LAMBDA_LOG_GROUP_NAME"),
-            "log_stream_name": get("AWS_LAMBDA_LOG_STREAM_NAME"),
-        }
+        if client_context is None:
+            self.client_context = None
+        else:
+            self.client_context = ClientContext(client_context)
+            w3c = client_context.get("w3c") if isinstance(client_context, dict) else None
+            if isinstance(w3c, dict):
+                self._w3c = {name: w3c[name] for name in _W3C_FIELDS if isinstance(w3c.get(name), str)}
 
     def get_remaining_time_in_millis(self):
         return max(int(self._deadline_ms - time.time() * 1000), 0)
+
+    def w3c(self):
+        """The caller's W3C trace context: the string fields traceparent, tracestate
+        and baggage of its ClientContext's `w3c`, as AWS's runtime gives them."""
+        return dict(self._w3c)
 
     def log(self, message):
         sys.stdout.write(str(message))
@@ -253,6 +259,18 @@ class LambdaContext:
                 f"function_version={self.function_version},"
                 f"invoked_function_arn={self.invoked_function_arn},client_context={self.client_context},"
                 f"identity={self.identity},tenant_id={self.tenant_id}])")
+
+
+def _read_static_context():
+    """What every context of this worker shares, from its (now final) environment."""
+    get = os.environ.get
+    LambdaContext._static = {
+        "function_name": get("AWS_LAMBDA_FUNCTION_NAME"),
+        "function_version": get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        "memory_limit_in_mb": get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE"),
+        "log_group_name": get("AWS_LAMBDA_LOG_GROUP_NAME"),
+        "log_stream_name": get("AWS_LAMBDA_LOG_STREAM_NAME"),
+    }
 
 
 _current_request_id = ""
@@ -775,7 +793,7 @@ def _own_tmp(tmp_mb):
 
 def _serve():
     handler = _HANDLER_FN
-    LambdaContext.read_environment()
+    _read_static_context()
     while True:
         kind, payload = _recv_frame()
         if kind is None or kind == protocol.SHUTDOWN:
