@@ -669,13 +669,12 @@ def _check_http_trigger(options: dict, where: str) -> None:
         raise SpecError(f"{where}: http trigger needs path = \"/some/{{param}}\" starting with /")
     if reserved_path(path):
         raise SpecError(f"{where}: http trigger path {path!r} is reserved by faasd")
-    from .triggers.http import compile_template  # as the route table will
+    from .triggers.http import compile_template, parameter_names  # as the route table will
 
     try:
         compile_template(path)
     except re.error as exc:
-        params = [segment.strip("{+}") for segment in path.split("/")
-                  if segment.startswith("{") and segment.endswith("}")]
+        params = parameter_names(path)
         twice = sorted({param for param in params if params.count(param) > 1})
         if twice:
             raise SpecError(f"{where}: http trigger path {path!r} names the parameter {{{twice[0]}}} "

@@ -46,14 +46,30 @@ class Route:
         return f"{'ANY' if 'ANY' in self.methods else method} {self.template}"
 
 
+# A route parameter is a whole segment of the path: `{name}`, or `{name+}` for
+# the rest of it. Braces anywhere else are literal text.
+PARAMETER_RE = re.compile(r"\{([A-Za-z0-9_]+)(\+?)\}")
+
+
+def _parameter(segment: str) -> tuple[str, bool] | None:
+    """(name, greedy) if the path segment is a parameter, else None."""
+    match = PARAMETER_RE.fullmatch(segment)
+    return (match[1], bool(match[2])) if match else None
+
+
+def parameter_names(template: str) -> list[str]:
+    """The names of a route's parameters, in path order."""
+    return [parameter[0] for parameter in map(_parameter, template.split("/")) if parameter]
+
+
 def compile_template(template: str) -> tuple[re.Pattern, int]:
     """`/thumbs/{id}` -> a regex with named groups; `{rest+}` matches the remainder."""
     parts = []
     literal = 0
     for segment in template.strip("/").split("/"):
-        match = re.fullmatch(r"\{([A-Za-z0-9_]+)(\+?)\}", segment)
-        if match:
-            name, greedy = match.groups()
+        parameter = _parameter(segment)
+        if parameter:
+            name, greedy = parameter
             parts.append(f"(?P<{name}>.+)" if greedy else f"(?P<{name}>[^/]+)")
         else:
             parts.append(re.escape(segment))
@@ -94,7 +110,12 @@ def claim(claims: Iterable[list[Route]]) -> tuple[list[Route], dict[str, list[st
 
 
 def _shape(template: str) -> str:
-    return re.sub(r"\{[A-Za-z0-9_]+(\+?)\}", r"{\1}", template.rstrip("/") or "/")
+    """The route with its parameters' names left out: routes of one shape match the same paths."""
+    segments = []
+    for segment in template.rstrip("/").split("/"):
+        parameter = _parameter(segment)
+        segments.append(segment if parameter is None else "{+}" if parameter[1] else "{}")
+    return "/".join(segments) or "/"
 
 
 class RouteTable:
