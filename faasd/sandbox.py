@@ -561,9 +561,24 @@ class MountNamespace:
         """Every process in the namespace (a scan of /proc)."""
         found = []
         for name in os.listdir("/proc"):
-            if name.isdigit() and namespace_key(name) == self.key:
+            if name.isdigit() and self._holds(name):
                 found.append(int(name))
         return found
+
+    def _holds(self, pid: str) -> bool:
+        try:
+            st = os.stat(f"/proc/{pid}/ns/mnt")
+        except FileNotFoundError:
+            # Gone, or its main thread has exited (pthread_exit in main) while
+            # other threads run on: those still hold a namespace, and say which.
+            try:
+                threads = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                return False
+            return any(namespace_key(f"{pid}/task/{tid}") == self.key for tid in threads if tid != pid)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.key
 
     def kill_all(self) -> None:
         """SIGKILL every process in the namespace."""
@@ -576,7 +591,8 @@ class MountNamespace:
 
 
 def namespace_key(pid: int | str) -> tuple[int, int] | None:
-    """What names the mount namespace of process `pid` (None: gone, or not ours to look at)."""
+    """What names the mount namespace of process `pid` (None: gone, or not ours to look at);
+    `pid` may also be "PID/task/TID", one thread's."""
     try:
         st = os.stat(f"/proc/{pid}/ns/mnt")
     except OSError:
