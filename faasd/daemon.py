@@ -132,8 +132,9 @@ class Daemon:
         self._cleanups.append(sandbox.close)
         if memory.mode == "monitor":
             memory_note = (f"{memory.reason}: the daemon counts every process of each worker and "
-                           "its private /tmp (a tmpfs, where mount namespaces allow), once at init, "
-                           "every 50 ms during a call and at its end, and kills it past memory_mb")
+                           "its private /tmp and /dev/shm (tmpfs mounts, where mount namespaces "
+                           "allow), once at init, every 50 ms during a call and at its end, and "
+                           "kills it past memory_mb")
             worker_limit = "memory limit kept by the monitor"
         else:
             memory_note = "a memory cgroup per worker, enforced by the kernel"
@@ -151,15 +152,15 @@ class Daemon:
                 "active": config.workers.zygote and sandbox.mount,
                 "note": ("new Python workers fork from a per-revision template; each gets its own "
                          f"process group, {worker_limit}, pids limit (where pids_limit is active) "
-                         "and tmpfs /tmp" if config.workers.zygote and sandbox.mount else
+                         "and tmpfs /tmp and /dev/shm" if config.workers.zygote and sandbox.mount else
                          "off: [workers] zygote = false" if not config.workers.zygote else
                          "off: without mount namespaces a forked worker's /tmp would escape its quota")},
         }
         log.info("faasd %s starting: functions %s, data %s", __version__, config.paths.functions, data)
         log.info("%s", exposure)
         if memory.mode == "monitor":
-            log.warning("memory limits by watching each worker's memory (its processes and its "
-                        "/tmp), not by the kernel: %s", memory.reason)
+            log.warning("memory limits by watching each worker's memory (its processes, its /tmp and "
+                        "/dev/shm), not by the kernel: %s", memory.reason)
         if os.geteuid() == 0 and run_as is None:
             log.warning("running as root with no [workers] run_as: function code runs as root and "
                         "can do anything root can; set [workers] run_as = \"faasd\" (a user with "

@@ -6,9 +6,9 @@
   * cgroup v1's memory hierarchy, writable (root on most hosts), or
   * monitoring: the daemon measures what a worker holds -- the resident
     memory of every process of it (`ProcessTree`) and its private tmpfs
-    /tmp -- once when it is ready and every 50 ms while it is busy, and
-    checks each call's peak as the call ends; past the limit the worker is
-    killed and the call fails as out of memory (faasd/workers.py).
+    mounts, /tmp and /dev/shm -- once when it is ready and every 50 ms while
+    it is busy, and checks each call's peak as the call ends; past the limit
+    the worker is killed and the call fails as out of memory (faasd/workers.py).
 Whatever the mode, `Max Memory Used` is the worker's true peak.
 """
 
@@ -351,24 +351,45 @@ class ProcessTree:
                     del unknown[pid]
                     found = True
 
-    def pss_bytes(self) -> int | None:
+    def pss_bytes(self, counted_devices: frozenset[int] = frozenset()) -> int | None:
         """The proportional set size of all its processes: a page they share (as
         a fork shares its parent's) is counted once, as a cgroup counts it, where
-        their resident sizes count it in each. Walks their page tables, so it is
-        read only when resident sizes add up past a limit. None if unreadable."""
+        their resident sizes count it in each. Mappings of files on
+        `counted_devices` (the worker's private tmpfs mounts, whose whole use
+        is counted apart) are left out, so that their pages count once too.
+        Walks their page tables, so it is read only when resident sizes add up
+        past a limit. None if unreadable."""
         total = 0
         for pid in (self.leader, *self._members):
             try:
-                with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
-                    for line in rollup:
-                        if line.startswith(b"Pss:"):
-                            total += int(line.split()[1]) * 1024
-                            break
+                total += _pss(pid, counted_devices)
             except (FileNotFoundError, ProcessLookupError):
                 continue  # gone: it holds nothing
             except (OSError, ValueError, IndexError):
                 return None
         return total
+
+
+def _pss(pid: int, left_out: frozenset[int]) -> int:
+    """One process's proportional set size in bytes, less its mappings of files on `left_out`."""
+    if not left_out:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:
+            for line in rollup:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+    total = 0
+    counted = True
+    with open(f"/proc/{pid}/smaps", "rb") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if not fields[0].endswith(b":"):
+                # A mapping's first line: address perms offset major:minor inode [path]
+                major, _, minor = fields[3].partition(b":")
+                counted = os.makedev(int(major, 16), int(minor, 16)) not in left_out
+            elif counted and fields[0] == b"Pss:":
+                total += int(fields[1]) * 1024
+    return total
 
 
 _TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")

@@ -209,9 +209,10 @@ def _new_namespaces(plan: dict[str, Any]) -> None:
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
 
 
-# The worker's private /tmp: where it is, the others bound to it, and what in it
-# stays reachable. Kept for the workers a template forks, each of which covers
-# it with a /tmp of its own (tmp_of_its_own).
+# The worker's private /tmp: where it is, the others bound to it, what in it
+# stays reachable, and whether /dev/shm is a tmpfs of its own too ("shm").
+# Kept for the workers a template forks, each of which covers them with a
+# /tmp and a /dev/shm of its own (tmp_of_its_own).
 _tmp: dict[str, Any] = {}
 
 
@@ -225,8 +226,8 @@ def _set_up_mounts(plan: dict[str, Any]) -> None:
                     bound=[other for other in scratch[1:] if not _within(needed, other)])
         _cover_tmp(tmp_mb)
     if os.path.isdir("/dev/shm") and not _within(needed, "/dev/shm"):
-        _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-               f"size={min(SHM_MAX_MB, tmp_mb)}m,mode=1777")
+        _tmp["shm"] = True
+        _cover_shm(tmp_mb)
     for path in plan.get("read_only", []):
         if os.path.exists(path):
             _mount(path, path, None, MS_BIND | MS_REC)
@@ -261,10 +262,18 @@ def tmp_of_its_own(tmp_mb: int) -> None:
     """In a worker forked from a template, in a mount namespace of its own: a
     fresh /tmp, made as the template's was, keeping reachable what the
     template's kept (its code, its Python, where they live under the host's
-    /tmp); a plain one where the template made none."""
-    if not _tmp:
+    /tmp); a plain one where the template made none. And a fresh /dev/shm
+    where the template had one of its own, which its forks would share."""
+    if "path" not in _tmp:
         _tmp.update(path="/tmp", keep=[], bound=[])
     _cover_tmp(tmp_mb)
+    if _tmp.get("shm"):
+        _cover_shm(tmp_mb)
+
+
+def _cover_shm(tmp_mb: int) -> None:
+    _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+           f"size={min(SHM_MAX_MB, tmp_mb)}m,mode=1777")
 
 
 def _within(paths: list[str], directory: str) -> list[str]:
@@ -600,18 +609,29 @@ def namespace_key(pid: int | str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def private_tmp_bytes(pid: int) -> int | None:
-    """What the private tmpfs at /tmp of a worker in a mount namespace of its
-    own holds, in bytes: its pages are memory. None if it cannot be read, or
-    if that /tmp is the daemon's own file system."""
-    path = f"/proc/{pid}/root/tmp"
-    try:
-        if os.stat(path).st_dev == os.stat("/tmp").st_dev:
-            return None
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
+# The tmpfs mounts a worker in a mount namespace of its own has to itself
+# (_set_up_mounts; /var/tmp is /tmp's): the pages of their files are memory.
+PRIVATE_TMPFS = ("/tmp", "/dev/shm")
+
+
+def private_tmpfs_usage(pid: int) -> tuple[int, frozenset[int]]:
+    """What the private tmpfs mounts of a worker in a mount namespace of its own
+    hold, in bytes, and their devices (st_dev). A mount that cannot be read,
+    or that is the daemon's own file system, counts for nothing."""
+    used = 0
+    devices = []
+    for path in PRIVATE_TMPFS:
+        inside = f"/proc/{pid}/root{path}"
+        try:
+            device = os.stat(inside).st_dev
+            if device == os.stat(path).st_dev:
+                continue
+            st = os.statvfs(inside)
+        except OSError:
+            continue
+        used += (st.f_blocks - st.f_bfree) * st.f_frsize
+        devices.append(device)
+    return used, frozenset(devices)
 
 
 def read_pids(directory: str) -> list[int]:

@@ -39,7 +39,7 @@ from .limits import (
 from .platform_log import json_platform_log
 from .sandbox import (
     EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, MountNamespace, Sandbox,
-    SandboxError, WorkerPlan, join_cgroups_of, parent_moves, private_tmp_bytes,
+    SandboxError, WorkerPlan, join_cgroups_of, parent_moves, private_tmpfs_usage,
 )
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn, runtime_id, runtime_version
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
@@ -835,18 +835,20 @@ class ProcessWorker(Worker):
 
     def _memory_in_use(self) -> tuple[int, int] | None:
         """Without a cgroup: (what the worker holds now, in bytes: the resident
-        memory of all its processes and what its private /tmp holds; its own
-        process's peak resident memory). None once it is gone."""
+        memory of all its processes and what its private /tmp and /dev/shm
+        hold; its own process's peak resident memory). None once it is gone."""
         tree = self._tree
         sample = tree.sample() if tree is not None else None
         if sample is None:
             return None
         resident, peak, processes = sample
-        tmp = (private_tmp_bytes(tree.leader) or 0) if self.namespace is not None else 0
-        if resident + tmp > self.spec.memory_mb * MB and processes > 1:
-            # Its processes may share pages (a fork, say), which a cgroup counts once.
-            resident = tree.pss_bytes() or resident
-        return resident + tmp, peak
+        tmpfs, devices = (private_tmpfs_usage(tree.leader) if self.namespace is not None
+                          else (0, frozenset()))
+        if resident + tmpfs > self.spec.memory_mb * MB and (processes > 1 or tmpfs):
+            # Its processes may share pages (a fork, say), and a file of its tmpfs
+            # that it maps is resident too: a cgroup counts each page once.
+            resident = tree.pss_bytes(devices) or resident
+        return resident + tmpfs, peak
 
     def _out_of_memory_at_init(self) -> bool:
         """Without a cgroup, init's memory is looked at once, at READY: a worker

@@ -449,6 +449,38 @@ def test_without_a_cgroup_a_workers_private_tmp_counts_toward_its_memory(start_d
     still_serving(daemon)
 
 
+SHM_HOG = """
+import mmap, time
+
+def handler(event, context):
+    held = b"x" * (event["hold_mb"] << 20)
+    with open("/dev/shm/big", "w+b") as f:
+        for _ in range(event["shm_mb"]):
+            f.write(b"x" * (1 << 20))
+        f.flush()
+        if event.get("mapped"):
+            # Mapped, its pages are resident in the worker too: still counted once.
+            view = mmap.mmap(f.fileno(), 0)
+            total = sum(view[i] for i in range(0, len(view), 4096))
+    time.sleep(event.get("sleep_s", 0))
+    return len(held) >> 20
+"""
+
+
+def test_without_a_cgroup_a_workers_private_dev_shm_counts_toward_its_memory(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "shmhog.toml", "memory_mb = 128\ntimeout_s = 20\n")
+    write_function(functions_dir, "shmhog.py", SHM_HOG)
+    daemon = _start_without_memory_cgroups(start_daemon, functions_dir)
+    # 80 MB held and 60 MB in /dev/shm: over 128 MB only with both counted.
+    result, error = invoke(daemon, "shmhog", {"hold_mb": 80, "shm_mb": 60, "sleep_s": 2})
+    assert error == "Runtime.OutOfMemory", result
+    # 20 MB held and 60 MB in /dev/shm, mapped: 80 MB, not the 140 MB of counting the map twice.
+    result, error = invoke(daemon, "shmhog", {"hold_mb": 20, "shm_mb": 60, "mapped": True, "sleep_s": 2})
+    assert (result, error) == (20, None)
+    still_serving(daemon)
+
+
 # -- processes, files, output, results ------------------------------------------------------
 
 FORKS = """
@@ -900,8 +932,9 @@ import os, time
 def handler(event, context):
     time.sleep(event.get("sleep", 0))
     open(os.path.join("/tmp", event["write"]), "w").write("x")
+    open(os.path.join("/dev/shm", event["write"]), "w").write("x")
     return {"pid": os.getpid(), "uid": os.getuid(), "tmp": sorted(os.listdir("/tmp")),
-            "tmpdir": os.environ["TMPDIR"]}
+            "shm": sorted(os.listdir("/dev/shm")), "tmpdir": os.environ["TMPDIR"]}
 """
 
 
@@ -925,6 +958,7 @@ def test_workers_forked_from_a_run_as_template_get_their_own_tmpfs_and_spares_li
     assert len(forked) >= 2, results
     for index, result in enumerate(results):
         assert [name for name in result["tmp"] if name.startswith("mine-")] == [f"mine-{index}"]
+        assert [name for name in result["shm"] if name.startswith("mine-")] == [f"mine-{index}"]
         assert result["tmpdir"] == "/tmp" and result["uid"] == first["uid"]
     assert all(parent_of(r["pid"]) == template["pid"] for r in forked)
     # Each joined cgroups of its own as that user, inside its user namespace,
