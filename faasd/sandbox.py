@@ -360,9 +360,8 @@ def apply(plan: dict[str, Any]) -> None:
     """Carry out a plan in this process. Raises SandboxError (or OSError)."""
     # Everything this needs is loaded now: after the drop to run_as, the
     # interpreter's own library may not be readable.
-    import resource  # noqa: F401
-    import signal  # noqa: F401
-    import struct  # noqa: F401
+    for module in ("resource", "signal", "struct"):
+        __import__(module)
 
     # Armed now for the wait below, and again at the end: a new user namespace
     # or a change of uid clears it.
@@ -1092,8 +1091,8 @@ def _probe_main(argv: list[str]) -> None:
     enter(os.environ.pop(PLAN_ENV, "{}"))
     if "--imports" in argv:
         try:
-            import decimal  # noqa: F401  (modules the worker has not loaded yet)
-            import email.parser  # noqa: F401
+            for module in ("decimal", "email.parser"):  # modules the worker has not loaded yet
+                __import__(module)
         except (ImportError, OSError) as exc:
             sys.stderr.write(f"cannot import the standard library: {exc}\n")
             os._exit(71)

@@ -606,9 +606,8 @@ def _serve_as_template():
     import signal
 
     # What forked workers need later is loaded now, once, in the template.
-    import array  # noqa: F401
-
-    from faasd import libc  # noqa: F401
+    for module in ("array", "faasd.libc"):
+        __import__(module)
 
     gc.collect()
     gc.freeze()  # keep the collector from dirtying shared pages in every fork

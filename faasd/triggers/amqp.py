@@ -55,7 +55,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from ..broker import LET_GO_TIMEOUT_S, BrokerConnection, let_go, redact  # noqa: F401 (redact: also for importers)
+from ..broker import LET_GO_TIMEOUT_S, BrokerConnection, let_go
 from ..spec import ACCOUNT_ID, FunctionSpec, Trigger, new_request_id
 from .base import RunningTrigger, TriggerSource, queue_of
 
