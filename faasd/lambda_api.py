@@ -21,8 +21,8 @@ UpdateFunctionCode.
 A function is named as Lambda allows: `NAME`, `NAME:QUALIFIER`,
 `ACCOUNT:function:NAME` or the full ARN; the only version is `$LATEST`.
 `InvocationType=Event` answers 202 only once the event is committed to the
-asynchronous queue (faasd/queue.py); its request id is the one the handler
-sees on every attempt.
+asynchronous queue (faasd/queue.py); its request id, and the qualified ARN
+the caller named, are what the handler sees on every attempt.
 """
 
 from __future__ import annotations
@@ -314,7 +314,8 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                 if daemon.queue is None:
                     raise InvokeRefused("asynchronous invocation is not available")
                 try:
-                    await daemon.queue.put(call.spec.name, call.payload, request_id=request_id, source="api")
+                    await daemon.queue.put(call.spec.name, call.payload, request_id=request_id, source="api",
+                                           invoked_arn=call.invoked_arn)
                 except OSError as exc:  # the disk refused: say so, never answer 202
                     raise InvokeRefused(f"the event could not be stored: {exc}") from None
                 return web.Response(status=202, headers={"x-amzn-RequestId": request_id})

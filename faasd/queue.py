@@ -3,7 +3,7 @@
 Asynchronous work enters here and nowhere else:
 
     await daemon.queue.put(function, payload, *, request_id=None, source="api",
-                           on_done=None) -> str
+                           on_done=None, invoked_arn=None) -> str
 
   * `function`: the function's name; `FunctionNotFound` if it does not exist.
   * `payload`: the event, as JSON bytes (handed to the handler unchanged).
@@ -12,6 +12,9 @@ Asynchronous work enters here and nowhere else:
     wants idempotent ids (e.g. cron's "NAME:timestamp") passes its own.
   * `source`: a short label ("api", "file", "cron", "amqp", ...) shown in logs,
     dead-letter records and invocation observers.
+  * `invoked_arn`: the ARN an Invoke API call named when it carried a
+    qualifier (`NAME:$LATEST`): every attempt's `context.invoked_function_arn`,
+    as a synchronous call's. None: the function's own, unqualified ARN.
   * `on_done`: called once, in the event loop, with a `QueuedOutcome` when the
     event finally succeeded or was dead-lettered (sync or async callable;
     its exceptions are logged and ignored). It lives in memory only: after a
@@ -53,7 +56,10 @@ cycle of destinations ends in the dead-letter directory.
 Storage: `<data-dir>/queue.db`, one row per pending event (deleted when done)
 plus lifetime totals per function. SQLite runs on one thread of its own;
 writes from many coroutines are grouped into one transaction and one fsync.
-The file is locked (`queue.lock`): two daemons never share a queue.
+The file is locked (`queue.lock`): two daemons never share a queue. Columns
+added since the first release (`invoked_arn`) are added to an older file as
+it is opened, and its events run as they did; a faasd from before them uses
+the file as it is, so the schema version stays 1 and a downgrade keeps it.
 
 Figures for health and metrics: `stats()` (every function) and
 `function_stats(name)` give depth, running, oldest event age, succeeded,
@@ -133,6 +139,7 @@ class _Event:
     attempts: int
     hops: int
     last_error: bytes | None  # the last failed attempt's error, as Lambda's JSON
+    invoked_arn: str | None = None  # context.invoked_function_arn when the caller named a qualifier
 
     def previous_error(self) -> FunctionError | None:
         if not self.last_error:
@@ -200,7 +207,8 @@ class Journal:
                 interruptions INTEGER NOT NULL DEFAULT 0,
                 hops INTEGER NOT NULL DEFAULT 0,
                 running INTEGER NOT NULL DEFAULT 0,
-                last_error TEXT
+                last_error TEXT,
+                invoked_arn TEXT
             );
             CREATE INDEX IF NOT EXISTS events_ready ON events (running, function, next_at, id);
             CREATE INDEX IF NOT EXISTS events_due ON events (running, next_at);
@@ -213,6 +221,9 @@ class Journal:
             PRAGMA user_version = 1;
             COMMIT;
         """)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+        if "invoked_arn" not in columns:  # a file written before events kept their qualifier
+            conn.execute("ALTER TABLE events ADD COLUMN invoked_arn TEXT")
         # Events that were running when the daemon died: their outcome was
         # never recorded, so they run again (the lost attempt is not counted).
         interrupted = conn.execute(
@@ -264,11 +275,11 @@ def _bump(conn: sqlite3.Connection, function: str, outcome: str) -> None:
 
 
 def _insert(conn: sqlite3.Connection, function: str, request_id: str, payload: bytes,
-            source: str, enqueued_at: float, hops: int = 0) -> int:
+            source: str, enqueued_at: float, hops: int = 0, invoked_arn: str | None = None) -> int:
     cursor = conn.execute(
-        "INSERT INTO events (function, request_id, payload, source, enqueued_at, next_at, hops) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (function, request_id, payload, source, enqueued_at, enqueued_at, hops))
+        "INSERT INTO events (function, request_id, payload, source, enqueued_at, next_at, hops, "
+        "invoked_arn) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (function, request_id, payload, source, enqueued_at, enqueued_at, hops, invoked_arn))
     return int(cursor.lastrowid)  # type: ignore[arg-type]
 
 
@@ -502,7 +513,8 @@ class AsyncQueue:
     # -- the API for event sources -----------------------------------------------------------
 
     async def put(self, function: str, payload: bytes, *, request_id: str | None = None,
-                  source: str = "api", on_done: OnDone | None = None, durable: bool = True) -> str:
+                  source: str = "api", on_done: OnDone | None = None, durable: bool = True,
+                  invoked_arn: str | None = None) -> str:
         """Queue one event durably; return its request id. See the module docstring."""
         request_id, data = admit(self._closing, self.registry, function, payload, request_id)
         now = time.time()
@@ -515,13 +527,14 @@ class AsyncQueue:
 
         if not durable:
             self._held_ids -= 1
-            event = _Event(self._held_ids, function, request_id, data, source, now, 0, 0, None)
+            event = _Event(self._held_ids, function, request_id, data, source, now, 0, 0, None,
+                           invoked_arn)
             self._held.setdefault(function, {})[event.id] = event
             self._held_due[event.id] = now
             committed(event.id)
             return request_id
-        await self._write(lambda conn: _insert(conn, function, request_id, data, source, now),
-                          committed)
+        await self._write(lambda conn: _insert(conn, function, request_id, data, source, now,
+                                               invoked_arn=invoked_arn), committed)
         return request_id
 
     def function_stats(self, name: str) -> dict[str, Any]:
@@ -684,7 +697,7 @@ class AsyncQueue:
                     break
                 rows = conn.execute(
                     "SELECT id, function, request_id, payload, source, enqueued_at, attempts, hops, "
-                    "last_error FROM events WHERE running = 0 AND function = ? AND next_at <= ? "
+                    "last_error, invoked_arn FROM events WHERE running = 0 AND function = ? AND next_at <= ? "
                     "ORDER BY next_at, id LIMIT ?", (function, now, min(take, left))).fetchall()
                 conn.executemany("UPDATE events SET running = 1 WHERE id = ?", [(r[0],) for r in rows])
                 events += [_Event(*row) for row in rows]
@@ -761,7 +774,7 @@ class AsyncQueue:
         try:
             invocation = await self.invoker.invoke(event.function, event.payload,
                                                    request_id=event.request_id, wait=True,
-                                                   source=event.source)
+                                                   source=event.source, invoked_arn=event.invoked_arn)
             error = invocation.error
         except ShuttingDown:
             await self._release(event)

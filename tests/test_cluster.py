@@ -30,6 +30,7 @@ import pytest
 from support import ROOT, Daemon, Proxy, free_port, http, wait_until, write_function
 
 from faasd.cluster.topology import Names
+from faasd.cluster.workqueue import ENVELOPE_HEADER, Job
 
 
 class Cluster:
@@ -306,6 +307,52 @@ def test_retries_wait_on_the_broker_and_end_at_the_failure_destination(cluster: 
     dead = sum(d.function("flaky")["queue"]["dead_lettered"] for d in (a, b))
     assert (retried, dead) == (2, 1)
     assert not any((d.data / "dead-letter" / "flaky").exists() for d in (a, b))
+
+
+ARN_TELLER = """
+def handler(event, context):
+    print("ARN", context.invoked_function_arn, context.aws_request_id)
+    if event.get("fail"):
+        raise ValueError("once more")
+"""
+
+
+@pytest.mark.amqp
+def test_an_event_keeps_its_qualifier_through_the_broker_and_its_retries(cluster: Cluster):
+    write_function(cluster.functions, "teller.toml", "[async]\nmax_retries = 1\nretry_delays_s = [1]\n")
+    write_function(cluster.functions, "teller.py", ARN_TELLER)
+    cluster.delays.add(("teller", 1000))
+    a, b = cluster.start("a"), cluster.start("b")
+    cluster.wait_formed(2)
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:teller"
+    plain = event(a, "teller", {})
+    qualified = event(a, "teller:$LATEST", {})
+    retried = event(b, "teller:$LATEST", {"fail": True})
+
+    def arns() -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for daemon in (a, b):
+            for seen, request_id in log_lines(daemon, "teller", "ARN"):
+                found.setdefault(request_id, []).append(seen)
+        return found
+
+    wait_until(lambda: len(arns().get(retried, [])) == 2 and plain in arns() and qualified in arns(),
+               60, interval=0.2, message="the three events to run, one of them twice")
+    assert arns() == {plain: [arn], qualified: [f"{arn}:$LATEST"], retried: [f"{arn}:$LATEST"] * 2}
+
+
+def test_a_cluster_event_carries_its_invoked_arn_and_one_from_an_earlier_release_reads_without(tmp_path):
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:fn:$LATEST"
+    job = Job("fn", "rid-1", b"{}", "api", 1700000000.0, home="q", invoked_arn=arn)
+    assert Job.from_message("fn", "q", job.to_message()).invoked_arn == arn
+    # An earlier release's envelope has no invoked_arn: the function's own ARN.
+    earlier = Job("fn", "rid-2", b"{}", "api", 1700000000.0, home="q").to_message()
+    assert "invoked_arn" not in json.loads(earlier.headers[ENVELOPE_HEADER])
+    assert Job.from_message("fn", "q", earlier).invoked_arn is None
+    envelope = json.loads(earlier.headers[ENVELOPE_HEADER])
+    earlier.headers[ENVELOPE_HEADER] = json.dumps({**envelope, "invoked_arn": 7})
+    with pytest.raises(ValueError, match="invoked_arn"):
+        Job.from_message("fn", "q", earlier)
 
 
 @pytest.mark.amqp

@@ -16,7 +16,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from probe import PROBE_HANDLER, Probe
-from support import ROOT, lambda_client, wait_until, write_function
+from support import ROOT, lambda_client, request_lines, wait_until, write_function
 
 ECHO = """
 def handler(event, context):
@@ -160,6 +160,41 @@ def test_event_returns_202_and_the_function_runs_with_that_request_id(daemon, pr
     request_id = response["ResponseMetadata"]["RequestId"]
     [end] = probe.wait_for(1, "end", id="e1")
     assert end["rid"] == request_id
+
+
+ARN_TELLER = """
+def handler(event, context):
+    print("ARN", context.invoked_function_arn)
+    if event.get("fail"):
+        raise ValueError("once more")
+"""
+
+
+def test_event_invocations_keep_the_qualifier_the_caller_named(daemon, lam):
+    write_function(daemon.functions, "teller.toml", "[async]\nmax_retries = 1\nretry_delays_s = [1]\n")
+    write_function(daemon.functions, "teller.py", ARN_TELLER)
+    wait_loaded(daemon, "teller")
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:teller"
+
+    def arns_seen(request_id: str, count: int = 1) -> list[str]:
+        def seen() -> list[str]:
+            found = [line.split(" ", 1)[1] for line in request_lines(daemon, "teller", request_id)
+                     if line.startswith("ARN ")]
+            return found if len(found) >= count else []
+        return wait_until(seen, 30, message=f"{count} runs of {request_id}")
+
+    named = [({"FunctionName": "teller:$LATEST"}, f"{arn}:$LATEST"),
+             ({"FunctionName": "teller", "Qualifier": "$LATEST"}, f"{arn}:$LATEST"),
+             ({"FunctionName": f"{arn}:$LATEST"}, f"{arn}:$LATEST"),
+             ({"FunctionName": "000000000000:function:teller:$LATEST"}, f"{arn}:$LATEST"),
+             ({"FunctionName": "teller"}, arn)]
+    for name, expected in named:
+        response = lam.invoke(InvocationType="Event", Payload=b"{}", **name)
+        assert response["StatusCode"] == 202
+        assert arns_seen(response["ResponseMetadata"]["RequestId"]) == [expected], name
+    # A retry is queued again, with the qualifier.
+    response = lam.invoke(FunctionName="teller:$LATEST", InvocationType="Event", Payload=b'{"fail": true}')
+    assert arns_seen(response["ResponseMetadata"]["RequestId"], 2) == [f"{arn}:$LATEST"] * 2
 
 
 def test_unknown_functions_raise_resource_not_found(daemon, lam):
