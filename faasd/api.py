@@ -106,8 +106,8 @@ def http_trigger_handler(daemon: "Daemon"):
                                 path_parameters=params, request_id=request_id)
             if authorizer is not None:
                 event["requestContext"]["authorizer"] = authorizer
-            invocation = await invoker.invoke(name, orjson.dumps(event),
-                                              request_id=request_id, source="http")
+            invocation = await invoker.invoke(name, orjson.dumps(event), request_id=request_id,
+                                              source="http", trace_id=event["headers"]["x-amzn-trace-id"])
         except InvokeRefused as exc:
             headers = {"X-Amzn-ErrorType": exc.error_type}
             message = HTTP_REFUSALS.get(exc.status, exc.message)

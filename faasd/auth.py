@@ -269,7 +269,8 @@ class TriggerAuth:
             "stageVariables": {},
         })
         try:
-            invocation = await self.daemon.invoker.invoke(name, orjson.dumps(event), source="authorizer")
+            invocation = await self.daemon.invoker.invoke(name, orjson.dumps(event), source="authorizer",
+                                                          trace_id=event["headers"]["x-amzn-trace-id"])
         except InvokeRefused as exc:
             log.warning("authorizer %s refused the call: %s", name, exc.message)
             status = exc.status if exc.status in (429, 503) else 502

@@ -152,14 +152,15 @@ class Invoker:
     async def invoke(self, name: str, event: bytes, *, request_id: str | None = None,
                      wait: bool = False, source: str = "api",
                      client_context: dict | None = None,
-                     invoked_arn: str | None = None) -> Invocation:
+                     invoked_arn: str | None = None, trace_id: str | None = None) -> Invocation:
         """Run `name` on `event` (JSON bytes) and report how it went.
 
         `client_context` is the caller's ClientContext (Lambda Invoke API),
         the handler's `context.client_context`. `invoked_arn` is the ARN the
         caller named when it carries a qualifier (`NAME:$LATEST`), the
         handler's `context.invoked_function_arn`; None gives the function's
-        own unqualified ARN.
+        own unqualified ARN. `trace_id` is the X-Ray trace header the call
+        runs under (`_X_AMZN_TRACE_ID`); None: the runtime makes a new one.
 
         With `wait` (the queues dispatching an event) it waits for a free
         concurrency slot instead of raising Throttled, and is refused from
@@ -198,7 +199,7 @@ class Invoker:
             # The spec may have changed while we waited for a slot.
             spec = self.registry.get(name) or spec
             invocation = await self._run(spec, event, request_id or new_request_id(), client_context,
-                                         invoked_arn)
+                                         invoked_arn, trace_id)
         finally:
             self.inflight -= 1
             fn_limit.release()
@@ -221,7 +222,8 @@ class Invoker:
         raise Throttled(reason, "Rate Exceeded.")
 
     async def _run(self, spec: FunctionSpec, event: bytes, request_id: str,
-                   client_context: dict | None = None, invoked_arn: str | None = None) -> Invocation:
+                   client_context: dict | None = None, invoked_arn: str | None = None,
+                   trace_id: str | None = None) -> Invocation:
         capture = LogCapture(self.logs, spec.name, request_id)
         invocation = Invocation(request_id=request_id, function=spec.name)
         if spec.load_error:
@@ -249,7 +251,8 @@ class Invoker:
         deadline = time.time() + spec.timeout_s
         result = None
         try:
-            result = await worker.run(request_id, event, deadline, capture, client_context, invoked_arn)
+            result = await worker.run(request_id, event, deadline, capture, client_context, invoked_arn,
+                                      trace_id)
         finally:
             invocation.duration_ms = (time.perf_counter() - started) * 1000
             pool.release(worker, result is not None and result.reusable)

@@ -21,8 +21,10 @@ UpdateFunctionCode.
 A function is named as Lambda allows: `NAME`, `NAME:QUALIFIER`,
 `ACCOUNT:function:NAME` or the full ARN; the only version is `$LATEST`.
 `InvocationType=Event` answers 202 only once the event is committed to the
-asynchronous queue (faasd/queue.py); its request id, and the qualified ARN
-the caller named, are what the handler sees on every attempt.
+asynchronous queue (faasd/queue.py); its request id, the qualified ARN the
+caller named and the caller's `X-Amzn-Trace-Id` are what the handler sees on
+every attempt. A call's `X-Amzn-Trace-Id` is the `_X_AMZN_TRACE_ID` it runs
+under; without one, the runtime makes a new one for it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from aiohttp import web
 
 from .errors import FunctionNotFound, InvalidParameter, InvalidRequest, InvokeRefused, Throttled
 from .eventstream import encode_event
-from .spec import FunctionSpec, code_sha256, function_arn, new_request_id, runtime_id, valid_name
+from .spec import (
+    FunctionSpec, caller_trace_id, code_sha256, function_arn, new_request_id, runtime_id, valid_name,
+)
 from .triggers.http import valid_text
 
 if TYPE_CHECKING:
@@ -194,6 +198,7 @@ class Call:
     payload: bytes
     client_context: dict[str, Any] | None
     tail: bool  # X-Amz-Log-Type: Tail
+    trace_id: str | None  # the caller's X-Amzn-Trace-Id; None: the runtime makes one
 
 
 def validation_message(value: str, member: str, allowed: tuple[str, ...]) -> str:
@@ -297,11 +302,13 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                 orjson.loads(payload)
             except orjson.JSONDecodeError:
                 raise InvalidRequest("Could not parse request body into json: the payload is not valid JSON") from None
-        return Call(spec, invoked_arn, payload or b"{}", client_context(request), log_type == "Tail")
+        return Call(spec, invoked_arn, payload or b"{}", client_context(request), log_type == "Tail",
+                    caller_trace_id(request.headers.get("X-Amzn-Trace-Id")))
 
     async def run(call: Call, request_id: str) -> "Invocation":
         return await invoker.invoke(call.spec.name, call.payload, request_id=request_id, source="api",
-                                    client_context=call.client_context, invoked_arn=call.invoked_arn)
+                                    client_context=call.client_context, invoked_arn=call.invoked_arn,
+                                    trace_id=call.trace_id)
 
     async def invoke(request: web.Request) -> web.StreamResponse:
         request_id = new_request_id()
@@ -315,7 +322,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                     raise InvokeRefused("asynchronous invocation is not available")
                 try:
                     await daemon.queue.put(call.spec.name, call.payload, request_id=request_id, source="api",
-                                           invoked_arn=call.invoked_arn)
+                                           invoked_arn=call.invoked_arn, trace_id=call.trace_id)
                 except OSError as exc:  # the disk refused: say so, never answer 202
                     raise InvokeRefused(f"the event could not be stored: {exc}") from None
                 return web.Response(status=202, headers={"x-amzn-RequestId": request_id})

@@ -15,8 +15,10 @@ daemon -> worker
     INVOKE    header JSON, one b"\\n", then the event's JSON bytes untouched
               (so the daemon never re-encodes an event it already holds as
               bytes). Header: {"id": request id, "deadline_ms": epoch ms,
-              "arn": invoked function ARN}, and "client_context" (the
-              caller's ClientContext object) when the call has one.
+              "arn": invoked function ARN}, "client_context" (the caller's
+              ClientContext object) when the call has one, and "trace" (the
+              X-Ray trace header, `_X_AMZN_TRACE_ID`) when the daemon has
+              one for it; without it the runtime makes a new one.
     SHUTDOWN  empty; the worker exits 0.
     WAKE      empty; a call for this worker is probably on its way (an HTTP
               request for its function is being read). The worker reads it

@@ -3,7 +3,7 @@
 Asynchronous work enters here and nowhere else:
 
     await daemon.queue.put(function, payload, *, request_id=None, source="api",
-                           on_done=None, invoked_arn=None) -> str
+                           on_done=None, invoked_arn=None, trace_id=None) -> str
 
   * `function`: the function's name; `FunctionNotFound` if it does not exist.
   * `payload`: the event, as JSON bytes (handed to the handler unchanged).
@@ -15,6 +15,8 @@ Asynchronous work enters here and nowhere else:
   * `invoked_arn`: the ARN an Invoke API call named when it carried a
     qualifier (`NAME:$LATEST`): every attempt's `context.invoked_function_arn`,
     as a synchronous call's. None: the function's own, unqualified ARN.
+  * `trace_id`: the caller's X-Ray trace header, every attempt's
+    `_X_AMZN_TRACE_ID`. None: each attempt gets a new one.
   * `on_done`: called once, in the event loop, with a `QueuedOutcome` when the
     event finally succeeded or was dead-lettered (sync or async callable;
     its exceptions are logged and ignored). It lives in memory only: after a
@@ -57,7 +59,7 @@ Storage: `<data-dir>/queue.db`, one row per pending event (deleted when done)
 plus lifetime totals per function. SQLite runs on one thread of its own;
 writes from many coroutines are grouped into one transaction and one fsync.
 The file is locked (`queue.lock`): two daemons never share a queue. Columns
-added since the first release (`invoked_arn`) are added to an older file as
+added since the first release (`ADDED_COLUMNS`) are added to an older file as
 it is opened, and its events run as they did; a faasd from before them uses
 the file as it is, so the schema version stays 1 and a downgrade keeps it.
 
@@ -94,6 +96,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("faasd.queue")
 
 SCHEMA_VERSION = 1
+# Nullable columns of `events` added since schema 1 came out, which a file
+# written before them gets when it is opened (NULL: as events ran before).
+ADDED_COLUMNS = ("invoked_arn", "trace_id")
 MAX_DESTINATION_HOPS = 5
 # Functions that are not (or no longer) in functions/ are tried one event at
 # a time: each attempt fails fast and is retried or dead-lettered.
@@ -140,6 +145,7 @@ class _Event:
     hops: int
     last_error: bytes | None  # the last failed attempt's error, as Lambda's JSON
     invoked_arn: str | None = None  # context.invoked_function_arn when the caller named a qualifier
+    trace_id: str | None = None     # the caller's X-Ray trace header
 
     def previous_error(self) -> FunctionError | None:
         if not self.last_error:
@@ -208,7 +214,8 @@ class Journal:
                 hops INTEGER NOT NULL DEFAULT 0,
                 running INTEGER NOT NULL DEFAULT 0,
                 last_error TEXT,
-                invoked_arn TEXT
+                invoked_arn TEXT,
+                trace_id TEXT
             );
             CREATE INDEX IF NOT EXISTS events_ready ON events (running, function, next_at, id);
             CREATE INDEX IF NOT EXISTS events_due ON events (running, next_at);
@@ -222,8 +229,9 @@ class Journal:
             COMMIT;
         """)
         columns = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
-        if "invoked_arn" not in columns:  # a file written before events kept their qualifier
-            conn.execute("ALTER TABLE events ADD COLUMN invoked_arn TEXT")
+        for column in ADDED_COLUMNS:
+            if column not in columns:
+                conn.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT")
         # Events that were running when the daemon died: their outcome was
         # never recorded, so they run again (the lost attempt is not counted).
         interrupted = conn.execute(
@@ -275,11 +283,12 @@ def _bump(conn: sqlite3.Connection, function: str, outcome: str) -> None:
 
 
 def _insert(conn: sqlite3.Connection, function: str, request_id: str, payload: bytes,
-            source: str, enqueued_at: float, hops: int = 0, invoked_arn: str | None = None) -> int:
+            source: str, enqueued_at: float, hops: int = 0, invoked_arn: str | None = None,
+            trace_id: str | None = None) -> int:
     cursor = conn.execute(
         "INSERT INTO events (function, request_id, payload, source, enqueued_at, next_at, hops, "
-        "invoked_arn) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (function, request_id, payload, source, enqueued_at, enqueued_at, hops, invoked_arn))
+        "invoked_arn, trace_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (function, request_id, payload, source, enqueued_at, enqueued_at, hops, invoked_arn, trace_id))
     return int(cursor.lastrowid)  # type: ignore[arg-type]
 
 
@@ -514,7 +523,7 @@ class AsyncQueue:
 
     async def put(self, function: str, payload: bytes, *, request_id: str | None = None,
                   source: str = "api", on_done: OnDone | None = None, durable: bool = True,
-                  invoked_arn: str | None = None) -> str:
+                  invoked_arn: str | None = None, trace_id: str | None = None) -> str:
         """Queue one event durably; return its request id. See the module docstring."""
         request_id, data = admit(self._closing, self.registry, function, payload, request_id)
         now = time.time()
@@ -528,13 +537,13 @@ class AsyncQueue:
         if not durable:
             self._held_ids -= 1
             event = _Event(self._held_ids, function, request_id, data, source, now, 0, 0, None,
-                           invoked_arn)
+                           invoked_arn, trace_id)
             self._held.setdefault(function, {})[event.id] = event
             self._held_due[event.id] = now
             committed(event.id)
             return request_id
         await self._write(lambda conn: _insert(conn, function, request_id, data, source, now,
-                                               invoked_arn=invoked_arn), committed)
+                                               invoked_arn=invoked_arn, trace_id=trace_id), committed)
         return request_id
 
     def function_stats(self, name: str) -> dict[str, Any]:
@@ -697,7 +706,8 @@ class AsyncQueue:
                     break
                 rows = conn.execute(
                     "SELECT id, function, request_id, payload, source, enqueued_at, attempts, hops, "
-                    "last_error, invoked_arn FROM events WHERE running = 0 AND function = ? AND next_at <= ? "
+                    "last_error, invoked_arn, trace_id FROM events "
+                    "WHERE running = 0 AND function = ? AND next_at <= ? "
                     "ORDER BY next_at, id LIMIT ?", (function, now, min(take, left))).fetchall()
                 conn.executemany("UPDATE events SET running = 1 WHERE id = ?", [(r[0],) for r in rows])
                 events += [_Event(*row) for row in rows]
@@ -774,7 +784,8 @@ class AsyncQueue:
         try:
             invocation = await self.invoker.invoke(event.function, event.payload,
                                                    request_id=event.request_id, wait=True,
-                                                   source=event.source, invoked_arn=event.invoked_arn)
+                                                   source=event.source, invoked_arn=event.invoked_arn,
+                                                   trace_id=event.trace_id)
             error = invocation.error
         except ShuttingDown:
             await self._release(event)

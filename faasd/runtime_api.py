@@ -9,8 +9,9 @@ bootstrap in `AWS_LAMBDA_RUNTIME_API` (`127.0.0.1:PORT`):
 
     GET  /2018-06-01/runtime/invocation/next         the next event; blocks until there is one.
          Headers: Lambda-Runtime-Aws-Request-Id, Lambda-Runtime-Deadline-Ms
-         (epoch ms), Lambda-Runtime-Invoked-Function-Arn, Lambda-Runtime-Trace-Id,
-         and Lambda-Runtime-Client-Context when the caller sent a ClientContext.
+         (epoch ms), Lambda-Runtime-Invoked-Function-Arn, Lambda-Runtime-Trace-Id
+         (the caller's X-Amzn-Trace-Id, else a new one), and
+         Lambda-Runtime-Client-Context when the caller sent a ClientContext.
     POST /2018-06-01/runtime/invocation/ID/response  the result (up to 6 MB)   -> 202
     POST /2018-06-01/runtime/invocation/ID/error     the error document               -> 202
     POST /2018-06-01/runtime/init/error              the same, before the first /next -> 202
@@ -56,11 +57,9 @@ import errno
 import logging
 import os
 import re
-import secrets
 import signal
 import socket
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -70,7 +69,7 @@ from aiohttp import web
 
 from . import protocol
 from .errors import HANDLED, INIT, FunctionError
-from .spec import FunctionSpec
+from .spec import FunctionSpec, new_trace_id
 from .sandbox import read_pids
 from .workers import ProcessWorker, WorkerEnvironment, WorkerInitError
 
@@ -91,6 +90,7 @@ class _Event:
     arn: str
     body: bytes
     client_context: str | None  # JSON text, for Lambda-Runtime-Client-Context
+    trace: str | None  # Lambda-Runtime-Trace-Id, when the call came with one
 
 
 def _refusal(status: int, error_type: str, message: str) -> web.Response:
@@ -99,12 +99,6 @@ def _refusal(status: int, error_type: str, message: str) -> web.Response:
 
 
 _ACCEPTED = orjson.dumps({"status": "OK"})
-
-
-def _trace_id() -> str:
-    """An X-Ray trace header, as Lambda passes one to every invocation."""
-    return (f"Root=1-{int(time.time()):08x}-{secrets.token_hex(12)};"
-            f"Parent={secrets.token_hex(8)};Sampled=0")
 
 
 def _posted_error(kind: str, body: bytes, header_type: str | None) -> FunctionError:
@@ -384,7 +378,8 @@ class RuntimeApi:
         header = orjson.loads(head)
         context = header.get("client_context")
         self._queued = _Event(header["id"], int(header["deadline_ms"]), header.get("arn", ""), body,
-                              None if context is None else orjson.dumps(context).decode())
+                              None if context is None else orjson.dumps(context).decode(),
+                              header.get("trace"))
         self._wake(True)
         return self._listener is not None
 
@@ -437,7 +432,7 @@ class RuntimeApi:
             "Lambda-Runtime-Aws-Request-Id": event.request_id,
             "Lambda-Runtime-Deadline-Ms": str(event.deadline_ms),
             "Lambda-Runtime-Invoked-Function-Arn": event.arn,
-            "Lambda-Runtime-Trace-Id": _trace_id(),
+            "Lambda-Runtime-Trace-Id": event.trace or new_trace_id(),
         }
         if event.client_context is not None:
             headers["Lambda-Runtime-Client-Context"] = event.client_context

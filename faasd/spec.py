@@ -21,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -768,6 +769,26 @@ def new_request_id() -> str:
     value = (_random_bits(128) & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
     text = f"{value:032x}"
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+MAX_TRACE_HEADER = 8192  # Lambda's own limit for an X-Ray trace header (TraceHeader.XAmznTraceId)
+
+
+def new_trace_id(now: float | None = None) -> str:
+    """A new X-Ray trace header, in the form Lambda gives an invocation that
+    came without one (`now`: the epoch seconds of its root, if at hand);
+    without a syscall, as every HTTP request without one takes one."""
+    second = int(time.time() if now is None else now)
+    return "Root=1-%08x-%024x;Parent=%016x;Sampled=0" % (second, _random_bits(96), _random_bits(64))
+
+
+def caller_trace_id(value: str | None) -> str | None:
+    """The caller's `X-Amzn-Trace-Id`, which the function runs under, as
+    Lambda passes it on; None where there is none to pass (absent, or not a
+    line of printable ASCII of at most MAX_TRACE_HEADER characters)."""
+    if value and len(value) <= MAX_TRACE_HEADER and value.isascii() and value.isprintable():
+        return value
+    return None
 
 
 def function_arn(name: str, region: str = DEFAULT_REGION) -> str:

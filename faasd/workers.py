@@ -286,9 +286,11 @@ class Worker:
         raise NotImplementedError
 
     async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink,
-                  client_context: dict | None = None, invoked_arn: str | None = None) -> RunResult:
+                  client_context: dict | None = None, invoked_arn: str | None = None,
+                  trace_id: str | None = None) -> RunResult:
         """Run one invocation. `deadline` is in epoch seconds; `invoked_arn`
-        is context.invoked_function_arn when not the function's own (`arn`)."""
+        is context.invoked_function_arn when not the function's own (`arn`);
+        `trace_id` the X-Ray trace header, when the runtime is not to make one."""
         raise NotImplementedError
 
     def freeze(self) -> None:
@@ -733,13 +735,16 @@ class ProcessWorker(Worker):
     # -- invocation -------------------------------------------------------------
 
     async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink,
-                  client_context: dict | None = None, invoked_arn: str | None = None) -> RunResult:
+                  client_context: dict | None = None, invoked_arn: str | None = None,
+                  trace_id: str | None = None) -> RunResult:
         loop = self._loop
         future = loop.create_future()
         call = self._call = _Call(request_id, future, sink)
         fields = {"id": request_id, "deadline_ms": int(deadline * 1000), "arn": invoked_arn or self.arn}
         if client_context is not None:
             fields["client_context"] = client_context
+        if trace_id is not None:
+            fields["trace"] = trace_id
         header = orjson.dumps(fields)
         self._peak_kb = None
         if not self.alive or not self._send(protocol.INVOKE, header + b"\n" + event):

@@ -401,10 +401,35 @@ def metric(daemon, name: str, **labels: str) -> float | None:
     return value(scrape(daemon), name, **labels)
 
 
+XRAY_TRACE = re.compile(r"Root=1-[0-9a-f]{8}-[0-9a-f]{24};Parent=[0-9a-f]{16};Sampled=0")
+CALLER_TRACE = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
+
+
+def assert_new_trace_id(trace: str) -> None:
+    """`trace` is an X-Ray trace header as Lambda makes one, rooted now."""
+    assert XRAY_TRACE.fullmatch(trace), trace
+    assert abs(int(trace.split("-")[1], 16) - time.time()) < 60  # X-Ray's epoch seconds
+
+
 def assert_own_trace_ids(daemon, name: str) -> None:
     """Two calls of `name`, which returns its _X_AMZN_TRACE_ID, each see one of their own, in X-Ray's form."""
     first, second = daemon.invoke(name).json(), daemon.invoke(name).json()
     for trace in (first, second):
-        assert re.fullmatch(r"Root=1-[0-9a-f]{8}-[0-9a-f]{24};Parent=[0-9a-f]{16};Sampled=0", trace), trace
-        assert abs(int(trace.split("-")[1], 16) - time.time()) < 60  # X-Ray's epoch seconds
+        assert_new_trace_id(trace)
+    assert first != second
+
+
+def assert_callers_trace_ids_pass_on(daemon, name: str) -> None:
+    """`name` returns [its _X_AMZN_TRACE_ID, its event's `headers["x-amzn-trace-id"]`]. A caller's
+    X-Amzn-Trace-Id is the one it runs under, by the Invoke API and over HTTP (where its event
+    holds it too); an HTTP request without one gets a new one, the same in its event and its
+    environment, as a function URL adds one."""
+    invoked = daemon.invoke(name, **{"X-Amzn-Trace-Id": CALLER_TRACE})
+    assert invoked.json() == [CALLER_TRACE, None], invoked.text
+    routed = daemon.get(f"/function/{name}", headers={"X-Amzn-Trace-Id": CALLER_TRACE})
+    assert routed.json() == [CALLER_TRACE, CALLER_TRACE], routed.text
+    first, second = daemon.get(f"/function/{name}").json(), daemon.get(f"/function/{name}").json()
+    for environment, header in (first, second):
+        assert environment == header
+        assert_new_trace_id(header)
     assert first != second

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 import aio_pika
 import pytest
 
-from support import ROOT, Daemon, Proxy, free_port, http, wait_until, write_function
+from support import CALLER_TRACE, ROOT, Daemon, Proxy, free_port, http, wait_until, write_function
 
 from faasd.cluster.topology import Names
 from faasd.cluster.workqueue import ENVELOPE_HEADER, Job
@@ -310,15 +310,17 @@ def test_retries_wait_on_the_broker_and_end_at_the_failure_destination(cluster: 
 
 
 ARN_TELLER = """
+import os
+
 def handler(event, context):
-    print("ARN", context.invoked_function_arn, context.aws_request_id)
+    print("ARN", context.invoked_function_arn, os.environ["_X_AMZN_TRACE_ID"], context.aws_request_id)
     if event.get("fail"):
         raise ValueError("once more")
 """
 
 
 @pytest.mark.amqp
-def test_an_event_keeps_its_qualifier_through_the_broker_and_its_retries(cluster: Cluster):
+def test_an_event_keeps_its_qualifier_and_trace_through_the_broker_and_its_retries(cluster: Cluster):
     write_function(cluster.functions, "teller.toml", "[async]\nmax_retries = 1\nretry_delays_s = [1]\n")
     write_function(cluster.functions, "teller.py", ARN_TELLER)
     cluster.delays.add(("teller", 1000))
@@ -327,28 +329,37 @@ def test_an_event_keeps_its_qualifier_through_the_broker_and_its_retries(cluster
     arn = "arn:aws:lambda:us-east-1:000000000000:function:teller"
     plain = event(a, "teller", {})
     qualified = event(a, "teller:$LATEST", {})
-    retried = event(b, "teller:$LATEST", {"fail": True})
+    response = b.invoke("teller:$LATEST", {"fail": True}, **{"X-Amz-Invocation-Type": "Event",
+                                                               "X-Amzn-Trace-Id": CALLER_TRACE})
+    assert response.status == 202, response.text
+    retried = response.headers["x-amzn-requestid"]
 
-    def arns() -> dict[str, list[str]]:
-        found: dict[str, list[str]] = {}
+    def runs() -> dict[str, list[tuple[str, str]]]:
+        found: dict[str, list[tuple[str, str]]] = {}
         for daemon in (a, b):
-            for seen, request_id in log_lines(daemon, "teller", "ARN"):
-                found.setdefault(request_id, []).append(seen)
+            for seen, trace, request_id in log_lines(daemon, "teller", "ARN"):
+                found.setdefault(request_id, []).append((seen, trace))
         return found
 
-    wait_until(lambda: len(arns().get(retried, [])) == 2 and plain in arns() and qualified in arns(),
+    wait_until(lambda: len(runs().get(retried, [])) == 2 and plain in runs() and qualified in runs(),
                60, interval=0.2, message="the three events to run, one of them twice")
-    assert arns() == {plain: [arn], qualified: [f"{arn}:$LATEST"], retried: [f"{arn}:$LATEST"] * 2}
+    found = runs()
+    assert [seen for seen, _ in found[plain]] == [arn]
+    assert [seen for seen, _ in found[qualified]] == [f"{arn}:$LATEST"]
+    assert found[retried] == [(f"{arn}:$LATEST", CALLER_TRACE)] * 2
 
 
-def test_a_cluster_event_carries_its_invoked_arn_and_one_from_an_earlier_release_reads_without(tmp_path):
+def test_a_cluster_event_carries_its_invoked_arn_and_trace_and_one_from_an_earlier_release_reads_without(
+        tmp_path):
     arn = "arn:aws:lambda:us-east-1:000000000000:function:fn:$LATEST"
-    job = Job("fn", "rid-1", b"{}", "api", 1700000000.0, home="q", invoked_arn=arn)
-    assert Job.from_message("fn", "q", job.to_message()).invoked_arn == arn
-    # An earlier release's envelope has no invoked_arn: the function's own ARN.
+    job = Job("fn", "rid-1", b"{}", "api", 1700000000.0, home="q", invoked_arn=arn, trace_id=CALLER_TRACE)
+    carried = Job.from_message("fn", "q", job.to_message())
+    assert (carried.invoked_arn, carried.trace_id) == (arn, CALLER_TRACE)
+    # An earlier release's envelope has neither: the function's own ARN, and a new trace each run.
     earlier = Job("fn", "rid-2", b"{}", "api", 1700000000.0, home="q").to_message()
-    assert "invoked_arn" not in json.loads(earlier.headers[ENVELOPE_HEADER])
-    assert Job.from_message("fn", "q", earlier).invoked_arn is None
+    assert not {"invoked_arn", "trace_id"} & set(json.loads(earlier.headers[ENVELOPE_HEADER]))
+    read = Job.from_message("fn", "q", earlier)
+    assert (read.invoked_arn, read.trace_id) == (None, None)
     envelope = json.loads(earlier.headers[ENVELOPE_HEADER])
     earlier.headers[ENVELOPE_HEADER] = json.dumps({**envelope, "invoked_arn": 7})
     with pytest.raises(ValueError, match="invoked_arn"):

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from support import (
-    MEMORY_HOLDER, ROOT, assert_own_trace_ids, descendants, free_port, http, loaded, max_memory_used, metric, process_state,
-    report_of, wait_until, write_function,
+    MEMORY_HOLDER, ROOT, assert_callers_trace_ids_pass_on, assert_own_trace_ids, descendants, free_port, http,
+    loaded, max_memory_used, metric, process_state, report_of, wait_until, write_function,
 )
 
 HELLO = """
@@ -347,6 +347,16 @@ def test_each_call_has_an_xray_trace_id_of_its_own_in_lambdas_format(daemon):
     """)
     loaded(daemon, "tracepy")
     assert_own_trace_ids(daemon, "tracepy")
+
+
+def test_the_callers_trace_header_is_the_one_a_python_handler_runs_under(daemon):
+    write_function(daemon.functions, "passpy.py", """
+        import os
+        def handler(event, context):
+            return [os.environ.get("_X_AMZN_TRACE_ID"), (event.get("headers") or {}).get("x-amzn-trace-id")]
+    """)
+    loaded(daemon, "passpy")
+    assert_callers_trace_ids_pass_on(daemon, "passpy")
 
 
 def test_module_state_and_tmp_files_survive_warm_invocations(daemon):

@@ -16,7 +16,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from probe import PROBE_HANDLER, Probe
-from support import ROOT, lambda_client, request_lines, wait_until, write_function
+from support import CALLER_TRACE, ROOT, assert_new_trace_id, lambda_client, request_lines, wait_until, write_function
 
 ECHO = """
 def handler(event, context):
@@ -163,8 +163,11 @@ def test_event_returns_202_and_the_function_runs_with_that_request_id(daemon, pr
 
 
 ARN_TELLER = """
+import os
+
 def handler(event, context):
     print("ARN", context.invoked_function_arn)
+    print("TRACE", os.environ["_X_AMZN_TRACE_ID"])
     if event.get("fail"):
         raise ValueError("once more")
 """
@@ -177,11 +180,7 @@ def test_event_invocations_keep_the_qualifier_the_caller_named(daemon, lam):
     arn = "arn:aws:lambda:us-east-1:000000000000:function:teller"
 
     def arns_seen(request_id: str, count: int = 1) -> list[str]:
-        def seen() -> list[str]:
-            found = [line.split(" ", 1)[1] for line in request_lines(daemon, "teller", request_id)
-                     if line.startswith("ARN ")]
-            return found if len(found) >= count else []
-        return wait_until(seen, 30, message=f"{count} runs of {request_id}")
+        return told(daemon, "teller", request_id, "ARN", count)
 
     named = [({"FunctionName": "teller:$LATEST"}, f"{arn}:$LATEST"),
              ({"FunctionName": "teller", "Qualifier": "$LATEST"}, f"{arn}:$LATEST"),
@@ -195,6 +194,29 @@ def test_event_invocations_keep_the_qualifier_the_caller_named(daemon, lam):
     # A retry is queued again, with the qualifier.
     response = lam.invoke(FunctionName="teller:$LATEST", InvocationType="Event", Payload=b'{"fail": true}')
     assert arns_seen(response["ResponseMetadata"]["RequestId"], 2) == [f"{arn}:$LATEST"] * 2
+
+
+def told(daemon, name: str, request_id: str, what: str, count: int = 1) -> list[str]:
+    """What `name` printed after `what` in each of `count` runs of `request_id`."""
+    def seen() -> list[str]:
+        found = [line.split(" ", 1)[1] for line in request_lines(daemon, name, request_id)
+                 if line.startswith(what + " ")]
+        return found if len(found) >= count else []
+    return wait_until(seen, 30, message=f"{count} runs of {request_id}")
+
+
+def test_an_event_runs_under_its_callers_trace_header_on_every_attempt(daemon, lam):
+    write_function(daemon.functions, "teller.toml", "[async]\nmax_retries = 1\nretry_delays_s = [1]\n")
+    write_function(daemon.functions, "teller.py", ARN_TELLER)
+    wait_loaded(daemon, "teller")
+    response = daemon.invoke("teller", {"fail": True}, **{"X-Amz-Invocation-Type": "Event",
+                                                          "X-Amzn-Trace-Id": CALLER_TRACE})
+    assert response.status == 202
+    assert told(daemon, "teller", response.headers["x-amzn-requestid"], "TRACE", 2) == [CALLER_TRACE] * 2
+    # Without one, each run gets a new one, as Lambda gives it.
+    response = lam.invoke(FunctionName="teller", InvocationType="Event", Payload=b"{}")
+    [trace] = told(daemon, "teller", response["ResponseMetadata"]["RequestId"], "TRACE")
+    assert_new_trace_id(trace)
 
 
 def test_unknown_functions_raise_resource_not_found(daemon, lam):

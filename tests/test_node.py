@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from support import (
-    EXAMPLES, ROOT, assert_own_trace_ids, lambda_client, loaded, max_memory_used, process_state, report_of,
-    request_lines, wait_until, write_function,
+    EXAMPLES, ROOT, assert_callers_trace_ids_pass_on, assert_own_trace_ids, lambda_client, loaded, max_memory_used,
+    process_state, report_of, request_lines, wait_until, write_function,
 )
 
 NODE = shutil.which("node")
@@ -154,6 +154,15 @@ def test_each_call_has_an_xray_trace_id_of_its_own_in_lambdas_format(daemon):
     """)
     loaded(daemon, "tracejs")
     assert_own_trace_ids(daemon, "tracejs")
+
+
+def test_the_callers_trace_header_is_the_one_a_node_handler_runs_under(daemon):
+    write_function(daemon.functions, "passjs.js", """
+        exports.handler = async (event) =>
+          [process.env._X_AMZN_TRACE_ID, (event.headers || {})["x-amzn-trace-id"] ?? null];
+    """)
+    loaded(daemon, "passjs")
+    assert_callers_trace_ids_pass_on(daemon, "passjs")
 
 
 def test_client_context_is_context_client_context(daemon):

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from support import EXAMPLES, loaded, process_state, request_lines, wait_until, write_function
+from support import (
+    EXAMPLES, assert_callers_trace_ids_pass_on, loaded, process_state, request_lines, wait_until, write_function,
+)
 
 
 def printed(daemon, name: str, request_id: str) -> list[str]:
@@ -112,6 +114,22 @@ def test_awss_python_runtime_interface_client_runs_unmodified(daemon):
     assert again["pid"] == body["pid"] and again["count"] == 4  # the fourth call here
     assert again["trace"] != body["trace"]
     assert daemon.get("/function/ric").status == 200
+
+
+TRACE_APP = """
+import os
+
+def handler(event, context):
+    return [os.environ.get("_X_AMZN_TRACE_ID"), (event.get("headers") or {}).get("x-amzn-trace-id")]
+"""
+
+
+def test_the_callers_trace_header_reaches_a_custom_runtime_as_lambda_runtime_trace_id(daemon):
+    # AWS's client sets _X_AMZN_TRACE_ID from each event's Lambda-Runtime-Trace-Id.
+    write_function(daemon.functions, "rictrace/app.py", TRACE_APP)
+    write_function(daemon.functions, "rictrace/bootstrap", ric_bootstrap("app"))
+    loaded(daemon, "rictrace")
+    assert_callers_trace_ids_pass_on(daemon, "rictrace")
 
 
 def test_awslambdaric_init_errors_reach_the_caller(daemon):

@@ -88,7 +88,7 @@ SCHEMA_BEFORE_INVOKED_ARN = """
 """
 
 
-async def test_events_queued_by_an_earlier_release_still_run_and_new_ones_keep_their_arn(tmp_path):
+async def test_events_queued_by_an_earlier_release_still_run_and_new_ones_keep_arn_and_trace(tmp_path):
     now = time.time()
     with closing(sqlite3.connect(tmp_path / "queue.db")) as db:
         db.executescript(SCHEMA_BEFORE_INVOKED_ARN)
@@ -103,15 +103,17 @@ async def test_events_queued_by_an_earlier_release_still_run_and_new_ones_keep_t
     try:
         function, payload, options = await asyncio.wait_for(invoker.calls.get(), 5)
         assert (function, payload, options["request_id"]) == ("fn", b'{"n": 1}', "old-1")
-        assert options["invoked_arn"] is None  # its own, unqualified ARN, as before
+        # Its own, unqualified ARN, and a new trace header, as before.
+        assert (options["invoked_arn"], options["trace_id"]) == (None, None)
 
         arn = "arn:aws:lambda:us-east-1:000000000000:function:fn:$LATEST"
-        await events.put("fn", b"{}", request_id="new-1", invoked_arn=arn)
+        trace = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
+        await events.put("fn", b"{}", request_id="new-1", invoked_arn=arn, trace_id=trace)
         function, payload, options = await asyncio.wait_for(invoker.calls.get(), 5)
-        assert (options["request_id"], options["invoked_arn"]) == ("new-1", arn)
+        assert (options["request_id"], options["invoked_arn"], options["trace_id"]) == ("new-1", arn, trace)
     finally:
         await events.close()
     with closing(sqlite3.connect(tmp_path / "queue.db")) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # an earlier release still opens it
-        assert "invoked_arn" in {row[1] for row in db.execute("PRAGMA table_info(events)")}
+        assert {"invoked_arn", "trace_id"} <= {row[1] for row in db.execute("PRAGMA table_info(events)")}
         assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ import pytest
 
 from faasd.config import Config
 from faasd.daemon import Daemon
-from faasd.spec import load_spec, runtime_id
+from faasd.spec import MAX_TRACE_HEADER, caller_trace_id, load_spec, new_trace_id, runtime_id
 
 HANDLER = "def handler(event, context):\n    return event\n"
 
@@ -135,3 +136,14 @@ def test_the_logging_config_is_lambdas_with_levels_only_in_json(tmp_path, toml, 
 ])
 def test_a_logging_setting_lambda_would_refuse_is_a_load_error_that_says_why(tmp_path, toml, problem):
     assert _load(tmp_path, toml).load_error == f"fn.toml: {problem}"
+
+
+def test_a_callers_trace_header_is_passed_on_only_as_a_line_of_printable_ascii():
+    given = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
+    assert caller_trace_id(given) == given
+    assert caller_trace_id("Root=1-abc") == "Root=1-abc"  # X-Ray's to judge, as Lambda leaves it
+    for refused in (None, "", "Root=1-\x00", "Root=1-\tx", "Root=1-é", "R" * (MAX_TRACE_HEADER + 1)):
+        assert caller_trace_id(refused) is None, refused
+    made = new_trace_id(0x5759E988)
+    assert re.fullmatch(r"Root=1-5759e988-[0-9a-f]{24};Parent=[0-9a-f]{16};Sampled=0", made), made
+    assert made != new_trace_id(0x5759E988)

@@ -2,10 +2,11 @@
 
 Same interface and the same semantics as the embedded queue (faasd/queue.py):
 `put(function, payload, *, request_id=None, source="api", on_done=None,
-durable=True, invoked_arn=None) -> request_id`, `stats()`, `function_stats(name)`; the retry
-policy (`[async] max_retries`, `retry_delays_s`, `max_event_age_s`), the
-dead-letter files and the destination records are faasd/queue.py's own
-helpers (`next_attempt`, `destination_function`, `destination_record`).
+durable=True, invoked_arn=None, trace_id=None) -> request_id`, `stats()`,
+`function_stats(name)`; the retry policy (`[async] max_retries`,
+`retry_delays_s`, `max_event_age_s`), the dead-letter files and the
+destination records are faasd/queue.py's own helpers (`next_attempt`,
+`destination_function`, `destination_record`).
 
 Where events wait: one durable queue per function on the broker,
 `faasd.cluster.<name>.fn.<function>` (faasd/cluster/topology.py). One queue
@@ -102,6 +103,8 @@ EVENT_TYPE = "faasd.event"
 OUTCOME_TYPE = "faasd.outcome"
 ENVELOPE_HEADER = "faasd"
 ENVELOPE_VERSION = 1
+# Texts of a job that its envelope holds only when set (None when absent).
+OPTIONAL_KEYS = ("invoked_arn", "trace_id")
 # How long `put` waits for the broker before refusing the event.
 PUBLISH_WAIT_S = 5.0
 PUBLISH_TIMEOUT_S = 30.0
@@ -140,6 +143,7 @@ class Job:
     callback: str | None = None     # which of its callbacks
     home: str = ""                  # the work queue it belongs to (retries come back there)
     invoked_arn: str | None = None  # context.invoked_function_arn when the caller named a qualifier
+    trace_id: str | None = None     # the caller's X-Ray trace header
 
     def previous_error(self) -> FunctionError | None:
         if not self.last_error:
@@ -150,8 +154,11 @@ class Job:
         envelope = {"v": ENVELOPE_VERSION, "function": self.function, "source": self.source,
                     "enqueued_at": self.enqueued_at, "attempts": self.attempts, "hops": self.hops,
                     "last_error": self.last_error}
-        if self.invoked_arn is not None:  # absent from the events of earlier releases
-            envelope["invoked_arn"] = self.invoked_arn
+        # Keys earlier releases did not write (they read an envelope without them).
+        for key in OPTIONAL_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                envelope[key] = value
         return aio_pika.Message(
             self.payload, content_type="application/json", type=EVENT_TYPE, app_id="faasd",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=self.request_id,
@@ -169,14 +176,15 @@ class Job:
             raise ValueError("it has no faasd envelope or message id")
         try:
             envelope = orjson.loads(raw)
-            invoked_arn = envelope.get("invoked_arn")
-            if invoked_arn is not None and not isinstance(invoked_arn, str):
-                raise ValueError(f"invoked_arn is {type(invoked_arn).__name__}, not text")
+            optional = {key: envelope.get(key) for key in OPTIONAL_KEYS}
+            for key, value in optional.items():
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"{key} is {type(value).__name__}, not text")
             return cls(function=function, request_id=str(message.message_id), payload=message.body,
                        source=str(envelope["source"]), enqueued_at=float(envelope["enqueued_at"]),
                        attempts=int(envelope["attempts"]), hops=int(envelope.get("hops", 0)),
                        last_error=envelope.get("last_error"), reply_to=message.reply_to,
-                       callback=message.correlation_id, home=home, invoked_arn=invoked_arn)
+                       callback=message.correlation_id, home=home, **optional)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"its faasd envelope is malformed: {exc}") from None
 
@@ -347,11 +355,11 @@ class ClusterQueue:
 
     async def put(self, function: str, payload: bytes, *, request_id: str | None = None,
                   source: str = "api", on_done: OnDone | None = None, durable: bool = True,
-                  invoked_arn: str | None = None) -> str:
+                  invoked_arn: str | None = None, trace_id: str | None = None) -> str:
         """Queue one event on the broker; return its request id once the broker confirmed it."""
         request_id, data = admit(self._closing, self.registry, function, payload, request_id)
         job = Job(function, request_id, data, source, time.time(), home=self._home(function, source),
-                  invoked_arn=invoked_arn)
+                  invoked_arn=invoked_arn, trace_id=trace_id)
         if not durable:
             self._hold(job, on_done)
             return request_id
@@ -666,7 +674,7 @@ class ClusterQueue:
         try:
             invocation = await self.invoker.invoke(job.function, job.payload, request_id=job.request_id,
                                                    wait=True, source=job.source,
-                                                   invoked_arn=job.invoked_arn)
+                                                   invoked_arn=job.invoked_arn, trace_id=job.trace_id)
             error = invocation.error
         except ShuttingDown:
             return Step(INTERRUPTED)

@@ -491,7 +491,7 @@ function fail(call, error) {
   finish(call, ERROR, JSON.stringify(describe(error)));
 }
 
-/** A new X-Ray trace header, in the format Lambda gives each invocation. */
+/** A new X-Ray trace header, in the format Lambda gives an invocation that came without one. */
 function traceId() {
   const random = crypto.randomBytes(20).toString('hex');
   const seconds = Math.floor(Date.now() / 1000).toString(16).padStart(8, '0');
@@ -503,7 +503,7 @@ function invoke(payload) {
   const header = JSON.parse(payload.subarray(0, newline).toString('utf8'));
   const body = payload.subarray(newline + 1);
   currentRequestId = header.id;
-  process.env._X_AMZN_TRACE_ID = traceId();
+  process.env._X_AMZN_TRACE_ID = header.trace || traceId();
   const call = { finished: false };
   inflight = call;
   let event;

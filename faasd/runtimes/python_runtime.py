@@ -486,7 +486,7 @@ _encode_json = json.JSONEncoder().encode
 
 
 def _trace_id():
-    """A new X-Ray trace header, in the format Lambda gives each invocation."""
+    """A new X-Ray trace header, in the format Lambda gives an invocation that came without one."""
     random = os.urandom(20).hex()
     return f"Root=1-{int(time.time()):08x}-{random[:24]};Parent={random[24:]};Sampled=0"
 
@@ -496,7 +496,7 @@ def _invoke(handler, payload):
     head, _, body = payload.partition(b"\n")
     header = _decode(head.decode())
     request_id = _current_request_id = header["id"]
-    os.environ["_X_AMZN_TRACE_ID"] = _trace_id()
+    os.environ["_X_AMZN_TRACE_ID"] = header.get("trace") or _trace_id()
     try:
         event = _decode(body.decode()) if body else None
     except ValueError as exc:  # UnicodeDecodeError included

@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..errors import FunctionError
-from ..spec import ACCOUNT_ID, FunctionSpec
+from ..spec import ACCOUNT_ID, FunctionSpec, caller_trace_id, new_trace_id
 
 log = logging.getLogger("faasd.http")
 
@@ -206,7 +206,12 @@ def valid_text(value: str) -> str:
 
 def build_event(request: web.Request, body: bytes, *, route_key: str,
                 path_parameters: dict[str, str] | None, request_id: str) -> dict[str, Any]:
-    """The API Gateway HTTP API payload 2.0 event for a request."""
+    """The API Gateway HTTP API payload 2.0 event for a request.
+
+    Its headers always hold `x-amzn-trace-id`, the X-Ray trace header the
+    function runs under: the caller's, or a new one, as a function URL adds
+    one to a request that came without.
+    """
     headers: dict[str, str] = {}
     cookies: list[str] = []
     for key, value in request.headers.items():
@@ -223,6 +228,9 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
     url = request.rel_url
     raw_query = url.raw_query_string
     now = time.time()
+    trace_id = headers.get("x-amzn-trace-id")
+    if trace_id is None or caller_trace_id(trace_id) is None:
+        headers["x-amzn-trace-id"] = new_trace_id(now)
     event: dict[str, Any] = {
         "version": "2.0",
         "routeKey": route_key,
