@@ -2,8 +2,16 @@
 
 Two families:
   * `InvokeRefused` subclasses: the invocation never ran (unknown function,
-    throttled, payload too large). Raised by the invoker; API layers turn
-    them into Lambda's service errors (`{"Type", "message"}` + `x-amzn-ErrorType`).
+    throttled, payload too large, a request Lambda would refuse). Raised by
+    the invoker and the Lambda API; API layers turn them into Lambda's
+    service errors (`{"Type", "message"}` + `x-amzn-ErrorType`). Which one
+    a bad request gets is Lambda's choice: a value outside its API model's
+    constraints (an InvocationType or LogType not in the enum, a MaxItems
+    out of range) is `ValidationFailed`, refused before anything else is
+    looked at; a body that is not JSON, or a header Lambda cannot read (a
+    ClientContext), `InvalidRequest`; a value the model allows but Lambda
+    does not (a ListFunctions Marker it never gave) `InvalidParameter`; a
+    payload over the limit `PayloadTooLarge`.
   * `FunctionError`: the invocation ran and failed (handler error, timeout,
     out of memory, crash, init error). Returned inside an `Invocation`, never
     raised. The caller gets the error document the runtime reported, as
@@ -49,6 +57,26 @@ class InvalidRequest(InvokeRefused):
 class InvalidParameter(InvokeRefused):
     status = 400
     error_type = "InvalidParameterValueException"
+
+
+class ValidationFailed(InvokeRefused):
+    """Values outside the constraints of Lambda's API model, refused by AWS's
+    front end before Lambda sees the request: 400 `ValidationException`,
+    whose body is only `{"message"}`. botocore has no class of its own for it
+    (Lambda's model does not name it): a ClientError with that code."""
+
+    status = 400
+    error_type = "ValidationException"
+
+    def __init__(self, *problems: tuple[str, str, str]) -> None:
+        """Each problem is (member, value, constraint), as AWS words them."""
+        count = len(problems)
+        super().__init__(f"{count} validation error{'s' if count > 1 else ''} detected: " + "; ".join(
+            f"Value '{value}' at '{member}' failed to satisfy constraint: {constraint}"
+            for member, value, constraint in problems))
+
+    def to_lambda(self) -> dict[str, Any]:
+        return {"message": self.message}
 
 
 class Throttled(InvokeRefused):

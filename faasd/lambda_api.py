@@ -11,12 +11,14 @@ GetFunctionUrlConfig and its List, GetPolicy, ListLayers,
 GetFunctionRecursionConfig), each telling what faasd does: the event invoke
 config is the function's `[async]`, its URL `/function/NAME/`, and there
 are no resource policies, layers or loop detection. All with Lambda's
-headers, status codes and error shapes: service errors carry `x-amzn-ErrorType` and `{"Type", "message"}`
-(`"Message"` for ResourceNotFoundException, as botocore's model spells it),
-which botocore turns into `ResourceNotFoundException` and friends. Any other
-Lambda API operation gets 501 `NotImplemented` saying what faasd serves:
-functions are files in functions/, so there is no CreateFunction or
-UpdateFunctionCode.
+headers, status codes and error shapes: service errors carry
+`x-amzn-ErrorType` and `{"Type", "message"}` (`"Message"` for
+ResourceNotFoundException, as botocore's model spells it; only
+`{"message"}` for ValidationException, as AWS's front end answers), which
+botocore turns into `ResourceNotFoundException` and friends; which one a
+bad request gets is in faasd/errors.py. Any other Lambda API operation gets
+501 `NotImplemented` saying what faasd serves: functions are files in
+functions/, so there is no CreateFunction or UpdateFunctionCode.
 
 A function is named as Lambda allows: `NAME`, `NAME:QUALIFIER`,
 `ACCOUNT:function:NAME` or the full ARN; the only version is `$LATEST`.
@@ -38,7 +40,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 from aiohttp import web
 
-from .errors import FunctionNotFound, InvalidParameter, InvalidRequest, InvokeRefused, Throttled
+from .errors import (
+    FunctionNotFound, InvalidParameter, InvalidRequest, InvokeRefused, PayloadTooLarge, Throttled, ValidationFailed,
+)
 from .eventstream import encode_event
 from .spec import (
     FunctionSpec, caller_trace_id, code_sha256, function_arn, new_request_id, runtime_id, valid_name,
@@ -58,9 +62,11 @@ SERVED = ("Invoke, InvokeWithResponseStream, ListFunctions, GetFunction, GetFunc
 # AccountLimit's code sizes, as Lambda states them; faasd enforces none of them.
 CODE_SIZE_LIMITS = {"TotalCodeSize": 80530636800, "CodeSizeUnzipped": 262144000, "CodeSizeZipped": 52428800}
 MAX_EVENT_BYTES = 1024 * 1024  # Lambda's limit for an asynchronous invocation's payload
+# The enums of Lambda's API model, in its order (and so in AWS's refusals).
 LOG_TYPES = ("None", "Tail")
 INVOCATION_TYPES = ("Event", "RequestResponse", "DryRun")
 STREAM_INVOCATION_TYPES = ("RequestResponse", "DryRun")  # InvokeWithResponseStream has no Event
+MAX_LIST_ITEMS = 10000  # ListFunctions' MaxItems: 1 to 10000
 EVENT_STREAM = "application/vnd.amazon.eventstream"
 STREAM_CHUNK = 64 * 1024  # the most result bytes in one PayloadChunk event
 
@@ -201,10 +207,14 @@ class Call:
     trace_id: str | None  # the caller's X-Amzn-Trace-Id; None: the runtime makes one
 
 
-def validation_message(value: str, member: str, allowed: tuple[str, ...]) -> str:
-    """Lambda's words for a header value outside its set."""
-    return (f"1 validation error detected: Value '{valid_text(value)[:100]}' at '{member}' "
-            f"failed to satisfy constraint: Member must satisfy enum value set: [{', '.join(allowed)}]")
+def check_enums(*headers: tuple[str, str, tuple[str, ...]]) -> None:
+    """ValidationFailed for header values outside Lambda's enums, each given as
+    (member, value, allowed): AWS refuses them before the function is looked
+    up or the body read."""
+    problems = [(member, valid_text(value)[:100], f"Member must satisfy enum value set: [{', '.join(allowed)}]")
+                for member, value, allowed in headers if value not in allowed]
+    if problems:
+        raise ValidationFailed(*problems)
 
 
 def response_body(invocation: "Invocation") -> bytes:
@@ -287,23 +297,37 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     def lookup(request: web.Request) -> FunctionSpec:
         return target(request)[0]
 
-    async def read_call(request: web.Request, body_limit: int) -> Call:
+    async def read_call(request: web.Request, invocation_type: str, invocation_types: tuple[str, ...]) -> Call:
         """The function, payload and headers of an Invoke-style request, checked
         as Lambda checks them before anything runs (InvokeRefused if wrong)."""
+        log_type = request.headers.get("X-Amz-Log-Type", "None")
+        check_enums(("invocationType", invocation_type, invocation_types), ("logType", log_type, LOG_TYPES))
+        spec, invoked_arn = target(request)
+        payload = await read_payload(request, invocation_type)
+        return Call(spec, invoked_arn, payload, client_context(request), log_type == "Tail",
+                    caller_trace_id(request.headers.get("X-Amzn-Trace-Id")))
+
+    async def read_payload(request: web.Request, invocation_type: str) -> bytes:
+        """The request's JSON payload (`{}` when empty), or Lambda's refusal of it."""
         from .api import read_body
 
-        log_type = request.headers.get("X-Amz-Log-Type", "None")
-        if log_type not in LOG_TYPES:
-            raise InvalidParameter(validation_message(log_type, "logType", LOG_TYPES))
-        spec, invoked_arn = target(request)
-        payload = await read_body(request, body_limit)
-        if payload:
-            try:
-                orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                raise InvalidRequest("Could not parse request body into json: the payload is not valid JSON") from None
-        return Call(spec, invoked_arn, payload or b"{}", client_context(request), log_type == "Tail",
-                    caller_trace_id(request.headers.get("X-Amzn-Trace-Id")))
+        if invocation_type == "Event":
+            event_limit = min(limit, MAX_EVENT_BYTES)
+            size = request.content_length
+            if size is not None and size > event_limit:
+                raise PayloadTooLarge(f"{size} byte payload is too large for the Event invocation type "
+                                      f"(limit {event_limit} bytes)")
+            payload = await read_body(request, event_limit)
+        else:
+            payload = await read_body(request, limit)
+        if not payload:
+            return b"{}"
+        try:
+            orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(
+                f"Could not parse request body into json: Could not parse payload into json: {exc}") from None
+        return payload
 
     async def run(call: Call, request_id: str) -> "Invocation":
         return await invoker.invoke(call.spec.name, call.payload, request_id=request_id, source="api",
@@ -314,7 +338,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         request_id = new_request_id()
         invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
         try:
-            call = await read_call(request, min(limit, MAX_EVENT_BYTES) if invocation_type == "Event" else limit)
+            call = await read_call(request, invocation_type, INVOCATION_TYPES)
             if invocation_type == "DryRun":
                 return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
             if invocation_type == "Event":
@@ -326,8 +350,6 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                 except OSError as exc:  # the disk refused: say so, never answer 202
                     raise InvokeRefused(f"the event could not be stored: {exc}") from None
                 return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
-            if invocation_type != "RequestResponse":
-                raise InvalidRequest(validation_message(invocation_type, "invocationType", INVOCATION_TYPES))
             invocation = await run(call, request_id)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
@@ -344,12 +366,9 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         request_id = new_request_id()
         invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
         try:
-            call = await read_call(request, limit)
+            call = await read_call(request, invocation_type, STREAM_INVOCATION_TYPES)
             if invocation_type == "DryRun":
                 return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
-            if invocation_type != "RequestResponse":
-                raise InvalidRequest(validation_message(invocation_type, "invocationType",
-                                                        STREAM_INVOCATION_TYPES))
             invocation = await run(call, request_id)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
@@ -363,8 +382,13 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         except ValueError:
             start = -1
         if start < 0:
-            return service_error(InvalidRequest("Marker must be a whole number of 0 or more, and MaxItems a whole number"))
-        count = max(1, min(count, 10000))
+            return service_error(InvalidParameter(
+                "Marker must be a whole number of 0 or more (a NextMarker given before), "
+                "and MaxItems a whole number"))
+        if not 1 <= count <= MAX_LIST_ITEMS:
+            bound = ("greater than or equal to 1" if count < 1
+                     else f"less than or equal to {MAX_LIST_ITEMS}")
+            return service_error(ValidationFailed(("maxItems", str(count), f"Member must have value {bound}")))
         page = specs[start:start + count]
         # Off the event loop: the configuration walks (and, once per revision,
         # hashes) each function's files.

@@ -40,7 +40,9 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 def _lambda_errors(*statuses: int) -> dict[str, Any]:
-    words = {400: "Invalid request", 403: "Missing or wrong SigV4 signature (when [auth] keys are set)",
+    words = {400: "ValidationException (a value outside Lambda's API model), InvalidRequestContentException "
+                  "(a payload or ClientContext that is not JSON) or InvalidParameterValueException",
+             403: "Missing or wrong SigV4 signature (when [auth] keys are set)",
              404: "ResourceNotFoundException", 408: "The request body stalled",
              413: "RequestTooLargeException", 429: "TooManyRequestsException",
              503: "faasd is shutting down"}

@@ -92,15 +92,47 @@ def test_log_type_tail_returns_the_invocations_own_log(daemon, lam):
     assert "LogResult" not in lam.invoke(FunctionName="echo", Payload=b"{}")
 
 
-def test_a_log_type_other_than_none_or_tail_is_refused_before_anything_runs(daemon, lam):
+def refused(call, error_type: str, status: int, *, modeled: bool = True) -> dict:
+    """The error response of `call`, which Lambda refuses with `error_type` and `status`:
+    botocore's class of that name (ClientError where Lambda's model names none)."""
+    with pytest.raises(ClientError) as caught:
+        call()
+    response = caught.value.response
+    assert response["Error"]["Code"] == error_type, response
+    assert response["ResponseMetadata"]["HTTPStatusCode"] == status
+    assert response["ResponseMetadata"]["HTTPHeaders"]["x-amzn-errortype"] == error_type
+    assert (type(caught.value).__name__ == error_type) is modeled
+    return response
+
+
+def test_an_invocation_or_log_type_outside_lambdas_enums_is_a_validation_exception(daemon, lam):
+    # AWS's front end refuses values outside the API model before Lambda looks at the call:
+    # ValidationException, a code botocore has no class for; the function is not looked up.
     assert "LogResult" not in lam.invoke(FunctionName="echo", Payload=b"{}", LogType="None")
     runs = daemon.log_of("echo").count("START RequestId")
-    for invocation_type in ("RequestResponse", "Event"):
-        with pytest.raises(lam.exceptions.InvalidParameterValueException) as refused:
-            lam.invoke(FunctionName="echo", Payload=b"{}", LogType="Bogus", InvocationType=invocation_type)
-        assert refused.value.response["Error"]["Message"] == (
-            "1 validation error detected: Value 'Bogus' at 'logType' failed to satisfy constraint: "
-            "Member must satisfy enum value set: [None, Tail]")
+    for name in ("echo", "ghost"):
+        for invocation_type in ("RequestResponse", "Event"):
+            error = refused(lambda: lam.invoke(FunctionName=name, Payload=b"{}", LogType="Bogus",
+                                               InvocationType=invocation_type), "ValidationException", 400,
+                            modeled=False)
+            assert error["Error"]["Message"] == (
+                "1 validation error detected: Value 'Bogus' at 'logType' failed to satisfy constraint: "
+                "Member must satisfy enum value set: [None, Tail]")
+        error = refused(lambda: lam.invoke(FunctionName=name, InvocationType="Later", Payload=b"{}"),
+                        "ValidationException", 400, modeled=False)
+        assert error["Error"]["Message"] == (
+            "1 validation error detected: Value 'Later' at 'invocationType' failed to satisfy constraint: "
+            "Member must satisfy enum value set: [Event, RequestResponse, DryRun]")
+    error = refused(lambda: lam.invoke(FunctionName="echo", InvocationType="Later", LogType="Bogus"),
+                    "ValidationException", 400, modeled=False)
+    assert error["Error"]["Message"] == (
+        "2 validation errors detected: Value 'Later' at 'invocationType' failed to satisfy constraint: "
+        "Member must satisfy enum value set: [Event, RequestResponse, DryRun]; Value 'Bogus' at 'logType' "
+        "failed to satisfy constraint: Member must satisfy enum value set: [None, Tail]")
+    # AWS's body for it is only {"message"}.
+    raw = daemon.invoke("echo", **{"X-Amz-Invocation-Type": "Later"})
+    assert raw.status == 400 and raw.headers["x-amzn-errortype"] == "ValidationException"
+    assert list(raw.json()) == ["message"]
     assert daemon.log_of("echo").count("START RequestId") == runs
 
 
@@ -283,22 +315,34 @@ def test_a_busy_function_raises_too_many_requests(daemon, probe):
     assert not probe.seen("start", id="second") and not probe.seen("start", id="streamed")
 
 
-def test_an_oversized_or_malformed_payload_is_refused(daemon, lam):
-    with pytest.raises(lam.exceptions.RequestTooLargeException) as caught:
-        lam.invoke(FunctionName="echo", Payload=b'"' + b"x" * (7 * 1024 * 1024) + b'"')
-    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
-    assert "6291456 bytes" in caught.value.response["Error"]["Message"]
-    # An asynchronous invocation's payload is held to Lambda's 1 MB.
-    with pytest.raises(lam.exceptions.RequestTooLargeException) as caught:
-        lam.invoke(FunctionName="echo", InvocationType="Event",
-                   Payload=b'"' + b"x" * (1024 * 1024) + b'"')
-    assert "1048576 bytes" in caught.value.response["Error"]["Message"]
+def test_a_payload_over_lambdas_limits_is_request_too_large(daemon, lam):
+    runs = daemon.log_of("echo").count("START RequestId")
+    error = refused(lambda: lam.invoke(FunctionName="echo", Payload=b'"' + b"x" * (6 * 1024 * 1024) + b'"'),
+                    "RequestTooLargeException", 413)
+    assert error["Error"]["Message"] == "Request must be smaller than 6291456 bytes for the InvokeFunction operation"
+    assert error["Type"] == "User"
+    # An asynchronous invocation's payload is held to Lambda's 1 MB, in Lambda's words.
+    error = refused(lambda: lam.invoke(FunctionName="echo", InvocationType="Event",
+                                       Payload=b'"' + b"x" * (1024 * 1024) + b'"'),
+                    "RequestTooLargeException", 413)
+    assert error["Error"]["Message"] == (
+        "1048578 byte payload is too large for the Event invocation type (limit 1048576 bytes)")
+    assert daemon.log_of("echo").count("START RequestId") == runs
     fits = lam.invoke(FunctionName="echo", InvocationType="Event",
                       Payload=b'"' + b"x" * (1024 * 1024 - 2) + b'"')
     assert fits["StatusCode"] == 202
     assert lam.invoke(FunctionName="echo", Payload=b'"' + b"x" * (2 * 1024 * 1024) + b'"')["StatusCode"] == 200
-    with pytest.raises(lam.exceptions.InvalidRequestContentException):
-        lam.invoke(FunctionName="echo", Payload=b"{not json")
+
+
+def test_a_payload_that_is_not_json_is_invalid_request_content(daemon, lam):
+    runs = daemon.log_of("echo").count("START RequestId")
+    for invocation_type in ("RequestResponse", "Event"):
+        error = refused(lambda: lam.invoke(FunctionName="echo", InvocationType=invocation_type,
+                                           Payload=b"{not json"), "InvalidRequestContentException", 400)
+        assert error["Error"]["Message"].startswith(
+            "Could not parse request body into json: Could not parse payload into json: "), error
+        assert error["Type"] == "User"
+    assert daemon.log_of("echo").count("START RequestId") == runs
 
 
 def stream(lam, **call) -> tuple[dict, list[dict]]:
@@ -374,12 +418,12 @@ def test_invoke_with_response_stream_refuses_as_invoke_does_before_anything_runs
     with pytest.raises(lam.exceptions.RequestTooLargeException) as caught:
         lam.invoke_with_response_stream(FunctionName="echo", Payload=b'"' + b"x" * (7 * 1024 * 1024) + b'"')
     assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
-    with pytest.raises(lam.exceptions.InvalidParameterValueException):
-        lam.invoke_with_response_stream(FunctionName="echo", LogType="Bogus")
+    refused(lambda: lam.invoke_with_response_stream(FunctionName="echo", LogType="Bogus"),
+            "ValidationException", 400, modeled=False)
     # Lambda streams synchronous calls only: Event is not one of its invocation types.
-    with pytest.raises(lam.exceptions.InvalidRequestContentException) as caught:
-        lam.invoke_with_response_stream(FunctionName="echo", InvocationType="Event")
-    assert caught.value.response["Error"]["Message"] == (
+    error = refused(lambda: lam.invoke_with_response_stream(FunctionName="ghost", InvocationType="Event"),
+                    "ValidationException", 400, modeled=False)
+    assert error["Error"]["Message"] == (
         "1 validation error detected: Value 'Event' at 'invocationType' failed to satisfy constraint: "
         "Member must satisfy enum value set: [RequestResponse, DryRun]")
     response, events = stream(lam, FunctionName="echo", InvocationType="DryRun")
@@ -602,8 +646,15 @@ def test_list_functions_pages_through_every_function(daemon, lam):
              for page in lam.get_paginator("list_functions").paginate(PaginationConfig={"PageSize": 2})
              for f in page["Functions"]]
     assert names == ["alpha", "beta", "echo", "gamma"]
-    with pytest.raises(lam.exceptions.InvalidRequestContentException):
-        lam.list_functions(Marker="-1")
+    error = refused(lambda: lam.list_functions(Marker="-1"), "InvalidParameterValueException", 400)
+    assert error["Error"]["Message"].startswith("Marker must be a whole number of 0 or more")
+    # MaxItems is 1 to 10000 in Lambda's model (botocore itself refuses one below 1).
+    error = refused(lambda: lam.list_functions(MaxItems=10001), "ValidationException", 400, modeled=False)
+    assert error["Error"]["Message"] == ("1 validation error detected: Value '10001' at 'maxItems' failed to "
+                                         "satisfy constraint: Member must have value less than or equal to 10000")
+    below = daemon.get("/2015-03-31/functions/?MaxItems=0")
+    assert below.status == 400 and below.headers["x-amzn-errortype"] == "ValidationException"
+    assert below.json()["message"].endswith("Member must have value greater than or equal to 1")
     echo = next(f for f in lam.list_functions()["Functions"] if f["FunctionName"] == "echo")
     for key in ("FunctionArn", "Runtime", "Handler", "MemorySize", "Timeout", "LastModified",
                 "State", "CodeSha256", "Role"):

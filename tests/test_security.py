@@ -4,6 +4,7 @@ refusals of bad input, and a Schemathesis run against /openapi.json."""
 from __future__ import annotations
 
 import datetime as dt
+import http.client as http_client
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 import support
-from support import http, wait_until, write_function
+from support import Response, http, wait_until, write_function
 
 KEY_ID = "AKIDFAASDTEST"
 SECRET = "a-long-random-secret-for-tests"
@@ -52,8 +53,9 @@ def lambda_client(daemon, *, key: str = KEY_ID, secret: str = SECRET):
 
 def signed(daemon, method: str, path: str, body: bytes = b"", *, secret: str = SECRET,
            key: str = KEY_ID, service: str = "lambda", headers: dict[str, str] | None = None,
-           when: dt.datetime | None = None, tamper: bytes | None = None):
-    """A request signed by botocore's own SigV4 signer (not faasd's), sent as is."""
+           when: dt.datetime | None = None, tamper: bytes | None = None, chunked: bool = False):
+    """A request signed by botocore's own SigV4 signer (not faasd's), sent as is;
+    `chunked`: its body in chunks, with no Content-Length."""
     request = AWSRequest(method=method, url=daemon.url + path, data=body,
                          headers={"Content-Type": "application/json", **(headers or {})})
     signer = botocore.auth.SigV4Auth(Credentials(key, secret), service, "us-east-1")
@@ -63,8 +65,22 @@ def signed(daemon, method: str, path: str, body: bytes = b"", *, secret: str = S
     else:
         signer.add_auth(request)
     prepared = request.prepare()
+    if chunked:
+        return chunked_request(daemon, method, path, body, {
+            k: v for k, v in prepared.headers.items() if k.lower() != "content-length"})
     return http(method, prepared.url, tamper if tamper is not None else body,
                 headers=dict(prepared.headers))
+
+
+def chunked_request(daemon, method: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
+    connection = http_client.HTTPConnection("127.0.0.1", daemon.port, timeout=30)
+    try:
+        connection.request(method, path, body=(body[i:i + 65536] for i in range(0, len(body), 65536)),
+                           headers=headers, encode_chunked=True)
+        answer = connection.getresponse()
+        return Response(answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read())
+    finally:
+        connection.close()
 
 
 @pytest.fixture
@@ -97,6 +113,29 @@ def test_boto3_with_the_right_key_invokes_lists_and_gets(secured):
     [chunk, complete] = streamed["EventStream"]
     assert json.loads(chunk["PayloadChunk"]["Payload"]) == {"hello": "stream"}
     assert complete == {"InvokeComplete": {}}
+
+
+def test_a_signed_event_is_held_to_lambdas_1_mb_as_an_unsigned_one_is(secured):
+    # The body is read to check its signature, under the general 6 MB limit;
+    # an Event call is still held to its own.
+    client = lambda_client(secured)
+    big = b'"' + b"x" * (1024 * 1024) + b'"'
+    with pytest.raises(client.exceptions.RequestTooLargeException) as caught:
+        client.invoke(FunctionName="hello", InvocationType="Event", Payload=big)
+    assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 413
+    assert caught.value.response["Error"]["Message"] == (
+        "1048578 byte payload is too large for the Event invocation type (limit 1048576 bytes)")
+    # Without a Content-Length the size is known only once the body is read.
+    response = signed(secured, "POST", "/2015-03-31/functions/hello/invocations", big,
+                      headers={"X-Amz-Invocation-Type": "Event"}, chunked=True)
+    assert response.status == 413, response.text
+    assert response.headers["x-amzn-errortype"] == "RequestTooLargeException"
+    assert response.json()["message"] == "Request must be smaller than 1048576 bytes for the InvokeFunction operation"
+    fits = signed(secured, "POST", "/2015-03-31/functions/hello/invocations", b'{"name": "chunks"}',
+                  headers={"X-Amz-Invocation-Type": "Event"}, chunked=True)
+    assert fits.status == 202, fits.text
+    wait_until(lambda: secured.get("/system/functions/hello", headers=bearer()).json()["queue"]["succeeded"] == 1,
+               message="the one event that fits to run")
 
 
 def test_the_aws_cli_with_the_right_key_works_and_a_wrong_one_does_not(secured, tmp_path):
