@@ -125,12 +125,25 @@ def test_payload_2_0_event_carries_the_request(daemon):
     assert event["cookies"] == ["a=1", "b=2"]
     assert event["headers"]["x-custom"] == "One"
     assert "cookie" not in event["headers"]
+    # What API Gateway adds to every request.
+    port = daemon.url.rsplit(":", 1)[1]
+    assert (event["headers"]["x-forwarded-for"], event["headers"]["x-forwarded-proto"],
+            event["headers"]["x-forwarded-port"]) == ("127.0.0.1", "http", port)
     http_ctx = event["requestContext"]["http"]
     assert http_ctx == {"method": "POST", "path": "/function/echo/a/b", "protocol": "HTTP/1.1",
                         "sourceIp": "127.0.0.1", "userAgent": "tester/1"}
     assert event["requestContext"]["requestId"] == response.headers["apigw-requestid"]
     assert abs(event["requestContext"]["timeEpoch"] / 1000 - time.time()) < 60
     assert event["body"] == '{"k": "v"}' and event["isBase64Encoded"] is False
+
+
+def test_a_proxy_in_front_keeps_its_forwarding_headers_and_faasd_adds_its_peer(daemon):
+    write_function(daemon.functions, "echo.py", ECHO)
+    wait_until(lambda: daemon.get("/function/echo").status == 200)
+    headers = daemon.get("/function/echo", headers={
+        "X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https", "X-Forwarded-Port": "443"}).json()["headers"]
+    assert headers["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert (headers["x-forwarded-proto"], headers["x-forwarded-port"]) == ("https", "443")
 
 
 def test_binary_bodies_round_trip_base64(daemon):

@@ -35,7 +35,8 @@ def handler(event, context):
 ECHO_EVENT = """
 def handler(event, context):
     return {"statusCode": 200, "body": __import__("json").dumps(
-        {"authorizer": event["requestContext"].get("authorizer"), "path": event["rawPath"]})}
+        {"authorizer": event["requestContext"].get("authorizer"), "path": event["rawPath"],
+         "trace": event["headers"]["x-amzn-trace-id"]})}
 """
 
 AUTHORIZER = """
@@ -43,7 +44,8 @@ def handler(event, context):
     token = event["headers"].get("x-token")
     if token == "explode":
         raise RuntimeError("authorizer failure")
-    return {"isAuthorized": token == "let-me-in", "context": {"user": "alice", "route": event["routeKey"]}}
+    return {"isAuthorized": token == "let-me-in",
+            "context": {"user": "alice", "route": event["routeKey"], "trace": event["headers"]["x-amzn-trace-id"]}}
 """
 
 
@@ -286,8 +288,12 @@ def test_an_authorizer_function_allows_denies_and_passes_its_context(start_daemo
     daemon = start_daemon(functions_dir)  # no [auth] keys needed for an authorizer
     ok = daemon.get("/guarded/7", headers={"x-token": "let-me-in"})
     assert ok.status == 200, ok.text
-    assert ok.json() == {"authorizer": {"lambda": {"user": "alice", "route": "ANY /guarded/{id}"}},
-                         "path": "/guarded/7"}
+    seen = ok.json()
+    # One request, one trace: the authorizer and the function run under the same header.
+    trace = seen.pop("trace")
+    assert trace.startswith("Root=1-")
+    assert seen == {"authorizer": {"lambda": {"user": "alice", "route": "ANY /guarded/{id}", "trace": trace}},
+                    "path": "/guarded/7"}
     denied = daemon.get("/guarded/7", headers={"x-token": "guess"})
     assert denied.status == 403 and denied.json() == {"message": "Forbidden"}
     assert daemon.get("/function/guarded").status == 403

@@ -204,13 +204,38 @@ def valid_text(value: str) -> str:
     return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+TRACE_KEY = "faasd.trace_id"  # where a request keeps the trace header made for it
+
+
+def _add_forwarding(request: web.Request, headers: dict[str, str], now: float) -> None:
+    peer = request.remote or ""
+    forwarded = headers.get("x-forwarded-for")
+    headers["x-forwarded-for"] = f"{forwarded}, {peer}" if forwarded else peer
+    if "x-forwarded-proto" not in headers:
+        headers["x-forwarded-proto"] = request.scheme
+    if "x-forwarded-port" not in headers:
+        transport = request.transport
+        local = transport.get_extra_info("sockname") if transport is not None else None
+        if isinstance(local, tuple):  # a unix socket's name is its path
+            headers["x-forwarded-port"] = str(local[1])
+    trace_id = headers.get("x-amzn-trace-id")
+    if trace_id is None or caller_trace_id(trace_id) is None:
+        made = request.get(TRACE_KEY)
+        if made is None:
+            made = request[TRACE_KEY] = new_trace_id(now)
+        headers["x-amzn-trace-id"] = made
+
+
 def build_event(request: web.Request, body: bytes, *, route_key: str,
                 path_parameters: dict[str, str] | None, request_id: str) -> dict[str, Any]:
     """The API Gateway HTTP API payload 2.0 event for a request.
 
-    Its headers always hold `x-amzn-trace-id`, the X-Ray trace header the
-    function runs under: the caller's, or a new one, as a function URL adds
-    one to a request that came without.
+    Its headers hold what API Gateway and function URLs add to every request:
+    `x-forwarded-for` (the caller's address, after any the request came
+    with), `x-forwarded-proto` and `x-forwarded-port` (unless a proxy in front
+    set them: it knows the scheme and port the client used), and
+    `x-amzn-trace-id`, the X-Ray trace header the function runs under: the
+    caller's, or a new one, the same for a request's authorizer and function.
     """
     headers: dict[str, str] = {}
     cookies: list[str] = []
@@ -228,9 +253,7 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
     url = request.rel_url
     raw_query = url.raw_query_string
     now = time.time()
-    trace_id = headers.get("x-amzn-trace-id")
-    if trace_id is None or caller_trace_id(trace_id) is None:
-        headers["x-amzn-trace-id"] = new_trace_id(now)
+    _add_forwarding(request, headers, now)
     event: dict[str, Any] = {
         "version": "2.0",
         "routeKey": route_key,
