@@ -366,6 +366,62 @@ def test_a_cluster_event_carries_its_invoked_arn_and_trace_and_one_from_an_earli
         Job.from_message("fn", "q", earlier)
 
 
+def daemon_lines(daemon: Daemon) -> str:
+    """What the daemon logged itself, without the lines of its functions."""
+    return "\n".join(line for line in daemon.output().splitlines() if not re.search(r" \[[\w-]+\] ", line))
+
+
+async def declare_classic(url: str, queue: str) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True)
+
+
+async def delete_queue(url: str, queue: str) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+
+
+@pytest.mark.amqp
+def test_a_retry_the_broker_refuses_is_held_not_run_again_and_sent_once_it_can_be(cluster: Cluster):
+    write_function(cluster.functions, "flaky.py", FAILING)
+    write_function(cluster.functions, "flaky.toml", "[async]\nmax_retries = 1\nretry_delays_s = [1]\n")
+    cluster.delays.add(("flaky", 1000))
+    # Its delay queue exists with other arguments (made by hand): the broker refuses the retry.
+    delay_queue = cluster.names.delay(cluster.names.function("flaky"), 1000)
+    asyncio.run(declare_classic(cluster.url, delay_queue))
+    a = cluster.start("a")
+    cluster.wait_formed(1)
+    request_id = event(a, "flaky", {"i": 1})
+
+    def attempts() -> list[str]:
+        return [rid for _, rid in log_lines(a, "flaky", "ATTEMPT")]
+
+    wait_until(attempts, 20, message="the event to run")
+    time.sleep(4)  # handed back, it would have run again by now, once a second
+    assert attempts() == [request_id]
+    ready = a.get("/readyz")
+    assert ready.status == 200  # the node serves; its /readyz says what it holds
+    assert f"1 event(s) held back, the broker refusing what they send to {delay_queue}" in \
+        ready.json()["checks"]["async_queue"]["detail"]
+    said = [line for line in a.output().splitlines() if "cannot send the retry" in line]
+    assert len(said) == 1 and "exists on the broker with other settings" in said[0], said
+    assert "Traceback" not in daemon_lines(a)  # the function's own traceback is in its lines
+
+    asyncio.run(delete_queue(cluster.url, delay_queue))
+    dead_letter = a.data / "dead-letter" / "flaky" / f"{request_id}.json"
+    wait_until(dead_letter.exists, 30, interval=0.2, message="the retry to run and end as a dead letter")
+    assert attempts() == [request_id, request_id]  # the first attempt and its one retry
+    assert json.loads(dead_letter.read_text())["requestContext"]["approximateInvokeCount"] == 2
+    assert f"cluster: {delay_queue} takes events again" in a.output()
+    assert "Traceback" not in daemon_lines(a)
+    figures = a.function("flaky")["queue"]
+    assert (figures["retried"], figures["dead_lettered"], figures["depth"]) == (1, 1, 0)
+
+
 @pytest.mark.amqp
 def test_a_node_without_its_broker_is_not_ready_and_refuses_events(cluster: Cluster):
     write_function(cluster.functions, "work.py", RECORDER)

@@ -8,6 +8,7 @@ import logging
 import time
 from types import SimpleNamespace
 
+import aiormq
 import orjson
 import pytest
 
@@ -26,6 +27,7 @@ class Message:
         sent = job.to_message()
         self.headers, self.message_id, self.body = sent.headers, sent.message_id, sent.body
         self.reply_to = self.correlation_id = None
+        self.channel = SimpleNamespace(is_closed=False)  # the channel it came on
         self.settled: list[str] = []
 
     async def ack(self) -> None:
@@ -97,3 +99,153 @@ async def test_a_dead_letter_the_disk_refuses_is_held_unacknowledged_and_written
     errors = [r for r in told if r.levelno >= logging.ERROR and "cannot write" in r.getMessage()]
     assert len(errors) == 1 and errors[0].exc_info is None  # one line, no traceback
     assert "cluster: every dead letter held back is written" in [r.getMessage() for r in told]
+
+
+# -- a retry or destination record the broker refuses -----------------------------------------
+
+REFUSAL = ("PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'faasd.cluster.test.fn.ship' "
+           "in vhost '/': received the value 'quorum' of type 'longstr' but current is none")
+
+
+class Link:
+    connected = True
+    state = {"url": "amqp://127.0.0.1:5672/", "state": "connected"}
+
+    async def wait(self, timeout: float | None) -> object:
+        return object()
+
+
+class Publisher:
+    """The node's publishing channel: refuses the first `refusals` publishes, as the broker refuses
+    a queue declared with other arguments (and closes the channel, which aio-pika reopens)."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.tried = 0
+        self.published: list[tuple[str, bytes]] = []
+        self.default_exchange = SimpleNamespace(publish=self._publish)
+
+    async def declare_queue(self, name: str, **_) -> None:
+        self.tried += 1
+        if self.refusals:
+            self.refusals -= 1
+            raise aiormq.exceptions.ChannelPreconditionFailed(REFUSAL)
+
+    async def _publish(self, message, routing_key: str, **_) -> None:
+        self.published.append((routing_key, message.body))
+
+
+class Outcomes(Invoker):
+    """Fails while `failing`, then succeeds."""
+
+    def __init__(self, failing: bool) -> None:
+        super().__init__()
+        self.failing = failing
+
+    async def invoke(self, function: str, payload: bytes, **_) -> Invocation:
+        self.calls += 1
+        if self.failing:
+            return Invocation("r-1", function, error=FunctionError(HANDLED, "ValueError", "bad input"))
+        return Invocation("r-1", function, payload=b'"shipped"')
+
+
+def node(tmp_path, invoker: Invoker, publisher: Publisher, config: AsyncConfig) -> ClusterQueue:
+    specs = {"orders": SimpleNamespace(name="orders", ok=True, async_config=config),
+             "ship": SimpleNamespace(name="ship", ok=True, async_config=AsyncConfig())}
+    registry = SimpleNamespace(get=specs.get)
+    events = ClusterQueue(link=Link(), names=Names("test"), registry=registry, invoker=invoker,
+                          data_dir=tmp_path, region="us-east-1", prefetch=1, max_concurrency=10,
+                          node="a", inbox="inbox")
+    events._publisher = publisher
+    return events
+
+
+# A failed attempt with retries left goes to a delay queue; a success to its on_success function.
+CASES = {
+    "retry": (True, AsyncConfig(max_retries=2, retry_delays_s=(60.0,)),
+              "faasd.cluster.test.fn.orders.delay.60000"),
+    "destination": (False, AsyncConfig(on_success="function:ship"), "faasd.cluster.test.fn.ship"),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_an_outcome_the_broker_refuses_is_held_unacknowledged_and_sent_once_it_takes_it(
+        case, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(workqueue, "OUTCOME_RETRY_FIRST_S", 0.01)
+    failing, config, queue = CASES[case]
+    invoker, publisher = Outcomes(failing), Publisher(refusals=4)
+    events = node(tmp_path, invoker, publisher, config)
+    caplog.set_level(logging.INFO, logger="faasd.cluster")
+    message = Message(Job("orders", "r-1", b'{"n": 1}', "api", time.time()))
+    handling = asyncio.create_task(events._handle("orders", "faasd.cluster.test.fn.orders", message))
+    await until(lambda: publisher.tried >= 2 or handling.done())
+    # Held: neither handed back (to run again) nor acknowledged (and lost).
+    assert message.settled == []
+    assert events.unsent() == (f"1 event(s) held back, the broker refusing what they send to {queue}; "
+                               "trying again")
+    await asyncio.wait_for(handling, 5)
+    assert message.settled == ["ack"]
+    assert invoker.calls == 1  # the event ran once
+    assert [routing_key for routing_key, _ in publisher.published] == [queue]
+    assert events.unsent() is None
+    figures = events.function_stats("orders")
+    assert (figures["retried"], figures["succeeded"], figures["held_here"]) == (
+        (1, 0, 0) if failing else (0, 1, 0))
+    told = [r for r in caplog.records if r.name == "faasd.cluster"]
+    errors = [r for r in told if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, errors  # one line, no traceback
+    said = errors[0].getMessage()
+    assert queue in said and "exists on the broker with other settings" in said and "not run again" in said
+    assert f"cluster: {queue} takes events again; what was held back for it is sent" in [
+        r.getMessage() for r in told]
+
+
+@pytest.mark.asyncio
+async def test_an_outcome_held_back_is_left_to_the_broker_once_the_connection_it_came_on_is_gone(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(workqueue, "OUTCOME_RETRY_FIRST_S", 0.01)
+    invoker, publisher = Outcomes(failing=False), Publisher(refusals=1000)
+    events = node(tmp_path, invoker, publisher, AsyncConfig(on_success="function:ship"))
+    caplog.set_level(logging.INFO, logger="faasd.cluster")
+    message = Message(Job("orders", "r-1", b'{"n": 1}', "api", time.time()))
+    handling = asyncio.create_task(events._handle("orders", "faasd.cluster.test.fn.orders", message))
+    await until(lambda: publisher.tried >= 2 or handling.done())
+    message.channel.is_closed = True  # the connection dropped: the broker has the event back
+    await asyncio.wait_for(handling, 5)
+    # Settling it now would fail; the broker delivers it again, and it runs again (at least once).
+    assert message.settled == [] and publisher.published == []
+    assert events.unsent() is None and events.function_stats("orders")["held_here"] == 0
+    told = [r for r in caplog.records if r.name == "faasd.cluster" and r.levelno >= logging.WARNING]
+    assert [r.levelname for r in told] == ["ERROR", "WARNING"] and not any(r.exc_info for r in told)
+    assert "the broker delivers the event again" in told[1].getMessage()
+
+
+@pytest.mark.asyncio
+async def test_nothing_is_sent_for_an_event_whose_connection_dropped_while_it_ran(tmp_path, caplog):
+    invoker, publisher = Outcomes(failing=True), Publisher(refusals=0)
+    events = node(tmp_path, invoker, publisher, AsyncConfig(max_retries=2, retry_delays_s=(60.0,)))
+    message = Message(Job("orders", "r-1", b'{"n": 1}', "api", time.time()))
+    message.channel.is_closed = True
+    await events._handle("orders", "faasd.cluster.test.fn.orders", message)
+    # Its next delivery runs it again and sends its own retry: this one would be a second.
+    assert invoker.calls == 1 and publisher.published == [] and message.settled == []
+    told = [r.getMessage() for r in caplog.records
+            if r.name == "faasd.cluster" and r.levelno >= logging.WARNING]
+    assert told == ["cluster: the connection that delivered orders r-1 closed before the retry was sent; "
+                    "the broker delivers the event again, and it runs again"]
+
+
+@pytest.mark.asyncio
+async def test_an_event_run_here_whose_destination_the_broker_refuses_is_not_run_again(
+        tmp_path, monkeypatch):
+    # durable=False (an AMQP trigger's message): run here, the source holds the original.
+    monkeypatch.setattr(workqueue, "OUTCOME_RETRY_FIRST_S", 0.01)
+    invoker, publisher = Outcomes(failing=False), Publisher(refusals=4)
+    events = node(tmp_path, invoker, publisher, AsyncConfig(on_success="function:ship"))
+    outcomes = []
+    await events.put("orders", b'{"n": 1}', durable=False, on_done=outcomes.append)
+    await until(lambda: outcomes, timeout=10)
+    assert invoker.calls == 1
+    assert outcomes[0].succeeded and outcomes[0].destination == "function:ship"
+    assert [routing_key for routing_key, _ in publisher.published] == ["faasd.cluster.test.fn.ship"]

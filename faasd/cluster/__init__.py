@@ -150,8 +150,12 @@ class Cluster:
             return False, f"cluster {self.names.cluster}: {held}"
         nodes = [n for n in self.members.nodes() if n.get("state") != "lost"]
         owner = next((n["node"] for n in nodes if n.get("schedule_owner")), None)
-        return True, (f"cluster {self.names.cluster}: node {self.node}, {len(nodes)} node(s) up; "
-                      f"schedules fired by {owner or 'nobody yet'}")
+        detail = (f"cluster {self.names.cluster}: node {self.node}, {len(nodes)} node(s) up; "
+                  f"schedules fired by {owner or 'nobody yet'}")
+        # Said, but still ready: the broker refuses every node alike, and
+        # synchronous calls, which do not need it, should not lose this node.
+        unsent = self.queue.unsent()
+        return True, detail + (f"; {unsent}" if unsent else "")
 
     def view(self) -> dict[str, Any]:
         nodes = self.members.nodes()

@@ -31,6 +31,15 @@ message only after the invocation ended:
     again (1 s, doubling to 30 s) until it is written, as the embedded queue
     does with an outcome it cannot write: until then the event stays here
     unacknowledged, neither lost nor run again, and `/readyz` fails.
+A retry or destination record the broker does not take (a queue declared
+with other arguments, a full queue, a channel closed mid-way) is sent again
+the same way (1 s, doubling to 30 s) until the broker takes it, and the event
+stays here unacknowledged meanwhile: it has run, and handed back it would run
+again, in a loop for as long as the broker refuses. The log says so once per
+queue, and `/readyz` names it without failing (the broker refuses every node
+alike, and synchronous calls do not need it). If the connection the event
+came on drops meanwhile, the broker has it back already: it is delivered
+again and runs again.
 A node that dies before the ack loses nothing: the broker gives its
 unacknowledged events to another node (at least once; an interrupted run is
 not counted as an attempt). A node that is stopping cancels its consumers at
@@ -73,7 +82,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import aio_pika
 import aiormq
@@ -125,6 +134,10 @@ NODE_LOCAL_TRIGGERS = frozenset({"file"})
 
 class ClusterUnavailable(OSError):
     """The broker cannot take the event now (unreachable, or it refused the message)."""
+
+
+class _DeliveryGone(Exception):
+    """The channel an event came on closed before it was settled: the broker has it back."""
 
 
 @dataclass(slots=True)
@@ -286,6 +299,7 @@ class ClusterQueue:
         self._callbacks: dict[str, tuple[OnDone, float]] = {}
         self._figures: dict[str, _Figures] = {}
         self._unwritten: dict[str, str] = {}  # request id -> why its dead letter is not written yet
+        self._unsent: dict[str, tuple[str, str]] = {}  # request id -> (queue, why) the broker refuses
         self._closing = False
         self._consuming = True
         self._subscribed = False
@@ -318,6 +332,14 @@ class ClusterQueue:
             return None
         reason = next(iter(self._unwritten.values()))
         return f"{len(self._unwritten)} dead letter(s) not yet written ({reason}); trying again"
+
+    def unsent(self) -> str | None:
+        """Which events are held here unacknowledged, the broker refusing their retry or destination."""
+        if not self._unsent:
+            return None
+        queues = ", ".join(sorted({queue for queue, _ in self._unsent.values()}))
+        return (f"{len(self._unsent)} event(s) held back, the broker refusing what they send to {queues}; "
+                "trying again")
 
     async def close(self) -> None:
         """Stop consuming; let outcomes being recorded finish; hand the rest back to the broker."""
@@ -448,14 +470,19 @@ class ClusterQueue:
                 self._declared.pop(queue, None)
                 raise ClusterUnavailable(f"the event could not be sent to the broker: {exc}") from None
 
+    def _retry_queue(self, job: Job, delay: float) -> tuple[str, int]:
+        """Where `job` waits `delay` seconds, and how many milliseconds: its work queue when none."""
+        delay_ms = int(round(delay * 1000))
+        home = job.home or self.names.function(job.function)
+        return (self.names.delay(home, delay_ms) if delay_ms > 0 else home), delay_ms
+
     async def _publish_retry(self, job: Job, delay: float) -> None:
         """Publish `job` so that it is back in its work queue after `delay` seconds."""
-        delay_ms = int(round(delay * 1000))
+        queue, delay_ms = self._retry_queue(job, delay)
         if delay_ms <= 0:
             await self._publish_work(job)
             return
         home = job.home or self.names.function(job.function)
-        queue = self.names.delay(home, delay_ms)
         channel = await self._channel()
         try:
             # Declared before every publish: that keeps it from expiring while it holds messages.
@@ -464,7 +491,7 @@ class ClusterQueue:
             await channel.default_exchange.publish(job.to_message(), routing_key=queue,
                                                    mandatory=True, timeout=PUBLISH_TIMEOUT_S)
         except (aiormq.exceptions.AMQPError, ConnectionError, asyncio.TimeoutError, RuntimeError) as exc:
-            raise ClusterUnavailable(f"the retry could not be sent to the broker: {exc}") from None
+            raise ClusterUnavailable(f"the retry could not be sent to the broker: {_explain(exc)}") from None
 
     # -- following the registry: which queues this node consumes -----------------------------
 
@@ -603,6 +630,8 @@ class ClusterQueue:
             await self._process(job, message, figures)
         except asyncio.CancelledError:
             raise  # unsettled: the broker gets it back when the channel closes
+        except _DeliveryGone:
+            pass  # the broker has it back, to deliver again (logged where it was found)
         except Exception:
             log.exception("cluster: event %s of %s could not be processed; handing it back",
                           job.request_id, function)
@@ -618,13 +647,15 @@ class ClusterQueue:
             return
         if step.kind == RETRY:
             assert step.error is not None
-            await self._publish_retry(replace(job, attempts=step.attempts,
-                                              last_error=orjson.dumps(step.error.to_lambda()).decode()),
-                                      step.delay)
+            retry = replace(job, attempts=step.attempts,
+                            last_error=orjson.dumps(step.error.to_lambda()).decode())
+            queue, _ = self._retry_queue(retry, step.delay)
+            await self._until_sent(job, "the retry", queue, partial(self._publish_retry, retry, step.delay),
+                                   message)
             await _settle(message.ack(), job.function, "acknowledge")
             self._retried(job, step, figures)
             return
-        outcome = await self._finish(job, step, figures)
+        outcome = await self._finish(job, step, figures, message)
         await _settle(message.ack(), job.function, "acknowledge")
         await self._report(job, outcome)
 
@@ -700,8 +731,12 @@ class ClusterQueue:
                     job.function, job.request_id, job.source, step.attempts, step.error.error_type,
                     step.error.message[:200], step.attempts, retries, step.delay)
 
-    async def _finish(self, job: Job, step: Step, figures: _Figures) -> QueuedOutcome:
-        """Send the success or failure record where `[async]` says; count it; return the outcome."""
+    async def _finish(self, job: Job, step: Step, figures: _Figures,
+                      message: AbstractIncomingMessage | None = None) -> QueuedOutcome:
+        """Send the success or failure record where `[async]` says; count it; return the outcome.
+
+        `message` is the delivery of `job`, None for an event run here for its source.
+        """
         spec = self.registry.get(job.function)
         config = spec.async_config if spec is not None else AsyncConfig()
         succeeded = step.kind == SUCCEEDED
@@ -717,9 +752,10 @@ class ClusterQueue:
                 error=None if succeeded else step.error)
         destination: str | None = None
         if target is not None and record is not None:
-            await self._publish_work(Job(target, new_request_id(), orjson.dumps(record), "destination",
-                                         time.time(), hops=job.hops + 1,
-                                         home=self._home(target, "destination")))
+            sent = Job(target, new_request_id(), orjson.dumps(record), "destination", time.time(),
+                       hops=job.hops + 1, home=self._home(target, "destination"))
+            what = "the on_success record" if succeeded else "the on_failure record"
+            await self._until_sent(job, what, sent.home, partial(self._publish_work, sent), message)
             destination = f"function:{target}"
         elif record is not None:
             path = dead_letter_path(self.dead_letter_dir, job.function, job.request_id)
@@ -765,6 +801,50 @@ class ClusterQueue:
             if self._unwritten.pop(job.request_id, None) is not None and not self._unwritten:
                 log.info("cluster: every dead letter held back is written")
             return
+
+    async def _until_sent(self, job: Job, what: str, queue: str, send: Callable[[], Awaitable[None]],
+                          message: AbstractIncomingMessage | None) -> None:
+        """Send `what` of `job` to `queue`, trying again (1 s, doubling to 30 s) until the broker takes it.
+
+        Meanwhile the event stays here unacknowledged: it has run, and handed
+        back it would run again, in a loop for as long as the broker refuses.
+        Once the channel `message` came on has closed (the connection dropped,
+        during the run or since), the broker has the event back to deliver
+        again: this gives up (_DeliveryGone) rather than send what the next run
+        sends too. An event run here for its source (`message` None) waits for
+        as long as it takes.
+        """
+        delay = OUTCOME_RETRY_FIRST_S
+        reason = ""
+        try:
+            while True:
+                if _delivery_gone(message):
+                    log.warning("cluster: the connection that delivered %s %s closed before %s was sent%s; "
+                                "the broker delivers the event again, and it runs again", job.function,
+                                job.request_id, what, f" ({reason})" if reason else "")
+                    raise _DeliveryGone
+                try:
+                    await send()
+                    break
+                except ClusterUnavailable as exc:
+                    reason = str(exc)
+                if _delivery_gone(message):
+                    continue  # the broker has it back: given up above
+                if not self._holding_for(queue):
+                    log.error("cluster: cannot send %s of %s %s to %s (%s); the event stays on this node "
+                              "unacknowledged, not run again, and is sent as soon as the broker takes it "
+                              "(tried again after %gs, doubling up to %gs)", what, job.function,
+                              job.request_id, queue, reason, delay, OUTCOME_RETRY_MAX_S)
+                self._unsent[job.request_id] = (queue, reason)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, OUTCOME_RETRY_MAX_S)
+            if self._unsent.pop(job.request_id, None) is not None and not self._holding_for(queue):
+                log.info("cluster: %s takes events again; what was held back for it is sent", queue)
+        finally:
+            self._unsent.pop(job.request_id, None)
+
+    def _holding_for(self, queue: str) -> bool:
+        return any(held == queue for held, _ in self._unsent.values())
 
     # -- outcomes for on_done ----------------------------------------------------------------
 
@@ -838,6 +918,16 @@ async def _settle(settle: Any, function: str, what: str) -> None:
         # The channel the message came on is gone: the broker has it back already.
         log.warning("cluster: could not %s an event of %s (%s); the broker delivers it again",
                     what, function, exc)
+
+
+def _delivery_gone(message: AbstractIncomingMessage | None) -> bool:
+    """Whether the channel `message` came on has closed: then the broker has it back."""
+    if message is None:
+        return False
+    try:
+        return message.channel.is_closed
+    except aiormq.exceptions.ChannelInvalidStateError:  # aio-pika's answer once it has closed
+        return True
 
 
 async def _close_channel(channel: Any) -> None:
