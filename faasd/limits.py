@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol, TypeVar
 
 from .sandbox import namespace_key, read_pids
 
@@ -28,6 +28,7 @@ log = logging.getLogger("faasd.limits")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MB = 1024 * 1024
+T = TypeVar("T")
 
 
 class Removable(Protocol):
@@ -246,8 +247,9 @@ def sweep_stale_cgroups(root: Path, name: str = "faasd") -> int:
     return removed
 
 
-def rss_bytes(pid: int) -> tuple[int, int] | None:
-    """(current RSS, peak RSS) of one process in bytes, from /proc."""
+def rss_bytes(pid: int | str) -> tuple[int, int] | None:
+    """(current RSS, peak RSS) of one process in bytes, from /proc; `pid` may also
+    be "PID/task/TID", one thread's (which are the whole process's)."""
     try:
         with open(f"/proc/{pid}/status", "rb") as status:
             text = status.read()
@@ -268,6 +270,18 @@ def proc_stat_fields(pid: int | str) -> list[bytes]:
     OSError if the process is gone."""
     with open(f"/proc/{pid}/stat", "rb") as stat:
         return stat.read().rsplit(b")", 1)[1].split()
+
+
+def live_thread(pid: int) -> str | None:
+    """A thread of `pid` other than its main one, as "PID/task/TID": where /proc
+    shows the process's memory, mounts and namespace once its main thread has
+    exited while others run on (pthread_exit in main), its own entries then
+    reading as a zombie's, holding nothing. None if it has no other thread."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    return next((f"{pid}/task/{tid}" for tid in threads if tid != str(pid)), None)
 
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -297,6 +311,12 @@ class ProcessTree:
     parent exits), so members are found as they appear: each sample lists
     /proc (one listing serves every worker sampled within LISTING_TTL_S) and
     reads the stat of the processes new since the last, then of each member.
+
+    A process whose main thread has exited while its other threads run on
+    (pthread_exit in main) reads as a zombie with no memory: its memory (and
+    namespace, and mounts) is read through one of those threads instead. Its
+    children still name it as their parent. Only such a process costs more
+    to read: the others are told from it by what a sample reads anyway.
     """
 
     def __init__(self, leader: int) -> None:
@@ -305,6 +325,12 @@ class ProcessTree:
         # Listed before the worker can have started anything: none of these is its.
         self._seen = proc_pids()
         self._members: dict[int, bytes] = {}  # pid -> its start time (stat), against pid reuse
+        self._headless: dict[int, str] = {}  # pid -> the thread it is read through (live_thread)
+
+    def view(self, pid: int) -> int | str:
+        """What to read in /proc for `pid`'s memory and mounts: its own entry, or, once
+        its main thread has exited, one of its live threads' (as of the last sample)."""
+        return self._headless.get(pid, pid)
 
     def sample(self) -> tuple[int, int, int] | None:
         """(resident bytes of all its processes, its own process's peak resident
@@ -312,6 +338,8 @@ class ProcessTree:
         own = rss_bytes(self.leader)
         if own is None:
             return None
+        if not own[0]:  # nothing resident: a zombie, or a process whose main thread has exited
+            own = self._through_thread(self.leader, rss_bytes) or own
         self._find_new()
         total = own[0]
         for pid, started in list(self._members.items()):
@@ -321,9 +349,27 @@ class ProcessTree:
                 fields = None
             if fields is None or fields[19] != started:  # gone (or its pid is another's now)
                 del self._members[pid]
+                self._headless.pop(pid, None)
                 continue
+            if fields[0] == b"Z" and fields[17] != b"1":  # a zombie with threads (fields[17]) running on
+                fields = self._through_thread(pid, proc_stat_fields) or fields
             total += int(fields[21]) * PAGE_SIZE  # fields[21]: rss in pages (field 24 of stat)
         return total, own[1], 1 + len(self._members)
+
+    def _through_thread(self, pid: int, read: Callable[[str], T]) -> T | None:
+        """`read` of a process whose main thread has exited, through one of its other
+        threads; None if it has none (a plain zombie, which holds nothing)."""
+        thread = live_thread(pid)
+        if thread is not None:
+            try:
+                found = read(thread)
+            except OSError:  # that thread has just exited
+                found = None
+            if found is not None:
+                self._headless[pid] = thread
+                return found
+        self._headless.pop(pid, None)
+        return None
 
     def _find_new(self) -> None:
         pids = proc_pids()
@@ -338,7 +384,7 @@ class ProcessTree:
                 continue
             # fields[1], [2], [19]: ppid, pgrp, starttime (fields 4, 5 and 22 of stat).
             if int(fields[2]) == self.leader or (
-                    self.namespace is not None and namespace_key(pid) == self.namespace):
+                    self.namespace is not None and _namespace_of(pid) == self.namespace):
                 self._members[pid] = fields[19]
             else:
                 unknown[pid] = (int(fields[1]), fields[19])
@@ -362,7 +408,7 @@ class ProcessTree:
         total = 0
         for pid in (self.leader, *self._members):
             try:
-                total += _pss(pid, counted_devices)
+                total += _pss(self.view(pid), counted_devices)
             except (FileNotFoundError, ProcessLookupError):
                 continue  # gone: it holds nothing
             except (OSError, ValueError, IndexError):
@@ -370,7 +416,15 @@ class ProcessTree:
         return total
 
 
-def _pss(pid: int, left_out: frozenset[int]) -> int:
+def _namespace_of(pid: int) -> tuple[int, int] | None:
+    key = namespace_key(pid)
+    if key is None:  # gone, or its main thread has exited: then its other threads say
+        thread = live_thread(pid)
+        key = namespace_key(thread) if thread is not None else None
+    return key
+
+
+def _pss(pid: int | str, left_out: frozenset[int]) -> int:
     """One process's proportional set size in bytes, less its mappings of files on `left_out`."""
     if not left_out:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as rollup:

@@ -613,10 +613,11 @@ def namespace_key(pid: int | str) -> tuple[int, int] | None:
 PRIVATE_TMPFS = ("/tmp", "/dev/shm")
 
 
-def private_tmpfs_usage(pid: int) -> tuple[int, frozenset[int]]:
+def private_tmpfs_usage(pid: int | str) -> tuple[int, frozenset[int]]:
     """What the private tmpfs mounts of a worker in a mount namespace of its own
     hold, in bytes, and their devices (st_dev). A mount that cannot be read,
-    or that is the daemon's own file system, counts for nothing."""
+    or that is the daemon's own file system, counts for nothing. `pid` may
+    also be "PID/task/TID", one thread's."""
     used = 0
     devices = []
     for path in PRIVATE_TMPFS:

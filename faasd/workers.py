@@ -847,7 +847,7 @@ class ProcessWorker(Worker):
         if sample is None:
             return None
         resident, peak, processes = sample
-        tmpfs, devices = (private_tmpfs_usage(tree.leader) if self.namespace is not None
+        tmpfs, devices = (private_tmpfs_usage(tree.view(tree.leader)) if self.namespace is not None
                           else (0, frozenset()))
         if resident + tmpfs > self.spec.memory_mb * MB and (processes > 1 or tmpfs):
             # Its processes may share pages (a fork, say), and a file of its tmpfs

@@ -388,6 +388,46 @@ def test_without_a_cgroup_memory_held_by_a_workers_children_counts(start_daemon,
     still_serving(daemon)
 
 
+HEADLESS_HOG = """
+import ctypes, subprocess, sys, threading, time
+
+# Its main thread exits (pthread_exit in main), then another takes the memory:
+# the process's own /proc entries read as a zombie's by then, holding nothing.
+HOLD = '''
+import ctypes, threading, time
+threading.Thread(target=lambda: (time.sleep(0.5), b"x" * ({mb} << 20), time.sleep(60))).start()
+ctypes.CDLL(None).pthread_exit(None)
+'''
+
+def handler(event, context):
+    if event.get("helper"):
+        subprocess.Popen([sys.executable, "-c", HOLD.format(mb=event["mb"])])
+        time.sleep(event["keep_s"])
+        return "done"
+    # The worker's own main thread, the one that would answer, exits.
+    exec(HOLD.format(mb=event["mb"]))
+"""
+
+
+def test_without_a_cgroup_memory_held_by_threads_after_the_main_one_exited_counts(
+        start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "headless.toml", "memory_mb = 128\ntimeout_s = 10\n")
+    write_function(functions_dir, "headless.py", HEADLESS_HOG)
+    daemon = _start_without_memory_cgroups(start_daemon, functions_dir)
+    # A helper program it starts, then the worker itself.
+    for event in ({"helper": True, "mb": 300, "keep_s": 5}, {"mb": 300}):
+        response = daemon.invoke("headless", event)
+        result = response.json()
+        assert isinstance(result, dict) and result.get("errorType") == "Runtime.OutOfMemory", (event, result)
+        assert "memory limit of 128 MB exceeded" in result["errorMessage"]
+        report = report_of(daemon, "headless", response.headers["x-amzn-requestid"])
+        assert "\tError Type: Runtime.OutOfMemory" in report and max_memory_used(report) >= 128, report
+    # Within the limit, it is no problem.
+    assert invoke(daemon, "headless", {"helper": True, "mb": 20, "keep_s": 0.5}) == ("done", None)
+    still_serving(daemon)
+
+
 INIT_CHILD = """
 import subprocess, sys
 
