@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, TypeVar
 
-from .sandbox import namespace_key, read_pids
+from .sandbox import live_thread, namespace_of, read_pids
 
 log = logging.getLogger("faasd.limits")
 
@@ -272,18 +272,6 @@ def proc_stat_fields(pid: int | str) -> list[bytes]:
         return stat.read().rsplit(b")", 1)[1].split()
 
 
-def live_thread(pid: int) -> str | None:
-    """A thread of `pid` other than its main one, as "PID/task/TID": where /proc
-    shows the process's memory, mounts and namespace once its main thread has
-    exited while others run on (pthread_exit in main), its own entries then
-    reading as a zombie's, holding nothing. None if it has no other thread."""
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    return next((f"{pid}/task/{tid}" for tid in threads if tid != str(pid)), None)
-
-
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 LISTING_TTL_S = 0.02  # workers sampled this close together share one listing of /proc
 _listing: tuple[float, frozenset[int]] = (float("-inf"), frozenset())
@@ -384,7 +372,7 @@ class ProcessTree:
                 continue
             # fields[1], [2], [19]: ppid, pgrp, starttime (fields 4, 5 and 22 of stat).
             if int(fields[2]) == self.leader or (
-                    self.namespace is not None and _namespace_of(pid) == self.namespace):
+                    self.namespace is not None and namespace_of(pid) == self.namespace):
                 self._members[pid] = fields[19]
             else:
                 unknown[pid] = (int(fields[1]), fields[19])
@@ -414,14 +402,6 @@ class ProcessTree:
             except (OSError, ValueError, IndexError):
                 return None
         return total
-
-
-def _namespace_of(pid: int) -> tuple[int, int] | None:
-    key = namespace_key(pid)
-    if key is None:  # gone, or its main thread has exited: then its other threads say
-        thread = live_thread(pid)
-        key = namespace_key(thread) if thread is not None else None
-    return key
 
 
 def _pss(pid: int | str, left_out: frozenset[int]) -> int:

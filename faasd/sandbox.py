@@ -574,19 +574,7 @@ class MountNamespace:
         return found
 
     def _holds(self, pid: str) -> bool:
-        try:
-            st = os.stat(f"/proc/{pid}/ns/mnt")
-        except FileNotFoundError:
-            # Gone, or its main thread has exited (pthread_exit in main) while
-            # other threads run on: those still hold a namespace, and say which.
-            try:
-                threads = os.listdir(f"/proc/{pid}/task")
-            except OSError:
-                return False
-            return any(namespace_key(f"{pid}/task/{tid}") == self.key for tid in threads if tid != pid)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self.key
+        return namespace_of(pid) == self.key
 
     def kill_all(self) -> None:
         """SIGKILL every process in the namespace."""
@@ -606,6 +594,28 @@ def namespace_key(pid: int | str) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def live_thread(pid: int | str) -> str | None:
+    """A thread of `pid` other than its main one, as "PID/task/TID": where /proc
+    shows the process's memory, mounts and namespace once its main thread has
+    exited while others run on (pthread_exit in main), its own entries then
+    reading as a zombie's, holding nothing. None if it has no other thread."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    return next((f"{pid}/task/{tid}" for tid in threads if tid != str(pid)), None)
+
+
+def namespace_of(pid: int | str) -> tuple[int, int] | None:
+    """What names the mount namespace of process `pid`, read through another
+    of its threads where its main thread has exited (None: gone)."""
+    key = namespace_key(pid)
+    if key is None:  # gone, or its main thread has exited: then its other threads say
+        thread = live_thread(pid)
+        key = namespace_key(thread) if thread is not None else None
+    return key
 
 
 # The tmpfs mounts a worker in a mount namespace of its own has to itself
