@@ -57,8 +57,6 @@ __all__ = ["Cluster", "ClusterQueue", "ClusterUnavailable", "Names", "start"]
 log = logging.getLogger("faasd.cluster")
 
 DRAIN_POLL_S = 0.2
-# Heartbeats without any node owning the schedules before a new token is offered.
-OWNERLESS_BEATS = 3
 
 
 class Cluster:
@@ -86,7 +84,6 @@ class Cluster:
             heartbeat_s=settings.heartbeat_s, describe_self=self.describe_self,
             on_outcome=self.queue.on_inbox_outcome, on_beat=self._on_beat)
         self._watch: asyncio.Task | None = None
-        self._ownerless_beats = 0
 
     def describe_self(self) -> dict[str, Any]:
         return announcement(self.daemon, node=self.node, instance=self.instance,
@@ -98,17 +95,8 @@ class Cluster:
         if connection is None or not self.link.connected:
             return
         await self.queue.refresh_depths(connection)
-        # A cluster where nobody has owned the schedules for a while lost its token: offer one.
         live = [n for n in self.members.nodes() if n.get("state") != "lost"]
-        if any(n.get("schedule_owner") for n in live):
-            self._ownerless_beats = 0
-        else:
-            self._ownerless_beats += 1
-            if self._ownerless_beats >= OWNERLESS_BEATS:
-                self._ownerless_beats = 0
-                log.warning("cluster %s: no node has fired the schedules for %d heartbeats; "
-                            "offering a new schedule token", self.names.cluster, OWNERLESS_BEATS)
-                await self.lease.offer_token()
+        await self.lease.on_beat(any(n.get("schedule_owner") for n in live))
 
     async def open(self) -> None:
         self.link.on_connect(self.queue.setup)

@@ -41,6 +41,8 @@ from .topology import Names
 log = logging.getLogger("faasd.cluster")
 
 TOKEN_TYPE = "faasd.schedule-token"
+# Heartbeats without any node owning the schedules before a new token is offered.
+OWNERLESS_BEATS = 3
 
 
 class ScheduleLease:
@@ -55,6 +57,7 @@ class ScheduleLease:
         self._queue: Any = None
         self._tag: str | None = None
         self._released = False
+        self._ownerless_beats = 0
 
     def is_owner(self) -> bool:
         return self.owner
@@ -80,6 +83,21 @@ class ScheduleLease:
             aio_pika.Message(self.node.encode(), type=TOKEN_TYPE, app_id="faasd",
                              delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key=self.names.scheduler)
+
+    async def on_beat(self, owned: bool) -> None:
+        """Once a heartbeat, told whether any live node owns the schedules: a
+        cluster where none has for OWNERLESS_BEATS beats lost its token, and
+        gets one offered. A node that has given the lease back (it is
+        stopping) leaves that to the others."""
+        if owned or self._released:
+            self._ownerless_beats = 0
+            return
+        self._ownerless_beats += 1
+        if self._ownerless_beats >= OWNERLESS_BEATS:
+            self._ownerless_beats = 0
+            log.warning("cluster %s: no node has fired the schedules for %d heartbeats; "
+                        "offering a new schedule token", self.names.cluster, OWNERLESS_BEATS)
+            await self.offer_token()
 
     async def _on_token(self, message: AbstractIncomingMessage) -> None:
         if self._released:
