@@ -81,7 +81,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 import orjson
 
@@ -116,6 +116,16 @@ RETRIES_EXHAUSTED = "RetriesExhausted"
 EVENT_AGE_EXCEEDED = "EventAgeExceeded"
 
 OnDone = Callable[["QueuedOutcome"], "Awaitable[None] | None"]
+
+
+def outcome_retry_delays() -> Iterator[float]:
+    """How long to wait before each new try of what must be written or sent
+    before an event can be let go: OUTCOME_RETRY_FIRST_S, doubling up to
+    OUTCOME_RETRY_MAX_S, for as long as it takes."""
+    delay = OUTCOME_RETRY_FIRST_S
+    while True:
+        yield delay
+        delay = min(delay * 2, OUTCOME_RETRY_MAX_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,7 +600,7 @@ class AsyncQueue:
         Until then the event stays running, so it is neither lost nor run
         again, and the queue's readiness check fails.
         """
-        delay = OUTCOME_RETRY_FIRST_S
+        delays = outcome_retry_delays()
         while True:
             try:
                 await self._write(op, committed)
@@ -600,8 +610,7 @@ class AsyncQueue:
                               "stays running, and is written as soon as the disk allows",
                               event.function, event.request_id, exc)
                 self._unwritten[event.id] = str(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, OUTCOME_RETRY_MAX_S)
+                await asyncio.sleep(next(delays))
                 continue
             if self._unwritten.pop(event.id, None) is not None and not self._unwritten:
                 log.info("asynchronous queue: every outcome held back is written")

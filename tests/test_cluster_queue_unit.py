@@ -12,6 +12,7 @@ import aiormq
 import orjson
 import pytest
 
+from faasd import queue as embedded_queue
 from faasd.cluster import workqueue
 from faasd.cluster.topology import Names
 from faasd.cluster.workqueue import ClusterQueue, Job
@@ -61,7 +62,7 @@ class Invoker:
 @pytest.mark.asyncio
 async def test_a_dead_letter_the_disk_refuses_is_held_unacknowledged_and_written_once_it_can_be(
         tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(workqueue, "OUTCOME_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(embedded_queue, "OUTCOME_RETRY_FIRST_S", 0.01)
     spec = SimpleNamespace(name="flaky", ok=True, async_config=AsyncConfig(max_retries=0))
     registry = SimpleNamespace(get=lambda name: spec if name == "flaky" else None)
     invoker = Invoker()
@@ -172,7 +173,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 async def test_an_outcome_the_broker_refuses_is_held_unacknowledged_and_sent_once_it_takes_it(
         case, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(workqueue, "OUTCOME_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(embedded_queue, "OUTCOME_RETRY_FIRST_S", 0.01)
     failing, config, queue = CASES[case]
     invoker, publisher = Outcomes(failing), Publisher(refusals=4)
     events = node(tmp_path, invoker, publisher, config)
@@ -204,7 +205,7 @@ async def test_an_outcome_the_broker_refuses_is_held_unacknowledged_and_sent_onc
 @pytest.mark.asyncio
 async def test_an_outcome_held_back_is_left_to_the_broker_once_the_connection_it_came_on_is_gone(
         tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(workqueue, "OUTCOME_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(embedded_queue, "OUTCOME_RETRY_FIRST_S", 0.01)
     invoker, publisher = Outcomes(failing=False), Publisher(refusals=1000)
     events = node(tmp_path, invoker, publisher, AsyncConfig(on_success="function:ship"))
     caplog.set_level(logging.INFO, logger="faasd.cluster")
@@ -240,7 +241,7 @@ async def test_nothing_is_sent_for_an_event_whose_connection_dropped_while_it_ra
 async def test_an_event_run_here_whose_destination_the_broker_refuses_is_not_run_again(
         tmp_path, monkeypatch):
     # durable=False (an AMQP trigger's message): run here, the source holds the original.
-    monkeypatch.setattr(workqueue, "OUTCOME_RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(embedded_queue, "OUTCOME_RETRY_FIRST_S", 0.01)
     invoker, publisher = Outcomes(failing=False), Publisher(refusals=4)
     events = node(tmp_path, invoker, publisher, AsyncConfig(on_success="function:ship"))
     outcomes = []

@@ -92,8 +92,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from ..broker import let_go
 from ..errors import HANDLED, FunctionError, InvokeRefused, ShuttingDown
 from ..queue import (
-    OUTCOME_RETRY_FIRST_S, OUTCOME_RETRY_MAX_S, SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit,
-    dead_letter_path, destination_function, destination_record, next_attempt, notify_done,
+    OUTCOME_RETRY_MAX_S, SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit, dead_letter_path,
+    destination_function, destination_record, next_attempt, notify_done, outcome_retry_delays,
     write_file_durably,
 )
 from ..spec import AsyncConfig, FunctionSpec, new_request_id
@@ -785,7 +785,7 @@ class ClusterQueue:
         Until then its message stays unacknowledged on this node: handed back,
         it would run again and fail again, a loop for as long as the disk is full.
         """
-        delay = OUTCOME_RETRY_FIRST_S
+        delays = outcome_retry_delays()
         while True:
             try:
                 await asyncio.to_thread(write_file_durably, path, data)
@@ -795,8 +795,7 @@ class ClusterQueue:
                               "stays here unacknowledged, and the file is written as soon as the "
                               "disk allows", job.function, job.request_id, path.parent, exc)
                 self._unwritten[job.request_id] = exc.strerror or str(exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, OUTCOME_RETRY_MAX_S)
+                await asyncio.sleep(next(delays))
                 continue
             if self._unwritten.pop(job.request_id, None) is not None and not self._unwritten:
                 log.info("cluster: every dead letter held back is written")
@@ -814,7 +813,7 @@ class ClusterQueue:
         sends too. An event run here for its source (`message` None) waits for
         as long as it takes.
         """
-        delay = OUTCOME_RETRY_FIRST_S
+        delays = outcome_retry_delays()
         reason = ""
         try:
             while True:
@@ -830,6 +829,7 @@ class ClusterQueue:
                     reason = str(exc)
                 if _delivery_gone(message):
                     continue  # the broker has it back: given up above
+                delay = next(delays)
                 if not self._holding_for(queue):
                     log.error("cluster: cannot send %s of %s %s to %s (%s); the event stays on this node "
                               "unacknowledged, not run again, and is sent as soon as the broker takes it "
@@ -837,7 +837,6 @@ class ClusterQueue:
                               job.request_id, queue, reason, delay, OUTCOME_RETRY_MAX_S)
                 self._unsent[job.request_id] = (queue, reason)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, OUTCOME_RETRY_MAX_S)
             if self._unsent.pop(job.request_id, None) is not None and not self._holding_for(queue):
                 log.info("cluster: %s takes events again; what was held back for it is sent", queue)
         finally:
