@@ -7,7 +7,8 @@ Two families:
     service errors (`{"Type", "message"}` + `x-amzn-ErrorType`). Which one
     a bad request gets is Lambda's choice: a value outside its API model's
     constraints (an InvocationType or LogType not in the enum, a MaxItems
-    out of range) is `ValidationFailed`, refused before anything else is
+    out of range, a function name or qualifier its patterns or lengths do
+    not allow) is `ValidationFailed`, refused before anything else is
     looked at; a body that is not JSON, or a header Lambda cannot read (a
     ClientContext), `InvalidRequest`; a value the model allows but Lambda
     does not (a ListFunctions Marker it never gave) `InvalidParameter`; a

@@ -22,6 +22,10 @@ functions/, so there is no CreateFunction or UpdateFunctionCode.
 
 A function is named as Lambda allows: `NAME`, `NAME:QUALIFIER`,
 `ACCOUNT:function:NAME` or the full ARN; the only version is `$LATEST`.
+Each operation holds the name in its path (and its `?Qualifier=`) to the
+shape Lambda's API model gives that member, as AWS's front end does: a
+value outside it is ValidationException, quoting the shape's pattern or
+length; a well-formed name of no function here is ResourceNotFoundException.
 `InvocationType=Event` answers 202 only once the event is committed to the
 asynchronous queue (faasd/queue.py); its request id, the qualified ARN the
 caller named and the caller's `X-Amzn-Trace-Id` are what the handler sees on
@@ -33,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -67,6 +73,10 @@ LOG_TYPES = ("None", "Tail")
 INVOCATION_TYPES = ("Event", "RequestResponse", "DryRun")
 STREAM_INVOCATION_TYPES = ("RequestResponse", "DryRun")  # InvokeWithResponseStream has no Event
 MAX_LIST_ITEMS = 10000  # ListFunctions' MaxItems: 1 to 10000
+# A route's function name: any path segment, an empty one or one with braces
+# too, so that a name outside Lambda's model gets its ValidationException,
+# not an unknown operation's answer.
+NAME_SEGMENT = "{name:[^/]*}"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
 STREAM_CHUNK = 64 * 1024  # the most result bytes in one PayloadChunk event
 
@@ -207,14 +217,73 @@ class Call:
     trace_id: str | None  # the caller's X-Amzn-Trace-Id; None: the runtime makes one
 
 
-def check_enums(*headers: tuple[str, str, tuple[str, ...]]) -> None:
-    """ValidationFailed for header values outside Lambda's enums, each given as
-    (member, value, allowed): AWS refuses them before the function is looked
-    up or the body read."""
-    problems = [(member, valid_text(value)[:100], f"Member must satisfy enum value set: [{', '.join(allowed)}]")
-                for member, value, allowed in headers if value not in allowed]
-    if problems:
-        raise ValidationFailed(*problems)
+Problem = tuple[str, str, str]  # (member, value, constraint), as ValidationFailed takes them
+
+
+def enum_problems(*headers: tuple[str, str, tuple[str, ...]]) -> list[Problem]:
+    """Header values outside Lambda's enums, each given as (member, value, allowed)."""
+    return [(member, valid_text(value)[:100], f"Member must satisfy enum value set: [{', '.join(allowed)}]")
+            for member, value, allowed in headers if value not in allowed]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A string member of Lambda's API model: AWS's front end refuses a value
+    of the wrong length, or one its pattern does not match whole, before
+    Lambda looks anything up."""
+
+    member: str  # as AWS's refusals name it
+    pattern: str  # as the model spells it, and so as AWS's refusals quote it
+    max_length: int
+
+    @functools.cached_property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.pattern)
+
+    def problems(self, value: str) -> list[Problem]:
+        shown = valid_text(value)
+        found = []
+        if not value:
+            found.append((self.member, shown, "Member must have length greater than or equal to 1"))
+        elif len(value) > self.max_length:
+            found.append((self.member, shown, f"Member must have length less than or equal to {self.max_length}"))
+        if self.regex.fullmatch(value) is None:
+            found.append((self.member, shown, f"Member must satisfy regular expression pattern: {self.pattern}"))
+        return found
+
+
+# The shapes of Lambda's API model (botocore's data/lambda/2015-03-31/service-2.json)
+# that name a function in a request's path or its `?Qualifier=`, under their names there.
+_ARN_HEAD = (r"(arn:(aws[a-zA-Z-]*)?:lambda:)?((eusc-)?[a-z]{2}((-gov)|(-iso([a-z]?)))?-[a-z]+-\d{1}:)?"
+             r"(\d{12}:)?(function:)?")  # what the function-name shapes begin with
+NAMESPACED_FUNCTION_NAME = Constraint(
+    "functionName", _ARN_HEAD + r"([a-zA-Z0-9-_\.]+)(:(\$LATEST(\.PUBLISHED)?|[a-zA-Z0-9-_]+))?", 256)
+FUNCTION_NAME = Constraint("functionName", _ARN_HEAD + r"([a-zA-Z0-9-_]+)(:(\$LATEST|[a-zA-Z0-9-_]+))?", 140)
+UNQUALIFIED_FUNCTION_NAME = Constraint("functionName", _ARN_HEAD + r"([a-zA-Z0-9-_]+)", 140)
+FUNCTION_URL_FUNCTION_NAME = Constraint(
+    "functionName", _ARN_HEAD + r"([a-zA-Z0-9-_]{1,64})(:((?!\d+$)[0-9a-zA-Z-_]+))?", 140)
+TAGGABLE_RESOURCE = Constraint(
+    "resource", r"arn:(aws[a-zA-Z-]*):lambda:(eusc-)?[a-z]{2}((-gov)|(-iso([a-z]?)))?-[a-z]+-\d{1}:\d{12}:"
+    r"(function:[a-zA-Z0-9-_]+(:(\$LATEST|[a-zA-Z0-9-_]+))?|code-signing-config:csc-[a-z0-9]{17}|"
+    r"event-source-mapping:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|"
+    r"(capacity-provider|network-connector):[a-zA-Z0-9-_]{1,64})", 10000)
+NUMERIC_LATEST_PUBLISHED_OR_ALIAS_QUALIFIER = Constraint(
+    "qualifier", r"\$(LATEST(\.PUBLISHED)?)|[a-zA-Z0-9-_$]+", 128)
+FUNCTION_URL_QUALIFIER = Constraint("qualifier", r"((?!^\d+$)^[0-9a-zA-Z-_]+$)", 128)
+
+
+@dataclass(frozen=True)
+class Naming:
+    """How an operation names its function: the member in its path, and its
+    `?Qualifier=` where it has one (an operation without one ignores it, as AWS does)."""
+
+    function: Constraint
+    qualifier: Constraint | None = None
+
+
+# Invoke, InvokeWithResponseStream, GetFunction, GetFunctionConfiguration,
+# GetFunctionEventInvokeConfig and GetPolicy name a function alike.
+QUALIFIED = Naming(NAMESPACED_FUNCTION_NAME, NUMERIC_LATEST_PUBLISHED_OR_ALIAS_QUALIFIER)
 
 
 def response_body(invocation: "Invocation") -> bytes:
@@ -279,30 +348,42 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     region = daemon.region
     limit = daemon.config.server.max_body_bytes
 
-    def target(request: web.Request) -> tuple[FunctionSpec, str | None]:
+    def target(request: web.Request, naming: Naming,
+               *enums: tuple[str, str, tuple[str, ...]]) -> tuple[FunctionSpec, str | None]:
         """The function named, and the ARN it was invoked by when the caller
-        named a qualifier (None: the function's own, unqualified ARN)."""
+        named a qualifier (None: the function's own, unqualified ARN).
+
+        First, as AWS's front end: ValidationFailed for every member outside
+        Lambda's model (the name, the header `enums` given as enum_problems
+        takes them, the qualifier, in the model's order), before anything is
+        looked up. A name the model allows that names no function here is
+        FunctionNotFound."""
+        given = request.match_info["name"]
+        queried = request.query.get("Qualifier", "") if naming.qualifier is not None else ""
+        problems = naming.function.problems(given) + enum_problems(*enums)
+        if queried and naming.qualifier is not None:
+            problems += naming.qualifier.problems(queried)
+        if problems:
+            raise ValidationFailed(*problems)
+        if given.startswith("arn:") and ":function:" not in given:
+            raise FunctionNotFound(given)  # another Lambda resource (ListTags takes any)
         # Lambda accepts NAME, NAME:QUALIFIER, ACCOUNT:function:NAME[:QUALIFIER]
         # and the full ARN; `?Qualifier=` works too.
-        given = request.match_info["name"]
         name = given.split(":function:", 1)[1] if ":function:" in given else given
         name, _, qualifier = name.partition(":")
-        qualifier = qualifier or request.query.get("Qualifier", "")
+        qualifier = qualifier or queried
         arn = function_arn(name, region) + (f":{qualifier}" if qualifier else "")
         spec = daemon.registry.get(name) if valid_name(name) else None
         if spec is None or qualifier not in ("", "$LATEST"):
             raise FunctionNotFound(arn)  # its message reads "Function not found: ARN", as Lambda's
         return spec, arn if qualifier else None
 
-    def lookup(request: web.Request) -> FunctionSpec:
-        return target(request)[0]
-
     async def read_call(request: web.Request, invocation_type: str, invocation_types: tuple[str, ...]) -> Call:
         """The function, payload and headers of an Invoke-style request, checked
         as Lambda checks them before anything runs (InvokeRefused if wrong)."""
         log_type = request.headers.get("X-Amz-Log-Type", "None")
-        check_enums(("invocationType", invocation_type, invocation_types), ("logType", log_type, LOG_TYPES))
-        spec, invoked_arn = target(request)
+        spec, invoked_arn = target(request, QUALIFIED, ("invocationType", invocation_type, invocation_types),
+                                   ("logType", log_type, LOG_TYPES))
         payload = await read_payload(request, invocation_type)
         return Call(spec, invoked_arn, payload, client_context(request), log_type == "Tail",
                     caller_trace_id(request.headers.get("X-Amzn-Trace-Id")))
@@ -398,10 +479,10 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             body["NextMarker"] = str(start + count)
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    def read_only(view: Callable[[FunctionSpec], dict[str, Any]]):
+    def read_only(view: Callable[[FunctionSpec], dict[str, Any]], naming: Naming):
         async def handler(request: web.Request) -> web.Response:
             try:
-                spec = lookup(request)
+                spec = target(request, naming)[0]
             except InvokeRefused as exc:
                 return service_error(exc)
             # Off the event loop: a configuration walks (and, once per
@@ -438,10 +519,10 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         auth = daemon.http_auth.setting(spec.name, None) if daemon.http_auth is not None else None
         return url_config(spec, region, f"{request.scheme}://{valid_text(request.host)}", auth)
 
-    def with_request(view: Callable[[web.Request, FunctionSpec], dict[str, Any]]):
+    def with_request(view: Callable[[web.Request, FunctionSpec], dict[str, Any]], naming: Naming):
         async def handler(request: web.Request) -> web.Response:
             try:
-                spec = lookup(request)
+                spec = target(request, naming)[0]
             except InvokeRefused as exc:
                 return service_error(exc)
             return web.Response(body=orjson.dumps(view(request, spec)), content_type="application/json")
@@ -449,7 +530,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
 
     async def no_policy(request: web.Request) -> web.Response:
         try:
-            lookup(request)
+            target(request, QUALIFIED)
         except InvokeRefused as exc:
             return service_error(exc)
         # Lambda's answer for a function with no resource policy.
@@ -463,35 +544,41 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     async def refuse(request: web.Request) -> web.Response:
         return not_implemented(request)
 
-    app.router.add_post(f"{API}/functions/{{name}}/invocations", invoke)
-    app.router.add_post("/2021-11-15/functions/{name}/response-streaming-invocations",
+    name = NAME_SEGMENT
+    app.router.add_post(f"{API}/functions/{name}/invocations", invoke)
+    app.router.add_post(f"/2021-11-15/functions/{name}/response-streaming-invocations",
                         invoke_with_response_stream)
     app.router.add_get(f"{API}/functions", list_functions)
-    app.router.add_get(f"{API}/functions/", list_functions)
-    app.router.add_get(f"{API}/functions/{{name}}", read_only(function))
-    app.router.add_get(f"{API}/functions/{{name}}/configuration",
-                       read_only(lambda spec: function_configuration(spec, region)))
-    app.router.add_get("/2019-09-30/functions/{name}/concurrency", read_only(concurrency))
-    app.router.add_get(f"{API}/functions/{{name}}/versions",
-                       read_only(lambda spec: {"Versions": [function_configuration(spec, region)]}))
-    app.router.add_get(f"{API}/functions/{{name}}/aliases", read_only(lambda spec: {"Aliases": []}))
-    app.router.add_get("/2017-03-31/tags/{name}", read_only(lambda spec: {"Tags": {}}))
+    app.router.add_get(f"{API}/functions/", list_functions)  # before GetFunction, whose name may be empty
+    app.router.add_get(f"{API}/functions/{name}", read_only(function, QUALIFIED))
+    app.router.add_get(f"{API}/functions/{name}/configuration",
+                       read_only(lambda spec: function_configuration(spec, region), QUALIFIED))
+    app.router.add_get(f"/2019-09-30/functions/{name}/concurrency", read_only(concurrency, Naming(FUNCTION_NAME)))
+    app.router.add_get(f"{API}/functions/{name}/versions",
+                       read_only(lambda spec: {"Versions": [function_configuration(spec, region)]},
+                                 Naming(NAMESPACED_FUNCTION_NAME)))
+    app.router.add_get(f"{API}/functions/{name}/aliases",
+                       read_only(lambda spec: {"Aliases": []}, Naming(FUNCTION_NAME)))
+    app.router.add_get(f"/2017-03-31/tags/{name}", read_only(lambda spec: {"Tags": {}}, Naming(TAGGABLE_RESOURCE)))
     app.router.add_get("/2016-08-19/account-settings/", account_settings)
     app.router.add_get("/2016-08-19/account-settings", account_settings)
-    app.router.add_get("/2019-09-25/functions/{name}/event-invoke-config",
-                       read_only(lambda spec: event_invoke_config(spec, region)))
-    app.router.add_get("/2019-09-25/functions/{name}/event-invoke-config/list",
-                       read_only(lambda spec: {"FunctionEventInvokeConfigs": [event_invoke_config(spec, region)]}))
-    app.router.add_get("/2021-10-31/functions/{name}/url", with_request(function_url))
-    app.router.add_get("/2021-10-31/functions/{name}/urls",
-                       with_request(lambda request, spec: {"FunctionUrlConfigs": [function_url(request, spec)]}))
-    app.router.add_get(f"{API}/functions/{{name}}/policy", no_policy)
+    app.router.add_get(f"/2019-09-25/functions/{name}/event-invoke-config",
+                       read_only(lambda spec: event_invoke_config(spec, region), QUALIFIED))
+    app.router.add_get(f"/2019-09-25/functions/{name}/event-invoke-config/list",
+                       read_only(lambda spec: {"FunctionEventInvokeConfigs": [event_invoke_config(spec, region)]},
+                                 Naming(NAMESPACED_FUNCTION_NAME)))
+    app.router.add_get(f"/2021-10-31/functions/{name}/url",
+                       with_request(function_url, Naming(FUNCTION_URL_FUNCTION_NAME, FUNCTION_URL_QUALIFIER)))
+    app.router.add_get(f"/2021-10-31/functions/{name}/urls",
+                       with_request(lambda request, spec: {"FunctionUrlConfigs": [function_url(request, spec)]},
+                                    Naming(FUNCTION_URL_FUNCTION_NAME)))
+    app.router.add_get(f"{API}/functions/{name}/policy", no_policy)
     app.router.add_get("/2018-10-31/layers", no_layers)
     # faasd does not detect recursive loops (Lambda's default, Terminate, would say it does).
-    app.router.add_get("/2024-08-31/functions/{name}/recursion-config",
-                       read_only(lambda spec: {"RecursiveLoop": "Allow"}))
+    app.router.add_get(f"/2024-08-31/functions/{name}/recursion-config",
+                       read_only(lambda spec: {"RecursiveLoop": "Allow"}, Naming(UNQUALIFIED_FUNCTION_NAME)))
     # The other methods on these paths are Lambda's write operations
     # (CreateFunction, DeleteFunction, ...); other paths reach not_implemented
     # through faasd/api.py's by_route, after the functions' own http routes.
-    for path in (f"{API}/functions", f"{API}/functions/", f"{API}/functions/{{name}}"):
+    for path in (f"{API}/functions", f"{API}/functions/", f"{API}/functions/{name}"):
         app.router.add_route("*", path, refuse)

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$", "examples": ["hello"]}
 LAMBDA_NAME = {
-    "type": "string", "minLength": 1, "maxLength": 170,
-    "description": "NAME, NAME:$LATEST, ACCOUNT:function:NAME or the function's ARN",
+    "type": "string", "minLength": 1, "maxLength": 256,
+    "description": "NAME, NAME:$LATEST, ACCOUNT:function:NAME or the function's ARN; one outside "
+                   "the operation's shape in Lambda's API model is a 400 ValidationException",
     "examples": ["hello"],
 }
 MESSAGE = {"type": "object", "properties": {"message": {"type": "string"}}, "required": ["message"]}
@@ -184,7 +185,7 @@ def document() -> dict[str, Any]:
                 "responses": {"200": _json({"type": "object", "properties": {
                     "Configuration": {"type": "object"}, "Code": {"type": "object"}},
                     "required": ["Configuration"]}, "The function"),
-                    **_lambda_errors(403, 404)}}},
+                    **_lambda_errors(400, 403, 404)}}},
             "/2015-03-31/functions/{name}/invocations": {"post": _lambda_invoke(
                 "Invoke", lambda_name, ["RequestResponse", "Event", "DryRun"],
                 {"200": {"description": "The function's result, or its error with "
@@ -202,7 +203,7 @@ def document() -> dict[str, Any]:
                 "summary": operation, "tags": ["lambda"], "operationId": operation,
                 "security": [{"sigv4": []}, {}], "parameters": [lambda_name],
                 "responses": {"200": _json({"type": "object"}, description),
-                              **_lambda_errors(403, 404)}}}
+                              **_lambda_errors(400, 403, 404)}}}
                for path, operation, description in (
                    ("/2015-03-31/functions/{name}/configuration", "GetFunctionConfiguration",
                     "The function's configuration"),
@@ -225,7 +226,7 @@ def document() -> dict[str, Any]:
             "/2015-03-31/functions/{name}/policy": {"get": {
                 "summary": "GetPolicy", "tags": ["lambda"], "operationId": "GetPolicy",
                 "security": [{"sigv4": []}, {}], "parameters": [lambda_name],
-                "responses": _lambda_errors(403, 404)}},
+                "responses": _lambda_errors(400, 403, 404)}},
             **{path: {"get": {
                 "summary": operation, "tags": ["lambda"], "operationId": operation,
                 "security": [{"sigv4": []}, {}],

@@ -252,15 +252,170 @@ def test_an_event_runs_under_its_callers_trace_header_on_every_attempt(daemon, l
 
 
 def test_unknown_functions_raise_resource_not_found(daemon, lam):
-    for name in ("ghost", "arn:aws:lambda:us-east-1:000000000000:function:ghost", "no/such"):
-        with pytest.raises(lam.exceptions.ResourceNotFoundException) as caught:
-            lam.invoke(FunctionName=name, Payload=b"{}")
-        assert caught.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
-    assert caught.value.response["Error"]["Message"].startswith("Function not found: arn:aws:lambda:")
+    # Well-formed names, as Lambda's model allows them, of functions that do not exist.
+    arn = "arn:aws:lambda:us-east-1:000000000000:function"
+    long = "g" * 65  # the model bounds the whole value, not the name in it
+    for name, missing in (("ghost", f"{arn}:ghost"), (f"{arn}:ghost", f"{arn}:ghost"),
+                          ("ghost:$LATEST", f"{arn}:ghost:$LATEST"), ("my.func", f"{arn}:my.func"),
+                          (long, f"{arn}:{long}")):
+        error = refused(lambda: lam.invoke(FunctionName=name, Payload=b"{}"), "ResourceNotFoundException", 404)
+        assert error["Error"]["Message"] == f"Function not found: {missing}"
     with pytest.raises(lam.exceptions.ResourceNotFoundException):
         lam.invoke(FunctionName="ghost", InvocationType="Event", Payload=b"{}")
     with pytest.raises(lam.exceptions.ResourceNotFoundException):
         lam.get_function(FunctionName="ghost")
+
+
+def model_constraint(lam, operation: str, member: str) -> tuple[str, int]:
+    """The pattern and maximum length of `operation`'s `member` in Lambda's model, as botocore has it."""
+    shape = lam.meta.service_model.operation_model(operation).input_shape.members[member]
+    return shape.metadata["pattern"], shape.metadata["max"]
+
+
+def invalid(member: str, value: str, *constraints: str) -> str:
+    """The message of AWS's ValidationException for `value` of `member` breaking `constraints`."""
+    count = len(constraints)
+    return f"{count} validation error{'s' if count > 1 else ''} detected: " + "; ".join(
+        f"Value '{value}' at '{member}' failed to satisfy constraint: {constraint}" for constraint in constraints)
+
+
+def test_a_function_name_outside_lambdas_model_is_a_validation_exception(daemon, lam):
+    # AWS's front end checks every operation's function name against the shape
+    # of Lambda's model that operation uses, before Lambda looks it up.
+    runs = daemon.log_of("echo").count("START RequestId")
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:echo"
+    pattern, _ = model_constraint(lam, "Invoke", "FunctionName")
+    for name in ("no/such", "bad name", "arn:aws:s3:::bucket", "echo:bad!", "echo:$LATEST:more",
+                 "arn:aws:lambda:us-east-1:000000000000:layer:echo:1"):
+        for invocation_type in ("RequestResponse", "Event", "DryRun"):
+            error = refused(lambda: lam.invoke(FunctionName=name, InvocationType=invocation_type, Payload=b"{}"),
+                            "ValidationException", 400, modeled=False)
+            assert error["Error"]["Message"] == invalid(
+                "functionName", name, f"Member must satisfy regular expression pattern: {pattern}"), name
+    error = refused(lambda: lam.invoke_with_response_stream(FunctionName="no/such"), "ValidationException", 400,
+                    modeled=False)
+    assert error["Error"]["Message"] == invalid(
+        "functionName", "no/such", f"Member must satisfy regular expression pattern: {pattern}")
+    # Too long for the model: Invoke's names are at most 256 characters.
+    for name in ("x" * 257, f"{arn}:{'v' * 210}"):
+        error = refused(lambda: lam.invoke(FunctionName=name), "ValidationException", 400, modeled=False)
+        assert error["Error"]["Message"] == invalid(
+            "functionName", name, "Member must have length less than or equal to 256")
+    error = refused(lambda: lam.invoke(FunctionName="bad name" * 40), "ValidationException", 400, modeled=False)
+    assert error["Error"]["Message"] == invalid(
+        "functionName", "bad name" * 40, "Member must have length less than or equal to 256",
+        f"Member must satisfy regular expression pattern: {pattern}")
+    # A qualifier its pattern refuses, and each refusal of one call together, in the model's order.
+    qualifier, _ = model_constraint(lam, "Invoke", "Qualifier")
+    error = refused(lambda: lam.invoke(FunctionName="echo", Qualifier="bad!"), "ValidationException", 400,
+                    modeled=False)
+    assert error["Error"]["Message"] == invalid(
+        "qualifier", "bad!", f"Member must satisfy regular expression pattern: {qualifier}")
+    error = refused(lambda: lam.invoke(FunctionName="no/such", LogType="Bogus", Qualifier="bad!"),
+                    "ValidationException", 400, modeled=False)
+    assert error["Error"]["Message"] == (
+        "3 validation errors detected: "
+        f"Value 'no/such' at 'functionName' failed to satisfy constraint: Member must satisfy regular "
+        f"expression pattern: {pattern}; "
+        "Value 'Bogus' at 'logType' failed to satisfy constraint: Member must satisfy enum value set: "
+        "[None, Tail]; "
+        f"Value 'bad!' at 'qualifier' failed to satisfy constraint: Member must satisfy regular expression "
+        f"pattern: {qualifier}")
+    assert daemon.log_of("echo").count("START RequestId") == runs
+
+
+def test_every_operation_checks_its_function_name_against_its_own_shape(daemon, lam):
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:echo"
+    calls = {
+        "GetFunction": lam.get_function, "GetFunctionConfiguration": lam.get_function_configuration,
+        "GetFunctionConcurrency": lam.get_function_concurrency,
+        "ListVersionsByFunction": lam.list_versions_by_function, "ListAliases": lam.list_aliases,
+        "GetFunctionEventInvokeConfig": lam.get_function_event_invoke_config,
+        "ListFunctionEventInvokeConfigs": lam.list_function_event_invoke_configs,
+        "GetFunctionUrlConfig": lam.get_function_url_config,
+        "ListFunctionUrlConfigs": lam.list_function_url_configs, "GetPolicy": lam.get_policy,
+        "GetFunctionRecursionConfig": lam.get_function_recursion_config,
+    }
+    for operation, call in calls.items():
+        pattern, longest = model_constraint(lam, operation, "FunctionName")
+        for name in ("no/such", "bad name", "arn:aws:sqs:us-east-1:000000000000:queue"):
+            error = refused(lambda: call(FunctionName=name), "ValidationException", 400, modeled=False)
+            assert error["Error"]["Message"] == invalid(
+                "functionName", name, f"Member must satisfy regular expression pattern: {pattern}"), operation
+        # Too long; a name its pattern refuses too (FunctionUrlFunctionName's is 1 to 64 characters) says both.
+        long = "n" * (longest + 1)
+        also = [] if re.fullmatch(pattern, long) else [f"Member must satisfy regular expression pattern: {pattern}"]
+        error = refused(lambda: call(FunctionName=long), "ValidationException", 400, modeled=False)
+        assert error["Error"]["Message"] == invalid(
+            "functionName", long, f"Member must have length less than or equal to {longest}", *also), operation
+        # A well-formed name of no function is still not found.
+        error = refused(lambda: call(FunctionName="ghost"), "ResourceNotFoundException", 404)
+        assert "ghost" in error["Error"]["Message"], operation
+    assert model_constraint(lam, "GetFunctionConcurrency", "FunctionName")[1] == 140
+
+    # Shapes that take no qualifier, or not every one: each refuses what its pattern does.
+    for operation, call, name in (("GetFunctionRecursionConfig", lam.get_function_recursion_config, "echo:$LATEST"),
+                                  ("GetFunctionUrlConfig", lam.get_function_url_config, "echo:$LATEST"),
+                                  ("GetFunctionConcurrency", lam.get_function_concurrency, "echo.v2"),
+                                  ("ListAliases", lam.list_aliases, "echo.v2")):
+        pattern, _ = model_constraint(lam, operation, "FunctionName")
+        error = refused(lambda: call(FunctionName=name), "ValidationException", 400, modeled=False)
+        assert error["Error"]["Message"] == invalid(
+            "functionName", name, f"Member must satisfy regular expression pattern: {pattern}"), operation
+    qualifier, _ = model_constraint(lam, "GetFunctionUrlConfig", "Qualifier")
+    error = refused(lambda: lam.get_function_url_config(FunctionName="echo", Qualifier="$LATEST"),
+                    "ValidationException", 400, modeled=False)
+    assert error["Error"]["Message"] == invalid(
+        "qualifier", "$LATEST", f"Member must satisfy regular expression pattern: {qualifier}")
+    qualifier, _ = model_constraint(lam, "GetFunction", "Qualifier")
+    for call in (lam.get_function, lam.get_function_configuration, lam.get_function_event_invoke_config,
+                 lam.get_policy):
+        error = refused(lambda: call(FunctionName="echo", Qualifier="v 1"), "ValidationException", 400,
+                        modeled=False)
+        assert error["Error"]["Message"] == invalid(
+            "qualifier", "v 1", f"Member must satisfy regular expression pattern: {qualifier}")
+    # ListTags names its resource by ARN only.
+    resource, _ = model_constraint(lam, "ListTags", "Resource")
+    for name in ("echo", "000000000000:function:echo", f"{arn}:bad!"):
+        error = refused(lambda: lam.list_tags(Resource=name), "ValidationException", 400, modeled=False)
+        assert error["Error"]["Message"] == invalid(
+            "resource", name, f"Member must satisfy regular expression pattern: {resource}")
+    error = refused(lambda: lam.list_tags(Resource="arn:aws:lambda:us-east-1:000000000000:code-signing-config:"
+                                                   "csc-0123456789abcdefg"), "ResourceNotFoundException", 404)
+    assert error["Error"]["Message"].endswith(":code-signing-config:csc-0123456789abcdefg")
+    # And the well-formed names of a function that exists still reach it.
+    assert lam.get_function(FunctionName=arn, Qualifier="$LATEST")["Configuration"]["FunctionName"] == "echo"
+    assert "ReservedConcurrentExecutions" not in lam.get_function_concurrency(FunctionName=f"{arn}:$LATEST")
+    assert lam.list_tags(Resource=arn)["Tags"] == {}
+    assert lam.get_function_url_config(FunctionName=arn)["FunctionArn"] == arn
+    # An operation that takes no qualifier ignores a `?Qualifier=`, as AWS does.
+    assert daemon.get("/2024-08-31/functions/echo/recursion-config?Qualifier=prod").json() == {
+        "RecursiveLoop": "Allow"}
+
+
+def test_names_boto3_refuses_itself_are_validation_exceptions_over_http(daemon, lam):
+    # boto3 refuses an empty name before sending it; over plain HTTP it is
+    # refused as AWS's front end refuses it, not taken for another operation.
+    pattern, _ = model_constraint(lam, "Invoke", "FunctionName")
+    empty = invalid("functionName", "", "Member must have length greater than or equal to 1",
+                    f"Member must satisfy regular expression pattern: {pattern}")
+    for answer in (daemon.invoke(""), daemon.post("/2021-11-15/functions//response-streaming-invocations"),
+                   daemon.get("/2015-03-31/functions//configuration")):
+        assert (answer.status, answer.headers["x-amzn-errortype"]) == (400, "ValidationException")
+        assert answer.json() == {"message": empty}
+    concurrency, _ = model_constraint(lam, "GetFunctionConcurrency", "FunctionName")
+    answer = daemon.get("/2019-09-30/functions//concurrency")
+    assert answer.json()["message"] == invalid(
+        "functionName", "", "Member must have length greater than or equal to 1",
+        f"Member must satisfy regular expression pattern: {concurrency}")
+    # Bytes that are not UTF-8, which boto3 cannot send, and braces, are no name either.
+    for raw, shown in (("a%FFb", "a%FFb"), ("a{b}", "a{b}"), ("%7Becho%7D", "{echo}")):
+        answer = daemon.invoke(raw)
+        assert (answer.status, answer.headers["x-amzn-errortype"]) == (400, "ValidationException"), raw
+        assert answer.json() == {"message": invalid(
+            "functionName", shown, f"Member must satisfy regular expression pattern: {pattern}")}
+    # GetFunction's path with no name is ListFunctions', as in Lambda.
+    assert "Functions" in daemon.get("/2015-03-31/functions/").json()
 
 
 def test_names_arns_and_the_latest_qualifier_reach_the_function(daemon, lam):
