@@ -45,8 +45,8 @@ class FunctionNotFound(InvokeRefused):
     status = 404
     error_type = "ResourceNotFoundException"
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"Function not found: {name}")
+    def __init__(self, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"Function not found: {name}")
         self.name = name
 
 

@@ -286,6 +286,15 @@ class Naming:
 QUALIFIED = Naming(NAMESPACED_FUNCTION_NAME, NUMERIC_LATEST_PUBLISHED_OR_ALIAS_QUALIFIER)
 
 
+def arn_region(head: str) -> str:
+    """The region named in what comes before `:function:` in a name Lambda's
+    pattern allowed (`arn:aws:lambda:REGION:ACCOUNT`, `REGION:ACCOUNT`, ...); '' for none."""
+    fields = head.split(":")
+    if fields[0] == "arn":
+        fields = fields[3:]
+    return fields[0] if fields and not fields[0].isdigit() else ""
+
+
 def response_body(invocation: "Invocation") -> bytes:
     """What Invoke answers with: the function's result (`null` for none), or its error document."""
     if invocation.error is not None:
@@ -368,9 +377,17 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         if given.startswith("arn:") and ":function:" not in given:
             raise FunctionNotFound(given)  # another Lambda resource (ListTags takes any)
         # Lambda accepts NAME, NAME:QUALIFIER, ACCOUNT:function:NAME[:QUALIFIER]
-        # and the full ARN; `?Qualifier=` works too.
-        name = given.split(":function:", 1)[1] if ":function:" in given else given
+        # and the full ARN; `?Qualifier=` works too. The account in an ARN is
+        # not held against it: faasd is one account, whichever a caller copies.
+        head, _, name = given.rpartition(":function:")
         name, _, qualifier = name.partition(":")
+        if qualifier and queried and qualifier != queried:
+            raise InvalidParameter("The derived qualifier from the function name does not match "
+                                   "the specified qualifier.")
+        named_region = arn_region(head)
+        if named_region and named_region != region:
+            raise FunctionNotFound(given, f"Functions from '{named_region}' are not reachable in "
+                                          f"this region ('{region}')")
         qualifier = qualifier or queried
         arn = function_arn(name, region) + (f":{qualifier}" if qualifier else "")
         spec = daemon.registry.get(name) if valid_name(name) else None

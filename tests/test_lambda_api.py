@@ -429,6 +429,24 @@ def test_names_arns_and_the_latest_qualifier_reach_the_function(daemon, lam):
     assert caught.value.response["Error"]["Message"].endswith(":function:echo:prod")
 
 
+def test_an_arn_of_another_region_or_a_qualifier_the_name_contradicts_is_refused(daemon, lam):
+    west = "arn:aws:lambda:eu-west-1:000000000000:function:echo"
+    for name in (west, f"{west}:$LATEST", "eu-west-1:000000000000:function:echo"):
+        for call in (lambda: lam.invoke(FunctionName=name, Payload=b"{}"),
+                     lambda: lam.get_function(FunctionName=name)):
+            error = refused(call, "ResourceNotFoundException", 404)
+            assert error["Error"]["Message"] == ("Functions from 'eu-west-1' are not reachable in this "
+                                                 "region ('us-east-1')"), name
+    error = refused(lambda: lam.invoke(FunctionName="echo:$LATEST", Qualifier="live", Payload=b"{}"),
+                    "InvalidParameterValueException", 400)
+    assert error["Error"]["Message"] == ("The derived qualifier from the function name does not match "
+                                         "the specified qualifier.")
+    # Named alike twice is no contradiction; another account's number is faasd's one account.
+    assert lam.invoke(FunctionName="echo:$LATEST", Qualifier="$LATEST")["StatusCode"] == 200
+    assert lam.invoke(FunctionName="arn:aws:lambda:us-east-1:123456789012:function:echo",
+                      Payload=b"{}")["StatusCode"] == 200
+
+
 def test_context_invoked_function_arn_is_the_arn_the_caller_named(daemon, lam):
     arn = "arn:aws:lambda:us-east-1:000000000000:function:echo"
     named = {"echo": arn, "echo:$LATEST": f"{arn}:$LATEST", "000000000000:function:echo": arn,
