@@ -422,6 +422,50 @@ def test_a_retry_the_broker_refuses_is_held_not_run_again_and_sent_once_it_can_b
     assert (figures["retried"], figures["dead_lettered"], figures["depth"]) == (1, 1, 0)
 
 
+async def publish(url: str, queue: str, message: aio_pika.Message) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.default_exchange.publish(message, routing_key=queue, mandatory=True)
+
+
+async def take_one(url: str, queue: str) -> aio_pika.abc.AbstractIncomingMessage | None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return await declared.get(no_ack=True, fail=False)
+
+
+@pytest.mark.amqp
+def test_an_event_the_node_cannot_process_goes_to_the_dead_letter_queue_on_its_third_fault(cluster: Cluster):
+    write_function(cluster.functions, "poison.py", FAILING)
+    write_function(cluster.functions, "poison.toml", "[async]\nmax_retries = 0\n")
+    a = cluster.start("a")
+    cluster.wait_formed(1)
+    wait_until(lambda: a.get("/readyz").status == 200, 20, message="node a to take events")
+    # A faulty producer's event: its time is past what the platform's time_t holds. It runs,
+    # fails, and the node trips over that time when it writes the dead-letter record.
+    message = Job("poison", "poison-1", b'{"i": 1}', "api", time.time()).to_message()
+    envelope = json.loads(message.headers[ENVELOPE_HEADER])
+    message.headers[ENVELOPE_HEADER] = json.dumps({**envelope, "enqueued_at": 1e20})
+    asyncio.run(publish(cluster.url, cluster.names.function("poison"), message))
+
+    # Handed back each time, it would run once a second up to the broker's delivery limit (50).
+    dead = wait_until(lambda: asyncio.run(take_one(cluster.url, cluster.names.dead_letter)), 30,
+                      interval=0.5, message="the event in the dead-letter queue")
+    assert dead.message_id == "poison-1"
+    assert dead.headers["x-death"][0]["reason"] == "rejected"  # by the node, not the delivery limit
+    time.sleep(2)
+    assert [rid for _, rid in log_lines(a, "poison", "ATTEMPT")] == ["poison-1"] * 3
+    own = daemon_lines(a)
+    assert own.count("Traceback") == 1  # the first fault's; one line each after
+    assert (f"cluster: event poison-1 of poison (from api) could not be processed 3 times on this node "
+            f"(last: OverflowError: timestamp out of range for platform time_t); it goes to "
+            f"{cluster.names.dead_letter}, not handed back again") in own
+    assert a.function("poison")["queue"]["dead_lettered"] == 1
+
+
 @pytest.mark.amqp
 def test_a_node_without_its_broker_is_not_ready_and_refuses_events(cluster: Cluster):
     write_function(cluster.functions, "work.py", RECORDER)

@@ -1,4 +1,5 @@
-"""Unit tests of faasd.cluster.workqueue: how a node settles an event whose outcome it cannot record."""
+"""Unit tests of faasd.cluster.workqueue: how a node settles an event whose outcome it cannot
+record, or whose processing raises."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import errno
 import logging
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import aiormq
@@ -27,7 +29,7 @@ class Message:
     def __init__(self, job: Job) -> None:
         sent = job.to_message()
         self.headers, self.message_id, self.body = sent.headers, sent.message_id, sent.body
-        self.reply_to = self.correlation_id = None
+        self.reply_to, self.correlation_id = sent.reply_to, sent.correlation_id
         self.channel = SimpleNamespace(is_closed=False)  # the channel it came on
         self.settled: list[str] = []
 
@@ -38,7 +40,7 @@ class Message:
         self.settled.append("nack")
 
     async def reject(self, requeue: bool = False) -> None:
-        self.settled.append("reject")
+        self.settled.append("reject, requeue" if requeue else "reject")
 
 
 async def until(condition, timeout: float = 5.0) -> None:
@@ -250,3 +252,71 @@ async def test_an_event_run_here_whose_destination_the_broker_refuses_is_not_run
     assert invoker.calls == 1
     assert outcomes[0].succeeded and outcomes[0].destination == "function:ship"
     assert [routing_key for routing_key, _ in publisher.published] == ["faasd.cluster.test.fn.ship"]
+
+
+# -- an event whose processing raises (a fault of faasd's, not the function's) ------------------
+
+def broken_record(**_):
+    raise KeyError("responsePayload")
+
+
+def faults_told(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "faasd.cluster" and r.levelno >= logging.ERROR]
+
+
+@pytest.mark.asyncio
+async def test_an_event_whose_processing_raises_is_handed_back_then_dead_lettered_on_the_third_fault(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(workqueue, "NACK_DELAY_S", 0)
+    monkeypatch.setattr(workqueue, "destination_record", broken_record)
+    invoker = Outcomes(failing=True)
+    events = node(tmp_path, invoker, Publisher(refusals=0), AsyncConfig(max_retries=0))
+    outcomes = []
+    events._callbacks["cb-1"] = (outcomes.append, time.time())  # put through this node
+    job = Job("orders", "r-1", b'{"n": 1}', "cron", time.time(), reply_to="inbox", callback="cb-1")
+    deliveries = [Message(job) for _ in range(3)]
+    for message in deliveries:  # the broker delivers it again each time it is handed back
+        await events._handle("orders", "faasd.cluster.test.fn.orders", message)
+    assert [m.settled for m in deliveries] == [["nack"], ["nack"], ["reject"]]
+    assert invoker.calls == 3 and events._faults == {}
+    # Its on_done learns it failed (a cron schedule with overlap = "skip" fires again).
+    assert [(o.succeeded, o.condition, o.destination) for o in outcomes] == [
+        (False, "RetriesExhausted", "faasd.cluster.test.dead-letter")]
+    assert events.function_stats("orders")["dead_lettered"] == 1
+    told = faults_told(caplog)
+    assert [bool(r.exc_info) for r in told] == [True, False, False]  # one traceback, then lines
+    assert "(2 of 3 times: KeyError: 'responsePayload'); handing it back" in told[1].getMessage()
+    assert told[2].getMessage() == (
+        "cluster: event r-1 of orders (from cron) could not be processed 3 times on this node "
+        "(last: KeyError: 'responsePayload'); it goes to faasd.cluster.test.dead-letter, "
+        "not handed back again")
+
+
+@pytest.mark.asyncio
+async def test_the_faults_of_an_event_are_forgotten_once_it_settles_and_only_the_latest_are_kept(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(workqueue, "NACK_DELAY_S", 0)
+    monkeypatch.setattr(workqueue, "FAULTS_KEPT", 2)
+    invoker = Outcomes(failing=True)
+    events = node(tmp_path, invoker, Publisher(refusals=0), AsyncConfig(max_retries=0))
+    job = Job("orders", "r-1", b'{"n": 1}', "api", time.time())
+
+    async def deliver(job: Job) -> list[str]:
+        message = Message(job)
+        await events._handle("orders", "faasd.cluster.test.fn.orders", message)
+        return message.settled
+
+    with monkeypatch.context() as broken:
+        broken.setattr(workqueue, "destination_record", broken_record)
+        assert [await deliver(job) for _ in range(2)] == [["nack"], ["nack"]]
+    assert events._faults == {"r-1": 2}
+    assert await deliver(job) == ["ack"]  # dead-lettered to its file, the fault gone
+    assert events._faults == {}
+    with monkeypatch.context() as broken:
+        broken.setattr(workqueue, "destination_record", broken_record)
+        # Counted from one again: handed back, not dead-lettered.
+        assert [await deliver(job) for _ in range(2)] == [["nack"], ["nack"]]
+        for request_id in ("r-2", "r-3"):
+            assert await deliver(replace(job, request_id=request_id)) == ["nack"]
+    assert events._faults == {"r-2": 1, "r-3": 1}  # the oldest went first
+

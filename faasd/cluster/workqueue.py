@@ -40,6 +40,13 @@ queue, and `/readyz` names it without failing (the broker refuses every node
 alike, and synchronous calls do not need it). If the connection the event
 came on drops meanwhile, the broker has it back already: it is delivered
 again and runs again.
+An event whose processing raises here (a fault of faasd's own, neither the
+function's failure nor a refusal of the broker's) is handed back after
+NACK_DELAY_S, to run again; the MAX_FAULTS-th time on the same node it is
+rejected instead, and the broker moves it to `faasd.cluster.<name>.dead-letter`
+(its `on_done` is told it failed): a poison event would otherwise run its
+function again every second, for ever on a classic queue, and up to the
+delivery limit (MAX_DELIVERIES) on a quorum one.
 A node that dies before the ack loses nothing: the broker gives its
 unacknowledged events to another node (at least once; an interrupted run is
 not counted as an attempt). A node that is stopping cancels its consumers at
@@ -92,9 +99,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from ..broker import let_go
 from ..errors import HANDLED, FunctionError, InvokeRefused, ShuttingDown
 from ..queue import (
-    OUTCOME_RETRY_MAX_S, SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit, dead_letter_path,
-    destination_function, destination_record, next_attempt, notify_done, outcome_retry_delays,
-    write_file_durably,
+    OUTCOME_RETRY_MAX_S, RETRIES_EXHAUSTED, SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit,
+    dead_letter_path, destination_function, destination_record, next_attempt, notify_done,
+    outcome_retry_delays, write_file_durably,
 )
 from ..spec import AsyncConfig, FunctionSpec, new_request_id
 from .link import BrokerLink
@@ -119,6 +126,12 @@ PUBLISH_WAIT_S = 5.0
 PUBLISH_TIMEOUT_S = 30.0
 # Before handing back an event this node cannot run, so that it does not spin.
 NACK_DELAY_S = 1.0
+# An event whose processing raised this many times on this node (a fault of
+# faasd's, not the function's) is given up rather than run again: a poison
+# event must not run its function for ever. The counts of at most FAULTS_KEPT
+# events are kept; the oldest go first.
+MAX_FAULTS = 3
+FAULTS_KEPT = 1000
 CLOSE_WAIT_S = 2.0
 QUORUM_SETTLE_S = 1.0
 # An on_done callback whose outcome never came (its event ran on a node that
@@ -300,6 +313,7 @@ class ClusterQueue:
         self._figures: dict[str, _Figures] = {}
         self._unwritten: dict[str, str] = {}  # request id -> why its dead letter is not written yet
         self._unsent: dict[str, tuple[str, str]] = {}  # request id -> (queue, why) the broker refuses
+        self._faults: dict[str, int] = {}  # request id -> how often processing it raised here, oldest first
         self._closing = False
         self._consuming = True
         self._subscribed = False
@@ -632,13 +646,39 @@ class ClusterQueue:
             raise  # unsettled: the broker gets it back when the channel closes
         except _DeliveryGone:
             pass  # the broker has it back, to deliver again (logged where it was found)
-        except Exception:
-            log.exception("cluster: event %s of %s could not be processed; handing it back",
-                          job.request_id, function)
-            await asyncio.sleep(NACK_DELAY_S)
-            await _settle(message.nack(requeue=True), function, "hand back")
+        except Exception as exc:
+            await self._faulted(job, message, figures, exc)
+        else:
+            self._faults.pop(job.request_id, None)
         finally:
             figures.holding.pop(id(job), None)
+
+    async def _faulted(self, job: Job, message: AbstractIncomingMessage, figures: _Figures,
+                       exc: Exception) -> None:
+        """Processing `job` raised: hand it back to run again, or, the MAX_FAULTS-th time here,
+        reject it into the dead-letter queue and tell its `on_done` that it failed."""
+        faults = self._faults.pop(job.request_id, 0) + 1
+        if faults < MAX_FAULTS:
+            self._faults[job.request_id] = faults
+            while len(self._faults) > FAULTS_KEPT:
+                del self._faults[next(iter(self._faults))]
+            _log_fault(job, faults, exc, "handing it back")
+            await asyncio.sleep(NACK_DELAY_S)
+            await _settle(message.nack(requeue=True), job.function, "hand back")
+            return
+        log.error("cluster: event %s of %s (from %s) could not be processed %d times on this node "
+                  "(last: %s); it goes to %s, not handed back again", job.request_id, job.function,
+                  job.source, faults, _explain(exc), self.names.dead_letter)
+        await _settle(message.reject(requeue=False), job.function, "dead-letter")
+        await self._report(job, self._given_up(job, figures, self.names.dead_letter))
+
+    def _given_up(self, job: Job, figures: _Figures, destination: str | None) -> QueuedOutcome:
+        """The failure outcome of an event given up after MAX_FAULTS faults, made of its envelope
+        alone: its last error is not parsed, nor a record written, either of which may be what raised."""
+        figures.dead_lettered += 1
+        return QueuedOutcome(request_id=job.request_id, function=job.function, source=job.source,
+                             succeeded=False, condition=RETRIES_EXHAUSTED, attempts=job.attempts,
+                             destination=destination)
 
     async def _process(self, job: Job, message: AbstractIncomingMessage, figures: _Figures) -> None:
         step = await self._attempt(job, figures)
@@ -917,6 +957,16 @@ async def _settle(settle: Any, function: str, what: str) -> None:
         # The channel the message came on is gone: the broker has it back already.
         log.warning("cluster: could not %s an event of %s (%s); the broker delivers it again",
                     what, function, exc)
+
+
+def _log_fault(job: Job, faults: int, exc: Exception, then: str) -> None:
+    """The traceback the first time `job` could not be processed, one line each time after."""
+    if faults == 1:
+        log.error("cluster: event %s of %s could not be processed (1 of %d times before it is "
+                  "given up); %s", job.request_id, job.function, MAX_FAULTS, then, exc_info=exc)
+    else:
+        log.error("cluster: event %s of %s could not be processed again (%d of %d times: %s); %s",
+                  job.request_id, job.function, faults, MAX_FAULTS, _explain(exc), then)
 
 
 def _delivery_gone(message: AbstractIncomingMessage | None) -> bool:
