@@ -320,3 +320,30 @@ async def test_the_faults_of_an_event_are_forgotten_once_it_settles_and_only_the
             assert await deliver(replace(job, request_id=request_id)) == ["nack"]
     assert events._faults == {"r-2": 1, "r-3": 1}  # the oldest went first
 
+
+@pytest.mark.asyncio
+async def test_an_event_run_here_whose_processing_raises_is_given_up_as_a_failure_on_the_third_fault(
+        tmp_path, monkeypatch, caplog):
+    # durable=False (an AMQP trigger's message): told it failed, the trigger dead-letters its
+    # message; not told, it would wait for ever, the event running again every second.
+    monkeypatch.setattr(workqueue, "NACK_DELAY_S", 0)
+    monkeypatch.setattr(workqueue, "destination_record", broken_record)
+    invoker = Outcomes(failing=True)
+    events = node(tmp_path, invoker, Publisher(refusals=0), AsyncConfig(max_retries=0))
+    outcomes = []
+    request_id = await events.put("orders", b'{"n": 1}', source="amqp", durable=False,
+                                  on_done=outcomes.append)
+    await until(lambda: outcomes)
+    await asyncio.sleep(0.05)  # nothing else comes
+    assert invoker.calls == 3
+    assert [(o.request_id, o.succeeded, o.condition, o.destination) for o in outcomes] == [
+        (request_id, False, "RetriesExhausted", None)]
+    figures = events.function_stats("orders")
+    assert (figures["dead_lettered"], figures["held_here"]) == (1, 0)
+    told = faults_told(caplog)
+    assert [bool(r.exc_info) for r in told] == [True, False, False]
+    assert "(2 of 3 times: KeyError: 'responsePayload'); trying again" in told[1].getMessage()
+    assert told[2].getMessage() == (
+        f"cluster: event {request_id} of orders (from amqp) could not be processed 3 times "
+        "(last: KeyError: 'responsePayload'); given up: its source is told it failed, so that it is "
+        "not delivered and run again")

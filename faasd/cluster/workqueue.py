@@ -61,7 +61,10 @@ the putting node is gone, the event still runs and the outcome is dropped.
 `durable=False` events (an AMQP trigger's message, held by the broker until
 `on_done`) run on the node that received them, with retries waiting in
 memory, exactly as the embedded queue runs them: the trigger's own queue has
-already spread them over the nodes.
+already spread them over the nodes. One whose processing raises MAX_FAULTS
+times is given up as a failure (RetriesExhausted, nothing written): its
+source settles it as it settles any failure, and does not deliver it again
+(an AMQP trigger rejects its message into the trigger's dead-letter queue).
 
 File events are the exception to "any node": the event names a file on
 the disk of the node that saw it, so it goes to that node's own queue of the
@@ -709,6 +712,7 @@ class ClusterQueue:
         """A durable=False event: run here, retries wait in memory; the source keeps the original."""
         figures = self._figure(job.function)
         figures.holding[id(job)] = job.enqueued_at
+        faults = 0
         try:
             while not self._closing:
                 try:
@@ -725,11 +729,20 @@ class ClusterQueue:
                     outcome = await self._finish(job, step, figures)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("cluster: event %s of %s could not be processed; trying again",
-                                  job.request_id, job.function)
-                    await asyncio.sleep(NACK_DELAY_S)
-                    continue
+                except Exception as exc:
+                    faults += 1
+                    if faults < MAX_FAULTS:
+                        _log_fault(job, faults, exc, "trying again")
+                        await asyncio.sleep(NACK_DELAY_S)
+                        continue
+                    # Its source would deliver it again if not told, and run it again: it
+                    # is told it failed, and settles it as any failure (the AMQP trigger
+                    # rejects its message into the trigger's dead-letter queue).
+                    log.error("cluster: event %s of %s (from %s) could not be processed %d times "
+                              "(last: %s); given up: its source is told it failed, so that it is "
+                              "not delivered and run again", job.request_id, job.function,
+                              job.source, faults, _explain(exc))
+                    outcome = self._given_up(job, figures, None)
                 await notify_done(on_done, outcome)
                 return
         finally:
