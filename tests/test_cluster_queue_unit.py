@@ -104,6 +104,40 @@ async def test_a_dead_letter_the_disk_refuses_is_held_unacknowledged_and_written
     assert "cluster: every dead letter held back is written" in [r.getMessage() for r in told]
 
 
+@pytest.mark.asyncio
+async def test_a_dead_letter_held_back_is_left_to_the_broker_once_the_connection_it_came_on_is_gone(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(embedded_queue, "OUTCOME_RETRY_FIRST_S", 0.01)
+    spec = SimpleNamespace(name="flaky", ok=True, async_config=AsyncConfig(max_retries=0))
+    registry = SimpleNamespace(get=lambda name: spec if name == "flaky" else None)
+    events = ClusterQueue(link=None, names=Names("test"), registry=registry, invoker=Invoker(),
+                          data_dir=tmp_path, region="us-east-1", prefetch=1, max_concurrency=10,
+                          node="a", inbox="inbox")
+    refusals = 0
+
+    def disk_full(path, data):
+        nonlocal refusals
+        refusals += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(workqueue, "write_file_durably", disk_full)
+    caplog.set_level(logging.INFO, logger="faasd.cluster")
+    message = Message(Job("flaky", "r-1", b'{"n": 1}', "api", time.time()))
+    handling = asyncio.create_task(events._handle("flaky", "faasd.cluster.test.fn.flaky", message))
+    await until(lambda: refusals >= 2 or handling.done())
+    assert events.held_back() is not None
+    message.channel.is_closed = True  # the connection dropped: the broker has the event back
+    await asyncio.wait_for(handling, 5)
+    # Its next delivery runs it again and writes its own dead letter: this one would be a second.
+    assert message.settled == [] and not (tmp_path / "dead-letter" / "flaky").exists()
+    assert events.held_back() is None and events.function_stats("flaky")["held_here"] == 0
+    told = [r for r in caplog.records if r.name == "faasd.cluster" and r.levelno >= logging.WARNING]
+    assert [r.levelname for r in told] == ["ERROR", "WARNING"] and not any(r.exc_info for r in told)
+    assert told[1].getMessage() == (
+        "cluster: the connection that delivered flaky r-1 closed before its dead letter was written "
+        "(No space left on device); the broker delivers the event again, and it runs again")
+
+
 # -- a retry or destination record the broker refuses -----------------------------------------
 
 REFUSAL = ("PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'faasd.cluster.test.fn.ship' "

@@ -38,8 +38,9 @@ stays here unacknowledged meanwhile: it has run, and handed back it would run
 again, in a loop for as long as the broker refuses. The log says so once per
 queue, and `/readyz` names it without failing (the broker refuses every node
 alike, and synchronous calls do not need it). If the connection the event
-came on drops meanwhile, the broker has it back already: it is delivered
-again and runs again.
+came on drops while its dead letter, retry or record waits, the broker has it
+back already: it is delivered again and runs again, and this node gives up
+what it held, so that the next run's is the only one.
 An event whose processing raises here (a fault of faasd's own, neither the
 function's failure nor a refusal of the broker's) is handed back after
 NACK_DELAY_S, to run again; the MAX_FAULTS-th time on the same node it is
@@ -812,7 +813,8 @@ class ClusterQueue:
             destination = f"function:{target}"
         elif record is not None:
             path = dead_letter_path(self.dead_letter_dir, job.function, job.request_id)
-            await self._write_dead_letter(job, path, orjson.dumps(record, option=orjson.OPT_INDENT_2))
+            await self._write_dead_letter(job, path, orjson.dumps(record, option=orjson.OPT_INDENT_2),
+                                          message)
             destination = str(path)
         if succeeded:
             figures.succeeded += 1
@@ -832,27 +834,43 @@ class ClusterQueue:
             response=step.invocation.payload if succeeded and step.invocation else None,
             destination=destination)
 
-    async def _write_dead_letter(self, job: Job, path: Path, data: bytes) -> None:
+    async def _write_dead_letter(self, job: Job, path: Path, data: bytes,
+                                 message: AbstractIncomingMessage | None) -> None:
         """Write `job`'s dead-letter file, trying again (1 s, doubling to 30 s) until it is written.
 
         Until then its message stays unacknowledged on this node: handed back,
         it would run again and fail again, a loop for as long as the disk is full.
+        Once the channel `message` came on has closed, the broker has the event
+        back to deliver again: this gives up (_DeliveryGone) rather than write
+        what the next run writes too. An event run here for its source
+        (`message` None) waits for as long as it takes.
         """
         delays = outcome_retry_delays()
-        while True:
-            try:
-                await asyncio.to_thread(write_file_durably, path, data)
-            except OSError as exc:
+        reason = ""
+        try:
+            while True:
+                if _delivery_gone(message):
+                    log.warning("cluster: the connection that delivered %s %s closed before its dead letter "
+                                "was written%s; the broker delivers the event again, and it runs again",
+                                job.function, job.request_id, f" ({reason})" if reason else "")
+                    raise _DeliveryGone
+                try:
+                    await asyncio.to_thread(write_file_durably, path, data)
+                    break
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                if _delivery_gone(message):
+                    continue  # the broker has it back: given up above
                 if not self._unwritten:
                     log.error("cluster: cannot write the dead letter of %s %s to %s (%s); the event "
                               "stays here unacknowledged, and the file is written as soon as the "
-                              "disk allows", job.function, job.request_id, path.parent, exc)
-                self._unwritten[job.request_id] = exc.strerror or str(exc)
+                              "disk allows", job.function, job.request_id, path.parent, reason)
+                self._unwritten[job.request_id] = reason
                 await asyncio.sleep(next(delays))
-                continue
             if self._unwritten.pop(job.request_id, None) is not None and not self._unwritten:
                 log.info("cluster: every dead letter held back is written")
-            return
+        finally:
+            self._unwritten.pop(job.request_id, None)
 
     async def _until_sent(self, job: Job, what: str, queue: str, send: Callable[[], Awaitable[None]],
                           message: AbstractIncomingMessage | None) -> None:
