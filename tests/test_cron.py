@@ -86,6 +86,24 @@ def test_seconds_rates_and_utc():
     assert ticks(Schedule("rate(2 days)"), "2024-01-01 00:00:00", 1) == ["2024-01-02 00:00:00"]
 
 
+def test_eventbridge_cron_expressions_fire_as_on_aws():
+    # EventBridge numbers weekdays 1-7 from Sunday and puts ? in Day-of-month or Day-of-week.
+    monday = "2026-12-07 00:00:00"
+    assert ticks(Schedule("cron(0 10 * * ? *)"), monday, 2) == ["2026-12-07 10:00:00", "2026-12-08 10:00:00"]
+    assert ticks(Schedule("cron(0 12 ? * 1 *)"), monday, 1) == ["2026-12-13 12:00:00"]  # Sunday
+    assert ticks(Schedule("cron(15 12 ? * 2-6 *)"), "2026-12-11 13:00:00", 2) == [  # Friday, then Monday
+        "2026-12-14 12:15:00", "2026-12-15 12:15:00"]
+    assert ticks(Schedule("cron(0/30 8 ? * MON-FRI *)"), monday, 2) == ["2026-12-07 08:00:00", "2026-12-07 08:30:00"]
+    assert ticks(Schedule("cron(0 18 ? * 6L *)"), monday, 2) == [  # the month's last Friday
+        "2026-12-25 18:00:00", "2027-01-29 18:00:00"]
+    assert ticks(Schedule("cron(0 9 ? * 3#2 *)"), monday, 1) == ["2026-12-08 09:00:00"]  # its second Tuesday
+    assert ticks(Schedule("cron(0 12 L * ? *)"), monday, 1) == ["2026-12-31 12:00:00"]
+    assert ticks(Schedule("cron(0 12 15W * ? *)"), "2027-05-01 00:00:00", 1) == ["2027-05-14 12:00:00"]
+    yearly = Schedule("cron(0 0 1 1 ? 2028-2029)")
+    assert ticks(yearly, monday, 2) == ["2028-01-01 00:00:00", "2029-01-01 00:00:00"]
+    assert yearly.next_after(utc("2029-06-01 00:00:00")) is None
+
+
 def test_recent_ticks_for_catch_up():
     schedule = Schedule("0 * * * *")
     recent = schedule.recent(utc("2024-01-01 00:30:00"), utc("2024-01-01 05:10:00"), 2)
@@ -173,6 +191,18 @@ async def test_the_scheduler_fires_each_local_time_once_across_both_dst_changes(
         "2024-10-26T23:30:00Z", "2024-10-27T00:00:00Z", "2024-10-27T00:30:00Z",
         "2024-10-27T02:00:00Z", "2024-10-27T02:30:00Z"]
     assert len({request_id for _, _, request_id in submit.items}) == len(submit.items)
+
+
+async def test_a_schedule_whose_last_year_has_passed_ends_without_firing(tmp_path):
+    submit = Submissions()
+    trigger = make_trigger(tmp_path, FakeClock(utc("2026-12-07 00:00:00")), submit,
+                           schedule="cron(0 0 1 * ? 2020-2025)")
+    await trigger.start()
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert trigger.state()["status"] == "ended" and trigger.state()["next"] is None
+    assert submit.items == [] and trigger.last_error is None
+    await trigger.stop()
 
 
 async def test_overlap_skips_ticks_while_the_previous_run_goes_on_unless_allowed(tmp_path):
@@ -283,6 +313,19 @@ def test_an_every_second_schedule_fires_each_second_in_real_time(start_daemon, f
     assert state["max_lateness_ms"] is not None and state["last_lateness_ms"] >= 0
 
 
+def test_eventbridge_cron_schedules_load_and_say_their_next_tick(start_daemon, functions_dir):
+    cron_function(functions_dir, "minutely", 'schedule = "cron(* * * * ? *)"')
+    cron_function(functions_dir, "expired", 'schedule = "cron(0 0 1 1 ? 2020)"')
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: cron_state(daemon, "minutely").get("next"), timeout=20, message="a next tick")
+    state = cron_state(daemon, "minutely")
+    next_tick = datetime.strptime(state["next"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    assert state["status"] == "scheduled" and next_tick % 60 == 0 and 0 < next_tick - time.time() <= 61
+    wait_until(lambda: cron_state(daemon, "expired").get("status") == "ended", timeout=20)
+    assert daemon.function("expired")["load_error"] is None  # the function itself still serves
+    assert "cron schedule cron(0 0 1 1 ? 2020) has no tick left" in daemon.output()
+
+
 def test_a_tick_is_skipped_while_the_previous_run_is_still_going(start_daemon, functions_dir):
     cron_function(functions_dir, "slow", 'schedule = "* * * * * *"', sleep=2.5)
     daemon = start_daemon(functions_dir)
@@ -337,6 +380,9 @@ def test_missed_ticks_run_only_with_catch_up(start_daemon, functions_dir, catch_
     ('schedule = "* * *"', "triggers[0] (cron): schedule = '* * *': expected 5 cron fields"),
     ('schedule = "rate(5 weeks)"', "triggers[0] (cron): schedule = 'rate(5 weeks)': expected rate(N"),
     ('schedule = "0 0 30 2 *"', "triggers[0] (cron): schedule = '0 0 30 2 *': not a valid cron"),
+    ('schedule = "cron(0 10 * * * *)"', "schedule = 'cron(0 10 * * * *)': one of Day-of-month and Day-of-week must be ?"),
+    ('schedule = "cron(0 10 ? * 8 *)"', "schedule = 'cron(0 10 ? * 8 *)': Day-of-week '8' is out of range"),
+    ('schedule = "cron(0 10 * * ?)"', "expected cron(Minutes Hours Day-of-month Month Day-of-week Year)"),
     ('schedule = "* * * * *"\ntimezone = "Mars/Olympus"', "timezone = 'Mars/Olympus': unknown time zone"),
     ('schedule = "* * * * *"\noverlap = "queue"', "overlap = 'queue': expected \"skip\""),
     ('schedule = "* * * * *"\ncatch_up = -1', "catch_up = -1: expected how many missed ticks"),

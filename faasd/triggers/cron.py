@@ -2,7 +2,8 @@
 
     [[triggers]]
     type = "cron"
-    schedule = "*/5 * * * *"   # 5 fields; 6 with seconds first ("*/10 * * * * *"); rate(5 minutes)
+    schedule = "*/5 * * * *"   # 5 fields; 6 with seconds first ("*/10 * * * * *"); rate(5 minutes);
+                               # cron(0 10 ? * MON-FRI *), EventBridge's 6 fields, weekdays 1-7 from Sunday
     timezone = "Europe/Berlin" # the cron fields are local times there (default UTC)
     input = { report = "daily" }  # optional: this constant event instead of the Scheduled Event
     catch_up = 0               # after a restart, run this many of the missed ticks (1: the latest)
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 from zoneinfo import ZoneInfo
 
 import orjson
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from ..spec import ACCOUNT_ID, FunctionSpec, Trigger
 from .base import RunningTrigger, TriggerSource, open_state_db, queue_of
@@ -137,13 +138,18 @@ class Schedule:
                 low = middle
         return float(high)
 
-    def next_after(self, after: float) -> float:
-        """The first tick strictly after `after`."""
+    def next_after(self, after: float) -> float | None:
+        """The first tick strictly after `after`; None once there is none (the
+        last year of a `cron(...)` schedule with a Year field has passed)."""
         if self.interval is not None:
             return float((math.floor(after / self.interval) + 1) * self.interval)
         ticks = self._iter(self.local(after))
         for _ in range(MAX_STEPS):
-            when = self.instant(ticks.get_next())
+            try:
+                local = ticks.get_next()
+            except CroniterBadDateError:
+                return None
+            when = self.instant(local)
             if when > after:
                 return when
         raise RuntimeError(f"{self!r}: no tick found after {after}")
@@ -301,7 +307,7 @@ class CronTrigger(RunningTrigger):
                     self.caught_up += 1
                     await self._put(tick, catching_up=True)
         tick = self.schedule.next_after(now)
-        while True:
+        while tick is not None:
             self.next_at = tick
             await self.clock.sleep_until(tick)
             woke = self.clock.now()
@@ -311,13 +317,18 @@ class CronTrigger(RunningTrigger):
                 self.missed += 1
                 next_tick = self.schedule.next_after(woke)
                 log.warning("function %s: cron tick of %s missed (woke %.1fs late); next tick %s",
-                            self.function, iso_seconds(tick), lateness, iso_seconds(next_tick))
+                            self.function, iso_seconds(tick), lateness,
+                            iso_seconds(next_tick) if next_tick is not None else "none")
                 tick = next_tick
                 continue
             self.last_lateness_ms = round(lateness * 1000, 3)
             self.max_lateness_ms = max(self.max_lateness_ms, lateness * 1000)
             self._tick(tick)
             tick = self.schedule.next_after(tick)
+        self.status = "ended"
+        self.next_at = None
+        log.info("function %s: cron schedule %s has no tick left (its last year has passed)",
+                 self.function, self.schedule.expression)
 
     def _tick(self, tick: float) -> None:
         if not self.owner():

@@ -89,8 +89,62 @@ def parse_rate(schedule: str) -> int | None:
     return seconds
 
 
+AWS_CRON_RE = re.compile(r"^cron\((.*)\)$")
+_WEEKDAY_FORMS = "1-7 (1 is Sunday) or SUN-SAT, with , - * ? L #"
+
+
+def aws_cron(schedule: str) -> str | None:
+    """EventBridge's `cron(Minutes Hours Day-of-month Month Day-of-week Year)` as
+    a croniter expression with seconds first and the year last; None if
+    `schedule` is not one. Its `?` is croniter's `*`, its weekdays 1-7 from
+    Sunday croniter's 0-6, `6L` (the month's last Friday) croniter's `L5`."""
+    match = AWS_CRON_RE.match(schedule.strip())
+    if match is None:
+        return None
+    fields = match.group(1).split()
+    if len(fields) != 6:
+        raise ValueError(f"schedule = {schedule!r}: expected cron(Minutes Hours Day-of-month Month "
+                         "Day-of-week Year), 6 fields, as EventBridge takes it")
+    minutes, hours, day, month, weekday, year = fields
+    if (day == "?") == (weekday == "?"):
+        raise ValueError(f"schedule = {schedule!r}: one of Day-of-month and Day-of-week must be ?, "
+                         "the other not, as EventBridge requires (cron(0 10 * * ? *) is every day at 10:00)")
+    if "?" in minutes + hours + month + year:
+        raise ValueError(f"schedule = {schedule!r}: ? stands only in Day-of-month or Day-of-week")
+    if day == "LW":
+        raise ValueError(f"schedule = {schedule!r}: LW (the month's last weekday) is not supported")
+    weekday = "*" if weekday == "?" else ",".join(_weekday(schedule, part) for part in weekday.split(","))
+    return " ".join(("0", minutes, hours, "*" if day == "?" else day, month, weekday, year))
+
+
+def _weekday(schedule: str, part: str) -> str:
+    """One item of an EventBridge Day-of-week list in croniter's numbering."""
+    def day(token: str) -> str:
+        if not token.isdigit():
+            return token  # a name (SUN-SAT) or *, as croniter reads them
+        if not 1 <= int(token) <= 7:
+            raise ValueError(f"schedule = {schedule!r}: Day-of-week {token!r} is out of range: "
+                             f"use {_WEEKDAY_FORMS}")
+        return str(int(token) - 1)
+
+    if "#" in part:
+        weekday, nth = part.split("#", 1)
+        return f"{day(weekday)}#{nth}"
+    if part == "L":
+        return "6"  # the week's last day: Saturday
+    if part.endswith("L"):
+        return f"L{day(part[:-1])}"
+    if "-" in part:
+        first, last = part.split("-", 1)
+        return f"{day(first)}-{day(last)}"
+    return day(part)
+
+
 def cron_fields(schedule: str) -> tuple[str, bool]:
     """The expression croniter understands and whether it has a seconds field (first)."""
+    converted = aws_cron(schedule)
+    if converted is not None:
+        return converted, True
     expression = " ".join(schedule.split())
     if expression.startswith("@"):
         return expression, False
@@ -101,7 +155,7 @@ def cron_fields(schedule: str) -> tuple[str, bool]:
         return expression, True
     raise ValueError(
         f"schedule = {schedule!r}: expected 5 cron fields (minute hour day month weekday), "
-        "6 with seconds first, or rate(N minutes|hours|days)")
+        "6 with seconds first, cron(...) as EventBridge takes it, or rate(N minutes|hours|days)")
 
 
 def check_cron(options: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +172,9 @@ def check_cron(options: dict[str, Any]) -> dict[str, Any]:
         expression, seconds = cron_fields(schedule)
         from croniter import croniter  # imported here: only cron triggers need it
 
+        if aws_cron(schedule) is not None:
+            # Tried in any year: one whose Year field has passed is valid, and ends at once.
+            expression = expression.rsplit(" ", 1)[0] + " *"
         try:
             croniter(expression, second_at_beginning=seconds).get_next()  # Feb 30 never comes
         except (ValueError, KeyError, TypeError) as exc:  # croniter's errors are ValueErrors
