@@ -299,7 +299,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .registry import scan
     from .sandbox import FunctionUsers
-    from .spec import misnamed
+    from .spec import misnamed, shadowed
     from .triggers.http import claim, routes_of
 
     try:
@@ -334,6 +334,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{entry}: error: the name is not valid UTF-8; a function's name is 1 to 64 of "
               "A-Z a-z 0-9 _ -: rename it")
     failed += len(unnamed)
+    for entry, winner in shadowed(config.paths.functions).items():
+        print(f"{entry}: warning: not a function: {winner} claims the same name and defines it")
     print(f"{len(specs) + len(unnamed)} functions, {failed} with errors")
     return 1 if failed else 0
 

@@ -27,7 +27,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from .spec import FunctionSpec, config_file_of, discover, load_spec, misnamed, revision_of
+from .spec import FunctionSpec, config_file_of, discover, load_spec, misnamed, revision_of, shadowed
 
 log = logging.getLogger("faasd.registry")
 
@@ -74,6 +74,7 @@ class Registry:
         self._watcher: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._misnamed: set[str] = set()  # warned of once, while they stay
+        self._shadowed: dict[str, str] = {}  # likewise
 
     def get(self, name: str) -> FunctionSpec | None:
         return self.specs.get(name)
@@ -84,8 +85,9 @@ class Registry:
     async def rescan(self) -> list[Change]:
         """Rescan now; tell listeners what changed; return the changes."""
         async with self._scanning:
-            changes, unnamed = await asyncio.to_thread(self._look, dict(self.specs))
+            changes, unnamed, losers = await asyncio.to_thread(self._look, dict(self.specs))
             self._warn_misnamed(unnamed)
+            self._warn_shadowed(losers)
             for old, new in changes:
                 if new is None:
                     del self.specs[old.name]  # type: ignore[union-attr]
@@ -99,8 +101,8 @@ class Registry:
                         log.exception("listener failed on a change of %s", (new or old).name)
             return changes
 
-    def _look(self, known: dict[str, FunctionSpec]) -> tuple[list[Change], list[str]]:
-        return compare(self.functions_dir, known), misnamed(self.functions_dir)
+    def _look(self, known: dict[str, FunctionSpec]) -> tuple[list[Change], list[str], dict[str, str]]:
+        return compare(self.functions_dir, known), misnamed(self.functions_dir), shadowed(self.functions_dir)
 
     def rescan_soon(self) -> None:
         """Have the watcher rescan as soon as it can (e.g. after a config reload)."""
@@ -112,6 +114,13 @@ class Registry:
                 log.warning("%s/%s is skipped: its name is not valid UTF-8, and a function's name is "
                             "1 to 64 of A-Z a-z 0-9 _ -; rename it", self.functions_dir, name)
         self._misnamed = set(names)
+
+    def _warn_shadowed(self, losers: dict[str, str]) -> None:
+        for entry, winner in losers.items():
+            if self._shadowed.get(entry) != winner:
+                log.warning("%s/%s is not a function: %s claims the same name and defines it; "
+                            "rename or remove one", self.functions_dir, entry, winner)
+        self._shadowed = losers
 
     @staticmethod
     def _report(old: FunctionSpec | None, new: FunctionSpec | None) -> None:

@@ -151,13 +151,25 @@ def discover(functions_dir: Path) -> dict[str, Path]:
     """Map function name -> the file or directory that defines it.
 
     Sidecar `NAME.toml` files are found by `load_spec`, not listed here. When
-    two entries claim one name (`a.py` and `a/`), the directory wins.
+    two entries claim one name (`a.py` and `a/`), the directory wins, else
+    the first by name (`a.mjs` before `a.py`); `shadowed` lists the others.
     """
+    return _claims(functions_dir)[0]
+
+
+def shadowed(functions_dir: Path) -> dict[str, str]:
+    """Entries of functions/ that define no function because another entry
+    claims the same name: {entry: the entry that defines the function}."""
+    return _claims(functions_dir)[1]
+
+
+def _claims(functions_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
     found: dict[str, Path] = {}
+    losers: dict[str, str] = {}
     try:
         entries = sorted(os.scandir(functions_dir), key=lambda e: e.name)
     except FileNotFoundError:
-        return found
+        return found, losers
     for entry in entries:
         if not is_utf8(entry.name):
             continue  # see misnamed()
@@ -165,10 +177,13 @@ def discover(functions_dir: Path) -> dict[str, Path]:
         name = entry_name(path)
         if name is None:
             continue
-        if name in found and not path.is_dir():
-            continue
+        if name in found:
+            if not path.is_dir() or found[name].is_dir():
+                losers[path.name] = found[name].name
+                continue
+            losers[found[name].name] = path.name
         found[name] = path
-    return found
+    return found, losers
 
 
 def config_file_of(source: Path) -> Path | None:

@@ -720,6 +720,32 @@ def test_a_name_that_is_not_utf8_is_skipped_with_one_warning_and_the_rest_is_ser
     assert "tree: ok" in check.stdout and "good: ok" in check.stdout
 
 
+def test_entries_that_claim_a_taken_name_or_start_with_an_underscore_are_not_functions(
+        start_daemon, functions_dir):
+    write_function(functions_dir, "dup/handler.py", "def handler(event, context):\n    return 'dir'\n")
+    write_function(functions_dir, "dup.py", "def handler(event, context):\n    return 'file'\n")
+    write_function(functions_dir, "pair.mjs", "export const handler = async () => 'mjs';\n")
+    write_function(functions_dir, "pair.py", "def handler(event, context):\n    return 'py'\n")
+    write_function(functions_dir, "_shared.py", "def handler(event, context):\n    return 'shared'\n")
+    daemon = start_daemon(functions_dir)
+    assert daemon.invoke("dup", {}).json() == "dir"
+    assert daemon.invoke("pair", {}).json() == "mjs"
+    assert daemon.get("/function/_shared").status == 404
+    listed = sorted(f["name"] for f in daemon.get("/system/functions").json()["functions"])
+    assert listed == ["dup", "pair"]
+    # One warning for each entry left out, not repeated by a rescan.
+    write_function(functions_dir, "later.py", ECHO)
+    loaded(daemon, "later")
+    warnings = [line for line in daemon.output().splitlines() if "claims the same name" in line]
+    assert len(warnings) == 2, warnings
+    assert any("dup.py is not a function: dup claims the same name and defines it" in w for w in warnings)
+    assert any("pair.py is not a function: pair.mjs claims the same name" in w for w in warnings)
+    check = run_cli("check", "--functions", str(functions_dir))
+    assert check.returncode == 0, check.stdout
+    assert "dup.py: warning: not a function: dup claims the same name and defines it" in check.stdout
+    assert "pair.py: warning: not a function: pair.mjs claims the same name" in check.stdout
+
+
 def test_handlers_may_write_bytes_reconfigure_and_use_the_original_stdout(daemon):
     # What runs on Lambda: sys.stdout.buffer (click, structlog), reconfigure()
     # (scripts that force UTF-8), and the interpreter's own sys.__stdout__.
