@@ -51,7 +51,8 @@ from .errors import (
 )
 from .eventstream import encode_event
 from .spec import (
-    FunctionSpec, caller_trace_id, code_sha256, function_arn, new_request_id, runtime_id, valid_name,
+    FunctionSpec, caller_trace_id, code_sha256, config_file_of, function_arn, new_request_id, runtime_id,
+    valid_name,
 )
 from .triggers.http import valid_text
 
@@ -171,10 +172,19 @@ def url_config(spec: FunctionSpec, region: str, base: str, auth: str | None) -> 
 
 
 def _modified(spec: FunctionSpec) -> float:
-    try:
-        return spec.source.stat().st_mtime
-    except OSError:
-        return time.time()
+    """When the function's code or settings last changed: the newest of their files."""
+    source = spec.source
+    paths = [source, *(p for p in source.rglob("*") if p.is_file())] if source.is_dir() else [source]
+    config = config_file_of(source)
+    if config is not None:
+        paths.append(config)
+    times = []
+    for path in paths:
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            pass  # gone since it was listed
+    return max(times, default=time.time())
 
 
 def _code_size(spec: FunctionSpec) -> int:
@@ -473,6 +483,10 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         return stream_response(invocation, request_id, call.tail)
 
     async def list_functions(request: web.Request) -> web.Response:
+        # FunctionVersion=ALL lists every version: here $LATEST is the only one.
+        problems = enum_problems(("functionVersion", request.query.get("FunctionVersion", "ALL"), ("ALL",)))
+        if problems:
+            return service_error(ValidationFailed(*problems))
         specs = [daemon.registry.specs[n] for n in sorted(daemon.registry.specs)]
         try:
             start = int(request.query.get("Marker", "0") or 0)

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -670,6 +671,35 @@ def test_code_sha256_is_the_codes_sha256_and_settings_do_not_change_it(daemon, l
     wait_until(lambda: lam.get_function(FunctionName="hashdir")["Configuration"]["RevisionId"]
                != revision, message="hashdir with its FIFO")
     assert daemon.get("/healthz").status == 200
+
+def test_last_modified_follows_the_newest_code_or_settings_file(daemon, lam):
+    def last_modified(name: str) -> str:
+        return lam.get_function(FunctionName=name)["Configuration"]["LastModified"]
+
+    def stamp(path: Path, when: int) -> str:
+        os.utime(path, (when, when))
+        return time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(when))
+
+    hour = int(time.time()) + 3600
+    write_function(daemon.functions, "dated.py", ECHO)
+    write_function(daemon.functions, "dated.toml", "memory_mb = 256\n")
+    write_function(daemon.functions, "dateddir/handler.py", ECHO)
+    write_function(daemon.functions, "dateddir/lib/util.py", "X = 1\n")
+    wait_loaded(daemon, "dated", "dateddir")
+    expected = stamp(daemon.functions / "dated.toml", hour)  # a settings change is a change, as on Lambda
+    wait_until(lambda: last_modified("dated") == expected, message="the settings' time")
+    expected = stamp(daemon.functions / "dateddir" / "lib" / "util.py", hour + 60)  # so is a nested file's
+    wait_until(lambda: last_modified("dateddir") == expected, message="the nested file's time")
+    assert lam.list_functions()["Functions"][0]["LastModified"]
+
+
+def test_list_functions_takes_only_function_version_all(daemon, lam):
+    assert "echo" in [f["FunctionName"] for f in lam.list_functions(FunctionVersion="ALL")["Functions"]]
+    error = refused(lambda: lam.list_functions(FunctionVersion="LATEST"), "ValidationException", 400,
+                    modeled=False)
+    assert error["Error"]["Message"] == ("1 validation error detected: Value 'LATEST' at 'functionVersion' "
+                                         "failed to satisfy constraint: Member must satisfy enum value set: [ALL]")
+
 
 CONTEXT_PROBE = """
 def handler(event, context):
