@@ -68,7 +68,13 @@ def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | N
                                  region=os.environ.get("AWS_REGION") or "us-east-1")
         else:
             headers["Authorization"] = f"Bearer {auth[1]}"
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        request: urllib.request.Request | None = urllib.request.Request(
+            url, data=data, headers=headers, method=method)
+    except ValueError:  # not a URL at all
+        request = None
+    if request is None or request.type not in ("http", "https"):
+        raise SystemExit(f"faasd: cannot call {url}: give the daemon's address as http://HOST:PORT")
     try:
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:

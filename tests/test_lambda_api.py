@@ -906,3 +906,10 @@ def test_the_faasd_cli_prints_an_invocations_result(daemon, lam):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["event"] == {"x": 1}
+    # An address without its scheme is named back, with the form it needs, not a traceback.
+    for url in ("127.0.0.1:9", "not a url", "ftp://127.0.0.1"):
+        answer = subprocess.run([sys.executable, "-m", "faasd", "invoke", "echo", "--url", url],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert answer.returncode == 1 and "Traceback" not in answer.stderr, answer.stderr
+        assert answer.stderr.startswith(f"faasd: cannot call {url}") and "http://HOST:PORT" in answer.stderr
