@@ -46,7 +46,8 @@ log = logging.getLogger("faasd")
 # What is still in progress when the drain ends gets this long before it is cancelled.
 HTTP_GRACE_S = 1.0
 # Not in use by design, or by the operator's choice: no gap to warn of at start.
-NOT_ISOLATION_GAPS = {"pid_namespace", "network_namespace", "function_users", "api_auth"}
+NOT_ISOLATION_GAPS = {"pid_namespace", "network_namespace", "function_users", "api_auth",
+                      "api_closed_to_workers"}
 
 
 def check_address_free(host: str, port: int) -> None:
@@ -148,6 +149,7 @@ class Daemon:
                 "note": "workers cannot ptrace the daemon or read its memory and environment"
                         if undumpable else "prctl(PR_SET_DUMPABLE) failed"},
             "api_auth": {"active": bool(config.auth.keys), "note": exposure},
+            "api_closed_to_workers": self._api_from_workers(),
             "worker_templates": {
                 "active": config.workers.zygote and sandbox.mount,
                 "note": ("new Python workers fork from a per-revision template; each gets its own "
@@ -165,6 +167,14 @@ class Daemon:
             log.warning("running as root with no [workers] run_as: function code runs as root and "
                         "can do anything root can; set [workers] run_as = \"faasd\" (a user with "
                         "no other rights)")
+        if run_as is not None and not config.auth.keys:
+            # Each worker's own user keeps functions out of each other's
+            # processes, not out of the API that serves every function.
+            apart = ("each function runs as a uid of its own" if users is not None
+                     else f"workers run as {config.workers.run_as}")
+            log.warning("%s, but no [auth] keys guard the API, which function code can reach too: "
+                        "any function can read another's [env] (GetFunction), invoke it and read "
+                        "its logs (/system); set [auth] keys to keep functions' secrets apart", apart)
         missing = [f"{name} ({entry['note']})" for name, entry in self.isolation.items()
                    if not entry["active"] and name not in NOT_ISOLATION_GAPS]
         if missing:
@@ -316,6 +326,17 @@ class Daemon:
         if problem:
             raise ConfigError(problem)
         return users
+
+    def _api_from_workers(self) -> dict[str, Any]:
+        """Whether function code is kept out of the Lambda API and /system (isolation listing)."""
+        if self.config.auth.keys:
+            return {"active": True,
+                    "note": "the Lambda API, /system and /metrics want one of the [auth] keys, "
+                            "which workers are not given"}
+        return {"active": False,
+                "note": "no [auth] keys: the Lambda API and /system are open to function code too, "
+                        "whatever user it runs as; any function can read another's [env] "
+                        "(GetFunction), invoke it and read its logs; set [auth] keys"}
 
     def readiness(self) -> dict[str, dict[str, Any]]:
         checks = {"listening": {"ok": self.ready, "detail": "accepting requests" if self.ready else "not ready"}}

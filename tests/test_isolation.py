@@ -26,8 +26,8 @@ from packaging.requirements import Requirement
 
 from faasd.sandbox import tree_bytes
 from support import (
-    MEMORY_HOLDER, ROOT, concurrent, descendants, loaded, max_memory_used, own_groups, parent_of,
-    pids_with_env, process_state, report_of, wait_until, write_function,
+    MEMORY_HOLDER, ROOT, concurrent, descendants, free_port, http, loaded, max_memory_used,
+    own_groups, parent_of, pids_with_env, process_state, report_of, wait_until, write_function,
 )
 
 OK = """
@@ -174,7 +174,8 @@ def test_system_info_states_every_isolation_feature_and_why_not(start_daemon, fu
     for feature in ("memory_limit", "process_groups", "run_as", "function_users", "mount_namespace",
                     "tmp", "code_read_only", "private_data", "rlimits", "nproc_limit", "pids_limit",
                     "no_new_privileges", "pdeathsig", "env_allowlist", "process_list",
-                    "pid_namespace", "network_namespace", "daemon_memory_private", "api_auth"):
+                    "pid_namespace", "network_namespace", "daemon_memory_private", "api_auth",
+                    "api_closed_to_workers"):
         assert isinstance(isolation[feature]["active"], bool), feature
         assert isolation[feature]["note"], f"{feature} says nothing about itself"
     assert isolation["tmp"]["mode"] == "tmpfs"
@@ -1152,6 +1153,57 @@ def test_with_function_users_no_function_can_read_or_signal_another_functions_wo
     still_serving(daemon)
 
 
+API_PEEK = """
+import json, os, urllib.error, urllib.request
+
+def handler(event, context):
+    url = os.environ["API"] + "/2015-03-31/functions/keeper"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return {"status": response.status,
+                    "env": json.load(response)["Configuration"]["Environment"]["Variables"]}
+    except urllib.error.HTTPError as exc:
+        return {"status": exc.code, "env": None}
+"""
+
+
+@pytest.mark.parametrize("keys", [False, True], ids=["open-api", "auth-keys"])
+def test_function_users_keep_secrets_apart_only_while_auth_keys_guard_the_api(
+        start_daemon, functions_dir, readable_install, keys):
+    """Own uids keep functions out of each other's processes, not out of the API on
+    loopback: without [auth] keys faasd says at start and in /system/info that any
+    function can read another's [env] through GetFunction."""
+    port = free_port()
+    write_function(functions_dir, "keeper.py", OK)
+    write_function(functions_dir, "keeper.toml", '[env]\nSECRET = "kept-apart"\n')
+    write_function(functions_dir, "peek.py", API_PEEK)
+    write_function(functions_dir, "peek.toml", f'[env]\nAPI = "http://127.0.0.1:{port}"\n')
+    env = {**readable_install, "FAASD_WORKERS_FUNCTION_USERS": "%d-%d" % FUNCTION_USERS}
+    if keys:
+        env["FAASD_AUTH_KEYS"] = "AKID=s3cret-value"
+    daemon = start_daemon(functions_dir, port=port, env=env)
+    response = daemon.get("/function/peek")  # an http trigger: public either way
+    assert response.status == 200, response.text
+    found = response.json()
+    bearer = {"Authorization": "Bearer s3cret-value"} if keys else {}
+    isolation = http("GET", daemon.url + "/system/info", headers=bearer).json()["isolation"]
+    entry = isolation["api_closed_to_workers"]
+    warning = "but no [auth] keys guard the API"
+    if keys:
+        assert found == {"status": 403, "env": None}
+        assert entry["active"] is True
+        assert warning not in daemon.output()
+    else:
+        assert found == {"status": 200, "env": {"SECRET": "kept-apart"}}
+        assert entry["active"] is False
+        assert "read another's [env] (GetFunction)" in entry["note"]
+        assert "set [auth] keys" in entry["note"]
+        said = [line for line in daemon.output().splitlines() if warning in line]
+        assert len(said) == 1 and "each function runs as a uid of its own" in said[0], daemon.output()
+        assert "set [auth] keys to keep functions' secrets apart" in said[0]
+    assert isolation["function_users"]["active"] is True
+
+
 def test_a_function_past_the_end_of_function_users_fails_its_init_and_the_rest_runs(
         start_daemon, functions_dir, readable_install):
     write_function(functions_dir, "first.py", OK)
@@ -1252,7 +1304,8 @@ def test_an_unprivileged_daemon_serves_and_says_which_isolation_it_could_not_use
         said = [line for line in output.splitlines() if "isolation not in use" in line]
         assert len(said) == 1, output
         missing = {name for name, entry in isolation.items() if not entry["active"]
-                   and name not in {"pid_namespace", "network_namespace", "function_users", "api_auth"}}
+                   and name not in {"pid_namespace", "network_namespace", "function_users", "api_auth",
+                                    "api_closed_to_workers"}}
         assert missing, isolation
         for name in missing:
             assert f"{name} ({isolation[name]['note']})" in said[0], name
