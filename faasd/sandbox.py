@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 PLAN_ENV = "_FAASD_SANDBOX"
 # The error type of a worker whose isolation could not be set up.
 SETUP_ERROR = "Sandbox.SetupFailed"
+# How a probe says that the plan worked but the interpreter's library is out of reach.
+IMPORTS_FAILED = "cannot import the standard library: "
 MB = 1024 * 1024
 
 # Lambda's per-environment limits.
@@ -699,7 +701,7 @@ class Sandbox:
                  mount_note: str = "", pids_mode: str | None = None, pids_base: str | None = None,
                  pids_note: str = "", read_only: list[str] | tuple[()] = (),
                  hide: list[tuple[str, list[str]]] | tuple[()] = (), hide_note: str = "",
-                 run_as_note: str = "", users: FunctionUsers | None = None,
+                 run_as_note: str = "", python_note: str = "", users: FunctionUsers | None = None,
                  private_proc: bool = False, proc_note: str = "") -> None:
         self.python = python
         self.run_as = run_as
@@ -714,7 +716,8 @@ class Sandbox:
         self.read_only = list(read_only)
         self.hide = list(hide)  # (path, [paths inside it to keep])
         self.hide_note = hide_note
-        self.run_as_note = run_as_note
+        self.run_as_note = run_as_note  # the switch to run_as failed: no worker runs as it
+        self.python_note = python_note  # the interpreter is not readable as run_as
         self.private_proc = private_proc  # each worker mounts a /proc with hidepid=2
         self.proc_note = proc_note
         self.nproc = user_process_limit() if run_as else None
@@ -769,7 +772,15 @@ class Sandbox:
             if users is not None:
                 plan["uid"], who = users.first, f"uid {users.first} ([workers] function_users)"
             problem = sandbox._probe(plan, check_imports=True)
-            if problem is not None:
+            if problem is not None and problem.startswith(IMPORTS_FAILED):
+                # The user switch worked: workers of other runtimes run as
+                # that user; Python ones fail their init (python_runtime says why).
+                sandbox.python_note = (
+                    f"Python workers as {who} cannot run {python}: {problem}; every Python "
+                    f"function fails its init until [workers] python names an interpreter that "
+                    f"user can read (e.g. /usr/bin/python3)")
+                log.error("%s", sandbox.python_note)
+            elif problem is not None:
                 sandbox.run_as_note = (
                     f"workers as {who} cannot run {python}: {problem}; install faasd "
                     f"where that user can read it, or set [workers] python to an interpreter "
@@ -958,10 +969,13 @@ class Sandbox:
 
         root = os.geteuid() == 0
         user = self.run_as_name
+        # Python workers that cannot run as that user do not stop workers of
+        # other runtimes from running as it.
+        python_note = f"; {self.python_note}" if self.python_note else ""
         if self.run_as is not None:
             run_as = item(not self.run_as_note,
                           self.run_as_note or f"workers run as {user} (uid {self.run_as[0]}) "
-                                              "with no supplementary groups")
+                                              f"with no supplementary groups{python_note}")
         elif root:
             run_as = item(False, "running as root without [workers] run_as: function code runs as root")
         else:
@@ -972,7 +986,8 @@ class Sandbox:
         if self.users is not None and not self.run_as_note:
             function_users = item(True, f"each function's workers run as a uid of their own from "
                                         f"{self.users.first}-{self.users.last}, in {user}'s group: "
-                                        "no function can read or signal another's processes")
+                                        f"no function can read or signal another's processes"
+                                        f"{python_note}")
         elif self.users is not None:
             function_users = item(False, self.run_as_note)
         elif self.run_as is not None:
@@ -1105,7 +1120,7 @@ def _probe_main(argv: list[str]) -> None:
             for module in ("decimal", "email.parser"):  # modules the worker has not loaded yet
                 __import__(module)
         except (ImportError, OSError) as exc:
-            sys.stderr.write(f"cannot import the standard library: {exc}\n")
+            sys.stderr.write(f"{IMPORTS_FAILED}{exc}\n")
             os._exit(71)
     os._exit(0)
 

@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -1202,6 +1203,42 @@ def test_function_users_keep_secrets_apart_only_while_auth_keys_guard_the_api(
         assert len(said) == 1 and "each function runs as a uid of its own" in said[0], daemon.output()
         assert "set [auth] keys to keep functions' secrets apart" in said[0]
     assert isolation["function_users"]["active"] is True
+
+
+def test_an_interpreter_the_function_users_cannot_read_fails_python_inits_and_says_why(
+        start_daemon, functions_dir, faasd_user, readable_install):
+    """Without [workers] python, workers run faasd's own interpreter: where its library is out of
+    their reach (a virtual environment under /root), the user switch still holds for Node
+    workers, and each Python init fails naming the directory and the fix."""
+    stdlib = os.path.dirname(os.__file__)
+    try:
+        readable = _runs_as(faasd_user, [sys.executable, "-I", "-c", "import decimal"]).returncode == 0
+    except OSError:
+        readable = False
+    if readable:
+        pytest.skip(f"the faasd user can read {sys.executable}'s library: the case needs one it "
+                    "cannot (faasd run from a virtual environment under /root)")
+    if shutil.which("node") is None:
+        pytest.fail("node is missing: .ci/run installs the Debian package nodejs")
+    write_function(functions_dir, "py.py", OK)
+    write_function(functions_dir, "js.js", "exports.handler = async () => process.getuid();\n")
+    env = {"PYTHONPATH": readable_install["PYTHONPATH"], "FAASD_WORKERS_RUN_AS": "faasd",
+           "FAASD_WORKERS_FUNCTION_USERS": "%d-%d" % FUNCTION_USERS}
+    daemon = start_daemon(functions_dir, env=env)
+    uid, error = invoke(daemon, "js")
+    assert error is None and FUNCTION_USERS[0] <= uid <= FUNCTION_USERS[1], uid
+    body, error = invoke(daemon, "py")
+    assert error == "Sandbox.SetupFailed", body
+    assert re.match(rf"this worker runs as uid (\d+), which cannot read {re.escape(stdlib)}, the "
+                    rf"standard library of {re.escape(sys.executable)}: Permission denied; set "
+                    r"\[workers\] python to an interpreter", body["errorMessage"]), body
+    assert daemon.function("py")["init_error"]["errorType"] == "Sandbox.SetupFailed"
+    isolation = daemon.get("/system/info").json()["isolation"]
+    for name in ("run_as", "function_users"):
+        assert isolation[name]["active"] is True, isolation[name]
+        assert "Python workers as uid" in isolation[name]["note"], isolation[name]
+    assert "run_as (" not in daemon.output() and "function_users (" not in daemon.output()
+    assert f"Python workers as uid {FUNCTION_USERS[0]}" in daemon.output()
 
 
 def test_a_function_past_the_end_of_function_users_fails_its_init_and_the_rest_runs(

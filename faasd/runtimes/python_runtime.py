@@ -453,6 +453,20 @@ def _unreadable(task_root):
     return ""
 
 
+def _interpreter_unreadable():
+    """Why this worker, now as its own user, cannot import the standard library,
+    or "": its first import would fail as if the module were missing."""
+    stdlib = os.path.dirname(os.__file__)
+    try:
+        os.close(os.open(stdlib, os.O_RDONLY | os.O_DIRECTORY))
+    except OSError as exc:
+        return (f"this worker runs as uid {os.getuid()}, which cannot read {stdlib}, the standard "
+                f"library of {sys.executable}: {exc.strerror}; set [workers] python to an "
+                "interpreter every worker's user can read (e.g. /usr/bin/python3), or install "
+                "faasd in a virtual environment they can read")
+    return ""
+
+
 def _log_exception(exc):
     json_logs, level = _log_settings()
     if json_logs:
@@ -814,6 +828,11 @@ def main():
         from faasd import sandbox as _sandbox
 
         _sandbox.enter(sandbox)
+        unreadable = _interpreter_unreadable()
+        if unreadable:
+            error = {"errorType": _sandbox.SETUP_ERROR, "errorMessage": unreadable, "stackTrace": []}
+            _send(protocol.INIT_ERROR, json.dumps(error).encode())
+            return 1
     _die_with_parent()
     # The interpreter's own stdout (fd 1, which the daemon reads too) is
     # block-buffered on a pipe: code writing to sys.__stdout__ would see its
