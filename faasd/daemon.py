@@ -104,6 +104,7 @@ class Daemon:
     async def start(self, sock: socket.socket | None = None) -> None:
         config = self.config
         data = config.paths.data
+        self._functions_dir()
         for sub in ("logs", "workers"):
             (data / sub).mkdir(parents=True, exist_ok=True)
         # Tmp dirs of workers from a previous run that died with it.
@@ -296,6 +297,17 @@ class Daemon:
             self._http_quiet.set()
 
     # -- views -------------------------------------------------------------------------
+
+    def _functions_dir(self) -> None:
+        """Create a missing functions directory, as a first run needs; refuse (ConfigError,
+        as `faasd check` words it) one whose parent is missing too: a mistyped path."""
+        functions = self.config.paths.functions
+        if functions.is_dir():
+            return
+        if functions.exists() or not functions.parent.is_dir():
+            raise ConfigError(f"functions: {functions} is not a directory")
+        functions.mkdir()
+        log.info("created the functions directory %s", functions)
 
     def _resolve_run_as(self) -> tuple[int, int] | None:
         name = self.config.workers.run_as

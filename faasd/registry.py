@@ -136,7 +136,7 @@ class Registry:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.functions_dir.mkdir(parents=True, exist_ok=True)
+        self.functions_dir.mkdir(exist_ok=True)  # the daemon refuses a missing parent
         handler = _Handler(self._schedule_threadsafe)
         self._observer = Observer()
         self._observer.schedule(handler, str(self.functions_dir), recursive=True,

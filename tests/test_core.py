@@ -885,6 +885,30 @@ def test_cli_takes_config_after_the_command_as_well_as_before_it(start_daemon, f
     assert both.returncode == 0 and "echo" in both.stdout, both.stderr
 
 
+def test_serve_refuses_a_functions_dir_whose_parent_is_missing_and_creates_a_missing_leaf(tmp_path):
+    """A mistyped --functions stops serve with the line `faasd check` prints; the directory
+    itself, where its parent exists, is created as a first run needs, and said so."""
+    from support import Daemon
+
+    typo = tmp_path / "no" / "such" / "functions"
+    refused = Daemon(functions=typo, data=tmp_path / "data", port=free_port()).start(wait=False)
+    try:
+        assert refused.process.wait(timeout=30) == 1
+        assert f"cannot start: functions: {typo} is not a directory" in refused.output()
+        assert not (tmp_path / "no").exists()
+    finally:
+        refused.stop()
+    check = run_cli("check", "--functions", str(typo))
+    assert check.returncode == 1 and f"functions: error: {typo} is not a directory" in check.stdout
+    fresh = tmp_path / "fresh"
+    daemon = Daemon(functions=fresh, data=tmp_path / "data", port=free_port()).start()
+    try:
+        assert fresh.is_dir()
+        assert f"created the functions directory {fresh}" in daemon.output()
+    finally:
+        assert daemon.stop() == 0
+
+
 def test_cli_refuses_an_invalid_function_name_before_any_request(daemon):
     write_function(daemon.functions, "echo.py", ECHO)
     wait_until(lambda: daemon.get("/function/echo").status == 200)
