@@ -162,7 +162,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         counts = fn.get("worker_counts", {})
         workers = " ".join(f"{k}={v}" for k, v in counts.items() if v) or "-"
         triggers = ",".join(t["type"] for t in fn["triggers"]) or "-"
-        status = "error: " + fn["load_error"] if fn["load_error"] else "ok"
+        init_error = fn.get("init_error")  # the last worker start failed
+        if fn["load_error"]:
+            status = "error: " + fn["load_error"]
+        elif init_error:
+            message = (init_error.get("errorMessage") or "").splitlines()
+            status = f"init-error: {init_error.get('errorType')}" + (f": {message[0]}" if message else "")
+        else:
+            status = "ok"
         rows.append((fn["name"], fn["runtime"], fn["handler"], workers, triggers, status))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:

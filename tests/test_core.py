@@ -909,6 +909,20 @@ def test_serve_refuses_a_functions_dir_whose_parent_is_missing_and_creates_a_mis
         assert daemon.stop() == 0
 
 
+def test_list_shows_a_function_whose_last_init_failed(start_daemon, functions_dir):
+    write_function(functions_dir, "broken.py", "import nonexistent_mod_xyz\n"
+                                                "def handler(event, context):\n    return 1\n")
+    write_function(functions_dir, "echo.py", ECHO)
+    daemon = start_daemon(functions_dir)
+    assert daemon.invoke("broken").headers.get("x-amz-function-error") == "Unhandled"
+    listing = run_cli("list", "--url", daemon.url)
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split()[0]: line for line in listing.stdout.splitlines()[1:]}
+    assert rows["broken"].endswith("init-error: Runtime.ImportModuleError: Unable to import module "
+                                   "'broken': No module named 'nonexistent_mod_xyz'"), rows["broken"]
+    assert rows["echo"].endswith("  ok"), rows["echo"]
+
+
 def test_cli_refuses_an_invalid_function_name_before_any_request(daemon):
     write_function(daemon.functions, "echo.py", ECHO)
     wait_until(lambda: daemon.get("/function/echo").status == 200)
