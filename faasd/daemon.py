@@ -242,9 +242,12 @@ class Daemon:
         self._cleanups.append(callback)
 
     async def stop(self) -> None:
-        self.ready = False
+        served, self.ready = self.ready, False
         timeout = self.config.workers.drain_timeout_s
-        log.info("shutting down: draining in-flight invocations (up to %gs)", timeout)
+        if served:
+            log.info("shutting down: draining in-flight invocations (up to %gs)", timeout)
+        else:  # a start that failed: nothing was served, nothing waits
+            log.info("shutting down: releasing what the start set up")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if hasattr(self, "invoker"):

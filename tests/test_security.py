@@ -342,8 +342,10 @@ def test_a_taken_port_stops_the_start_before_any_trigger_fires(start_daemon, fun
         assert daemon.process.wait(30) == 1
     output = daemon.output()
     assert f"cannot start: [Errno 98] cannot listen on 127.0.0.1 port {daemon.port}" in output, output
-    # Nothing ran for a daemon that could not serve: no tick was caught up or fired.
+    # Nothing ran for a daemon that could not serve: no tick was caught up or fired,
+    # and nothing was in flight to drain.
     assert "catching up" not in output and "TICKED" not in output, output
+    assert "draining" not in output and "releasing what the start set up" in output, output
 
 
 def test_a_public_address_with_keys_is_served(start_daemon, functions_dir):
