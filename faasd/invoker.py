@@ -99,7 +99,13 @@ class Invocation:
     @property
     def log_tail(self) -> str:
         """The last 4 KB of the invocation's log, as Lambda's LogType=Tail gives."""
-        text = "".join(line + "\n" for line in self.log_lines).encode()
+        lines = self.log_lines
+        start = len(lines)
+        size = 0
+        while start and size < 4096:  # characters: no more than the bytes they take
+            start -= 1
+            size += len(lines[start]) + 1
+        text = "".join(line + "\n" for line in lines[start:]).encode()
         return text[-4096:].decode("utf-8", "ignore")
 
 

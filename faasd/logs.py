@@ -36,6 +36,7 @@ IDLE_CLOSE_S = 60.0  # a log file not written for this long is closed (reopened 
 MAX_TAIL_BYTES = 64 * 1024 * 1024  # the most a tail request reads back
 FOLLOW_CHECK_S = 5.0  # how often a quiet follow checks that its reader is still there
 FOLLOW_BACKLOG = 10000  # lines held for a follower that reads slower than they come
+KEEP_LINES = 10000  # an invocation's last lines kept for LogType=Tail and the dashboard
 # A START line waits this long for the invocation's next lines before it is
 # written alone: a quick call's START, END and REPORT go out in one write.
 HOLD_S = 0.005
@@ -360,26 +361,38 @@ class FunctionLogs:
 
 
 class LogCapture:
-    """The lines of one invocation: written through, and kept for LogType=Tail."""
+    """The lines of one invocation: written through, and kept for LogType=Tail.
 
-    __slots__ = ("logs", "name", "request_id", "lines")
+    The last KEEP_LINES at least are kept (the tail is the end of the log: the
+    error, END, REPORT); past twice that many, the older ones are let go in one
+    go and a marker line, first in `lines`, counts them.
+    """
+
+    __slots__ = ("logs", "name", "request_id", "lines", "left_out")
 
     def __init__(self, logs: FunctionLogs, name: str, request_id: str) -> None:
         self.logs = logs
         self.name = name
         self.request_id = request_id
         self.lines: list[str] = []
+        self.left_out = 0  # lines no longer in `lines`
 
     def __call__(self, *texts: str) -> None:
         if not texts:
             return  # a JSON-format function's system level may leave every record out
         self.logs.write(self.name, self.request_id, *texts)
         lines = self.lines
-        for text in texts:
-            if len(lines) < 10000:
-                lines.append(text)
-            else:
-                lines[-1] = text
+        lines.extend(texts)
+        if len(lines) > 2 * KEEP_LINES:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Keep the last KEEP_LINES lines, after a marker that counts the others."""
+        lines = self.lines
+        cut = len(lines) - KEEP_LINES
+        self.left_out += cut - (1 if self.left_out else 0)  # the last marker is no line of the log
+        lines[:cut] = [f"[faasd: {self.left_out} earlier lines of this invocation are left out "
+                       f"here; the function's log has them]"]
 
     def opening(self, text: str) -> None:
         """The invocation's first line (START): written with the lines that follow

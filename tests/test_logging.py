@@ -15,7 +15,7 @@ import pytest
 
 import faasd
 
-from support import loaded, request_lines, wait_until, write_function
+from support import lambda_client, loaded, request_lines, wait_until, write_function
 
 CHATTY = """
 import logging, sys
@@ -237,3 +237,30 @@ def test_a_workers_log_stream_name_is_lambdas_and_lasts_its_life(daemon, runtime
     assert first == second  # one worker served both
     match = re.fullmatch(r"(\d{4}/\d{2}/\d{2})/\[\$LATEST\][0-9a-f]{32}", first)
     assert match and match.group(1) in days, first
+
+
+CHATTY_FAIL = """
+def handler(event, context):
+    for i in range(12000):
+        print(f"l {i}")
+    raise ValueError("the real cause")
+"""
+
+
+def test_the_log_tail_of_a_chatty_call_ends_with_its_error_end_and_report(daemon):
+    write_function(daemon.functions, "talker.py", CHATTY_FAIL)
+    loaded(daemon, "talker")
+    response = lambda_client(daemon.url).invoke(FunctionName="talker", Payload=b"{}", LogType="Tail")
+    assert response["FunctionError"] == "Unhandled"
+    request_id = response["ResponseMetadata"]["RequestId"]
+    tail = base64.b64decode(response["LogResult"]).decode().splitlines()
+    end = tail.index(f"END RequestId: {request_id}")
+    assert tail[end + 1].startswith(f"REPORT RequestId: {request_id}") and len(tail) == end + 2, tail
+    assert "[ERROR] ValueError: the real cause" in tail, tail
+    assert tail[end - 1].endswith('raise ValueError("the real cause")'), tail
+    printed = [line for line in tail if line.startswith("l ")]
+    assert printed and printed[-1] == "l 11999", tail
+    # The dashboard's invoke answers with the same end.
+    body = daemon.post("/system/functions/talker/invoke", {}).json()
+    assert body["logTail"].splitlines()[-1].startswith(f"REPORT RequestId: {body['requestId']}")
+    assert "[ERROR] ValueError: the real cause" in body["logTail"]

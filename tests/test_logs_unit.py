@@ -7,7 +7,7 @@ import errno
 import io
 import logging
 
-from faasd.logs import FunctionLogs
+from faasd.logs import FunctionLogs, LogCapture
 
 
 async def _write(logs: FunctionLogs, count: int, width: int) -> None:
@@ -310,3 +310,30 @@ def test_a_start_line_of_a_longer_call_is_written_after_the_hold(tmp_path, monke
 
     asyncio.run(scenario())
     assert [line.split("\t")[2] for line in logs.tail("fn", 10)] == ["START r1\n", "START r2\n"]
+
+
+def test_an_invocation_keeps_its_last_lines_after_a_marker_that_counts_the_others(tmp_path, monkeypatch):
+    import faasd.logs
+
+    monkeypatch.setattr(faasd.logs, "KEEP_LINES", 10)
+    logs = FunctionLogs(tmp_path, echo_format=None)
+
+    async def scenario() -> LogCapture:
+        capture = LogCapture(logs, "fn", "r1")
+        capture.opening("START r1")
+        for i in range(45):
+            capture(f"l {i}")
+        capture("END r1", "REPORT r1")
+        logs.flush()
+        return capture
+
+    capture = asyncio.run(scenario())
+    # 48 lines: at most twice KEEP_LINES held, the last ones always among them.
+    assert capture.lines[-3:] == ["l 44", "END r1", "REPORT r1"]
+    assert len(capture.lines) <= 21
+    kept = len(capture.lines) - 1
+    assert capture.lines[0] == (f"[faasd: {48 - kept} earlier lines of this invocation are left out here; "
+                                "the function's log has them]")
+    assert capture.lines[1:] == ([f"l {i}" for i in range(45)] + ["END r1", "REPORT r1"])[-kept:]
+    assert len(logs.tail("fn", 100)) == 48  # the file has every line
+    logs.close()
