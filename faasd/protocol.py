@@ -30,7 +30,10 @@ worker -> daemon
     INIT_ERROR  the error document, as ERROR's; the worker exits.
     LOG         raw text: whole lines the handler printed during this
                 invocation, sent as they are written so that a killed worker
-                still leaves its output behind.
+                still leaves its output behind. Text after the last newline
+                (a flush() in the middle of a line) is the start of a line
+                the next LOG frame goes on with; the daemon ends it when the
+                invocation or the init ends.
     STATS       optional, just before RESULT or ERROR: uint32 big-endian, the
                 worker's peak resident memory in KiB (so the daemon need not
                 read /proc or the cgroup on every call for `Max Memory Used`).

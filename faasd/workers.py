@@ -50,6 +50,7 @@ RUNTIME_DIR = Path(__file__).parent / "runtimes"
 MONITOR_INTERVAL_S = 0.05
 TMP_CHECK_INTERVAL_S = 0.25  # how often a plain-directory /tmp is measured during a call
 MAX_LOG_BYTES = 1024 * 1024  # output kept per invocation; the rest is dropped with a marker
+MAX_PARTIAL_LINE = 256 * 1024  # a line without end is cut here, not held on to
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024  # Lambda's synchronous response limit
 STOP_GRACE_S = 1.0
 INIT_TIMEOUT_S = 10.0  # Lambda's init phase limit
@@ -358,7 +359,7 @@ class _Output(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         lines = (self.partial + data).split(b"\n")
         self.partial = lines.pop()
-        if len(self.partial) > 256 * 1024:  # a line without end: cut it
+        if len(self.partial) > MAX_PARTIAL_LINE:  # a line without end: cut it
             lines.append(self.partial)
             self.partial = b""
         for line in lines:
@@ -401,6 +402,7 @@ class ProcessWorker(Worker):
         # daemon killed the worker. None: read it when the call ends.
         self._peak_kb: int | None = None
         self._idle_log_bytes = 0  # output outside invocations, against MAX_LOG_BYTES
+        self._log_partial = ""  # the start of a line a LOG frame left unfinished
 
     def environment(self) -> dict[str, str]:
         env = self.base_environment()
@@ -557,10 +559,13 @@ class ProcessWorker(Worker):
                 # What the monitor saw (children alive, /tmp) may be more.
                 self._peak_kb = max(self._peak_kb or 0, int.from_bytes(payload[:4], "big"))
         elif kind == protocol.LOG:
-            text = payload.decode("utf-8", "backslashreplace")
-            lines = text.split("\n")
-            if lines and lines[-1] == "":
-                lines.pop()
+            # A frame ends in a newline unless the function flush()ed in the
+            # middle of a line: that part waits for the rest of its line.
+            lines = (self._log_partial + payload.decode("utf-8", "backslashreplace")).split("\n")
+            partial = self._log_partial = lines.pop()
+            if len(partial) > MAX_PARTIAL_LINE:
+                lines.append(partial)
+                self._log_partial = ""
             for line in lines:
                 self._on_output(line)
         elif kind == protocol.RESULT or kind == protocol.ERROR:
@@ -581,12 +586,14 @@ class ProcessWorker(Worker):
                 self._fail_call(FunctionError.from_payload(HANDLED, data), fatal)
         elif kind == protocol.READY:
             if self._ready is not None and not self._ready.done():
-                self._drain_output()  # what it printed before READY is its init's
+                self._end_log_line()  # what it printed before READY is its init's
+                self._drain_output()
                 self._find_namespace()
                 if self.cgroup is None and self._out_of_memory_at_init():
                     return  # _ready holds its init error
                 self._ready.set_result(None)
         elif kind == protocol.INIT_ERROR:
+            self._end_log_line()
             self._fail_init(FunctionError.from_payload(INIT, _loads(payload)))
         else:
             log.warning("worker %s sent an unknown frame kind %d", self.id, kind)
@@ -629,6 +636,13 @@ class ProcessWorker(Worker):
             else:
                 self.idle_sink(line)
 
+    def _end_log_line(self) -> None:
+        """Hand over a LOG line still waiting for its newline: it belongs to what
+        ends now (the call, the init, the process)."""
+        if self._log_partial:
+            line, self._log_partial = self._log_partial, ""
+            self._on_output(line)
+
     def _log_init(self, line: str) -> None:
         """A line printed while the worker starts: logged now, and kept (the first 1000)."""
         if len(self.init_logs) < 1000:
@@ -648,6 +662,7 @@ class ProcessWorker(Worker):
     def _on_control_lost(self) -> None:
         # The process closed its socket: it exited or is about to. The pidfd
         # tells us how; give it a moment before failing the call without a code.
+        self._end_log_line()
         if self._ready is not None and not self._ready.done():
             self._loop.create_task(self._fail_start_after_exit())
 
@@ -774,6 +789,8 @@ class ProcessWorker(Worker):
             if polled:
                 replies.end()  # type: ignore[union-attr]
             # Output without a final newline belongs to this call, not the next.
+            if self._log_partial:
+                self._end_log_line()
             if self._output is not None:
                 self._output.flush()
             self._call = None

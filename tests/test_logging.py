@@ -239,6 +239,59 @@ def test_a_workers_log_stream_name_is_lambdas_and_lasts_its_life(daemon, runtime
     assert match and match.group(1) in days, first
 
 
+PIECES = """
+import json, sys
+
+def handler(event, context):
+    if event.get("again"):
+        print("second call")
+        return 2
+    print(json.dumps({"a": 1, "b": 2}, indent=1))
+    sys.stdout.write("p1\\np2"); sys.stdout.write(" rest\\n"); print("last")
+    print("flushed", end="", flush=True); print(" then ended")
+    sys.stdout.write("out part"); sys.stderr.write("err line\\n"); sys.stdout.write(" more\\n")
+    sys.stdout.write("no newline")
+    return 1
+"""
+
+PIECES_PRINTED = ["{", ' "a": 1,', ' "b": 2', "}", "p1", "p2 rest", "last", "flushed then ended",
+                  "err line", "out part more", "no newline"]
+
+
+def contains(lines: list[str], part: list[str]) -> bool:
+    return any(lines[index:index + len(part)] == part for index in range(len(lines)))
+
+
+@pytest.mark.parametrize("log_format", ["Text", "JSON"])
+def test_what_python_prints_in_pieces_is_logged_as_the_lines_a_terminal_shows(daemon, log_format):
+    write_function(daemon.functions, "pieces.py", PIECES)
+    write_function(daemon.functions, "pieces.toml", f'log_format = "{log_format}"\n')
+    loaded(daemon, "pieces")
+    lam = lambda_client(daemon.url)
+    first = lam.invoke(FunctionName="pieces", Payload=b"{}", LogType="Tail")
+    assert json.loads(first["Payload"].read()) == 1
+    tail = base64.b64decode(first["LogResult"]).decode().splitlines()
+    request_id = first["ResponseMetadata"]["RequestId"]
+    second = daemon.invoke("pieces", {"again": True})
+    assert second.json() == 2
+    again = second.headers["x-amzn-requestid"]
+    for rid in (request_id, again):
+        wait_until(lambda: "REPORT RequestId: " + rid in daemon.log_of("pieces")
+                   or '"platform.report"' in "".join(request_lines(daemon, "pieces", rid)),
+                   message="the REPORT of " + rid)
+    lines = request_lines(daemon, "pieces", request_id)
+    for found in (lines, tail):
+        assert contains(found, PIECES_PRINTED), found
+        assert "" not in found, found
+    # A line left without its newline is its call's own: the next call's starts afresh.
+    assert "no newline" not in "".join(request_lines(daemon, "pieces", again))
+    assert "second call" in request_lines(daemon, "pieces", again)
+    # The daemon's stdout has the same lines.
+    output = [line.split(f"{request_id} ", 1)[1] for line in daemon.output().splitlines()
+              if f"[pieces] {request_id} " in line]
+    assert contains(output, PIECES_PRINTED), output
+
+
 CHATTY_FAIL = """
 def handler(event, context):
     for i in range(12000):

@@ -101,6 +101,13 @@ class _LogStream:
 class _FrameWriter(_LogStream):
     """sys.stdout / sys.stderr: whole lines go to the daemon as LOG frames.
 
+    A write's text up to its last newline goes at once; the rest of a line waits
+    in the writer for its end, so that lines written in parts (print's text and
+    then its newline, or write("a\\nb") and write("c\\n")) are the lines a
+    terminal shows and a partial line of stdout never joins one of stderr.
+    flush() sends a partial line too (the daemon holds it for the rest of its
+    line); end_line() ends it, at the end of an invocation or of the init.
+
     It has what code expects of a text stream on Lambda: `buffer` for bytes,
     `reconfigure()` (output stays UTF-8 lines whatever it asks for), and the
     attributes of a line-buffered TextIOWrapper.
@@ -131,10 +138,22 @@ class _FrameWriter(_LogStream):
     def write(self, text):
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        if text:
+        if "\n" in text:
+            if text[-1] == "\n":  # whole lines: the usual case
+                lines, rest = text, ""
+            else:
+                end = text.rfind("\n") + 1
+                lines, rest = text[:end], text[end:]
+            pending = self._pending
+            if pending:
+                pending.append(lines)
+                lines = "".join(pending)
+                pending.clear()
+            _send(protocol.LOG, lines.encode("utf-8", "backslashreplace"))
+            if rest:
+                pending.append(rest)
+        elif text:
             self._pending.append(text)
-            if "\n" in text:
-                self.flush()
         return len(text)
 
     def flush(self):
@@ -142,6 +161,12 @@ class _FrameWriter(_LogStream):
             data = "".join(self._pending)
             self._pending.clear()
             _send(protocol.LOG, data.encode("utf-8", "backslashreplace"))
+
+    def end_line(self):
+        """Send a line still waiting for its newline as a whole line."""
+        if self._pending:
+            self._pending.append("\n")
+            self.flush()
 
     def fileno(self):
         return 1 if self.name == "<stdout>" else 2
@@ -248,7 +273,9 @@ class LambdaContext:
         return dict(self._w3c)
 
     def log(self, message):
-        sys.stdout.write(str(message))
+        # A line of its own, as each call is one record on Lambda.
+        text = str(message)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
         sys.stdout.flush()
 
     def __repr__(self):
@@ -541,10 +568,19 @@ def _invoke(handler, payload):
                 reply = protocol.RESULT, data
     stdout, stderr = sys.stdout, sys.stderr
     if getattr(stdout, "_pending", True):
-        stdout.flush()
+        _end_output(stdout)
     if getattr(stderr, "_pending", True):
-        stderr.flush()
+        _end_output(stderr)
     _sock.sendall(_encode(protocol.STATS, _peak_kb()) + _encode(*reply))
+
+
+def _end_output(stream):
+    """Send what sys.stdout or sys.stderr holds as an invocation or the init ends:
+    a line without its newline is a line of what ends, not the start of the next one's."""
+    if isinstance(stream, _FrameWriter):
+        stream.end_line()
+    else:
+        stream.flush()
 
 
 # A spawned worker's getrusage() peak starts at the daemon's: an exec keeps
@@ -844,7 +880,8 @@ def main():
     _install_logging()
     template = os.environ.pop("_FAASD_TEMPLATE", None) == "1"
     handler, error = _load_handler()
-    sys.stdout.flush()
+    _end_output(sys.stdout)
+    _end_output(sys.stderr)
     if error is not None:
         _send(protocol.INIT_ERROR, json.dumps(error).encode())
         return 1
