@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -317,3 +318,45 @@ def test_the_log_tail_of_a_chatty_call_ends_with_its_error_end_and_report(daemon
     body = daemon.post("/system/functions/talker/invoke", {}).json()
     assert body["logTail"].splitlines()[-1].startswith(f"REPORT RequestId: {body['requestId']}")
     assert "[ERROR] ValueError: the real cause" in body["logTail"]
+
+
+FD_WRITER = """
+import os, subprocess
+def handler(event, context):
+    mark = context.aws_request_id[:8]
+    subprocess.run(["sh", "-c", f"echo child-{mark}"], check=True)
+    os.write(1, f"raw-{mark}\\n".encode())
+    return "ok"
+"""
+
+
+@pytest.mark.parametrize("runtime", ["python", "node"])
+def test_what_a_call_writes_to_its_stdout_descriptor_is_in_that_calls_log(daemon, runtime):
+    # Output of a child process, or of a write to fd 1, travels apart from the
+    # runtime's answer: it is still that call's, before its END (and in its tail).
+    if runtime == "python":
+        write_function(daemon.functions, "fdwriter.py", FD_WRITER)
+    else:
+        write_function(daemon.functions, "fdwriter.mjs", """
+            import { execFileSync } from "node:child_process";
+            import { writeSync } from "node:fs";
+            export const handler = async (event, context) => {
+              const mark = context.awsRequestId.slice(0, 8);
+              execFileSync("sh", ["-c", `echo child-${mark}`], { stdio: "inherit" });
+              writeSync(1, `raw-${mark}\\n`);
+              return "ok";
+            };
+        """)
+    loaded(daemon, "fdwriter")
+
+    def call(_: int) -> str:
+        response = daemon.invoke("fdwriter", {}, **{"X-Amz-Log-Type": "Tail"})
+        assert response.status == 200, response.text
+        mark = response.headers["x-amzn-requestid"][:8]
+        tail = base64.b64decode(response.headers["x-amz-log-result"]).decode()
+        end = tail.index("END RequestId")
+        return "" if f"child-{mark}" in tail[:end] and f"raw-{mark}" in tail[:end] else tail
+
+    with ThreadPoolExecutor(8) as pool:
+        misplaced = [tail for tail in pool.map(call, range(200)) if tail]
+    assert misplaced == [], misplaced[:3]
