@@ -14,6 +14,7 @@ runtimes may subclass `Worker`. Runtimes register in `WORKER_FACTORIES`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import functools
 import itertools
@@ -50,6 +51,10 @@ RUNTIME_DIR = Path(__file__).parent / "runtimes"
 MONITOR_INTERVAL_S = 0.05
 TMP_CHECK_INTERVAL_S = 0.25  # how often a plain-directory /tmp is measured during a call
 MAX_LOG_BYTES = 1024 * 1024  # output kept per invocation; the rest is dropped with a marker
+# ... but for its last lines, kept past it and written when the call ends:
+# they hold what ended it (an error's traceback, a timeout's last words).
+KEEP_LAST_LINES = 50
+KEEP_LAST_LINE_BYTES = 16 * 1024  # each cut to this
 MAX_PARTIAL_LINE = 256 * 1024  # a line without end is cut here, not held on to
 MAX_RESPONSE_BYTES = 6 * 1024 * 1024  # Lambda's synchronous response limit
 STOP_GRACE_S = 1.0
@@ -313,7 +318,7 @@ class _Call:
     """The invocation in flight on a ProcessWorker."""
 
     __slots__ = ("request_id", "future", "sink", "oom", "timed_out", "fatal", "tmp_full",
-                 "log_bytes")
+                 "log_bytes", "last_lines", "left_out")
 
     def __init__(self, request_id: str, future: asyncio.Future, sink: LineSink) -> None:
         self.request_id = request_id
@@ -324,6 +329,26 @@ class _Call:
         self.fatal = False  # the runtime said it exits after this call's error
         self.tmp_full = False  # /tmp (a plain directory) passed tmp_mb
         self.log_bytes = 0  # output so far, against MAX_LOG_BYTES
+        self.last_lines: collections.deque[str] | None = None  # past it: the latest lines
+        self.left_out = 0  # lines past MAX_LOG_BYTES, kept or not
+
+    def keep_last(self, line: str) -> None:
+        """A line past MAX_LOG_BYTES: among the last ones, written at the end."""
+        if self.last_lines is None:
+            self.last_lines = collections.deque(maxlen=KEEP_LAST_LINES)
+        self.left_out += 1
+        self.last_lines.append(line[:KEEP_LAST_LINE_BYTES])
+
+    def write_last(self) -> None:
+        """The last lines past MAX_LOG_BYTES, after a line that counts what was left out."""
+        kept = self.last_lines
+        if not kept:
+            return
+        self.last_lines = None
+        self.sink(f"[faasd: {self.left_out - len(kept)} lines of this invocation were left out; "
+                  f"its last {len(kept)} follow]")
+        for line in kept:
+            self.sink(line)
 
 
 class _Control(asyncio.Protocol):
@@ -621,9 +646,12 @@ class ProcessWorker(Worker):
             call.log_bytes += len(line) + 1
             if call.log_bytes <= MAX_LOG_BYTES:
                 call.sink(line)
-            elif call.log_bytes - len(line) - 1 <= MAX_LOG_BYTES:
+                return
+            if call.last_lines is None:
                 call.sink(f"[faasd: output truncated: this invocation printed more than "
-                          f"{MAX_LOG_BYTES} bytes; the rest is dropped]")
+                          f"{MAX_LOG_BYTES} bytes; the rest is dropped but for its last lines, "
+                          "written when it ends]")
+            call.keep_last(line)
         else:
             self._idle_log_bytes += len(line) + 1
             if self._idle_log_bytes > MAX_LOG_BYTES:
@@ -793,6 +821,7 @@ class ProcessWorker(Worker):
                 self._end_log_line()
             if self._output is not None:
                 self._output.flush()
+            call.write_last()
             self._call = None
             self._idle_log_bytes = 0
             self._deadline_handle.cancel()

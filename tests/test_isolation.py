@@ -715,6 +715,8 @@ def handler(event, context):
     for _ in range(event["kb"]):
         print(line)
     os.write(1, b"raw line from fd 1\\n" * 10000)
+    if event.get("fail"):
+        raise ValueError("the real cause")
     return "flooded"
 """
 
@@ -731,6 +733,14 @@ def test_log_flood_is_truncated_with_a_marker(start_daemon, functions_dir):
     assert len(log.encode()) < 3 * 1024 * 1024
     assert "REPORT RequestId" in log.splitlines()[-1]
     assert (daemon.data / "logs" / "flood.log").stat().st_size < 3 * 1024 * 1024
+    # Past the budget the last lines are still kept: what ended the call, its error.
+    result, error = invoke(daemon, "flood", {"kb": 2 * 1024, "fail": True})
+    assert error == "ValueError", result
+    lines = daemon.log_of("flood").splitlines()
+    end = max(i for i, line in enumerate(lines) if "END RequestId" in line)
+    kept = [i for i, line in enumerate(lines) if "were left out; its last 50 follow" in line]
+    assert len(kept) == 2 and kept[-1] == end - 51, lines[-60:]  # one for each flooding call
+    assert "ValueError: the real cause" in "\n".join(lines[kept[-1]:end])
     still_serving(daemon)
 
 
