@@ -102,6 +102,9 @@ class FunctionPool:
         self.template: Template | None = None
         self._old_templates: list[Template] = []  # retired, waiting for their children to go
         self._template_failed: str | None = None  # the revision whose template could not start
+        # (revision, why): a revision whose template's state would not survive a
+        # fork as a fresh worker's does; its workers start fresh.
+        self._template_unsafe: tuple[str, str] | None = None
         self._template_used = 0.0
         self.cold_starts = 0
         self.retired = 0
@@ -349,7 +352,8 @@ class FunctionPool:
     def _ensure_template(self) -> None:
         """Start this revision's template in the background, once, if Python and enabled."""
         if (not self.settings.zygote or self.closing or self.spec.runtime != "python"
-                or self._template_failed == self.spec.revision):
+                or self._template_failed == self.spec.revision
+                or self.not_fork_safe):
             return
         sandbox = self.env.sandbox
         if sandbox is not None and not sandbox.mount:
@@ -372,6 +376,15 @@ class FunctionPool:
             # Its workers would fail the same way; spawned workers report it.
             log.warning("no template for %s: %s", self.spec.name, exc)
             self._template_failed = template.spec.revision
+            self._drop_template(template)
+            return
+        if template.unsafe:
+            # A fork would start from the state its init left: a socket every
+            # fork reads and writes, threads no fork has, files in a /tmp that
+            # is not the fork's. Each worker runs that init itself instead.
+            log.warning("%s: %s; its workers start fresh, each with its own init, instead of "
+                        "forked from a template", self.spec.name, template.unsafe)
+            self._template_unsafe = (template.spec.revision, template.unsafe)
             self._drop_template(template)
             return
         template.set_state(WorkerState.IDLE)
@@ -407,7 +420,19 @@ class FunctionPool:
                 self._background(template.stop())
 
     def template_json(self) -> dict | None:
-        return self.template.to_json() if self.template is not None else None
+        """The revision's template; {"state": "off", "reason"} where it was found
+        not fork-safe; None while there is none."""
+        if self.template is not None:
+            return self.template.to_json()
+        if self.not_fork_safe:
+            return {"state": "off", "reason": self.not_fork_safe}
+        return None
+
+    @property
+    def not_fork_safe(self) -> str:
+        """Why this revision's workers are not forked from a template, or ""."""
+        unsafe = self._template_unsafe
+        return unsafe[1] if unsafe is not None and unsafe[0] == self.spec.revision else ""
 
     def sweep(self, now: float) -> None:
         """Retire workers frozen longer than keep_warm_s, oldest first, keeping min_warm."""

@@ -46,7 +46,10 @@ worker -> daemon
                 does not reuse the worker.
 
 Templates (faasd/zygote.py): a worker started with `_FAASD_TEMPLATE=1`
-imports the handler, says READY, and then serves only these:
+imports the handler, says READY, and then serves only these. Its READY
+carries {"unsafe": why} when its init left what a fork cannot share or lacks
+(threads, sockets, pipes, files in /tmp): it then forks nothing and waits
+for SHUTDOWN.
 
 daemon -> template
     FORK      {"count": n}: fork n spares.

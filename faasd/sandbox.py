@@ -273,6 +273,37 @@ def tmp_of_its_own(tmp_mb: int) -> None:
         _cover_shm(tmp_mb)
 
 
+def scratch_written() -> list[str]:
+    """What this worker's private /tmp and /dev/shm hold beyond what faasd put
+    there (the paths kept reachable, and the directories leading to them): in
+    a template, what its init wrote, which a fork's fresh ones would lack."""
+    roots = [(_tmp["path"], _tmp["keep"])] if "path" in _tmp else []
+    if _tmp.get("shm"):
+        roots.append(("/dev/shm", []))
+    written: list[str] = []
+    for root, keep in roots:
+        written += _written_in(root, keep)
+    return written
+
+
+def _written_in(directory: str, keep: list[str]) -> list[str]:
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    written = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if path in keep:
+            continue
+        inner = [k for k in keep if k.startswith(path + "/")]
+        if inner and os.path.isdir(path) and not os.path.islink(path):
+            written += _written_in(path, inner)
+        else:
+            written.append(path)
+    return written
+
+
 def _cover_shm(tmp_mb: int) -> None:
     _mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
            f"size={min(SHM_MAX_MB, tmp_mb)}m,mode=1777")

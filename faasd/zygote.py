@@ -24,6 +24,11 @@ no shortage. From READY on a forked worker is an
 ordinary worker: frozen, thawed, timed out and retired like any other; its
 parent, the template, reaps it and reports how it ended (EXITED).
 
+A fork is only the worker a fresh start makes if the init left nothing a
+fork cannot have: a template whose init left Python threads running, sockets
+or pipes open, or files in its /tmp says so at READY ("unsafe"), and forks
+nothing; the pool then starts that revision's workers fresh (pool.py).
+
 A template serves no invocations and is never frozen: it must answer a FORK
 at any time. Its children die with it (PR_SET_PDEATHSIG), so the pool keeps
 an old revision's template until its last child is gone.
@@ -137,6 +142,9 @@ class Template(ProcessWorker):
         self._status_waiters: dict[int, asyncio.Future] = {}
         self._replace_timer: asyncio.TimerHandle | None = None
         self._spare_deaths = 0  # spares in a row that died unused
+        # Why its forks would not be the workers a fresh start makes (its init
+        # left threads, sockets or files behind), as it said at READY; "" if not.
+        self.unsafe = ""
 
     async def start(self) -> None:
         await super().start()
@@ -144,7 +152,8 @@ class Template(ProcessWorker):
 
     @property
     def ready(self) -> bool:
-        return self.alive and self.init_ms is not None and self.state is not WorkerState.RETIRING
+        return (self.alive and self.init_ms is not None and not self.unsafe
+                and self.state is not WorkerState.RETIRING)
 
     def _log_init(self, line: str) -> None:
         # Kept, not logged: the first worker forked from it logs it (hand_over_init_logs).
@@ -200,6 +209,9 @@ class Template(ProcessWorker):
                 self._on_spare(orjson.loads(payload))
             elif kind == protocol.EXITED:
                 self._on_child_exit(orjson.loads(payload))
+            elif kind == protocol.READY:
+                self.unsafe = str(orjson.loads(payload).get("unsafe") or "")
+                self._on_frame(kind, payload)
             else:
                 self._on_frame(kind, payload)
 

@@ -1,4 +1,5 @@
-"""Unit tests of faasd.sandbox's daemon half: finding a worker's processes by its mount namespace."""
+"""Unit tests of faasd.sandbox: finding a worker's processes by its mount namespace, and
+telling what a template's init wrote to its /tmp from what faasd put there."""
 
 from __future__ import annotations
 
@@ -58,3 +59,19 @@ def test_a_process_whose_main_thread_has_exited_is_still_found_and_killed():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_what_an_init_wrote_to_tmp_is_told_apart_from_the_paths_kept_reachable_there(tmp_path, monkeypatch):
+    from faasd import sandbox
+
+    # The functions dir under the host's /tmp, bound into the worker's own
+    # /tmp at the same path: its mount point and the directories leading to
+    # it are faasd's, not the init's.
+    kept = tmp_path / "pytest-1" / "functions"
+    kept.mkdir(parents=True)
+    (kept / "fn.py").write_text("")
+    monkeypatch.setattr(sandbox, "_tmp", {"path": str(tmp_path), "keep": [str(kept)], "bound": []})
+    assert sandbox.scratch_written() == []
+    (tmp_path / "model.bin").write_bytes(b"x")
+    (tmp_path / "pytest-1" / "cache").mkdir()
+    assert sandbox.scratch_written() == [str(tmp_path / "model.bin"), str(tmp_path / "pytest-1" / "cache")]

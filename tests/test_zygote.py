@@ -6,6 +6,7 @@ import base64
 import os
 import re
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -408,3 +409,170 @@ def test_starts_that_mostly_wait_run_side_by_side(start_daemon, functions_dir):
     wait_until(lambda: starting() >= 6, timeout=6, message="the rest of the starts at once")
     calls.join(30)
     assert not calls.is_alive()
+
+
+def settled_template(daemon, name: str) -> dict:
+    """The function's template once it has imported the handler, or once it was found not fork-safe."""
+    return wait_until(lambda: ((template_of(daemon, name) or {}).get("init_ms")
+                               or (template_of(daemon, name) or {}).get("state") == "off")
+                      and template_of(daemon, name), message="the template to be ready or off")
+
+
+FRESH = "its workers start fresh, each with its own init, instead of forked from a template"
+
+CONNECTED = """
+import os, socket, time
+conn = socket.create_connection(("127.0.0.1", {port}))   # as a database client at init
+def handler(event, context):
+    sent = f"ECHO {{context.aws_request_id}}\\n".encode()
+    conn.sendall(sent)
+    time.sleep(event.get("sleep", 0))   # the other calls send theirs meanwhile
+    got = conn.recv(4096)
+    return {{"pid": os.getpid(), "port": conn.getsockname()[1], "sent": sent.decode(), "got": got.decode()}}
+"""
+
+
+@pytest.fixture
+def echo_server():
+    """A line echo server on loopback; yields (port, the client ports it has seen)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    clients: list[int] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                conn.sendall(line)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, address = listener.accept()
+            except OSError:
+                return
+            clients.append(address[1])
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield listener.getsockname()[1], clients
+    listener.close()
+
+
+def test_an_init_that_opens_a_connection_gives_every_worker_a_connection_of_its_own(daemon, echo_server):
+    port, clients = echo_server
+    write_function(daemon.functions, "conn.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "conn.py", CONNECTED.format(port=port))
+    loaded(daemon, "conn")
+    first = daemon.invoke("conn").json()
+    assert first["got"] == first["sent"], first
+    template = settled_template(daemon, "conn")
+    results = concurrent(daemon, "conn", [{"sleep": 1}] * 6)
+    # A fork would share the template's one connection: calls would read
+    # each other's replies, or none.
+    for result in results:
+        assert result.get("got") == result.get("sent"), results
+    ports = {r["pid"]: r["port"] for r in results}
+    assert len(ports) == 6 and len(set(ports.values())) == 6, results
+    assert set(ports.values()) <= set(clients)
+    assert template["state"] == "off"
+    assert re.fullmatch(r"its init left a socket open \(fd \d+, socket:\[\d+\]\)", template["reason"]), template
+    assert all(parent_of(pid) == daemon.process.pid for pid in ports), "every worker started fresh"
+
+
+THREAD_POOL = """
+import os, time
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(max_workers=2)
+pool.submit(time.sleep, 0).result()   # its first thread starts here, at init
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    return {"pid": os.getpid(), "answer": pool.submit(lambda: 6 * 7).result(timeout=1.5)}
+"""
+
+
+def test_an_init_that_starts_a_thread_pool_has_it_in_every_worker(daemon):
+    write_function(daemon.functions, "pooled.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "pooled.py", THREAD_POOL)
+    loaded(daemon, "pooled")
+    assert daemon.invoke("pooled").json()["answer"] == 42
+    template = settled_template(daemon, "pooled")
+    results = concurrent(daemon, "pooled", [{"sleep": 1}] * 4)
+    assert [r.get("answer") for r in results] == [42] * 4, results
+    assert len({r["pid"] for r in results}) == 4
+    assert template["state"] == "off"
+    assert template["reason"] == "its init left 1 thread running (ThreadPoolExecutor-0_0)", template
+
+
+SEEDED_TMP = """
+import os, time
+with open("/tmp/seed.txt", "w") as seed:   # as a model or a cache fetched at init
+    seed.write(str(os.getpid()))
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    with open("/tmp/seed.txt") as seed:
+        return {"pid": os.getpid(), "seed": seed.read()}
+"""
+
+
+def test_what_an_init_wrote_to_tmp_is_there_for_every_worker(daemon):
+    write_function(daemon.functions, "seeded.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "seeded.py", SEEDED_TMP)
+    loaded(daemon, "seeded")
+    daemon.invoke("seeded")
+    template = settled_template(daemon, "seeded")
+    results = concurrent(daemon, "seeded", [{"sleep": 1}] * 4)
+    # Each worker's /tmp is its own, kept while it lives: written by its own init.
+    assert all(r.get("seed") == str(r.get("pid")) for r in results), results
+    assert template["state"] == "off"
+    assert template["reason"] == "its init left a file in /tmp (/tmp/seed.txt)", template
+
+
+def test_a_function_that_is_not_fork_safe_is_warned_about_once_per_code_version(daemon, echo_server):
+    port, _ = echo_server
+    source = CONNECTED.format(port=port) + THREAD_POOL.replace("import os, time", "")
+    write_function(daemon.functions, "both.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "both.py", source)
+    loaded(daemon, "both")
+    daemon.invoke("both")
+    template = settled_template(daemon, "both")
+    for _ in range(3):
+        concurrent(daemon, "both", [{"sleep": 0.3}] * 3)
+    warning = f"both: {template['reason']}; {FRESH}"
+    assert re.fullmatch(r"its init left a socket open \(fd \d+, socket:\[\d+\]\) "
+                        r"and 1 thread running \(ThreadPoolExecutor-0_0\)", template["reason"]), template
+    assert daemon.output().count(warning) == 1, daemon.output()
+    revision = daemon.function("both")["revision"]
+    write_function(daemon.functions, "both.py", source + "\nVERSION = 2\n")
+    wait_until(lambda: daemon.function("both")["revision"] != revision, message="the new revision")
+    daemon.invoke("both")
+    settled_template(daemon, "both")
+    wait_until(lambda: daemon.output().count("both: its init left") == 2, message="the new code's warning")
+
+
+TIDY_INIT = """
+import os, socket, tempfile, threading, time
+from concurrent.futures import ThreadPoolExecutor
+with ThreadPoolExecutor(max_workers=2) as setup:   # used at init, shut down
+    CONFIG = setup.submit(lambda: {{"answer": 42}}).result()
+socket.create_connection(("127.0.0.1", {port})).close()
+with tempfile.TemporaryDirectory() as scratch:      # /tmp used at init, emptied
+    open(os.path.join(scratch, "x"), "w").write("x")
+threading.Thread(target=time.sleep, args=(0,)).start()
+time.sleep(0.2)                                     # that thread has ended
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    return {{"pid": os.getpid(), "answer": CONFIG["answer"]}}
+"""
+
+
+def test_an_init_that_leaves_nothing_open_is_still_forked(daemon, echo_server):
+    port, _ = echo_server
+    write_function(daemon.functions, "tidy.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "tidy.py", TIDY_INIT.format(port=port))
+    loaded(daemon, "tidy")
+    first = daemon.invoke("tidy").json()
+    template = ready_template(daemon, "tidy")
+    results = concurrent(daemon, "tidy", [{"sleep": 2}] * 3)
+    forked = [r for r in results if r["pid"] != first["pid"]]
+    assert len(forked) >= 2 and all(parent_of(r["pid"]) == template["pid"] for r in forked), results
+    assert all(r["answer"] == 42 for r in results)
+    assert template["state"] != "off" and "its init left" not in daemon.output()

@@ -655,6 +655,16 @@ def _serve_as_template():
     import gc
     import signal
 
+    hazards = _fork_hazards()
+    if hazards:
+        # Its workers start fresh instead, each running the init itself.
+        _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - _T0) * 1000,
+                                          "unsafe": hazards}).encode())
+        while True:
+            kind, _ = _recv_frame()
+            if kind is None or kind == protocol.SHUTDOWN:
+                return 0
+
     # What forked workers need later is loaded now, once, in the template.
     for module in ("array", "faasd.libc"):
         __import__(module)
@@ -685,6 +695,62 @@ def _serve_as_template():
         if kind == protocol.FORK:
             for _ in range(int(json.loads(payload).get("count", 1))):
                 _fork_spare(tmp_mb)
+
+
+def _fork_hazards():
+    """Why a fork of this template would not be the worker a fresh start makes,
+    as a phrase ("its init left ..."); "" if it would be.
+
+    A fork has only the thread that forked: threads the init started (a pool
+    it submits to, a daemon thread) are missing in every fork. It shares the
+    template's open sockets and pipes: forks would talk over one connection
+    and read each other's replies. And it gets a fresh /tmp and /dev/shm:
+    what the init wrote there is missing. Native threads that C libraries
+    start (OpenBLAS's) are no hazard: such libraries rebuild them in the
+    child themselves (pthread_atfork), and only Python's threads are counted.
+    """
+    import threading
+
+    sockets, pipes = [], []
+    own = {0, 1, 2, _sock.fileno()}
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) in own:
+            continue
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if target.startswith("socket:"):
+            sockets.append(f"fd {name}, {target}")
+        elif target.startswith("pipe:"):
+            pipes.append(f"fd {name}, {target}")
+    main = threading.main_thread()
+    names = [thread.name for thread in threading.enumerate() if thread is not main]
+    threads = max(len(names), _thread_count())
+    written = []
+    if "faasd.sandbox" in sys.modules:  # a template isolated in a /tmp of its own
+        written = sys.modules["faasd.sandbox"].scratch_written()
+    where = "/tmp" if all(path.startswith("/tmp/") for path in written) else "/tmp or /dev/shm"
+    left = []
+    for count, one, many, what, joint in (
+            (len(sockets), "a socket open", "sockets open", sockets, "; "),
+            (len(pipes), "a pipe open", "pipes open", pipes, "; "),
+            (threads, "1 thread running", "threads running", names, ", "),
+            (len(written), f"a file in {where}", f"files in {where}", written, ", ")):
+        if count:
+            shown = joint.join(what[:3]) + (joint + "..." if len(what) > 3 else "")
+            left.append((one if count == 1 else f"{count} {many}") + (f" ({shown})" if shown else ""))
+    if not left:
+        return ""
+    return "its init left " + (", ".join(left[:-1]) + " and " + left[-1] if len(left) > 1 else left[0])
+
+
+def _thread_count():
+    """Threads started through Python's _thread module and still running."""
+    import _thread
+
+    count = getattr(_thread, "_count", None)
+    return count() if count is not None else 0
 
 
 def _fork_spare(tmp_mb):
