@@ -576,3 +576,30 @@ def test_an_init_that_leaves_nothing_open_is_still_forked(daemon, echo_server):
     assert len(forked) >= 2 and all(parent_of(r["pid"]) == template["pid"] for r in forked), results
     assert all(r["answer"] == 42 for r in results)
     assert template["state"] != "off" and "its init left" not in daemon.output()
+
+
+NUMPY = """
+import os, random, time
+import numpy
+WEIGHTS = numpy.arange(6.0).reshape(2, 3)          # OpenBLAS starts its threads
+NOISE = numpy.random.rand(3)                       # the init draws: the generator is seeded
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    return {"pid": os.getpid(), "numpy": int(numpy.random.randint(1 << 30)),
+            "random": random.random(), "sum": float((WEIGHTS @ WEIGHTS.T).sum())}
+"""
+
+
+def test_a_numpy_function_is_forked_and_each_fork_draws_its_own_random_numbers(daemon):
+    write_function(daemon.functions, "np.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "np.py", NUMPY)
+    loaded(daemon, "np")
+    first = daemon.invoke("np").json()
+    template = ready_template(daemon, "np")
+    results = concurrent(daemon, "np", [{"sleep": 2}] * 3)
+    forked = [r for r in results if r["pid"] != first["pid"]]
+    assert len(forked) >= 2 and all(parent_of(r["pid"]) == template["pid"] for r in forked), results
+    assert all(r["sum"] == 83.0 for r in results)
+    # Seeded in the template, a generator would give every fork the same draws.
+    assert len({r["numpy"] for r in forked}) == len(forked), forked
+    assert len({r["random"] for r in forked}) == len(forked), forked

@@ -836,10 +836,23 @@ def _spare(control, out_write, tmp_mb, template_pid):
         note = f"shared /tmp, own {private}"
     if "tempfile" in sys.modules:
         sys.modules["tempfile"].tempdir = None  # the template's choice is not this worker's
+    _reseed()
     _T0 = started
     _send(protocol.READY, json.dumps({"init_ms": (time.monotonic() - started) * 1000,
                                       "tmp": note}).encode())
     os._exit(_serve())
+
+
+def _reseed():
+    """Give this fork random numbers of its own: Python's `random` reseeds
+    itself in a fork, numpy's global generator (np.random.rand, .choice, ...)
+    does not, and every worker of a template would draw the same numbers."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        try:
+            numpy.random.seed()
+        except Exception:  # noqa: BLE001 - a numpy without it, or half imported
+            pass
 
 
 def _join_groups():
