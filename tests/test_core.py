@@ -573,6 +573,17 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
         reported = view["load_error"] or (view["init_error"] or {}).get("errorMessage")
         assert reported, view
     assert daemon.get("/function/good").status == 200
+    # nohandler's own file has no handler; json's file is not the module of that name the
+    # runtime had loaded, and the error says so.
+    assert daemon.invoke("nohandler").json()["errorMessage"] == "Handler 'handler' missing on module 'nohandler'"
+    write_function(daemon.functions, "json.py", ECHO)
+    loaded(daemon, "json")
+    error = daemon.invoke("json").json()
+    assert error["errorType"] == "Runtime.HandlerNotFound", error
+    assert error["errorMessage"].startswith("Handler 'handler' missing on module 'json' (the module of that "
+                                            "name already loaded is /"), error
+    assert error["errorMessage"].endswith("json/__init__.py, not the function's own file: give the file "
+                                          "another name)"), error
     # A worker that started and failed to import reports how long it took, as Lambda does.
     [init_report] = [line for line in daemon.log_of("importerr").splitlines()
                      if "\tINIT_REPORT Init Duration:" in line][-1:]

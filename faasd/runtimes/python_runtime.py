@@ -462,11 +462,22 @@ def _load_handler():
     handler = getattr(module, function_name, None)
     if handler is None:
         return None, _error("Runtime.HandlerNotFound",
-                            f"Handler '{function_name}' missing on module '{module_name}'")
+                            f"Handler '{function_name}' missing on module '{module_name}'"
+                            + _not_its_own(module, task_root))
     if not callable(handler):
         return None, _error("Runtime.HandlerNotFound",
                             f"Handler '{function_name}' on module '{module_name}' is not callable")
     return handler, None
+
+
+def _not_its_own(module, task_root):
+    """Why the module imported is not the function's file, or "": a module of
+    that name (json, struct, ...) was loaded before the handler, by the runtime."""
+    path = getattr(module, "__file__", None)
+    if path and os.path.realpath(path).startswith(os.path.realpath(task_root) + os.sep):
+        return ""
+    return (f" (the module of that name already loaded is {path or 'built into Python'}, not the "
+            "function's own file: give the file another name)")
 
 
 def _unreadable(task_root):
