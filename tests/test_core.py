@@ -573,6 +573,9 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
         reported = view["load_error"] or (view["init_error"] or {}).get("errorMessage")
         assert reported, view
     assert daemon.get("/function/good").status == 200
+    assert daemon.invoke("importerr").json() == {  # AWS's runtime gives no stack for it
+        "errorMessage": "Unable to import module 'importerr': No module named 'not_a_module_anywhere'",
+        "errorType": "Runtime.ImportModuleError", "stackTrace": []}
     # nohandler's own file has no handler; json's file is not the module of that name the
     # runtime had loaded, and the error says so.
     assert daemon.invoke("nohandler").json()["errorMessage"] == "Handler 'handler' missing on module 'nohandler'"

@@ -455,7 +455,7 @@ def _load_handler():
         message = f"Unable to import module '{module_name}': {exc}"
         if isinstance(exc, ModuleNotFoundError) and exc.name == dotted.split(".")[0]:
             message += _unreadable(task_root)
-        return None, _error("Runtime.ImportModuleError", message, _user_frames(exc.__traceback__))
+        return None, _error("Runtime.ImportModuleError", message)  # no stack trace, as AWS's runtime
     except BaseException as exc:  # the module's own code raised at import
         _log_exception(exc)
         return None, _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))
