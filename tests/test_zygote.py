@@ -603,3 +603,25 @@ def test_a_numpy_function_is_forked_and_each_fork_draws_its_own_random_numbers(d
     # Seeded in the template, a generator would give every fork the same draws.
     assert len({r["numpy"] for r in forked}) == len(forked), forked
     assert len({r["random"] for r in forked}) == len(forked), forked
+
+
+EPOLL = """
+import os, select, time
+POLLER = select.epoll()                            # one set, shared by every fork
+def handler(event, context):
+    time.sleep(event.get("sleep", 0))
+    return {"pid": os.getpid(), "fd": POLLER.fileno()}
+"""
+
+
+def test_an_init_that_opens_an_epoll_set_starts_its_workers_fresh(daemon):
+    write_function(daemon.functions, "poller.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "poller.py", EPOLL)
+    loaded(daemon, "poller")
+    daemon.invoke("poller")
+    template = settled_template(daemon, "poller")
+    assert template["state"] == "off", template
+    assert re.fullmatch(r"its init left an event descriptor open \(fd \d+, anon_inode:\[eventpoll\]\)",
+                        template["reason"]), template
+    results = concurrent(daemon, "poller", [{"sleep": 1}] * 3)
+    assert all(parent_of(r["pid"]) == daemon.process.pid for r in results), results

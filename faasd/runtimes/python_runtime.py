@@ -715,14 +715,16 @@ def _fork_hazards():
     A fork has only the thread that forked: threads the init started (a pool
     it submits to, a daemon thread) are missing in every fork. It shares the
     template's open sockets and pipes: forks would talk over one connection
-    and read each other's replies. And it gets a fresh /tmp and /dev/shm:
+    and read each other's replies; and its kernel event objects (an epoll set,
+    an eventfd, an inotify or timer descriptor): one set every fork adds to
+    and waits on, one counter they all signal. And it gets a fresh /tmp and /dev/shm:
     what the init wrote there is missing. Native threads that C libraries
     start (OpenBLAS's) are no hazard: such libraries rebuild them in the
     child themselves (pthread_atfork), and only Python's threads are counted.
     """
     import threading
 
-    sockets, pipes = [], []
+    sockets, pipes, events = [], [], []
     own = {0, 1, 2, _sock.fileno()}
     for name in os.listdir("/proc/self/fd"):
         if int(name) in own:
@@ -735,6 +737,8 @@ def _fork_hazards():
             sockets.append(f"fd {name}, {target}")
         elif target.startswith("pipe:"):
             pipes.append(f"fd {name}, {target}")
+        elif target.startswith("anon_inode:") and target != "anon_inode:[pidfd]":
+            events.append(f"fd {name}, {target}")
     main = threading.main_thread()
     names = [thread.name for thread in threading.enumerate() if thread is not main]
     threads = max(len(names), _thread_count())
@@ -746,6 +750,7 @@ def _fork_hazards():
     for count, one, many, what, joint in (
             (len(sockets), "a socket open", "sockets open", sockets, "; "),
             (len(pipes), "a pipe open", "pipes open", pipes, "; "),
+            (len(events), "an event descriptor open", "event descriptors open", events, "; "),
             (threads, "1 thread running", "threads running", names, ", "),
             (len(written), f"a file in {where}", f"files in {where}", written, ", ")):
         if count:
