@@ -420,6 +420,15 @@ def settled_template(daemon, name: str) -> dict:
 
 FRESH = "its workers start fresh, each with its own init, instead of forked from a template"
 
+
+def first_call(daemon, name: str, source: str) -> tuple[dict, dict]:
+    """Function `name` (a 10 s timeout) called once: that call's result, and the
+    template once it is ready or found not fork-safe."""
+    write_function(daemon.functions, f"{name}.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, f"{name}.py", source)
+    loaded(daemon, name)
+    return daemon.invoke(name).json(), settled_template(daemon, name)
+
 CONNECTED = """
 import os, socket, time
 conn = socket.create_connection(("127.0.0.1", {port}))   # as a database client at init
@@ -490,11 +499,8 @@ def handler(event, context):
 
 
 def test_an_init_that_starts_a_thread_pool_has_it_in_every_worker(daemon):
-    write_function(daemon.functions, "pooled.toml", "timeout_s = 10\n")
-    write_function(daemon.functions, "pooled.py", THREAD_POOL)
-    loaded(daemon, "pooled")
-    assert daemon.invoke("pooled").json()["answer"] == 42
-    template = settled_template(daemon, "pooled")
+    first, template = first_call(daemon, "pooled", THREAD_POOL)
+    assert first["answer"] == 42
     results = concurrent(daemon, "pooled", [{"sleep": 1}] * 4)
     assert [r.get("answer") for r in results] == [42] * 4, results
     assert len({r["pid"] for r in results}) == 4
@@ -514,11 +520,7 @@ def handler(event, context):
 
 
 def test_what_an_init_wrote_to_tmp_is_there_for_every_worker(daemon):
-    write_function(daemon.functions, "seeded.toml", "timeout_s = 10\n")
-    write_function(daemon.functions, "seeded.py", SEEDED_TMP)
-    loaded(daemon, "seeded")
-    daemon.invoke("seeded")
-    template = settled_template(daemon, "seeded")
+    _, template = first_call(daemon, "seeded", SEEDED_TMP)
     results = concurrent(daemon, "seeded", [{"sleep": 1}] * 4)
     # Each worker's /tmp is its own, kept while it lives: written by its own init.
     assert all(r.get("seed") == str(r.get("pid")) for r in results), results
@@ -615,11 +617,7 @@ def handler(event, context):
 
 
 def test_an_init_that_opens_an_epoll_set_starts_its_workers_fresh(daemon):
-    write_function(daemon.functions, "poller.toml", "timeout_s = 10\n")
-    write_function(daemon.functions, "poller.py", EPOLL)
-    loaded(daemon, "poller")
-    daemon.invoke("poller")
-    template = settled_template(daemon, "poller")
+    _, template = first_call(daemon, "poller", EPOLL)
     assert template["state"] == "off", template
     assert re.fullmatch(r"its init left an event descriptor open \(fd \d+, anon_inode:\[eventpoll\]\)",
                         template["reason"]), template
