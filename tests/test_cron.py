@@ -228,6 +228,27 @@ async def test_overlap_skips_ticks_while_the_previous_run_goes_on_unless_allowed
     assert trigger.skipped == 0 and len(submit.items) >= 5
 
 
+async def test_a_tick_skipped_for_overlap_is_not_caught_up_after_a_restart(tmp_path):
+    clock = FakeClock(utc("2024-01-01 00:00:30"))
+    submit = Submissions(finish_at_once=False)
+    trigger = make_trigger(tmp_path, clock, submit, schedule="* * * * *")
+    await trigger.start()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    await trigger.stop()
+    assert len(submit.items) == 1 and trigger.skipped >= 3  # 00:01 runs on; the next ticks skip
+    last_skipped = TickStore(tmp_path / "cron.db").last(trigger.key)
+    assert last_skipped is not None and last_skipped > utc("2024-01-01 00:03:00")
+    # Restarted half a minute after the last tick that came (skipped): nothing was missed
+    # while down, so catch_up runs nothing; before, it ran a skipped tick as if missed.
+    clock = FakeClock(last_skipped + 30)
+    submit = Submissions()
+    trigger = make_trigger(tmp_path, clock, submit, schedule="* * * * *", catch_up=1)
+    await run_until(trigger, submit, 1)
+    assert trigger.caught_up == 0
+    assert submit.items[0][1]["time"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last_skipped + 60))
+
+
 async def test_ticks_missed_by_a_suspend_are_skipped_not_run_late(tmp_path):
     class Suspending(FakeClock):
         suspended = False

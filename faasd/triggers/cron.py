@@ -339,6 +339,8 @@ class CronTrigger(RunningTrigger):
             log.info("function %s: cron tick of %s skipped: the run of %s is still going "
                      "(overlap = \"skip\")", self.function, iso_seconds(tick),
                      iso_seconds(max(self.running.values())))
+            # Its time has come and gone: a restart's catch_up does not run it (no request id).
+            self.store.record(self.key, tick, "")
             return
         task = asyncio.get_running_loop().create_task(self._put(tick))
         self._puts.add(task)
