@@ -217,7 +217,13 @@ class FunctionLogs:
     def _append(self, name: str, data: bytes) -> None:
         handle = self._files.get(name)
         if handle is None:
-            handle = self._files[name] = open(self.path(name), "ab", buffering=0)
+            path = self.path(name)
+            try:
+                handle = open(path, "ab", buffering=0)
+            except FileNotFoundError:  # the directory was removed: made again, as at start
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(path, "ab", buffering=0)
+            self._files[name] = handle
             self._sizes[name] = os.fstat(handle.fileno()).st_size
         lost = self._lost.get(name)
         if lost is not None:  # the file could not be written for a while: say so in it

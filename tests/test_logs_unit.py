@@ -6,6 +6,7 @@ import asyncio
 import errno
 import io
 import logging
+import shutil
 
 from faasd.logs import FunctionLogs, LogCapture
 
@@ -89,6 +90,17 @@ def test_reopen_lets_an_external_logrotate_move_the_file(tmp_path):
     asyncio.run(_write_flushed(logs, 3, 2, 10))
     assert len((tmp_path / "fn.log-20261129").read_text().splitlines()) == 3
     assert [line.split("\t")[1] for line in (tmp_path / "fn.log").read_text().splitlines()] == ["rid-3", "rid-4"]
+    logs.close()
+
+
+def test_a_removed_logs_directory_is_made_again_when_its_files_reopen(tmp_path):
+    logs_dir = tmp_path / "logs"
+    logs = FunctionLogs(logs_dir, echo_format=None)
+    asyncio.run(_write_flushed(logs, 0, 2, 10))
+    shutil.rmtree(logs_dir)  # an operator's clean-up, say
+    logs.reopen()  # SIGHUP (or the file's idle close) opens it again
+    asyncio.run(_write_flushed(logs, 2, 2, 10))
+    assert [line.split("\t")[1] for line in (logs_dir / "fn.log").read_text().splitlines()] == ["rid-2", "rid-3"]
     logs.close()
 
 
