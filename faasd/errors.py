@@ -38,7 +38,8 @@ class InvokeRefused(Exception):
         self.message = message
 
     def to_lambda(self) -> dict[str, Any]:
-        return {"Type": "User", "message": self.message}
+        # Lambda's Type says whose fault it was: the caller's, or the service's (5xx).
+        return {"Type": "Service" if self.status >= 500 else "User", "message": self.message}
 
 
 class FunctionNotFound(InvokeRefused):

@@ -479,6 +479,7 @@ def test_a_node_without_its_broker_is_not_ready_and_refuses_events(cluster: Clus
     refused = node.invoke("work", {"i": 1}, **{"X-Amz-Invocation-Type": "Event"})
     assert refused.status == 500
     assert "broker" in refused.json()["message"], refused.text
+    assert refused.json()["Type"] == "Service"  # the service's fault, not the caller's
     # Synchronous calls do not need the broker.
     assert node.invoke("work", {"i": 2}).status == 200
 
