@@ -234,6 +234,28 @@ def test_files_that_arrive_while_down_fire_once_and_processed_files_never_again(
     assert keys(daemon).count("copied.jpg") == 1
 
 
+def test_a_file_still_open_for_writing_at_start_fires_at_its_close_not_before(setup, start_daemon,
+                                                                              functions_dir):
+    start, watched = setup
+    daemon = start()
+    assert daemon.stop() == 0
+    target = watched / "slow upload.jpg"
+    with open(target, "wb") as handle:  # a writer that pauses, longer than any settle window
+        handle.write(b"x" * 100)
+        handle.flush()
+        old = time.time() - 60
+        os.utime(target, (old, old))  # and whose last write looks long done
+        daemon = start_daemon(functions_dir)
+        wait_until(lambda: watching(daemon) and trigger_state(daemon, "uploads")["rescans"] >= 1,
+                   message="the start-up rescan")
+        time.sleep(3)  # past the settle window
+        assert records(daemon) == []
+        handle.write(b"y" * 100)
+    wait_until(lambda: records(daemon), timeout=20, message="the file to fire at its close")
+    time.sleep(1)
+    assert [(r["key"], r["size"]) for r in records(daemon)] == [("slow+upload.jpg", 200)]
+
+
 def test_kill_9_right_after_a_burst_loses_no_file(setup, start_daemon, functions_dir):
     start, watched = setup
     daemon = start(sleep=0.05, concurrency=2)

@@ -19,9 +19,12 @@ after the queue has the event on disk. At start, and whenever inotify
 reports that its queue overflowed (events were dropped), the tree is
 rescanned and every matching file not in the ledger fires: files that
 arrived while the daemon was down or during the overflow are caught up.
-A file found by a rescan that was modified in the last `SETTLE_S` seconds
-may still be being written; it fires once it has stayed unchanged that long
-(or at its close, whichever comes first). A processed file that is renamed
+A file found by a rescan that some process still has open for writing is
+being written: it fires at its close. One modified in the last `SETTLE_S`
+seconds may be too, by a process the daemon cannot look into (another
+user's, where the daemon is not root); it fires once it has stayed
+unchanged that long and no process it can see writes it (or at its close,
+whichever comes first). A processed file that is renamed
 or moved within the tree keeps its ledger entry and does not fire again.
 Attribute changes right after a write (`cp -p`, `tar x` setting the mtime)
 update the ledger entry instead of making the file look new.
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("faasd.triggers.file")
 
 SETTLE_S = 2.0
+WRITERS_FRESH_S = 0.5  # how long one look at which files are open for writing serves
 STOP_WAIT_S = 5.0
 OVERFLOW_TOLD_ONCE_S = 1.0  # overflow lines closer than this are one overflow
 # Names that editors, browsers, rsync and upload tools use while a file is
@@ -417,6 +421,8 @@ class FileTrigger(RunningTrigger):
         self._rescan_task: asyncio.Task | None = None
         self._rescan_again: str | None = None
         self._skipped: set[str] = set()  # names that are not UTF-8, warned about once
+        self._writers: asyncio.Future | None = None  # open_for_writing(root), as last looked up
+        self._writers_at = 0.0
         self._stopped = False
         self.fired = 0
         self.failed = 0
@@ -623,7 +629,29 @@ class FileTrigger(RunningTrigger):
 
     def _settled(self, rel: str, ident: Identity) -> None:
         self._deferred.pop(rel, None)
-        self.consider(rel, seen=ident)
+        task = asyncio.get_running_loop().create_task(self._settle(rel, ident))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, rel: str, ident: Identity) -> None:
+        """A deferred file unchanged for SETTLE_S: it fires, unless a writer still
+        has it open (paused, not done): then its close fires it, or a later look."""
+        writing = await self._being_written()
+        if self._stopped:
+            return
+        if rel in writing:
+            self._defer(rel, ident)
+        else:
+            self.consider(rel, seen=ident)
+
+    async def _being_written(self) -> set[str]:
+        """open_for_writing(root), one look shared by those within WRITERS_FRESH_S:
+        a rescan's many deferred files settle together, each would read /proc."""
+        loop = asyncio.get_running_loop()
+        if self._writers is None or loop.time() - self._writers_at > WRITERS_FRESH_S:
+            self._writers_at = loop.time()
+            self._writers = loop.run_in_executor(None, open_for_writing, self.root)
+        return await asyncio.shield(self._writers)
 
     def _request_id(self, rel: str, ident: Identity) -> str:
         return str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{self.watch_key}\0{rel}\0{ident[0]}:{ident[1]}:{ident[2]}"))
@@ -697,7 +725,9 @@ class FileTrigger(RunningTrigger):
         top = self.root / subtree if subtree else self.root
         patterns = self.patterns
         root = self.root
-        found = await asyncio.get_running_loop().run_in_executor(None, _walk, root, top, patterns)
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, _walk, root, top, patterns)
+        writing = await self._being_written() if found else set()
         if self._stopped:
             return
         self.rescans += 1
@@ -711,8 +741,8 @@ class FileTrigger(RunningTrigger):
                 self._skip_undecodable(rel)
                 continue
             try:
-                if now - ident[2] / 1e9 < SETTLE_S:
-                    self._defer(rel, ident)  # may still be being written
+                if rel in writing or now - ident[2] / 1e9 < SETTLE_S:
+                    self._defer(rel, ident)  # being written, or may still be
                 else:
                     self.consider(rel)
             except Exception:
@@ -725,6 +755,39 @@ class FileTrigger(RunningTrigger):
         if queued or reason != "start":
             log.info("function %s: rescan of %s (%s): %d files, %d new", self.spec.name, top,
                      reason, len(found), queued)
+
+
+def open_for_writing(root: Path) -> set[str]:
+    """The files under `root` that a process has open for writing, relative to
+    it: of every process where the daemon runs as root, else of its own user's
+    (the others' descriptors cannot be read)."""
+    prefix = os.path.realpath(root) + os.sep
+    found: set[str] = set()
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        fds = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(fds)
+        except OSError:
+            continue  # gone, or not ours to look into
+        for fd in names:
+            try:
+                target = os.readlink(f"{fds}/{fd}")
+            except OSError:
+                continue
+            if not target.startswith(prefix):
+                continue
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = next((int(line.split()[1], 8) for line in info if line.startswith("flags:")), 0)
+            except (OSError, ValueError, IndexError):
+                continue
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                found.add(target[len(prefix):])
+    return found
 
 
 def _walk(root: Path, top: Path, patterns: list[str]) -> dict[str, Identity]:
