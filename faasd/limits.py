@@ -226,25 +226,68 @@ def remove_when_empty(loop: asyncio.AbstractEventLoop, groups: Iterable[Removabl
     loop.call_later(REMOVE_RETRY_S[attempt], remove_when_empty, loop, left, attempt + 1)
 
 
+# How long the sweep waits for the leftovers it killed to exit.
+SWEEP_WAIT_S = 2.0
+
+
 def sweep_stale_cgroups(root: Path, name: str = "faasd") -> int:
-    """Remove the empty cgroup trees `<name>-<pid>` of daemons that are gone.
+    """Remove the cgroup trees `<name>-<pid>` of daemons that are gone.
 
     A daemon killed with SIGKILL cannot remove its cgroups; the next one
-    does, here. A group that still holds a process is left alone.
+    does, here. Its workers die with it (PR_SET_PDEATHSIG), but what they
+    started -- in a session of its own, or deaf to SIGHUP -- is still in
+    the dead daemon's groups: it is killed first. A group whose daemon's
+    pid is alive (even a reused pid) is left alone.
     """
     removed = 0
     for base in root.glob(f"{name}-*"):
         suffix = base.name[len(name) + 1:]
         if not suffix.isdigit() or os.path.exists(f"/proc/{suffix}") or not base.is_dir():
             continue
-        for path in sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [base]:
-            if path.is_dir():
-                try:
-                    path.rmdir()
-                    removed += 1
-                except OSError:
-                    pass  # still has members: not ours to kill
+        paths = sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [base]
+        groups = [path for path in paths if path.is_dir()]
+        killed = _kill_members(groups)
+        if killed:
+            log.warning("killed %d leftover process(es) of the faasd daemon that died (pid %s) in %s",
+                        killed, suffix, base)
+        for path in groups:
+            try:
+                path.rmdir()
+                removed += 1
+            except OSError:
+                pass  # a member that would not die in time: the next start tries again
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return proc_stat_fields(pid)[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_members(groups: list[Path]) -> int:
+    """SIGKILL every process in `groups` (cgroup directories); wait up to SWEEP_WAIT_S
+    for them to exit. The number of processes killed."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + SWEEP_WAIT_S
+    while True:
+        members = {pid for group in groups for pid in read_pids(str(group)) if _alive(pid)}
+        if not members or time.monotonic() > deadline:
+            return len(killed)
+        for group in groups:  # cgroup v2 (Linux 5.14+): the kernel kills the whole subtree
+            if (group / "cgroup.kill").exists():
+                try:
+                    (group / "cgroup.kill").write_text("1")
+                except OSError:
+                    pass
+        for pid in members - killed:  # v1, and what cgroup.kill missed: one by one
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        killed |= members
+        time.sleep(0.01)
 
 
 def rss_bytes(pid: int | str) -> tuple[int, int] | None:

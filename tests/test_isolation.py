@@ -872,6 +872,72 @@ def test_workers_die_with_a_daemon_killed_by_sigkill(start_daemon, functions_dir
                message="workers that were still starting to exit too")
 
 
+# Starts what outlives its worker: a child in the worker's session and one in
+# a session of its own, then is still busy when the daemon is killed.
+LEAVES_CHILDREN = """
+import subprocess, time
+
+def handler(event, context):
+    subprocess.Popen(["sleep", event["marker"]])
+    subprocess.Popen(["sleep", event["marker"]], start_new_session=True)
+    time.sleep(5)
+"""
+
+
+def _marked(marker: str) -> set[int]:
+    """Live processes running `sleep MARKER`."""
+    return {pid for pid in _sleepers(marker) if process_state(pid) not in (None, "Z")}
+
+
+def test_the_next_daemon_kills_what_workers_of_a_killed_one_left_in_its_cgroups(start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "leaves.py", LEAVES_CHILDREN)
+    write_function(functions_dir, "leaves.toml", "timeout_s = 10\n")
+    marker = f"3041.{os.getpid()}{time.monotonic_ns() % 10**6}"
+    bases: set[Path] = set()
+    try:
+        daemon = start_daemon(functions_dir)
+        loaded(daemon, "leaves")
+        response = daemon.invoke("leaves", {"marker": marker}, **{"X-Amz-Invocation-Type": "Event"})
+        assert response.status == 202, response.text
+        wait_until(lambda: len(_marked(marker)) == 2, timeout=20, message="the handler's children")
+        leftovers = _marked(marker)
+        workers = {w["pid"] for w in daemon.workers("leaves")}
+        for pid in leftovers:
+            for group in own_groups(pid):
+                index = next(i for i, part in enumerate(group.parts) if part.startswith("faasd-"))
+                bases.add(Path(*group.parts[:index + 1]))  # the daemon's faasd-<pid> group
+        if not bases:
+            pytest.skip("workers are in no faasd-<pid> cgroup on this host")
+        daemon_pid = daemon.process.pid
+        daemon.kill9()
+        wait_until(lambda: all(process_state(p) in (None, "Z") for p in workers), timeout=10,
+                   message="the worker to die with its daemon")
+        assert _marked(marker) == leftovers  # what the worker started is still running
+        again = start_daemon(functions_dir)
+        wait_until(lambda: not (_marked(marker) & leftovers), timeout=5,
+                   message="the leftovers to be killed")
+        assert not [base for base in bases if base.exists()]
+        assert (f"killed 2 leftover process(es) of the faasd daemon that died (pid {daemon_pid})"
+                in again.output())
+    finally:  # whatever failed: nothing of this test's is left running
+        for pid in _marked(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while _marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for base in bases:
+            for path in sorted((p for p in base.rglob("*") if p.is_dir()),
+                               key=lambda p: len(p.parts), reverse=True) + [base]:
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+
+
 ENVIRON = """
 import os
 

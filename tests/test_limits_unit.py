@@ -25,12 +25,23 @@ def test_stale_trees_of_dead_daemons_are_removed_and_live_ones_kept(tmp_path):
     (tmp_path / f"faasd-{dead}" / "fn-1" / "inner").mkdir(parents=True)
     (tmp_path / f"faasd-{os.getpid()}" / "fn-2").mkdir(parents=True)
     (tmp_path / "other-123").mkdir()
-    busy = tmp_path / f"faasd-{dead}0"  # a dead pid whose group still has a member file
-    busy.mkdir()
-    (busy / "cgroup.procs").write_text("1\n")
-    assert sweep_stale_cgroups(tmp_path) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"faasd-{os.getpid()}", "other-123", f"faasd-{dead}0"])
+    leftover = subprocess.Popen(["sleep", "60"])  # in a dead daemon's group: killed
+    kept = subprocess.Popen(["sleep", "60"])  # in a live daemon's group: left alone
+    try:
+        busy = tmp_path / f"faasd-{dead}0"
+        (busy / "fn-3").mkdir(parents=True)
+        (busy / "fn-3" / "cgroup.procs").write_text(f"{leftover.pid}\n")
+        (tmp_path / f"faasd-{os.getpid()}" / "fn-2" / "cgroup.procs").write_text(f"{kept.pid}\n")
+        # A plain directory keeps its cgroup.procs file: the busy tree stays, its process killed.
+        assert sweep_stale_cgroups(tmp_path) == 3
+        assert leftover.wait(1) == -signal.SIGKILL
+        assert kept.poll() is None
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [f"faasd-{os.getpid()}", "other-123", f"faasd-{dead}0"])
+    finally:
+        for process in (leftover, kept):
+            process.kill()
+            process.wait()
 
 
 # A program whose main thread exits (pthread_exit in main) while another thread
