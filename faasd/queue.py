@@ -516,10 +516,13 @@ class AsyncQueue:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         try:
-            returned = await self._write(
-                lambda conn: conn.execute("UPDATE events SET running = 0 WHERE running = 1").rowcount)
+            returned, waiting = await self._write(lambda conn: (
+                conn.execute("UPDATE events SET running = 0 WHERE running = 1").rowcount,
+                conn.execute("SELECT count(*) FROM events").fetchone()[0]))
             if returned:
                 log.info("asynchronous queue: %d running events go back to the queue", returned)
+            if waiting:
+                log.info("asynchronous queue: %d events wait in %s for the next start", waiting, self.path)
         except Exception:
             log.exception("asynchronous queue: cannot mark running events as queued; "
                           "they run again at the next start")

@@ -236,6 +236,8 @@ def test_sigterm_keeps_waiting_events_for_the_next_start(start_daemon, functions
     ids = {f"s{i}": event(daemon, "patient", {"id": f"s{i}", "gate": "g"}) for i in range(3)}
     probe.wait_for(1, "start", fn="patient")
     assert daemon.stop(signal.SIGTERM) == 0
+    # The one running outlived the 1 s drain: all three wait, and the log says so.
+    assert "asynchronous queue: 3 events wait in " in daemon.output(), daemon.output()[-2000:]
     probe.release("g")
     restarted = start_daemon(functions_dir, config=config, data=daemon.data)
     for key, request_id in ids.items():
