@@ -209,6 +209,8 @@ def test_the_events_of_a_killed_node_finish_on_the_other(cluster: Cluster):
     on_b = {rid for _, rid in log_lines(b, "slow", "RAN")}
     assert interrupted <= on_b  # what a held unacknowledged was run again by b, with its request id
     wait_until(lambda: b.function("slow")["queue"]["depth"] == 0, 15, message="b's queue to empty")
+    wait_until(lambda: "cluster: node a is lost, not heard from for" in daemon_lines(b), 30,
+               message="node b to say that a is lost")
 
 
 TICKER = """

@@ -114,6 +114,7 @@ class Membership:
         self._connection: Any = None
         self._task: asyncio.Task | None = None
         self._warned_twins: set[str] = set()
+        self._lost: set[str] = set()  # peers said to be lost, until heard from or forgotten
 
     async def setup(self, connection: Any) -> None:
         channel = await connection.channel(publisher_confirms=False)
@@ -183,15 +184,25 @@ class Membership:
                       "own [cluster] node name", name, body.get("pid"), body.get("address"))
         if known is None and name != self.node:
             log.info("cluster: node %s joined (%s)", name, body.get("address"))
+        elif name in self._lost:
+            self._lost.discard(name)
+            log.info("cluster: node %s is heard from again", name)
         body["seen_at"] = time.time()
         self.peers[name] = body
 
     def _forget_lost(self) -> None:
         now = time.time()
         for name, peer in list(self.peers.items()):
-            if now - peer["seen_at"] > FORGET_LOST_S:
-                log.info("cluster: forgetting node %s, not heard from for %ds", name, now - peer["seen_at"])
+            age = now - peer["seen_at"]
+            if age > FORGET_LOST_S:
+                log.info("cluster: forgetting node %s, not heard from for %ds", name, age)
                 del self.peers[name]
+                self._lost.discard(name)
+            elif age > float(peer.get("heartbeat_s") or self.heartbeat_s) * LOST_AFTER_BEATS \
+                    and name not in self._lost:
+                self._lost.add(name)
+                log.warning("cluster: node %s is lost, not heard from for %ds; the broker gives the "
+                            "events it held to the other nodes once its connection closes", name, age)
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node known, this one first (as it is now), then by name."""
