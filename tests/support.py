@@ -92,6 +92,22 @@ def write_function(functions: Path, relpath: str, source: str) -> Path:
     return path
 
 
+def fill(path: Path) -> None:
+    """Write `path` until its file system has no room left."""
+    block = b"\0" * (64 * 1024)
+    with open(path, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(block)
+        except OSError:
+            pass
+        try:
+            while True:
+                handle.write(b"\0")
+        except OSError:
+            pass
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process whose ancestry leads to `pid`."""
     parents: dict[int, int] = {}

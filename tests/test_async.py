@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from probe import PROBE_HANDLER, Probe
-from support import ROOT, http, wait_until, write_function
+from support import ROOT, fill, http, wait_until, write_function
 
 
 @pytest.fixture
@@ -304,22 +304,6 @@ def test_two_daemons_never_share_one_queue(start_daemon, functions_dir, tmp_path
     assert second.process.wait(30) == 1
     assert "in use by another faasd" in second.output()
     assert http("GET", first.url + "/readyz").status == 200
-
-
-def fill(path) -> None:
-    """Write `path` until its file system has no room left."""
-    block = b"\0" * (64 * 1024)
-    with open(path, "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(block)
-        except OSError:
-            pass
-        try:
-            while True:
-                handle.write(b"\0")
-        except OSError:
-            pass
 
 
 def test_an_outcome_the_full_disk_refuses_is_written_once_there_is_room_again(

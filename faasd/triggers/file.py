@@ -15,7 +15,10 @@ watched. Never: hidden files (or files in hidden directories), temp files
 Nothing is lost, nothing fires twice. Every file that fired is in a ledger,
 `<data-dir>/triggers/files.db`, with the identity it had (inode, size,
 mtime): a file fires again only when it changes. The ledger is written only
-after the queue has the event on disk. At start, and whenever inotify
+after the queue has the event on disk. A file whose event the queue could
+not store (a full disk) waits, and is offered again after 1 s, doubling up
+to 30 s, until it is queued, for as long as it exists unchanged (a change
+is an event of its own). At start, and whenever inotify
 reports that its queue overflowed (events were dropped), the tree is
 rescanned and every matching file not in the ledger fires: files that
 arrived while the daemon was down or during the overflow are caught up.
@@ -65,6 +68,7 @@ from watchdog.events import (
 from watchdog.observers.api import ObservedWatch
 from watchdog.observers.inotify import InotifyObserver
 
+from ..queue import outcome_retry_delays
 from ..spec import FunctionSpec, Trigger, is_utf8
 from .base import RunningTrigger, TriggerSource, open_state_db, queue_of
 from .options import file_trigger_dir
@@ -423,6 +427,10 @@ class FileTrigger(RunningTrigger):
         self._skipped: set[str] = set()  # names that are not UTF-8, warned about once
         self._writers: asyncio.Future | None = None  # open_for_writing(root), as last looked up
         self._writers_at = 0.0
+        # Files the queue could not take, with the identity they had then; offered again.
+        self.unqueued: dict[str, Identity] = {}
+        self._unqueued_retry: asyncio.TimerHandle | None = None
+        self._unqueued_delays = outcome_retry_delays()
         self._stopped = False
         self.fired = 0
         self.failed = 0
@@ -450,6 +458,9 @@ class FileTrigger(RunningTrigger):
         for handle in self._deferred.values():
             handle.cancel()
         self._deferred.clear()
+        if self._unqueued_retry is not None:
+            self._unqueued_retry.cancel()
+            self._unqueued_retry = None
         if self._rescan_task is not None:
             self._rescan_task.cancel()
         # Events being handed to the queue finish, so that what the queue
@@ -469,6 +480,7 @@ class FileTrigger(RunningTrigger):
             "fired": self.fired,
             "failed": self.failed,
             "pending": len(self.pending) + len(self._deferred),
+            "unqueued": len(self.unqueued),
             "ledger_entries": self.ledger.count(self.watch_key),
             "rescans": self.rescans,
             "last_fired": self.last_fired,
@@ -668,20 +680,61 @@ class FileTrigger(RunningTrigger):
             await queue_of(self.source.daemon).put(self.spec.name, orjson.dumps(event),
                                                    request_id=request_id, source="file")
         except Exception as exc:
-            # Not in the ledger: the next rescan (or restart) offers it again.
-            self.failed += 1
-            self.last_error = f"{rel}: not queued: {exc}"
-            log.error("function %s: file %s not queued: %s", self.spec.name, path, exc)
+            self._not_queued(rel, ident, path, exc)
             return
         finally:
             pending = self.pending.get(rel)
             current = self.pending.pop(rel) if pending and pending[:2] == ident[:2] else ident
+        if self.unqueued.pop(rel, None) is not None and not self.unqueued:
+            self._unqueued_delays = outcome_retry_delays()
+            if self._unqueued_retry is not None:
+                self._unqueued_retry.cancel()
+                self._unqueued_retry = None
+            log.info("function %s: every file that could not be queued is queued now", self.spec.name)
         # `current` carries an mtime update seen while queueing (see _attributes_changed).
         self.ledger.record(self.watch_key, rel, current, request_id)
         self.fired += 1
         self.last_fired = {"path": path, "size": ident[1], "request_id": request_id,
                            "at": time.time()}
         log.debug("function %s: %s queued as %s", self.spec.name, path, request_id)
+
+    def _not_queued(self, rel: str, ident: Identity, path: str, exc: Exception) -> None:
+        """Keep a file the queue refused, and offer it again later (not in the ledger yet)."""
+        if self.unqueued.get(rel) != ident:
+            self.failed += 1  # once per version of a file, not per try
+        self.last_error = f"{rel}: not queued: {exc}"
+        if not self.unqueued:
+            log.error("function %s: file %s not queued: %s; it and any other file the queue "
+                      "refuses are offered again (1 s, doubling to 30 s) until they are queued",
+                      self.spec.name, path, exc)
+        else:
+            log.debug("function %s: file %s not queued: %s", self.spec.name, path, exc)
+        self.unqueued[rel] = ident
+        if self._unqueued_retry is None and not self._stopped:
+            self._unqueued_retry = asyncio.get_running_loop().call_later(
+                next(self._unqueued_delays), self._offer_unqueued)
+
+    def _offer_unqueued(self) -> None:
+        """Offer again each file the queue refused that is still there as it was then."""
+        self._unqueued_retry = None
+        if self._stopped:
+            return
+        for rel, ident in list(self.unqueued.items()):
+            if rel in self.pending:
+                continue  # being offered right now
+            try:
+                st = os.stat(self.root / rel)
+            except OSError:
+                st = None
+            # Gone, rewritten or replaced (which fires it as a new version), or recorded
+            # since. A new mtime alone (touch, cp -p) is still this file.
+            if (st is None or identity(st)[:2] != ident[:2]
+                    or self.ledger.get(self.watch_key, rel) == identity(st)):
+                del self.unqueued[rel]
+                continue
+            self.consider(rel)
+        if not self.unqueued:
+            self._unqueued_delays = outcome_retry_delays()
 
     async def _etag(self, rel: str, path: str, size: int) -> str | None:
         """The file's eTag, or None if it cannot be read (then it does not fire)."""
