@@ -286,6 +286,12 @@ class Journal:
 
 # -- operations on the journal (run in its thread) ----------------------------------------
 
+def _probe(conn: sqlite3.Connection) -> None:
+    """A transaction that writes (a row in and out again) and leaves the journal as it was."""
+    conn.execute("INSERT OR REPLACE INTO totals VALUES ('', 'write-probe', 0)")
+    conn.execute("DELETE FROM totals WHERE function = '' AND outcome = 'write-probe'")
+
+
 def _bump(conn: sqlite3.Connection, function: str, outcome: str) -> None:
     conn.execute(
         "INSERT INTO totals (function, outcome, count) VALUES (?, ?, 1) "
@@ -443,6 +449,8 @@ class AsyncQueue:
         self._pending_ops: list[tuple[Op, Callable[[Any], None] | None, asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
         self._write_failing = False  # said once, until a transaction that writes commits
+        self._write_error = ""  # why the last transaction failed, while _write_failing
+        self._write_probe: asyncio.Task | None = None
         self._unwritten: dict[int, str] = {}  # event id -> why its outcome is not written yet
         self._dispatcher: asyncio.Task | None = None
         self._tasks: dict[int, asyncio.Task] = {}
@@ -526,6 +534,9 @@ class AsyncQueue:
         except Exception:
             log.exception("asynchronous queue: cannot mark running events as queued; "
                           "they run again at the next start")
+        if self._write_probe is not None:
+            self._write_probe.cancel()
+            await asyncio.gather(self._write_probe, return_exceptions=True)
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
         await self._loop.run_in_executor(self._executor, self._journal.close)
@@ -629,6 +640,10 @@ class AsyncQueue:
                 if not self._write_failing:
                     log.error("asynchronous queue: a transaction on %s failed: %s", self.path, exc)
                     self._write_failing = True
+                self._write_error = str(exc)
+                if not self._closing and (self._write_probe is None or self._write_probe.done()):
+                    self._write_probe = self._loop.create_task(
+                        self._probe_writes(), name="faasd-queue-write-probe")
                 for _, _, future in batch:
                     if not future.done():
                         future.set_exception(OSError(f"the asynchronous queue cannot write {self.path}: {exc}"))
@@ -648,6 +663,22 @@ class AsyncQueue:
                     future.set_result(value)
                 else:
                     future.set_exception(value)
+
+    async def _probe_writes(self) -> None:
+        """While transactions fail, try one that writes (1 s, doubling to 30 s).
+
+        Readiness fails until a transaction that writes commits; without
+        this, a daemon taken out of service for it would get no event whose
+        put could show that the disk has room again.
+        """
+        for delay in outcome_retry_delays():
+            await asyncio.sleep(delay)
+            if not self._write_failing or self._closing:
+                return
+            try:
+                await self._write(_probe)
+            except (OSError, sqlite3.Error):
+                continue
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -981,6 +1012,9 @@ async def start(daemon: "Daemon") -> None:
             reason = next(iter(queue._unwritten.values()))
             return False, (f"{len(queue._unwritten)} event outcomes not yet written ({reason}); "
                            "trying again")
+        if queue._write_failing:
+            return False, (f"the queue cannot write {queue.path} ({queue._write_error}): events "
+                           "are refused until a write commits; trying again")
         depth = sum(len(c.pending) for c in queue._counts.values())
         commits = queue.commit_latency_ms()
         return True, (f"{depth} events queued; commit p50 {commits['p50']} ms, "

@@ -306,6 +306,40 @@ def test_two_daemons_never_share_one_queue(start_daemon, functions_dir, tmp_path
     assert http("GET", first.url + "/readyz").status == 200
 
 
+def test_readyz_fails_while_the_full_disk_refuses_events_and_recovers_without_one(
+        start_daemon, functions_dir, probe, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "faasd-test", str(data)], check=True)
+    daemon = None
+    try:
+        daemon = start_daemon(functions_dir, data=data)
+        probed(daemon, probe, "steady")
+        assert daemon.get("/readyz").status == 200
+        filler = data / "filler"
+        fill(filler)
+        refused = daemon.invoke("steady", {"id": "refused"}, **{"X-Amz-Invocation-Type": "Event"})
+        assert refused.status == 500, refused.text
+        ready = daemon.get("/readyz")
+        check = ready.json()["checks"]["async_queue"]
+        assert ready.status == 503 and not check["ok"], check
+        assert "cannot write" in check["detail"] and "full" in check["detail"], check
+        time.sleep(1.5)  # a write tried after 1 s fails too
+        assert daemon.get("/readyz").status == 503
+        filler.unlink()
+        # No event is put: the queue's own tries find the room.
+        wait_until(lambda: daemon.get("/readyz").status == 200, timeout=10,
+                   message="/readyz to recover")
+        event(daemon, "steady", {"id": "after"})
+        probe.wait_for(1, "end", id="after")
+        assert queue_view(daemon, "steady")["depth"] == 0
+        assert daemon.output().count("a transaction on") == 1
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        subprocess.run(["umount", str(data)], check=True)
+
+
 def test_an_outcome_the_full_disk_refuses_is_written_once_there_is_room_again(
         start_daemon, functions_dir, probe, tmp_path):
     data = tmp_path / "data"

@@ -328,11 +328,17 @@ def test_a_file_the_full_disk_kept_out_of_the_queue_fires_once_there_is_room_aga
                    message="the queue to refuse the file")
         time.sleep(3.5)  # offered again after 1 s and 2 s
         waiting = trigger_state(daemon, "uploads")
+        ready = daemon.get("/readyz")
         filler.unlink()
         wait_until(lambda: "during.jpg" in keys(daemon), timeout=20,
                    message="the file to fire once the queue has room")
         assert waiting["failed"] == 1 and waiting["fired"] == 0, waiting
         assert waiting["unqueued"] == 1 and "not queued" in waiting["last_error"], waiting
+        checks = ready.json()["checks"]
+        assert ready.status == 503 and not checks["file_triggers"]["ok"], checks
+        assert "1 file(s) not queued yet" in checks["file_triggers"]["detail"], checks
+        assert "cannot write" in checks["async_queue"]["detail"], checks
+        wait_until(lambda: daemon.get("/readyz").status == 200, message="/readyz to recover")
         state = trigger_state(daemon, "uploads")
         assert state["unqueued"] == 0 and state["fired"] == 1 and state["ledger_entries"] == 1, state
         (watched / "after.jpg").write_bytes(b"after")

@@ -351,7 +351,18 @@ class FileSource(TriggerSource):
         self._loop = asyncio.get_running_loop()
         self.observer.start()
         _OverflowHook.add(self)
+        self.daemon.readiness_checks["file_triggers"] = self.readiness
         await super().attach()
+
+    def readiness(self) -> tuple[bool, str]:
+        """Not ready while files wait for the queue to take their events."""
+        triggers = [running for _, running in self.running.values()]
+        waiting = [t for t in triggers if isinstance(t, FileTrigger) and t.unqueued]
+        if not waiting:
+            return True, f"{len(triggers)} file trigger(s) watching"
+        files = sum(len(t.unqueued) for t in waiting)
+        return False, (f"{files} file(s) not queued yet, offered again until they are "
+                       f"(function {waiting[0].spec.name}: {waiting[0].last_error})")
 
     def create(self, spec: FunctionSpec, trigger: Trigger, index: int) -> "FileTrigger":
         return FileTrigger(self, spec, trigger, index)
