@@ -332,7 +332,7 @@ def test_readyz_fails_while_the_full_disk_refuses_events_and_recovers_without_on
                    message="/readyz to recover")
         event(daemon, "steady", {"id": "after"})
         probe.wait_for(1, "end", id="after")
-        assert queue_view(daemon, "steady")["depth"] == 0
+        wait_until(lambda: queue_view(daemon, "steady")["depth"] == 0, message="the event's outcome")
         assert daemon.output().count("a transaction on") == 1
     finally:
         if daemon is not None:
