@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from typing import Iterator
 
 import pytest
@@ -306,6 +306,15 @@ def test_two_daemons_never_share_one_queue(start_daemon, functions_dir, tmp_path
     assert http("GET", first.url + "/readyz").status == 200
 
 
+@contextmanager
+def daemon_output_on_failure(daemon):
+    """An assertion failing inside carries the end of the daemon's output: what it did meanwhile."""
+    try:
+        yield
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- the daemon's output, last lines:\n{daemon.output()[-6000:]}") from None
+
+
 def test_readyz_fails_while_the_full_disk_refuses_events_and_recovers_without_one(
         start_daemon, functions_dir, probe, tmp_path):
     data = tmp_path / "data"
@@ -331,7 +340,8 @@ def test_readyz_fails_while_the_full_disk_refuses_events_and_recovers_without_on
         wait_until(lambda: daemon.get("/readyz").status == 200, timeout=10,
                    message="/readyz to recover")
         event(daemon, "steady", {"id": "after"})
-        probe.wait_for(1, "end", id="after")
+        with daemon_output_on_failure(daemon):
+            probe.wait_for(1, "end", id="after")
         wait_until(lambda: queue_view(daemon, "steady")["depth"] == 0, message="the event's outcome")
         assert daemon.output().count("a transaction on") == 1
     finally:
@@ -354,7 +364,8 @@ def test_an_outcome_the_full_disk_refuses_is_written_once_there_is_room_again(
         filler = data / "filler"
         fill(filler)
         probe.release("g")
-        probe.wait_for(1, "end", id="first")
+        with daemon_output_on_failure(daemon):
+            probe.wait_for(1, "end", id="first")
         wait_until(lambda: daemon.get("/readyz").status == 503, message="/readyz to fail")
         check = daemon.get("/readyz").json()["checks"]["async_queue"]
         assert not check["ok"] and "not yet written" in check["detail"], check
