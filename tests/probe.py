@@ -24,6 +24,8 @@ from support import wait_until
 PROBE_HANDLER = """
 import json
 import os
+import time
+import urllib.error
 import urllib.request
 
 
@@ -32,7 +34,14 @@ def note(kind, payload, context, **extra):
             "id": payload.get("id"), **extra}
     request = urllib.request.Request(os.environ["PROBE"] + "/note", json.dumps(body).encode(),
                                      method="POST")
-    urllib.request.urlopen(request, timeout=30).read()
+    for attempt in range(3):  # a connection the loaded test process reset is tried again
+        try:
+            urllib.request.urlopen(request, timeout=30).read()
+            return
+        except (urllib.error.URLError, ConnectionError):
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
 
 
 def handler(event, context):
