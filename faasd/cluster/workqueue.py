@@ -840,33 +840,24 @@ class ClusterQueue:
 
         Until then its message stays unacknowledged on this node: handed back,
         it would run again and fail again, a loop for as long as the disk is full.
-        Once the channel `message` came on has closed, the broker has the event
-        back to deliver again: this gives up (_DeliveryGone) rather than write
-        what the next run writes too. An event run here for its source
-        (`message` None) waits for as long as it takes.
+        Given up once the delivery is gone (see _held_until).
         """
-        delays = outcome_retry_delays()
-        reason = ""
+        async def write() -> str | None:
+            try:
+                await asyncio.to_thread(write_file_durably, path, data)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+            return None
+
+        def refused(reason: str, delay: float) -> None:
+            if not self._unwritten:
+                log.error("cluster: cannot write the dead letter of %s %s to %s (%s); the event "
+                          "stays here unacknowledged, and the file is written as soon as the "
+                          "disk allows", job.function, job.request_id, path.parent, reason)
+            self._unwritten[job.request_id] = reason
+
         try:
-            while True:
-                if _delivery_gone(message):
-                    log.warning("cluster: the connection that delivered %s %s closed before its dead letter "
-                                "was written%s; the broker delivers the event again, and it runs again",
-                                job.function, job.request_id, f" ({reason})" if reason else "")
-                    raise _DeliveryGone
-                try:
-                    await asyncio.to_thread(write_file_durably, path, data)
-                    break
-                except OSError as exc:
-                    reason = exc.strerror or str(exc)
-                if _delivery_gone(message):
-                    continue  # the broker has it back: given up above
-                if not self._unwritten:
-                    log.error("cluster: cannot write the dead letter of %s %s to %s (%s); the event "
-                              "stays here unacknowledged, and the file is written as soon as the "
-                              "disk allows", job.function, job.request_id, path.parent, reason)
-                self._unwritten[job.request_id] = reason
-                await asyncio.sleep(next(delays))
+            await _held_until(job, "its dead letter was written", message, write, refused)
             if self._unwritten.pop(job.request_id, None) is not None and not self._unwritten:
                 log.info("cluster: every dead letter held back is written")
         finally:
@@ -878,36 +869,25 @@ class ClusterQueue:
 
         Meanwhile the event stays here unacknowledged: it has run, and handed
         back it would run again, in a loop for as long as the broker refuses.
-        Once the channel `message` came on has closed (the connection dropped,
-        during the run or since), the broker has the event back to deliver
-        again: this gives up (_DeliveryGone) rather than send what the next run
-        sends too. An event run here for its source (`message` None) waits for
-        as long as it takes.
+        Given up once the delivery is gone (see _held_until).
         """
-        delays = outcome_retry_delays()
-        reason = ""
+        async def publish() -> str | None:
+            try:
+                await send()
+            except ClusterUnavailable as exc:
+                return str(exc)
+            return None
+
+        def refused(reason: str, delay: float) -> None:
+            if not self._holding_for(queue):
+                log.error("cluster: cannot send %s of %s %s to %s (%s); the event stays on this node "
+                          "unacknowledged, not run again, and is sent as soon as the broker takes it "
+                          "(tried again after %gs, doubling up to %gs)", what, job.function,
+                          job.request_id, queue, reason, delay, OUTCOME_RETRY_MAX_S)
+            self._unsent[job.request_id] = (queue, reason)
+
         try:
-            while True:
-                if _delivery_gone(message):
-                    log.warning("cluster: the connection that delivered %s %s closed before %s was sent%s; "
-                                "the broker delivers the event again, and it runs again", job.function,
-                                job.request_id, what, f" ({reason})" if reason else "")
-                    raise _DeliveryGone
-                try:
-                    await send()
-                    break
-                except ClusterUnavailable as exc:
-                    reason = str(exc)
-                if _delivery_gone(message):
-                    continue  # the broker has it back: given up above
-                delay = next(delays)
-                if not self._holding_for(queue):
-                    log.error("cluster: cannot send %s of %s %s to %s (%s); the event stays on this node "
-                              "unacknowledged, not run again, and is sent as soon as the broker takes it "
-                              "(tried again after %gs, doubling up to %gs)", what, job.function,
-                              job.request_id, queue, reason, delay, OUTCOME_RETRY_MAX_S)
-                self._unsent[job.request_id] = (queue, reason)
-                await asyncio.sleep(delay)
+            await _held_until(job, f"{what} was sent", message, publish, refused)
             if self._unsent.pop(job.request_id, None) is not None and not self._holding_for(queue):
                 log.info("cluster: %s takes events again; what was held back for it is sent", queue)
         finally:
@@ -998,6 +978,37 @@ def _log_fault(job: Job, faults: int, exc: Exception, then: str) -> None:
     else:
         log.error("cluster: event %s of %s could not be processed again (%d of %d times: %s); %s",
                   job.request_id, job.function, faults, MAX_FAULTS, _explain(exc), then)
+
+
+async def _held_until(job: Job, done: str, message: AbstractIncomingMessage | None,
+                      attempt: Callable[[], Awaitable[str | None]],
+                      refused: Callable[[str, float], None]) -> None:
+    """Run `attempt` (None: it worked; else why not) until it works, telling `refused`
+    why and the pause before the next try (outcome_retry_delays(): 1 s, doubling to 30 s).
+
+    Meanwhile `job`'s event stays here unacknowledged. Once the channel
+    `message` came on has closed (the connection dropped, during the run or
+    since), the broker has the event back to deliver again: this gives up
+    (_DeliveryGone) rather than do what the next run does too. An event run
+    here for its source (`message` None) waits for as long as it takes.
+    """
+    delays = outcome_retry_delays()
+    reason = ""
+    while True:
+        if _delivery_gone(message):
+            log.warning("cluster: the connection that delivered %s %s closed before %s%s; the broker "
+                        "delivers the event again, and it runs again", job.function, job.request_id,
+                        done, f" ({reason})" if reason else "")
+            raise _DeliveryGone
+        failed = await attempt()
+        if failed is None:
+            return
+        reason = failed
+        if _delivery_gone(message):
+            continue  # the broker has it back: given up above
+        delay = next(delays)
+        refused(reason, delay)
+        await asyncio.sleep(delay)
 
 
 def _delivery_gone(message: AbstractIncomingMessage | None) -> bool:
