@@ -14,9 +14,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -90,6 +91,18 @@ def write_function(functions: Path, relpath: str, source: str) -> Path:
         tmp.chmod(0o755)
     os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def small_disk(path: Path) -> Iterator[Path]:
+    """`path`, made a 16 MB tmpfs for the block's while: a disk that `fill` fills at once.
+    A daemon using it is stopped inside the block: a mount in use is not unmounted."""
+    path.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "faasd-test", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def fill(path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 from probe import PROBE_HANDLER, Probe
-from support import ROOT, fill, http, wait_until, write_function
+from support import ROOT, fill, http, small_disk, wait_until, write_function
 
 
 @pytest.fixture
@@ -317,72 +317,62 @@ def daemon_output_on_failure(daemon):
 
 def test_readyz_fails_while_the_full_disk_refuses_events_and_recovers_without_one(
         start_daemon, functions_dir, probe, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "faasd-test", str(data)], check=True)
-    daemon = None
-    try:
+    with small_disk(tmp_path / "data") as data:
         daemon = start_daemon(functions_dir, data=data)
-        probed(daemon, probe, "steady")
-        assert daemon.get("/readyz").status == 200
-        filler = data / "filler"
-        fill(filler)
-        refused = daemon.invoke("steady", {"id": "refused"}, **{"X-Amz-Invocation-Type": "Event"})
-        assert refused.status == 500, refused.text
-        ready = daemon.get("/readyz")
-        check = ready.json()["checks"]["async_queue"]
-        assert ready.status == 503 and not check["ok"], check
-        assert "cannot write" in check["detail"] and "full" in check["detail"], check
-        time.sleep(1.5)  # a write tried after 1 s fails too
-        assert daemon.get("/readyz").status == 503
-        filler.unlink()
-        # No event is put: the queue's own tries find the room.
-        wait_until(lambda: daemon.get("/readyz").status == 200, timeout=10,
-                   message="/readyz to recover")
-        event(daemon, "steady", {"id": "after"})
-        with daemon_output_on_failure(daemon):
-            probe.wait_for(1, "end", id="after")
-        wait_until(lambda: queue_view(daemon, "steady")["depth"] == 0, message="the event's outcome")
-        assert daemon.output().count("a transaction on") == 1
-    finally:
-        if daemon is not None:
+        try:
+            probed(daemon, probe, "steady")
+            assert daemon.get("/readyz").status == 200
+            filler = data / "filler"
+            fill(filler)
+            refused = daemon.invoke("steady", {"id": "refused"}, **{"X-Amz-Invocation-Type": "Event"})
+            assert refused.status == 500, refused.text
+            ready = daemon.get("/readyz")
+            check = ready.json()["checks"]["async_queue"]
+            assert ready.status == 503 and not check["ok"], check
+            assert "cannot write" in check["detail"] and "full" in check["detail"], check
+            time.sleep(1.5)  # a write tried after 1 s fails too
+            assert daemon.get("/readyz").status == 503
+            filler.unlink()
+            # No event is put: the queue's own tries find the room.
+            wait_until(lambda: daemon.get("/readyz").status == 200, timeout=10,
+                       message="/readyz to recover")
+            event(daemon, "steady", {"id": "after"})
+            with daemon_output_on_failure(daemon):
+                probe.wait_for(1, "end", id="after")
+            wait_until(lambda: queue_view(daemon, "steady")["depth"] == 0, message="the event's outcome")
+            assert daemon.output().count("a transaction on") == 1
+        finally:
             daemon.stop()
-        subprocess.run(["umount", str(data)], check=True)
 
 
 def test_an_outcome_the_full_disk_refuses_is_written_once_there_is_room_again(
         start_daemon, functions_dir, probe, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "faasd-test", str(data)], check=True)
-    daemon = None
-    try:
+    with small_disk(tmp_path / "data") as data:
         daemon = start_daemon(functions_dir, data=data)
-        probed(daemon, probe, "steady", "concurrency = 1")
-        first = event(daemon, "steady", {"id": "first", "gate": "g"})
-        probe.wait_for(1, "start", id="first")
-        filler = data / "filler"
-        fill(filler)
-        probe.release("g")
-        with daemon_output_on_failure(daemon):
-            probe.wait_for(1, "end", id="first")
-        wait_until(lambda: daemon.get("/readyz").status == 503, message="/readyz to fail")
-        check = daemon.get("/readyz").json()["checks"]["async_queue"]
-        assert not check["ok"] and "not yet written" in check["detail"], check
-        time.sleep(3.5)  # tried again after 1 s and 2 s
-        assert queue_view(daemon, "steady")["running"] == 1
-        filler.unlink()
-        wait_until(lambda: queue_view(daemon, "steady")["succeeded"] == 1, timeout=10,
-                   message="the first event's outcome to be written")
-        assert daemon.get("/readyz").status == 200
-        second = event(daemon, "steady", {"id": "second"})
-        probe.wait_for(1, "end", id="second")
-        wait_until(lambda: queue_view(daemon, "steady")["succeeded"] == 2, message="the second event")
-        assert queue_view(daemon, "steady")["depth"] == 0
-        assert [note["rid"] for note in probe.seen("start")] == [first, second]
-        output = daemon.output()
-        assert output.count("cannot write the outcome") == 1 and output.count("a transaction on") == 1
-    finally:
-        if daemon is not None:
+        try:
+            probed(daemon, probe, "steady", "concurrency = 1")
+            first = event(daemon, "steady", {"id": "first", "gate": "g"})
+            probe.wait_for(1, "start", id="first")
+            filler = data / "filler"
+            fill(filler)
+            probe.release("g")
+            with daemon_output_on_failure(daemon):
+                probe.wait_for(1, "end", id="first")
+            wait_until(lambda: daemon.get("/readyz").status == 503, message="/readyz to fail")
+            check = daemon.get("/readyz").json()["checks"]["async_queue"]
+            assert not check["ok"] and "not yet written" in check["detail"], check
+            time.sleep(3.5)  # tried again after 1 s and 2 s
+            assert queue_view(daemon, "steady")["running"] == 1
+            filler.unlink()
+            wait_until(lambda: queue_view(daemon, "steady")["succeeded"] == 1, timeout=10,
+                       message="the first event's outcome to be written")
+            assert daemon.get("/readyz").status == 200
+            second = event(daemon, "steady", {"id": "second"})
+            probe.wait_for(1, "end", id="second")
+            wait_until(lambda: queue_view(daemon, "steady")["succeeded"] == 2, message="the second event")
+            assert queue_view(daemon, "steady")["depth"] == 0
+            assert [note["rid"] for note in probe.seen("start")] == [first, second]
+            output = daemon.output()
+            assert output.count("cannot write the outcome") == 1 and output.count("a transaction on") == 1
+        finally:
             daemon.stop()
-        subprocess.run(["umount", str(data)], check=True)

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,7 +16,7 @@ import pytest
 
 from faasd.spec import load_spec
 from faasd.triggers.file import matches, s3_key
-from support import EXAMPLES, fill, wait_until, write_function
+from support import EXAMPLES, fill, small_disk, wait_until, write_function
 
 # Prints one RECORD line per invocation; tests read them from the function's log.
 RECORDER = """
@@ -312,46 +311,41 @@ def test_an_inotify_queue_overflow_is_caught_up_by_a_rescan(setup):
 
 def test_a_file_the_full_disk_kept_out_of_the_queue_fires_once_there_is_room_again(
         start_daemon, functions_dir, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
     watched = tmp_path / "watched"  # not on the full disk: the file itself can be written
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "faasd-test", str(data)], check=True)
-    daemon = None
-    try:
+    with small_disk(tmp_path / "data") as data:
         recorder(functions_dir, dir=str(watched))
         daemon = start_daemon(functions_dir, data=data)
-        wait_until(lambda: watching(daemon), message="the file trigger to watch")
-        filler = data / "filler"
-        fill(filler)
-        (watched / "during.jpg").write_bytes(b"during")
-        wait_until(lambda: trigger_state(daemon, "uploads").get("failed") == 1,
-                   message="the queue to refuse the file")
-        time.sleep(3.5)  # offered again after 1 s and 2 s
-        waiting = trigger_state(daemon, "uploads")
-        ready = daemon.get("/readyz")
-        filler.unlink()
-        wait_until(lambda: "during.jpg" in keys(daemon), timeout=20,
-                   message="the file to fire once the queue has room")
-        assert waiting["failed"] == 1 and waiting["fired"] == 0, waiting
-        assert waiting["unqueued"] == 1 and "not queued" in waiting["last_error"], waiting
-        checks = ready.json()["checks"]
-        assert ready.status == 503 and not checks["file_triggers"]["ok"], checks
-        assert "1 file(s) not queued yet" in checks["file_triggers"]["detail"], checks
-        assert "cannot write" in checks["async_queue"]["detail"], checks
-        wait_until(lambda: daemon.get("/readyz").status == 200, message="/readyz to recover")
-        state = trigger_state(daemon, "uploads")
-        assert state["unqueued"] == 0 and state["fired"] == 1 and state["ledger_entries"] == 1, state
-        (watched / "after.jpg").write_bytes(b"after")
-        wait_until(lambda: "after.jpg" in keys(daemon), message="a later file")
-        time.sleep(1)
-        assert keys(daemon) == ["during.jpg", "after.jpg"]
-        output = daemon.output()
-        assert output.count("not queued") == 1, output
-        assert output.count("every file that could not be queued is queued now") == 1
-    finally:
-        if daemon is not None:
+        try:
+            wait_until(lambda: watching(daemon), message="the file trigger to watch")
+            filler = data / "filler"
+            fill(filler)
+            (watched / "during.jpg").write_bytes(b"during")
+            wait_until(lambda: trigger_state(daemon, "uploads").get("failed") == 1,
+                       message="the queue to refuse the file")
+            time.sleep(3.5)  # offered again after 1 s and 2 s
+            waiting = trigger_state(daemon, "uploads")
+            ready = daemon.get("/readyz")
+            filler.unlink()
+            wait_until(lambda: "during.jpg" in keys(daemon), timeout=20,
+                       message="the file to fire once the queue has room")
+            assert waiting["failed"] == 1 and waiting["fired"] == 0, waiting
+            assert waiting["unqueued"] == 1 and "not queued" in waiting["last_error"], waiting
+            checks = ready.json()["checks"]
+            assert ready.status == 503 and not checks["file_triggers"]["ok"], checks
+            assert "1 file(s) not queued yet" in checks["file_triggers"]["detail"], checks
+            assert "cannot write" in checks["async_queue"]["detail"], checks
+            wait_until(lambda: daemon.get("/readyz").status == 200, message="/readyz to recover")
+            state = trigger_state(daemon, "uploads")
+            assert state["unqueued"] == 0 and state["fired"] == 1 and state["ledger_entries"] == 1, state
+            (watched / "after.jpg").write_bytes(b"after")
+            wait_until(lambda: "after.jpg" in keys(daemon), message="a later file")
+            time.sleep(1)
+            assert keys(daemon) == ["during.jpg", "after.jpg"]
+            output = daemon.output()
+            assert output.count("not queued") == 1, output
+            assert output.count("every file that could not be queued is queued now") == 1
+        finally:
             daemon.stop()
-        subprocess.run(["umount", str(data)], check=True)
 
 
 def write_bytes_named(directory: Path, name: bytes, content: bytes = b"x") -> None:
