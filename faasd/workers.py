@@ -40,7 +40,7 @@ from .limits import (
 from .platform_log import json_platform_log
 from .sandbox import (
     EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, MountNamespace, Sandbox,
-    SandboxError, WorkerPlan, join_cgroups_of, parent_moves, private_tmpfs_usage,
+    SandboxError, WorkerPlan, join_cgroups_of, parent_moves, private_tmpfs_usage, read_pids,
 )
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn, runtime_id, runtime_version
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
@@ -414,6 +414,7 @@ class ProcessWorker(Worker):
         self._output_transport: asyncio.BaseTransport | None = None
         self._output: _Output | None = None
         self._pidfd: int | None = None
+        self._stopped_strays: list[int] = []  # what freeze() stopped outside the process group
         # Without a memory cgroup: the mount namespace it made itself, which
         # holds every process it starts (what a pids cgroup would), once known.
         self.namespace: MountNamespace | None = None
@@ -957,8 +958,41 @@ class ProcessWorker(Worker):
             pass
 
     def freeze(self) -> None:
+        """SIGSTOP the worker's process group, and the processes of its cgroup that
+        left the group (a child in a session of its own): the whole execution
+        environment stops, as Lambda freezes it. Without a cgroup only the group."""
         self._killpg(signal.SIGSTOP)
+        self._stopped_strays = self._stop_strays()
         self.frozen = True
+
+    def _stop_strays(self) -> list[int]:
+        """SIGSTOP the members of the worker's cgroup outside its process group;
+        those stopped. Listed again while stopping them turns up new ones (a child
+        forking meanwhile)."""
+        if self.pid is None:
+            return []
+        if self.cgroup is not None:
+            members = self.cgroup.pids
+        elif self.sandbox is not None and self.sandbox.pids_dir is not None:
+            members = functools.partial(read_pids, self.sandbox.pids_dir)
+        else:
+            return []
+        stopped: list[int] = []
+        seen: set[int] = set()
+        for _ in range(5):
+            new = [pid for pid in members() if pid not in seen]
+            if not new:
+                break
+            seen.update(new)
+            for pid in new:
+                try:
+                    if os.getpgid(pid) == self.pid:
+                        continue  # stopped with its group
+                    os.kill(pid, signal.SIGSTOP)
+                except (ProcessLookupError, PermissionError):
+                    continue
+                stopped.append(pid)
+        return stopped
 
     def wake(self) -> None:
         # A WAKE frame: reading it wakes the process, and with it its core,
@@ -968,6 +1002,15 @@ class ProcessWorker(Worker):
 
     def thaw(self) -> None:
         self.frozen = False
+        if self._stopped_strays:
+            # Before the worker: once woken it may take this core at once, and
+            # its call must find the rest of its environment running.
+            strays, self._stopped_strays = self._stopped_strays, []
+            for pid in strays:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except (ProcessLookupError, PermissionError):
+                    pass
         self._killpg(signal.SIGCONT)
 
     def kill(self) -> None:

@@ -1058,6 +1058,39 @@ def test_idle_workers_are_frozen_and_thawed_by_the_same_pid(start_daemon, functi
     wait_until(lambda: process_state(pid) == "T", message="the worker to freeze again")
 
 
+STRAY = """
+import os
+import subprocess
+
+stray = None
+
+
+def handler(event, context):
+    global stray
+    if stray is None:  # a child in a session of its own, outside the worker's process group
+        stray = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    with open(f"/proc/{stray.pid}/stat", "rb") as stat:
+        state = stat.read().rsplit(b")", 1)[1].split()[0].decode()
+    return {"worker": os.getpid(), "stray": stray.pid, "state": state}
+"""
+
+
+def test_a_frozen_worker_stops_its_children_in_other_sessions_too(start_daemon, functions_dir):
+    write_function(functions_dir, "stray.py", STRAY)
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_FREEZE_AFTER_MS": "50"})
+    pids = daemon.invoke("stray").json()
+    assert os.getpgid(pids["stray"]) != pids["worker"]
+    wait_until(lambda: process_state(pids["worker"]) == "T", message="the idle worker to be stopped")
+    assert process_state(pids["stray"]) == "T"  # Lambda freezes the whole environment
+    again = daemon.invoke("stray").json()
+    assert again["worker"] == pids["worker"] and again["stray"] == pids["stray"]
+    assert again["state"] in ("S", "R")  # thawed with the worker for the call
+    wait_until(lambda: process_state(pids["worker"]) == "T", message="the worker to freeze again")
+    assert process_state(pids["stray"]) == "T"
+    daemon.stop()
+    wait_until(lambda: process_state(pids["stray"]) in (None, "Z"), message="the stray to be killed")
+
+
 def test_reply_polling_can_be_turned_off_and_refuses_a_negative_window(start_daemon, functions_dir):
     write_function(functions_dir, "quick.py", "def handler(e, c):\n    return e\n")
     daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_REPLY_POLL_US": "0"})

@@ -602,7 +602,8 @@ def test_a_killed_workers_cgroups_go_once_its_last_process_has_exited(start_daem
     needs_root()
     write_function(functions_dir, "heavy.toml", "memory_mb = 1024\n")
     write_function(functions_dir, "heavy.py", HEAVY_CHILD)
-    daemon = start_daemon(functions_dir)
+    # Not frozen meanwhile: freezing the worker stops the child too, before its 300 MB.
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_FREEZE_AFTER_MS": "600000"})
     assert daemon.get("/system/info").json()["isolation"]["memory_limit"]["mode"] != "monitor"
     result, error = invoke(daemon, "heavy")
     assert error is None, result
