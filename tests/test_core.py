@@ -575,7 +575,7 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
     assert daemon.get("/function/good").status == 200
     assert daemon.invoke("importerr").json() == {  # AWS's runtime gives no stack for it
         "errorMessage": "Unable to import module 'importerr': No module named 'not_a_module_anywhere'",
-        "errorType": "Runtime.ImportModuleError", "stackTrace": []}
+        "errorType": "Runtime.ImportModuleError", "requestId": "", "stackTrace": []}  # an init's: no id
     # nohandler's own file has no handler; json's file is not the module of that name the
     # runtime had loaded, and the error says so.
     assert daemon.invoke("nohandler").json()["errorMessage"] == "Handler 'handler' missing on module 'nohandler'"

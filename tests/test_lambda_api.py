@@ -154,8 +154,11 @@ def test_a_failed_run_is_200_with_function_error_unhandled(daemon, lam):
     assert response["StatusCode"] == 200
     assert response["FunctionError"] == "Unhandled"
     error = json.loads(response["Payload"].read())
+    # awslambdaric's error document, the call's request id included.
+    assert list(error) == ["errorMessage", "errorType", "requestId", "stackTrace"]
     assert error["errorMessage"] == "the input was not what I wanted"
     assert error["errorType"] == "ValueError"
+    assert error["requestId"] == response["ResponseMetadata"]["RequestId"]
     assert isinstance(error["stackTrace"], list) and error["stackTrace"]
     assert any("fail.py" in frame for frame in error["stackTrace"])
 

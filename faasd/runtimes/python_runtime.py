@@ -422,7 +422,9 @@ def _install_logging():
 
 
 def _error(error_type, message, stack=None):
-    return {"errorMessage": message, "errorType": error_type, "stackTrace": stack or []}
+    # awslambdaric's error document: the invocation's request id, "" for an init error.
+    return {"errorMessage": message, "errorType": error_type, "requestId": _current_request_id,
+            "stackTrace": stack or []}
 
 
 def _user_frames(tb):
