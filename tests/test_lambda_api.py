@@ -163,6 +163,19 @@ def test_a_failed_run_is_200_with_function_error_unhandled(daemon, lam):
     assert any("fail.py" in frame for frame in error["stackTrace"])
 
 
+def test_a_python_handler_returning_bytes_answers_with_those_bytes(daemon, lam):
+    # awslambdaric posts a bytes result as it is, not as JSON: the caller gets the bytes.
+    write_function(daemon.functions, "raw.py", """
+def handler(event, context):
+    return bytes.fromhex(event["hex"])
+""")
+    wait_loaded(daemon, "raw")
+    for data in (b"plain text", b"\x89PNG\r\n\x1a\n\x00\xff"):
+        response = lam.invoke(FunctionName="raw", Payload=json.dumps({"hex": data.hex()}))
+        assert "FunctionError" not in response, response["Payload"].read()
+        assert response["Payload"].read() == data
+
+
 def test_a_timeout_reads_as_lambdas_task_timed_out(daemon, lam):
     write_function(daemon.functions, "sleepy.toml", "timeout_s = 1\n")
     write_function(daemon.functions, "sleepy.py", SLEEPY)

@@ -567,7 +567,8 @@ def _invoke(handler, payload):
             _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))).encode()
     else:
         try:
-            data = _encode_result(result).encode()
+            # bytes are the response as they are, as awslambdaric posts them; the rest is JSON.
+            data = result if isinstance(result, bytes) else _encode_result(result).encode()
         except (TypeError, ValueError) as exc:
             reply = protocol.ERROR, _encode_json(_error(
                 "Runtime.MarshalError", f"Unable to marshal response: {exc}")).encode()
