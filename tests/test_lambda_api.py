@@ -176,6 +176,28 @@ def handler(event, context):
         assert response["Payload"].read() == data
 
 
+def test_a_python_handlers_decimals_are_written_as_awslambdaric_writes_them(daemon, lam):
+    # Unrounded, as their own digits (DynamoDB's numbers are Decimals); an infinity or a
+    # signalling NaN is a value too, not a crash of the worker.
+    from awslambdaric.lambda_runtime_marshaller import to_json
+
+    write_function(daemon.functions, "decimals.py", """
+import decimal
+def handler(event, context):
+    return {"values": [decimal.Decimal(text) for text in event], "text": "1.10"}
+""")
+    wait_loaded(daemon, "decimals")
+    import decimal
+
+    texts = ["1.10", "1E+2", "12345678901234567890.123456789", "-0", "3", "Infinity", "-Infinity",
+             "NaN", "sNaN"]
+    response = lam.invoke(FunctionName="decimals", Payload=json.dumps(texts))
+    assert "FunctionError" not in response, response["Payload"].read()
+    expected = to_json({"values": [decimal.Decimal(text) for text in texts], "text": "1.10"})
+    assert response["Payload"].read().decode() == expected
+    assert expected.startswith('{"values": [1.10, 1E+2, 12345678901234567890.123456789, -0, 3, Infinity')
+
+
 def test_a_timeout_reads_as_lambdas_task_timed_out(daemon, lam):
     write_function(daemon.functions, "sleepy.toml", "timeout_s = 1\n")
     write_function(daemon.functions, "sleepy.py", SLEEPY)

@@ -526,17 +526,46 @@ def _log_exception(exc):
     sys.stdout.flush()
 
 
+# A Decimal is written as its own digits, as awslambdaric writes it (str(value),
+# unrounded: 1.10, 1E+2, Infinity; a NaN as NaN). json has no raw values, so the
+# encoder writes the digits inside a string that starts with this mark, and
+# _encode_result takes the quotes and the mark away. The mark is random and
+# begins with a NUL, so no string of the handler's can look like one.
+_RAW_MARK = f"\0{os.urandom(8).hex()}:"
+_RAW_OPEN = json.dumps(_RAW_MARK)[:-1]  # '"\u0000<hex>:'
+_RAW_CLOSE = json.dumps("\0")[1:]  # '\u0000"'
+_raw_written = False
+
+
 def _default(value):
+    global _raw_written
     decimal = sys.modules.get("decimal")  # a Decimal exists only if decimal was imported
     if decimal is not None and isinstance(value, decimal.Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
+        if value.is_nan():
+            return float("nan")
+        _raw_written = True
+        return f"{_RAW_MARK}{value}\0"
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 _decode = json.JSONDecoder().decode
 # Built once: json.dumps(..., default=) would build a new encoder on every call.
-_encode_result = json.JSONEncoder(default=_default).encode
+_encode_with_marks = json.JSONEncoder(default=_default).encode
 _encode_json = json.JSONEncoder().encode
+
+
+def _encode_result(value):
+    global _raw_written
+    _raw_written = False
+    text = _encode_with_marks(value)
+    if not _raw_written:
+        return text
+    head, *marked = text.split(_RAW_OPEN)
+    pieces = [head]
+    for piece in marked:
+        digits, _, rest = piece.partition(_RAW_CLOSE)
+        pieces += (digits, rest)
+    return "".join(pieces)
 
 
 def _trace_id():
