@@ -198,6 +198,35 @@ def handler(event, context):
     assert expected.startswith('{"values": [1.10, 1E+2, 12345678901234567890.123456789, -0, 3, Infinity')
 
 
+def test_a_result_that_cannot_be_encoded_is_a_marshal_error_whatever_encoding_raised(daemon, lam):
+    # As awslambdaric reports any failure to encode, not only a TypeError; the worker lives on.
+    write_function(daemon.functions, "unencodable.py", """
+import os
+class Lazy(dict):
+    def items(self):
+        raise RuntimeError("not yet")
+def handler(event, context):
+    if event == "deep":
+        value = []
+        for _ in range(100000):
+            value = [value]
+        return value
+    if event == "lazy":
+        return Lazy(a=1)
+    return os.getpid()
+""")
+    wait_loaded(daemon, "unencodable")
+    pid = json.loads(lam.invoke(FunctionName="unencodable", Payload=b'"pid"')["Payload"].read())
+    for event, message in (("deep", "maximum recursion depth exceeded while encoding a JSON object"),
+                           ("lazy", "not yet")):
+        response = lam.invoke(FunctionName="unencodable", Payload=json.dumps(event))
+        assert response.get("FunctionError") == "Unhandled"
+        error = json.loads(response["Payload"].read())
+        assert error["errorType"] == "Runtime.MarshalError", error
+        assert error["errorMessage"] == f"Unable to marshal response: {message}"
+    assert json.loads(lam.invoke(FunctionName="unencodable", Payload=b'"pid"')["Payload"].read()) == pid
+
+
 def test_a_timeout_reads_as_lambdas_task_timed_out(daemon, lam):
     write_function(daemon.functions, "sleepy.toml", "timeout_s = 1\n")
     write_function(daemon.functions, "sleepy.py", SLEEPY)

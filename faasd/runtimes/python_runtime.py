@@ -598,7 +598,7 @@ def _invoke(handler, payload):
         try:
             # bytes are the response as they are, as awslambdaric posts them; the rest is JSON.
             data = result if isinstance(result, bytes) else _encode_result(result).encode()
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # whatever encoding raised, as awslambdaric catches it
             reply = protocol.ERROR, _encode_json(_error(
                 "Runtime.MarshalError", f"Unable to marshal response: {exc}")).encode()
         else:
