@@ -152,10 +152,13 @@ class FunctionError:
                    str(payload.get("errorMessage") or ""), [str(t) for t in trace], payload)
 
     @classmethod
-    def from_load_error(cls, text: str) -> "FunctionError":
+    def from_load_error(cls, text: str, runtime: str | None = None) -> "FunctionError":
         error_type, sep, message = text.partition(": ")
         if not sep or not error_type.startswith("Runtime."):
-            error_type, message = "Runtime.InvalidConfiguration", text
+            return cls(INIT, "Runtime.InvalidConfiguration", text)
+        if runtime == "python":  # what awslambdaric posts for a failed init: no request id
+            return cls(INIT, error_type, message, document={
+                "errorMessage": message, "errorType": error_type, "requestId": "", "stackTrace": []})
         return cls(INIT, error_type, message)
 
     @property

@@ -573,6 +573,7 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
         reported = view["load_error"] or (view["init_error"] or {}).get("errorMessage")
         assert reported, view
     assert daemon.get("/function/good").status == 200
+    assert daemon.invoke("syntax").json()["requestId"] == ""  # as awslambdaric reports an init's
     assert daemon.invoke("importerr").json() == {  # AWS's runtime gives no stack for it
         "errorMessage": "Unable to import module 'importerr': No module named 'not_a_module_anywhere'",
         "errorType": "Runtime.ImportModuleError", "requestId": "", "stackTrace": []}  # an init's: no id
