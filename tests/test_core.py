@@ -135,6 +135,15 @@ def test_payload_2_0_event_carries_the_request(daemon):
     assert event["requestContext"]["requestId"] == response.headers["apigw-requestid"]
     assert abs(event["requestContext"]["timeEpoch"] / 1000 - time.time()) < 60
     assert event["body"] == '{"k": "v"}' and event["isBase64Encoded"] is False
+    # The domain name without the port the Host header carries, as API Gateway gives it.
+    assert event["headers"]["host"] == f"127.0.0.1:{port}"
+    assert (event["requestContext"]["domainName"], event["requestContext"]["domainPrefix"]) == (
+        "127.0.0.1", "127")
+    named = daemon.get("/function/echo", headers={"Host": f"api.example.test:{port}"}).json()
+    assert (named["requestContext"]["domainName"], named["requestContext"]["domainPrefix"]) == (
+        "api.example.test", "api")
+    bracketed = daemon.get("/function/echo", headers={"Host": f"[::1]:{port}"}).json()
+    assert bracketed["requestContext"]["domainName"] == "[::1]"
 
 
 def test_a_proxy_in_front_keeps_its_forwarding_headers_and_faasd_adds_its_peer(daemon):

@@ -226,6 +226,13 @@ def _add_forwarding(request: web.Request, headers: dict[str, str], now: float) -
         headers["x-amzn-trace-id"] = made
 
 
+def _without_port(host: str) -> str:
+    """`host` (a Host header: name, IPv4 or [IPv6], maybe :port) without its port."""
+    if host.startswith("["):
+        return host[:host.find("]") + 1] or host
+    return host.partition(":")[0]
+
+
 def build_event(request: web.Request, body: bytes, *, route_key: str,
                 path_parameters: dict[str, str] | None, request_id: str) -> dict[str, Any]:
     """The API Gateway HTTP API payload 2.0 event for a request.
@@ -250,6 +257,7 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
     host = request.host
     if not host.isascii():
         host = valid_text(host)
+    domain = _without_port(host)  # as API Gateway's domainName: the name, never a port
     url = request.rel_url
     raw_query = url.raw_query_string
     now = time.time()
@@ -263,8 +271,8 @@ def build_event(request: web.Request, body: bytes, *, route_key: str,
         "requestContext": {
             "accountId": ACCOUNT_ID,
             "apiId": "faasd",
-            "domainName": host,
-            "domainPrefix": host.split(".")[0].split(":")[0],
+            "domainName": domain,
+            "domainPrefix": domain.split(".")[0],
             "http": {
                 "method": request.method,
                 "path": url.path,
