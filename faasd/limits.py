@@ -190,17 +190,7 @@ class MemoryLimits:
     def close(self) -> None:
         if self.base is None or self.mode == "cgroup2":
             return
-        for child in self.base.glob("*"):
-            if child.is_dir():
-                WorkerCgroup(child, 1).kill_all()
-                try:
-                    child.rmdir()
-                except OSError:
-                    pass
-        try:
-            self.base.rmdir()
-        except OSError:
-            pass
+        remove_tree(self.base)
 
 
 # Waits between attempts to remove a cgroup whose killed members are still exiting.
@@ -244,19 +234,38 @@ def sweep_stale_cgroups(root: Path, name: str = "faasd") -> int:
         suffix = base.name[len(name) + 1:]
         if not suffix.isdigit() or os.path.exists(f"/proc/{suffix}") or not base.is_dir():
             continue
-        paths = sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [base]
-        groups = [path for path in paths if path.is_dir()]
-        killed = _kill_members(groups)
+        killed, gone = remove_tree(base)
         if killed:
             log.warning("killed %d leftover process(es) of the faasd daemon that died (pid %s) in %s",
                         killed, suffix, base)
-        for path in groups:
+        removed += gone
+    return removed
+
+
+def remove_tree(base: Path) -> tuple[int, int]:
+    """Kill every process in the cgroup tree `base` (v1), wait up to SWEEP_WAIT_S
+    for them to exit, and remove its groups, deepest first: (processes killed,
+    groups removed). A killed process holding much memory takes a while to
+    exit, and its group cannot go before it has; a member that would not die
+    in time leaves its groups to the next start's sweep."""
+    paths = sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [base]
+    groups = [path for path in paths if path.is_dir()]
+    killed = _kill_members(groups)
+    deadline = time.monotonic() + SWEEP_WAIT_S
+    removed = 0
+    for path in groups:
+        while True:
             try:
                 path.rmdir()
                 removed += 1
+                break
+            except FileNotFoundError:
+                break
             except OSError:
-                pass  # a member that would not die in time: the next start tries again
-    return removed
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)  # an exited member still on its way out of the group
+    return killed, removed
 
 
 def _alive(pid: int) -> bool:

@@ -973,22 +973,11 @@ class Sandbox:
     def close(self) -> None:
         if self.pids_mode != "cgroup1" or not self.pids_base:
             return
-        try:
-            children = os.listdir(self.pids_base)
-        except OSError:
-            return
-        for name in children:
-            path = os.path.join(self.pids_base, name)
-            if os.path.isdir(path):
-                WorkerPlan(self, name, {}, path, "", None).kill_all()
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    pass
-        try:
-            os.rmdir(self.pids_base)
-        except OSError:
-            pass
+        from pathlib import Path
+
+        from .limits import remove_tree  # the daemon's half: not loaded by workers
+
+        remove_tree(Path(self.pids_base))
 
     # -- report -------------------------------------------------------------------------
 

@@ -618,6 +618,23 @@ def test_a_killed_workers_cgroups_go_once_its_last_process_has_exited(start_daem
     still_serving(daemon)
 
 
+def test_a_stop_removes_every_cgroup_even_while_a_killed_child_is_still_exiting(
+        start_daemon, functions_dir):
+    needs_root()
+    write_function(functions_dir, "heavy.toml", "memory_mb = 1024\n")
+    write_function(functions_dir, "heavy.py", HEAVY_CHILD)
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_FREEZE_AFTER_MS": "600000"})
+    result, error = invoke(daemon, "heavy")
+    assert error is None, result
+    wait_until(lambda: (process_rss_mb(result["child"]) or 0) >= 300, message="the child's 300 MB")
+    groups = own_groups(result["worker"])
+    roots = {group.parent for group in groups}  # faasd-<pid> in each hierarchy
+    assert groups and all(root.name == f"faasd-{daemon.process.pid}" for root in roots), groups
+    assert daemon.stop() == 0
+    assert process_state(result["child"]) in (None, "Z")
+    assert not [root for root in roots if root.exists()]  # none left for the next start to sweep
+
+
 ESCAPES = """
 import subprocess, time
 
