@@ -366,6 +366,13 @@ def test_a_cluster_event_carries_its_invoked_arn_and_trace_and_one_from_an_earli
     earlier.headers[ENVELOPE_HEADER] = json.dumps({**envelope, "invoked_arn": 7})
     with pytest.raises(ValueError, match="invoked_arn"):
         Job.from_message("fn", "q", earlier)
+    # A last error that is not an error's JSON text is refused here, not when a retry reads it.
+    for last_error in ({"errorType": "E"}, "not json", '["E"]'):
+        earlier.headers[ENVELOPE_HEADER] = json.dumps({**envelope, "last_error": last_error})
+        with pytest.raises(ValueError, match="last_error"):
+            Job.from_message("fn", "q", earlier)
+    earlier.headers[ENVELOPE_HEADER] = json.dumps({**envelope, "last_error": '{"errorType": "E"}'})
+    assert Job.from_message("fn", "q", earlier).previous_error().error_type == "E"
 
 
 def daemon_lines(daemon: Daemon) -> str:

@@ -210,13 +210,23 @@ class Job:
             for key, value in optional.items():
                 if value is not None and not isinstance(value, str):
                     raise ValueError(f"{key} is {type(value).__name__}, not text")
+            last_error = envelope.get("last_error")
+            if last_error is not None and not _is_error_json(last_error):
+                raise ValueError("last_error is not the JSON text of an error")
             return cls(function=function, request_id=str(message.message_id), payload=message.body,
                        source=str(envelope["source"]), enqueued_at=float(envelope["enqueued_at"]),
                        attempts=int(envelope["attempts"]), hops=int(envelope.get("hops", 0)),
-                       last_error=envelope.get("last_error"), reply_to=message.reply_to,
+                       last_error=last_error, reply_to=message.reply_to,
                        callback=message.correlation_id, home=home, **optional)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"its faasd envelope is malformed: {exc}") from None
+
+
+def _is_error_json(text: object) -> bool:
+    try:
+        return isinstance(text, str) and isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 @dataclass(slots=True)
