@@ -82,7 +82,9 @@ def bearer_key(header: str | None, keys: Mapping[str, str], api_key: str | None 
         return None
     found = None
     for key_id, secret in keys.items():
-        if hmac.compare_digest(secret.encode(), presented.encode()) and claimed in (None, key_id):
+        # A header's bytes that are not UTF-8 are lone surrogates here: compared as sent.
+        if hmac.compare_digest(secret.encode(), presented.encode("utf-8", "surrogateescape")) \
+                and claimed in (None, key_id):
             found = key_id
     return found
 

@@ -30,10 +30,23 @@ class AuthError(Exception):
     """A request's credentials are missing or wrong; `error_type` is AWS's name for it."""
 
     def __init__(self, error_type: str, message: str, status: int = 403) -> None:
+        # A message may quote what the client sent: bytes that were not UTF-8
+        # (kept by aiohttp as lone surrogates) become U+FFFD, so it encodes as JSON.
+        message = _text(message)
         super().__init__(message)
         self.error_type = error_type
         self.message = message
         self.status = status
+
+
+def _bytes(text: str) -> bytes:
+    """Text as the bytes it came as: aiohttp keeps bytes of a header that are not
+    UTF-8 as lone surrogates, and a signature covers the bytes sent."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _text(text: str) -> str:
+    return _bytes(text).decode("utf-8", "replace")
 
 
 def _remove_dot_segments(path: str) -> str:
@@ -91,12 +104,12 @@ def canonical_request(method: str, raw_path: str, raw_query: str, headers: Any,
 def signing_key(secret: str, date: str, region: str, service: str) -> bytes:
     key = ("AWS4" + secret).encode()
     for part in (date, region, service, "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        key = hmac.new(key, _bytes(part), hashlib.sha256).digest()
     return key
 
 
 def _string_to_sign(amz_date: str, scope: str, canonical: str) -> str:
-    return "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+    return "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(_bytes(canonical)).hexdigest()])
 
 
 def _parse_authorization(header: str) -> dict[str, str]:
@@ -205,9 +218,9 @@ def verify_sigv4(method: str, raw_path: str, raw_query: str, headers: Any, body:
     canonical = canonical_request(method, raw_path, raw_query, headers, signed, payload_hash)
     scope = "/".join(scope_parts[1:])
     expected = hmac.new(signing_key(keys[access_key], scope_date, region, service),
-                        _string_to_sign(amz_date, scope, canonical).encode(),
+                        _bytes(_string_to_sign(amz_date, scope, canonical)),
                         hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, params["Signature"]):
+    if not hmac.compare_digest(expected.encode(), _bytes(params["Signature"])):
         raise AuthError("InvalidSignatureException", SIGNATURE_MISMATCH)
     return access_key
 

@@ -235,6 +235,50 @@ def test_the_faasd_client_signs_with_the_configured_key(secured):
     assert len(done.stderr.strip()) > len("faasd: the daemon answered 401: "), done.stderr
 
 
+def test_credentials_that_are_not_ascii_are_refused_never_a_server_error(secured):
+    """Bytes that are not UTF-8, or letters beyond ASCII, in any part of the
+    credentials: refused as AWS refuses a wrong signature, never a 500."""
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ").encode()
+    scope = b"Credential=" + KEY_ID.encode() + b"/" + date[:8] + b"/us-east-1/lambda/aws4_request"
+    sigv4 = b"Authorization: AWS4-HMAC-SHA256 " + scope + b", SignedHeaders=host;x-amz-date, Signature="
+    head = b"GET /2015-03-31/functions/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    refusals = {
+        "a signature of bytes that are not UTF-8": sigv4 + b"\xff\xfe\r\nX-Amz-Date: " + date,
+        "a signature of letters beyond ASCII": sigv4 + "\u00e9\u00e9".encode() + b"\r\nX-Amz-Date: " + date,
+        "a signed header that is not UTF-8": sigv4.replace(b"host;x-amz-date", b"host;x-amz-date;x-evil")
+        + b"00\r\nX-Evil: \xff\r\nX-Amz-Date: " + date,
+        "a region that is not UTF-8": sigv4.replace(b"us-east-1", b"us-east-\xff") + b"00\r\nX-Amz-Date: " + date,
+        "a date that is not UTF-8": sigv4 + b"00\r\nX-Amz-Date: \xff" + date,
+    }
+    for what, headers in refusals.items():
+        status, answer = raw(secured, head + headers + b"\r\n\r\n")
+        assert status == 403, (what, answer[-300:])
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body["Type"] == "User" and body["message"], (what, body)
+    for header in (b"Bearer \xff\xfe", "Bearer s\u00e9cret".encode(), b"Basic \xff"):
+        status, answer = raw(secured, b"GET /system/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                      b"Authorization: " + header + b"\r\n\r\n")
+        assert status == 401, (header, answer[-300:])
+    assert "Traceback" not in secured.output() and "unhandled error" not in secured.output()
+    assert secured.get("/system/info", headers=bearer()).status == 200
+
+
+def test_a_trigger_with_auth_key_refuses_credentials_that_are_not_ascii(start_daemon, functions_dir):
+    write_function(functions_dir, "private/handler.py", ECHO_EVENT)
+    write_function(functions_dir, "private/function.toml",
+                   '[[triggers]]\ntype = "http"\npath = "/private"\nauth = "key"\n')
+    daemon = start_daemon(functions_dir, env=KEYS_ENV)
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ").encode()
+    for header in (b"Bearer \xff", b"x-api-key: \xff", b"AWS4-HMAC-SHA256 Credential=" + KEY_ID.encode()
+                   + b"/" + date[:8] + b"/us-east-1/execute-api/aws4_request, SignedHeaders=host;x-amz-date, "
+                   b"Signature=\xff\r\nX-Amz-Date: " + date):
+        line = header if header.startswith(b"x-api-key") else b"Authorization: " + header
+        status, answer = raw(daemon, b"GET /private HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                     + line + b"\r\n\r\n")
+        assert status == 403, (header, answer[-300:])
+    assert "Traceback" not in daemon.output()
+
+
 # -- bearer on the operator views -------------------------------------------------------
 
 def test_system_metrics_and_ui_want_a_bearer_secret(secured):
