@@ -214,6 +214,8 @@ MALFORMED = {
     "base64": ({"statusCode": 200, "isBase64Encoded": True, "body": "not base64!"}, "not valid base64"),
     "flag": ({"statusCode": 200, "isBase64Encoded": "yes", "body": "eWVz"}, "isBase64Encoded must be"),
     "status": ({"statusCode": "teapot"}, "statusCode 'teapot'"),
+    "informational": ({"statusCode": 101, "headers": {"Upgrade": "h2c"}}, "statusCode 101 is an informational"),
+    "continue": ({"statusCode": "100"}, "statusCode 100 is an informational"),
 }
 
 
@@ -235,6 +237,30 @@ def test_a_malformed_response_is_502_and_the_log_says_what_is_wrong(daemon):
         assert problem in line, (kind, line)
     assert "Traceback" not in daemon.output()
     assert daemon.get("/function/shapes?kind=nope").status == 502  # the handler's own KeyError
+
+
+def test_control_characters_in_response_headers_cannot_break_the_response(daemon):
+    """CR and LF would start a header of the handler's making, NUL and the other
+    control characters no HTTP client takes: each becomes a space."""
+    write_function(daemon.functions, "inject.py", """
+        def handler(event, context):
+            return {"statusCode": 200, "body": "ok",
+                    "headers": {"X-Crlf": "a\\r\\nSet-Cookie: evil=1", "X-Nul": "a\\x00b",
+                                "X-Controls": "a\\x01\\x0b\\x1b\\x7fb", "X-Tab": "a\\tb"},
+                    "multiValueHeaders": {"X-Multi": ["a\\x00b", "c"]},
+                    "cookies": ["c=1\\x00; Path=/\\nX-Injected: 1"]}
+    """)
+    loaded(daemon, "inject")
+    headers = _raw_headers(daemon.url + "/function/inject")
+    by_name = {k.lower(): v for k, v in headers}
+    assert by_name["x-crlf"] == "a  Set-Cookie: evil=1"
+    assert by_name["x-nul"] == "a b"
+    assert by_name["x-controls"] == "a    b"
+    assert by_name["x-tab"] == "a\tb"
+    assert [v for k, v in headers if k.lower() == "x-multi"] == ["a b", "c"]
+    assert [v for k, v in headers if k.lower() == "set-cookie"] == ["c=1 ; Path=/ X-Injected: 1"]
+    assert "x-injected" not in by_name
+    assert "Traceback" not in daemon.output()
 
 
 def _raw_headers(url: str) -> list[tuple[str, str]]:

@@ -339,6 +339,10 @@ def build_response(payload: bytes | None) -> web.Response:
         status = int(status)
     if not isinstance(status, int) or not 100 <= status <= 599:
         raise MalformedResponse(f"statusCode {value['statusCode']!r} is not an HTTP status code")
+    if status < 200:
+        # An informational status is no final answer: the client would wait on
+        # for one (or, after 101, speak another protocol).
+        raise MalformedResponse(f"statusCode {status} is an informational status, not a response's")
     headers: CIMultiDict[str] = CIMultiDict()
     single = value.get("headers")
     if single:
@@ -411,6 +415,9 @@ def _streamed_response(payload: bytes) -> dict[str, Any] | None:
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# What a header value cannot carry (RFC 9110 5.5): the control characters but
+# the tab. CR and LF would start a header of the handler's making; each is a space.
+_CONTROLS = {code: " " for code in [*range(0x09), *range(0x0a, 0x20), 0x7f]}
 
 
 def _header_name(name: str) -> str:
@@ -421,7 +428,7 @@ def _header_name(name: str) -> str:
 
 def _header_value(name: str, item: Any) -> str:
     if isinstance(item, str):
-        return item.replace("\r", " ").replace("\n", " ")
+        return item.translate(_CONTROLS)
     if isinstance(item, bool):
         return "true" if item else "false"
     if isinstance(item, (int, float)):
