@@ -411,6 +411,48 @@ def test_a_name_that_is_not_utf8_is_skipped_with_one_warning_and_holds_up_no_oth
     assert "Traceback" not in daemon.output()
 
 
+def test_a_symlink_out_of_the_watched_dir_never_fires(setup, start_daemon, functions_dir, tmp_path):
+    """A bucket holds only what was put in it: a link to a file elsewhere on the
+    host (the config, a key) does not hand its path, size and eTag to a function."""
+    start, watched = setup
+    secret = tmp_path / "secret.txt"
+    secret.write_text("pin=4821\n")
+    secret.chmod(0o600)
+    inside = watched / "real.jpg"
+    watched.mkdir(parents=True)
+    inside.write_bytes(b"real")
+    old = time.time() - 60
+    os.utime(inside, (old, old))
+    # Here before the start: found by its rescan.
+    (watched / "early.jpg").symlink_to(secret)
+    daemon = start()
+    wait_until(lambda: "real.jpg" in keys(daemon), timeout=20, message="the real file to fire")
+    # Moved into place, as an uploader could: the move's event.
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for name, target in (("late.jpg", secret), ("passwd.jpg", Path("/etc/passwd")),
+                         ("twin.jpg", inside)):
+        (staging / name).symlink_to(target)
+        os.rename(staging / name, watched / name)
+    (watched / "after.jpg").write_bytes(b"after")
+    # A link within the watched dir is a file of the bucket.
+    wait_until(lambda: {"after.jpg", "twin.jpg"} <= set(keys(daemon)), timeout=20,
+               message="the files after the links to fire")
+
+    def skipped() -> set[str]:
+        return {line.split("skipping ")[1].split(":")[0] for line in daemon.output().splitlines()
+                if "outside the watched dir" in line}
+
+    # (The early link looks freshly written, as its target is: it settles first.)
+    wait_until(lambda: skipped() == {"early.jpg", "late.jpg", "passwd.jpg"}, timeout=20,
+               message="a warning for each link out")
+    time.sleep(1)
+    assert sorted(keys(daemon)) == ["after.jpg", "real.jpg", "twin.jpg"]
+    assert hashlib.md5(secret.read_bytes()).hexdigest() not in daemon.log_of("uploads")
+    assert "symlink out of the watched dir" in trigger_state(daemon, "uploads")["last_error"]
+    assert "Traceback" not in daemon.output()
+
+
 def test_file_triggers_follow_hot_reload(start_daemon, functions_dir, tmp_path):
     daemon = start_daemon(functions_dir)
     recorder(functions_dir, dir="first")

@@ -435,7 +435,7 @@ class FileTrigger(RunningTrigger):
         self._tasks: set[asyncio.Task] = set()
         self._rescan_task: asyncio.Task | None = None
         self._rescan_again: str | None = None
-        self._skipped: set[str] = set()  # names that are not UTF-8, warned about once
+        self._skipped: set[str] = set()  # names not UTF-8, symlinks out: warned about once
         self._writers: asyncio.Future | None = None  # open_for_writing(root), as last looked up
         self._writers_at = 0.0
         # Files the queue could not take, with the identity they had then; offered again.
@@ -522,6 +522,14 @@ class FileTrigger(RunningTrigger):
         self.last_error = f"{path!r}: name is not valid UTF-8; skipped"
         log.warning("function %s: skipping %r: its name is not valid UTF-8, which an S3 key must be "
                     "(renamed to a valid name, it fires)", self.spec.name, path)
+
+    def _skip_link_out(self, rel: str) -> None:
+        if rel in self._skipped:
+            return
+        self._skipped.add(rel)
+        self.last_error = f"{rel}: a symlink out of the watched dir; skipped"
+        log.warning("function %s: skipping %s: it is a symlink to %s, outside the watched dir %s",
+                    self.spec.name, rel, os.path.realpath(self.root / rel), self.root)
 
     def on_event(self, event: FileSystemEvent) -> None:
         if self._stopped:
@@ -624,9 +632,12 @@ class FileTrigger(RunningTrigger):
         if self._stopped or not matches(rel, self.patterns):
             return
         try:
-            st = os.stat(self.root / rel)
+            st = _stat_inside(self.root, rel)
         except OSError:
             return  # gone again (a temp file, or deleted at once)
+        if st is None:
+            self._skip_link_out(rel)
+            return
         if not stat.S_ISREG(st.st_mode):
             return
         ident = identity(st)
@@ -852,6 +863,21 @@ def open_for_writing(root: Path) -> set[str]:
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 found.add(target[len(prefix):])
     return found
+
+
+def _stat_inside(root: Path, rel: str) -> os.stat_result | None:
+    """What `rel` is, a symlink followed only to a file inside the watched dir;
+    None for a symlink out of it. As an S3 bucket holds only what was put
+    there, a link cannot hand a function (its path, size and eTag, read by the
+    daemon) a file from elsewhere on the host."""
+    path = root / rel
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            return None
+        st = os.stat(path)
+    return st
 
 
 def _walk(root: Path, top: Path, patterns: list[str]) -> dict[str, Identity]:
