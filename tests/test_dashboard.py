@@ -5,6 +5,7 @@ Keeps a screenshot of the page in tests/artifacts/dashboard.png.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 from pathlib import Path
@@ -177,6 +178,30 @@ def test_with_auth_keys_the_dashboard_works_once_the_browser_signs_in(start_daem
     invoke_through_form(browser, '{"name": "basic auth"}')
     assert "hello basic auth" in text_of(browser, "invoke-output")
     assert not browser.find_element("id", "conn-bar").is_displayed()
+
+
+def test_a_page_of_another_site_cannot_invoke_through_the_dashboard(start_daemon, functions_dir):
+    """The browser keeps the dashboard's Basic sign-in and sends it with any
+    request to it, a form another site posts included: such a post is refused."""
+    write_function(functions_dir, "greet.py", GREET)
+    keys = {"FAASD_AUTH_KEYS": "AKIDDASHBOARD=dashboard-secret-value"}
+    daemon = start_daemon(functions_dir, env=keys)
+    basic = "Basic " + base64.b64encode(b"AKIDDASHBOARD:dashboard-secret-value").decode()
+    path = "/system/functions/greet/invoke"
+    host = f"127.0.0.1:{daemon.port}"
+    for headers in ({"Origin": "https://evil.example", "Content-Type": "text/plain"},
+                    {"Origin": "null"},
+                    {"Origin": f"http://127.0.0.1.evil.example:{daemon.port}"},
+                    {"Sec-Fetch-Site": "cross-site"}):
+        refused = daemon.post(path, {"name": "csrf"}, headers={"Authorization": basic, **headers})
+        assert refused.status == 403, (headers, refused.status, refused.text)
+        assert "another site" in refused.json()["message"]
+    assert "greeting csrf" not in daemon.output()
+    # Its own pages, clients without an Origin, and a proxy in front that names its host.
+    for headers in ({"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"}, {},
+                    {"Origin": "https://faasd.example.com", "X-Forwarded-Host": "faasd.example.com"}):
+        ok = daemon.post(path, {"name": "own"}, headers={"Authorization": basic, **headers})
+        assert ok.status == 200 and ok.json()["ok"] is True, (headers, ok.text)
 
 
 def test_the_json_behind_the_dashboard(daemon):

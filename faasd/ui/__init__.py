@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -240,6 +241,32 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"message": message}, status)
 
 
+def _cross_site(request: web.Request) -> bool:
+    """Whether a browser sent this request for a page of another site: a form
+    or script there posting to the dashboard with the Basic sign-in the browser
+    keeps for it. Its Origin names another host than the one the request went
+    to (or a proxy in front, X-Forwarded-Host); clients that are no browser
+    send no Origin. Hosts are compared without ports: a proxy's Host often
+    has none."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return request.headers.get("Sec-Fetch-Site") == "cross-site"
+    try:
+        hostname = urlsplit(origin).hostname
+    except ValueError:
+        return True
+    if not hostname:
+        return True  # "null": a sandboxed frame, a file, a redirect across sites
+    hosts = [request.headers.get("Host", ""), *request.headers.getall("X-Forwarded-Host", [])]
+    for host in hosts:
+        try:
+            if urlsplit(f"//{host.split(',')[0].strip()}").hostname == hostname:
+                return False
+        except ValueError:
+            continue
+    return True
+
+
 def routes(daemon: "Daemon", activity: Activity, ring: LogRing):
     async def page(request: web.Request) -> web.StreamResponse:
         return _asset("index.html")
@@ -276,6 +303,9 @@ def routes(daemon: "Daemon", activity: Activity, ring: LogRing):
 
     async def invoke(request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        if _cross_site(request):
+            return _error(403, "the dashboard invokes only for its own pages: this request came "
+                               "from a page of another site")
         if not valid_name(name):
             return _error(400, f"invalid function name {name!r}: use 1 to 64 of A-Z a-z 0-9 _ -")
         limit = daemon.config.server.max_body_bytes
