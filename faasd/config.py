@@ -222,6 +222,14 @@ def _keys(value: Any) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
     ):
         raise ValueError("expected a table of access key id = secret")
+    for key_id, secret in value.items():
+        # A key no client could present would refuse every caller, silently.
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", key_id):
+            raise ValueError(f"the access key id {key_id[:40]!r} is not 1 to 128 of A-Z a-z 0-9 _ . - "
+                             "(a SigV4 credential scope is split at /, a Basic sign-in at :)")
+        if secret != secret.strip() or not secret.isprintable():
+            raise ValueError(f"the secret of {key_id!r} starts or ends with a space or holds a control "
+                             "character, which no Authorization header can carry")
     return dict(value)
 
 

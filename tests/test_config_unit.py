@@ -87,6 +87,27 @@ def test_whole_numbers_refuse_fractions_and_sizes_stay_numbers(tmp_path, text, r
         load_config(config, env={})
 
 
+@pytest.mark.parametrize("keys, refusal", [
+    ('{ "AK/ID" = "secret" }', "access key id 'AK/ID' is not"),
+    ('{ "AK:ID" = "secret" }', "access key id 'AK:ID' is not"),
+    ('{ "AK ID" = "secret" }', "access key id 'AK ID' is not"),
+    ('{ AKID = " padded " }', "the secret of 'AKID' starts or ends with a space"),
+    ('{ AKID = "tab\\there" }', "the secret of 'AKID' .* control character"),
+])
+def test_auth_keys_no_client_could_present_are_refused(tmp_path, keys, refusal):
+    config = tmp_path / "faasd.toml"
+    config.write_text(f"[auth]\nkeys = {keys}\n")
+    with pytest.raises(ConfigError, match=f"auth.keys: .*{refusal}"):
+        load_config(config, env={})
+
+
+def test_auth_keys_of_any_printable_secret_are_taken(tmp_path):
+    config = tmp_path / "faasd.toml"
+    config.write_text('[auth]\nkeys = { AKIDFAASD_1 = "s3cr\u00e9t with spaces/and:colons=" }\n')
+    assert load_config(config, env={}).auth.keys == {"AKIDFAASD_1": "s3cr\u00e9t with spaces/and:colons="}
+    assert load_config(None, env={"FAASD_AUTH_KEYS": "AK1=one,AK2=two"}).auth.keys == {"AK1": "one", "AK2": "two"}
+
+
 def test_a_file_that_cannot_be_read_as_toml_is_one_config_error(tmp_path):
     latin1 = tmp_path / "latin1.toml"
     latin1.write_bytes(b"# caf\xe9\n[limits]\nmax_concurrency = 5\n")
