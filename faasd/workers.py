@@ -188,8 +188,8 @@ LineSink = Callable[[str], None]
 
 
 def describe_exit(returncode: int | None) -> str:
-    """Lambda's wording for how a runtime process ended."""
-    if returncode is None:
+    """Lambda's wording for how a runtime process ended (exit status 0 gives no reason)."""
+    if returncode is None or returncode == 0:
         return "Runtime exited without providing a reason"
     if returncode < 0:
         try:

@@ -448,6 +448,25 @@ def test_an_uncaught_exception_fails_the_call_and_replaces_the_worker(daemon):
     assert daemon.invoke("wild").json() == third  # the runtime itself is fine
 
 
+def test_process_exit_in_the_handler_is_an_exit_error_in_lambdas_words(daemon):
+    write_function(daemon.functions, "quits.js", """
+        exports.handler = async (event) => {
+          if (event.code !== undefined) process.exit(event.code);
+          return process.pid;
+        };
+    """)
+    loaded(daemon, "quits")
+    first = daemon.invoke("quits").json()
+    for code, words in ((3, "Runtime exited with error: exit status 3"),
+                        (0, "Runtime exited without providing a reason")):
+        response = daemon.invoke("quits", {"code": code})
+        assert response.headers["x-amz-function-error"] == "Unhandled"
+        request_id = response.headers["x-amzn-requestid"]
+        assert response.json()["errorType"] == "Runtime.ExitError"
+        assert response.json()["errorMessage"] == f"RequestId: {request_id} Error: {words}"
+    assert daemon.invoke("quits").json() != first  # a new worker took the exited one's place
+
+
 def test_init_errors_are_lambdas_and_other_functions_keep_working(daemon):
     functions = daemon.functions
     write_function(functions, "good.mjs", "export const handler = async () => 'fine';\n")

@@ -564,8 +564,11 @@ def test_init_failures_are_reported_with_lambdas_error_types(daemon):
         exit 1
     """)
     write_function(functions, "noshebang/bootstrap", "echo this script has no interpreter line\n")
+    write_function(functions, "quits/bootstrap", "#!/bin/sh\necho 'nothing to do'\nexit 0\n")
     expectations = {
         "exits": ("Runtime.ExitError", "exit status 3"),
+        # Exit status 0 is no reason at all, in Lambda's words.
+        "quits": ("Runtime.ExitError", "Runtime exited without providing a reason"),
         "posts": ("Runtime.ConfigError", "DATABASE_URL is not set"),
         "noshebang": ("Runtime.InvalidEntrypoint", "exec format error"),
     }
@@ -579,6 +582,22 @@ def test_init_failures_are_reported_with_lambdas_error_types(daemon):
         assert error["errorType"] == error_type and message in error["errorMessage"], (name, error)
         assert daemon.function(name)["init_error"]["errorType"] == error_type
     assert "cannot start: no config" in daemon.log_of("exits")
+
+
+def test_a_bootstrap_that_exits_0_mid_invocation_exited_without_providing_a_reason(daemon):
+    require_tool("curl", "curl")
+    write_function(daemon.functions, "quitter/bootstrap", """\
+        #!/bin/sh
+        curl -sS -o /dev/null "http://$AWS_LAMBDA_RUNTIME_API/2018-06-01/runtime/invocation/next"
+        exit 0
+    """)
+    loaded(daemon, "quitter")
+    response = daemon.invoke("quitter")
+    assert response.headers["x-amz-function-error"] == "Unhandled"
+    request_id = response.headers["x-amzn-requestid"]
+    assert response.json()["errorType"] == "Runtime.ExitError"
+    assert response.json()["errorMessage"] == (
+        f"RequestId: {request_id} Error: Runtime exited without providing a reason")
 
 
 def test_a_bootstrap_that_never_polls_fails_init_with_a_timeout(daemon):
