@@ -71,7 +71,7 @@ from . import protocol
 from .errors import HANDLED, INIT, FunctionError
 from .spec import FunctionSpec, new_trace_id
 from .sandbox import read_pids
-from .workers import ProcessWorker, WorkerEnvironment, WorkerInitError
+from .workers import MAX_RESPONSE_BYTES, ProcessWorker, WorkerEnvironment, WorkerInitError
 
 log = logging.getLogger("faasd.runtime_api")
 
@@ -79,7 +79,6 @@ API_VERSION = "2018-06-01"
 NEXT_PATH = f"/{API_VERSION}/runtime/invocation/next"
 INIT_ERROR_PATH = f"/{API_VERSION}/runtime/init/error"
 REPLY_RE = re.compile(rf"^/{API_VERSION}/runtime/invocation/([^/]+)/(response|error)$")
-MAX_RESPONSE_BYTES = 6 * 1024 * 1024  # Lambda's synchronous response limit
 ERROR_TYPE_HEADER = "Lambda-Runtime-Function-Error-Type"
 
 
@@ -464,13 +463,12 @@ class RuntimeApi:
             return self._out_of_turn(request_id)
         self._current, self._answered = None, request_id
         if too_large:
-            size = request.content_length
-            what = f"Response payload size ({size} bytes)" if size else "Response payload size"
             # The runtime is usually in no state to go on (clients raise on
             # a 413), so this worker is replaced, as the error is reported.
             self.worker.runtime_error(FunctionError(
                 HANDLED, "Function.ResponseSizeTooLarge",
-                f"{what} exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes)."), fatal=True)
+                f"Response payload size exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes)."),
+                fatal=True)
             return _refusal(413, "RequestEntityTooLarge",
                             f"Exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).")
         self.worker.runtime_result(body)

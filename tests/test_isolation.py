@@ -778,7 +778,7 @@ def test_huge_and_unserialisable_results_fail_that_invocation_only(start_daemon,
     daemon = start_daemon(functions_dir)
     result, error = invoke(daemon, "results", {"kind": "huge"})
     assert error == "Function.ResponseSizeTooLarge", result
-    assert "exceeded maximum allowed payload size (6291456 bytes)" in result["errorMessage"]
+    assert result["errorMessage"] == "Response payload size exceeded maximum allowed payload size (6291556 bytes)."
     result, error = invoke(daemon, "results", {"kind": "object"})
     assert error == "Runtime.MarshalError", result
     assert "Unable to marshal response" in result["errorMessage"]

@@ -448,6 +448,23 @@ def test_an_uncaught_exception_fails_the_call_and_replaces_the_worker(daemon):
     assert daemon.invoke("wild").json() == third  # the runtime itself is fine
 
 
+def test_a_response_may_be_lambdas_6291556_bytes_and_one_over_it_is_too_large(daemon):
+    write_function(daemon.functions, "sized.js", """
+        // A JSON string of `bytes` bytes: the characters and their two quotes.
+        exports.handler = async (event) => "x".repeat(event.bytes - 2);
+    """)
+    loaded(daemon, "sized")
+    fits = daemon.invoke("sized", {"bytes": 6291556})
+    assert "x-amz-function-error" not in fits.headers, fits.body[:300]
+    assert len(fits.body) == 6291556
+    over = daemon.invoke("sized", {"bytes": 6291557})
+    assert over.headers["x-amz-function-error"] == "Unhandled"
+    assert over.json()["errorType"] == "Function.ResponseSizeTooLarge"
+    assert over.json()["errorMessage"] == (
+        "Response payload size exceeded maximum allowed payload size (6291556 bytes).")
+    assert daemon.invoke("sized", {"bytes": 4}).json() == "xx"
+
+
 def test_process_exit_in_the_handler_is_an_exit_error_in_lambdas_words(daemon):
     write_function(daemon.functions, "quits.js", """
         exports.handler = async (event) => {

@@ -519,7 +519,7 @@ def test_a_response_over_6_mb_is_function_response_size_too_large_and_the_worker
     assert response.headers["x-amz-function-error"] == "Unhandled"
     error = response.json()
     assert error["errorType"] == "Function.ResponseSizeTooLarge"
-    assert "exceeded maximum allowed payload size (6291456 bytes)" in error["errorMessage"]
+    assert error["errorMessage"] == "Response payload size exceeded maximum allowed payload size (6291556 bytes)."
     assert daemon.post("/function/gofn", {"big": True}).status == 502
     wait_until(lambda: process_state(pid) is None, message="the worker to be replaced")
     assert daemon.invoke("gofn").json()["pid"] != pid
