@@ -502,6 +502,15 @@ def test_init_errors_are_lambdas_and_other_functions_keep_working(daemon):
         throw new Error("bad config at load");
         exports.handler = async () => 1;
     """)
+    # A promise made at load that rejects before anything awaits it fails init, as on Lambda.
+    write_function(functions, "rejects.js", """
+        const connection = Promise.reject(new Error("database unreachable"));
+        exports.handler = async () => connection;
+    """)
+    write_function(functions, "rejectsesm.mjs", """
+        const connection = Promise.reject(new RangeError("no such region"));
+        export const handler = async () => connection;
+    """)
     expectations = {
         "missing": ("Runtime.ImportModuleError", "Cannot find module 'not-a-module-anywhere'"),
         "missingesm": ("Runtime.ImportModuleError", "not-a-package-anywhere"),
@@ -509,6 +518,8 @@ def test_init_errors_are_lambdas_and_other_functions_keep_working(daemon):
         "notafunction": ("Runtime.HandlerNotFound", "notafunction.handler is not a function"),
         "syntax": ("Runtime.UserCodeSyntaxError", "SyntaxError"),
         "throws": ("Error", "bad config at load"),
+        "rejects": ("Runtime.UnhandledPromiseRejection", "Error: database unreachable"),
+        "rejectsesm": ("Runtime.UnhandledPromiseRejection", "RangeError: no such region"),
     }
     for name, (error_type, message) in expectations.items():
         loaded(daemon, name)

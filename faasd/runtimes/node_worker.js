@@ -670,8 +670,12 @@ async function main() {
   }
   handlerIsAsync = Boolean(handler.constructor && handler.constructor.name === 'AsyncFunction');
   handlerStreams = handler[HANDLER_STREAMING] === STREAM_RESPONSE;
-  ready = true;
-  send(READY, JSON.stringify({ init_ms: Number(process.hrtime.bigint() - T0) / 1e6 }));
+  // READY after a turn of the loop, as AWS's runtime asks for its first event from a
+  // setImmediate: a promise the module left rejected, with nothing to catch it, fails init.
+  setImmediate(() => {
+    ready = true;
+    send(READY, JSON.stringify({ init_ms: Number(process.hrtime.bigint() - T0) / 1e6 }));
+  });
 }
 
 main();
