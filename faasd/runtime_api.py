@@ -13,6 +13,9 @@ bootstrap in `AWS_LAMBDA_RUNTIME_API` (`127.0.0.1:PORT`):
          (the caller's X-Amzn-Trace-Id, else a new one), and
          Lambda-Runtime-Client-Context when the caller sent a ClientContext.
     POST /2018-06-01/runtime/invocation/ID/response  the result (up to 6 MB)   -> 202
+         (or streamed: Lambda-Runtime-Function-Response-Mode: streaming, chunked,
+         and an error that ends the stream in the trailers Lambda-Runtime-Function-
+         Error-Type and -Error-Body, base64: the invocation fails with it)
     POST /2018-06-01/runtime/invocation/ID/error     the error document               -> 202
     POST /2018-06-01/runtime/init/error              the same, before the first /next -> 202
 
@@ -53,6 +56,8 @@ user is checked, and the log says so once.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import errno
 import logging
 import os
@@ -80,6 +85,10 @@ NEXT_PATH = f"/{API_VERSION}/runtime/invocation/next"
 INIT_ERROR_PATH = f"/{API_VERSION}/runtime/init/error"
 REPLY_RE = re.compile(rf"^/{API_VERSION}/runtime/invocation/([^/]+)/(response|error)$")
 ERROR_TYPE_HEADER = "Lambda-Runtime-Function-Error-Type"
+# A streamed response (Lambda-Runtime-Function-Response-Mode: streaming) is chunked, and
+# an error that ends it comes in trailers: its type, and its document in base64.
+RESPONSE_MODE_HEADER = "Lambda-Runtime-Function-Response-Mode"
+ERROR_BODY_TRAILER = "Lambda-Runtime-Function-Error-Body"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +119,22 @@ def _posted_error(kind: str, body: bytes, header_type: str | None) -> FunctionEr
     if isinstance(document, dict):
         return FunctionError.from_payload(kind, document, error_type)
     return FunctionError(kind, error_type, body[:4096].decode("utf-8", "replace"), document=body)
+
+
+def _stream_error(request: web.BaseRequest) -> FunctionError | None:
+    """The error a streamed response ended with, in its trailers; None if it ended well."""
+    if request.headers.get(RESPONSE_MODE_HEADER, "").lower() != "streaming":
+        return None
+    gate = request.transport.get_protocol() if request.transport is not None else None
+    trailers = gate.trailers.last if isinstance(gate, _Gate) else {}
+    error_type = trailers.get(ERROR_TYPE_HEADER.lower())
+    if not error_type:
+        return None
+    try:
+        document = base64.b64decode(trailers.get(ERROR_BODY_TRAILER.lower(), ""))
+    except (binascii.Error, ValueError):
+        document = b""
+    return _posted_error(HANDLED, document, error_type)
 
 
 async def _read_body(request: web.BaseRequest, limit: int) -> tuple[bytes, bool]:
@@ -249,12 +274,76 @@ DENIED_RESPONSE = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\
                    b"\r\nConnection: close\r\n\r\n" + _DENIED_BODY)
 
 
+class _Trailers:
+    """Follows the requests of one connection as their bytes arrive, for the trailers of a
+    chunked body, which aiohttp reads and drops. It only looks: where it cannot follow the
+    stream, it stops, and the bodies it missed have no trailers."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, str] = {}  # of the last chunked body, names in lower case
+        self._buffer = b""
+        self._state = "head"  # head | body | size | data | trailers | lost
+        self._left = 0  # bytes of a body or a chunk still to come
+
+    def feed(self, data: bytes) -> None:
+        if self._state == "lost":
+            return
+        self._buffer += data
+        try:
+            while self._step():
+                pass
+        except (ValueError, UnicodeDecodeError):
+            self._state, self._buffer = "lost", b""
+
+    def _step(self) -> bool:
+        """Take one step through the buffer; False when it needs more bytes."""
+        if self._state in ("body", "data"):
+            taken = min(self._left, len(self._buffer))
+            self._buffer, self._left = self._buffer[taken:], self._left - taken
+            if self._left:
+                return False
+            self._state = "head" if self._state == "body" else "size"
+            return True
+        if self._state == "head":
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > 64 * 1024:
+                    raise ValueError("no end to a request's head")
+                return False
+            head, self._buffer = self._buffer[:end].decode("latin-1"), self._buffer[end + 4:]
+            fields = dict(_field(line) for line in head.split("\r\n")[1:])
+            if "chunked" in fields.get("transfer-encoding", "").lower():
+                self._state, self.last = "size", {}
+            else:
+                self._state, self._left = "body", int(fields.get("content-length") or 0)
+            return True
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            return False
+        line, self._buffer = self._buffer[:end].decode("latin-1"), self._buffer[end + 2:]
+        if self._state == "size":
+            size = int(line.split(";", 1)[0], 16)
+            self._state, self._left = ("trailers", 0) if size == 0 else ("data", size + 2)
+        elif line:
+            name, value = _field(line)
+            self.last[name] = value
+        else:
+            self._state = "head"
+        return True
+
+
+def _field(line: str) -> tuple[str, str]:
+    name, _, value = line.partition(":")
+    return name.strip().lower(), value.strip()
+
+
 class _Gate(asyncio.Protocol):
     """One accepted connection: handed to aiohttp only if its owner may use the API."""
 
     def __init__(self, api: "RuntimeApi") -> None:
         self.api = api
         self.inner: asyncio.Protocol | None = None
+        self.trailers = _Trailers()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self.api.admits(transport):
@@ -267,6 +356,7 @@ class _Gate(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.inner is not None:
+            self.trailers.feed(data)
             self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -471,7 +561,11 @@ class RuntimeApi:
                 fatal=True)
             return _refusal(413, "RequestEntityTooLarge",
                             f"Exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).")
-        self.worker.runtime_result(body)
+        error = _stream_error(request)
+        if error is not None:
+            self.worker.runtime_error(error)
+        else:
+            self.worker.runtime_result(body)
         return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
 
     async def _error(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:

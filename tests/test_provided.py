@@ -600,6 +600,64 @@ def test_a_bootstrap_that_exits_0_mid_invocation_exited_without_providing_a_reas
         f"RequestId: {request_id} Error: Runtime exited without providing a reason")
 
 
+# Streams its response as AWS's Node client does for a streamified handler: chunked, in
+# Lambda-Runtime-Function-Response-Mode streaming, an error mid-stream sent as trailers.
+STREAMING_BOOTSTRAP = """\
+#!{python}
+import base64, json, os, socket
+
+host, port = os.environ["AWS_LAMBDA_RUNTIME_API"].split(":")
+api = socket.create_connection((host, int(port)))
+reader = api.makefile("rb")
+
+def answer():
+    status = reader.readline()
+    length = 0
+    while (line := reader.readline()) != b"\\r\\n":
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, {{}}, reader.read(length)
+
+while True:
+    api.sendall(b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\\r\\nHost: api\\r\\n\\r\\n")
+    status = reader.readline()
+    headers, length = {{}}, 0
+    while (line := reader.readline()) != b"\\r\\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    event = json.loads(reader.read(int(headers["content-length"])))
+    request_id = headers["lambda-runtime-aws-request-id"]
+    parts = [b"part one, ", b"part two"]
+    trailers = b""
+    if event.get("fail"):
+        parts = parts[:1]
+        error = {{"errorType": "RangeError", "errorMessage": "mid-stream failure", "trace": ["RangeError: x"]}}
+        trailers = (b"Lambda-Runtime-Function-Error-Type: RangeError\\r\\n"
+                    b"Lambda-Runtime-Function-Error-Body: " + base64.b64encode(json.dumps(error).encode()) + b"\\r\\n")
+    body = b"".join(b"%x\\r\\n%s\\r\\n" % (len(part), part) for part in parts)
+    api.sendall(b"POST /2018-06-01/runtime/invocation/" + request_id.encode() + b"/response HTTP/1.1\\r\\n"
+                b"Host: api\\r\\nLambda-Runtime-Function-Response-Mode: streaming\\r\\n"
+                b"Transfer-Encoding: chunked\\r\\nContent-Type: text/plain\\r\\n"
+                b"Trailer: Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body\\r\\n\\r\\n"
+                + body + b"0\\r\\n" + trailers + b"\\r\\n")
+    print("posted:", answer()[0].decode().strip(), flush=True)
+"""
+
+
+def test_an_error_a_streamed_response_ends_with_fails_the_invocation(daemon):
+    write_function(daemon.functions, "streamer/bootstrap", STREAMING_BOOTSTRAP.format(python=sys.executable))
+    loaded(daemon, "streamer")
+    streamed = daemon.invoke("streamer")
+    assert "x-amz-function-error" not in streamed.headers, streamed.text
+    assert streamed.body == b"part one, part two"
+    failed = daemon.invoke("streamer", {"fail": True})
+    assert failed.headers.get("x-amz-function-error") == "Unhandled", failed.text
+    assert failed.json() == {"errorType": "RangeError", "errorMessage": "mid-stream failure",
+                             "trace": ["RangeError: x"]}
+    assert daemon.invoke("streamer").body == b"part one, part two"  # the same worker goes on
+
+
 def test_a_bootstrap_that_never_polls_fails_init_with_a_timeout(daemon):
     write_function(daemon.functions, "sleepy/bootstrap", "#!/bin/sh\necho 'thinking'\nexec sleep 300\n")
     loaded(daemon, "sleepy")
