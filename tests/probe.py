@@ -29,14 +29,10 @@ import urllib.error
 import urllib.request
 
 
-def note(kind, payload, context, **extra):
-    body = {"kind": kind, "fn": context.function_name, "rid": context.aws_request_id,
-            "id": payload.get("id"), **extra}
-    request = urllib.request.Request(os.environ["PROBE"] + "/note", json.dumps(body).encode(),
-                                     method="POST")
+def ask(request, timeout):
     for attempt in range(3):  # a connection the loaded test process reset is tried again
         try:
-            urllib.request.urlopen(request, timeout=30).read()
+            urllib.request.urlopen(request, timeout=timeout).read()
             return
         except (urllib.error.URLError, ConnectionError):
             if attempt == 2:
@@ -44,10 +40,16 @@ def note(kind, payload, context, **extra):
             time.sleep(0.2)
 
 
+def note(kind, payload, context, **extra):
+    body = {"kind": kind, "fn": context.function_name, "rid": context.aws_request_id,
+            "id": payload.get("id"), **extra}
+    ask(urllib.request.Request(os.environ["PROBE"] + "/note", json.dumps(body).encode(), method="POST"), 30)
+
+
 def handler(event, context):
     note("start", event, context, event=event)
     if event.get("gate"):
-        urllib.request.urlopen(os.environ["PROBE"] + "/gate/" + event["gate"], timeout=120).read()
+        ask(os.environ["PROBE"] + "/gate/" + event["gate"], 120)
     if event.get("fail"):
         raise RuntimeError(f"failing on purpose: {event.get('id')}")
     note("end", event, context)
