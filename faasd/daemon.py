@@ -38,7 +38,7 @@ from .registry import Registry
 from .reload import ConfigLoader, ReloadHook, ReloadState, reload, status_line
 from .sandbox import FunctionUsers, Sandbox, set_daemon_undumpable
 from .sdnotify import Notifier, listen_sockets
-from .spec import DEFAULT_REGION, runtime_id
+from .spec import DEFAULT_REGION, FunctionSpec, config_file_of, runtime_id
 from .triggers.http import RouteTable
 from .workers import ReplyPoller, WorkerEnvironment, compile_shim
 
@@ -65,6 +65,40 @@ def check_address_free(host: str, port: int) -> None:
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {address[0]} port {address[1]}: "
                                          f"{exc.strerror}") from None
+
+
+class SettingsReadableWarning:
+    """Registry listener under [workers] function_users: warn of each function whose
+    settings hold [env] values in a file every function's user can read (others may
+    read it, or run_as's group, theirs). Code must stay readable to them; settings,
+    which only the daemon (root) reads, need not, and their secrets are safe from
+    other functions only where they are not."""
+
+    def __init__(self, gid: int) -> None:
+        self.gid = gid
+        self._warned: dict[str, tuple[str, int, int]] = {}  # name -> (file, mode, gid) warned of
+
+    def __call__(self, old: FunctionSpec | None, new: FunctionSpec | None) -> None:
+        if new is None or not new.env:
+            if old is not None:
+                self._warned.pop(old.name, None)
+            return
+        path = config_file_of(new.source)
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        mode = st.st_mode & 0o777 if st is not None else 0
+        if st is None or not (mode & 0o004 or (mode & 0o040 and st.st_gid == self.gid)):
+            self._warned.pop(new.name, None)
+            return
+        seen = (str(path), mode, st.st_gid)
+        if self._warned.get(new.name) == seen:
+            return
+        self._warned[new.name] = seen
+        log.warning("function %s: its settings file %s holds [env] values and every function's "
+                    "user can read it (mode %04o): [workers] function_users keeps them from other "
+                    "functions only in a file faasd alone reads; chmod 600 it", new.name, path, mode)
 
 
 class Daemon:
@@ -200,6 +234,8 @@ class Daemon:
 
         self.registry.subscribe(self.routes.function_changed)
         self.registry.subscribe(self.pool.function_changed)
+        if users is not None:
+            self.registry.subscribe(SettingsReadableWarning(users.gid))
         await self.registry.rescan()
         self.registry.start()
         self._cleanups.append(self.registry.stop)

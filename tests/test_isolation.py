@@ -1299,6 +1299,47 @@ def test_function_users_keep_secrets_apart_only_while_auth_keys_guard_the_api(
     assert isolation["function_users"]["active"] is True
 
 
+SETTINGS_PEEK = """
+import os
+
+def handler(event, context):
+    found = {}
+    for name in ("open.toml", "closed.toml"):
+        try:
+            with open(os.path.join(os.environ["LAMBDA_TASK_ROOT"], name)) as settings:
+                found[name] = settings.read()
+        except OSError as exc:
+            found[name] = exc.strerror
+    return found
+"""
+
+
+def test_with_function_users_a_settings_file_every_function_can_read_is_warned_of(
+        start_daemon, functions_dir, readable_install):
+    """Code stays readable to every function's user, and so, by default, do the settings
+    files beside it: another function reads their [env]. faasd names each such file
+    holding [env] values; one only faasd (root) reads keeps its secrets."""
+    for name in ("open", "closed", "plain"):
+        write_function(functions_dir, f"{name}.py", OK)
+    write_function(functions_dir, "open.toml", '[env]\nSECRET = "open-secret"\n')
+    write_function(functions_dir, "closed.toml", '[env]\nSECRET = "closed-secret"\n')
+    write_function(functions_dir, "plain.toml", "memory_mb = 256\n")  # no [env]: nothing to keep
+    for name in ("open", "closed", "plain"):
+        (functions_dir / f"{name}.toml").chmod(0o600 if name == "closed" else 0o644)
+    write_function(functions_dir, "peek.py", SETTINGS_PEEK)
+    env = {**readable_install, "FAASD_WORKERS_FUNCTION_USERS": "%d-%d" % FUNCTION_USERS}
+    daemon = start_daemon(functions_dir, env=env)
+    found, error = invoke(daemon, "peek")
+    assert error is None, found
+    assert "open-secret" in found["open.toml"] and found["closed.toml"] == "Permission denied"
+    warned = [line for line in daemon.output().splitlines() if "holds [env] values" in line]
+    assert len(warned) == 1, warned
+    assert f"function open: its settings file {functions_dir / 'open.toml'} holds" in warned[0]
+    assert "(mode 0644)" in warned[0] and "chmod 600 it" in warned[0]
+    assert invoke(daemon, "closed") == invoke(daemon, "open")  # faasd reads both
+    still_serving(daemon)
+
+
 def test_an_interpreter_the_function_users_cannot_read_fails_python_inits_and_says_why(
         start_daemon, functions_dir, faasd_user, readable_install):
     """Without [workers] python, workers run faasd's own interpreter: where its library is out of
