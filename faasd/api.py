@@ -230,7 +230,12 @@ def guard_middleware(daemon: "Daemon"):
         started = perf_counter()
         daemon.http_active += 1  # a stop waits for these (Daemon._stop_http)
         try:
-            refusal = await guard.check(request) if guard is not None and guard.active else None
+            if guard is not None and guard.active:
+                refusal = await guard.check(request)
+            elif daemon.loopback_hosts is not None:  # no keys: see auth.LoopbackHosts
+                refusal = daemon.loopback_hosts.refusal(request)
+            else:
+                refusal = None
             response = refusal if refusal is not None else await handler(request)
         except web.HTTPException as exc:
             if exc.status < 400 or exc.content_type == JSON:

@@ -185,6 +185,55 @@ class RequestGuard:
         return None
 
 
+class LoopbackHosts:
+    """Without [auth] keys, where faasd listens on loopback: refuses requests whose Host
+    names faasd by anything but `localhost` or an IP address.
+
+    Such an API is open to whoever can connect, which loopback keeps to this
+    machine's users, but not to the web pages their browsers show: a page
+    whose own domain is resolved again to 127.0.0.1 (DNS rebinding) reaches
+    faasd as same-origin and can read what it answers (every function's
+    [env], through GetFunction). Its requests carry that domain as Host.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, bool] = {}  # Host header -> allowed
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        host = request.headers.get("Host")
+        if host is None:
+            return None  # HTTP/1.0 without Host: no browser sends that
+        allowed = self._known.get(host)
+        if allowed is None:
+            if len(self._known) >= 1024:
+                self._known.clear()
+            allowed = self._known[host] = names_this_machine(host)
+        if allowed:
+            return None
+        log.info("refused %s %s from %s: Host %r", request.method, request.path, request.remote, host)
+        return web.json_response({"message": (
+            f"Host {host!r} is refused: without [auth] keys faasd answers only requests that name "
+            "it by localhost or an IP address, not a page of another site reaching it through "
+            "DNS rebinding; set [auth] keys to serve other names")}, status=403)
+
+
+def names_this_machine(host: str) -> bool:
+    """Whether a Host header (name or address, maybe with a port) is `localhost`, a name
+    under it, or an IP address: nothing a DNS server of another site answers for."""
+    if host.startswith("["):
+        name = host[1:host.find("]")] if "]" in host else host
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    name = name.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 # -- HTTP trigger auth -----------------------------------------------------------------
 
 def function_auth(spec: FunctionSpec | None) -> str | None:

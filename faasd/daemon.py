@@ -124,6 +124,8 @@ class Daemon:
         self.http_auth: auth.TriggerAuth | None = None
         # Checks every request to the Lambda API and operator paths (faasd/auth.py).
         self.request_guard: auth.RequestGuard | None = None
+        # Listening on loopback: the Host names a request may carry while no keys are set.
+        self.loopback_hosts: auth.LoopbackHosts | None = None
         self._runner: web.AppRunner | None = None
         # HTTP requests in progress (kept by the middleware, faasd/api.py), and
         # whether a stop is waiting for them to end.
@@ -261,6 +263,8 @@ class Daemon:
         sockets = getattr(server, "sockets", None) or []
         if sockets and sockets[0].family in (socket.AF_INET, socket.AF_INET6):
             self.address = sockets[0].getsockname()[:2]
+            if auth.is_loopback(str(self.address[0])):
+                self.loopback_hosts = auth.LoopbackHosts()
         # What start-up built lives as long as the daemon: moved out of the
         # collector's sight, a full collection under load scans only what
         # requests made since (without this, one took 130 ms here at 53,000

@@ -139,9 +139,9 @@ def test_payload_2_0_event_carries_the_request(daemon):
     assert event["headers"]["host"] == f"127.0.0.1:{port}"
     assert (event["requestContext"]["domainName"], event["requestContext"]["domainPrefix"]) == (
         "127.0.0.1", "127")
-    named = daemon.get("/function/echo", headers={"Host": f"api.example.test:{port}"}).json()
+    named = daemon.get("/function/echo", headers={"Host": f"api.localhost:{port}"}).json()
     assert (named["requestContext"]["domainName"], named["requestContext"]["domainPrefix"]) == (
-        "api.example.test", "api")
+        "api.localhost", "api")
     bracketed = daemon.get("/function/echo", headers={"Host": f"[::1]:{port}"}).json()
     assert bracketed["requestContext"]["domainName"] == "[::1]"
 
@@ -1194,7 +1194,7 @@ def test_a_request_still_arriving_at_sigterm_is_served(daemon):
     write_function(daemon.functions, "echo.py", ECHO)
     wait_until(lambda: daemon.get("/function/echo").status == 200)
     body = b'{"k": 1}'
-    head = (f"POST /function/echo HTTP/1.1\r\nHost: faasd\r\nContent-Type: application/json\r\n"
+    head = (f"POST /function/echo HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as conn:
         conn.sendall(head + body[:3])

@@ -241,7 +241,7 @@ def test_credentials_that_are_not_ascii_are_refused_never_a_server_error(secured
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ").encode()
     scope = b"Credential=" + KEY_ID.encode() + b"/" + date[:8] + b"/us-east-1/lambda/aws4_request"
     sigv4 = b"Authorization: AWS4-HMAC-SHA256 " + scope + b", SignedHeaders=host;x-amz-date, Signature="
-    head = b"GET /2015-03-31/functions/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head = b"GET /2015-03-31/functions/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
     refusals = {
         "a signature of bytes that are not UTF-8": sigv4 + b"\xff\xfe\r\nX-Amz-Date: " + date,
         "a signature of letters beyond ASCII": sigv4 + "\u00e9\u00e9".encode() + b"\r\nX-Amz-Date: " + date,
@@ -256,7 +256,7 @@ def test_credentials_that_are_not_ascii_are_refused_never_a_server_error(secured
         body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
         assert body["Type"] == "User" and body["message"], (what, body)
     for header in (b"Bearer \xff\xfe", "Bearer s\u00e9cret".encode(), b"Basic \xff"):
-        status, answer = raw(secured, b"GET /system/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        status, answer = raw(secured, b"GET /system/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                                       b"Authorization: " + header + b"\r\n\r\n")
         assert status == 401, (header, answer[-300:])
     assert "Traceback" not in secured.output() and "unhandled error" not in secured.output()
@@ -273,7 +273,7 @@ def test_a_trigger_with_auth_key_refuses_credentials_that_are_not_ascii(start_da
                    + b"/" + date[:8] + b"/us-east-1/execute-api/aws4_request, SignedHeaders=host;x-amz-date, "
                    b"Signature=\xff\r\nX-Amz-Date: " + date):
         line = header if header.startswith(b"x-api-key") else b"Authorization: " + header
-        status, answer = raw(daemon, b"GET /private HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        status, answer = raw(daemon, b"GET /private HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                                      + line + b"\r\n\r\n")
         assert status == 403, (header, answer[-300:])
     assert "Traceback" not in daemon.output()
@@ -404,6 +404,30 @@ def test_without_keys_faasd_says_it_is_open_on_loopback_only(start_daemon, funct
            "loopback only (127.0.0.1)" in daemon.output()
 
 
+def test_without_keys_a_request_naming_faasd_by_another_sites_name_is_refused(start_daemon, functions_dir):
+    """A web page whose domain is resolved again to 127.0.0.1 (DNS rebinding) reaches an open
+    faasd as its own origin; its requests name that domain as Host, and are refused."""
+    write_function(functions_dir, "hello.py", HELLO)
+    daemon = start_daemon(functions_dir)
+    assert daemon.get("/function/hello").status == 200
+    port = daemon.port
+    for host in ("rebind.example", f"rebind.example:{port}", f"127.0.0.1.nip.io:{port}",
+                 f"localhost.example:{port}"):
+        for path in ("/system/functions", "/2015-03-31/functions/hello", "/function/hello", "/ui/"):
+            response = daemon.get(path, headers={"Host": host})
+            assert response.status == 403, (host, path, response.status, response.text)
+            assert response.json()["message"].startswith(f"Host {host!r} is refused: without [auth] keys")
+    for host in ("localhost", f"localhost:{port}", f"app.localhost:{port}", f"127.0.0.1:{port}",
+                 f"[::1]:{port}", "10.1.2.3"):
+        assert daemon.get("/function/hello", headers={"Host": host}).json() == {"hello": "world"}, host
+    status, answer = raw(daemon, b"GET /function/hello HTTP/1.0\r\n\r\n")  # no Host at all
+    assert status == 200, answer
+    daemon.stop()
+    keyed = start_daemon(functions_dir, env=KEYS_ENV)  # keys decide, whatever the Host
+    assert keyed.get("/system/info", headers={"Host": "faasd.example", **bearer()}).status == 200
+    assert keyed.get("/function/hello", headers={"Host": "faasd.example"}).status == 200
+
+
 def test_insecure_accepts_an_open_public_address_with_a_warning():
     from faasd.auth import check_exposure
     from faasd.config import load_config
@@ -431,37 +455,37 @@ def raw(daemon, data: bytes, timeout: float = 10) -> tuple[int | None, bytes]:
 
 BAD_REQUESTS = [
     # header values that are not UTF-8 reach the handler as text
-    (b"GET /function/hello HTTP/1.1\r\nHost: x\r\nX-Bad: \xff\xfe\x80\r\n"
+    (b"GET /function/hello HTTP/1.1\r\nHost: localhost\r\nX-Bad: \xff\xfe\x80\r\n"
      b"User-Agent: \xc3\x28\r\nCookie: a=\xff\r\n\r\n", {200}),
-    (b"POST /function/hello HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain; charset=\xff\r\n"
+    (b"POST /function/hello HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain; charset=\xff\r\n"
      b"Content-Length: 3\r\n\r\n\xff\xfe\x00", {200}),
-    (b"POST /2015-03-31/functions/hello/invocations HTTP/1.1\r\nHost: x\r\n"
+    (b"POST /2015-03-31/functions/hello/invocations HTTP/1.1\r\nHost: localhost\r\n"
      b"X-Amz-Invocation-Type: \xff\r\nContent-Length: 2\r\n\r\n{}", {400}),
-    (b"POST /2015-03-31/functions/hello/invocations HTTP/1.1\r\nHost: x\r\n"
+    (b"POST /2015-03-31/functions/hello/invocations HTTP/1.1\r\nHost: localhost\r\n"
      b"Content-Length: 9\r\n\r\n{\"a\": 1,}", {400}),
-    (b"GET /function/hello HTTP/1.1\r\nHost: x\r\nX-Null: a\x00b\r\n\r\n", {400}),
-    (b"GET /function/hello?a=\xff HTTP/1.1\r\nHost: x\r\n\r\n", {400}),
-    (b"GET /function/hello HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", {400, 431}),
-    (b"GET /function/hello HTTP/1.1\r\nHost: x\r\n" + b"X-Many: 1\r\n" * 200 + b"\r\n", {400, 431}),
-    (b"POST /function/hello HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", {400}),
-    (b"POST /function/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}", {400}),
-    (b"POST /function/hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", {400}),
+    (b"GET /function/hello HTTP/1.1\r\nHost: localhost\r\nX-Null: a\x00b\r\n\r\n", {400}),
+    (b"GET /function/hello?a=\xff HTTP/1.1\r\nHost: localhost\r\n\r\n", {400}),
+    (b"GET /function/hello HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", {400, 431}),
+    (b"GET /function/hello HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: 1\r\n" * 200 + b"\r\n", {400, 431}),
+    (b"POST /function/hello HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n", {400}),
+    (b"POST /function/hello HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}", {400}),
+    (b"POST /function/hello HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", {400}),
     (b"GARBAGE\r\n\r\n", {400}),
     # names with .., %2f, NUL, and paths that try to climb
-    (b"GET /function/..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
-    (b"GET /function/%2e%2e HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
-    (b"GET /function/a%00b HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
-    (b"GET /system/functions/..%2F..%2Fetc%2Fpasswd/logs HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
-    (b"GET /system/functions/a%00b/logs HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
-    (b"GET /system/functions/%2e%2e/logs HTTP/1.1\r\nHost: x\r\n\r\n", {400, 404}),
-    (b"GET /system/functions/hello/logs?lines=1e99 HTTP/1.1\r\nHost: x\r\n\r\n", {400}),
+    (b"GET /function/..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: localhost\r\n\r\n", {400, 404}),
+    (b"GET /function/%2e%2e HTTP/1.1\r\nHost: localhost\r\n\r\n", {400, 404}),
+    (b"GET /function/a%00b HTTP/1.1\r\nHost: localhost\r\n\r\n", {400, 404}),
+    (b"GET /system/functions/..%2F..%2Fetc%2Fpasswd/logs HTTP/1.1\r\nHost: localhost\r\n\r\n", {400, 404}),
+    (b"GET /system/functions/a%00b/logs HTTP/1.1\r\nHost: localhost\r\n\r\n", {400, 404}),
+    (b"GET /system/functions/%2e%2e/logs HTTP/1.1\r\nHost: localhost\r\n\r\n", {400, 404}),
+    (b"GET /system/functions/hello/logs?lines=1e99 HTTP/1.1\r\nHost: localhost\r\n\r\n", {400}),
     # (names outside Lambda's model: its ValidationException)
-    (b"POST /2015-03-31/functions/..%2F..%2Fetc%2Fpasswd/invocations HTTP/1.1\r\nHost: x\r\n"
+    (b"POST /2015-03-31/functions/..%2F..%2Fetc%2Fpasswd/invocations HTTP/1.1\r\nHost: localhost\r\n"
      b"Content-Length: 2\r\n\r\n{}", {400}),
-    (b"GET /2015-03-31/functions/%00 HTTP/1.1\r\nHost: x\r\n\r\n", {400}),
-    (b"GET /2015-03-31/functions/?MaxItems=x&Marker=%ff HTTP/1.1\r\nHost: x\r\n\r\n", {400}),
-    (b"GET /%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n", {404}),
-    (b"GET /function/hello/..%2f..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: x\r\n\r\n", {200}),
+    (b"GET /2015-03-31/functions/%00 HTTP/1.1\r\nHost: localhost\r\n\r\n", {400}),
+    (b"GET /2015-03-31/functions/?MaxItems=x&Marker=%ff HTTP/1.1\r\nHost: localhost\r\n\r\n", {400}),
+    (b"GET /%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n", {404}),
+    (b"GET /function/hello/..%2f..%2f..%2fetc%2fpasswd HTTP/1.1\r\nHost: localhost\r\n\r\n", {200}),
 ]
 
 
@@ -488,7 +512,7 @@ def test_oversize_bodies_are_refused_with_413(start_daemon, functions_dir):
     # Chunked, with no Content-Length to refuse up front.
     chunk = b"x" * 65536
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(20)) + b"0\r\n\r\n"
-    status, _ = raw(daemon, b"POST /function/hello HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    status, _ = raw(daemon, b"POST /function/hello HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
                             b"Connection: close\r\n\r\n" + body)
     assert status == 413
     assert daemon.get("/function/hello").status == 200
@@ -500,7 +524,7 @@ def test_slow_clients_are_cut_off(start_daemon, functions_dir):
     # Headers that never end: the connection is closed.
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=15) as sock:
         started = time.monotonic()
-        sock.sendall(b"GET /function/hello HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /function/hello HTTP/1.1\r\nHost: localhost\r\n")
         closed = False
         while time.monotonic() - started < 12:
             try:
@@ -518,7 +542,7 @@ def test_slow_clients_are_cut_off(start_daemon, functions_dir):
         assert time.monotonic() - started < 8
     # A body that stalls: 408.
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=15) as sock:
-        sock.sendall(b"POST /function/hello HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"a\":")
+        sock.sendall(b"POST /function/hello HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{\"a\":")
         answer = sock.recv(4096)
         assert answer.startswith(b"HTTP/1.1 408"), answer
     assert daemon.get("/function/hello").status == 200
