@@ -840,6 +840,14 @@ class ProcessWorker(Worker):
             log.warning("worker %s of %s passed its %d MB memory limit (peak %d MB); killing it",
                         self.id, self.spec.name, self.spec.memory_mb, self._peak_kb // 1024)
             payload, error = None, self._death_error(call)
+        elif self.cgroup is not None and (error is None or error.kind == HANDLED) and self.cgroup.oom_kills():
+            # The kernel killed the process that needed the most, a child say, and the
+            # call went on without it: the worker passed its limit all the same.
+            call.oom = True
+            log.warning("worker %s of %s passed its %d MB memory limit (the kernel killed one of its "
+                        "processes); killing it", self.id, self.spec.name, self.spec.memory_mb)
+            self._peak_kb = max(self._read_peak_kb() or 0, self._peak_kb or 0) or None
+            payload, error = None, self._death_error(call)
         if tmp_check is not None and error is None and await self._tmp_exceeded():
             # Written just before the reply: this call stands, the worker goes.
             log.warning("worker %s: /tmp holds more than %d MB; retiring it", self.id, self.spec.tmp_mb)

@@ -297,6 +297,40 @@ def test_out_of_memory_with_cgroups(start_daemon, functions_dir):
     _check_oom(daemon)
 
 
+# A child over the limit, whose death the handler shrugs off (as `subprocess.call` does).
+CHILD_SHRUGGED_OFF = """
+import os, subprocess, sys
+
+def handler(event, context):
+    hold = f"b = b'x' * ({event['mb']} << 20)"
+    return {"pid": os.getpid(), "child": subprocess.run([sys.executable, "-c", hold]).returncode}
+"""
+
+
+def test_a_child_over_the_limit_fails_the_call_with_cgroups_as_without(start_daemon, functions_dir):
+    """The kernel kills the process of a cgroup that needs the most: the child, and the
+    handler would go on. The worker passed its memory_mb all the same: it is killed and
+    the call fails, as the monitor and a cgroup v2 group (memory.oom.group) have it."""
+    needs_root()
+    write_function(functions_dir, "parent.toml", "memory_mb = 64\ntimeout_s = 20\n")
+    write_function(functions_dir, "parent.py", CHILD_SHRUGGED_OFF)
+    daemon = start_daemon(functions_dir)
+    assert daemon.get("/system/info").json()["isolation"]["memory_limit"]["mode"] in ("cgroup1", "cgroup2")
+    within, error = invoke(daemon, "parent", {"mb": 8})
+    assert error is None and within["child"] == 0, within
+    response = daemon.invoke("parent", {"mb": 400})
+    result = response.json()
+    assert result.get("errorType") == "Runtime.OutOfMemory", result
+    assert "memory limit of 64 MB exceeded" in result["errorMessage"]
+    report = report_of(daemon, "parent", response.headers["x-amzn-requestid"])
+    assert "\tStatus: error\tError Type: Runtime.OutOfMemory" in report
+    assert max_memory_used(report) >= 48, report
+    wait_until(lambda: process_state(within["pid"]) in (None, "Z"), message="the worker to be killed")
+    again, error = invoke(daemon, "parent", {"mb": 8})
+    assert error is None and again["child"] == 0 and again["pid"] != within["pid"], again
+    still_serving(daemon)
+
+
 # A host without a memory cgroup faasd may use: the daemon runs in a mount
 # namespace where the memory hierarchies are empty directories.
 _HIDE_CGROUPS = ("for d in /sys/fs/cgroup/memory /sys/fs/cgroup/unified /sys/fs/cgroup; do "
