@@ -332,6 +332,11 @@ class Daemon:
                 await asyncio.wait_for(self._http_quiet.wait(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 log.warning("%d HTTP requests still in progress at the drain's end", self.http_active)
+                if hasattr(self, "invoker"):
+                    stopped = self.invoker.stop_calls(self.config.workers.drain_timeout_s)
+                    if stopped:
+                        log.warning("%d calls still running at the drain's end: their workers are killed",
+                                    stopped)
         await self._runner.cleanup()  # idle keep-alive connections; what is left, after HTTP_GRACE_S
 
     def http_request_ended(self) -> None:

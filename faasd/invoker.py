@@ -25,7 +25,7 @@ from .platform_log import billed_ms, json_platform_log
 from .pool import WorkerPool
 from .registry import Registry
 from .spec import FunctionSpec, new_request_id
-from .workers import WorkerInitError
+from .workers import Worker, WorkerInitError
 
 log = logging.getLogger("faasd.invoker")
 
@@ -127,6 +127,7 @@ class Invoker:
         self._calls_refused = False  # nor any call: the drain has begun
         self._idle = asyncio.Event()
         self._idle.set()
+        self._called: set[Worker] = set()  # workers running a synchronous call
         self.observers: list[InvocationObserver] = []
         self.throttle_observers: list[ThrottleObserver] = []
 
@@ -205,7 +206,7 @@ class Invoker:
             # The spec may have changed while we waited for a slot.
             spec = self.registry.get(name) or spec
             invocation = await self._run(spec, event, request_id or new_request_id(), client_context,
-                                         invoked_arn, trace_id)
+                                         invoked_arn, trace_id, called=not wait)
         finally:
             self.inflight -= 1
             fn_limit.release()
@@ -229,7 +230,7 @@ class Invoker:
 
     async def _run(self, spec: FunctionSpec, event: bytes, request_id: str,
                    client_context: dict | None = None, invoked_arn: str | None = None,
-                   trace_id: str | None = None) -> Invocation:
+                   trace_id: str | None = None, called: bool = False) -> Invocation:
         capture = LogCapture(self.logs, spec.name, request_id)
         invocation = Invocation(request_id=request_id, function=spec.name)
         if spec.load_error:
@@ -256,10 +257,13 @@ class Invoker:
         started = time.perf_counter()
         deadline = time.time() + spec.timeout_s
         result = None
+        if called:
+            self._called.add(worker)
         try:
             result = await worker.run(request_id, event, deadline, capture, client_context, invoked_arn,
                                       trace_id)
         finally:
+            self._called.discard(worker)
             invocation.duration_ms = (time.perf_counter() - started) * 1000
             pool.release(worker, result is not None and result.reusable)
         invocation.payload = result.payload
@@ -322,10 +326,21 @@ class Invoker:
         has already read) still run, until drain()."""
         self.draining = True
 
+    def stop_calls(self, drain_s: float) -> int:
+        """The drain of `drain_s` seconds is over: end each synchronous call still running
+        as failed (its worker is killed), so that its caller gets an answer and its log
+        its END and REPORT. Queued events are left to be cancelled: they wait for the next
+        start. How many calls it ended."""
+        for worker in list(self._called):
+            worker.stop_call(drain_s)
+        return len(self._called)
+
     async def drain(self, timeout: float) -> bool:
         """Refuse new calls; wait up to `timeout` for in-flight ones. True if all ended."""
         self.stop_events()
         self._calls_refused = True
+        if self._idle.is_set():  # wait_for with no time left would say it timed out
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True

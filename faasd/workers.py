@@ -310,6 +310,10 @@ class Worker:
         """A call for this idle worker is probably on its way: get its core up.
         Optional; by default nothing."""
 
+    def stop_call(self, drain_s: float) -> None:
+        """faasd stops and the call in flight has outlived the drain of `drain_s` seconds:
+        end it as failed. By default nothing (it is cancelled with its request)."""
+
     async def stop(self) -> None:
         raise NotImplementedError
 
@@ -317,7 +321,7 @@ class Worker:
 class _Call:
     """The invocation in flight on a ProcessWorker."""
 
-    __slots__ = ("request_id", "future", "sink", "oom", "timed_out", "fatal", "tmp_full",
+    __slots__ = ("request_id", "future", "sink", "oom", "timed_out", "fatal", "tmp_full", "stopped",
                  "log_bytes", "last_lines", "left_out")
 
     def __init__(self, request_id: str, future: asyncio.Future, sink: LineSink) -> None:
@@ -328,6 +332,7 @@ class _Call:
         self.timed_out = False
         self.fatal = False  # the runtime said it exits after this call's error
         self.tmp_full = False  # /tmp (a plain directory) passed tmp_mb
+        self.stopped: float | None = None  # killed at the end of a drain of this many seconds
         self.log_bytes = 0  # output so far, against MAX_LOG_BYTES
         self.last_lines: collections.deque[str] | None = None  # past it: the latest lines
         self.left_out = 0  # lines past MAX_LOG_BYTES, kept or not
@@ -772,6 +777,11 @@ class ProcessWorker(Worker):
                 CRASH, "Runtime.ExitError",
                 f"{prefix}Runtime exited with error: signal: killed "
                 f"(/tmp holds more than its tmp_mb quota of {self.spec.tmp_mb} MB)")
+        if call.stopped is not None:
+            return FunctionError(
+                CRASH, "Runtime.ExitError",
+                f"{prefix}Runtime exited with error: signal: killed (faasd stopped: the call ran past "
+                f"[workers] drain_timeout_s ({call.stopped:g} s))")
         if call.oom or (self.cgroup is not None and self.cgroup.oom_killed()):
             return self._out_of_memory(OUT_OF_MEMORY, prefix)
         return FunctionError(CRASH, "Runtime.ExitError", prefix + describe_exit(self.returncode))
@@ -871,6 +881,14 @@ class ProcessWorker(Worker):
                 log.warning("worker %s of %s: /tmp passed its %d MB quota; killing it",
                             self.id, self.spec.name, self.spec.tmp_mb)
                 self._kill_for(call)
+
+    def stop_call(self, drain_s: float) -> None:
+        """faasd stops and the call in flight has outlived the drain: kill the worker and
+        fail the call, so that its caller is answered and its log ends."""
+        call = self._call
+        if call is not None and not call.future.done():
+            call.stopped = drain_s
+            self._kill_for(call)
 
     def _on_deadline(self, call: _Call) -> None:
         if call.future.done():

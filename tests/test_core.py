@@ -1237,3 +1237,41 @@ def test_sigterm_drains_in_flight_calls_and_leaves_no_process(daemon):
     assert daemon.process.wait(20) == 0
     wait_until(lambda: all(process_state(p) is None for p in children), timeout=5,
                message="every worker to be gone")
+
+
+def test_a_call_that_outlives_the_drain_is_answered_and_logged_as_failed(start_daemon, functions_dir):
+    """At drain_timeout_s the calls still running have their workers killed: each caller gets
+    an answer saying so, not a closed connection, and each call its END and REPORT."""
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_DRAIN_TIMEOUT_S": "1"})
+    write_function(daemon.functions, "long.toml", "timeout_s = 30\n")
+    write_function(daemon.functions, "long.py", "import time\ndef handler(e, c):\n    time.sleep(20)\n")
+    loaded(daemon, "long")
+    results = {}
+
+    def call(how: str) -> None:
+        if how == "http":
+            results[how] = daemon.get("/function/long", timeout=20)
+        else:
+            results[how] = daemon.invoke("long")
+
+    threads = [threading.Thread(target=call, args=(how,)) for how in ("http", "api")]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: daemon.function("long")["inflight"] == 2, message="both calls in flight")
+    daemon.process.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(20)
+    assert daemon.process.wait(20) == 0
+    routed, invoked = results["http"], results["api"]
+    assert routed.status == 502 and routed.json() == {"message": "Internal Server Error"}, routed
+    assert invoked.status == 200 and invoked.headers["x-amz-function-error"] == "Unhandled", invoked
+    error = invoked.json()
+    assert error["errorType"] == "Runtime.ExitError", error
+    assert "faasd stopped: the call ran past [workers] drain_timeout_s (1 s)" in error["errorMessage"]
+    log = (daemon.data / "logs" / "long.log").read_text()
+    for request_id in (routed.headers["apigw-requestid"], invoked.headers["x-amzn-requestid"]):
+        assert f"END RequestId: {request_id}" in log, log
+        assert f"REPORT RequestId: {request_id}" in log and "Error Type: Runtime.ExitError" in log, log
+    output = daemon.output()
+    assert "2 calls still running at the drain's end: their workers are killed" in output, output
+    assert "drain timed out" not in output, output
