@@ -71,10 +71,14 @@ def instant_workers() -> None:
     from faasd import pool, protocol
     from faasd.workers import ProcessWorker
 
+    class NoCgroup:
+        def oom_kills(self) -> int:
+            return 0
+
     class InstantWorker(ProcessWorker):
         def __init__(self, spec, env) -> None:
             super().__init__(spec, env, ["(in-process)"])
-            self.cgroup = object()  # as under a memory cgroup: no RSS polling per call
+            self.cgroup = NoCgroup()  # as under a memory cgroup: no RSS polling per call
 
         async def start(self) -> None:
             self.init_ms = self.init_cpu_ms = 1.0
