@@ -36,7 +36,7 @@ from .logs import FunctionLogs
 from .pool import PoolSettings, WorkerPool
 from .registry import Registry
 from .reload import ConfigLoader, ReloadHook, ReloadState, reload, status_line
-from .sandbox import FunctionUsers, Sandbox, set_daemon_undumpable
+from .sandbox import FunctionUsers, Sandbox, set_daemon_undumpable, unknown_run_as
 from .sdnotify import Notifier, listen_sockets
 from .spec import DEFAULT_REGION, FunctionSpec, config_file_of, runtime_id
 from .triggers.http import RouteTable
@@ -367,9 +367,8 @@ class Daemon:
             return None
         try:
             entry = pwd.getpwnam(name)
-        except KeyError:
-            log.error("[workers] run_as = %r: no such user; workers run as root", name)
-            return None
+        except KeyError:  # not root in its place: function code would run as root
+            raise ConfigError(unknown_run_as(name) or name) from None
         return entry.pw_uid, entry.pw_gid
 
     def _function_users(self, run_as: tuple[int, int] | None) -> FunctionUsers | None:

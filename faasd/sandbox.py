@@ -685,6 +685,19 @@ def read_pids(directory: str) -> list[int]:
         return []
 
 
+def unknown_run_as(name: str | None) -> str | None:
+    """Why `[workers] run_as` cannot be had on this host (no such user), or None."""
+    import pwd
+
+    if not name:
+        return None
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return f"[workers] run_as = {name!r}: no such user (create it, or leave run_as out)"
+    return None
+
+
 class FunctionUsers:
     """A uid of its own for each function's workers (`[workers] function_users`).
 

@@ -1444,6 +1444,22 @@ def test_function_users_that_hold_a_hosts_user_or_lack_run_as_are_refused(
     assert said in daemon.output()
 
 
+def test_a_run_as_user_that_does_not_exist_is_refused_not_replaced_by_root(start_daemon, functions_dir):
+    """A mistyped run_as must not leave function code running as root: `faasd check`
+    reports it and `faasd serve`, started as root, refuses to start."""
+    needs_root()
+    write_function(functions_dir, "whoami.py", "import os\ndef handler(e, c):\n    return os.getuid()\n")
+    mistyped = {"FAASD_WORKERS_RUN_AS": "faasd-no-such-user"}
+    said = "[workers] run_as = 'faasd-no-such-user': no such user"
+    check = subprocess.run([sys.executable, "-m", "faasd", "check", "--functions", str(functions_dir)],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, **mistyped, "PYTHONPATH": str(ROOT)})
+    assert check.returncode == 1 and f"config: error: {said}" in check.stdout, check.stdout
+    daemon = start_daemon(functions_dir, wait=False, env=mistyped)
+    assert daemon.process.wait(timeout=30) == 1, daemon.output()
+    assert f"cannot start: {said}" in daemon.output()
+
+
 # -- the whole daemon, unprivileged -----------------------------------------------------------
 
 def _distributions(name: str) -> dict[str, importlib.metadata.Distribution]:
