@@ -311,7 +311,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .registry import scan
-    from .sandbox import FunctionUsers, unknown_run_as
+    from .sandbox import FunctionUsers, missing_python, unknown_run_as
     from .spec import misnamed, shadowed
     from .triggers.http import claim, routes_of
 
@@ -321,7 +321,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"config: error: {exc}")
         return 1
     users = config.workers.function_users
-    problem = (FunctionUsers(*users, gid=0).clash() if users else None) or unknown_run_as(config.workers.run_as)
+    problem = ((FunctionUsers(*users, gid=0).clash() if users else None)
+               or unknown_run_as(config.workers.run_as) or missing_python(config.workers.python))
     if problem:
         print(f"config: error: {problem}")
         return 1

@@ -36,7 +36,7 @@ from .logs import FunctionLogs
 from .pool import PoolSettings, WorkerPool
 from .registry import Registry
 from .reload import ConfigLoader, ReloadHook, ReloadState, reload, status_line
-from .sandbox import FunctionUsers, Sandbox, set_daemon_undumpable, unknown_run_as
+from .sandbox import FunctionUsers, Sandbox, missing_python, set_daemon_undumpable, unknown_run_as
 from .sdnotify import Notifier, listen_sockets
 from .spec import DEFAULT_REGION, FunctionSpec, config_file_of, runtime_id
 from .triggers.http import RouteTable
@@ -157,6 +157,9 @@ class Daemon:
         self._cleanups.append(memory.close)
         run_as = self._resolve_run_as()
         users = self._function_users(run_as)
+        problem = missing_python(config.workers.python)
+        if problem:  # else taken for a host without mount namespaces
+            raise ConfigError(problem)
         python = config.workers.python or sys.executable
         unwritten = await asyncio.to_thread(compile_shim)
         await asyncio.to_thread(runtime_id, "node")  # asks `node --version` once, off the loop

@@ -698,6 +698,15 @@ def unknown_run_as(name: str | None) -> str | None:
     return None
 
 
+def missing_python(python: str | None) -> str | None:
+    """Why `[workers] python` cannot be run (no such executable), or None."""
+    import shutil
+
+    if not python or shutil.which(python):
+        return None
+    return f"[workers] python = {python!r}: no such executable"
+
+
 class FunctionUsers:
     """A uid of its own for each function's workers (`[workers] function_users`).
 

@@ -1444,13 +1444,17 @@ def test_function_users_that_hold_a_hosts_user_or_lack_run_as_are_refused(
     assert said in daemon.output()
 
 
-def test_a_run_as_user_that_does_not_exist_is_refused_not_replaced_by_root(start_daemon, functions_dir):
-    """A mistyped run_as must not leave function code running as root: `faasd check`
-    reports it and `faasd serve`, started as root, refuses to start."""
+@pytest.mark.parametrize("key, value, said", [
+    ("RUN_AS", "faasd-no-such-user", "[workers] run_as = 'faasd-no-such-user': no such user"),
+    ("PYTHON", "/no/such/python3", "[workers] python = '/no/such/python3': no such executable"),
+], ids=["run_as", "python"])
+def test_a_run_as_user_or_python_that_does_not_exist_is_refused(start_daemon, functions_dir, key, value, said):
+    """A mistyped run_as must not leave function code running as root, nor a mistyped
+    python pass for a host without mount namespaces (and leave every worker without
+    them): `faasd check` reports it and `faasd serve`, started as root, refuses to start."""
     needs_root()
     write_function(functions_dir, "whoami.py", "import os\ndef handler(e, c):\n    return os.getuid()\n")
-    mistyped = {"FAASD_WORKERS_RUN_AS": "faasd-no-such-user"}
-    said = "[workers] run_as = 'faasd-no-such-user': no such user"
+    mistyped = {f"FAASD_WORKERS_{key}": value}
     check = subprocess.run([sys.executable, "-m", "faasd", "check", "--functions", str(functions_dir)],
                            capture_output=True, text=True, timeout=60,
                            env={**os.environ, **mistyped, "PYTHONPATH": str(ROOT)})
