@@ -737,6 +737,8 @@ class ProcessWorker(Worker):
             # The launcher could not exec the runtime (a bootstrap the worker's
             # user may not run): Lambda's error for an entrypoint it cannot start.
             error = FunctionError(INIT, "Runtime.InvalidEntrypoint", last)
+        elif self.cgroup is not None and self.cgroup.oom_killed():
+            error = self._out_of_memory(INIT)  # as the monitor says it of an init over the limit
         else:
             error = FunctionError(INIT, "Runtime.ExitError", describe_exit(code))
         self._ready.set_exception(WorkerInitError(error, 0.0, list(self.init_logs)))

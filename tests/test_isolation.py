@@ -331,6 +331,22 @@ def test_a_child_over_the_limit_fails_the_call_with_cgroups_as_without(start_dae
     still_serving(daemon)
 
 
+def test_with_cgroups_an_init_over_the_limit_fails_as_out_of_memory(start_daemon, functions_dir):
+    """The kernel kills a worker whose init passes memory_mb: its init fails with
+    Runtime.OutOfMemory, as the monitor has it, not as a crash."""
+    needs_root()
+    write_function(functions_dir, "inithog.toml", "memory_mb = 128\n")
+    write_function(functions_dir, "inithog.py", INIT_HOG)
+    daemon = start_daemon(functions_dir)
+    assert daemon.get("/system/info").json()["isolation"]["memory_limit"]["mode"] in ("cgroup1", "cgroup2")
+    response = daemon.invoke("inithog")
+    result = response.json()
+    assert result.get("errorType") == "Runtime.OutOfMemory", result
+    assert "memory limit of 128 MB exceeded" in result["errorMessage"]
+    assert "Phase: init\tStatus: error\tError Type: Runtime.OutOfMemory" in daemon.log_of("inithog")
+    still_serving(daemon)
+
+
 # A host without a memory cgroup faasd may use: the daemon runs in a mount
 # namespace where the memory hierarchies are empty directories.
 _HIDE_CGROUPS = ("for d in /sys/fs/cgroup/memory /sys/fs/cgroup/unified /sys/fs/cgroup; do "
