@@ -420,6 +420,8 @@ class ProcessWorker(Worker):
         self._output: _Output | None = None
         self._pidfd: int | None = None
         self._stopped_strays: list[int] = []  # what freeze() stopped outside the process group
+        self._freezes = 0  # freeze() calls so far: a scan for strays stops them in its own only
+        self._finding_strays: asyncio.Task | None = None  # without a cgroup, off the event loop
         # Without a memory cgroup: the mount namespace it made itself, which
         # holds every process it starts (what a pids cgroup would), once known.
         self.namespace: MountNamespace | None = None
@@ -988,18 +990,32 @@ class ProcessWorker(Worker):
     def freeze(self) -> None:
         """SIGSTOP the worker's process group, and the processes of its cgroup that
         left the group (a child in a session of its own): the whole execution
-        environment stops, as Lambda freezes it. Without a cgroup only the group."""
+        environment stops, as Lambda freezes it. Without a cgroup, the processes
+        of its mount namespace: a scan of /proc, made off the event loop."""
         self._killpg(signal.SIGSTOP)
         self._stopped_strays = self._stop_strays()
         self.frozen = True
+        self._freezes += 1
+        if (self.cgroup is None and (self.sandbox is None or self.sandbox.pids_dir is None)
+                and self.namespace is not None):
+            self._finding_strays = self._loop.create_task(self._stop_strays_in(self.namespace, self._freezes))
 
-    def _stop_strays(self) -> list[int]:
-        """SIGSTOP the members of the worker's cgroup outside its process group;
-        those stopped. Listed again while stopping them turns up new ones (a child
-        forking meanwhile)."""
+    async def _stop_strays_in(self, namespace: MountNamespace, freeze: int) -> None:
+        """Stop the strays among the processes of `namespace`, the worker's, if the
+        worker is still in the freeze that asked for them."""
+        found = await asyncio.to_thread(namespace.pids)
+        if self.frozen and self._freezes == freeze and self.namespace is namespace:
+            self._stopped_strays += self._stop_strays(lambda: found)
+
+    def _stop_strays(self, members: Callable[[], list[int]] | None = None) -> list[int]:
+        """SIGSTOP the members of the worker's cgroup (or `members()`) outside its
+        process group; those stopped. Listed again while stopping them turns up new
+        ones (a child forking meanwhile)."""
         if self.pid is None:
             return []
-        if self.cgroup is not None:
+        if members is not None:
+            pass
+        elif self.cgroup is not None:
             members = self.cgroup.pids
         elif self.sandbox is not None and self.sandbox.pids_dir is not None:
             members = functools.partial(read_pids, self.sandbox.pids_dir)

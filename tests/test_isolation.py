@@ -377,6 +377,39 @@ def test_without_a_cgroup_system_info_says_what_the_monitor_does_instead(start_d
     assert "killed with it by its mount namespace" in notes["pids_limit"]
 
 
+# A child in a session of its own, out of the worker's process group, that spins.
+SPINNER = """
+import os, subprocess, sys
+
+spinner = None
+
+def handler(event, context):
+    global spinner
+    if spinner is None:
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    return {"worker": os.getpid(), "spinner": spinner.pid}
+"""
+
+
+def test_without_a_cgroup_a_frozen_worker_stops_its_children_in_other_sessions_too(
+        start_daemon, functions_dir):
+    """Found in the worker's mount namespace where no cgroup lists them: a frozen worker
+    runs nothing, and its next call thaws them with it."""
+    needs_root()
+    write_function(functions_dir, "spinner.py", SPINNER)
+    daemon = _start_without_memory_cgroups(start_daemon, functions_dir)
+    first, error = invoke(daemon, "spinner")
+    assert error is None and os.getpgid(first["spinner"]) != first["worker"], first
+    wait_until(lambda: process_state(first["worker"]) == "T", message="the idle worker to be stopped")
+    wait_until(lambda: process_state(first["spinner"]) == "T", timeout=3,
+               message="its child in another session to be stopped too")
+    again, error = invoke(daemon, "spinner")
+    assert error is None and again == first, again
+    assert process_state(first["spinner"]) in ("R", "S")  # thawed with the worker for the call
+    wait_until(lambda: process_state(first["spinner"]) == "T", timeout=3, message="stopped again")
+    still_serving(daemon)
+
+
 def test_out_of_memory_with_the_monitor_when_no_cgroup_is_writable(start_daemon, functions_dir):
     needs_root()
     write_function(functions_dir, "hog.toml", "memory_mb = 64\ntimeout_s = 20\n")
