@@ -533,6 +533,11 @@ class WorkerPool:
             for pool in list(self.pools.values()):
                 pool.sweep(now)
 
+    def refuse_waiting(self) -> None:
+        """Refuse (ShuttingDown) every call still waiting for a worker: it never started."""
+        for pool in self.pools.values():
+            pool._refuse_waiters()
+
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

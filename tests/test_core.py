@@ -1245,24 +1245,30 @@ def test_a_call_that_outlives_the_drain_is_answered_and_logged_as_failed(start_d
     daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_DRAIN_TIMEOUT_S": "1"})
     write_function(daemon.functions, "long.toml", "timeout_s = 30\n")
     write_function(daemon.functions, "long.py", "import time\ndef handler(e, c):\n    time.sleep(20)\n")
+    # A call still waiting for its worker's init when the drain ends never started.
+    write_function(daemon.functions, "cold.toml", "timeout_s = 30\n")
+    write_function(daemon.functions, "cold.py", "import time\ntime.sleep(20)\ndef handler(e, c):\n    return 1\n")
     loaded(daemon, "long")
+    loaded(daemon, "cold")
     results = {}
 
     def call(how: str) -> None:
         if how == "http":
             results[how] = daemon.get("/function/long", timeout=20)
         else:
-            results[how] = daemon.invoke("long")
+            results[how] = daemon.invoke(how)
 
-    threads = [threading.Thread(target=call, args=(how,)) for how in ("http", "api")]
+    threads = [threading.Thread(target=call, args=(how,)) for how in ("http", "long", "cold")]
     for thread in threads:
         thread.start()
-    wait_until(lambda: daemon.function("long")["inflight"] == 2, message="both calls in flight")
+    wait_until(lambda: daemon.function("long")["inflight"] == 2 and daemon.function("cold")["inflight"] == 1,
+               message="the three calls in flight")
     daemon.process.send_signal(signal.SIGTERM)
     for thread in threads:
         thread.join(20)
     assert daemon.process.wait(20) == 0
-    routed, invoked = results["http"], results["api"]
+    routed, invoked, cold = results["http"], results["long"], results["cold"]
+    assert cold.status == 503 and cold.json()["message"] == "faasd is shutting down", cold
     assert routed.status == 502 and routed.json() == {"message": "Internal Server Error"}, routed
     assert invoked.status == 200 and invoked.headers["x-amz-function-error"] == "Unhandled", invoked
     error = invoked.json()
