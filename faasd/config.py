@@ -117,13 +117,19 @@ class Config:
 
     @property
     def url(self) -> str:
-        """Where a client on this machine reaches the daemon (a wildcard host: loopback)."""
+        """Where a client on this machine reaches the daemon (a wildcard host: loopback, of
+        IPv6 for "::", on which the daemon listens for IPv6 only)."""
         host = self.server.host
-        if host in ("0.0.0.0", "::", ""):
+        if host in ("0.0.0.0", ""):
             host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.server.port}"
+        elif host == "::":
+            host = "::1"
+        return http_url(host, self.server.port)
+
+
+def http_url(host: str, port: int) -> str:
+    """`http://HOST:PORT`, an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 # Section name -> (dataclass, {key: coercer}). The coercers turn TOML values

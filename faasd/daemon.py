@@ -29,7 +29,7 @@ from aiohttp import web
 
 from . import __version__, auth, extensions
 from .api import build_app
-from .config import Config, ConfigError
+from .config import Config, ConfigError, http_url
 from .invoker import Invoker
 from .limits import MB, MemoryLimits
 from .logs import FunctionLogs
@@ -276,7 +276,7 @@ class Daemon:
         gc.freeze()
         self.ready = True
         # A unix socket (socket activation) has a path, not a host and port.
-        where = ("http://%s:%s" % self.address if self.address
+        where = (http_url(*self.address) if self.address
                  else str(sockets[0].getsockname()) if sockets else "?")
         log.info("listening on %s with %d functions", where, len(self.registry.specs))
 

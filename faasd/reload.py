@@ -25,7 +25,7 @@ import time
 from dataclasses import fields, is_dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, http_url
 from .limits import MB
 from .logfmt import setup_logging
 
@@ -169,7 +169,7 @@ def status_line(daemon: "Daemon") -> str:
     """One line for `systemctl status`: what the daemon is serving right now."""
     specs = daemon.registry.specs
     broken = sum(1 for spec in specs.values() if spec.load_error)
-    where = "http://%s:%s" % daemon.address if daemon.address else "its socket"
+    where = http_url(*daemon.address) if daemon.address else "its socket"
     line = f"Serving {len(specs)} functions on {where}"
     if broken:
         line += f" ({broken} failed to load)"

@@ -908,6 +908,23 @@ def run_cli(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           env=env, cwd=cwd, timeout=60)
 
 
+def test_cli_reaches_a_daemon_that_listens_on_every_ipv6_address(start_daemon, functions_dir, tmp_path):
+    """`host = "::"` listens on IPv6 only (asyncio sets IPV6_V6ONLY): the client commands
+    of the same config reach it on IPv6's loopback, and the log names the address as a URL."""
+    port = free_port()
+    config = tmp_path / "faasd.toml"
+    config.write_text(f'[server]\nhost = "::"\nport = {port}\ninsecure = true\n'
+                      f'[paths]\nfunctions = "{functions_dir}"\n')
+    write_function(functions_dir, "echo.py", ECHO)
+    daemon = start_daemon(functions_dir, port=port, wait=False, args=["--config", str(config), "--host", "::"])
+    wait_until(lambda: "listening on" in daemon.output(), message=f"faasd to listen\n{daemon.output()}")
+    assert f"listening on http://[::]:{port} " in daemon.output(), daemon.output()
+    invoked = run_cli("invoke", "echo", "--config", str(config), "--data", '{"a": 1}')
+    assert invoked.returncode == 0 and json.loads(invoked.stdout) == {"a": 1}, invoked.stderr
+    listing = run_cli("list", "--config", str(config))
+    assert listing.returncode == 0 and "echo" in listing.stdout, listing.stderr
+
+
 def test_cli_takes_config_after_the_command_as_well_as_before_it(start_daemon, functions_dir, tmp_path):
     port = free_port()
     config = tmp_path / "faasd.toml"
