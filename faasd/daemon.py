@@ -203,7 +203,7 @@ class Daemon:
         if memory.mode == "monitor":
             log.warning("memory limits by watching each worker's memory (its processes, its /tmp and "
                         "/dev/shm), not by the kernel: %s", memory.reason)
-        if os.geteuid() == 0 and run_as is None:
+        if os.geteuid() == 0 and run_as is None and not config.workers.run_as:
             log.warning("running as root with no [workers] run_as: function code runs as root and "
                         "can do anything root can; set [workers] run_as = \"faasd\" (a user with "
                         "no other rights)")
@@ -372,6 +372,10 @@ class Daemon:
             entry = pwd.getpwnam(name)
         except KeyError:  # not root in its place: function code would run as root
             raise ConfigError(unknown_run_as(name) or name) from None
+        if entry.pw_uid == 0:  # no user of their own: as without run_as
+            log.warning("[workers] run_as = %r is uid 0: function code runs as root and can do anything "
+                        "root can; set run_as to a user with no other rights", name)
+            return None
         return entry.pw_uid, entry.pw_gid
 
     def _function_users(self, run_as: tuple[int, int] | None) -> FunctionUsers | None:

@@ -168,6 +168,19 @@ def test_root_without_run_as_is_warned_about_at_start(start_daemon, functions_di
         "note": "running as root without [workers] run_as: function code runs as root"}
 
 
+def test_run_as_root_is_warned_about_as_no_run_as_and_not_listed_as_isolation(start_daemon, functions_dir):
+    """run_as = "root" (or any user of uid 0) keeps nothing from function code: faasd says so
+    at start, and /system/info lists neither a user of their own nor a private process list."""
+    needs_root()
+    write_function(functions_dir, "whoami.py", "import os\ndef handler(e, c):\n    return os.getuid()\n")
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_RUN_AS": "root"})
+    assert "[workers] run_as = 'root' is uid 0: function code runs as root" in daemon.output()
+    isolation = daemon.get("/system/info").json()["isolation"]
+    assert isolation["run_as"]["active"] is False, isolation["run_as"]
+    assert isolation["process_list"]["active"] is False, isolation["process_list"]
+    assert invoke(daemon, "whoami") == (0, None)
+
+
 def test_system_info_states_every_isolation_feature_and_why_not(start_daemon, functions_dir):
     needs_root()
     daemon = start_daemon(functions_dir)
