@@ -85,13 +85,19 @@ def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | N
 
 def _error_message(body: bytes) -> str:
     """The text of an error answer: its `Message` (Lambda's ResourceNotFoundException)
-    or `message` (faasd's other errors), else the body as it came."""
+    or `message` (faasd's other errors), with the `Reason` a 429 names, else the body
+    as it came."""
     try:
         error = json.loads(body)
     except ValueError:
         error = None
-    message = error.get("Message") or error.get("message") if isinstance(error, dict) else None
-    return str(message) if message else body.decode(errors="replace")
+    if not isinstance(error, dict):
+        return body.decode(errors="replace")
+    message = error.get("Message") or error.get("message")
+    if not message:
+        return body.decode(errors="replace")
+    reason = error.get("Reason") or error.get("reason")
+    return f"{message} ({reason})" if reason else str(message)
 
 
 def _refuse_name(given: str, rule: str = NAME_RULE) -> int:

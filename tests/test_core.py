@@ -1190,6 +1190,20 @@ def test_concurrency_one_throttles_the_second_call_with_429(daemon):
                              "reason": "ReservedFunctionConcurrentInvocationLimitExceeded"}
 
 
+def test_faasd_invoke_names_the_limit_that_throttled_it(daemon):
+    write_function(daemon.functions, "one.toml", "concurrency = 1\ntimeout_s = 10\n")
+    write_function(daemon.functions, "one.py", "import time\ndef handler(e, c):\n    time.sleep(3)\n    return 1\n")
+    loaded(daemon, "one")
+    thread = threading.Thread(target=lambda: daemon.get("/function/one"))
+    thread.start()
+    wait_until(lambda: daemon.function("one")["inflight"] == 1, message="the first call in flight")
+    refused = run_cli("invoke", "one", "--url", daemon.url)
+    thread.join()
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("faasd: TooManyRequestsException: Rate Exceeded. "
+                                      "(ReservedFunctionConcurrentInvocationLimitExceeded)"), refused.stderr
+
+
 def test_the_global_limit_throttles_with_its_own_reason(start_daemon, functions_dir):
     daemon = start_daemon(functions_dir, env={"FAASD_LIMITS_MAX_CONCURRENCY": "1"})
     write_function(daemon.functions, "long.py", "import time\ndef handler(e, c):\n    time.sleep(1.5)\n    return 1\n")
