@@ -5,6 +5,7 @@ Start:  data dirs -> memory limits -> registry (scan + watch) -> pool ->
 Stop (SIGTERM/SIGINT): not ready -> stop listening and let in-flight HTTP
         calls finish (bounded by drain_timeout_s) -> drain other invocations
         -> stop every worker (frozen ones are thawed first) -> close the rest.
+        A second SIGTERM/SIGINT (Ctrl-C again) ends the drain at once.
 SIGHUP: reload the config (faasd/reload.py); a bad one is refused.
 Signal handlers only set an event; the work happens in the loop. Under
 systemd, serve() takes the listening socket it passes and tells it about
@@ -132,6 +133,7 @@ class Daemon:
         self.http_active = 0
         self.http_stopping = False
         self._http_quiet = asyncio.Event()
+        self._drain_cut = asyncio.Event()  # set by a second stop signal: see cut_drain()
         self._cleanups: list[Callable[[], Awaitable[None] | None]] = []
         self.address: tuple[str, int] | None = None
 
@@ -302,9 +304,9 @@ class Daemon:
         if self._runner is not None:
             await self._stop_http(deadline)
         remaining = max(0.0, deadline - loop.time())
-        if hasattr(self, "invoker") and not await self.invoker.drain(remaining):
-            log.warning("drain timed out with %d invocations in flight; their workers are killed",
-                        self.invoker.inflight)
+        if hasattr(self, "invoker") and not await self._unless_cut(self.invoker.drain(remaining)):
+            log.warning("drain %s with %d invocations in flight; their workers are killed",
+                        "cut short" if self._drain_cut.is_set() else "timed out", self.invoker.inflight)
         while self._cleanups:
             callback = self._cleanups.pop()
             try:
@@ -331,16 +333,45 @@ class Daemon:
         if self.http_active:
             self._http_quiet.clear()
             loop = asyncio.get_running_loop()
-            try:
-                await asyncio.wait_for(self._http_quiet.wait(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+
+            async def quiet() -> bool:
+                try:
+                    await asyncio.wait_for(self._http_quiet.wait(), max(0.0, deadline - loop.time()))
+                    return True
+                except asyncio.TimeoutError:
+                    return False
+
+            if not await self._unless_cut(quiet()):
                 log.warning("%d HTTP requests still in progress at the drain's end", self.http_active)
                 if hasattr(self, "invoker"):
-                    stopped = self.invoker.stop_calls(self.config.workers.drain_timeout_s)
+                    why = ("faasd stopped at once: a second stop signal" if self._drain_cut.is_set()
+                           else "faasd stopped: the call ran past [workers] drain_timeout_s "
+                                f"({self.config.workers.drain_timeout_s:g} s)")
+                    stopped = self.invoker.stop_calls(why)
                     if stopped:
                         log.warning("%d calls still running at the drain's end: their workers are killed",
                                     stopped)
         await self._runner.cleanup()  # idle keep-alive connections; what is left, after HTTP_GRACE_S
+
+    def cut_drain(self) -> None:
+        """A second stop signal: end the drain now, as if its time had run out."""
+        if not self._drain_cut.is_set():
+            log.warning("a second stop signal: stopping now, without waiting for what runs")
+            self._drain_cut.set()
+
+    async def _unless_cut(self, waiting: Awaitable[bool]) -> bool:
+        """What `waiting` (a wait of the drain) gives, or False once cut_drain() ends the drain."""
+        task = asyncio.ensure_future(waiting)
+        cut = asyncio.ensure_future(self._drain_cut.wait())
+        try:
+            await asyncio.wait({task, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
 
     def http_request_ended(self) -> None:
         """Called by the middleware while stopping, as each request ends."""
@@ -506,6 +537,8 @@ async def serve(config: Config, loader: ConfigLoader | None = None) -> int:
     background = [loop.create_task(reload_on_hangup()),
                   loop.create_task(notifier.keep_status(lambda: status_line(daemon)))]
     await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second one (Ctrl-C again): stop now
+        loop.add_signal_handler(sig, daemon.cut_drain)
     notifier.stopping(f"Stopping: draining {daemon.invoker.inflight} in-flight invocations")
     for task in background:
         task.cancel()

@@ -326,16 +326,16 @@ class Invoker:
         has already read) still run, until drain()."""
         self.draining = True
 
-    def stop_calls(self, drain_s: float) -> int:
-        """The drain of `drain_s` seconds is over: end each synchronous call still running
-        as failed (its worker is killed), so that its caller gets an answer and its log
-        its END and REPORT. A call still waiting for a worker (a cold start) never started:
+    def stop_calls(self, why: str) -> int:
+        """The drain is over (`why`, for the calls' errors): end each synchronous call still
+        running as failed (its worker is killed), so that its caller gets an answer and its
+        log its END and REPORT. A call still waiting for a worker (a cold start) never started:
         it is refused as faasd shuts down, a queued event back to its queue. Queued events
         that run are left to be cancelled: they wait for the next start. How many running
         calls it ended."""
         self.pool.refuse_waiting()
         for worker in list(self._called):
-            worker.stop_call(drain_s)
+            worker.stop_call(why)
         return len(self._called)
 
     async def drain(self, timeout: float) -> bool:

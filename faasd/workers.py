@@ -310,8 +310,8 @@ class Worker:
         """A call for this idle worker is probably on its way: get its core up.
         Optional; by default nothing."""
 
-    def stop_call(self, drain_s: float) -> None:
-        """faasd stops and the call in flight has outlived the drain of `drain_s` seconds:
+    def stop_call(self, why: str) -> None:
+        """faasd stops and the call in flight has outlived the drain (`why`, for its error):
         end it as failed. By default nothing (it is cancelled with its request)."""
 
     async def stop(self) -> None:
@@ -332,7 +332,7 @@ class _Call:
         self.timed_out = False
         self.fatal = False  # the runtime said it exits after this call's error
         self.tmp_full = False  # /tmp (a plain directory) passed tmp_mb
-        self.stopped: float | None = None  # killed at the end of a drain of this many seconds
+        self.stopped: str | None = None  # killed as faasd stopped: why, for its error
         self.log_bytes = 0  # output so far, against MAX_LOG_BYTES
         self.last_lines: collections.deque[str] | None = None  # past it: the latest lines
         self.left_out = 0  # lines past MAX_LOG_BYTES, kept or not
@@ -783,9 +783,7 @@ class ProcessWorker(Worker):
                 f"(/tmp holds more than its tmp_mb quota of {self.spec.tmp_mb} MB)")
         if call.stopped is not None:
             return FunctionError(
-                CRASH, "Runtime.ExitError",
-                f"{prefix}Runtime exited with error: signal: killed (faasd stopped: the call ran past "
-                f"[workers] drain_timeout_s ({call.stopped:g} s))")
+                CRASH, "Runtime.ExitError", f"{prefix}Runtime exited with error: signal: killed ({call.stopped})")
         if call.oom or (self.cgroup is not None and self.cgroup.oom_killed()):
             return self._out_of_memory(OUT_OF_MEMORY, prefix)
         return FunctionError(CRASH, "Runtime.ExitError", prefix + describe_exit(self.returncode))
@@ -886,12 +884,12 @@ class ProcessWorker(Worker):
                             self.id, self.spec.name, self.spec.tmp_mb)
                 self._kill_for(call)
 
-    def stop_call(self, drain_s: float) -> None:
+    def stop_call(self, why: str) -> None:
         """faasd stops and the call in flight has outlived the drain: kill the worker and
         fail the call, so that its caller is answered and its log ends."""
         call = self._call
         if call is not None and not call.future.done():
-            call.stopped = drain_s
+            call.stopped = why
             self._kill_for(call)
 
     def _on_deadline(self, call: _Call) -> None:

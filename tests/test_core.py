@@ -1270,6 +1270,31 @@ def test_sigterm_drains_in_flight_calls_and_leaves_no_process(daemon):
                message="every worker to be gone")
 
 
+def test_a_second_stop_signal_ends_the_drain_at_once(start_daemon, functions_dir):
+    """Ctrl-C twice: the second one does not wait out drain_timeout_s; a call still running
+    is answered as failed, saying why."""
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_DRAIN_TIMEOUT_S": "60"})
+    write_function(daemon.functions, "long.toml", "timeout_s = 120\n")
+    write_function(daemon.functions, "long.py", "import time\ndef handler(e, c):\n    time.sleep(100)\n")
+    loaded(daemon, "long")
+    results = {}
+    caller = threading.Thread(target=lambda: results.update(answer=daemon.invoke("long")))
+    caller.start()
+    wait_until(lambda: daemon.function("long")["inflight"] == 1, message="the call in flight")
+    daemon.process.send_signal(signal.SIGINT)
+    wait_until(lambda: "draining in-flight invocations (up to 60s)" in daemon.output(),
+               message="the drain to begin")
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGINT)
+    assert daemon.process.wait(20) == 0
+    assert time.monotonic() - started < 15
+    caller.join(10)
+    answer = results["answer"]
+    assert answer.status == 200 and answer.headers["x-amz-function-error"] == "Unhandled", answer
+    assert "(faasd stopped at once: a second stop signal)" in answer.json()["errorMessage"], answer.json()
+    assert "a second stop signal: stopping now" in daemon.output()
+
+
 def test_a_call_that_outlives_the_drain_is_answered_and_logged_as_failed(start_daemon, functions_dir):
     """At drain_timeout_s the calls still running have their workers killed: each caller gets
     an answer saying so, not a closed connection, and each call its END and REPORT."""
