@@ -245,12 +245,13 @@ def sweep_stale_cgroups(root: Path, name: str = "faasd") -> int:
     does, here. Its workers die with it (PR_SET_PDEATHSIG), but what they
     started -- in a session of its own, or deaf to SIGHUP -- is still in
     the dead daemon's groups: it is killed first. A group whose daemon's
-    pid is alive (even a reused pid) is left alone.
+    pid is alive (even a reused pid) is left alone; a dead daemon its parent
+    has not reaped yet (a zombie: an init that does not reap) is dead.
     """
     removed = 0
     for base in root.glob(f"{name}-*"):
         suffix = base.name[len(name) + 1:]
-        if not suffix.isdigit() or os.path.exists(f"/proc/{suffix}") or not base.is_dir():
+        if not suffix.isdigit() or _alive(int(suffix)) or not base.is_dir():
             continue
         killed, gone = remove_tree(base)
         if killed:

@@ -1003,7 +1003,11 @@ def _marked(marker: str) -> set[int]:
     return {pid for pid in _sleepers(marker) if process_state(pid) not in (None, "Z")}
 
 
-def test_the_next_daemon_kills_what_workers_of_a_killed_one_left_in_its_cgroups(start_daemon, functions_dir):
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_the_next_daemon_kills_what_workers_of_a_killed_one_left_in_its_cgroups(
+        start_daemon, functions_dir, reaped):
+    """Whether or not the killed daemon's parent has reaped it yet (an init that does not
+    reap leaves it a zombie, /proc/PID still there), its groups are swept."""
     needs_root()
     write_function(functions_dir, "leaves.py", LEAVES_CHILDREN)
     write_function(functions_dir, "leaves.toml", "timeout_s = 10\n")
@@ -1024,7 +1028,11 @@ def test_the_next_daemon_kills_what_workers_of_a_killed_one_left_in_its_cgroups(
         if not bases:
             pytest.skip("workers are in no faasd-<pid> cgroup on this host")
         daemon_pid = daemon.process.pid
-        daemon.kill9()
+        if reaped:
+            daemon.kill9()
+        else:
+            daemon.process.kill()
+            wait_until(lambda: process_state(daemon_pid) == "Z", message="the killed daemon, a zombie")
         wait_until(lambda: all(process_state(p) in (None, "Z") for p in workers), timeout=10,
                    message="the worker to die with its daemon")
         assert _marked(marker) == leftovers  # what the worker started is still running
@@ -1034,6 +1042,8 @@ def test_the_next_daemon_kills_what_workers_of_a_killed_one_left_in_its_cgroups(
         assert not [base for base in bases if base.exists()]
         assert (f"killed 2 leftover process(es) of the faasd daemon that died (pid {daemon_pid})"
                 in again.output())
+        if not reaped:
+            assert process_state(daemon_pid) == "Z"  # swept while its parent has not reaped it
     finally:  # whatever failed: nothing of this test's is left running
         for pid in _marked(marker):
             try:
