@@ -199,6 +199,8 @@ def test_console_output_lands_between_start_and_end_with_the_request_id(daemon):
           console.warn("careful");
           console.error(new Error("shown, not thrown").message);
           process.stdout.write("raw stdout line\\n");
+          process.stdout.write(("y".repeat(15000) + "\\n").repeat(5));  // past a pipe's buffer
+          process.stderr.write(Buffer.from("raw stderr, its line left open"));
           return "ok";
         };
     """)
@@ -218,7 +220,10 @@ def test_console_output_lands_between_start_and_end_with_the_request_id(daemon):
         f"{request_id}\tERROR\tshown, not thrown",
     ]
     assert printed[0].split("\t")[0].endswith("Z")
-    assert "raw stdout line" in printed
+    # Written to process.stdout and stderr directly: the call's lines too, before its END.
+    tail = printed[-7:]
+    assert tail[0] == "raw stdout line" and tail[-1] == "raw stderr, its line left open", tail[::6]
+    assert [len(line) for line in tail[1:6]] == [15000] * 5 and set("".join(tail[1:6])) == {"y"}
     assert lines[end + 1].startswith(f"REPORT RequestId: {request_id}\tDuration: ")
     assert "Init Duration:" in lines[end + 1]
 

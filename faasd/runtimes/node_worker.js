@@ -166,6 +166,40 @@ function patchConsole() {
   console.fatal = logger('FATAL');
 }
 
+// process.stdout and process.stderr: what code writes to them directly (a library's
+// progress output, say) goes out as LOG frames too, in order with the call's result.
+// Written to the pipe behind them, a large chunk could reach the daemon after the
+// result, and be logged after END as no call's. What children print still takes the pipe.
+let linePending = false; // the last direct write did not end its line
+
+function patchStreams() {
+  for (const stream of [process.stdout, process.stderr]) {
+    stream.write = (chunk, encoding, callback) => {
+      if (typeof encoding === 'function') {
+        callback = encoding;
+        encoding = undefined;
+      }
+      const text = typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString(encoding || 'utf8');
+      if (text) {
+        send(LOG, text);
+        linePending = !text.endsWith('\n');
+      }
+      if (typeof callback === 'function') {
+        process.nextTick(callback);
+      }
+      return true;
+    };
+  }
+}
+
+/** A line a direct write left open is a line of what ends (a call, the init). */
+function endLine() {
+  if (linePending) {
+    linePending = false;
+    send(LOG, '\n');
+  }
+}
+
 // -- errors in Lambda's Node shapes -------------------------------------------------
 
 function runtimeError(type, message, stack) {
@@ -445,6 +479,7 @@ function finish(call, kind, payload, done) {
   }
   onEmptyLoop = null;
   control.ref();
+  endLine();
   send(kind, payload, done);
 }
 
@@ -659,12 +694,14 @@ process.on('unhandledRejection', (reason) => {
 
 async function main() {
   patchConsole();
+  patchStreams();
   try {
     handler = await loadHandler();
   } catch (error) {
     if (!(error && String(error.name).startsWith('Runtime.'))) {
       logError('Uncaught Exception', error); // the module's own code threw
     }
+    endLine();
     send(INIT_ERROR, JSON.stringify(describe(error)), () => process.exit(1));
     return;
   }
@@ -674,6 +711,7 @@ async function main() {
   // setImmediate: a promise the module left rejected, with nothing to catch it, fails init.
   setImmediate(() => {
     ready = true;
+    endLine();
     send(READY, JSON.stringify({ init_ms: Number(process.hrtime.bigint() - T0) / 1e6 }));
   });
 }
