@@ -54,14 +54,8 @@ class WorkerCgroup:
             return None
 
     def oom_killed(self) -> bool:
-        name = "memory.oom_control" if self.version == 1 else "memory.events"
-        try:
-            for line in (self.path / name).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill" and int(value) > 0:
-                    return True
-        except (OSError, ValueError):
-            pass
+        if self.oom_kills() > 0:
+            return True
         if self.version == 1:
             try:  # kernels without oom_kill in oom_control: a limit hit at all
                 return int((self.path / "memory.failcnt").read_text()) > 0 and not self.pids()

@@ -421,7 +421,8 @@ class ProcessWorker(Worker):
         self._pidfd: int | None = None
         self._stopped_strays: list[int] = []  # what freeze() stopped outside the process group
         self._freezes = 0  # freeze() calls so far: a scan for strays stops them in its own only
-        self._finding_strays: asyncio.Task | None = None  # without a cgroup, off the event loop
+        # Without a cgroup, the scan for strays that freeze() starts (held: a task must be)
+        self._finding_strays: asyncio.Task | None = None
         # Without a memory cgroup: the mount namespace it made itself, which
         # holds every process it starts (what a pids cgroup would), once known.
         self.namespace: MountNamespace | None = None
@@ -1011,14 +1012,13 @@ class ProcessWorker(Worker):
         ones (a child forking meanwhile)."""
         if self.pid is None:
             return []
-        if members is not None:
-            pass
-        elif self.cgroup is not None:
-            members = self.cgroup.pids
-        elif self.sandbox is not None and self.sandbox.pids_dir is not None:
-            members = functools.partial(read_pids, self.sandbox.pids_dir)
-        else:
-            return []
+        if members is None:
+            if self.cgroup is not None:
+                members = self.cgroup.pids
+            elif self.sandbox is not None and self.sandbox.pids_dir is not None:
+                members = functools.partial(read_pids, self.sandbox.pids_dir)
+            else:
+                return []
         stopped: list[int] = []
         seen: set[int] = set()
         for _ in range(5):
