@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 
 from faasd.spec import load_spec
-from faasd.triggers.file import matches, s3_key
+from faasd.triggers.file import etag_of, matches, s3_key
 from support import EXAMPLES, fill, small_disk, wait_until, write_function
 
 # Prints one RECORD line per invocation; tests read them from the function's log.
@@ -409,6 +409,22 @@ def test_a_name_that_is_not_utf8_is_skipped_with_one_warning_and_holds_up_no_oth
     assert sorted(keys(daemon)) == sorted(expected | set(while_down) | {"loose.jpg"})
     assert daemon.output().count("not valid UTF-8") == 3
     assert "Traceback" not in daemon.output()
+
+
+def test_an_etag_is_read_only_from_the_file_that_was_checked(tmp_path):
+    """A link checked as pointing inside the watched dir, then swapped for one pointing out
+    before its eTag is read, is not read through: the read is of the file checked or none."""
+    inside, secret = tmp_path / "inside.txt", tmp_path / "secret"
+    inside.write_bytes(b"inside")
+    secret.write_bytes(b"root only")
+    link = tmp_path / "link.txt"
+    link.symlink_to(inside)
+    checked = os.stat(link).st_ino
+    assert etag_of(str(link), checked) == hashlib.md5(b"inside").hexdigest()
+    link.unlink()
+    link.symlink_to(secret)
+    with pytest.raises(FileNotFoundError, match="no longer the file that was checked"):
+        etag_of(str(link), checked)
 
 
 def test_a_symlink_out_of_the_watched_dir_never_fires(setup, start_daemon, functions_dir, tmp_path):

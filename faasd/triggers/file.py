@@ -191,20 +191,24 @@ def s3_key(rel: str) -> str:
     return quote_plus(rel, safe="/")
 
 
-def etag_of(path: str) -> str:
-    """S3's eTag of an object uploaded in one part: the hex MD5 of its content."""
+def etag_of(path: str, inode: int | None = None) -> str:
+    """S3's eTag of an object uploaded in one part: the hex MD5 of its content.
+    `inode`: the file's as it was checked; FileNotFoundError if `path` opens another
+    (a symlink swapped since for one out of the watched dir, a file replaced)."""
     with open(path, "rb") as handle:
+        if inode is not None and os.fstat(handle.fileno()).st_ino != inode:
+            raise FileNotFoundError(f"{path} is no longer the file that was checked")
         # A checksum, not a security use: FIPS builds allow MD5 only when told so.
         digest = hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False))
     return digest.hexdigest()
 
 
-def _etags_of(paths: list[str]) -> list[str | OSError]:
-    """The eTag of each file, or why it could not be read (runs in a thread)."""
+def _etags_of(files: list[tuple[str, int]]) -> list[str | OSError]:
+    """The eTag of each (path, inode), or why it could not be read (runs in a thread)."""
     results: list[str | OSError] = []
-    for path in paths:
+    for path, inode in files:
         try:
-            results.append(etag_of(path))
+            results.append(etag_of(path, inode))
         except OSError as exc:
             results.append(exc)
     return results
@@ -220,17 +224,18 @@ class ETags:
     """
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[str, asyncio.Future[str]]] = []
+        self._waiting: list[tuple[tuple[str, int], asyncio.Future[str]]] = []
 
-    async def of(self, path: str, size: int) -> str:
-        """The eTag of the file at `path`, `size` bytes long when it was seen; OSError if unreadable."""
+    async def of(self, path: str, size: int, inode: int) -> str:
+        """The eTag of the file at `path`, `size` bytes long and inode `inode` when it was
+        seen; OSError if unreadable, FileNotFoundError if another file is there now."""
         loop = asyncio.get_running_loop()
         if size > ETAG_BATCH_FILE_SIZE:
-            return await loop.run_in_executor(None, etag_of, path)
+            return await loop.run_in_executor(None, etag_of, path, inode)
         if not self._waiting:
             loop.call_soon(self._hand_over)
         future: asyncio.Future[str] = loop.create_future()
-        self._waiting.append((path, future))
+        self._waiting.append(((path, inode), future))
         if len(self._waiting) >= ETAG_BATCH_FILES:
             self._hand_over()
         return await future
@@ -238,11 +243,11 @@ class ETags:
     def _hand_over(self) -> None:
         batch, self._waiting = self._waiting, []
         if batch:
-            job = asyncio.get_running_loop().run_in_executor(None, _etags_of, [path for path, _ in batch])
+            job = asyncio.get_running_loop().run_in_executor(None, _etags_of, [file for file, _ in batch])
             job.add_done_callback(lambda job: self._deliver(batch, job))
 
     @staticmethod
-    def _deliver(batch: list[tuple[str, asyncio.Future[str]]], job: asyncio.Future) -> None:
+    def _deliver(batch: list[tuple[tuple[str, int], asyncio.Future[str]]], job: asyncio.Future) -> None:
         try:
             results = job.result()
         except BaseException as exc:
@@ -694,7 +699,7 @@ class FileTrigger(RunningTrigger):
         request_id = self._request_id(rel, ident)
         path = str(self.root / rel)
         try:
-            etag = await self._etag(rel, path, ident[1])
+            etag = await self._etag(rel, path, ident)
             if etag is None:
                 return
             event = s3_event(bucket=self.bucket, rel=rel, path=path, ident=ident, etag=etag,
@@ -758,10 +763,10 @@ class FileTrigger(RunningTrigger):
         if not self.unqueued:
             self._unqueued_delays = outcome_retry_delays()
 
-    async def _etag(self, rel: str, path: str, size: int) -> str | None:
+    async def _etag(self, rel: str, path: str, ident: Identity) -> str | None:
         """The file's eTag, or None if it cannot be read (then it does not fire)."""
         try:
-            return await self.source.etags.of(path, size)
+            return await self.source.etags.of(path, ident[1], ident[0])
         except FileNotFoundError:
             return None  # deleted since, or renamed: its new name fires as itself
         except OSError as exc:
