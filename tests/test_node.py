@@ -198,6 +198,7 @@ def test_console_output_lands_between_start_and_end_with_the_request_id(daemon):
           console.log("hello", 42, { a: 1 });
           console.warn("careful");
           console.error(new Error("shown, not thrown").message);
+          console.log();
           process.stdout.write("raw stdout line\\n");
           process.stdout.write(("y".repeat(15000) + "\\n").repeat(5));  // past a pipe's buffer
           process.stderr.write(Buffer.from("raw stderr, its line left open"));
@@ -218,6 +219,7 @@ def test_console_output_lands_between_start_and_end_with_the_request_id(daemon):
         f"{request_id}\tINFO\thello 42 {{ a: 1 }}",
         f"{request_id}\tWARN\tcareful",
         f"{request_id}\tERROR\tshown, not thrown",
+        f"{request_id}\tINFO\tundefined",  # console.log(): util.format(undefined), as AWS's runtime
     ]
     assert printed[0].split("\t")[0].endswith("Z")
     # Written to process.stdout and stderr directly: the call's lines too, before its END.
@@ -266,6 +268,7 @@ def test_json_log_format_writes_one_json_object_per_console_call(daemon):
           console.warn("two\\nlines");
           console.debug("below the level");
           console.error("failed:", new RangeError("too far"));
+          console.log();
           if (event.fail) throw new TypeError("kaboom");
           return "ok";
         };
@@ -297,9 +300,10 @@ def test_json_log_format_writes_one_json_object_per_console_call(daemon):
     assert failed["level"] == "ERROR" and failed["message"].startswith("failed: RangeError: too far")
     assert failed["errorType"] == "RangeError" and failed["errorMessage"] == "too far"
     assert failed["stackTrace"][0] == "RangeError: too far"
+    assert records[4]["level"] == "INFO" and "message" not in records[4]  # console.log(), as AWS writes it
     # The runtime's own record of the handler's error: the error is the message.
-    invoke_error = records[4]
-    assert invoke_error["level"] == "ERROR" and len(records) == 5
+    invoke_error = records[5]
+    assert invoke_error["level"] == "ERROR" and len(records) == 6
     assert invoke_error["message"]["errorType"] == "TypeError"
     assert invoke_error["message"]["errorMessage"] == "kaboom"
     assert invoke_error["message"]["stackTrace"][0] == "TypeError: kaboom"
@@ -426,6 +430,10 @@ def test_an_uncaught_exception_fails_the_call_and_replaces_the_worker(daemon):
             Promise.reject(new Error("nobody caught me"));
             return new Promise((resolve) => setTimeout(resolve, 1000));
           }
+          if (event.kind === "reject nothing") {
+            Promise.reject();
+            return new Promise((resolve) => setTimeout(resolve, 1000));
+          }
           if (event.kind === "unsettled") {
             return new Promise(() => {}); // the loop runs dry with the promise pending
           }
@@ -446,6 +454,9 @@ def test_an_uncaught_exception_fails_the_call_and_replaces_the_worker(daemon):
     assert error["errorMessage"] == "Error: nobody caught me"
     third = daemon.invoke("wild").json()
     assert third != second
+    error = daemon.invoke("wild", {"kind": "reject nothing"}).json()  # AWS: new Error(undefined)
+    assert (error["errorType"], error["errorMessage"]) == ("Runtime.UnhandledPromiseRejection", "")
+    third = daemon.invoke("wild").json()
 
     error = daemon.invoke("wild", {"kind": "unsettled"}).json()
     assert error["errorType"] == "Runtime.NodeJsExit"

@@ -112,8 +112,9 @@ let jsonLogs = false; // AWS_LAMBDA_LOG_FORMAT=JSON: Lambda's LoggingConfig LogF
 
 const LEVELS = { TRACE: 1, DEBUG: 2, INFO: 3, WARN: 4, ERROR: 5, FATAL: 6 };
 
-function textRecord(level, args) {
-  const text = util.format(...args).replace(/\n/g, '\r');
+function textRecord(level, [message, ...params]) {
+  // As AWS's runtime formats it: util.format(message, ...params), so console.log() is "undefined".
+  const text = util.format(message, ...params).replace(/\n/g, '\r');
   return `${new Date().toISOString()}\t${currentRequestId}\t${level}\t${text}`;
 }
 
@@ -133,7 +134,7 @@ function jsonReplacer(_key, value) {
  * Error's fields included; more are formatted, with the first Error's fields beside. */
 function jsonRecord(level, args) {
   const record = { timestamp: new Date().toISOString(), level, requestId: currentRequestId };
-  if (args.length === 1) {
+  if (args.length <= 1) { // console.log() alone: no message at all, as AWS's runtime writes it
     record.message = args[0];
     try {
       return JSON.stringify(record, jsonReplacer);
@@ -687,7 +688,14 @@ process.on('uncaughtException', (error) => {
 });
 
 process.on('unhandledRejection', (reason) => {
-  const error = runtimeError('Runtime.UnhandledPromiseRejection', reason && reason.toString ? reason.toString() : String(reason));
+  // AWS's runtime: new Error(reason?.toString()), so undefined and null give an empty message.
+  let message;
+  try {
+    message = reason == null ? '' : String(reason);
+  } catch (_) {
+    message = Object.prototype.toString.call(reason); // an object without toString
+  }
+  const error = runtimeError('Runtime.UnhandledPromiseRejection', message);
   logError('Unhandled Promise Rejection', error);
   die(error, 128);
 });
