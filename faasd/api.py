@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -207,6 +208,15 @@ def system_handlers(daemon: "Daemon"):
         return response
 
     return healthz, readyz, functions, function, info, logs
+
+
+def host_name(host: str) -> str | None:
+    """The name or address a Host (or X-Forwarded-Host) header gives, lower case, without
+    its port or an IPv6 address's brackets; None where it is not a host at all."""
+    try:
+        return urlsplit(f"//{host.strip()}").hostname
+    except ValueError:
+        return None
 
 
 def _gone(request: web.Request) -> bool:

@@ -39,7 +39,7 @@ import orjson
 from multidict import CIMultiDict
 from aiohttp import web
 
-from .api import BODY_KEY, read_body
+from .api import BODY_KEY, host_name, read_body
 from .config import Config, ConfigError
 from .errors import InvokeRefused
 from .lambda_api import is_lambda_api
@@ -220,11 +220,10 @@ class LoopbackHosts:
 def names_this_machine(host: str) -> bool:
     """Whether a Host header (name or address, maybe with a port) is `localhost`, a name
     under it, or an IP address: nothing a DNS server of another site answers for."""
-    if host.startswith("["):
-        name = host[1:host.find("]")] if "]" in host else host
-    else:
-        name = host.rpartition(":")[0] if host.count(":") == 1 else host
-    name = name.rstrip(".").lower()
+    name = host_name(host)
+    if name is None:
+        return False
+    name = name.rstrip(".")
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:

@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from ..api import read_body
+from ..api import host_name, read_body
 from ..errors import InvokeRefused, Throttled
 from ..invoker import Invocation
 from ..logs import Entry
@@ -258,13 +258,7 @@ def _cross_site(request: web.Request) -> bool:
     if not hostname:
         return True  # "null": a sandboxed frame, a file, a redirect across sites
     hosts = [request.headers.get("Host", ""), *request.headers.getall("X-Forwarded-Host", [])]
-    for host in hosts:
-        try:
-            if urlsplit(f"//{host.split(',')[0].strip()}").hostname == hostname:
-                return False
-        except ValueError:
-            continue
-    return True
+    return not any(host_name(host.split(",")[0]) == hostname for host in hosts)
 
 
 def routes(daemon: "Daemon", activity: Activity, ring: LogRing):
