@@ -263,8 +263,8 @@ def remove_tree(base: Path) -> tuple[int, int]:
     in time leaves its groups to the next start's sweep."""
     paths = sorted(base.rglob("*"), key=lambda p: len(p.parts), reverse=True) + [base]
     groups = [path for path in paths if path.is_dir()]
-    killed = _kill_members(groups)
-    deadline = time.monotonic() + SWEEP_WAIT_S
+    deadline = time.monotonic() + SWEEP_WAIT_S  # for the killing and the removing together
+    killed = _kill_members(groups, deadline)
     removed = 0
     for path in groups:
         while True:
@@ -288,11 +288,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kill_members(groups: list[Path]) -> int:
-    """SIGKILL every process in `groups` (cgroup directories); wait up to SWEEP_WAIT_S
-    for them to exit. The number of processes killed."""
+def _kill_members(groups: list[Path], deadline: float) -> int:
+    """SIGKILL every process in `groups` (cgroup directories); wait until `deadline`
+    (time.monotonic()) at most for them to exit. The number of processes killed."""
     killed: set[int] = set()
-    deadline = time.monotonic() + SWEEP_WAIT_S
     while True:
         members = {pid for group in groups for pid in read_pids(str(group)) if _alive(pid)}
         if not members or time.monotonic() > deadline:
