@@ -85,6 +85,12 @@ import struct
 HEADER = struct.Struct("!IB")
 HEADER_SIZE = HEADER.size
 MAX_FRAME = 64 * 1024 * 1024  # larger than any payload Lambda accepts
+# Lambda's synchronous response limit ("6 MB": 100 bytes over 6 MiB, as its error
+# says), and its error's message; every runtime refuses a larger result itself
+# (node_worker.js has its own copy), and the daemon makes sure.
+MAX_RESPONSE_BYTES = 6291556
+RESPONSE_TOO_LARGE = ("Response payload size exceeded maximum allowed payload size "
+                      f"({MAX_RESPONSE_BYTES} bytes).")
 
 # daemon -> worker
 INVOKE = 1

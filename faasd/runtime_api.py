@@ -76,7 +76,7 @@ from . import protocol
 from .errors import HANDLED, INIT, FunctionError
 from .spec import FunctionSpec, new_trace_id
 from .sandbox import read_pids
-from .workers import MAX_RESPONSE_BYTES, ProcessWorker, WorkerEnvironment, WorkerInitError
+from .workers import ProcessWorker, WorkerEnvironment, WorkerInitError
 
 log = logging.getLogger("faasd.runtime_api")
 
@@ -548,7 +548,7 @@ class RuntimeApi:
     async def _response(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         if request_id != self._current:
             return self._out_of_turn(request_id)
-        body, too_large = await _read_body(request, MAX_RESPONSE_BYTES)
+        body, too_large = await _read_body(request, protocol.MAX_RESPONSE_BYTES)
         if request_id != self._current:  # timed out while the body arrived
             return self._out_of_turn(request_id)
         self._current, self._answered = None, request_id
@@ -556,11 +556,9 @@ class RuntimeApi:
             # The runtime is usually in no state to go on (clients raise on
             # a 413), so this worker is replaced, as the error is reported.
             self.worker.runtime_error(FunctionError(
-                HANDLED, "Function.ResponseSizeTooLarge",
-                f"Response payload size exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes)."),
-                fatal=True)
+                HANDLED, "Function.ResponseSizeTooLarge", protocol.RESPONSE_TOO_LARGE), fatal=True)
             return _refusal(413, "RequestEntityTooLarge",
-                            f"Exceeded maximum allowed payload size ({MAX_RESPONSE_BYTES} bytes).")
+                            f"Exceeded maximum allowed payload size ({protocol.MAX_RESPONSE_BYTES} bytes).")
         error = _stream_error(request)
         if error is not None:
             self.worker.runtime_error(error)
@@ -571,7 +569,7 @@ class RuntimeApi:
     async def _error(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         if request_id != self._current:
             return self._out_of_turn(request_id)
-        body, _ = await _read_body(request, MAX_RESPONSE_BYTES)
+        body, _ = await _read_body(request, protocol.MAX_RESPONSE_BYTES)
         if request_id != self._current:
             return self._out_of_turn(request_id)
         self._current, self._answered = None, request_id
@@ -582,7 +580,7 @@ class RuntimeApi:
         if self.polled:
             return self._refuse_state("init/error after the runtime asked for its first invocation; "
                                       "post to /invocation/ID/error instead")
-        body, _ = await _read_body(request, MAX_RESPONSE_BYTES)
+        body, _ = await _read_body(request, protocol.MAX_RESPONSE_BYTES)
         self.worker.runtime_init_error(_posted_error(INIT, body, request.headers.get(ERROR_TYPE_HEADER)))
         return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
 

@@ -56,7 +56,6 @@ MAX_LOG_BYTES = 1024 * 1024  # output kept per invocation; the rest is dropped w
 KEEP_LAST_LINES = 50
 KEEP_LAST_LINE_BYTES = 16 * 1024  # each cut to this
 MAX_PARTIAL_LINE = 256 * 1024  # a line without end is cut here, not held on to
-MAX_RESPONSE_BYTES = 6291556  # Lambda's synchronous response limit: 100 bytes over 6 MiB, as its error says
 STOP_GRACE_S = 1.0
 INIT_TIMEOUT_S = 10.0  # Lambda's init phase limit
 # The PATH workers get: the daemon's own PATH may name private directories.
@@ -606,12 +605,10 @@ class ProcessWorker(Worker):
             if call is None or call.future.done():
                 log.warning("worker %s sent a reply with no invocation in flight", self.id)
                 return
-            if kind == protocol.RESULT and len(payload) > MAX_RESPONSE_BYTES:
+            if kind == protocol.RESULT and len(payload) > protocol.MAX_RESPONSE_BYTES:
                 # Every runtime's shim should refuse this itself; the daemon makes sure.
                 call.future.set_result((None, FunctionError(
-                    HANDLED, "Function.ResponseSizeTooLarge",
-                    f"Response payload size exceeded maximum allowed payload size "
-                    f"({MAX_RESPONSE_BYTES} bytes).")))
+                    HANDLED, "Function.ResponseSizeTooLarge", protocol.RESPONSE_TOO_LARGE)))
             elif kind == protocol.RESULT:
                 call.future.set_result((payload, None))
             else:

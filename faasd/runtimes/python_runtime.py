@@ -35,8 +35,6 @@ import socket  # noqa: E402
 # milliseconds): traceback on errors, decimal when a result holds one, and
 # logging when the function's code imports it (see _configure_logging_on_import).
 
-MAX_RESPONSE_BYTES = 6291556  # Lambda's "6 MB": 100 bytes over 6 MiB, as its error says
-
 _sock = socket.socket(fileno=int(os.environ.pop(protocol.CONTROL_FD_ENV, "3")))
 _encode = protocol.encode
 _header = protocol.HEADER
@@ -602,11 +600,9 @@ def _invoke(handler, payload):
             reply = protocol.ERROR, _encode_json(_error(
                 "Runtime.MarshalError", f"Unable to marshal response: {exc}")).encode()
         else:
-            if len(data) > MAX_RESPONSE_BYTES:
+            if len(data) > protocol.MAX_RESPONSE_BYTES:
                 reply = protocol.ERROR, _encode_json(_error(
-                    "Function.ResponseSizeTooLarge",
-                    f"Response payload size exceeded maximum allowed payload size "
-                    f"({MAX_RESPONSE_BYTES} bytes).")).encode()
+                    "Function.ResponseSizeTooLarge", protocol.RESPONSE_TOO_LARGE)).encode()
             else:
                 reply = protocol.RESULT, data
     stdout, stderr = sys.stdout, sys.stderr
