@@ -46,7 +46,7 @@ const RESULT = 13;
 const ERROR = 14;
 const HEADER_SIZE = 5; // uint32 big-endian payload length, then one kind byte
 
-// Lambda's "6 MB" response limit is 6291556 bytes, 100 more than 6 MiB, as its error says.
+// Lambda's "6 MB" response limit: faasd/protocol.py's MAX_RESPONSE_BYTES, which the daemon checks too.
 const MAX_RESPONSE_BYTES = 6291556;
 
 const controlFd = Number(process.env._FAASD_CONTROL_FD || 3);
