@@ -104,6 +104,19 @@ def test_eventbridge_cron_expressions_fire_as_on_aws():
     assert yearly.next_after(utc("2029-06-01 00:00:00")) is None
 
 
+def test_eventbridge_weekday_steps_count_from_the_weekday_they_name():
+    monday = "2026-12-07 00:00:00"
+    # 3/2: Tuesday, then every second day of the week (Tuesday, Thursday, Saturday).
+    assert ticks(Schedule("cron(0 10 ? * 3/2 *)"), monday, 4) == [
+        "2026-12-08 10:00:00", "2026-12-10 10:00:00", "2026-12-12 10:00:00", "2026-12-15 10:00:00"]
+    # 2-7/2: Monday, Wednesday, Friday; Sunday is not in the range.
+    assert ticks(Schedule("cron(0 10 ? * 2-7/2 *)"), monday, 4) == [
+        "2026-12-07 10:00:00", "2026-12-09 10:00:00", "2026-12-11 10:00:00", "2026-12-14 10:00:00"]
+    # 1-6/3: Sunday and Wednesday.
+    assert ticks(Schedule("cron(0 10 ? * 1-6/3 *)"), monday, 3) == [
+        "2026-12-09 10:00:00", "2026-12-13 10:00:00", "2026-12-16 10:00:00"]
+
+
 def test_recent_ticks_for_catch_up():
     schedule = Schedule("0 * * * *")
     recent = schedule.recent(utc("2024-01-01 00:30:00"), utc("2024-01-01 05:10:00"), 2)

@@ -134,6 +134,11 @@ def _weekday(schedule: str, part: str) -> str:
         return "6"  # the week's last day: Saturday
     if part.endswith("L"):
         return f"L{day(part[:-1])}"
+    if "/" in part:
+        # The start (3/2: Tuesday, then every second day) is a weekday to
+        # renumber like any other; the step is a count of days.
+        start, step = part.split("/", 1)
+        return f"{_weekday(schedule, start)}/{step}"
     if "-" in part:
         first, last = part.split("-", 1)
         return f"{day(first)}-{day(last)}"
