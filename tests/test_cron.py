@@ -417,6 +417,8 @@ def test_missed_ticks_run_only_with_catch_up(start_daemon, functions_dir, catch_
     ('schedule = "cron(0 10 * * * *)"', "schedule = 'cron(0 10 * * * *)': one of Day-of-month and Day-of-week must be ?"),
     ('schedule = "cron(0 10 ? * 8 *)"', "schedule = 'cron(0 10 ? * 8 *)': Day-of-week '8' is out of range"),
     ('schedule = "cron(0 10 * * ?)"', "expected cron(Minutes Hours Day-of-month Month Day-of-week Year)"),
+    ('schedule = "cron(0 10 * * ? 1960)"', "schedule = 'cron(0 10 * * ? 1960)': Year 1960 is out of range"),
+    ('schedule = "cron(0 10 * * ? 2026,2150)"', "Year 2150 is out of range: use 1970-2099"),
     ('schedule = "* * * * *"\ntimezone = "Mars/Olympus"', "timezone = 'Mars/Olympus': unknown time zone"),
     ('schedule = "* * * * *"\noverlap = "queue"', "overlap = 'queue': expected \"skip\""),
     ('schedule = "* * * * *"\ncatch_up = -1', "catch_up = -1: expected how many missed ticks"),

@@ -90,6 +90,7 @@ def parse_rate(schedule: str) -> int | None:
 
 
 AWS_CRON_RE = re.compile(r"^cron\((.*)\)$")
+FIRST_YEAR, LAST_YEAR = 1970, 2099
 _WEEKDAY_FORMS = "1-7 (1 is Sunday) or SUN-SAT, with , - * ? L #"
 
 
@@ -113,8 +114,19 @@ def aws_cron(schedule: str) -> str | None:
         raise ValueError(f"schedule = {schedule!r}: ? stands only in Day-of-month or Day-of-week")
     if day == "LW":
         raise ValueError(f"schedule = {schedule!r}: LW (the month's last weekday) is not supported")
+    _check_years(schedule, year)
     weekday = "*" if weekday == "?" else ",".join(_weekday(schedule, part) for part in weekday.split(","))
     return " ".join(("0", minutes, hours, "*" if day == "?" else day, month, weekday, year))
+
+
+def _check_years(schedule: str, field: str) -> None:
+    """Every year a Year field names (not its steps) is one faasd can schedule."""
+    for part in field.split(","):
+        for value in re.findall(r"\d+", part.split("/", 1)[0]):
+            if not FIRST_YEAR <= int(value) <= LAST_YEAR:
+                # EventBridge takes up to 2199; croniter, which faasd schedules with, stops at 2099.
+                raise ValueError(f"schedule = {schedule!r}: Year {value} is out of range: use "
+                                 f"{FIRST_YEAR}-{LAST_YEAR}, or * for every year")
 
 
 def _weekday(schedule: str, part: str) -> str:
