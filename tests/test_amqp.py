@@ -284,6 +284,25 @@ def test_failures_are_retried_then_dead_lettered_to_the_broker_and_the_dir(
     assert recorded["requestPayload"]["Records"][0]["Sns"]["MessageId"] == "m-7"
 
 
+def test_messages_that_share_a_message_id_are_each_their_own_event_and_dead_letter(
+        names, start_daemon, functions_dir, tmp_path, amqp_url):
+    # Publishers reuse message ids: an order's id on every message about that order.
+    exchange = names.exchange()
+    amqp_function(functions_dir, "broken", f'exchange = "{exchange}"', fail=True,
+                  extra="[async]\nmax_retries = 0")
+    names.consumer_queue("broken", exchange)
+    daemon = start_daemon(functions_dir, config=config(tmp_path, amqp_url))
+    wait_until(lambda: consuming(daemon, "broken"))
+    publish(amqp_url, exchange, [{"key": f"order.{step}", "body": {"order": 7, "step": step}, "id": "order-7"}
+                                 for step in ("created", "paid", "shipped")])
+    wait_until(lambda: amqp_state(daemon, "broken")["dead_lettered"] == 3, timeout=30)
+    dead = [json.loads(path.read_text())
+            for path in (tmp_path / "data" / "dead-letter" / "broken").glob("*.json")]
+    assert sorted(d["requestPayload"]["Records"][0]["Sns"]["Subject"] for d in dead) == [
+        "order.created", "order.paid", "order.shipped"]
+    assert len({d["requestContext"]["requestId"] for d in dead}) == 3
+
+
 def test_a_cut_connection_is_restored_with_readyz_degraded_meanwhile_and_nothing_lost(
         names, start_daemon, functions_dir, tmp_path, amqp_url):
     exchange = names.exchange()

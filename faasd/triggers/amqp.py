@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import os
 import socket
@@ -498,15 +499,24 @@ class AmqpTrigger(RunningTrigger):
         return orjson.dumps(sns_event(message, exchange=self.exchange, queue=self.queue_name,
                                       region=region, message_id=message_id))
 
+    def _stable_request_id(self, message: AbstractIncomingMessage) -> str:
+        """One request id for every delivery of one message, from its publisher's message id.
+
+        Publishers reuse message ids (an order's id on each of its messages):
+        the routing key and body are part of it, so that different messages
+        never share a request id, and with it a log, a dead-letter file."""
+        digest = hashlib.sha256(message.body).hexdigest()
+        name = f"{self.queue_name}\0{message.message_id}\0{message.routing_key or ''}\0{digest}"
+        return str(uuid.uuid5(REQUEST_ID_NAMESPACE, name))
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self.received += 1
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
         self._idle.clear()
-        # A publisher's message id makes the event's id stable across redeliveries.
         if message.message_id:
             message_id = message.message_id
-            request_id = str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{self.queue_name}\0{message_id}"))
+            request_id = self._stable_request_id(message)
         else:
             request_id = message_id = new_request_id()
         try:
