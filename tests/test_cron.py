@@ -378,6 +378,17 @@ def test_input_is_the_event_when_given(start_daemon, functions_dir):
     assert records(daemon, "constant")[0]["event"] == {"report": "daily"}
 
 
+def test_two_triggers_on_one_schedule_fire_as_two_events_with_their_own_ids(start_daemon, functions_dir):
+    # Two EventBridge rules on one function, one schedule, each with its own input.
+    cron_function(functions_dir, "tenants", 'schedule = "* * * * * *"\ninput = { tenant = "a" }\n'
+                  '[[triggers]]\ntype = "cron"\nschedule = "* * * * * *"\ninput = { tenant = "b" }')
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: len(records(daemon, "tenants")) >= 6, timeout=20, message="six runs")
+    got = records(daemon, "tenants")
+    assert {r["event"]["tenant"] for r in got} == {"a", "b"}
+    assert len({r["request_id"] for r in got}) == len(got)
+
+
 @pytest.mark.parametrize("catch_up", [0, 1])
 def test_missed_ticks_run_only_with_catch_up(start_daemon, functions_dir, catch_up):
     cron_function(functions_dir, "daily", f'schedule = "* * * * * *"\ncatch_up = {catch_up}')

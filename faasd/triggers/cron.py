@@ -347,8 +347,9 @@ class CronTrigger(RunningTrigger):
         task.add_done_callback(self._puts.discard)
 
     async def _put(self, tick: float, *, catching_up: bool = False) -> None:
-        # One id per function, schedule and instant: the same tick is the same event.
-        request_id = str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{self.key}:{tick:.3f}"))
+        # One id per trigger (rule) and instant: the same tick is the same event,
+        # and two triggers of one function on one schedule are two events.
+        request_id = str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{self.key}|{self.rule}:{tick:.3f}"))
         if self.input is not None:
             payload = orjson.dumps(self.input)
         else:
