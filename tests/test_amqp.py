@@ -337,6 +337,8 @@ def test_a_cut_connection_is_restored_with_readyz_degraded_meanwhile_and_nothing
         assert "AMQP reconnected" in output
         # The loss is told once in faasd's words, not in the libraries' tracebacks and ERRORs.
         assert " lost (" in output and "Traceback" not in output
+        # Acks of the messages in flight failed with the channel; each says why.
+        assert all(reason.strip() for reason in re.findall(r"could not \w+ an AMQP message \((.*?)\);", output))
         assert not [line for line in output.splitlines()
                     if " ERROR " in line and ("aio_pika" in line or "aiormq" in line)]
         # Still consuming: a message published after the reconnect is handled too.

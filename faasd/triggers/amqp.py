@@ -551,7 +551,7 @@ class AmqpTrigger(RunningTrigger):
             # has put the message back and will deliver it again.
             self.ack_failures += 1
             log.warning("function %s: could not %s an AMQP message (%s); the broker delivers it again",
-                        self.spec.name, what, exc)
+                        self.spec.name, what, self._explain(exc))
         finally:
             self.inflight -= 1
             if self.inflight <= 0:
