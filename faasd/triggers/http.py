@@ -151,20 +151,17 @@ class RouteTable:
         return self._conflicts.get(name, [])
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
-        """The route for a request, with its path parameters; None if none fits."""
-        allowed_elsewhere = None
+        """The route for a request, with its path parameters; None if none fits.
+
+        A route is its method and its path, as in an API Gateway HTTP API: a path
+        that only another method's route has matches nothing (404, not 405).
+        """
         for route in self._ordered:
-            found = route.pattern.match(path)
-            if found is None:
-                continue
             if "ANY" in route.methods or method in route.methods or (
                     method == "HEAD" and "GET" in route.methods):
-                return route, found.groupdict()
-            allowed_elsewhere = route
-        if allowed_elsewhere is not None:
-            raise web.HTTPMethodNotAllowed(method, sorted(allowed_elsewhere.methods),
-                                           text='{"message":"Method Not Allowed"}',
-                                           content_type="application/json")
+                found = route.pattern.match(path)
+                if found is not None:
+                    return route, found.groupdict()
         return None
 
     def routes(self, name: str) -> list[Route]:
