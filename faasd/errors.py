@@ -24,7 +24,7 @@ Two families:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import orjson
 
@@ -152,14 +152,17 @@ class FunctionError:
                    str(payload.get("errorMessage") or ""), [str(t) for t in trace], payload)
 
     @classmethod
-    def from_load_error(cls, text: str, runtime: str | None = None) -> "FunctionError":
+    def from_load_error(cls, text: str, runtime: str | None = None,
+                        trace: Sequence[str] = ()) -> "FunctionError":
+        """The init error of a function that cannot load (`FunctionSpec.load_error`, with
+        `load_trace`, the stack trace its runtime would give it)."""
         error_type, sep, message = text.partition(": ")
         if not sep or not error_type.startswith("Runtime."):
             return cls(INIT, "Runtime.InvalidConfiguration", text)
         if runtime == "python":  # what awslambdaric posts for a failed init: no request id
-            return cls(INIT, error_type, message, document={
-                "errorMessage": message, "errorType": error_type, "requestId": "", "stackTrace": []})
-        return cls(INIT, error_type, message)
+            return cls(INIT, error_type, message, list(trace), document={
+                "errorMessage": message, "errorType": error_type, "requestId": "", "stackTrace": list(trace)})
+        return cls(INIT, error_type, message, list(trace))
 
     @property
     def http_status(self) -> int:

@@ -234,7 +234,7 @@ class Invoker:
         capture = LogCapture(self.logs, spec.name, request_id)
         invocation = Invocation(request_id=request_id, function=spec.name)
         if spec.load_error:
-            invocation.error = FunctionError.from_load_error(spec.load_error, spec.runtime)
+            invocation.error = FunctionError.from_load_error(spec.load_error, spec.runtime, spec.load_trace)
             self._log_failed_init(capture, invocation, spec, [])
             return invocation
         pool = self.pool.get(spec)

@@ -92,6 +92,15 @@ MAX_RESPONSE_BYTES = 6291556
 RESPONSE_TOO_LARGE = ("Response payload size exceeded maximum allowed payload size "
                       f"({MAX_RESPONSE_BYTES} bytes).")
 
+
+def syntax_error_frame(filename: str | None, lineno: int | None, text: str | None) -> str:
+    """The one frame of the stack trace awslambdaric gives a handler module that does
+    not parse (Runtime.UserCodeSyntaxError), from the SyntaxError's fields: the daemon,
+    which finds most such errors before any worker starts, and the Python runtime
+    report it alike."""
+    return '  File "%s" Line %s\n    %s' % (filename, lineno, text)
+
+
 # daemon -> worker
 INVOKE = 1
 SHUTDOWN = 2

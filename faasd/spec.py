@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import __version__
+from .protocol import syntax_error_frame
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RUNTIMES = ("python", "node", "provided")
@@ -101,6 +102,7 @@ class FunctionSpec:
     application_log_level: str | None = None  # JSON only: TRACE ... FATAL
     system_log_level: str | None = None  # JSON only: DEBUG, INFO or WARN
     load_error: str | None = None
+    load_trace: tuple[str, ...] = ()  # the stack trace the runtime gives load_error
 
     @property
     def ok(self) -> bool:
@@ -381,7 +383,7 @@ def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool) -> FunctionSpe
         raise SpecError(f"{where}: min_warm ({spec.min_warm}) exceeds concurrency ({spec.concurrency})")
     problem = check_code(spec)
     if problem:
-        return _with(spec, load_error=problem)
+        return _with(spec, load_error=problem[0], load_trace=problem[1])
     return spec
 
 
@@ -410,6 +412,7 @@ class ModuleFacts:
     """What a Python module's text tells without running it."""
 
     syntax_error: str | None = None  # "invalid syntax (main.py, line 3)"
+    syntax_at: tuple[int | None, str | None] | None = None  # the SyntaxError's line: number, text
     names: frozenset[str] | None = None  # top-level names; None where only an import can tell
 
 
@@ -433,7 +436,7 @@ def _facts(source: bytes, filename: str) -> ModuleFacts:
         tree = ast.parse(source, filename=filename)
     except SyntaxError as exc:
         where = f"{filename}, line {exc.lineno}" if exc.lineno else filename
-        return ModuleFacts(syntax_error=f"{exc.msg} ({where})")
+        return ModuleFacts(syntax_error=f"{exc.msg} ({where})", syntax_at=(exc.lineno, exc.text))
     except ValueError as exc:  # source code string cannot contain null bytes
         return ModuleFacts(syntax_error=f"{exc} ({filename})")
     except (RecursionError, MemoryError):
@@ -449,8 +452,9 @@ def _facts_from_child(source: bytes, filename: str) -> ModuleFacts:
         answer = json.loads(done.stdout)
     except (OSError, subprocess.SubprocessError, ValueError):
         return ModuleFacts()
-    names = answer["names"]
+    names, syntax_at = answer["names"], answer["syntax_at"]
     return ModuleFacts(syntax_error=answer["syntax_error"],
+                       syntax_at=None if syntax_at is None else tuple(syntax_at),
                        names=None if names is None else frozenset(names))
 
 
@@ -472,8 +476,9 @@ def _top_level_names(tree: ast.Module) -> frozenset[str] | None:
     return frozenset(names)
 
 
-def check_code(spec: FunctionSpec) -> str | None:
-    """A static look at the handler's code: the errors Lambda reports at init.
+def check_code(spec: FunctionSpec) -> tuple[str, tuple[str, ...]] | None:
+    """A static look at the handler's code: the errors Lambda reports at init, each
+    with the stack trace its runtime gives it (a syntax error's one frame; else none).
 
     Only Python is checked here (syntax, module and handler presence); other
     runtimes report these errors when a worker starts.
@@ -481,9 +486,9 @@ def check_code(spec: FunctionSpec) -> str | None:
     if spec.runtime == "provided":
         bootstrap = spec.task_root / "bootstrap"
         if not bootstrap.is_file():
-            return "Runtime.InvalidEntrypoint: no bootstrap file in the function directory"
+            return "Runtime.InvalidEntrypoint: no bootstrap file in the function directory", ()
         if not os.access(bootstrap, os.X_OK):
-            return "Runtime.InvalidEntrypoint: bootstrap is not executable (chmod +x bootstrap)"
+            return "Runtime.InvalidEntrypoint: bootstrap is not executable (chmod +x bootstrap)", ()
         return None
     if spec.runtime != "python":
         return None
@@ -491,19 +496,21 @@ def check_code(spec: FunctionSpec) -> str | None:
     path = spec.task_root / (module.replace(".", "/") + ".py")
     problem = outside_functions(spec.source.parent, path) if path.is_symlink() else None
     if problem:
-        return f"Runtime.ImportModuleError: Unable to import module '{module}': {problem}"
+        return f"Runtime.ImportModuleError: Unable to import module '{module}': {problem}", ()
     if not path.exists():
         if (spec.task_root / module.replace(".", "/") / "__init__.py").is_file():
             return None
-        return f"Runtime.ImportModuleError: Unable to import module '{module}': No module named '{module}'"
+        return f"Runtime.ImportModuleError: Unable to import module '{module}': No module named '{module}'", ()
     try:
         facts = module_facts(path)
     except OSError as exc:
-        return f"Runtime.ImportModuleError: Unable to import module '{module}': {path.name}: {exc}"
+        return f"Runtime.ImportModuleError: Unable to import module '{module}': {path.name}: {exc}", ()
     if facts.syntax_error:
-        return f"Runtime.UserCodeSyntaxError: Syntax error in module '{module}': {facts.syntax_error}"
+        # awslambdaric's frame names the file as imported: the task root on sys.path, then the module.
+        trace = () if facts.syntax_at is None else (syntax_error_frame(str(path), *facts.syntax_at),)
+        return f"Runtime.UserCodeSyntaxError: Syntax error in module '{module}': {facts.syntax_error}", trace
     if facts.names is not None and function not in facts.names:
-        return f"Runtime.HandlerNotFound: Handler '{function}' missing on module '{module}'"
+        return f"Runtime.HandlerNotFound: Handler '{function}' missing on module '{module}'", ()
     return None
 
 
@@ -846,5 +853,5 @@ def runtime_version(runtime: str, region: str = DEFAULT_REGION) -> tuple[str, st
 if __name__ == "__main__":
     # The child of _facts_from_child: a module's text on stdin, its facts on stdout.
     found = _facts(sys.stdin.buffer.read(), sys.argv[1])
-    json.dump({"syntax_error": found.syntax_error,
+    json.dump({"syntax_error": found.syntax_error, "syntax_at": found.syntax_at,
                "names": None if found.names is None else sorted(found.names)}, sys.stdout)

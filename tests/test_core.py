@@ -17,7 +17,7 @@ import pytest
 
 from support import (
     MEMORY_HOLDER, ROOT, assert_callers_trace_ids_pass_on, assert_own_trace_ids, descendants, free_port, http,
-    loaded, max_memory_used, metric, process_state, report_of, wait_until, write_function,
+    loaded, max_memory_used, metric, process_state, report_of, request_lines, wait_until, write_function,
 )
 
 HELLO = """
@@ -639,6 +639,37 @@ def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemo
     assert "badtoml: error: badtoml.toml: not valid TOML" in check.stdout
     assert "reserved: error: reserved.toml: [env] sets AWS_REGION, TMPDIR: reserved, as in Lambda" in check.stdout
     assert "good: ok" in check.stdout
+
+
+def test_a_python_syntax_error_has_awslambdaric_s_one_frame_whoever_finds_it(daemon):
+    """awslambdaric reports a module that does not parse with one frame: the file as
+    imported, the line number, and the line. faasd finds a handler file's syntax error
+    before any worker starts, and a worker finds one in a module the handler imports:
+    both give that frame."""
+    write_function(daemon.functions, "broken.py", "import os\n\ndef handler(event, context)\n    return 1\n")
+    write_function(daemon.functions, "importsbroken/handler.py", """
+        import helper
+        def handler(event, context):
+            return helper.value
+    """)
+    write_function(daemon.functions, "importsbroken/helper.py", "value = 1\n  other = 2\n")
+    loaded(daemon, "importsbroken")
+    functions = daemon.functions
+    assert daemon.invoke("broken").json() == {
+        "errorMessage": "Syntax error in module 'broken': expected ':' (broken.py, line 3)",
+        "errorType": "Runtime.UserCodeSyntaxError", "requestId": "",
+        "stackTrace": [f'  File "{functions}/broken.py" Line 3\n    def handler(event, context)\n']}
+    error = daemon.invoke("importsbroken").json()
+    assert error["errorType"] == "Runtime.UserCodeSyntaxError", error
+    assert error["errorMessage"] == "Syntax error in module 'handler': unexpected indent (helper.py, line 2)"
+    assert error["stackTrace"] == [f'  File "{functions}/importsbroken/helper.py" Line 2\n      other = 2\n'], error
+    # The JSON log's error record carries the same trace.
+    write_function(daemon.functions, "broken.toml", 'log_format = "JSON"\n')
+    wait_until(lambda: daemon.function("broken")["log_format"] == "JSON")
+    request_id = daemon.invoke("broken").headers["x-amzn-requestid"]
+    [record] = [json.loads(line) for line in request_lines(daemon, "broken", request_id)
+                if line.startswith("{") and '"level":"ERROR"' in line]
+    assert record["stackTrace"] == [f'  File "{functions}/broken.py" Line 3\n    def handler(event, context)\n']
 
 
 def test_settings_that_are_a_directory_are_a_load_error(start_daemon, functions_dir):

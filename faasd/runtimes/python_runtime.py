@@ -448,9 +448,8 @@ def _load_handler():
     try:
         module = importlib.import_module(dotted)
     except SyntaxError as exc:
-        stack = [f'  File "{exc.filename}" Line {exc.lineno}\n        {(exc.text or "").strip()}\n']
-        return None, _error("Runtime.UserCodeSyntaxError",
-                            f"Syntax error in module '{module_name}': {exc}", stack)
+        return None, _error("Runtime.UserCodeSyntaxError", f"Syntax error in module '{module_name}': {exc}",
+                            [protocol.syntax_error_frame(exc.filename, exc.lineno, exc.text)])
     except ImportError as exc:
         message = f"Unable to import module '{module_name}': {exc}"
         if isinstance(exc, ModuleNotFoundError) and exc.name == dotted.split(".")[0]:
