@@ -198,6 +198,53 @@ def handler(event, context):
     assert expected.startswith('{"values": [1.10, 1E+2, 12345678901234567890.123456789, -0, 3, Infinity')
 
 
+def _newer_python() -> str | None:
+    """An interpreter of Python 3.12 or later on this machine, for workers; None if there is none."""
+    import glob
+    import shutil
+
+    found = [shutil.which(f"python3.{minor}") for minor in range(12, 20)]
+    found += sorted(glob.glob("/root/.pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]"))
+    return next((path for path in found if path and subprocess.run(
+        [path, "-I", "-c", "import sys; assert sys.version_info >= (3, 12)"], capture_output=True).returncode == 0),
+        None)
+
+
+@pytest.mark.parametrize("worker_python", ["faasd's own", "3.12 or later"])
+def test_a_python_result_s_characters_are_escaped_as_awslambdaric_of_that_version_does(
+        start_daemon, functions_dir, monkeypatch, worker_python):
+    # awslambdaric writes non-ASCII characters as they are on python3.12 and later, and
+    # as \uXXXX escapes before: a worker writes them as its interpreter's runtime does.
+    from awslambdaric.lambda_runtime_marshaller import to_json
+
+    python = sys.executable if worker_python == "faasd's own" else _newer_python()
+    if python is None:
+        pytest.skip("no Python 3.12 or later on this machine for workers")
+    write_function(functions_dir, "accents.py", """
+import sys
+def handler(event, context):
+    if event == "undecodable":  # a name os.fsdecode() gives a byte that is not UTF-8
+        raise FileNotFoundError(b"no such file: \\xff".decode("utf-8", "surrogateescape"))
+    return {"text": event, "version": "%d.%d" % sys.version_info[:2]}
+""")
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_PYTHON": python})
+    wait_loaded(daemon, "accents")
+    text = "caf\u00e9 \u2615 \U0001d11e \u00ab\u00bb"
+    body = daemon.invoke("accents", text).body
+    version = json.loads(body)["version"]
+    escaped = tuple(map(int, version.split("."))) < (3, 12)
+    assert escaped == (worker_python == "faasd's own" and sys.version_info < (3, 12)), version
+    monkeypatch.setenv("AWS_EXECUTION_ENV", f"AWS_Lambda_python{version}")
+    assert body.decode() == to_json({"text": text, "version": version})
+    assert (b"caf\\u00e9" in body) == escaped and ("caf\u00e9".encode() in body) != escaped, body
+    # A lone surrogate, which UTF-8 cannot carry unescaped, fails the call, not the worker.
+    [worker] = daemon.workers("accents")
+    failed = daemon.invoke("accents", "undecodable")
+    assert failed.headers["x-amz-function-error"] == "Unhandled", failed.body
+    assert daemon.invoke("accents", text).body == body
+    assert [w["pid"] for w in daemon.workers("accents")] == [worker["pid"]]
+
+
 def test_a_result_that_cannot_be_encoded_is_a_marshal_error_whatever_encoding_raised(daemon, lam):
     # As awslambdaric reports any failure to encode, not only a TypeError; the worker lives on.
     write_function(daemon.functions, "unencodable.py", """

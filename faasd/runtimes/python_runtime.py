@@ -546,9 +546,19 @@ def _default(value):
 
 
 _decode = json.JSONDecoder().decode
+# awslambdaric writes the characters of a result or an error document as they are on
+# Lambda's python3.12 and later, and as \uXXXX escapes on python3.11 and before
+# (lambda_runtime_marshaller.Encoder); a worker's interpreter is its runtime's version.
+_ENSURE_ASCII = sys.version_info < (3, 12)
 # Built once: json.dumps(..., default=) would build a new encoder on every call.
-_encode_with_marks = json.JSONEncoder(default=_default).encode
-_encode_json = json.JSONEncoder().encode
+_encode_with_marks = json.JSONEncoder(default=_default, ensure_ascii=_ENSURE_ASCII).encode
+_encode_json = json.JSONEncoder(ensure_ascii=_ENSURE_ASCII).encode
+
+
+def _utf8(text):
+    """JSON text as bytes. Unescaped, a string may hold a lone surrogate (a file name
+    decoded with surrogateescape), which UTF-8 cannot carry: it goes as its JSON escape."""
+    return text.encode("utf-8", "backslashreplace")
 
 
 def _encode_result(value):
@@ -580,8 +590,8 @@ def _invoke(handler, payload):
     try:
         event = _decode(body.decode()) if body else None
     except ValueError as exc:  # UnicodeDecodeError included
-        _send(protocol.ERROR, _encode_json(_error(
-            "Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}")).encode())
+        _send(protocol.ERROR, _utf8(_encode_json(_error(
+            "Runtime.UnmarshalError", f"Unable to unmarshal input: {exc}"))))
         return
     context = LambdaContext(request_id, header["deadline_ms"], header.get("arn", ""),
                             header.get("client_context"))
@@ -589,19 +599,19 @@ def _invoke(handler, payload):
         result = handler(event, context)
     except Exception as exc:
         _log_exception(exc)
-        reply = protocol.ERROR, _encode_json(
-            _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))).encode()
+        reply = protocol.ERROR, _utf8(_encode_json(
+            _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))))
     else:
         try:
             # bytes are the response as they are, as awslambdaric posts them; the rest is JSON.
-            data = result if isinstance(result, bytes) else _encode_result(result).encode()
+            data = result if isinstance(result, bytes) else _utf8(_encode_result(result))
         except Exception as exc:  # whatever encoding raised, as awslambdaric catches it
-            reply = protocol.ERROR, _encode_json(_error(
-                "Runtime.MarshalError", f"Unable to marshal response: {exc}")).encode()
+            reply = protocol.ERROR, _utf8(_encode_json(_error(
+                "Runtime.MarshalError", f"Unable to marshal response: {exc}")))
         else:
             if len(data) > protocol.MAX_RESPONSE_BYTES:
-                reply = protocol.ERROR, _encode_json(_error(
-                    "Function.ResponseSizeTooLarge", protocol.RESPONSE_TOO_LARGE)).encode()
+                reply = protocol.ERROR, _utf8(_encode_json(_error(
+                    "Function.ResponseSizeTooLarge", protocol.RESPONSE_TOO_LARGE)))
             else:
                 reply = protocol.RESULT, data
     stdout, stderr = sys.stdout, sys.stderr
