@@ -421,9 +421,12 @@ async function loadHandler() {
     if (error instanceof SyntaxError) {
       throw runtimeError('Runtime.UserCodeSyntaxError', String(error), error.stack);
     }
-    if (error && (error.code === 'MODULE_NOT_FOUND' || error.code === 'ERR_MODULE_NOT_FOUND')) {
-      // The require stack would only name this shim.
-      let message = String(error).split('\nRequire stack:')[0];
+    // As AWS's runtime: require()'s MODULE_NOT_FOUND is an ImportModuleError whose message is
+    // Node's whole error, require stack included (the shim closes it where Lambda's names
+    // /var/runtime/index.mjs); an ES module's import of a missing package
+    // (ERR_MODULE_NOT_FOUND) is not caught, and reaches the caller as it is.
+    if (error && error.code === 'MODULE_NOT_FOUND') {
+      let message = String(error);
       try {
         fs.readdirSync(root);
       } catch (unreadable) {
