@@ -192,6 +192,22 @@ def test_context_invoked_function_arn_carries_the_callers_qualifier(daemon):
     assert daemon.get("/function/nodearn").json() == arn
 
 
+def test_the_request_id_is_in_the_global_where_aws_s_runtime_keeps_it(daemon):
+    # Libraries (loggers, tracers) read the invocation's id from this global, as AWS's
+    # runtime sets it: nothing during init, then each invocation's own.
+    write_function(daemon.functions, "nodeid.mjs", """
+        const REQUEST_ID = Symbol.for("aws.lambda.runtime.requestId");
+        const atInit = String(globalThis[REQUEST_ID]);
+        export const handler = async (event, context) => ({
+          atInit, now: globalThis[REQUEST_ID], context: context.awsRequestId });
+    """)
+    loaded(daemon, "nodeid")
+    for _ in range(2):
+        response = daemon.invoke("nodeid")
+        request_id = response.headers["x-amzn-requestid"]
+        assert response.json() == {"atInit": "undefined", "now": request_id, "context": request_id}
+
+
 def test_console_output_lands_between_start_and_end_with_the_request_id(daemon):
     write_function(daemon.functions, "talk.mjs", """
         export const handler = async () => {

@@ -107,7 +107,10 @@ function onFrame(kind, payload) {
 
 // -- console: Lambda's log lines, as LOG frames -----------------------------------
 
-let currentRequestId; // printed as "undefined" outside any invocation, as on Lambda
+// The invocation's request id, where AWS's runtime keeps it (LogPatch.js) and libraries
+// look for it: a global under this symbol. Printed as "undefined" before the first
+// invocation, as on Lambda.
+const REQUEST_ID = Symbol.for('aws.lambda.runtime.requestId');
 let jsonLogs = false; // AWS_LAMBDA_LOG_FORMAT=JSON: Lambda's LoggingConfig LogFormat
 
 const LEVELS = { TRACE: 1, DEBUG: 2, INFO: 3, WARN: 4, ERROR: 5, FATAL: 6 };
@@ -115,7 +118,7 @@ const LEVELS = { TRACE: 1, DEBUG: 2, INFO: 3, WARN: 4, ERROR: 5, FATAL: 6 };
 function textRecord(level, [message, ...params]) {
   // As AWS's runtime formats it: util.format(message, ...params), so console.log() is "undefined".
   const text = util.format(message, ...params).replace(/\n/g, '\r');
-  return `${new Date().toISOString()}\t${currentRequestId}\t${level}\t${text}`;
+  return `${new Date().toISOString()}\t${globalThis[REQUEST_ID]}\t${level}\t${text}`;
 }
 
 function errorFields(error) {
@@ -133,7 +136,7 @@ function jsonReplacer(_key, value) {
 /** {timestamp, level, requestId, message}: a lone argument is the message as it is, an
  * Error's fields included; more are formatted, with the first Error's fields beside. */
 function jsonRecord(level, args) {
-  const record = { timestamp: new Date().toISOString(), level, requestId: currentRequestId };
+  const record = { timestamp: new Date().toISOString(), level, requestId: globalThis[REQUEST_ID] };
   if (args.length <= 1) { // console.log() alone: no message at all, as AWS's runtime writes it
     record.message = args[0];
     try {
@@ -542,7 +545,7 @@ function invoke(payload) {
   const newline = payload.indexOf(10);
   const header = JSON.parse(payload.subarray(0, newline).toString('utf8'));
   const body = payload.subarray(newline + 1);
-  currentRequestId = header.id;
+  globalThis[REQUEST_ID] = header.id;
   process.env._X_AMZN_TRACE_ID = header.trace || traceId();
   const call = { finished: false };
   inflight = call;
