@@ -828,8 +828,10 @@ class FileTrigger(RunningTrigger):
             except Exception:
                 log.exception("function %s: rescan: cannot consider %s", self.spec.name, self.root / rel)
         if subtree is None:
-            # Entries of files that are gone: keeps the ledger as small as the dir.
-            gone = [rel for rel in recorded if rel not in found and rel not in self.pending]
+            # Entries of files that are gone: keeps the ledger as small as the dir. One the
+            # walk did not see may be of a file written after it, and fired since: kept.
+            gone = [rel for rel in recorded if rel not in found and rel not in self.pending
+                    and not os.path.lexists(self.root / rel)]
             self.ledger.forget(self.watch_key, gone)
         queued = self.fired + len(self.pending) - fired_before
         if queued or reason != "start":
