@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -73,11 +75,13 @@ def trigger_state(daemon, name: str) -> dict:
 
 
 def watching(daemon, name: str = "uploads") -> bool:
+    """The function's file trigger watches, and has looked at its dir once (a new
+    trigger has taken its baseline)."""
     response = daemon.get(f"/system/functions/{name}")
     if response.status != 200:
         return False
     states = [t.get("state", {}) for t in response.json()["triggers"] if t["type"] == "file"]
-    return bool(states) and states[0].get("status") == "watching"
+    return bool(states) and states[0].get("status") == "watching" and states[0].get("rescans", 0) >= 1
 
 
 @pytest.fixture
@@ -254,6 +258,235 @@ def test_a_file_still_open_for_writing_at_start_fires_at_its_close_not_before(se
     wait_until(lambda: records(daemon), timeout=20, message="the file to fire at its close")
     time.sleep(1)
     assert [(r["key"], r["size"]) for r in records(daemon)] == [("slow+upload.jpg", 200)]
+
+
+# -- a new trigger sees only new files, as an S3 notification sees only new objects -----------
+
+def already_there(directory: Path, names: list[str]) -> None:
+    """Files written long ago (no settle wait: without a baseline they would fire at once)."""
+    old = time.time() - 3600
+    for name in names:
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(name.encode())
+        os.utime(directory / name, (old, old))
+
+
+def baselines(daemon, name: str = "uploads") -> list[tuple[str, int]]:
+    """(dir, files taken as already there) of each baseline a function's file triggers took."""
+    return [(match.group(1), int(match.group(2))) for match in re.finditer(
+        rf"function {name}: new file trigger on (\S+) \(.*?\): (\d+) files already there taken as present",
+        daemon.output())]
+
+
+def test_a_new_trigger_does_not_fire_for_the_files_already_in_its_dir(setup):
+    start, watched = setup
+    there = ["a.jpg", "b.png", "sub/c.jpg", "red flower.jpg"]
+    already_there(watched, there + ["notes.txt"])
+    daemon = start()
+    (watched / "new.jpg").write_bytes(b"new")
+    with open(watched / "a.jpg", "ab") as handle:  # a file that was there, written again: a new version
+        handle.write(b" again")
+    wait_until(lambda: len(keys(daemon)) == 2, timeout=20, message=f"the new files to fire; got {keys(daemon)}")
+    state = trigger_state(daemon, "uploads")
+    # Queued (fired) are the two new files only; the others are in the ledger as they are.
+    assert state["fired"] == 2 and state["pending"] == 0, state
+    assert state["ledger_entries"] == 5, state
+    assert sorted(keys(daemon)) == ["a.jpg", "new.jpg"]
+    # Said once, with how many files were taken as there: why nothing fired.
+    assert baselines(daemon) == [(str(watched), 4)], daemon.output()
+
+
+def test_files_dropped_while_down_fire_at_the_next_start_of_a_known_trigger(setup, start_daemon,
+                                                                            functions_dir):
+    start, watched = setup
+    already_there(watched, ["before.jpg"])
+    daemon = start()
+    assert daemon.stop() == 0
+    assert baselines(daemon) == [(str(watched), 1)] and keys(daemon) == []
+    already_there(watched, ["down-1.jpg", "sub/down-2.png"])
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: len(keys(daemon)) == 2, timeout=20,
+               message=f"the files dropped while down to fire; got {keys(daemon)}")
+    state = trigger_state(daemon, "uploads")
+    assert state["fired"] == 2 and state["pending"] == 0, state
+    assert sorted(keys(daemon)) == ["down-1.jpg", "sub/down-2.png"]
+    assert baselines(daemon) == []  # known: no baseline this time
+
+
+def test_a_file_still_open_for_writing_when_a_new_trigger_looks_fires_at_its_close(setup):
+    start, watched = setup
+    already_there(watched, ["done.jpg"])
+    with open(watched / "slow upload.jpg", "wb") as handle:
+        handle.write(b"x" * 100)
+        handle.flush()
+        daemon = start()
+        assert trigger_state(daemon, "uploads")["fired"] == 0
+        handle.write(b"y" * 100)
+    wait_until(lambda: records(daemon), timeout=20, message="the file to fire at its close")
+    assert trigger_state(daemon, "uploads")["fired"] == 1
+    assert [(r["key"], r["size"]) for r in records(daemon)] == [("slow+upload.jpg", 200)]
+    assert baselines(daemon) == [(str(watched), 1)]
+
+
+def test_files_written_while_a_new_trigger_takes_its_baseline_fire(setup, tmp_path):
+    """The dir is scanned while files keep coming: each written once the trigger watches
+    fires, also while inotify's events reach the daemon late (watchdog holds the events
+    behind a file moved out of the tree for up to 0.5 s, waiting for a move back in)."""
+    start, watched = setup
+    there = [f"d{i // 100:02d}/old-{i:04d}.jpg" for i in range(3000)]  # a scan that takes a while
+    already_there(watched, there)
+    written: list[str] = []
+    marks: dict[str, int] = {}  # log line -> how many files were written before it was seen
+    stop = threading.Event()
+
+    def write_while_starting() -> None:
+        lines = {"watching": f"watching {watched} for", "baseline": "new file trigger on"}
+        while not stop.is_set() and len(written) < marks.get("baseline", 10**6) + 20:
+            log = next(iter(tmp_path.glob("daemon-*.log")), None)
+            output = log.read_text(errors="replace") if log else ""
+            for mark, line in lines.items():
+                if mark not in marks and line in output:
+                    marks[mark] = len(written)
+                    if mark == "watching":
+                        os.rename(watched / there[0], tmp_path / "moved-out.jpg")
+            name = f"race-{len(written):04d}.jpg"
+            (watched / name).write_bytes(b"r")
+            written.append(name)
+
+    writer = threading.Thread(target=write_while_starting)
+    writer.start()
+    try:
+        daemon = start()
+    finally:
+        stop.set()
+        writer.join()
+    after = set(written[marks["watching"]:])
+    assert marks["baseline"] > marks["watching"], marks  # some came between the watch and the baseline
+    wait_until(lambda: set(keys(daemon)) >= after, timeout=60,
+               message=f"the {len(after)} files written once the trigger watched to fire; "
+                       f"missing {sorted(after - set(keys(daemon)))[:5]}")
+    # Every file ends up in the ledger, taken as there or fired: none is lost.
+    wait_until(lambda: trigger_state(daemon, "uploads")["ledger_entries"] == len(there) - 1 + len(written),
+               timeout=20, message="every file in the ledger")
+    wait_until(lambda: len(keys(daemon)) == trigger_state(daemon, "uploads")["fired"], timeout=60,
+               message="every event to run")
+    assert not set(keys(daemon)) & set(there)
+    assert len(keys(daemon)) == len(set(keys(daemon)))
+
+
+def test_a_trigger_added_by_hot_reload_does_not_fire_for_the_files_already_in_its_dir(
+        start_daemon, functions_dir, tmp_path):
+    watched = tmp_path / "data" / "uploads"
+    already_there(watched, ["a.jpg", "b.jpg"])
+    daemon = start_daemon(functions_dir)
+    recorder(functions_dir)  # a new function, dropped into functions/
+    wait_until(lambda: watching(daemon), message="the new function's trigger to watch")
+    (watched / "c.jpg").write_bytes(b"c")
+    wait_until(lambda: "c.jpg" in keys(daemon), timeout=20, message=f"c.jpg to fire; got {keys(daemon)}")
+    assert trigger_state(daemon, "uploads")["fired"] == 1
+    assert keys(daemon) == ["c.jpg"]
+    assert baselines(daemon) == [(str(watched), 2)]
+
+
+def test_a_trigger_moved_to_another_dir_or_given_other_patterns_takes_a_new_baseline(
+        start_daemon, functions_dir, tmp_path):
+    first, second = tmp_path / "data" / "first", tmp_path / "data" / "second"
+    already_there(second, ["s1.jpg", "s2.png"])
+    daemon = start_daemon(functions_dir)
+    recorder(functions_dir, dir="first", patterns='["*.jpg"]')
+    wait_until(lambda: watching(daemon))
+    (first / "f.jpg").write_bytes(b"f")
+    wait_until(lambda: keys(daemon) == ["f.jpg"], timeout=20)
+
+    recorder(functions_dir, dir="second", patterns='["*.jpg"]')
+    wait_until(lambda: trigger_state(daemon, "uploads").get("dir") == str(second)
+               and watching(daemon), message="the trigger to move")
+    (second / "s3.jpg").write_bytes(b"s3")
+    wait_until(lambda: "s3.jpg" in keys(daemon), timeout=20)
+    assert trigger_state(daemon, "uploads")["fired"] == 1
+    assert baselines(daemon)[-1] == (str(second), 1)
+
+    # Other patterns, same dir: s2.png, which they match now, was there before: no event.
+    recorder(functions_dir, dir="second", patterns='["*.jpg", "*.png"]')
+    wait_until(lambda: trigger_state(daemon, "uploads").get("patterns") == ["*.jpg", "*.png"]
+               and watching(daemon), message="the trigger to take its new patterns")
+    (second / "s4.png").write_bytes(b"s4")
+    wait_until(lambda: "s4.png" in keys(daemon), timeout=20)
+    assert trigger_state(daemon, "uploads")["fired"] == 1
+    assert keys(daemon) == ["f.jpg", "s3.jpg", "s4.png"]
+    assert baselines(daemon)[-1] == (str(second), 3)
+
+
+def test_a_function_deleted_and_added_again_sees_only_files_created_after(start_daemon, functions_dir,
+                                                                          tmp_path):
+    watched = tmp_path / "data" / "uploads"
+    daemon = start_daemon(functions_dir)
+    recorder(functions_dir)
+    wait_until(lambda: watching(daemon))
+    (watched / "one.jpg").write_bytes(b"1")
+    wait_until(lambda: keys(daemon) == ["one.jpg"], timeout=20)
+
+    shutil.rmtree(functions_dir / "uploads")
+    wait_until(lambda: daemon.get("/system/functions/uploads").status == 404)
+    already_there(watched, ["while-deleted.jpg"])
+    recorder(functions_dir)
+    wait_until(lambda: watching(daemon), message="the function to come back")
+    (watched / "two.jpg").write_bytes(b"2")
+    wait_until(lambda: "two.jpg" in keys(daemon), timeout=20)
+    assert trigger_state(daemon, "uploads")["fired"] == 1
+    assert baselines(daemon)[-1] == (str(watched), 2)
+    assert daemon.stop() == 0
+
+    # Deleted while the daemon was down: forgotten at its next start, just the same.
+    shutil.rmtree(functions_dir / "uploads")
+    daemon = start_daemon(functions_dir)
+    assert daemon.stop() == 0
+    already_there(watched, ["while-down.jpg"])
+    recorder(functions_dir)
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: watching(daemon))
+    (watched / "three.jpg").write_bytes(b"3")
+    wait_until(lambda: "three.jpg" in keys(daemon), timeout=20)
+    assert trigger_state(daemon, "uploads")["fired"] == 1
+    assert keys(daemon) == ["one.jpg", "two.jpg", "three.jpg"]
+    assert baselines(daemon) == [(str(watched), 4)]
+
+
+def test_the_first_start_after_an_upgrade_fires_what_arrived_while_down_for_the_triggers_it_knew(
+        start_daemon, functions_dir, tmp_path):
+    """A ledger written by a faasd without baselines: a watch it has files of is known."""
+    data = tmp_path / "data"
+    kept, fresh = data / "uploads", data / "fresh"
+    already_there(kept, ["fired-before.jpg", "arrived-while-down.jpg"])
+    already_there(fresh, ["there.jpg"])
+    ident = os.stat(kept / "fired-before.jpg")
+    (data / "triggers").mkdir(parents=True)
+    with sqlite3.connect(data / "triggers" / "files.db") as db:
+        db.executescript(OLD_LEDGER_SCHEMA)
+        db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (f"uploads:{kept}", "fired-before.jpg", ident.st_ino, ident.st_size,
+                    ident.st_mtime_ns, "0b2d3c6e-0000-4000-8000-000000000000", time.time() - 600))
+    db.close()
+    recorder(functions_dir)
+    recorder(functions_dir, name="newer", dir="fresh")
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: watching(daemon) and watching(daemon, "newer"))
+    wait_until(lambda: "arrived-while-down.jpg" in keys(daemon), timeout=20,
+               message=f"the file that arrived while down to fire; got {keys(daemon)}")
+    assert trigger_state(daemon, "newer")["fired"] == 0
+    assert trigger_state(daemon, "uploads")["fired"] == 1
+    assert keys(daemon) == ["arrived-while-down.jpg"]
+    assert baselines(daemon) == [] and baselines(daemon, "newer") == [(str(fresh), 1)]
+
+
+# The ledger of faasd before baselines (a watch's files, no table of watches).
+OLD_LEDGER_SCHEMA = """
+CREATE TABLE files (
+    watch TEXT NOT NULL, path TEXT NOT NULL, inode INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, request_id TEXT NOT NULL, fired_at REAL NOT NULL,
+    PRIMARY KEY (watch, path)
+) WITHOUT ROWID;
+"""
 
 
 def test_kill_9_right_after_a_burst_loses_no_file(setup, start_daemon, functions_dir):
@@ -434,14 +667,14 @@ def test_a_symlink_out_of_the_watched_dir_never_fires(setup, start_daemon, funct
     secret = tmp_path / "secret.txt"
     secret.write_text("pin=4821\n")
     secret.chmod(0o600)
+    assert start().stop() == 0  # the trigger is known now: what arrives while down fires at start
     inside = watched / "real.jpg"
-    watched.mkdir(parents=True)
     inside.write_bytes(b"real")
     old = time.time() - 60
     os.utime(inside, (old, old))
-    # Here before the start: found by its rescan.
+    # Arrived while down: found by the start-up rescan.
     (watched / "early.jpg").symlink_to(secret)
-    daemon = start()
+    daemon = start_daemon(functions_dir)
     wait_until(lambda: "real.jpg" in keys(daemon), timeout=20, message="the real file to fire")
     # Moved into place, as an uploader could: the move's event.
     staging = tmp_path / "staging"

@@ -76,6 +76,9 @@ class TriggerSource(ABC):
         """Why this source starts nothing for `spec` (e.g. no broker configured), or None."""
         return None
 
+    def applied(self, name: str, spec: FunctionSpec | None) -> None:
+        """`name`'s triggers are in line with `spec` now (None: the function is gone)."""
+
     # -- lifecycle ---------------------------------------------------------------------
 
     async def attach(self) -> None:
@@ -131,6 +134,7 @@ class TriggerSource(ABC):
                 self.running[(name, index)] = (fingerprint, running)
             for key in [k for k in self.failures if k[0] == name and k[1] not in wanted]:
                 del self.failures[key]
+            self.applied(name, spec)
             if spec is None:
                 self._locks.pop(name, None)
 

@@ -12,16 +12,29 @@ watched tree (rsync, "write a temp file then rename"). Subdirectories are
 watched. Never: hidden files (or files in hidden directories), temp files
 (`*.tmp`, `*.part`, `*~`, ...), names that match none of `patterns`.
 
+A new trigger sees only new files, as an S3 notification sees only the
+objects created after it was configured. A trigger the ledger does not know
+(a new function or trigger, another dir or other patterns, the first start
+of a data dir) takes a baseline: the files already in its dir are recorded
+as there, and never fire unless they change. What is created once it is
+configured fires: inotify watches before the dir is scanned, and a file
+that inotify reports, or whose ctime says it changed since, is new. A file
+that is open for writing then fires at its close. One info line per
+baseline says how many files were taken as there.
+
 Nothing is lost, nothing fires twice. Every file that fired is in a ledger,
 `<data-dir>/triggers/files.db`, with the identity it had (inode, size,
 mtime): a file fires again only when it changes. The ledger is written only
 after the queue has the event on disk. A file whose event the queue could
 not store (a full disk) waits, and is offered again after 1 s, doubling up
 to 30 s, until it is queued, for as long as it exists unchanged (a change
-is an event of its own). At start, and whenever inotify
-reports that its queue overflowed (events were dropped), the tree is
-rescanned and every matching file not in the ledger fires: files that
-arrived while the daemon was down or during the overflow are caught up.
+is an event of its own). At the start of a trigger the ledger knows, and
+whenever inotify reports that its queue overflowed (events were dropped),
+the tree is rescanned and every matching file not in the ledger fires:
+files that arrived while the daemon was down or during the overflow are
+caught up. The ledger forgets the triggers a function no longer has, and
+all of a deleted function's: added again, a trigger is new (see
+FileSource.applied).
 A file found by a rescan that some process still has open for writing is
 being written: it fires at its close. One modified in the last `SETTLE_S`
 seconds may be too, by a process the daemon cannot look into (another
@@ -56,6 +69,7 @@ import threading
 import time
 import uuid
 import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_plus
@@ -98,6 +112,12 @@ ETAG_BATCH_FILE_SIZE = 256 * 1024
 ETAG_BATCH_FILES = 64
 REQUEST_ID_NAMESPACE = uuid.UUID("6f3a5e2c-8d1b-4c7e-9a0f-2b4d6e8f1a3c")
 
+# The kernel stamps files with a clock that lags the one time.time_ns() reads
+# by up to a tick: a file changed just after a trigger was set up may look
+# this much older.
+FILE_CLOCK_LAG_NS = 20_000_000
+BASELINE = "baseline"  # the request id of a ledger entry for a file that was already there
+
 Identity = tuple[int, int, int]  # inode, size, mtime_ns
 
 LEDGER_SCHEMA = """
@@ -112,6 +132,18 @@ CREATE TABLE IF NOT EXISTS files (
     PRIMARY KEY (watch, path)
 ) WITHOUT ROWID;
 """
+# The triggers whose baseline was taken: a trigger not in it is new. A ledger
+# of an older faasd has no such table: each watch it has files of is known,
+# its patterns not (''), so that an upgrade fires what arrived while down.
+WATCHES_SCHEMA = """
+CREATE TABLE watches (
+    watch TEXT NOT NULL,          -- as in files
+    patterns TEXT NOT NULL,       -- the trigger's patterns (patterns_key), '' if not known
+    since REAL NOT NULL,
+    PRIMARY KEY (watch, patterns)
+) WITHOUT ROWID;
+INSERT INTO watches SELECT DISTINCT watch, '', 0 FROM files;
+"""
 
 
 class Ledger:
@@ -120,6 +152,52 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.db = open_state_db(path, LEDGER_SCHEMA)
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'watches'").fetchone() is None:
+            self.db.executescript(f"BEGIN; {WATCHES_SCHEMA} COMMIT;")
+
+    def knows(self, watch: str, patterns: str) -> bool:
+        """Whether the trigger (`watch`, `patterns`) took its baseline, here or in an older faasd."""
+        return self.db.execute("SELECT 1 FROM watches WHERE watch = ? AND patterns IN (?, '')",
+                               (watch, patterns)).fetchone() is not None
+
+    def know(self, watch: str, patterns: str, present: dict[str, Identity] | None = None) -> None:
+        """The trigger is known from now on; `present`: its baseline, the files already there."""
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                [(watch, rel, *ident, BASELINE, time.time())
+                                 for rel, ident in (present or {}).items()])
+            self.db.execute("INSERT OR REPLACE INTO watches VALUES (?, ?, ?)", (watch, patterns, time.time()))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def functions(self) -> set[str]:
+        """The functions the ledger has watches or files of."""
+        rows = self.db.execute("SELECT watch FROM watches UNION SELECT DISTINCT watch FROM files")
+        return {watch.split(":", 1)[0] for (watch,) in rows}
+
+    def keep_only(self, function: str, in_use: set[tuple[str, str]]) -> None:
+        """Forget `function`'s triggers other than `in_use` (watch, patterns), and the files
+        of its watches no trigger in use has."""
+        prefix = function + ":"
+        watches = {watch for watch, _ in in_use}
+        self.db.execute("BEGIN")
+        try:
+            for watch, patterns in self.db.execute(
+                    "SELECT watch, patterns FROM watches WHERE substr(watch, 1, ?) = ?",
+                    (len(prefix), prefix)).fetchall():
+                if (watch, patterns) not in in_use:
+                    self.db.execute("DELETE FROM watches WHERE watch = ? AND patterns = ?", (watch, patterns))
+            for (watch,) in self.db.execute("SELECT DISTINCT watch FROM files WHERE substr(watch, 1, ?) = ?",
+                                            (len(prefix), prefix)).fetchall():
+                if watch not in watches:
+                    self.db.execute("DELETE FROM files WHERE watch = ?", (watch,))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def get(self, watch: str, rel: str) -> Identity | None:
         row = self.db.execute("SELECT inode, size, mtime_ns FROM files WHERE watch = ? AND path = ?",
@@ -168,6 +246,34 @@ class Ledger:
 
 def identity(st: os.stat_result) -> Identity:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def watch_of(function: str, trigger: Trigger, data_dir: Path) -> tuple[Path, str, str]:
+    """A file trigger's dir, its watch (the ledger's key of its files) and its patterns
+    as the ledger keeps them: another dir is another watch; other patterns, on the
+    same watch, another trigger."""
+    root = file_trigger_dir(trigger.get("dir"), data_dir)
+    patterns = orjson.dumps(sorted(set(trigger.get("patterns", ["*"])))).decode()
+    return root, f"{function}:{root}", patterns
+
+
+@dataclass
+class Baseline:
+    """A new trigger's first look at its dir: what is there already does not fire."""
+
+    since_ns: int  # when it was set up: a file whose ctime is later is new
+    reported: set[str] = field(default_factory=set)  # paths inotify named since: new
+
+    def is_new(self, rel: str) -> bool:
+        """Whether inotify named `rel`, or a directory it is in (moved in whole)."""
+        parts = rel.split("/")
+        return any("/".join(parts[:i]) in self.reported for i in range(1, len(parts) + 1))
+
+    def was_there(self, st: os.stat_result, now_ns: int) -> bool:
+        """Unchanged since the trigger was set up, by its ctime (which a rename, a write or
+        a touch sets, and no one can set back); a ctime ahead of our clock (another
+        machine's, on a network file system) says nothing: the file is taken as there."""
+        return not self.since_ns <= st.st_ctime_ns <= now_ns
 
 
 def is_hidden_or_temp(rel: str) -> bool:
@@ -358,6 +464,29 @@ class FileSource(TriggerSource):
         _OverflowHook.add(self)
         self.daemon.readiness_checks["file_triggers"] = self.readiness
         await super().attach()
+        for name in self.ledger.functions() - set(self.daemon.registry.specs):
+            self.applied(name, None)  # deleted while the daemon was down
+
+    def applied(self, name: str, spec: FunctionSpec | None) -> None:
+        """Forget the triggers `name` no longer has: all of them once it is deleted.
+
+        Added again later, a trigger is new and takes a baseline, as a deleted
+        and re-created S3 notification (or a re-created function) only sees
+        the objects created after it: its dir may have filled up meanwhile, and
+        firing all that at once is what a new trigger must not do. A function
+        that cannot load keeps them: its triggers are only paused, and what
+        arrives meanwhile fires once it is fixed.
+        """
+        if spec is not None and not spec.ok:
+            return
+        in_use: set[tuple[str, str]] = set()
+        for trigger in spec.triggers if spec is not None else ():
+            if trigger.type == self.kind:
+                try:
+                    in_use.add(watch_of(name, trigger, self.data_dir)[1:])
+                except (OSError, RuntimeError, TypeError, ValueError):
+                    return  # a dir that cannot be named: keep everything rather than guess
+        self.ledger.keep_only(name, in_use)
 
     def readiness(self) -> tuple[bool, str]:
         """Not ready while files wait for the queue to take their events."""
@@ -430,11 +559,11 @@ class FileTrigger(RunningTrigger):
         self.source = source
         self.spec = spec
         self.index = index
-        self.root = file_trigger_dir(trigger.get("dir"), source.data_dir)
+        self.root, self.watch_key, self.patterns_key = watch_of(spec.name, trigger, source.data_dir)
         self.patterns: list[str] = list(trigger.get("patterns", ["*"]))
         self.bucket: str = trigger.get("bucket") or self.root.name
-        self.watch_key = f"{spec.name}:{self.root}"
         self.ledger = source.ledger
+        self._baseline: Baseline | None = None  # while a new trigger has not taken its baseline
         self.pending: dict[str, Identity] = {}
         self._deferred: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -458,6 +587,11 @@ class FileTrigger(RunningTrigger):
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        since = time.time_ns() - FILE_CLOCK_LAG_NS
+        if self.ledger.knows(self.watch_key, self.patterns_key):
+            self.ledger.know(self.watch_key, self.patterns_key)  # an older faasd's watch: ours now
+        else:
+            self._baseline = Baseline(since)
         self.root.mkdir(parents=True, exist_ok=True)
         # Watch first, then rescan: a file closed in between is seen by both,
         # and the ledger makes it fire once.
@@ -571,6 +705,9 @@ class FileTrigger(RunningTrigger):
                 self.ledger.move_tree(self.watch_key, src, dest)
             elif src is not None:
                 self.ledger.forget_tree(self.watch_key, src)
+            if dest is not None and self._baseline is not None and src is None:
+                # Moved in whole: its files keep their ctimes, but none was there before.
+                self._baseline.reported.add(dest)
             if dest is not None:
                 # Files inside arrived complete, with no event of their own.
                 self.request_rescan(f"directory {dest} moved in", subtree=dest)
@@ -636,6 +773,8 @@ class FileTrigger(RunningTrigger):
         """Fire `rel` if it matches, is a regular file and is not already fired as it is now."""
         if self._stopped or not matches(rel, self.patterns):
             return
+        if self._baseline is not None:
+            self._baseline.reported.add(rel)  # written since the watch began: not a file already there
         try:
             st = _stat_inside(self.root, rel)
         except OSError:
@@ -801,16 +940,33 @@ class FileTrigger(RunningTrigger):
                 return
             reason, subtree, self._rescan_again = self._rescan_again, None, None
 
+    def _take_baseline(self, baseline: Baseline, stats: dict[str, os.stat_result], writing: set[str]) -> None:
+        """Record the files already in a new trigger's dir as seen, without firing them (as S3
+        notifies only the objects created after a notification is configured). The others,
+        inotify's or changed since, and those still open for writing, are left to the rescan."""
+        now = time.time_ns()
+        present = {rel: identity(st) for rel, st in stats.items()
+                   if baseline.was_there(st, now) and rel not in writing
+                   and not baseline.is_new(rel) and is_utf8(rel)}
+        self.ledger.know(self.watch_key, self.patterns_key, present)
+        self._baseline = None
+        log.info("function %s: new file trigger on %s (%s): %d files already there taken as "
+                 "present, not fired; files written from now on fire", self.spec.name, self.root,
+                 ", ".join(self.patterns), len(present))
+
     async def _rescan_once(self, reason: str, subtree: str | None) -> None:
         top = self.root / subtree if subtree else self.root
         patterns = self.patterns
         root = self.root
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(None, _walk, root, top, patterns)
-        writing = await self._being_written() if found else set()
+        stats = await loop.run_in_executor(None, _walk, root, top, patterns)
+        writing = await self._being_written() if stats else set()
         if self._stopped:
             return
         self.rescans += 1
+        if self._baseline is not None and subtree is None:
+            self._take_baseline(self._baseline, stats, writing)
+        found = {rel: identity(st) for rel, st in stats.items()}
         recorded = self.ledger.all(self.watch_key)
         now = time.time()
         fired_before = self.fired + len(self.pending)
@@ -887,9 +1043,9 @@ def _stat_inside(root: Path, rel: str) -> os.stat_result | None:
     return st
 
 
-def _walk(root: Path, top: Path, patterns: list[str]) -> dict[str, Identity]:
-    """Every matching regular file under `top` (runs in a thread)."""
-    found: dict[str, Identity] = {}
+def _walk(root: Path, top: Path, patterns: list[str]) -> dict[str, os.stat_result]:
+    """Every matching regular file under `top`, with its stat (runs in a thread)."""
+    found: dict[str, os.stat_result] = {}
     for directory, dirs, files in os.walk(top):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         base = os.path.relpath(directory, root)
@@ -902,7 +1058,7 @@ def _walk(root: Path, top: Path, patterns: list[str]) -> dict[str, Identity]:
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode):
-                found[rel] = identity(st)
+                found[rel] = st
     return found
 
 
