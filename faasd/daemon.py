@@ -253,10 +253,14 @@ class Daemon:
         app = build_app(self)
         # keepalive_timeout also bounds how long a client may take to send a
         # request's headers (slow-loris): aiohttp closes a connection still
-        # waiting for a complete request when it fires.
+        # waiting for a complete request when it fires. Bodies are kept as
+        # sent: API Gateway hands a gzip body to the handler still compressed,
+        # beside its content-encoding header, and a SigV4 signature covers
+        # the bytes on the wire.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=HTTP_GRACE_S,  # after _stop_http's own wait
-                                     keepalive_timeout=config.server.idle_timeout_s)
+                                     keepalive_timeout=config.server.idle_timeout_s,
+                                     auto_decompress=False)
         await self._runner.setup()
         if sock is not None:
             site: web.BaseSite = web.SockSite(self._runner, sock)

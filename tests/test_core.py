@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import math
 import os
@@ -171,6 +173,21 @@ def test_binary_bodies_round_trip_base64(daemon):
     assert response.status == 201
     assert response.body == blob[::-1]
     assert response.headers["content-type"] == "application/octet-stream"
+
+
+def test_a_compressed_body_reaches_the_handler_as_sent_with_its_content_encoding(daemon):
+    """API Gateway and function URLs pass a body on as the client sent it: a
+    handler that honours `content-encoding` gets the gzip bytes (base64, being
+    binary) and decompresses them itself, on AWS and here alike."""
+    write_function(daemon.functions, "echo.py", ECHO)
+    loaded(daemon, "echo")
+    sent = gzip.compress(b'{"k": "v"}')
+    event = http("POST", daemon.url + "/function/echo", sent, headers={
+        "Content-Type": "application/json", "Content-Encoding": "gzip"}).json()
+    assert event["headers"]["content-encoding"] == "gzip"
+    assert event["isBase64Encoded"] is True
+    assert base64.b64decode(event["body"]) == sent
+    assert event["headers"]["content-length"] == str(len(sent))
 
 
 def test_payload_2_0_response_rules(daemon):
