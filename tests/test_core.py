@@ -314,6 +314,29 @@ def test_http_trigger_routes_with_path_parameters_and_methods(daemon):
     assert "allow" not in wrong_method.headers
 
 
+def test_a_head_request_served_by_a_get_route_names_that_route(daemon):
+    """routeKey is the key of a route the function has: a handler that
+    dispatches on it finds `GET /...` for the HEAD its GET route serves."""
+    write_function(daemon.functions, "keys/handler.py", """
+        def handler(event, context):
+            return {"statusCode": 200, "body": "",
+                    "headers": {"x-route-key": event["routeKey"],
+                                "x-context-route-key": event["requestContext"]["routeKey"],
+                                "x-method": event["requestContext"]["http"]["method"]}}
+    """)
+    write_function(daemon.functions, "keys/function.toml", """
+        [[triggers]]
+        type = "http"
+        path = "/keys/{id}"
+        methods = ["GET", "POST"]
+    """)
+    wait_until(lambda: daemon.get("/keys/1").status == 200)
+    head = http("HEAD", daemon.url + "/keys/1").headers
+    assert (head["x-route-key"], head["x-context-route-key"], head["x-method"]) == (
+        "GET /keys/{id}", "GET /keys/{id}", "HEAD")
+    assert daemon.post("/keys/1", "x").headers["x-route-key"] == "POST /keys/{id}"
+
+
 NAMED = """
 import os
 def handler(event, context):

@@ -43,7 +43,15 @@ class Route:
     auth: str | None = None  # None (public), "key" or "function:NAME" (faasd/auth.py)
 
     def route_key(self, method: str) -> str:
-        return f"{'ANY' if 'ANY' in self.methods else method} {self.template}"
+        """The key of the route `method` was served by, as API Gateway names it: a
+        route key the function has, so HEAD served by a GET route is `GET ...`."""
+        if "ANY" in self.methods:
+            declared = "ANY"
+        elif method in self.methods:
+            declared = method
+        else:
+            declared = "GET"  # HEAD, which RouteTable.match gives to a GET route
+        return f"{declared} {self.template}"
 
 
 # A route parameter is a whole segment of the path: `{name}`, or `{name+}` for
