@@ -46,6 +46,9 @@ from .workers import ReplyPoller, WorkerEnvironment, compile_shim
 log = logging.getLogger("faasd")
 # What is still in progress when the drain ends gets this long before it is cancelled.
 HTTP_GRACE_S = 1.0
+# An API Gateway HTTP API takes a request line and headers of up to 10240
+# bytes: a large token or a site's cookies pass aiohttp's 8190 a line.
+MAX_HEADER_BYTES = 10240
 # Not in use by design, or by the operator's choice: no gap to warn of at start.
 NOT_ISOLATION_GAPS = {"pid_namespace", "network_namespace", "function_users", "api_auth",
                       "api_closed_to_workers"}
@@ -260,7 +263,8 @@ class Daemon:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                      shutdown_timeout=HTTP_GRACE_S,  # after _stop_http's own wait
                                      keepalive_timeout=config.server.idle_timeout_s,
-                                     auto_decompress=False)
+                                     auto_decompress=False, max_line_size=MAX_HEADER_BYTES,
+                                     max_field_size=MAX_HEADER_BYTES)
         await self._runner.setup()
         if sock is not None:
             site: web.BaseSite = web.SockSite(self._runner, sock)

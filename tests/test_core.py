@@ -190,6 +190,22 @@ def test_a_compressed_body_reaches_the_handler_as_sent_with_its_content_encoding
     assert event["headers"]["content-length"] == str(len(sent))
 
 
+def test_headers_and_urls_as_long_as_api_gateway_takes_reach_the_handler(daemon):
+    """An HTTP API takes a request line and headers of up to 10240 bytes: a
+    9 KB token or cookie header, or a 9 KB URL, is served, not refused."""
+    write_function(daemon.functions, "echo.py", ECHO)
+    loaded(daemon, "echo")
+    token = "t" * 9000
+    query = "q=" + "u" * 9000
+    response = daemon.get(f"/function/echo?{query}", headers={"Authorization": f"Bearer {token}",
+                                                             "Cookie": f"session={token}"})
+    assert response.status == 200, response.text
+    event = response.json()
+    assert event["headers"]["authorization"] == f"Bearer {token}"
+    assert event["cookies"] == [f"session={token}"]
+    assert event["rawQueryString"] == query
+
+
 def test_payload_2_0_response_rules(daemon):
     write_function(daemon.functions, "resp.py", """
         def handler(event, context):

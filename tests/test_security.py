@@ -465,7 +465,7 @@ BAD_REQUESTS = [
      b"Content-Length: 9\r\n\r\n{\"a\": 1,}", {400}),
     (b"GET /function/hello HTTP/1.1\r\nHost: localhost\r\nX-Null: a\x00b\r\n\r\n", {400}),
     (b"GET /function/hello?a=\xff HTTP/1.1\r\nHost: localhost\r\n\r\n", {400}),
-    (b"GET /function/hello HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", {400, 431}),
+    (b"GET /function/hello HTTP/1.1\r\nHost: localhost\r\nX-Long: " + b"a" * 11000 + b"\r\n\r\n", {400, 431}),
     (b"GET /function/hello HTTP/1.1\r\nHost: localhost\r\n" + b"X-Many: 1\r\n" * 200 + b"\r\n", {400, 431}),
     (b"POST /function/hello HTTP/1.1\r\nHost: localhost\r\nContent-Length: -1\r\n\r\n", {400}),
     (b"POST /function/hello HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}", {400}),
