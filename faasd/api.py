@@ -113,7 +113,11 @@ def http_trigger_handler(daemon: "Daemon"):
                                 path_parameters=params, request_id=request_id)
             if authorizer is not None:
                 event["requestContext"]["authorizer"] = authorizer
-            invocation = await invoker.invoke(name, orjson.dumps(event), request_id=request_id,
+            payload = orjson.dumps(event)
+            if len(payload) > limit:
+                # Lambda's limit is the event's: a binary body grows by a third as base64.
+                raise _too_large(limit)
+            invocation = await invoker.invoke(name, payload, request_id=request_id,
                                               source="http", trace_id=event["headers"]["x-amzn-trace-id"])
         except InvokeRefused as exc:
             headers = {"X-Amzn-ErrorType": exc.error_type}

@@ -92,7 +92,7 @@ def _invoke_path(summary: str, params: list[dict[str, Any]]) -> dict[str, Any]:
         "404": _json(MESSAGE, "No such function"),
         "405": _json(MESSAGE, "Method not allowed on this route"),
         "408": _json(MESSAGE, "The request body stalled"),
-        "413": _json(MESSAGE, "Body over [server] max_body_mb"),
+        "413": _json(MESSAGE, "Body, or the event it makes (a binary body is base64), over [server] max_body_mb"),
         "429": _json(MESSAGE, "Throttled"),
         "502": _json(MESSAGE, "The function (or its authorizer) failed"),
         "503": _json(MESSAGE, "faasd is shutting down"),

@@ -642,6 +642,23 @@ def test_body_over_the_limit_is_413(start_daemon, functions_dir):
     assert daemon.post("/function/ok", b"small").status == 200
 
 
+def test_the_limit_counts_the_event_so_a_binary_body_base64_makes_larger_is_413(start_daemon, functions_dir):
+    """Lambda's payload limit is the event's size: a binary body, base64 in the
+    event, fits only if three quarters of the limit does, on AWS and here alike."""
+    write_function(functions_dir, "size.py", """
+        def handler(event, context):
+            return len(event["body"])
+    """)
+    daemon = start_daemon(functions_dir, env={"FAASD_SERVER_MAX_BODY_MB": "1"})
+    body = b"x" * (800 * 1024)
+    assert daemon.post("/function/size", body, headers={"Content-Type": "text/plain"}).json() == len(body)
+    refused = daemon.post("/function/size", body, headers={"Content-Type": "application/octet-stream"})
+    assert refused.status == 413, refused.text
+    assert refused.json() == {"message": "Request Entity Too Large"}
+    assert refused.headers["x-amzn-errortype"] == "RequestTooLargeException"
+    assert daemon.log_of("size").count("START RequestId") == 1  # the text body's call alone ran
+
+
 def test_a_function_that_fails_to_load_is_reported_and_others_keep_working(daemon):
     write_function(daemon.functions, "good.py", ECHO)
     write_function(daemon.functions, "syntax.py", "def handler(event, context:\n    return 1\n")
