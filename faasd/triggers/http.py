@@ -327,7 +327,8 @@ def build_response(payload: bytes | None) -> web.Response:
 
     A dict with `statusCode` is the response; it must have API Gateway's
     shape, or MalformedResponse says what is wrong with it. Any other value
-    is the JSON body of a 200.
+    is the JSON body of a 200. Payload 2.0 has no `multiValueHeaders`: an
+    HTTP API and a function URL ignore them, and so does faasd.
     """
     if payload is None:
         return web.Response(status=200, body=b"null", content_type="application/json")
@@ -356,17 +357,6 @@ def build_response(payload: bytes | None) -> web.Response:
         for key, item in single.items():
             if key.lower() not in DROPPED_RESPONSE_HEADERS:
                 headers[_header_name(key)] = _header_value(key, item)
-    multi = value.get("multiValueHeaders")
-    if multi:
-        if not isinstance(multi, dict):
-            raise MalformedResponse(f"multiValueHeaders must be an object, not {_kind(multi)}")
-        for key, items in multi.items():
-            if key.lower() in DROPPED_RESPONSE_HEADERS:
-                continue
-            name = _header_name(key)
-            headers.popall(name, None)
-            for item in items if isinstance(items, list) else [items]:
-                headers.add(name, _header_value(name, item))
     cookies = value.get("cookies")
     if cookies:
         if not isinstance(cookies, list):
