@@ -77,6 +77,18 @@ class WorkerCgroup:
             pass
         return 0
 
+    def lift_limit(self) -> None:
+        """Take the memory limit off (OOM reporting stays as it was)."""
+        if self.version == 2:
+            (self.path / "memory.max").write_text("max")
+            return
+        # The swap limit first: the memory limit may not be set above it.
+        try:
+            (self.path / "memory.memsw.limit_in_bytes").write_text("-1")
+        except OSError:
+            pass  # no swap accounting
+        (self.path / "memory.limit_in_bytes").write_text("-1")
+
     def pids(self) -> list[int]:
         return read_pids(str(self.path))
 

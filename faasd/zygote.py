@@ -148,7 +148,23 @@ class Template(ProcessWorker):
 
     async def start(self) -> None:
         await super().start()
+        if self.cgroup is not None and not self.unsafe:
+            self._lift_memory_limit(self.cgroup)
         self._top_up()
+
+    def _lift_memory_limit(self, cgroup: WorkerCgroup) -> None:
+        """The function's memory limit held the template's init, the function's code;
+        from now on it only forks. Each fork's page tables, and the pages it copies
+        before it joins its own group, stay charged to the template's group for the
+        fork's life: some ninety forks of a 128 MB function would pass that limit,
+        and the kernel would kill the template and with it every worker it forked."""
+        try:
+            cgroup.lift_limit()
+        except FileNotFoundError:
+            pass  # dropped while it started (its code changed again): its group went with it
+        except OSError as exc:
+            log.warning("cannot lift the memory limit of %s's template (%s): a burst of "
+                        "workers may pass it and stop the template", self.spec.name, exc)
 
     @property
     def ready(self) -> bool:

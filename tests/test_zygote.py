@@ -277,6 +277,23 @@ def test_when_the_template_dies_workers_are_spawned_again(daemon):
                message=f"the dead template's cgroups and tmp dir to go: {left}")
 
 
+def test_a_burst_of_forked_workers_leaves_their_template_running(daemon):
+    # Each fork leaves some memory (page tables, pages it copied before it
+    # joined its own group) charged to its template's cgroup while it lives:
+    # forty at once are more than a 32 MB function's limit.
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\nmemory_mb = 32\n")
+    write_function(daemon.functions, "fn.py", STATE)
+    loaded(daemon, "fn")
+    daemon.invoke("fn")
+    template = ready_template(daemon, "fn")
+    results = concurrent(daemon, "fn", [{"sleep": 2}] * 40)
+    failed = [r for r in results if not r.get("pid")]
+    assert not failed, f"{len(failed)} of 40 failed, e.g. {failed[0]}"
+    assert len({r["pid"] for r in results}) > 20  # the calls did overlap
+    assert template_of(daemon, "fn")["pid"] == template["pid"]
+    assert "died" not in daemon.output()
+
+
 def spares_of(daemon, name: str, template: dict) -> set[int]:
     """The template's children that no worker owns: its spares."""
     workers = {w["pid"] for w in daemon.function(name)["workers"]}
