@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import pwd
+import resource
 import shutil
 import signal
 import socket
@@ -158,6 +159,7 @@ class Daemon:
         if sock is None:
             check_address_free(config.server.host, config.server.port)
         undumpable = set_daemon_undumpable()
+        raise_open_files_limit()
         memory = MemoryLimits.detect()
         self._cleanups.append(memory.close)
         run_as = self._resolve_run_as()
@@ -486,6 +488,25 @@ class Daemon:
             "inflight": self.invoker.inflight,
             "isolation": self.isolation,
         }
+
+
+def raise_open_files_limit() -> None:
+    """Take the soft limit on open files up to the hard one.
+
+    Each worker holds a few of the daemon's descriptors (its pidfd, control
+    socket, output pipe and cgroup event file) and each connection one: at
+    systemd's default soft limit, 1024, a burst of some two hundred workers,
+    far under [limits] max_concurrency, failed its calls with EMFILE. The
+    hard limit is the operator's word; workers still get 1024 (sandbox.py).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:  # a hard limit over fs.nr_open
+        log.warning("cannot raise the limit on open files from %d to %d (%s): a burst of "
+                    "workers may exhaust it, and its calls fail", soft, hard, exc)
 
 
 def install_event_loop() -> str:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from support import (
-    MEMORY_HOLDER, ROOT, assert_callers_trace_ids_pass_on, assert_own_trace_ids, descendants, free_port, http,
-    loaded, max_memory_used, metric, process_state, report_of, request_lines, wait_until, write_function,
+    MEMORY_HOLDER, ROOT, assert_callers_trace_ids_pass_on, assert_own_trace_ids, concurrent, descendants,
+    free_port, http, loaded, max_memory_used, metric, process_state, report_of, request_lines, wait_until,
+    write_function,
 )
 
 HELLO = """
@@ -1343,6 +1344,27 @@ def test_the_global_limit_throttles_with_its_own_reason(start_daemon, functions_
     assert refused.status == 429
     assert refused.json() == {"message": "Too Many Requests", "reason": "ConcurrentInvocationLimitExceeded"}
     assert daemon.get("/function/other").json() == 2
+
+
+def test_a_burst_is_not_held_to_the_soft_limit_on_open_files_it_was_started_with(
+        start_daemon, functions_dir):
+    # Each worker holds a few of the daemon's descriptors: forty at once need
+    # more than 128, the soft limit here (systemd's default is 1024).
+    daemon = start_daemon(functions_dir, prefix=["prlimit", "--nofile=128:8192", "--"])
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "fn.py", """
+        import os, time
+        def handler(event, context):
+            time.sleep(2)
+            return os.getpid()
+    """)
+    loaded(daemon, "fn")
+    results = concurrent(daemon, "fn", [{}] * 40)
+    failed = [r for r in results if not isinstance(r, int)]
+    assert not failed, f"{len(failed)} of 40 failed, e.g. {failed[0]}"
+    # Function code keeps Lambda's 1024.
+    with open(f"/proc/{results[0]}/limits") as limits:
+        assert next(line for line in limits if line.startswith("Max open files")).split()[3:5] == ["1024", "1024"]
 
 
 def test_a_request_still_arriving_at_sigterm_is_served(daemon):
