@@ -1427,7 +1427,8 @@ def test_a_second_stop_signal_ends_the_drain_at_once(start_daemon, functions_dir
     results = {}
     caller = threading.Thread(target=lambda: results.update(answer=daemon.invoke("long")))
     caller.start()
-    wait_until(lambda: daemon.function("long")["inflight"] == 1, message="the call in flight")
+    # Running, past its worker's init: a call still waiting for one gets 503 when the drain ends.
+    wait_until(lambda: [w["state"] for w in daemon.workers("long")] == ["busy"], message="the call running")
     daemon.process.send_signal(signal.SIGINT)
     wait_until(lambda: "draining in-flight invocations (up to 60s)" in daemon.output(),
                message="the drain to begin")
