@@ -845,6 +845,31 @@ def _big_module(revision: int) -> str:
     return f"# revision {revision}\nTABLE = [\n{rows}]\n\ndef handler(event, context):\n    return len(TABLE)\n"
 
 
+@pytest.mark.parametrize("problem", ["syntax error", "missing handler"])
+def test_a_big_modules_syntax_error_or_missing_handler_is_a_load_error_as_a_small_ones(daemon, problem):
+    # A module over 64 KB is parsed in a child process: that child used to die at
+    # start, and such a module was then taken for a good one until a worker imported it.
+    code = ("def handler(event, context)\n    return 1\n" if problem == "syntax error"
+            else "def other(event, context):\n    return 1\n")
+    padding = "".join(f"# line {i} of a long comment that pads this module past 64 KB\n" for i in range(1200))
+    assert len(padding) > 64 * 1024
+    write_function(daemon.functions, "small.py", code)
+    write_function(daemon.functions, "big.py", padding + code)
+    loaded(daemon, "small")
+    loaded(daemon, "big")
+    small, big = daemon.function("small")["load_error"], daemon.function("big")["load_error"]
+    expected = {
+        "syntax error": "Runtime.UserCodeSyntaxError: Syntax error in module '{}': expected ':' ({}.py, line {})",
+        "missing handler": "Runtime.HandlerNotFound: Handler 'handler' missing on module '{}'",
+    }[problem]
+    assert small == expected.format("small", "small", 1)
+    assert big == expected.format("big", "big", 1201)
+    # Found before any worker starts: the call fails at once, and no worker was started.
+    error = daemon.invoke("big").json()
+    assert f"{error['errorType']}: {error['errorMessage']}" == big
+    assert daemon.function("big")["workers"] == []
+
+
 def _worst_latency_ms(daemon, seconds: float) -> float:
     worst = 0.0
     end = time.monotonic() + seconds
