@@ -40,7 +40,7 @@ from .registry import Registry
 from .reload import ConfigLoader, ReloadHook, ReloadState, reload, status_line
 from .sandbox import FunctionUsers, Sandbox, missing_python, set_daemon_undumpable, unknown_run_as
 from .sdnotify import Notifier, listen_sockets
-from .spec import DEFAULT_REGION, FunctionSpec, config_file_of, runtime_id
+from .spec import DEFAULT_REGION, FunctionSpec, InterpreterError, config_file_of, python_interpreter, runtime_id
 from .triggers.http import RouteTable
 from .workers import ReplyPoller, WorkerEnvironment, compile_shim
 
@@ -168,6 +168,10 @@ class Daemon:
         if problem:  # else taken for a host without mount namespaces
             raise ConfigError(problem)
         python = config.workers.python or sys.executable
+        try:  # asked once, off the loop: its version and site-packages are the workers'
+            await asyncio.to_thread(python_interpreter, python)
+        except InterpreterError as exc:
+            raise ConfigError(f"[workers] python: {exc}") from None
         unwritten = await asyncio.to_thread(compile_shim)
         await asyncio.to_thread(runtime_id, "node")  # asks `node --version` once, off the loop
         if unwritten:

@@ -93,13 +93,13 @@ def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
                         content_type="application/json", headers=headers)
 
 
-def function_configuration(spec: FunctionSpec, region: str) -> dict[str, Any]:
-    """FunctionConfiguration as Lambda returns it."""
+def function_configuration(spec: FunctionSpec, region: str, python: str) -> dict[str, Any]:
+    """FunctionConfiguration as Lambda returns it (`python`: the Python workers' interpreter)."""
     modified = _modified(spec)
     config: dict[str, Any] = {
         "FunctionName": spec.name,
         "FunctionArn": function_arn(spec.name, region),
-        "Runtime": runtime_id(spec.runtime),
+        "Runtime": runtime_id(spec.runtime, python),
         "Role": f"arn:aws:iam::000000000000:role/faasd-{spec.name}",
         "Handler": spec.handler,
         "CodeSize": _code_size(spec),
@@ -366,6 +366,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     invoker = daemon.invoker
     region = daemon.region
     limit = daemon.config.server.max_body_bytes
+    python = daemon.pool.env.python
 
     def target(request: web.Request, naming: Naming,
                *enums: tuple[str, str, tuple[str, ...]]) -> tuple[FunctionSpec, str | None]:
@@ -504,7 +505,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         page = specs[start:start + count]
         # Off the event loop: the configuration walks (and, once per revision,
         # hashes) each function's files.
-        configs = await asyncio.to_thread(lambda: [function_configuration(s, region) for s in page])
+        configs = await asyncio.to_thread(lambda: [configuration(s) for s in page])
         body: dict[str, Any] = {"Functions": configs}
         if start + count < len(specs):
             body["NextMarker"] = str(start + count)
@@ -522,12 +523,15 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             return web.Response(body=orjson.dumps(body), content_type="application/json")
         return handler
 
+    def configuration(spec: FunctionSpec) -> dict[str, Any]:
+        return function_configuration(spec, region, python)
+
     def concurrency(spec: FunctionSpec) -> dict[str, Any]:
         return {} if spec.concurrency is None else {"ReservedConcurrentExecutions": spec.concurrency}
 
     def function(spec: FunctionSpec) -> dict[str, Any]:
         body = {
-            "Configuration": function_configuration(spec, region),
+            "Configuration": configuration(spec),
             "Code": {"RepositoryType": "S3", "Location": f"file://{spec.source}"},
         }
         if spec.concurrency is not None:
@@ -583,10 +587,10 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     app.router.add_get(f"{API}/functions/", list_functions)  # before GetFunction, whose name may be empty
     app.router.add_get(f"{API}/functions/{name}", read_only(function, QUALIFIED))
     app.router.add_get(f"{API}/functions/{name}/configuration",
-                       read_only(lambda spec: function_configuration(spec, region), QUALIFIED))
+                       read_only(configuration, QUALIFIED))
     app.router.add_get(f"/2019-09-30/functions/{name}/concurrency", read_only(concurrency, Naming(FUNCTION_NAME)))
     app.router.add_get(f"{API}/functions/{name}/versions",
-                       read_only(lambda spec: {"Versions": [function_configuration(spec, region)]},
+                       read_only(lambda spec: {"Versions": [configuration(spec)]},
                                  Naming(NAMESPACED_FUNCTION_NAME)))
     app.router.add_get(f"{API}/functions/{name}/aliases",
                        read_only(lambda spec: {"Aliases": []}, Naming(FUNCTION_NAME)))

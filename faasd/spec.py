@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import json
 import os
 import random
 import re
@@ -31,10 +32,10 @@ from .pysource import ModuleFacts, parse
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RUNTIMES = ("python", "node", "provided")
-# Lambda's runtime identifier for each (GetFunction's `Runtime`, and what
-# AWS_EXECUTION_ENV names). Python workers run on the daemon's own interpreter.
-RUNTIME_IDS = {"python": f"python{sys.version_info.major}.{sys.version_info.minor}",
-               "node": "nodejs20.x", "provided": "provided.al2023"}
+# Lambda's runtime identifier (GetFunction's `Runtime`, and what AWS_EXECUTION_ENV
+# names) where the machine does not tell: Python's is the workers' interpreter's
+# version, Node's the `node` on PATH's, this one without a `node` (runtime_id).
+RUNTIME_IDS = {"node": "nodejs20.x", "provided": "provided.al2023"}
 FILE_RUNTIMES = {".py": "python", ".js": "node", ".mjs": "node", ".cjs": "node"}
 DEFAULT_HANDLERS = {"python": "handler.handler", "node": "index.handler", "provided": "bootstrap"}
 TRIGGER_TYPES = ("http", "file", "cron", "amqp")
@@ -752,11 +753,51 @@ def function_arn(name: str, region: str = DEFAULT_REGION) -> str:
     return f"arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{name}"
 
 
+class InterpreterError(Exception):
+    """The Python workers' interpreter could not say what it is; the text says why."""
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """What the Python workers' interpreter says of itself."""
+
+    version: tuple[int, int]
+    # Its site-packages: workers start with -S (no site.py, whose .pth files
+    # cost a start tens of ms) and put these on sys.path themselves.
+    site_packages: tuple[str, ...]
+
+
+# Run with -I but without -S: site.py is what makes a virtual environment's
+# prefix the one getsitepackages() reads.
+_ASK_INTERPRETER = ("import json, os, site, sys; print(json.dumps({'version': sys.version_info[:2], "
+                    "'site': [p for p in site.getsitepackages() if os.path.isdir(p)]}))")
+
+
 @functools.cache
-def runtime_id(runtime: str) -> str:
+def python_interpreter(python: str) -> Interpreter:
+    """Ask `python` once (a blocking child process) its version and site-packages.
+    Raises InterpreterError if it cannot answer."""
+    try:
+        done = subprocess.run([python, "-I", "-c", _ASK_INTERPRETER], capture_output=True,
+                              text=True, timeout=30, cwd="/", stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise InterpreterError(f"cannot run {python}: {exc}") from None
+    try:
+        # The last line: a .pth file of its site-packages may print too.
+        answer = json.loads(done.stdout.splitlines()[-1])
+        return Interpreter(version=tuple(answer["version"]), site_packages=tuple(answer["site"]))
+    except (ValueError, IndexError, KeyError, TypeError):
+        said = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise InterpreterError(f"{python} did not tell its version and site-packages: {said[-1]}") from None
+
+
+@functools.cache
+def runtime_id(runtime: str, python: str = sys.executable) -> str:
     """Lambda's identifier of the runtime that serves `runtime` here, as GetFunction
-    reports it and AWS_EXECUTION_ENV carries it: python3.X for the daemon's own
-    Python, nodejs<major>.x for the `node` on PATH (asked once: `node --version`)."""
+    reports it and AWS_EXECUTION_ENV carries it: python3.X for `python`, the Python
+    workers' interpreter, nodejs<major>.x for the `node` on PATH (asked once: `node --version`)."""
+    if runtime == "python":
+        return "python%d.%d" % python_interpreter(python).version
     if runtime == "node":
         major = _node_major()
         if major is not None:
@@ -777,10 +818,11 @@ def _node_major() -> int | None:
 
 
 @functools.cache
-def runtime_version(runtime: str, region: str = DEFAULT_REGION) -> tuple[str, str]:
+def runtime_version(runtime: str, region: str = DEFAULT_REGION,
+                    python: str = sys.executable) -> tuple[str, str]:
     """The runtime version that serves `runtime` and its ARN, as Lambda's INIT_START line
     names them (`python:3.13.v14`, `arn:aws:lambda:REGION::runtime:<sha256>`): here the
     runtime's identifier and the faasd release whose shim runs it, and a digest of that."""
-    version = f"{runtime_id(runtime)}:faasd-{__version__}"
+    version = f"{runtime_id(runtime, python)}:faasd-{__version__}"
     return version, f"arn:aws:lambda:{region}::runtime:{hashlib.sha256(version.encode()).hexdigest()}"
 

@@ -42,7 +42,7 @@ from .sandbox import (
     EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, MountNamespace, Sandbox,
     SandboxError, WorkerPlan, join_cgroups_of, parent_moves, private_tmpfs_usage, read_pids,
 )
-from .spec import DEFAULT_REGION, FunctionSpec, function_arn, runtime_id, runtime_version
+from .spec import DEFAULT_REGION, FunctionSpec, function_arn, python_interpreter, runtime_id, runtime_version
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 
 log = logging.getLogger("faasd.worker")
@@ -283,7 +283,7 @@ class Worker:
         if spec.application_log_level is not None:  # JSON logs: what the runtime lets through
             env["AWS_LAMBDA_LOG_LEVEL"] = spec.application_log_level
         if spec.runtime != "provided":  # Lambda's OS-only runtimes leave it unset
-            env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{runtime_id(spec.runtime)}"
+            env["AWS_EXECUTION_ENV"] = f"AWS_Lambda_{runtime_id(spec.runtime, self.env.python)}"
         return env
 
     # Subclasses implement these.
@@ -685,7 +685,7 @@ class ProcessWorker(Worker):
 
     def _log_init_start(self) -> None:
         """Lambda's first line of a new execution environment: the runtime version it runs."""
-        version, arn = runtime_version(self.spec.runtime, self.env.region)
+        version, arn = runtime_version(self.spec.runtime, self.env.region, self.env.python)
         platform = json_platform_log(self.spec)
         if platform is None:
             self._log_init(f"INIT_START Runtime Version: {version}\tRuntime Version ARN: {arn}")
@@ -1156,12 +1156,10 @@ def python_command(spec: FunctionSpec, env: WorkerEnvironment) -> list[str]:
 SITE_PATH_ENV = "_FAASD_SITE_PATH"
 
 
-@functools.cache
-def python_site_path() -> str:
-    """The daemon's site-packages directories, for workers started with -S."""
-    import site
-
-    return os.pathsep.join(p for p in site.getsitepackages() if os.path.isdir(p))
+def python_site_path(python: str) -> str:
+    """The site-packages directories of `python`, the workers' interpreter (not
+    the daemon's, which may be another version), for workers started with -S."""
+    return os.pathsep.join(python_interpreter(python).site_packages)
 
 
 def clear_bytecode(spec: FunctionSpec) -> None:
@@ -1219,7 +1217,7 @@ def create_worker(spec: FunctionSpec, env: WorkerEnvironment) -> Worker:
 
 WORKER_FACTORIES: dict[str, Callable[[FunctionSpec, WorkerEnvironment], Worker]] = {
     "python": lambda spec, env: ProcessWorker(spec, env, python_command(spec, env),
-                                              {SITE_PATH_ENV: python_site_path()}),
+                                              {SITE_PATH_ENV: python_site_path(env.python)}),
     "node": node_worker,
     "provided": provided_worker,
 }

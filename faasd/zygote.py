@@ -125,7 +125,7 @@ class Template(ProcessWorker):
 
     def __init__(self, spec: FunctionSpec, env: WorkerEnvironment) -> None:
         super().__init__(spec, env, python_command(spec, env),
-                         {SITE_PATH_ENV: python_site_path(), TEMPLATE_ENV: "1",
+                         {SITE_PATH_ENV: python_site_path(env.python), TEMPLATE_ENV: "1",
                           "_FAASD_TMP_MB": str(spec.tmp_mb)})
         self.id = "template-" + self.id
         self.tmp_dir = env.tmp_root / self.id

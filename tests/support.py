@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +36,15 @@ def lambda_client(url: str, *, key: str = "AKIDTEST", secret: str = "secret", re
     return boto3.client(
         "lambda", endpoint_url=url, region_name="us-east-1", aws_access_key_id=key, aws_secret_access_key=secret,
         config=Config(retries={"total_max_attempts": 1}, read_timeout=read_timeout, connect_timeout=5))
+
+
+def newer_python() -> str | None:
+    """An interpreter of Python 3.12 or later on this machine, for workers; None if there is none."""
+    found = [shutil.which(f"python3.{minor}") for minor in range(12, 20)]
+    found += sorted(glob.glob("/root/.pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]"))
+    return next((path for path in found if path and subprocess.run(
+        [path, "-I", "-c", "import sys; assert sys.version_info >= (3, 12)"], capture_output=True).returncode == 0),
+        None)
 
 
 def free_port() -> int:

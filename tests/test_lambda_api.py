@@ -17,7 +17,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from probe import PROBE_HANDLER, Probe
-from support import CALLER_TRACE, ROOT, assert_new_trace_id, lambda_client, request_lines, wait_until, write_function
+from support import (CALLER_TRACE, ROOT, assert_new_trace_id, lambda_client, newer_python, request_lines,
+                     wait_until, write_function)
 
 ECHO = """
 def handler(event, context):
@@ -198,18 +199,6 @@ def handler(event, context):
     assert expected.startswith('{"values": [1.10, 1E+2, 12345678901234567890.123456789, -0, 3, Infinity')
 
 
-def _newer_python() -> str | None:
-    """An interpreter of Python 3.12 or later on this machine, for workers; None if there is none."""
-    import glob
-    import shutil
-
-    found = [shutil.which(f"python3.{minor}") for minor in range(12, 20)]
-    found += sorted(glob.glob("/root/.pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]"))
-    return next((path for path in found if path and subprocess.run(
-        [path, "-I", "-c", "import sys; assert sys.version_info >= (3, 12)"], capture_output=True).returncode == 0),
-        None)
-
-
 @pytest.mark.parametrize("worker_python", ["faasd's own", "3.12 or later"])
 def test_a_python_result_s_characters_are_escaped_as_awslambdaric_of_that_version_does(
         start_daemon, functions_dir, monkeypatch, worker_python):
@@ -217,7 +206,7 @@ def test_a_python_result_s_characters_are_escaped_as_awslambdaric_of_that_versio
     # as \uXXXX escapes before: a worker writes them as its interpreter's runtime does.
     from awslambdaric.lambda_runtime_marshaller import to_json
 
-    python = sys.executable if worker_python == "faasd's own" else _newer_python()
+    python = sys.executable if worker_python == "faasd's own" else newer_python()
     if python is None:
         pytest.skip("no Python 3.12 or later on this machine for workers")
     write_function(functions_dir, "accents.py", """

@@ -24,7 +24,8 @@ _T0 = time.monotonic()
 # code runs).
 from faasd import protocol  # noqa: E402
 
-# Started with -S: site-packages come from the daemon, without .pth processing.
+# Started with -S: the daemon names this interpreter's site-packages (it asked it
+# at start), put on sys.path here without running their .pth files.
 sys.path.extend(p for p in os.environ.pop("_FAASD_SITE_PATH", "").split(os.pathsep) if p)
 
 import json  # noqa: E402
