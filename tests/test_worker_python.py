@@ -1,11 +1,14 @@
-"""Python functions on the workers' own interpreter (`[workers] python`)."""
+"""Python functions on the workers' own interpreter (`[workers] python`), and
+what a function can import: its own directory, then that interpreter's site-packages."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import site
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,50 @@ def test_the_runtime_named_is_the_workers_pythons_not_the_daemons(start_daemon, 
     assert daemon.get("/2015-03-31/functions/where").json()["Configuration"]["Runtime"] == f"python{version}"
     tail = base64.b64decode(response.headers["x-amz-log-result"]).decode()
     assert f"INIT_START Runtime Version: python{version}:faasd-{faasd.__version__}\t" in tail, tail
+
+
+def _wheel(directory: Path, name: str, version: str, module: str) -> Path:
+    """A pure-Python wheel of one module, as a package index serves one."""
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n{module}",
+        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
+              f"{len(text.encode())}" for path, text in files.items()]
+    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join(record + [f"{name}-{version}.dist-info/RECORD,,"]) + "\n"
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_a_package_pip_installed_into_a_function_directory_is_imported_from_there_first(
+        daemon, tmp_path):
+    # As a Lambda deployment package: `pip install --target functions/NAME pkg`. The
+    # function's directory comes first on sys.path (as /var/task), then the workers'
+    # interpreter's site-packages, where boto3 installed next to faasd is found.
+    wheel = _wheel(tmp_path, "faasd_shipped", "1.2.3", "def greet():\n    return 'shipped'\n")
+    write_function(daemon.functions, "shipping/handler.py", """
+        import sys
+        from importlib.metadata import version
+        import boto3
+        import faasd_shipped
+
+        def handler(event, context):
+            return {"greeting": faasd_shipped.greet(), "module": faasd_shipped.__file__,
+                    "version": version("faasd_shipped"), "boto3": boto3.__file__, "path": sys.path}
+    """)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                    "--target", str(daemon.functions / "shipping"), str(wheel)], check=True)
+    loaded(daemon, "shipping")
+    response = daemon.invoke("shipping")
+    seen = response.json()
+    assert "x-amz-function-error" not in response.headers, seen
+    root = str(daemon.functions / "shipping")
+    assert seen["greeting"] == "shipped" and seen["version"] == "1.2.3"
+    assert seen["module"] == f"{root}/faasd_shipped/__init__.py"
+    boto3_site = str(Path(seen["boto3"]).parent.parent)
+    assert boto3_site in site.getsitepackages(), seen["boto3"]
+    assert seen["path"].index(root) < seen["path"].index(boto3_site), seen["path"]
