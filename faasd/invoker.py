@@ -22,6 +22,7 @@ from typing import Callable, NoReturn
 from .errors import INIT, FunctionError, FunctionNotFound, ShuttingDown, Throttled
 from .logs import FunctionLogs, LogCapture
 from .platform_log import billed_ms, json_platform_log
+from .protocol import error_log_record
 from .pool import WorkerPool
 from .registry import Registry
 from .spec import FunctionSpec, new_request_id
@@ -295,11 +296,19 @@ class Invoker:
             return
         capture(f"INIT_REPORT Init Duration: {invocation.init_ms or 0:.2f} ms\tPhase: init\t"
                 f"Status: error\tError Type: {error.error_type}")
-        capture(f"[ERROR] {error.error_type}: {error.message}")
+        capture(self._init_error_record(spec, error))
         capture(f"START RequestId: {invocation.request_id} Version: $LATEST")
         capture(f"END RequestId: {invocation.request_id}")
         capture(self._report(spec, invocation, status="error"))
         invocation.log_lines = capture.lines
+
+    @staticmethod
+    def _init_error_record(spec: FunctionSpec, error: FunctionError) -> str:
+        if spec.runtime == "python" and error.document is not None:
+            # An error the Python runtime reports itself (or that the daemon's look at
+            # the code found first): logged as awslambdaric logs the init errors it catches.
+            return error_log_record(error.error_type, error.message, error.stack_trace)
+        return f"[ERROR] {error.error_type}: {error.message}"
 
     @staticmethod
     def _report(spec: FunctionSpec, invocation: Invocation, status: str | None = None) -> str:

@@ -101,6 +101,29 @@ def syntax_error_frame(filename: str | None, lineno: int | None, text: str | Non
     return '  File "%s" Line %s\n    %s' % (filename, lineno, text)
 
 
+def error_log_record(error_type: str, message: str, stack_trace: list[str]) -> str:
+    """awslambdaric's Text log of an error it reports (bootstrap.log_error), from the
+    error document's fields: "[ERROR] Type: message", "Traceback (most recent call
+    last):" (even with no frame) and each line of each frame, its indent in no-break
+    spaces, as one record. Its lines are joined with \r, as awslambdaric's sink
+    outside Lambda joins them; so is a newline of the message, which would otherwise
+    cut the record in two in a log of lines (on Lambda it is one record whole)."""
+    head = "[ERROR]"
+    if error_type:
+        head += " " + error_type
+    if message:
+        head += (":" if error_type else "") + " " + message
+    lines = [head, "Traceback (most recent call last):"]
+    for frame in stack_trace:
+        lines += [_no_break_indent(line) for line in frame.splitlines()] if frame else [""]
+    return "\r".join(lines).replace("\n", "\r")
+
+
+def _no_break_indent(line: str) -> str:
+    text = line.lstrip(" ")
+    return "\u00a0" * (len(line) - len(text)) + text
+
+
 # daemon -> worker
 INVOKE = 1
 SHUTDOWN = 2

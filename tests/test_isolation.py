@@ -850,7 +850,7 @@ def test_log_flood_is_truncated_with_a_marker(start_daemon, functions_dir):
     # Past the budget the last lines are still kept: what ended the call, its error.
     result, error = invoke(daemon, "flood", {"kb": 2 * 1024, "fail": True})
     assert error == "ValueError", result
-    lines = daemon.log_of("flood").splitlines()
+    lines = daemon.log_of("flood").split("\n")  # a record may hold \r
     end = max(i for i, line in enumerate(lines) if "END RequestId" in line)
     kept = [i for i, line in enumerate(lines) if "were left out; its last 50 follow" in line]
     assert len(kept) == 2 and kept[-1] == end - 51, lines[-60:]  # one for each flooding call

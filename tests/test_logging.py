@@ -360,3 +360,58 @@ def test_what_a_call_writes_to_its_stdout_descriptor_is_in_that_calls_log(daemon
     with ThreadPoolExecutor(8) as pool:
         misplaced = [tail for tail in pool.map(call, range(200)) if tail]
     assert misplaced == [], misplaced[:3]
+
+
+ERRORS = {
+    # An error raised by the handler, by the module's own code at import, by an
+    # import the module makes, and one the daemon finds before any worker starts.
+    "invoke": ("def helper():\n    raise ValueError('refused')\ndef handler(event, context):\n    helper()\n",
+               "ValueError"),
+    "init": ("raise KeyError('missing at import')\ndef handler(event, context):\n    return 1\n", "KeyError"),
+    "import": ("import no_such_package\ndef handler(event, context):\n    return 1\n",
+               "Runtime.ImportModuleError"),
+    "syntax": ("def handler(event, context)\n    return 1\n", "Runtime.UserCodeSyntaxError"),
+}
+
+
+def awslambdaric_record(error: dict) -> str:
+    """What awslambdaric's log_error writes for an error document in Text logs (the
+    sink it uses outside Lambda joins the lines of the record with \\r)."""
+    import contextlib
+    import io
+
+    from awslambdaric import bootstrap
+
+    written = io.StringIO()
+    with contextlib.redirect_stdout(written):
+        bootstrap.log_error(error, bootstrap.StandardLogSink())
+    return written.getvalue().removesuffix("\n")
+
+
+@pytest.mark.parametrize("where", list(ERRORS))
+def test_a_python_error_is_logged_as_awslambdarics_one_record(daemon, where):
+    # "[ERROR] Type: message", then "Traceback (most recent call last):" and the
+    # frames (their indents no-break spaces), joined by \r into one record.
+    source, error_type = ERRORS[where]
+    write_function(daemon.functions, "failing.py", source)
+    loaded(daemon, "failing")
+    response = daemon.invoke("failing", **{"X-Amz-Log-Type": "Tail"})
+    error = response.json()
+    assert response.headers["x-amz-function-error"] == "Unhandled" and error["errorType"] == error_type, error
+    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
+    records = [line for line in tail if line.startswith("[ERROR]")]
+    assert records == [awslambdaric_record(error)], tail
+    [record] = records
+    assert record.startswith(f"[ERROR] {error_type}: ") and "\rTraceback (most recent call last):" in record
+    assert ("\r\u00a0\u00a0File " in record) == bool(error["stackTrace"]), record
+    assert "Traceback" not in "\n".join(line for line in tail if line != record), tail
+
+
+def test_a_python_errors_multi_line_message_stays_one_record(daemon):
+    write_function(daemon.functions, "lines.py", "def handler(event, context):\n    raise ValueError('one\\ntwo')\n")
+    loaded(daemon, "lines")
+    response = daemon.invoke("lines", **{"X-Amz-Log-Type": "Tail"})
+    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
+    [record] = [line for line in tail if line.startswith("[ERROR]")]
+    assert record.startswith("[ERROR] ValueError: one\rtwo\rTraceback (most recent call last):\r"), tail
+    assert "two" not in [line for line in tail if line != record], tail

@@ -457,7 +457,7 @@ def _load_handler():
             message += _unreadable(task_root)
         return None, _error("Runtime.ImportModuleError", message)  # no stack trace, as AWS's runtime
     except BaseException as exc:  # the module's own code raised at import
-        _log_exception(exc)
+        # Not logged here: the daemon logs every init error, from its document.
         return None, _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))
     handler = getattr(module, function_name, None)
     if handler is None:
@@ -505,22 +505,18 @@ def _interpreter_unreadable():
     return ""
 
 
-def _log_exception(exc):
+def _log_error(error):
+    """Log an error document as AWS's runtime does (awslambdaric's log_error)."""
     json_logs, level = _log_settings()
     if json_logs:
-        # As AWS's runtime logs it in JSON logs: the error document, at ERROR.
+        # The error document, at ERROR.
         if level not in ("FATAL", "CRITICAL"):
-            sys.stdout.write(_encode_json({
-                "timestamp": _iso_time(time.time()), "level": "ERROR", "errorMessage": str(exc),
-                "errorType": type(exc).__name__, "requestId": _current_request_id,
-                "stackTrace": _user_frames(exc.__traceback__)}) + "\n")
+            sys.stdout.write(_encode_json({"timestamp": _iso_time(time.time()), "level": "ERROR",
+                                           **error}) + "\n")
             sys.stdout.flush()
         return
-    import traceback
-
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    head = f"[ERROR] {type(exc).__name__}: {exc}"
-    sys.stdout.write(head + "\n" + "".join(lines[:1] + _user_frames(exc.__traceback__)))
+    sys.stdout.write(protocol.error_log_record(error["errorType"], error["errorMessage"],
+                                               error["stackTrace"]) + "\n")
     sys.stdout.flush()
 
 
@@ -599,9 +595,9 @@ def _invoke(handler, payload):
     try:
         result = handler(event, context)
     except Exception as exc:
-        _log_exception(exc)
-        reply = protocol.ERROR, _utf8(_encode_json(
-            _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))))
+        error = _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))
+        _log_error(error)
+        reply = protocol.ERROR, _utf8(_encode_json(error))
     else:
         try:
             # bytes are the response as they are, as awslambdaric posts them; the rest is JSON.
