@@ -336,7 +336,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not config.paths.functions.is_dir():
         print(f"functions: error: {config.paths.functions} is not a directory")
         return 1
-    specs = scan(config.paths.functions)
+    specs = scan(config.paths.functions, config.workers.python or sys.executable)
     # As the daemon starts: functions claim their routes in name order.
     _, conflicts = claim(routes_of(spec) for _, spec in sorted(specs.items()) if not spec.load_error)
     failed = 0

@@ -112,7 +112,7 @@ class Daemon:
         self.region = os.environ.get("AWS_REGION") or DEFAULT_REGION
         self.started_at = time.time()
         self.ready = False
-        self.registry = Registry(config.paths.functions)
+        self.registry = Registry(config.paths.functions, config.workers.python or sys.executable)
         self.routes = RouteTable()
         self.logs: FunctionLogs
         self.pool: WorkerPool

@@ -2,10 +2,11 @@
 its top-level names (faasd/spec.py checks a handler with these before any
 worker starts).
 
-A big module is parsed in a child process that runs this file as a script
-(`python -I pysource.py NAME`: the text on stdin, its facts as JSON on
+A big module, or one that Python workers of another version than the
+daemon's will run, is parsed in a child process that runs this file as a
+script (`python -I pysource.py NAME`: the text on stdin, its facts as JSON on
 stdout), so this module imports nothing of faasd's: a script has no package
-to import from.
+to import from. Nor anything newer than the oldest Python a worker may run.
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ class ModuleFacts:
     names: frozenset[str] | None = None  # top-level names; None where only an import can tell
 
 
-def parse(source: bytes, filename: str) -> ModuleFacts:
-    """The facts of a module's text; a big one's from a child process."""
-    if len(source) > PARSE_IN_CHILD_BYTES:
-        return _facts_from_child(source, filename)
+def parse(source: bytes, filename: str, python: str | None = None) -> ModuleFacts:
+    """The facts of a module's text, in the grammar of `python` (a child process of
+    that interpreter), else of this one (a child process for a big module)."""
+    if python is not None or len(source) > PARSE_IN_CHILD_BYTES:
+        return _facts_from_child(source, filename, python or sys.executable)
     return _facts(source, filename)
 
 
@@ -52,10 +54,10 @@ def _facts(source: bytes, filename: str) -> ModuleFacts:
     return ModuleFacts(names=_top_level_names(tree))
 
 
-def _facts_from_child(source: bytes, filename: str) -> ModuleFacts:
+def _facts_from_child(source: bytes, filename: str, python: str) -> ModuleFacts:
     """`_facts` in a child process (this file run as a script); no facts if it fails."""
     try:
-        done = subprocess.run([sys.executable, "-I", __file__, filename], input=source,
+        done = subprocess.run([python, "-I", __file__, filename], input=source,
                               capture_output=True, timeout=PARSE_TIMEOUT_S, check=True)
         answer = json.loads(done.stdout)
     except (OSError, subprocess.SubprocessError, ValueError):

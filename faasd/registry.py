@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -43,12 +44,13 @@ WATCHED_EVENTS = [FileCreatedEvent, FileClosedEvent, FileDeletedEvent, FileMoved
 FALLBACK_RESCAN_S = 5.0
 
 
-def scan(functions_dir: Path) -> dict[str, FunctionSpec]:
-    """Load every function in a directory (used by `faasd check` too)."""
-    return {name: load_spec(name, path) for name, path in discover(functions_dir).items()}
+def scan(functions_dir: Path, python: str = sys.executable) -> dict[str, FunctionSpec]:
+    """Load every function in a directory (used by `faasd check` too); `python`: the
+    Python workers' interpreter."""
+    return {name: load_spec(name, path, python) for name, path in discover(functions_dir).items()}
 
 
-def compare(functions_dir: Path, known: dict[str, FunctionSpec]) -> list[Change]:
+def compare(functions_dir: Path, known: dict[str, FunctionSpec], python: str) -> list[Change]:
     """What changed in `functions_dir` since `known`, as (old, new) pairs: only the
     functions that are new or whose revision changed are loaded again."""
     found = discover(functions_dir)
@@ -58,13 +60,14 @@ def compare(functions_dir: Path, known: dict[str, FunctionSpec]) -> list[Change]
         if (old is not None and old.source == path
                 and old.revision == revision_of(path, config_file_of(path))):
             continue
-        changes.append((old, load_spec(name, path)))
+        changes.append((old, load_spec(name, path, python)))
     return changes
 
 
 class Registry:
-    def __init__(self, functions_dir: Path) -> None:
+    def __init__(self, functions_dir: Path, python: str = sys.executable) -> None:
         self.functions_dir = functions_dir
+        self.python = python  # the Python workers' interpreter
         self.specs: dict[str, FunctionSpec] = {}
         self._listeners: list[Listener] = []
         self._observer: Observer | None = None
@@ -102,7 +105,8 @@ class Registry:
             return changes
 
     def _look(self, known: dict[str, FunctionSpec]) -> tuple[list[Change], list[str], dict[str, str]]:
-        return compare(self.functions_dir, known), misnamed(self.functions_dir), shadowed(self.functions_dir)
+        return (compare(self.functions_dir, known, self.python), misnamed(self.functions_dir),
+                shadowed(self.functions_dir))
 
     def rescan_soon(self) -> None:
         """Have the watcher rescan as soon as it can (e.g. after a config reload)."""

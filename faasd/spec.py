@@ -237,8 +237,9 @@ def is_utf8(name: str) -> bool:
     return True
 
 
-def load_spec(name: str, source: Path) -> FunctionSpec:
-    """Build the spec for one entry of functions/. Never raises SpecError."""
+def load_spec(name: str, source: Path, python: str = sys.executable) -> FunctionSpec:
+    """Build the spec for one entry of functions/ (`python`: the Python workers'
+    interpreter, whose grammar the code is checked in). Never raises SpecError."""
     is_dir = source.is_dir()
     task_root = source if is_dir else source.parent
     config_file = config_file_of(source)
@@ -266,7 +267,7 @@ def load_spec(name: str, source: Path) -> FunctionSpec:
             raise SpecError(f"{source.name}: not a regular file: a function is a file or a directory "
                             "(a FIFO, socket or device cannot be one)")
         raw = _read_toml(config_file) if config_file else {}
-        return _build(base, raw, is_dir)
+        return _build(base, raw, is_dir, python)
     except SpecError as exc:
         return _with(base, load_error=str(exc), handler=base.handler or "?")
 
@@ -326,7 +327,7 @@ _KNOWN_KEYS = {
 }
 
 
-def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool) -> FunctionSpec:
+def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool, python: str) -> FunctionSpec:
     where = base.config_file.name if base.config_file else base.source.name
     unknown = set(raw) - _KNOWN_KEYS
     if unknown:
@@ -357,7 +358,7 @@ def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool) -> FunctionSpe
 
     handler = raw.get("handler")
     if handler is None:
-        handler = DEFAULT_HANDLERS[runtime] if is_dir else _single_file_handler(base.source)
+        handler = DEFAULT_HANDLERS[runtime] if is_dir else _single_file_handler(base.source, python)
     if not isinstance(handler, str) or not handler or "\0" in handler:
         raise SpecError(f"{where}: handler must be a string like 'module.function'")
     if runtime != "provided" and "." not in handler:
@@ -381,18 +382,18 @@ def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool) -> FunctionSpe
     )
     if spec.concurrency is not None and spec.min_warm > spec.concurrency:
         raise SpecError(f"{where}: min_warm ({spec.min_warm}) exceeds concurrency ({spec.concurrency})")
-    problem = check_code(spec)
+    problem = check_code(spec, python)
     if problem:
         return _with(spec, load_error=problem[0], load_trace=problem[1])
     return spec
 
 
-def _single_file_handler(source: Path) -> str:
+def _single_file_handler(source: Path, python: str) -> str:
     module = source.stem
     if source.suffix == ".py":
         # `handler`, or `lambda_handler` where `handler` is absent.
         try:
-            names = module_facts(source).names
+            names = module_facts(source, python).names
         except OSError:
             names = None
         if names is not None and "handler" not in names and "lambda_handler" in names:
@@ -400,19 +401,29 @@ def _single_file_handler(source: Path) -> str:
     return f"{module}.handler"
 
 
-def module_facts(path: Path) -> ModuleFacts:
-    """The facts of a module file, parsed once for each version of it (OSError if
-    it cannot be read)."""
+def module_facts(path: Path, python: str = sys.executable) -> ModuleFacts:
+    """The facts of a module file as `python` (the workers' interpreter) reads it,
+    parsed once for each version of it (OSError if it cannot be read)."""
     status = os.stat(path)
-    return _module_facts(path, status.st_ino, status.st_size, status.st_mtime_ns)
+    return _module_facts(path, status.st_ino, status.st_size, status.st_mtime_ns, python)
 
 
 @functools.lru_cache(maxsize=64)
-def _module_facts(path: Path, inode: int, size: int, mtime_ns: int) -> ModuleFacts:
-    return parse(read_file(path), path.name)
+def _module_facts(path: Path, inode: int, size: int, mtime_ns: int, python: str) -> ModuleFacts:
+    return parse(read_file(path), path.name, _other_grammar(python))
 
 
-def check_code(spec: FunctionSpec) -> tuple[str, tuple[str, ...]] | None:
+def _other_grammar(python: str) -> str | None:
+    """`python` where it is another Python version than this one (code valid there,
+    `type X = int` on 3.12, may not parse here, and the other way round); else None."""
+    try:
+        other = python_interpreter(python).version != sys.version_info[:2]
+    except InterpreterError:  # the daemon refuses to start with it; `faasd check` says why
+        return None
+    return python if other else None
+
+
+def check_code(spec: FunctionSpec, python: str = sys.executable) -> tuple[str, tuple[str, ...]] | None:
     """A static look at the handler's code: the errors Lambda reports at init, each
     with the stack trace its runtime gives it (a syntax error's one frame; else none).
 
@@ -438,7 +449,7 @@ def check_code(spec: FunctionSpec) -> tuple[str, tuple[str, ...]] | None:
             return None
         return f"Runtime.ImportModuleError: Unable to import module '{module}': No module named '{module}'", ()
     try:
-        facts = module_facts(path)
+        facts = module_facts(path, python)
     except OSError as exc:
         return f"Runtime.ImportModuleError: Unable to import module '{module}': {path.name}: {exc}", ()
     if facts.syntax_error:

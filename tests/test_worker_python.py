@@ -75,6 +75,24 @@ def test_the_runtime_named_is_the_workers_pythons_not_the_daemons(start_daemon, 
     assert f"INIT_START Runtime Version: python{version}:faasd-{faasd.__version__}\t" in tail, tail
 
 
+def test_code_is_checked_at_load_in_the_grammar_of_the_workers_python(start_daemon, functions_dir, other_python):
+    # `type X = ...` (3.12) is a syntax error to the daemon's 3.11, not to the workers'
+    # interpreter, which runs the code; and a real error reads as that interpreter says it.
+    if sys.version_info >= (3, 12):
+        pytest.skip("faasd's own Python already reads 3.12's syntax")
+    write_function(functions_dir, "typed.py", "type Number = int\ndef handler(event, context):\n    return 1\n")
+    write_function(functions_dir, "broken.py", "def handler(event, context)\n    return 1\n")
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_PYTHON": other_python})
+    loaded(daemon, "typed")
+    assert daemon.function("typed")["load_error"] is None
+    assert daemon.invoke("typed").json() == 1
+    said = subprocess.run([other_python, "-I", "-c", "compile(open('broken.py').read(), 'broken.py', 'exec')"],
+                          cwd=functions_dir, capture_output=True, text=True).stderr.strip().splitlines()[-1]
+    reason = said.removeprefix("SyntaxError: ")
+    assert daemon.function("broken")["load_error"] == (
+        f"Runtime.UserCodeSyntaxError: Syntax error in module 'broken': {reason} (broken.py, line 1)")
+
+
 def _wheel(directory: Path, name: str, version: str, module: str) -> Path:
     """A pure-Python wheel of one module, as a package index serves one."""
     files = {
