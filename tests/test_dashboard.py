@@ -240,3 +240,44 @@ def test_the_json_behind_the_dashboard(daemon):
     assert daemon.get("/ui/app.js").headers["content-type"].startswith("text/javascript")
     assert daemon.get("/ui/../faasd.toml").status == 404
     assert daemon.get("/ui/secrets.txt").status == 404
+
+
+LONG_NAME = "a-function-whose-name-takes-all-the-sixty-four-characters-allows"
+MANY_PATTERNS = """
+    [[triggers]]
+    type = "file"
+    dir = "uploads"
+    patterns = ["images/*.jpg", "images/*.jpeg", "images/*.png", "images/*.webp",
+                "images/*.JPG", "images/*.JPEG", "images/*.PNG"]
+"""
+OVERFLOW_SCRIPT = """const wrap = document.querySelector("#functions-table").parentElement;
+    return {table: [wrap.scrollWidth, wrap.clientWidth],
+            page: [document.documentElement.scrollWidth, window.innerWidth]};"""
+
+
+def test_the_functions_table_fits_a_laptop_screen_and_the_page_a_phone(start_daemon, functions_dir, browser):
+    """Long names, long trigger lists and load errors wrap: the status and the
+    Invoke button stay on screen without scrolling the table sideways."""
+    assert len(LONG_NAME) == 64
+    write_function(functions_dir, f"{LONG_NAME}.py", GREET)
+    write_function(functions_dir, "thumbnail.py", GREET)
+    write_function(functions_dir, "thumbnail.toml", MANY_PATTERNS)
+    write_function(functions_dir, "broken.py", BROKEN)
+    daemon = start_daemon(functions_dir)
+    browser.set_window_size(1280, 900)
+    browser.get(daemon.url + "/ui/")
+    rows = lambda: browser.execute_script(ROWS_SCRIPT)
+    wait_until(lambda: set(rows()) >= {LONG_NAME, "thumbnail", "broken"}, 20, message="the functions table")
+    sizes = browser.execute_script(OVERFLOW_SCRIPT)
+    assert sizes["table"][0] <= sizes["table"][1], sizes
+
+    browser.set_window_size(390, 844)
+    wait_until(lambda: browser.execute_script("return window.innerWidth") <= 400, message="a phone's width")
+    sizes = browser.execute_script(OVERFLOW_SCRIPT)
+    assert sizes["page"][0] <= sizes["page"][1], sizes
+    # The header scrolls away: it covers no part of the card scrolled to.
+    covered = browser.execute_script("""const card = document.getElementById("invoke-card");
+        card.scrollIntoView();
+        const box = card.getBoundingClientRect();
+        return !card.contains(document.elementFromPoint(box.left + 20, box.top + 5));""")
+    assert not covered

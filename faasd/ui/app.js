@@ -303,7 +303,7 @@ function renderFunctions() {
       h("td", {}, workerPills(fn)),
       h("td", { class: "num" }, `${fn.inflight || 0}${limit}`),
       h("td", {}, queueCell(fn.name)),
-      h("td", {}, status),
+      h("td", { class: "status" }, status),
       h("td", {}, h("button", { class: "small", type: "button", onclick: () => pickFunction(fn.name) }, "Invoke")));
   });
   if (!rows.length) {
