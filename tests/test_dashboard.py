@@ -281,3 +281,34 @@ def test_the_functions_table_fits_a_laptop_screen_and_the_page_a_phone(start_dae
         const box = card.getBoundingClientRect();
         return !card.contains(document.elementFromPoint(box.left + 20, box.top + 5));""")
     assert not covered
+
+
+def test_a_trigger_shows_what_it_listens_for_and_why_it_is_not_running(start_daemon, functions_dir, browser):
+    """An AMQP trigger without [amqp] url in the config is disabled: its chip
+    says so and why, beside its exchange and routing keys; a running trigger
+    is shown as it was."""
+    write_function(functions_dir, "orders.py", GREET)
+    write_function(functions_dir, "orders.toml", """
+        [[triggers]]
+        type = "amqp"
+        exchange = "orders"
+        exchange_type = "topic"
+        routing_key = "order.created"
+    """)
+    write_function(functions_dir, "scheduled.py", GREET)
+    write_function(functions_dir, "scheduled.toml", """
+        [[triggers]]
+        type = "cron"
+        schedule = "0 3 * * *"
+    """)
+    daemon = start_daemon(functions_dir)
+    state = daemon.function("orders")["triggers"][0]["state"]
+    assert state["status"] == "disabled" and "no [amqp] url" in state["reason"]
+    browser.get(daemon.url + "/ui/")
+    rows = lambda: browser.execute_script(ROWS_SCRIPT)
+    wait_until(lambda: set(rows()) >= {"orders", "scheduled"}, 20, message="the functions table")
+    assert "orders order.created" in rows()["orders"]
+    assert f"disabled: {state['reason']}" in rows()["orders"]
+    assert browser.find_elements("css selector", "tr[data-function=orders] .chip-amqp.chip-down")
+    assert "0 3 * * *" in rows()["scheduled"] and "disabled" not in rows()["scheduled"]
+    assert not browser.find_elements("css selector", "tr[data-function=scheduled] .chip-down")

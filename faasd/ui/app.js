@@ -248,15 +248,24 @@ function renderCharts() {
 
 // -- functions ------------------------------------------------------------------
 
+// A trigger's state (/system/functions) in any other status is not delivering events.
+const RUNNING = new Set(["starting", "scheduled", "watching", "consuming"]);
+
 function triggerChip(trigger) {
   const t = trigger.type;
   let text = "";
   if (t === "http") text = `${(trigger.methods || ["ANY"]).join(",")} ${trigger.path || ""}`;
   else if (t === "cron") text = `${trigger.schedule || ""}${trigger.timezone ? ` ${trigger.timezone}` : ""}`;
   else if (t === "file") text = `${trigger.dir || ""} ${(trigger.patterns || []).join(" ")}`;
-  else if (t === "amqp") text = `${trigger.exchange || ""} ${trigger.routing_key || ""}`;
+  else if (t === "amqp") text = `${trigger.exchange || ""} ${(trigger.routing_keys || []).join(" ")}`;
   else text = Object.entries(trigger).filter(([k]) => k !== "type").map(([k, v]) => `${k}=${v}`).join(" ");
-  return h("span", { class: `chip chip-${t}`, title: JSON.stringify(trigger) }, h("b", {}, t), text.trim());
+  const state = trigger.state;
+  const down = state && !RUNNING.has(state.status);
+  const chip = h("span", { class: `chip chip-${t}${down ? " chip-down" : ""}`, title: JSON.stringify(trigger) },
+    h("b", {}, t), text.trim());
+  if (!down) return chip;
+  const why = state.reason || state.last_error;
+  return h("div", {}, chip, h("div", { class: "warn-text" }, why ? `${state.status}: ${why}` : state.status));
 }
 
 function workerPills(fn) {
