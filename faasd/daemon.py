@@ -42,6 +42,7 @@ from .sandbox import FunctionUsers, Sandbox, missing_python, set_daemon_undumpab
 from .sdnotify import Notifier, listen_sockets
 from .spec import DEFAULT_REGION, FunctionSpec, InterpreterError, config_file_of, python_interpreter, runtime_id
 from .triggers.http import RouteTable
+from .ui import LogRing
 from .workers import ReplyPoller, WorkerEnvironment, compile_shim
 
 log = logging.getLogger("faasd")
@@ -115,6 +116,7 @@ class Daemon:
         self.registry = Registry(config.paths.functions, config.workers.python or sys.executable)
         self.routes = RouteTable()
         self.logs: FunctionLogs
+        self.log_ring = LogRing()  # the dashboard's log tail (faasd/ui)
         self.pool: WorkerPool
         self.invoker: Invoker
         self.queue: Any = None  # the asynchronous invocation queue, when running
@@ -144,6 +146,10 @@ class Daemon:
     # -- start / stop -----------------------------------------------------------------
 
     async def start(self, sock: socket.socket | None = None) -> None:
+        # The dashboard's log tail begins here: the start-up's warnings and
+        # load errors are what an operator opening it most needs to see.
+        log.addHandler(self.log_ring)
+        self._cleanups.append(lambda: log.removeHandler(self.log_ring))
         config = self.config
         data = config.paths.data
         self._functions_dir()
@@ -236,6 +242,7 @@ class Daemon:
                                  max_file_bytes=config.log.max_file_mb * MB,
                                  keep_files=config.log.keep_files)
         self._cleanups.append(self.logs.close)
+        self.logs.taps.append(self.log_ring.tap)
         poll_s = config.workers.reply_poll_us / 1e6
         env = WorkerEnvironment(data_dir=data, memory=memory, region=self.region, run_as=run_as,
                                 python=python, sandbox=sandbox, users=users,

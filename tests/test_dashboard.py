@@ -312,3 +312,15 @@ def test_a_trigger_shows_what_it_listens_for_and_why_it_is_not_running(start_dae
     assert browser.find_elements("css selector", "tr[data-function=orders] .chip-amqp.chip-down")
     assert "0 3 * * *" in rows()["scheduled"] and "disabled" not in rows()["scheduled"]
     assert not browser.find_elements("css selector", "tr[data-function=scheduled] .chip-down")
+
+
+def test_the_log_tail_begins_with_the_daemons_start(start_daemon, functions_dir):
+    """The start-up's warnings and load errors are what an operator opening the
+    dashboard most needs to see: the log tail has them, not only what came after."""
+    write_function(functions_dir, "broken.py", BROKEN)
+    daemon = start_daemon(functions_dir)
+    messages = [line["message"] for line in daemon.get("/system/log?after=0").json()["lines"]]
+    assert any(" starting: functions " in message for message in messages), messages
+    assert any(message.startswith("function broken cannot load: Runtime.UserCodeSyntaxError")
+               for message in messages), messages
+    assert any(message.startswith("listening on ") for message in messages), messages

@@ -16,7 +16,8 @@ inline SVG. It polls the daemon:
 
 What the page shows is kept here, in memory: `Activity` is fed by the
 invoker's observers; `LogRing` holds the daemon's records (a handler on the
-`faasd` logger) and the functions' lines (a tap on FunctionLogs).
+`faasd` logger) and the functions' lines (a tap on FunctionLogs), from the
+first line of the daemon's start (the daemon attaches it, as daemon.log_ring).
 """
 
 from __future__ import annotations
@@ -366,11 +367,8 @@ def _asset(name: str) -> web.StreamResponse:
 
 async def start(daemon: "Daemon") -> None:
     activity = Activity()
-    ring = LogRing()
-    logger = logging.getLogger("faasd")
-    logger.addHandler(ring)
-    daemon.on_cleanup(lambda: logger.removeHandler(ring))
-    daemon.logs.taps.append(ring.tap)
     daemon.invoker.observers.append(activity.observe)
     daemon.invoker.throttle_observers.append(activity.throttled)
-    daemon.route_hooks.append(routes(daemon, activity, ring))
+    # daemon.log_ring has held the daemon's records and functions' lines since
+    # the start began (Daemon.start), before this part was started.
+    daemon.route_hooks.append(routes(daemon, activity, daemon.log_ring))
