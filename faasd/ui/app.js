@@ -289,37 +289,62 @@ function queueCell(name) {
   return parts;
 }
 
+function functionRow(fn) {
+  const triggers = [h("span", { class: "chip chip-http", title: "always routed" }, h("b", {}, "http"), `/function/${fn.name}`)]
+    .concat((fn.triggers || []).map(triggerChip));
+  let status;
+  if (fn.load_error) {
+    status = [h("span", { class: "pill pill-bad" }, "load error"), h("div", { class: "err-text" }, fn.load_error)];
+  } else if (fn.init_error) {
+    status = [h("span", { class: "pill pill-warn" }, "init failing"),
+      h("div", { class: "warn-text" }, `${fn.init_error.errorType}: ${fn.init_error.errorMessage}`)];
+  } else {
+    status = h("span", { class: "pill pill-ok" }, "ready");
+  }
+  const limit = fn.concurrency ? ` / ${fn.concurrency}` : "";
+  return h("tr", { "data-function": fn.name },
+    h("td", {},
+      h("div", { class: "fn-name" }, fn.name),
+      h("div", { class: "fn-meta" }, `${fn.runtime} · ${fn.handler} · ${fn.memory_mb} MB · ${fn.timeout_s} s`)),
+    h("td", {}, triggers),
+    h("td", {}, workerPills(fn)),
+    h("td", { class: "num" }, `${fn.inflight || 0}${limit}`),
+    h("td", {}, queueCell(fn.name)),
+    h("td", { class: "status" }, status),
+    h("td", {}, h("button", { class: "small", type: "button", onclick: () => pickFunction(fn.name) }, "Invoke")));
+}
+
+// What a row is drawn from: the function's view less the seconds its workers
+// have been in their state, which change at every poll and are not shown.
+function rowKey(fn) {
+  const a = state.activity;
+  const queue = a && a.queue_running ? (a.queue || {})[fn.name] || {} : null;
+  return JSON.stringify([fn, queue], (key, value) => (key === "state_for_s" ? undefined : value));
+}
+
+// Rows drawn so far, by function name: a poll redraws only the functions that
+// changed. Redrawing all of some two hundred every two seconds froze the page
+// for a tenth of a second each time and lost any text selected in the table.
+let drawnRows = new Map();
+
 function renderFunctions() {
   const body = $("functions-table").querySelector("tbody");
+  const drawn = new Map();
   const rows = state.functions.map((fn) => {
-    const triggers = [h("span", { class: "chip chip-http", title: "always routed" }, h("b", {}, "http"), `/function/${fn.name}`)]
-      .concat((fn.triggers || []).map(triggerChip));
-    let status;
-    if (fn.load_error) {
-      status = [h("span", { class: "pill pill-bad" }, "load error"), h("div", { class: "err-text" }, fn.load_error)];
-    } else if (fn.init_error) {
-      status = [h("span", { class: "pill pill-warn" }, "init failing"),
-        h("div", { class: "warn-text" }, `${fn.init_error.errorType}: ${fn.init_error.errorMessage}`)];
-    } else {
-      status = h("span", { class: "pill pill-ok" }, "ready");
-    }
-    const limit = fn.concurrency ? ` / ${fn.concurrency}` : "";
-    return h("tr", { "data-function": fn.name },
-      h("td", {},
-        h("div", { class: "fn-name" }, fn.name),
-        h("div", { class: "fn-meta" }, `${fn.runtime} · ${fn.handler} · ${fn.memory_mb} MB · ${fn.timeout_s} s`)),
-      h("td", {}, triggers),
-      h("td", {}, workerPills(fn)),
-      h("td", { class: "num" }, `${fn.inflight || 0}${limit}`),
-      h("td", {}, queueCell(fn.name)),
-      h("td", { class: "status" }, status),
-      h("td", {}, h("button", { class: "small", type: "button", onclick: () => pickFunction(fn.name) }, "Invoke")));
+    const key = rowKey(fn);
+    const before = drawnRows.get(fn.name);
+    const row = before && before.key === key ? before.row : functionRow(fn);
+    drawn.set(fn.name, { key, row });
+    return row;
   });
+  drawnRows = drawn;
   if (!rows.length) {
     rows.push(h("tr", {}, h("td", { colspan: 7, class: "empty" },
       "No functions yet: drop a handler file into the functions directory.")));
   }
-  body.replaceChildren(...rows);
+  if (rows.length !== body.children.length || rows.some((row, i) => body.children[i] !== row)) {
+    body.replaceChildren(...rows);
+  }
   const broken = state.functions.filter((fn) => fn.load_error).length;
   setText("functions-summary", `${state.functions.length} functions${broken ? `, ${broken} failing to load` : ""}`);
 
