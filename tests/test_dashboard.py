@@ -345,3 +345,21 @@ def test_a_poll_redraws_only_the_functions_that_changed(start_daemon, functions_
         document.querySelectorAll("#functions-table tbody tr"),
         row => [row.getAttribute("data-function"), row.drawnBefore === true]));""")
     assert kept == {"steady": True, "called": False}
+
+
+def test_after_a_restart_the_log_tail_shows_the_new_daemons_lines(start_daemon, functions_dir, tmp_path,
+                                                                   browser):
+    write_function(functions_dir, "greet.py", GREET)
+    first = start_daemon(functions_dir)
+    browser.get(first.url + "/ui/")
+    for n in range(10):  # the first daemon's log runs further than the second's will
+        assert first.invoke("greet", {"name": f"call {n}"}).status == 200
+    wait_until(lambda: "greeting call 9" in text_of(browser, "log-tail"), 10, message="the first daemon's lines")
+    first.stop()
+
+    others = tmp_path / "other-functions"
+    others.mkdir()
+    write_function(others, "second.py", BROKEN)
+    start_daemon(others, port=first.port, data=tmp_path / "data-2")
+    wait_until(lambda: "function second cannot load" in text_of(browser, "log-tail"), 20,
+               message="the restarted daemon's start in the log tail")

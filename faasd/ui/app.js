@@ -560,8 +560,11 @@ async function refresh() {
 
 async function pollLog() {
   try {
-    const { body } = await api(`/system/log?after=${state.logSeq}`);
-    if (body.last < state.logSeq) state.logSeq = 0; // the daemon restarted
+    let { body } = await api(`/system/log?after=${state.logSeq}`);
+    if (body.last < state.logSeq) {
+      // The daemon restarted and numbers its lines from 1 again: all of them are new.
+      ({ body } = await api("/system/log?after=0"));
+    }
     state.logSeq = body.last;
     appendLog(body.lines);
   } catch (e) {
