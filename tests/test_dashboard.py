@@ -363,3 +363,26 @@ def test_after_a_restart_the_log_tail_shows_the_new_daemons_lines(start_daemon, 
     start_daemon(others, port=first.port, data=tmp_path / "data-2")
     wait_until(lambda: "function second cannot load" in text_of(browser, "log-tail"), 20,
                message="the restarted daemon's start in the log tail")
+
+
+def test_a_warnings_level_stands_apart_from_its_source_in_the_log_tail(start_daemon, functions_dir, browser):
+    write_function(functions_dir, "warns.py", """
+        import logging
+
+        def handler(event, context):
+            logging.getLogger().warning("disk almost full")
+            return {}
+    """)
+    write_function(functions_dir, "warns.toml", 'log_format = "JSON"\n')
+    daemon = start_daemon(functions_dir)
+    assert daemon.invoke("warns").status == 200
+    browser.get(daemon.url + "/ui/")
+    wait_until(lambda: "disk almost full" in text_of(browser, "log-tail"), 20, message="the warning")
+    # Where the level's text ends against where the source beside it begins.
+    crowded = browser.execute_script("""return Array.from(document.querySelectorAll("#log-tail .lvl"))
+        .filter(level => {
+            const text = document.createRange();
+            text.selectNodeContents(level);
+            return text.getBoundingClientRect().right + 4 > level.nextElementSibling.getBoundingClientRect().left;
+        }).map(level => level.textContent);""")
+    assert crowded == []
