@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from probe import PROBE_HANDLER, Probe
 from support import ROOT, descendants, loaded, wait_until, write_function
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -386,3 +387,29 @@ def test_a_warnings_level_stands_apart_from_its_source_in_the_log_tail(start_dae
             return text.getBoundingClientRect().right + 4 > level.nextElementSibling.getBoundingClientRect().left;
         }).map(level => level.textContent);""")
     assert crowded == []
+
+
+def test_the_async_queue_column_tells_waiting_events_from_the_running_one(start_daemon, functions_dir,
+                                                                         browser):
+    """queue.depth counts the events not done yet, the running one included:
+    the column says how many wait and how many run, as /system/functions does."""
+    probe = Probe()
+    try:
+        write_function(functions_dir, "held.toml", f'timeout_s = 60\nconcurrency = 1\n[env]\nPROBE = "{probe.url}"\n')
+        write_function(functions_dir, "held.py", PROBE_HANDLER)
+        daemon = start_daemon(functions_dir)
+        for payload in ({"id": "first", "gate": "g"}, {"id": "second"}):
+            queued = daemon.invoke("held", payload, **{"X-Amz-Invocation-Type": "Event"})
+            assert queued.status == 202, queued.text
+        probe.wait_for(1, "start", id="first")
+        queue = daemon.function("held")["queue"]
+        assert queue["depth"] == 2 and queue["running"] == 1
+        browser.get(daemon.url + "/ui/")
+        rows = lambda: browser.execute_script(ROWS_SCRIPT)
+        wait_until(lambda: "held" in rows(), 20, message="the functions table")
+        wait_until(lambda: "1 running" in rows()["held"], 10, message="the running event")
+        assert "1 queued" in rows()["held"], rows()["held"]
+        probe.release("g")
+        probe.wait_for(1, "end", id="second")
+    finally:
+        probe.close()

@@ -283,7 +283,10 @@ function queueCell(name) {
   const a = state.activity;
   if (!a || !a.queue_running) return h("span", { class: "muted" }, "–");
   const q = (a.queue || {})[name] || {};
-  const parts = [h("span", {}, `${q.depth || 0} queued`)];
+  // depth counts every event not done yet, the running ones included.
+  const running = q.running || 0;
+  const parts = [h("span", {}, `${Math.max(0, (q.depth || 0) - running)} queued`)];
+  if (running) parts.push(h("div", { class: "fn-meta" }, `${running} running`));
   if (q.depth) parts.push(h("div", { class: "fn-meta" }, `oldest ${fmtDuration(q.oldest_age_s || 0)}`));
   if (q.dead_lettered) parts.push(h("div", { class: "err-text" }, `${q.dead_lettered} dead-lettered`));
   return parts;
