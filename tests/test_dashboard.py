@@ -276,6 +276,11 @@ def test_the_functions_table_fits_a_laptop_screen_and_the_page_a_phone(start_dae
     wait_until(lambda: browser.execute_script("return window.innerWidth") <= 400, message="a phone's width")
     sizes = browser.execute_script(OVERFLOW_SCRIPT)
     assert sizes["page"][0] <= sizes["page"][1], sizes
+    # There the table scrolls within its card, its columns kept readable: a
+    # short trigger is one line, not a column of letters.
+    chip = browser.find_element("css selector", "tr[data-function=broken] .chip-http")
+    assert chip.size["height"] < 2 * browser.execute_script(
+        "return parseFloat(getComputedStyle(arguments[0]).lineHeight)", chip), chip.size
     # The header scrolls away: it covers no part of the card scrolled to.
     covered = browser.execute_script("""const card = document.getElementById("invoke-card");
         card.scrollIntoView();
