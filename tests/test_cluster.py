@@ -512,6 +512,42 @@ def test_a_node_stops_at_once_while_its_broker_is_unreachable(cluster: Cluster, 
         proxy.close()
 
 
+@pytest.mark.amqp
+def test_an_event_running_when_the_connection_drops_finishes_as_its_own_invocation(cluster: Cluster,
+                                                                                   amqp_url: str):
+    # The broker takes the event back when the connection drops, and runs it
+    # again (at least once); the run already going must still end as an
+    # invocation of its own, within the function's concurrency.
+    write_function(cluster.functions, "slow.toml", "concurrency = 1\ntimeout_s = 30\n")
+    write_function(cluster.functions, "slow.py", RECORDER)
+    proxy = Proxy(("127.0.0.1", 5672))
+    try:
+        node = cluster.start("cut", url=amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}"))
+        cluster.wait_formed(1)
+        request_id = event(node, "slow", {"i": 1, "sleep": 3})
+        wait_until(lambda: log_lines(node, "slow", "BEGIN"), 20, message="the event to begin")
+        proxy.cut()
+        proxy.restore()
+
+        def settled() -> bool:
+            # Nothing of the event running or held, and its last log line a REPORT.
+            queue = node.function("slow")["queue"]
+            last = [line for line in node.log_of("slow").splitlines() if request_id in line][-1]
+            return queue["running"] == 0 and queue["held_here"] == 0 and "REPORT" in last
+
+        wait_until(settled, 60, interval=0.1, message="the event to run again after the reconnect")
+    finally:
+        proxy.close()
+    lines = [line.split("\t", 2) for line in node.log_of("slow").splitlines()]
+    # Both runs are whole invocations: what the first printed is its own, and it has its END.
+    assert [rid for _, rid, text in lines if text.startswith("RAN ")] == [request_id] * 2, lines
+    assert sum(1 for _, _, text in lines if text == f"END RequestId: {request_id}") == 2, lines
+    # concurrency = 1: the second run began once the first had ended.
+    marks = [text.split()[0] for _, _, text in lines if text.split()[:1] in (["BEGIN"], ["RAN"])]
+    assert marks == ["BEGIN", "RAN", "BEGIN", "RAN"], marks
+    assert "no invocation in flight" not in node.output()
+
+
 def _answers(daemon: Daemon) -> bool:
     try:
         return daemon.get("/healthz", timeout=2).status == 200

@@ -40,7 +40,9 @@ queue, and `/readyz` names it without failing (the broker refuses every node
 alike, and synchronous calls do not need it). If the connection the event
 came on drops while its dead letter, retry or record waits, the broker has it
 back already: it is delivered again and runs again, and this node gives up
-what it held, so that the next run's is the only one.
+what it held, so that the next run's is the only one. A run going on when
+the connection drops goes on to its end, as an invocation of its own and
+within the function's concurrency; the redelivered event waits its turn.
 An event whose processing raises here (a fault of faasd's own, neither the
 function's failure nor a refusal of the broker's) is handed back after
 NACK_DELAY_S, to run again; the MAX_FAULTS-th time on the same node it is
@@ -623,15 +625,16 @@ class ClusterQueue:
     # -- running events ---------------------------------------------------------------------
 
     async def _on_message(self, function: str, home: str, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            task.set_name(f"faasd-cluster-{home}")
-            self._tasks.add(task)
-        try:
-            await self._handle(function, home, message)
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
+        # In a task of our own, not aiormq's: aiormq cancels its consumer
+        # callbacks when their channel closes, and a dropped connection would
+        # then abandon a running invocation, whose worker goes on outside the
+        # function's concurrency and its log. The run ends; its settling finds
+        # the delivery gone (_held_until, _settle), and the broker's redelivery
+        # runs the event again.
+        task = asyncio.get_running_loop().create_task(self._handle(function, home, message),
+                                                      name=f"faasd-cluster-{home}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, function: str, home: str, message: AbstractIncomingMessage) -> None:
         if self._closing or self.invoker.draining:
