@@ -20,6 +20,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractRobustConnection
 from yarl import URL
 
@@ -33,6 +34,23 @@ Setup = Callable[[AbstractRobustConnection], Awaitable[None]]
 def redact(url: str) -> str:
     parsed = URL(url)
     return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+def vhost_of(url: str) -> str:
+    """The virtual host a broker url names, as aiormq opens it ("/" when none)."""
+    path = URL(url).path
+    return path[1:].replace("%2F", "/") if path not in ("", "/") else "/"
+
+
+def vhost_refused(exc: BaseException, url: str) -> str | None:
+    """What to fix when connecting failed because the broker refused the url's virtual host."""
+    if not (isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)):
+        return None
+    # The broker closed the connection where it answers Connection.Open: it
+    # refuses the virtual host (aiormq's error shows no more than the frame).
+    user = URL(url).user or "guest"
+    return (f"the broker refused to open virtual host {vhost_of(url)!r}: it does not exist, or user "
+            f"{user!r} has no permission on it (rabbitmqctl list_vhosts, list_permissions)")
 
 
 async def let_go(call: Awaitable[Any], log: logging.Logger, what: str,
@@ -161,11 +179,12 @@ class BrokerConnection:
                 raise
             except Exception as exc:
                 failures += 1
-                self.set_state("retrying", f"{type(exc).__name__}: {exc}")
+                refused = vhost_refused(exc, self.url or "")
+                self.set_state("retrying", refused or f"{type(exc).__name__}: {exc}")
                 # Said once; the retries that follow are debug noise.
                 (log.warning if failures == 1 else log.debug)(
                     "%sbroker %s not reachable (%s); %s, retrying every %gs at most",
-                    self._prefix, self.state["url"], exc, self._waiting, RETRY_MAX_S)
+                    self._prefix, self.state["url"], refused or exc, self._waiting, RETRY_MAX_S)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue

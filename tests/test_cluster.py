@@ -494,6 +494,21 @@ def test_a_node_without_its_broker_is_not_ready_and_refuses_events(cluster: Clus
 
 
 @pytest.mark.amqp
+def test_a_node_pointed_at_a_vhost_that_does_not_exist_says_so(cluster: Cluster, amqp_url: str):
+    write_function(cluster.functions, "work.py", RECORDER)
+    vhost = f"faasd-none-{uuid.uuid4().hex[:8]}"
+    node = cluster.start("astray", wait=False, url=amqp_url.rstrip("/") + "/" + vhost)
+    wait_until(lambda: _answers(node), 20, message="the daemon to listen")
+    wait_until(lambda: node.get("/readyz").json()["checks"]["async_queue"]["detail"].count(vhost) == 2, 20,
+               message="/readyz to name the virtual host")
+    check = node.get("/readyz").json()["checks"]["async_queue"]
+    assert not check["ok"]
+    assert f"refused to open virtual host '{vhost}': it does not exist" in check["detail"], check
+    assert f"virtual host '{vhost}': it does not exist" in node.output()
+    assert "Connection.Close object" not in node.output() + check["detail"]
+
+
+@pytest.mark.amqp
 def test_a_node_stops_at_once_while_its_broker_is_unreachable(cluster: Cluster, amqp_url: str):
     # Letting a consumer go waits for the connection to come back: with the
     # broker gone, a stop that waited for it would wait for ever.
