@@ -262,6 +262,47 @@ def test_cron_fires_once_per_tick_across_three_nodes_and_moves_when_its_owner_di
     assert len(set(later)) == len(later), "a tick fired twice after the takeover"
 
 
+@pytest.mark.amqp
+def test_catch_up_runs_the_latest_tick_no_node_fired_and_not_one_another_node_fired(cluster: Cluster):
+    write_function(cluster.functions, "tick.py", TICKER)
+    write_function(cluster.functions, "tick.toml", '[[triggers]]\ntype = "cron"\n'
+                   'schedule = "*/2 * * * * *"\ncatch_up = 1\noverlap = "allow"\n')
+    # b fires a tick, so that it has a last tick of its own; then a takes over.
+    b = cluster.start("b")
+    wait_until(lambda: tick_times([b]), 20, interval=0.1, message="b to fire a tick")
+    a = cluster.start("a")
+    cluster.wait_formed(2)
+    assert b.stop() == 0
+    wait_until(lambda: cluster.view("a")["schedule_owner"] == "a", 10, message="a to fire the schedules")
+    # b comes back while a fires: the ticks a fires are not b's to run again.
+    b = cluster.start("b")
+    cluster.wait_formed(2)
+    seen = time.time()
+    wait_until(lambda: len([t for t in tick_times([a]) if t > seen]) >= 2, 20, interval=0.1,
+               message="a to fire two ticks while b is up")
+    assert a.stop() == 0  # b takes the schedules over
+    wait_until(lambda: cluster.view("b")["schedule_owner"] == "b", 10, message="b to fire the schedules")
+    wait_until(lambda: [t for t in tick_times([b]) if t > seen], 20, interval=0.1,
+               message="b to fire a tick")
+    assert b.stop() == 0
+    stopped = time.time()
+    wait_until(lambda: time.time() > stopped + 5, 10, message="two ticks to pass with no node up")
+    b = cluster.start("b")
+
+    def since_stopped() -> list[float]:
+        return [t for t in tick_times([b]) if t > stopped]
+
+    wait_until(lambda: len(since_stopped()) >= 3, 20, interval=0.1, message="b to fire again")
+    # The latest tick that passed while no node fired ran once, caught up by
+    # the node that took the schedules; the schedule went on from there.
+    state = b.function("tick")["triggers"][0]["state"]
+    assert state["caught_up"] == 1, state
+    ticks = since_stopped()
+    assert ticks == [ticks[0] + 2 * i for i in range(len(ticks))], ticks
+    everything = tick_times([a, b])
+    assert len(set(everything)) == len(everything), f"a tick ran twice: {everything}"
+
+
 FAILING = """
 def handler(event, context):
     print("ATTEMPT", event["i"], context.aws_request_id)

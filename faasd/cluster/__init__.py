@@ -145,6 +145,11 @@ class Cluster:
         unsent = self.queue.unsent()
         return True, detail + (f"; {unsent}" if unsent else "")
 
+    def schedules_elsewhere(self) -> bool:
+        """Whether another live node fires the schedules now (as its last heartbeat says)."""
+        return any(n.get("schedule_owner") for n in self.members.nodes()
+                   if not n.get("self") and n.get("state") != "lost")
+
     def view(self) -> dict[str, Any]:
         nodes = self.members.nodes()
         owner = next((n["node"] for n in nodes if n.get("schedule_owner") and n.get("state") != "lost"),
@@ -169,8 +174,10 @@ async def start(daemon: "Daemon") -> None:
         await cluster.open()
         daemon.queue = cluster.queue
         daemon.on_cleanup(cluster.close)
-        # faasd/triggers/cron.py asks this before queueing a tick.
+        # faasd/triggers/cron.py asks these at each tick, and catches up when this node takes the lease.
         daemon.schedule_owner = cluster.lease.is_owner  # type: ignore[attr-defined]
+        daemon.schedules_elsewhere = cluster.schedules_elsewhere  # type: ignore[attr-defined]
+        daemon.schedules_taken = cluster.lease.taken  # type: ignore[attr-defined]
         daemon.readiness_checks["async_queue"] = cluster.readiness
 
         def describe(name: str, view: dict) -> None:

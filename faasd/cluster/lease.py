@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -58,6 +58,8 @@ class ScheduleLease:
         self._tag: str | None = None
         self._released = False
         self._ownerless_beats = 0
+        # Called each time this node takes the lease (cron catches up what no node fired).
+        self.taken: list[Callable[[], None]] = []
 
     def is_owner(self) -> bool:
         return self.owner
@@ -111,6 +113,11 @@ class ScheduleLease:
         self.since = time.time()
         self.acquired += 1
         log.info("cluster: node %s now fires the cluster's schedules", self.node)
+        for callback in self.taken:
+            try:
+                callback()
+            except Exception:
+                log.exception("cluster: a callback on taking the schedules failed")
 
     def _closed(self, *_args: Any) -> None:
         # The broker has the token back already; say so before any reconnect.

@@ -24,6 +24,12 @@ last and the worst tick were woken. If the daemon was suspended or the
 clock jumped so that ticks were missed, they are skipped (and logged),
 except for `catch_up` at start.
 
+In a cluster (faasd/cluster/lease.py) only the node holding the schedule
+lease queues ticks. `catch_up` runs when a node takes the lease, for the
+ticks that passed while no node fired them; a node that is not the owner
+records each tick another live node fires as its last, so that taking over
+does not run them again.
+
 Overlap: a tick's run is "still going" from the tick until its event
 finally succeeded or was dead-lettered (retries included). Ticks run by
 `catch_up` ignore it. The last tick of each schedule is kept in
@@ -42,7 +48,7 @@ import time
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Protocol
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -226,10 +232,13 @@ Submit = Callable[..., Awaitable[str]]
 class CronTrigger(RunningTrigger):
     def __init__(self, *, function: str, options: dict[str, Any], index: int, clock: Clock,
                  submit: Submit, store: TickStore, region: str,
-                 owner: Callable[[], bool] | None = None) -> None:
+                 owner: Callable[[], bool] | None = None,
+                 elsewhere: Callable[[], bool] | None = None) -> None:
         self.function = function
-        # In a cluster only the node that owns the schedules queues ticks (faasd/cluster/lease.py).
+        # In a cluster only the node that owns the schedules queues ticks (faasd/cluster/lease.py);
+        # `elsewhere` says whether another node does now.
         self.owner: Callable[[], bool] = owner or (lambda: True)
+        self.elsewhere: Callable[[], bool] = elsewhere or (lambda: False)
         self.standby = 0  # ticks left to the node that owns the schedules
         self.index = index
         self.schedule = Schedule(options["schedule"], options.get("timezone", "UTC"))
@@ -245,6 +254,7 @@ class CronTrigger(RunningTrigger):
         self.running: dict[str, float] = {}  # request id -> tick, until its outcome
         self._task: asyncio.Task | None = None
         self._puts: set[asyncio.Task] = set()
+        self._catching_up = asyncio.Lock()
         self.next_at: float | None = None
         self.fired = 0
         self.skipped = 0
@@ -299,13 +309,7 @@ class CronTrigger(RunningTrigger):
         self.status = "scheduled"
         now = self.clock.now()
         if self.catch_up and self.owner():
-            last = self.store.last(self.key)
-            if last is not None:
-                for tick in self.schedule.recent(last, now, self.catch_up):
-                    log.info("function %s: catching up the tick of %s missed while faasd was down",
-                             self.function, iso_seconds(tick))
-                    self.caught_up += 1
-                    await self._put(tick, catching_up=True)
+            await self._catch_up(now)
         tick = self.schedule.next_after(now)
         while tick is not None:
             self.next_at = tick
@@ -330,9 +334,40 @@ class CronTrigger(RunningTrigger):
         log.info("function %s: cron schedule %s has no tick left (its last year has passed)",
                  self.function, self.schedule.expression)
 
+    async def _catch_up(self, until: float) -> None:
+        """Queue the latest `catch_up` ticks up to `until` that came after the last one queued."""
+        async with self._catching_up:
+            last = self.store.last(self.key)
+            if last is None:
+                return
+            for tick in self.schedule.recent(last, until, self.catch_up):
+                log.info("function %s: catching up the tick of %s missed while faasd was down",
+                         self.function, iso_seconds(tick))
+                self.caught_up += 1
+                await self._put(tick, catching_up=True)
+
+    def schedules_taken(self) -> None:
+        """This node has just taken the cluster's schedules: catch up the ticks that
+        passed while no node fired them (the whole cluster down, or its broker)."""
+        if not self.catch_up or self._task is None or self._task.done():
+            return
+        now = self.clock.now()
+        # The tick the loop waits for is its own to fire, even if due this instant.
+        until = min(now, self.next_at - 0.001) if self.next_at is not None else now
+        self._spawn(self._catch_up(until))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
+
     def _tick(self, tick: float) -> None:
         if not self.owner():
             self.standby += 1
+            if self.elsewhere():
+                # Fired by the node that owns the schedules: not one to catch up
+                # should this node take them over.
+                self.store.record(self.key, tick, "")
             return
         if self.overlap == "skip" and self.running:
             self.skipped += 1
@@ -342,9 +377,7 @@ class CronTrigger(RunningTrigger):
             # Its time has come and gone: a restart's catch_up does not run it (no request id).
             self.store.record(self.key, tick, "")
             return
-        task = asyncio.get_running_loop().create_task(self._put(tick))
-        self._puts.add(task)
-        task.add_done_callback(self._puts.discard)
+        self._spawn(self._put(tick))
 
     async def _put(self, tick: float, *, catching_up: bool = False) -> None:
         # One id per trigger (rule) and instant: the same tick is the same event,
@@ -381,6 +414,13 @@ class CronSource(TriggerSource):
         super().__init__(daemon)
         self.clock = clock or SystemClock()
         self.store = TickStore(daemon.config.paths.data / "triggers" / "cron.db")
+        taken = getattr(daemon, "schedules_taken", None)  # a cluster's (faasd/cluster/lease.py)
+        if taken is not None:
+            taken.append(self.schedules_taken)
+
+    def schedules_taken(self) -> None:
+        for _, trigger in list(self.running.values()):
+            trigger.schedules_taken()  # type: ignore[attr-defined]
 
     def create(self, spec: FunctionSpec, trigger: Trigger, index: int) -> CronTrigger:
         daemon = self.daemon
@@ -390,7 +430,8 @@ class CronSource(TriggerSource):
 
         return CronTrigger(function=spec.name, options=dict(trigger.options), index=index,
                            clock=self.clock, submit=submit, store=self.store, region=daemon.region,
-                           owner=getattr(daemon, "schedule_owner", None))
+                           owner=getattr(daemon, "schedule_owner", None),
+                           elsewhere=getattr(daemon, "schedules_elsewhere", None))
 
     async def close(self) -> None:
         await super().close()
