@@ -382,12 +382,16 @@ def next_attempt(config: AsyncConfig, attempts: int, enqueued_at: float,
 
 
 def destination_function(registry: "Registry", target: str | None, *, function: str,
-                         request_id: str, hops: int) -> str | None:
-    """The function a destination record goes to, or None (the dead-letter dir / nowhere)."""
+                         request_id: str, hops: int,
+                         elsewhere: Callable[[str], bool] | None = None) -> str | None:
+    """The function a destination record goes to, or None (the dead-letter dir / nowhere).
+
+    `elsewhere(name)`: whether another node that takes the record has the function (a cluster's).
+    """
     if not target or not target.startswith("function:"):
         return None
     name = target.split(":", 1)[1]
-    if registry.get(name) is None:
+    if registry.get(name) is None and not (elsewhere is not None and elsewhere(name)):
         log.error("async %s: destination function %s does not exist", function, name)
         return None
     if hops + 1 > MAX_DESTINATION_HOPS:

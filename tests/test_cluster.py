@@ -47,9 +47,12 @@ class Cluster:
         self.nodes: dict[str, Daemon] = {}
         self.inboxes: set[str] = set()
         self.delays: set[tuple[str, int]] = set()  # (function, ms) delay queues the test causes
+        self.dirs = {functions}  # every functions dir a node serves
 
-    def start(self, node: str, *, wait: bool = True, url: str | None = None) -> Daemon:
-        daemon = self.start_daemon(self.functions, data=self.tmp / f"data-{node}", wait=wait, env={
+    def start(self, node: str, *, wait: bool = True, url: str | None = None,
+              functions: Path | None = None) -> Daemon:
+        self.dirs.add(functions or self.functions)
+        daemon = self.start_daemon(functions or self.functions, data=self.tmp / f"data-{node}", wait=wait, env={
             "FAASD_CLUSTER_MODE": "amqp", "FAASD_AMQP_URL": url or self.url,
             "FAASD_CLUSTER_NAME": self.name, "FAASD_CLUSTER_NODE": node,
             "FAASD_CLUSTER_HEARTBEAT_S": "0.5"})
@@ -101,7 +104,7 @@ def cluster(amqp_url: str, tmp_path: Path, functions_dir: Path,
     yield cluster
     # Stopped before their queues go: a running node would declare them again.
     cluster.stop()
-    functions = sorted({p.stem for p in functions_dir.iterdir() if p.suffix == ".py"})
+    functions = sorted({p.stem for d in cluster.dirs for p in d.iterdir() if p.suffix == ".py"})
     asyncio.run(cluster.delete(functions))
 
 
@@ -360,6 +363,37 @@ def handler(event, context):
     if event.get("fail"):
         raise ValueError("once more")
 """
+
+
+SUCCEEDING = """
+def handler(event, context):
+    return {"done": event["i"]}
+"""
+
+
+@pytest.mark.amqp
+def test_a_destination_function_on_other_nodes_only_gets_its_records(cluster: Cluster):
+    # A rolling deploy: the node that runs `work` does not have its destination yet.
+    write_function(cluster.functions, "catcher.py", CATCHER)
+    behind = cluster.tmp / "functions-behind"
+    write_function(behind, "work.py", SUCCEEDING)
+    write_function(behind, "work.toml", '[async]\non_success = "function:catcher"\n')
+    a, b = cluster.start("a"), cluster.start("b", functions=behind)
+    cluster.wait_formed(2)
+    request_id = event(b, "work", {"i": 3})
+
+    def caught() -> list[dict]:
+        path = a.data / "logs" / "catcher.log"
+        text = path.read_text() if path.exists() else ""
+        return [json.loads(m.group(1)) for m in re.finditer(r"CAUGHT (\{.*\})$", text, re.M)]
+
+    wait_until(lambda: b.function("work")["queue"]["succeeded"] == 1, 30, message="work to run on b")
+    wait_until(caught, 30, interval=0.2, message="the success record at the destination, on a")
+    record = caught()[0]
+    assert record["requestContext"]["requestId"] == request_id
+    assert record["requestContext"]["condition"] == "Success"
+    assert record["responsePayload"] == {"done": 3}
+    assert "destination function catcher does not exist" not in b.output()
 
 
 @pytest.mark.amqp

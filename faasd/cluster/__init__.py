@@ -78,7 +78,8 @@ class Cluster:
             link=self.link, names=self.names, registry=daemon.registry, invoker=daemon.invoker,
             data_dir=daemon.config.paths.data, region=daemon.region, prefetch=settings.prefetch,
             max_concurrency=daemon.config.limits.max_concurrency, node=self.node,
-            inbox=self.names.inbox(self.node, self.instance))
+            inbox=self.names.inbox(self.node, self.instance),
+            loaded_elsewhere=lambda name: self.loaded_elsewhere(name))
         self.members = Membership(
             daemon=daemon, names=self.names, node=self.node, instance=self.instance,
             heartbeat_s=settings.heartbeat_s, describe_self=self.describe_self,
@@ -145,10 +146,16 @@ class Cluster:
         unsent = self.queue.unsent()
         return True, detail + (f"; {unsent}" if unsent else "")
 
+    def _live_peers(self) -> list[dict[str, Any]]:
+        return [n for n in self.members.nodes() if not n.get("self") and n.get("state") != "lost"]
+
     def schedules_elsewhere(self) -> bool:
         """Whether another live node fires the schedules now (as its last heartbeat says)."""
-        return any(n.get("schedule_owner") for n in self.members.nodes()
-                   if not n.get("self") and n.get("state") != "lost")
+        return any(n.get("schedule_owner") for n in self._live_peers())
+
+    def loaded_elsewhere(self, function: str) -> bool:
+        """Whether another live node has `function` loaded (as its last heartbeat says)."""
+        return any(function in n.get("functions", ()) for n in self._live_peers())
 
     def view(self) -> dict[str, Any]:
         nodes = self.members.nodes()

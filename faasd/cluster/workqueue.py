@@ -77,7 +77,9 @@ file events wait for it on the broker.
 
 A function that cannot load on this node is not consumed here: its events
 wait for a node that can load it (or for the fix), instead of being
-dead-lettered because of one broken node.
+dead-lettered because of one broken node. Likewise a destination function
+that another live node has (its heartbeat says so) gets its records from
+this node, which does not have it (yet).
 
 Figures (`stats()`): `depth` is the events waiting on the broker (every
 node's, refreshed at each heartbeat) plus those this node holds; `running`,
@@ -306,8 +308,11 @@ class ClusterQueue:
 
     def __init__(self, *, link: BrokerLink, names: Names, registry: "Registry", invoker: "Invoker",
                  data_dir: Any, region: str, prefetch: int, max_concurrency: int, node: str,
-                 inbox: str) -> None:
+                 inbox: str, loaded_elsewhere: Callable[[str], bool] = lambda name: False) -> None:
         self.link = link
+        # Whether another live node runs a function: its destination records go to its queue
+        # even where it is not loaded (a rolling deploy, functions dirs that differ).
+        self.loaded_elsewhere = loaded_elsewhere
         self.node = node
         self.names = names
         self.registry = registry
@@ -809,7 +814,8 @@ class ClusterQueue:
         succeeded = step.kind == SUCCEEDED
         condition = SUCCESS if succeeded else step.condition
         target = destination_function(self.registry, config.on_success if succeeded else config.on_failure,
-                                      function=job.function, request_id=job.request_id, hops=job.hops)
+                                      function=job.function, request_id=job.request_id, hops=job.hops,
+                                      elsewhere=self.loaded_elsewhere)
         record = None
         if target is not None or not succeeded:
             record = destination_record(
