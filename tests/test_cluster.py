@@ -636,6 +636,9 @@ def test_an_event_running_when_the_connection_drops_finishes_as_its_own_invocati
     marks = [text.split()[0] for _, _, text in lines if text.split()[:1] in (["BEGIN"], ["RAN"])]
     assert marks == ["BEGIN", "RAN", "BEGIN", "RAN"], marks
     assert "no invocation in flight" not in node.output()
+    # The first run's acknowledgement failed with its channel; the warning says why.
+    reasons = re.findall(r"could not \w+ an event of slow \((.*?)\);", node.output())
+    assert reasons and all(reason.strip() for reason in reasons), reasons
 
 
 def _answers(daemon: Daemon) -> bool:

@@ -986,7 +986,7 @@ async def _settle(settle: Any, function: str, what: str) -> None:
     except Exception as exc:
         # The channel the message came on is gone: the broker has it back already.
         log.warning("cluster: could not %s an event of %s (%s); the broker delivers it again",
-                    what, function, exc)
+                    what, function, _explain(exc))
 
 
 def _log_fault(job: Job, faults: int, exc: Exception, then: str) -> None:
