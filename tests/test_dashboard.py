@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from probe import PROBE_HANDLER, Probe
-from support import ROOT, descendants, loaded, wait_until, write_function
+from support import ROOT, descendants, free_port, loaded, wait_until, write_function
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -67,6 +67,13 @@ def browser(tmp_path: Path):
 ROWS_SCRIPT = """return Object.fromEntries(Array.from(
     document.querySelectorAll("#functions-table tbody tr"),
     row => [row.getAttribute("data-function"), row.innerText]));"""
+
+
+def listening(daemon) -> bool:
+    try:
+        return daemon.get("/healthz").status == 200
+    except OSError:
+        return False
 
 
 def text_of(driver, element_id: str) -> str:
@@ -318,6 +325,30 @@ def test_a_trigger_shows_what_it_listens_for_and_why_it_is_not_running(start_dae
     assert browser.find_elements("css selector", "tr[data-function=orders] .chip-amqp.chip-down")
     assert "0 3 * * *" in rows()["scheduled"] and "disabled" not in rows()["scheduled"]
     assert not browser.find_elements("css selector", "tr[data-function=scheduled] .chip-down")
+
+
+def test_an_amqp_trigger_whose_broker_cannot_be_reached_says_why(start_daemon, functions_dir, browser):
+    """The chip of a trigger that waits for its broker carries the broker's
+    error, as /readyz says it: the url with its password masked."""
+    write_function(functions_dir, "orders.py", GREET)
+    write_function(functions_dir, "orders.toml", """
+        [[triggers]]
+        type = "amqp"
+        exchange = "orders"
+    """)
+    url = f"amqp://guest:broker-password@127.0.0.1:{free_port()}/"
+    daemon = start_daemon(functions_dir, env={"FAASD_AMQP_URL": url}, wait=False)
+    wait_until(lambda: listening(daemon), 20, message="the daemon")  # not ready: its broker is missing
+    state = lambda: daemon.function("orders")["triggers"][0]["state"]
+    wait_until(lambda: state()["status"] == "retrying", 20, message="the trigger to retry")
+    reason = state()["reason"]
+    assert reason.startswith("broker amqp://guest:***@127.0.0.1:") and "unreachable (" in reason, reason
+    assert reason in daemon.get("/readyz").json()["checks"]["amqp"]["detail"]
+    browser.get(daemon.url + "/ui/")
+    rows = lambda: browser.execute_script(ROWS_SCRIPT)
+    wait_until(lambda: "orders" in rows(), 20, message="the functions table")
+    assert f"retrying: {reason}" in rows()["orders"]
+    assert "broker-password" not in browser.page_source
 
 
 def test_the_log_tail_begins_with_the_daemons_start(start_daemon, functions_dir):

@@ -29,7 +29,8 @@ the broker, not in the daemon's memory.
 Connection. One robust connection per daemon (`[amqp] url`). Without a url,
 AMQP triggers are disabled (said once in the log). When the broker cannot be
 reached, at start or later, the daemon keeps retrying by itself; meanwhile
-the triggers say "retrying", `/readyz` reports the `amqp` check as failing,
+the triggers say "retrying" with the broker's error as their reason (the
+dashboard shows it on their chips), `/readyz` reports the `amqp` check as failing,
 and everything else keeps working. On reconnect aio-pika restores channels,
 prefetch, declarations, bindings and consumers. The connection state is in
 `daemon.amqp_state` (a dict) and `daemon.amqp_connected` (for /metrics). The
@@ -283,8 +284,13 @@ class AmqpSource(TriggerSource):
         state = self.state["state"]
         if state == "connected" or consuming == 0:
             return True, f"{state}; {consuming} AMQP trigger(s)"
+        return False, f"{state}: {self.broker_problem()}"
+
+    def broker_problem(self) -> str:
+        """What is said of a broker that is not connected: its url, the password
+        masked, and its last error."""
         error = self.state.get("last_error")
-        return False, f"{state}: broker {self.state['url']} unreachable" + (f" ({error})" if error else "")
+        return f"broker {self.state['url']} unreachable" + (f" ({error})" if error else "")
 
     def ensure_connecting(self) -> None:
         if not self._closed:
@@ -467,8 +473,12 @@ class AmqpTrigger(RunningTrigger):
             status = connection  # reconnecting: consumers come back with the connection
         elif status == "waiting for the broker" and connection == "retrying":
             status = "retrying"  # never connected yet: the broker is unreachable
+        # The broker's error is the reason of a trigger it holds up, as /readyz says it.
+        held_up = connection in ("retrying", "reconnecting") and status != "stopped"
+        reason = self.source.broker_problem() if held_up else None
         return {
             "status": status,
+            "reason": reason,
             "connection": connection,
             "queue": self.queue_name,
             "dead_letter_queue": self.dead_letter_queue,
