@@ -384,6 +384,41 @@ def test_a_poll_redraws_only_the_functions_that_changed(start_daemon, functions_
     assert kept == {"steady": True, "called": False}
 
 
+def test_the_functions_table_filters_by_name_across_polls(start_daemon, functions_dir, browser):
+    """With some two hundred functions the table is many screens tall: a box
+    above it keeps the functions whose name holds its text, while the page
+    polls and functions change, come and go."""
+    for name in ("orders-create", "orders-cancel", "thumbnail"):
+        write_function(functions_dir, f"{name}.py", GREET)
+    daemon = start_daemon(functions_dir)
+    browser.get(daemon.url + "/ui/")
+    rows = lambda: browser.execute_script(ROWS_SCRIPT)
+    wait_until(lambda: len(rows()) == 3, 20, message="the functions table")
+    assert text_of(browser, "functions-summary") == "3 functions"
+
+    browser.find_element("id", "functions-filter").send_keys("Orders")
+    wait_until(lambda: set(rows()) == {"orders-create", "orders-cancel"}, 5, message="the filtered table")
+    assert text_of(browser, "functions-summary") == "2 of 3 functions"
+
+    # A poll that finds functions changed, added or gone keeps the filter.
+    assert daemon.invoke("thumbnail", {"name": "x"}).status == 200
+    write_function(functions_dir, "orders-refund.py", GREET)
+    write_function(functions_dir, "mailer.py", GREET)
+    (functions_dir / "orders-cancel.py").unlink()
+    wait_until(lambda: text_of(browser, "functions-summary") == "2 of 4 functions", 20,
+               message="the next polls")
+    assert set(rows()) == {"orders-create", "orders-refund"}
+
+    browser.find_element("id", "functions-filter").send_keys("-nothing")
+    wait_until(lambda: "No function's name holds this text." in text_of(browser, "functions-table"), 5,
+               message="no match")
+    assert text_of(browser, "functions-summary") == "0 of 4 functions"
+    browser.find_element("id", "functions-filter").clear()
+    browser.execute_script('document.getElementById("functions-filter").dispatchEvent(new Event("input"))')
+    wait_until(lambda: set(rows()) == {"orders-create", "orders-refund", "thumbnail", "mailer"}, 5,
+               message="every function again")
+
+
 def test_after_a_restart_the_log_tail_shows_the_new_daemons_lines(start_daemon, functions_dir, tmp_path,
                                                                    browser):
     write_function(functions_dir, "greet.py", GREET)

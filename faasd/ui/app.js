@@ -330,10 +330,18 @@ function rowKey(fn) {
 // for a tenth of a second each time and lost any text selected in the table.
 let drawnRows = new Map();
 
+// The functions whose name holds the filter box's text (any case): with some
+// two hundred, the whole table is many screens tall.
+function shownFunctions() {
+  const filter = $("functions-filter").value.trim().toLowerCase();
+  return filter ? state.functions.filter((fn) => fn.name.toLowerCase().includes(filter)) : state.functions;
+}
+
 function renderFunctions() {
   const body = $("functions-table").querySelector("tbody");
   const drawn = new Map();
-  const rows = state.functions.map((fn) => {
+  const shown = shownFunctions();
+  const rows = shown.map((fn) => {
     const key = rowKey(fn);
     const before = drawnRows.get(fn.name);
     const row = before && before.key === key ? before.row : functionRow(fn);
@@ -341,15 +349,19 @@ function renderFunctions() {
     return row;
   });
   drawnRows = drawn;
+  const total = state.functions.length;
   if (!rows.length) {
-    rows.push(h("tr", {}, h("td", { colspan: 7, class: "empty" },
-      "No functions yet: drop a handler file into the functions directory.")));
+    rows.push(h("tr", {}, h("td", { colspan: 7, class: "empty" }, total
+      ? "No function's name holds this text."
+      : "No functions yet: drop a handler file into the functions directory.")));
   }
   if (rows.length !== body.children.length || rows.some((row, i) => body.children[i] !== row)) {
     body.replaceChildren(...rows);
   }
   const broken = state.functions.filter((fn) => fn.load_error).length;
-  setText("functions-summary", `${state.functions.length} functions${broken ? `, ${broken} failing to load` : ""}`);
+  const count = shown.length === total ? `${total}` : `${shown.length} of ${total}`;
+  setText("functions-summary",
+    `${count} function${total === 1 ? "" : "s"}${broken ? `, ${broken} failing to load` : ""}`);
 
   const select = $("invoke-function");
   const current = select.value;
@@ -578,6 +590,7 @@ async function pollLog() {
 function main() {
   $("invoke-form").addEventListener("submit", invoke);
   $("log-filter").addEventListener("input", () => renderLog(true));
+  $("functions-filter").addEventListener("input", renderFunctions);
   $("auth-form").addEventListener("submit", (event) => {
     event.preventDefault();
     state.token = $("auth-token").value.trim();
