@@ -437,6 +437,32 @@ def test_after_a_restart_the_log_tail_shows_the_new_daemons_lines(start_daemon, 
                message="the restarted daemon's start in the log tail")
 
 
+def test_after_a_restart_whose_log_runs_further_the_log_tail_starts_over(start_daemon, functions_dir,
+                                                                        tmp_path, browser):
+    """A restarted daemon numbers its lines from 1 again; by the page's next
+    poll it may have logged more than the old one had. Its start id tells
+    the page: the tail starts over with the new daemon's first line."""
+    write_function(functions_dir, "greet.py", GREET)
+    first = start_daemon(functions_dir)
+    browser.get(first.url + "/ui/")
+    wait_until(lambda: "function greet loaded" in text_of(browser, "log-tail"), 20,
+               message="the first daemon's lines")
+    first_log = first.get("/system/log?after=0").json()
+    first.stop()
+
+    others = tmp_path / "other-functions"
+    others.mkdir()
+    for n in range(40):  # one line each as they load: this start says more than the first daemon did
+        write_function(others, f"other-{n}.py", GREET)
+    second = start_daemon(others, port=first.port, data=tmp_path / "data-2")
+    second_log = second.get("/system/log?after=0").json()
+    assert second_log["start"] != first_log["start"]
+    assert second_log["last"] > first_log["last"] + 10, (first_log["last"], second_log["last"])
+    wait_until(lambda: f"starting: functions {others}" in text_of(browser, "log-tail"), 20,
+               message="the restarted daemon's first line in the log tail")
+    assert "function greet loaded" not in text_of(browser, "log-tail")
+
+
 def test_a_warnings_level_stands_apart_from_its_source_in_the_log_tail(start_daemon, functions_dir, browser):
     write_function(functions_dir, "warns.py", """
         import logging

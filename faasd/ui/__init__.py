@@ -9,7 +9,9 @@ inline SVG. It polls the daemon:
     GET  /system/activity             per-5-second invocations, errors, throttles,
                                       p50/p99 latency over the last 15 minutes;
                                       recent errors; async queue figures
-    GET  /system/log?after=SEQ        the daemon's recent log lines (ring of 1000)
+    GET  /system/log?after=SEQ        the daemon's recent log lines (ring of 1000), and
+                                      the id of this daemon's start: lines are
+                                      numbered anew from 1 at each start
     POST /system/functions/NAME/invoke  run NAME on the JSON body, as the
                                       Lambda console's Test button does:
                                       result, error, duration and log tail as JSON
@@ -26,6 +28,7 @@ import logging
 import math
 import random
 import re
+import secrets
 import threading
 import time
 from collections import deque
@@ -191,13 +194,16 @@ class LogRing(logging.Handler):
     """The last LOG_LINES records of the daemon's log, numbered for polling.
 
     Lines are kept as tuples (the fields of _LINE_FIELDS) and become dicts
-    only when read: a function's lines arrive here on every call.
+    only when read: a function's lines arrive here on every call. `start`
+    is random, one per daemon start: a reader that sees it change knows the
+    numbering began again (the new daemon's seq may be past the old one's).
     """
 
     def __init__(self, capacity: int = LOG_LINES) -> None:
         super().__init__(logging.DEBUG)
         self.lines: deque[tuple] = deque(maxlen=capacity)
         self.seq = 0
+        self.start = secrets.token_hex(8)
         self._guard = threading.Lock()  # records arrive from watchdog's thread too
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -294,7 +300,7 @@ def routes(daemon: "Daemon", activity: Activity, ring: LogRing):
         except ValueError:
             return _error(400, "after must be a whole number (the last seq you have)")
         lines, last = ring.after(after)
-        return _json({"lines": lines, "last": last})
+        return _json({"lines": lines, "last": last, "start": ring.start})
 
     async def invoke(request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -12,6 +12,7 @@ const state = {
   functions: [],
   activity: null,
   logSeq: 0,
+  logStart: null,
   logLines: [],
   token: sessionStorage.getItem("faasd-token") || "",
 };
@@ -576,10 +577,14 @@ async function refresh() {
 async function pollLog() {
   try {
     let { body } = await api(`/system/log?after=${state.logSeq}`);
-    if (body.last < state.logSeq) {
-      // The daemon restarted and numbers its lines from 1 again: all of them are new.
+    if (state.logStart !== null && body.start !== state.logStart) {
+      // Another daemon's start (a restart): its lines are numbered from 1
+      // again, and the tail starts over with them.
       ({ body } = await api("/system/log?after=0"));
+      state.logLines = [];
+      $("log-tail").replaceChildren();
     }
+    state.logStart = body.start;
     state.logSeq = body.last;
     appendLog(body.lines);
   } catch (e) {
