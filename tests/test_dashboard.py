@@ -351,6 +351,33 @@ def test_an_amqp_trigger_whose_broker_cannot_be_reached_says_why(start_daemon, f
     assert "broker-password" not in browser.page_source
 
 
+SLEEPS = """
+import time
+
+def handler(event, context):
+    time.sleep(event["seconds"])
+    return {}
+"""
+Y_AXIS_SCRIPT = """return Array.from(document.querySelectorAll("#chart-latency text.axis-label"),
+    label => label.textContent).filter(text => !/^(-\\d+m|now)$/.test(text));"""  # less the time axis
+
+
+def test_the_latency_axis_speaks_one_unit(start_daemon, functions_dir, browser):
+    """Every label of the latency axis is in one unit, chosen by its top:
+    not "750 µs" under "1.00 ms", nor "5000 ms" under "10.0 s"."""
+    write_function(functions_dir, "sleeps.py", SLEEPS)
+    write_function(functions_dir, "sleeps.toml", "timeout_s = 10\n")
+    daemon = start_daemon(functions_dir)
+    browser.get(daemon.url + "/ui/")
+    labels = lambda: browser.execute_script(Y_AXIS_SCRIPT)
+    wait_until(lambda: len(labels()) == 5, 20, message="the latency axis")
+    assert labels() == ["0", "0.25 ms", "0.5 ms", "0.75 ms", "1 ms"]
+
+    assert daemon.invoke("sleeps", {"seconds": 5.5}).status == 200
+    wait_until(lambda: labels()[-1] == "10 s", 10, message="the axis to reach the slow call")
+    assert labels() == ["0", "2.5 s", "5 s", "7.5 s", "10 s"]
+
+
 def test_the_log_tail_begins_with_the_daemons_start(start_daemon, functions_dir):
     """The start-up's warnings and load errors are what an operator opening the
     dashboard most needs to see: the log tail has them, not only what came after."""

@@ -75,6 +75,13 @@ function fmtMs(ms) {
   return `${(ms / 1000).toFixed(1)} s`;
 }
 
+// An axis's label in one unit for the whole axis, chosen by its top: "5 s"
+// beside "10 s", never "5000 ms" beside "10.0 s".
+function fmtMsAxis(ms, max) {
+  if (ms === 0) return "0";
+  return max >= 1000 ? `${fmtAxis(ms / 1000)} s` : `${fmtAxis(ms)} ms`;
+}
+
 function fmtRate(rate) {
   if (!rate) return "0";
   if (rate < 10) return rate.toFixed(2);
@@ -117,6 +124,7 @@ function niceMax(value) {
 }
 
 // Draws series (arrays of numbers or null, oldest first) as lines and areas.
+// format(value, exact, max) labels the axis (exact false; max is its top) and the tooltip.
 function drawChart(el, { times, series, format, minMax }) {
   const width = Math.max(el.clientWidth, 200), height = Math.max(el.clientHeight, 120);
   const m = { left: 52, right: 10, top: 10, bottom: 22 };
@@ -134,7 +142,8 @@ function drawChart(el, { times, series, format, minMax }) {
   for (let k = 0; k <= 4; k++) {
     const v = max * k / 4, yy = y(v);
     el.append(svg("line", { class: "grid-line", x1: m.left, x2: width - m.right, y1: yy, y2: yy }));
-    el.append(svg("text", { class: "axis-label", x: m.left - 6, y: yy + 3.5, "text-anchor": "end" }, format(v)));
+    el.append(svg("text", { class: "axis-label", x: m.left - 6, y: yy + 3.5, "text-anchor": "end" },
+      format(v, false, max)));
   }
   const now = times[n - 1];
   for (const minutes of [15, 10, 5, 0]) {
@@ -234,7 +243,7 @@ function renderCharts() {
   const latencyChart = $("chart-latency");
   drawChart(latencyChart, {
     times: s.t, minMax: 1,
-    format: (v) => fmtMs(v),
+    format: (v, exact, max) => (exact ? fmtMs(v) : fmtMsAxis(v, max)),
     series: [
       { name: "p99", label: "p99", values: s.p99_ms, color: "#fbbf24", fill: false },
       { name: "p50", label: "p50", values: s.p50_ms, color: "#60a5fa", fill: true },
