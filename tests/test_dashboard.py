@@ -378,6 +378,25 @@ def test_the_latency_axis_speaks_one_unit(start_daemon, functions_dir, browser):
     assert labels() == ["0", "2.5 s", "5 s", "7.5 s", "10 s"]
 
 
+def test_a_function_that_cannot_load_shows_no_memory_figure(start_daemon, functions_dir, browser):
+    """No worker ran it: the invoke form says so by its error, not by "max memory 0 MB"."""
+    write_function(functions_dir, "broken.py", BROKEN)
+    write_function(functions_dir, "greet.py", GREET)
+    daemon = start_daemon(functions_dir)
+    assert daemon.post("/system/functions/broken/invoke", {}).json()["maxMemoryUsedMb"] is None
+    browser.get(daemon.url + "/ui/")
+    wait_until(lambda: browser.find_elements("css selector", "#invoke-function option[value=broken]"), 20,
+               message="the invoke form")
+    browser.find_element("css selector", "#invoke-function option[value=greet]").click()
+    invoke_through_form(browser, "{}")
+    assert "max memory " in text_of(browser, "invoke-meta"), text_of(browser, "invoke-meta")
+    browser.find_element("css selector", "#invoke-function option[value=broken]").click()
+    browser.find_element("id", "invoke-submit").click()
+    wait_until(lambda: text_of(browser, "invoke-status") == "failed: Runtime.UserCodeSyntaxError", 30,
+               message="the failure")
+    assert "MB" not in text_of(browser, "invoke-meta"), text_of(browser, "invoke-meta")
+
+
 def test_the_log_tail_begins_with_the_daemons_start(start_daemon, functions_dir):
     """The start-up's warnings and load errors are what an operator opening the
     dashboard most needs to see: the log tail has them, not only what came after."""

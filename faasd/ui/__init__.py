@@ -344,7 +344,9 @@ def routes(daemon: "Daemon", activity: Activity, ring: LogRing):
             "function": name, "requestId": invocation.request_id, "ok": invocation.ok,
             "durationMs": round(invocation.duration_ms, 3),
             "initMs": None if invocation.init_ms is None else round(invocation.init_ms, 3),
-            "maxMemoryUsedMb": invocation.max_memory_mb,
+            # 0 when no worker ran the handler (the function cannot load, its init
+            # failed): there is no figure to show. A worker's run says 1 MB at least.
+            "maxMemoryUsedMb": invocation.max_memory_mb or None,
             "result": result,
             "error": invocation.error.to_lambda() if invocation.error else None,
             "logTail": invocation.log_tail,

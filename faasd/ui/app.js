@@ -526,7 +526,9 @@ async function invoke(event) {
       status.textContent = body.ok ? "succeeded" : `failed: ${body.error.errorType}`;
       const bits = [name, `duration ${fmtMs(body.durationMs)}`];
       if (body.initMs !== null) bits.push(`cold start, init ${fmtMs(body.initMs)}`);
-      bits.push(`max memory ${body.maxMemoryUsedMb} MB`, `request ${body.requestId}`);
+      // None when no worker ran the handler (a function that cannot load).
+      if (body.maxMemoryUsedMb) bits.push(`max memory ${body.maxMemoryUsedMb} MB`);
+      bits.push(`request ${body.requestId}`);
       meta.textContent = bits.join(" · ");
       if (body.ok) {
         output.textContent = typeof body.result === "string" ? body.result : JSON.stringify(body.result, null, 2);
