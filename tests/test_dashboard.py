@@ -8,12 +8,13 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 
 from probe import PROBE_HANDLER, Probe
-from support import ROOT, descendants, free_port, loaded, wait_until, write_function
+from support import ROOT, Proxy, descendants, free_port, loaded, wait_until, write_function
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -395,6 +396,46 @@ def test_a_function_that_cannot_load_shows_no_memory_figure(start_daemon, functi
     wait_until(lambda: text_of(browser, "invoke-status") == "failed: Runtime.UserCodeSyntaxError", 30,
                message="the failure")
     assert "MB" not in text_of(browser, "invoke-meta"), text_of(browser, "invoke-meta")
+
+
+class BodyStaller(Proxy):
+    """Passes the page's requests to the daemon, but not the body of an
+    invocation: the daemon waits for it, then refuses with 408."""
+
+    @staticmethod
+    def _pump(source, target) -> None:
+        stalled = False
+        try:
+            while data := source.recv(65536):
+                if stalled:
+                    continue
+                if data.startswith(b"POST /system/functions/"):
+                    data, stalled = data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n", True
+                target.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, target):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_an_invocation_refused_with_408_shows_as_a_refusal(start_daemon, functions_dir, browser):
+    write_function(functions_dir, "greet.py", GREET)
+    daemon = start_daemon(functions_dir, env={"FAASD_SERVER_IDLE_TIMEOUT_S": "1"})
+    proxy = BodyStaller(("127.0.0.1", daemon.port))
+    try:
+        browser.get(f"http://127.0.0.1:{proxy.port}/ui/")
+        wait_until(lambda: browser.find_elements("css selector", "#invoke-function option[value=greet]"), 20,
+                   message="the invoke form")
+        browser.find_element("id", "invoke-submit").click()
+        wait_until(lambda: text_of(browser, "invoke-status") not in ("", "running…"), 20,
+                   message="the answer")
+        assert text_of(browser, "invoke-status") == "refused (408)"
+        assert text_of(browser, "invoke-output") == "the request body stalled for over 1 s"
+    finally:
+        proxy.close()
 
 
 def test_the_log_tail_begins_with_the_daemons_start(start_daemon, functions_dir):

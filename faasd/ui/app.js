@@ -511,7 +511,8 @@ async function invoke(event) {
     const { status: code, body } = await api(
       `/system/functions/${encodeURIComponent(name)}/invoke${type === "Event" ? "?type=Event" : ""}`,
       { method: "POST", body: payload, headers: { "Content-Type": "application/json" },
-        acceptErrors: [400, 404, 413, 429, 503] });
+        // Refusals, each with its message: 408 is a body that stalled on its way.
+        acceptErrors: [400, 404, 408, 413, 429, 503] });
     if (code >= 400) {
       status.className = "pill pill-warn";
       status.textContent = code === 429 ? "throttled" : `refused (${code})`;
