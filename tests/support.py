@@ -237,7 +237,10 @@ class Daemon:
             return False
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        """What the daemon wrote, as it wrote it: a function's record that holds \r stays one line."""
+        if not (self.log_path and self.log_path.exists()):
+            return ""
+        return self.log_path.read_bytes().decode(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int | None:
         """Stop the daemon; then make sure nothing it started survives."""

@@ -451,8 +451,9 @@ def test_a_cluster_event_carries_its_invoked_arn_and_trace_and_one_from_an_earli
 
 
 def daemon_lines(daemon: Daemon) -> str:
-    """What the daemon logged itself, without the lines of its functions."""
-    return "\n".join(line for line in daemon.output().splitlines() if not re.search(r" \[[\w-]+\] ", line))
+    """What the daemon logged itself, without the lines of its functions (a function's
+    record is one line, its own lines joined with \r, which splitlines() would cut)."""
+    return "\n".join(line for line in daemon.output().split("\n") if not re.search(r" \[[\w-]+\] ", line))
 
 
 async def declare_classic(url: str, queue: str) -> None:
