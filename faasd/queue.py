@@ -24,7 +24,8 @@ Asynchronous work enters here and nowhere else:
     a broker consumer that acks in `on_done` (the unacked message comes back).
   * Returns the request id once the event is committed to disk (SQLite, WAL,
     synchronous=FULL): from then on it survives kill -9 and power loss.
-    Raises `ShuttingDown` once the queue is closing.
+    Raises `ShuttingDown` once the queue is closing, and OSError while the
+    disk keeps the file shut (a full disk at start: see `AsyncQueue.open`).
   * `durable=False`: for a source that keeps the event itself until
     `on_done` (a broker's unacknowledged message). The event takes the same
     path -- dispatch, limits, retries, dead letters, destinations -- but is
@@ -72,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import fcntl
 import logging
 import os
@@ -126,6 +128,20 @@ def outcome_retry_delays() -> Iterator[float]:
     while True:
         yield delay
         delay = min(delay * 2, OUTCOME_RETRY_MAX_S)
+
+
+# SQLite's primary result codes for a file the disk will not hold or let be created:
+# SQLITE_IOERR (its -shm file cannot be sized), SQLITE_FULL, SQLITE_CANTOPEN.
+_DISK_SQLITE_CODES = {10, 13, 14}
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
+
+
+def disk_refused(exc: BaseException) -> bool:
+    """Whether `exc` says the disk has no room (or failed), rather than that the file is bad:
+    what is tried again once there may be room, where other errors stop."""
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _DISK_SQLITE_CODES
+    return isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +216,16 @@ class Journal:
     def open(self) -> tuple[list[tuple[int, str, float]], dict[tuple[str, str], int], int]:
         """Open (creating) the database; put interrupted events back; return what is there."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            found = self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
         self.conn = conn
+        return found
+
+    def _prepare(self, conn: sqlite3.Connection
+                 ) -> tuple[list[tuple[int, str, float]], dict[tuple[str, str], int], int]:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (fsynced) before put() returns, so a
         # queued event survives power loss as well as kill -9.
@@ -452,6 +477,8 @@ class AsyncQueue:
         self._lock_fd: int | None = None
         self._pending_ops: list[tuple[Op, Callable[[Any], None] | None, asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
+        self._open_error: str | None = None  # why the file would not open, until it does
+        self._reopener: asyncio.Task | None = None
         self._write_failing = False  # said once, until a transaction that writes commits
         self._write_error = ""  # why the last transaction failed, while _write_failing
         self._write_probe: asyncio.Task | None = None
@@ -472,14 +499,49 @@ class AsyncQueue:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Open the file and start dispatching; raise OSError if the file cannot serve.
+
+        A disk with no room (or failing) is no reason not to start: what
+        needs no queue (synchronous calls, HTTP triggers) serves, events are
+        refused with the cause (`put`, readiness), and the file is opened
+        again (1 s, doubling to 30 s) until it opens; then what it holds runs.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
-            pending, totals, interrupted = await self._loop.run_in_executor(
-                self._executor, self._journal.open)
+            self._opened(*await self._loop.run_in_executor(self._executor, self._journal.open))
         except (sqlite3.Error, RuntimeError) as exc:
-            self._unlock()
-            raise OSError(f"cannot open the asynchronous queue {self.path}: {exc}") from None
+            if not disk_refused(exc):
+                self._unlock()
+                raise OSError(f"cannot open the asynchronous queue {self.path}: {exc}") from None
+            self._open_error = str(exc)
+            log.error("asynchronous queue: cannot open %s (%s); faasd runs without it: synchronous "
+                      "invocations and HTTP triggers serve, asynchronous invocations and file, cron "
+                      "and AMQP events are refused until it opens, tried again every %gs (doubling "
+                      "to %gs)", self.path, exc, OUTCOME_RETRY_FIRST_S, OUTCOME_RETRY_MAX_S)
+            self._reopener = self._loop.create_task(self._reopen(), name="faasd-queue-reopen")
+
+    async def _reopen(self) -> None:
+        """Open the file the disk kept shut at start, as soon as it lets it."""
+        for delay in outcome_retry_delays():
+            await asyncio.sleep(delay)
+            if self._closing:
+                return
+            try:
+                found = await self._loop.run_in_executor(self._executor, self._journal.open)
+            except (sqlite3.Error, RuntimeError) as exc:
+                self._open_error = str(exc)
+                log.debug("asynchronous queue: %s does not open yet: %s", self.path, exc)
+                continue
+            self._open_error = None
+            log.warning("asynchronous queue: %s is open now; asynchronous invocations and "
+                        "events are taken again", self.path)
+            self._opened(*found)
+            return
+
+    def _opened(self, pending: list[tuple[int, str, float]], totals: dict[tuple[str, str], int],
+                interrupted: int) -> None:
+        """The journal is open: take its figures and start dispatching what it holds."""
         for event_id, function, enqueued_at in pending:
             self._count(function).pending[event_id] = enqueued_at
         for (function, outcome), count in totals.items():
@@ -519,8 +581,16 @@ class AsyncQueue:
         """
         self._closing = True
         self._wake.set()
-        if self._dispatcher is not None:
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._reopener is not None:
+            self._reopener.cancel()
+            await asyncio.gather(self._reopener, return_exceptions=True)
+        if self._dispatcher is None:  # never opened: nothing ran, nothing to write
+            # After an open the cancelled reopen may have left running in the thread.
+            await self._loop.run_in_executor(self._executor, self._journal.close)
+            self._executor.shutdown(wait=True)
+            self._unlock()
+            return
+        await asyncio.gather(self._dispatcher, return_exceptions=True)
         if self._tasks:
             # Outcomes being recorded right now are let through.
             await asyncio.wait(list(self._tasks.values()), timeout=2.0)
@@ -554,6 +624,8 @@ class AsyncQueue:
                   invoked_arn: str | None = None, trace_id: str | None = None) -> str:
         """Queue one event durably; return its request id. See the module docstring."""
         request_id, data = admit(self._closing, self.registry, function, payload, request_id)
+        if self._open_error is not None:
+            raise OSError(f"the asynchronous queue cannot open {self.path}: {self._open_error}")
         now = time.time()
 
         def committed(event_id: int) -> None:
@@ -1009,6 +1081,9 @@ async def start(daemon: "Daemon") -> None:
         view["queue"] = queue.function_stats(name)
 
     def ready() -> tuple[bool, str]:
+        if queue._open_error is not None:
+            return False, (f"cannot open {queue.path} ({queue._open_error}): events are refused "
+                           "until it opens; trying again")
         dispatcher = queue._dispatcher
         if dispatcher is None or dispatcher.done():
             return False, "the dispatcher is not running"

@@ -236,6 +236,16 @@ class Daemon:
         except OSError:
             return False
 
+    def serving(self) -> bool:
+        """The daemon answers HTTP, ready or not (a start on a full disk is not); an exit
+        fails with its output."""
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"faasd exited with {self.process.returncode}:\n{self.output()}")
+        try:
+            return self.get("/healthz", timeout=2).status == 200
+        except OSError:
+            return False
+
     def output(self) -> str:
         """What the daemon wrote, as it wrote it: a function's record that holds \r stays one line."""
         if not (self.log_path and self.log_path.exists()):

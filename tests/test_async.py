@@ -376,3 +376,54 @@ def test_an_outcome_the_full_disk_refuses_is_written_once_there_is_room_again(
             assert output.count("cannot write the outcome") == 1 and output.count("a transaction on") == 1
         finally:
             daemon.stop()
+
+
+def test_a_daemon_started_on_a_full_disk_serves_calls_and_runs_its_queue_once_there_is_room(
+        start_daemon, functions_dir, probe, tmp_path):
+    with small_disk(tmp_path / "data") as data:
+        daemon = start_daemon(functions_dir, data=data)
+        try:
+            probed(daemon, probe, "steady", 'concurrency = 1\n[[triggers]]\ntype = "http"\n'
+                                            'path = "/steady"\nmethods = ["POST"]')
+            event(daemon, "steady", {"id": "first", "gate": "g"})
+            probe.wait_for(1, "start", id="first")
+            waiting = event(daemon, "steady", {"id": "waiting"})
+            daemon.process.send_signal(signal.SIGTERM)
+            wait_until(lambda: "shutting down" in daemon.output(), message="the stop to begin")
+            probe.release("g")  # the running event ends in the drain; the waiting one stays queued
+            assert daemon.stop() == 0
+            filler = data / "filler"
+            fill(filler)
+            daemon.start(wait=False)
+            wait_until(daemon.serving, timeout=20, message="the daemon to serve")
+            with daemon_output_on_failure(daemon):
+                # What needs no disk serves: the Invoke API and HTTP triggers.
+                called = daemon.invoke("steady", {"id": "sync"})
+                assert called.status == 200 and called.json()["id"] == "sync", called.text
+                routed = daemon.post("/steady", {"id": "routed"})
+                assert routed.status == 200, routed.text
+                # What needs the queue is refused, naming why.
+                refused = daemon.invoke("steady", {"id": "refused"}, **{"X-Amz-Invocation-Type": "Event"})
+                assert refused.status == 500, refused.text
+                assert "queue.db" in refused.json()["message"], refused.text
+                ready = daemon.get("/readyz")
+                check = ready.json()["checks"]["async_queue"]
+                assert ready.status == 503 and not check["ok"], check
+                assert "cannot open" in check["detail"] and "queue.db" in check["detail"], check
+                time.sleep(1.5)  # opening is tried again after 1 s, and fails again
+                assert queue_view(daemon, "steady")["depth"] == 0  # not known yet
+                filler.unlink()
+                # The event queued before the restart runs; nothing is lost.
+                probe.wait_for(1, "end", id="waiting", timeout=20)
+                wait_until(lambda: daemon.get("/readyz").status == 200, message="/readyz to recover")
+                after = event(daemon, "steady", {"id": "after"})
+                probe.wait_for(1, "end", id="after")
+                wait_until(lambda: queue_view(daemon, "steady")["depth"] == 0, message="the queue to empty")
+            assert [n["rid"] for n in probe.seen("end") if n["id"] in ("waiting", "after")] == [waiting, after]
+            assert not probe.seen("start", id="refused")
+            output = daemon.output()
+            assert "cannot start" not in output
+            assert output.count("asynchronous queue: cannot open") == 1, output
+            assert output.count("queue.db is open now") == 1, output
+        finally:
+            daemon.stop()

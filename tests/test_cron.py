@@ -14,7 +14,7 @@ import pytest
 
 from faasd.spec import load_spec
 from faasd.triggers.cron import CronTrigger, Schedule, TickStore
-from support import wait_until, write_function
+from support import fill, small_disk, wait_until, write_function
 
 
 def utc(text: str) -> float:
@@ -177,8 +177,14 @@ async def run_until(trigger: CronTrigger, submissions: Submissions, count: int) 
 
 def make_trigger(tmp_path: Path, clock: FakeClock, submit: Submissions, **options: Any) -> CronTrigger:
     return CronTrigger(function="report", options={"timezone": "UTC", **options}, index=0,
-                       clock=clock, submit=submit, store=TickStore(tmp_path / "cron.db"),
+                       clock=clock, submit=submit, store=tick_store(tmp_path),
                        region="eu-central-1")
+
+
+def tick_store(tmp_path: Path) -> TickStore:
+    store = TickStore(tmp_path / "cron.db")
+    store.open()
+    return store
 
 
 async def test_the_scheduler_fires_each_local_time_once_across_both_dst_changes(tmp_path):
@@ -250,7 +256,7 @@ async def test_a_tick_skipped_for_overlap_is_not_caught_up_after_a_restart(tmp_p
         await asyncio.sleep(0)
     await trigger.stop()
     assert len(submit.items) == 1 and trigger.skipped >= 3  # 00:01 runs on; the next ticks skip
-    last_skipped = TickStore(tmp_path / "cron.db").last(trigger.key)
+    last_skipped = tick_store(tmp_path).last(trigger.key)
     assert last_skipped is not None and last_skipped > utc("2024-01-01 00:03:00")
     # Restarted half a minute after the last tick that came (skipped): nothing was missed
     # while down, so catch_up runs nothing; before, it ran a skipped tick as if missed.
@@ -418,6 +424,37 @@ def test_missed_ticks_run_only_with_catch_up(start_daemon, functions_dir, catch_
     else:
         assert missed == []
         assert cron_state(daemon, "daily")["caught_up"] == 0
+
+
+def test_a_daemon_started_on_a_full_disk_starts_its_schedules_once_there_is_room(
+        start_daemon, functions_dir, tmp_path):
+    cron_function(functions_dir, "tick", 'schedule = "* * * * * *"\ncatch_up = 1')
+    with small_disk(tmp_path / "data") as data:
+        daemon = start_daemon(functions_dir, data=data)
+        try:
+            wait_until(lambda: records(daemon, "tick"), timeout=20, message="a tick")
+            assert daemon.stop() == 0
+            filler = data / "filler"
+            fill(filler)
+            daemon.start(wait=False)
+            wait_until(daemon.serving, timeout=20, message="the daemon to serve")
+            state = cron_state(daemon, "tick")
+            assert state["status"] == "waiting" and "cron.db" in state["reason"], state
+            time.sleep(1.5)  # opening is tried again after 1 s, and fails again
+            filler.unlink()
+            freed = time.time()
+            wait_until(lambda: cron_state(daemon, "tick").get("fired", 0) >= 2, timeout=20,
+                       message=f"the schedule to fire\n{daemon.output()}")
+            state = cron_state(daemon, "tick")
+            # The tick missed meanwhile runs, as after a stop (catch_up = 1).
+            assert state["status"] == "scheduled" and state["caught_up"] == 1, state
+            wait_until(lambda: any(tick_time(r) > freed for r in records(daemon, "tick")),
+                       message="a tick after the disk has room")
+            output = daemon.output()
+            assert output.count("cron triggers: cannot open") == 1, output
+            assert output.count("cron.db is open now") == 1, output
+        finally:
+            daemon.stop()
 
 
 @pytest.mark.parametrize("trigger, message", [

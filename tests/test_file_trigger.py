@@ -796,3 +796,41 @@ def test_a_function_sees_its_watched_dir_and_no_other_function_does(start_daemon
     isolation = daemon.get("/system/info").json()["isolation"]
     if isolation["private_data"]["active"]:
         assert daemon.invoke("other", {"paths": paths}).json() == {paths[0]: False, paths[1]: False}
+
+
+def test_a_daemon_started_on_a_full_disk_fires_the_files_written_meanwhile_once_there_is_room(
+        start_daemon, functions_dir, tmp_path):
+    watched = tmp_path / "watched"  # not on the full disk: the files can be written
+    with small_disk(tmp_path / "data") as data:
+        recorder(functions_dir, dir=str(watched))
+        daemon = start_daemon(functions_dir, data=data)
+        try:
+            wait_until(lambda: watching(daemon), message="the file trigger to watch")
+            (watched / "before.jpg").write_bytes(b"before")
+            wait_until(lambda: "before.jpg" in keys(daemon), message="a file before the restart")
+            assert daemon.stop() == 0
+            filler = data / "filler"
+            fill(filler)
+            daemon.start(wait=False)
+            wait_until(daemon.serving, timeout=20, message="the daemon to serve")
+            (watched / "during.jpg").write_bytes(b"during")
+            state = trigger_state(daemon, "uploads")
+            assert state["status"] == "waiting" and "files.db" in state["reason"], state
+            ready = daemon.get("/readyz")
+            check = ready.json()["checks"]["file_triggers"]
+            assert ready.status == 503 and not check["ok"] and "files.db" in check["detail"], check
+            time.sleep(1.5)  # opening is tried again after 1 s, and fails again
+            filler.unlink()
+            wait_until(lambda: "during.jpg" in keys(daemon), timeout=20,
+                       message=f"the file written meanwhile to fire\n{daemon.output()}")
+            wait_until(lambda: daemon.get("/readyz").status == 200, message="/readyz to recover")
+            (watched / "after.jpg").write_bytes(b"after")
+            wait_until(lambda: "after.jpg" in keys(daemon), message="a later file")
+            time.sleep(1)
+            assert keys(daemon) == ["before.jpg", "during.jpg", "after.jpg"]
+            output = daemon.output()
+            assert "cannot start" not in output
+            assert output.count("file triggers: cannot open") == 1, output
+            assert output.count("files.db is open now") == 1, output
+        finally:
+            daemon.stop()

@@ -47,7 +47,6 @@ import math
 import time
 import uuid
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Protocol
 from zoneinfo import ZoneInfo
 
@@ -55,7 +54,7 @@ import orjson
 from croniter import CroniterBadDateError, croniter
 
 from ..spec import ACCOUNT_ID, FunctionSpec, Trigger
-from .base import RunningTrigger, TriggerSource, open_state_db, queue_of
+from .base import RunningTrigger, StateFile, TriggerSource, queue_of
 from .options import cron_fields, parse_rate
 
 if TYPE_CHECKING:
@@ -205,11 +204,10 @@ def scheduled_event(*, request_id: str, instant: float, region: str, rule: str) 
     }
 
 
-class TickStore:
+class TickStore(StateFile):
     """The last queued tick of each schedule, for catch_up after a restart."""
 
-    def __init__(self, path: Path) -> None:
-        self.db = open_state_db(path, CRON_SCHEMA)
+    schema = CRON_SCHEMA
 
     def last(self, key: str) -> float | None:
         row = self.db.execute("SELECT last_tick FROM ticks WHERE schedule = ?", (key,)).fetchone()
@@ -220,9 +218,6 @@ class TickStore:
             "INSERT INTO ticks VALUES (?, ?, ?, ?) ON CONFLICT(schedule) DO UPDATE SET "
             "last_tick = max(last_tick, excluded.last_tick), request_id = excluded.request_id, "
             "queued_at = excluded.queued_at", (key, instant, request_id, time.time()))
-
-    def close(self) -> None:
-        self.db.close()
 
 
 # put(function, payload, request_id=..., source=..., on_done=...) -> request id
@@ -413,7 +408,7 @@ class CronSource(TriggerSource):
     def __init__(self, daemon: "Daemon", clock: Clock | None = None) -> None:
         super().__init__(daemon)
         self.clock = clock or SystemClock()
-        self.store = TickStore(daemon.config.paths.data / "triggers" / "cron.db")
+        self.store: TickStore = TickStore(daemon.config.paths.data / "triggers" / "cron.db")
         taken = getattr(daemon, "schedules_taken", None)  # a cluster's (faasd/cluster/lease.py)
         if taken is not None:
             taken.append(self.schedules_taken)

@@ -84,7 +84,7 @@ from watchdog.observers.inotify import InotifyObserver
 
 from ..queue import outcome_retry_delays
 from ..spec import FunctionSpec, Trigger, is_utf8
-from .base import RunningTrigger, TriggerSource, open_state_db, queue_of
+from .base import RunningTrigger, StateFile, TriggerSource, queue_of
 from .options import file_trigger_dir
 
 if TYPE_CHECKING:
@@ -146,12 +146,13 @@ INSERT INTO watches SELECT DISTINCT watch, '', 0 FROM files;
 """
 
 
-class Ledger:
+class Ledger(StateFile):
     """Which files fired, with the identity they had then."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.db = open_state_db(path, LEDGER_SCHEMA)
+    schema = LEDGER_SCHEMA
+
+    def open(self) -> None:
+        super().open()
         if self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'watches'").fetchone() is None:
             self.db.executescript(f"BEGIN; {WATCHES_SCHEMA} COMMIT;")
 
@@ -239,9 +240,6 @@ class Ledger:
 
     def count(self, watch: str) -> int:
         return self.db.execute("SELECT count(*) FROM files WHERE watch = ?", (watch,)).fetchone()[0]
-
-    def close(self) -> None:
-        self.db.close()
 
 
 def identity(st: os.stat_result) -> Identity:
@@ -449,7 +447,7 @@ class FileSource(TriggerSource):
     def __init__(self, daemon: "Daemon") -> None:
         super().__init__(daemon)
         self.data_dir = daemon.config.paths.data
-        self.ledger = Ledger(self.data_dir / "triggers" / "files.db")
+        self.ledger = self.store = Ledger(self.data_dir / "triggers" / "files.db")
         self.observer = InotifyObserver(generate_full_events=True)
         self.observer.daemon = True
         self._watches: dict[str, tuple[ObservedWatch, _Dispatch]] = {}
@@ -464,6 +462,8 @@ class FileSource(TriggerSource):
         _OverflowHook.add(self)
         self.daemon.readiness_checks["file_triggers"] = self.readiness
         await super().attach()
+
+    def store_opened(self) -> None:
         for name in self.ledger.functions() - set(self.daemon.registry.specs):
             self.applied(name, None)  # deleted while the daemon was down
 
@@ -490,6 +490,9 @@ class FileSource(TriggerSource):
 
     def readiness(self) -> tuple[bool, str]:
         """Not ready while files wait for the queue to take their events."""
+        if self.store_error is not None:
+            return False, (f"cannot open {self.ledger.path} ({self.store_error}): file triggers "
+                           "start once it opens; trying again")
         triggers = [running for _, running in self.running.values()]
         waiting = [t for t in triggers if isinstance(t, FileTrigger) and t.unqueued]
         if not waiting:
