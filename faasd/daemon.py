@@ -15,6 +15,7 @@ each step (faasd/sdnotify.py).
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -43,7 +44,7 @@ from .sdnotify import Notifier, listen_sockets
 from .spec import DEFAULT_REGION, FunctionSpec, InterpreterError, config_file_of, python_interpreter, runtime_id
 from .triggers.http import RouteTable
 from .ui import LogRing
-from .workers import ReplyPoller, WorkerEnvironment, compile_shim
+from .workers import HOST_SHORTAGES, Occasional, ReplyPoller, WorkerEnvironment, compile_shim
 
 log = logging.getLogger("faasd")
 # What is still in progress when the drain ends gets this long before it is cancelled.
@@ -520,6 +521,45 @@ def raise_open_files_limit() -> None:
                     "workers may exhaust it, and its calls fail", soft, hard, exc)
 
 
+class DescriptorWatch:
+    """Says when faasd runs out of file descriptors, once, with the fix; and when it has some again.
+
+    At the limit the kernel refuses every new descriptor, and nothing else
+    says so: the event loop (libuv) resets each connection it cannot accept
+    without a word, and workers cannot start. One open and close a second
+    finds that state. A start is said at most once a minute, an end only
+    after a start that was said.
+    """
+
+    PROBE_S = 1.0
+
+    def __init__(self) -> None:
+        self.short = False  # at the limit, as the last probe found
+        self._told = Occasional(log)
+        self._said_short = False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.PROBE_S)
+            self.probe()
+
+    def probe(self) -> None:
+        try:
+            os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE) and not self.short:
+                self.short = True
+                self._said_short = self._told.error(
+                    "out of file descriptors (%s, limit %d): new connections are reset unanswered "
+                    "and workers cannot start until some close; %s", exc.strerror,
+                    resource.getrlimit(resource.RLIMIT_NOFILE)[0], HOST_SHORTAGES[exc.errno])
+            return
+        if self.short:
+            self.short = False
+            if self._said_short:
+                log.warning("file descriptors are available again: connections are accepted")
+
+
 def install_event_loop() -> str:
     """uvloop when available, else asyncio's own loop."""
     try:
@@ -575,7 +615,8 @@ async def serve(config: Config, loader: ConfigLoader | None = None) -> int:
 
     watchdog = loop.create_task(notifier.run_watchdog())
     background = [loop.create_task(reload_on_hangup()),
-                  loop.create_task(notifier.keep_status(lambda: status_line(daemon)))]
+                  loop.create_task(notifier.keep_status(lambda: status_line(daemon))),
+                  loop.create_task(DescriptorWatch().run())]
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second one (Ctrl-C again): stop now
         loop.add_signal_handler(sig, daemon.cut_drain)

@@ -103,6 +103,15 @@ class ShuttingDown(InvokeRefused):
     error_type = "ServiceException"
 
 
+class ServiceUnavailable(InvokeRefused):
+    """faasd lacks what the call needs from the host (open files, processes, memory):
+    its own fault, not the function's, so Lambda's answer to its own faults, a 5xx
+    ServiceException, never a `Runtime.*` error that blames the code. Worth trying again."""
+
+    status = 503
+    error_type = "ServiceException"
+
+
 # How a failed run ended; decides the HTTP-trigger status and whether the
 # worker can be reused.
 HANDLED = "error"          # the handler raised; worker reusable

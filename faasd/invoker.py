@@ -26,7 +26,7 @@ from .protocol import error_log_record
 from .pool import WorkerPool
 from .registry import Registry
 from .spec import FunctionSpec, new_request_id
-from .workers import Worker, WorkerInitError
+from .workers import HostShortage, Worker, WorkerInitError
 
 log = logging.getLogger("faasd.invoker")
 
@@ -241,6 +241,8 @@ class Invoker:
         pool = self.pool.get(spec)
         try:
             worker, cold = await pool.acquire()
+        except HostShortage as exc:
+            raise exc.refusal from None  # faasd's fault, not the function's: refused, a 503
         except WorkerInitError as exc:
             invocation.error = exc.error
             invocation.init_ms = exc.init_ms

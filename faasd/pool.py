@@ -40,14 +40,17 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import INIT, FunctionError, ShuttingDown
+from .errors import ShuttingDown
 from .spec import FunctionSpec
 from .zygote import ForkedWorker, Template, TemplateGone, next_pending
 from .workers import (
-    Worker, WorkerEnvironment, WorkerInitError, WorkerState, clear_bytecode, create_worker,
+    HostShortage, Occasional, Worker, WorkerEnvironment, WorkerInitError, WorkerState, clear_bytecode,
+    create_worker, start_failure,
 )
 
 log = logging.getLogger("faasd.pool")
+# A host out of descriptors or processes fails every start at once: said once a minute.
+SHORTAGES = Occasional(log)
 
 # Worker starts under way at once for one function's waiting calls: as many
 # as there are cores, or up to MAX_STARTING where starts mostly wait.
@@ -249,17 +252,21 @@ class FunctionPool:
         self._frozen_at[worker.id] = time.monotonic()
 
     async def _spawn(self) -> Worker:
-        """A new worker, started; whatever keeps it from starting is a WorkerInitError."""
+        """A new worker, started; whatever keeps it from starting is a WorkerInitError
+        (a HostShortage when the host lacks something: no init error of the function)."""
         try:
             return await self._new_worker()
-        except WorkerInitError as exc:
-            self.last_init_error = exc
-            raise
         except Exception as exc:
-            log.error("cannot start a worker of %s", self.spec.name, exc_info=exc)
-            error = FunctionError(INIT, "Runtime.InvalidEntrypoint", f"cannot start the runtime: {exc}")
-            self.last_init_error = WorkerInitError(error, 0.0, [])
-            raise self.last_init_error from exc
+            failure = start_failure(exc)
+            if isinstance(failure, HostShortage):
+                SHORTAGES.error("function %s: %s", self.spec.name, failure.error.message)
+            else:
+                if failure is not exc:
+                    log.error("cannot start a worker of %s", self.spec.name, exc_info=exc)
+                self.last_init_error = failure
+            if failure is exc:
+                raise
+            raise failure from exc
 
     async def _new_worker(self) -> Worker:
         """A new worker: forked from the revision's template when one is ready, else spawned."""
@@ -372,10 +379,15 @@ class FunctionPool:
     async def _start_template(self, template: Template) -> None:
         try:
             await template.start()
-        except WorkerInitError as exc:
-            # Its workers would fail the same way; spawned workers report it.
-            log.warning("no template for %s: %s", self.spec.name, exc)
-            self._template_failed = template.spec.revision
+        except Exception as exc:
+            # Its workers would fail the same way; spawned workers report it. A
+            # shortage of the host's passes: the next worker started tries again.
+            failure = start_failure(exc)
+            if isinstance(failure, HostShortage):
+                SHORTAGES.error("function %s: %s", self.spec.name, failure.error.message)
+            else:
+                log.warning("no template for %s: %s", self.spec.name, failure)
+                self._template_failed = template.spec.revision
             self._drop_template(template)
             return
         if template.unsafe:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import errno
 import functools
 import itertools
 import logging
@@ -33,7 +34,7 @@ from typing import Callable, Iterable
 import orjson
 
 from . import protocol
-from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError
+from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError, ServiceUnavailable
 from .limits import (
     MB, MemoryLimits, ProcessTree, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes,
 )
@@ -78,6 +79,60 @@ class WorkerInitError(Exception):
         self.error = error
         self.init_ms = init_ms
         self.logs = logs
+
+
+# A worker start that fails for one of these lacks something the host gives; and the fix.
+HOST_SHORTAGES = {
+    errno.EMFILE: "raise faasd's limit on open files (LimitNOFILE= in faasd.service, or ulimit -n)",
+    errno.ENFILE: "the system's table of open files is full: raise fs.file-max",
+    errno.EAGAIN: "the system refused a new process: raise its process limits (ulimit -u, kernel.pid_max)",
+    errno.ENOMEM: "the system is out of memory",
+    errno.ENOSPC: "the data dir's disk is full",
+}
+
+
+class HostShortage(WorkerInitError):
+    """A worker could not start for lack of something the host gives: faasd's fault, not
+    the function's. Its call is refused (`refusal`, a 503 ServiceException); it is no init
+    error of the function, and says nothing of its code."""
+
+    def __init__(self, exc: OSError) -> None:
+        message = f"faasd cannot start a worker: {exc.strerror}; {HOST_SHORTAGES[exc.errno]}"
+        super().__init__(FunctionError(INIT, ServiceUnavailable.error_type, message), 0.0, [])
+        self.refusal = ServiceUnavailable(message)
+
+
+class Occasional:
+    """A fault that recurs in bursts, logged at most once every `every_s` seconds."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 60.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self._said_at = float("-inf")
+        self._since = 0  # times it happened since it was last said
+
+    def error(self, message: str, *args: object) -> bool:
+        """Log it, unless it was said less than `every_s` ago; whether it was."""
+        now = time.monotonic()
+        if now - self._said_at < self.every_s:
+            self._since += 1
+            return False
+        if self._since:
+            message += f" (and {self._since} times more since it was last said)"
+        self.logger.error(message, *args)
+        self._said_at, self._since = now, 0
+        return True
+
+
+def start_failure(exc: BaseException, init_ms: float = 0.0, logs: Iterable[str] = ()) -> WorkerInitError:
+    """What a worker start that raised `exc` fails with: a WorkerInitError as it is, a
+    HostShortage for what the host lacks, else Runtime.InvalidEntrypoint."""
+    if isinstance(exc, WorkerInitError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in HOST_SHORTAGES:
+        return HostShortage(exc)
+    return WorkerInitError(FunctionError(INIT, "Runtime.InvalidEntrypoint", f"cannot start the runtime: {exc}"),
+                           init_ms, list(logs))
 
 
 @dataclass(slots=True)
@@ -492,10 +547,7 @@ class ProcessWorker(Worker):
             )
         except Exception as exc:  # OSError, or ValueError for a NUL in an argument or variable
             os.close(out_read)
-            raise WorkerInitError(
-                FunctionError(INIT, "Runtime.InvalidEntrypoint", f"cannot start the runtime: {exc}"),
-                (time.monotonic() - started) * 1000, list(self.init_logs),
-            ) from None
+            raise start_failure(exc, (time.monotonic() - started) * 1000, self.init_logs) from None
         finally:
             if child_sock is not None:
                 child_sock.close()

@@ -242,8 +242,17 @@ class Template(ProcessWorker):
             return
         pid = int(reply["pid"])
         control, output, pidfd = (self._fds.pop(0) for _ in range(3))
-        # A duplicate for JOIN: discarding the spare closes `control` meanwhile.
-        joining = self._groups_for(pid, os.dup(control))
+        try:
+            # A duplicate for JOIN: discarding the spare closes `control` meanwhile.
+            duplicate = os.dup(control)
+        except OSError as exc:  # out of descriptors: the spare cannot be kept; closed, it exits
+            for fd in (control, output, pidfd):
+                os.close(fd)
+            waiter = next_pending(self._spare_waiters)
+            if waiter is not None:
+                waiter.set_exception(TemplateGone(f"fork failed: {exc.strerror}"))
+            return
+        joining = self._groups_for(pid, duplicate)
         spare = Spare(pid, control, output, pidfd, self._loop.create_task(joining))
         waiter = next_pending(self._spare_waiters)
         if waiter is not None:

@@ -1392,6 +1392,63 @@ def test_a_burst_is_not_held_to_the_soft_limit_on_open_files_it_was_started_with
         assert next(line for line in limits if line.startswith("Max open files")).split()[3:5] == ["1024", "1024"]
 
 
+def test_running_out_of_file_descriptors_is_faasds_fault_and_is_said_once_with_the_fix(
+        start_daemon, functions_dir):
+    daemon = start_daemon(functions_dir, prefix=["prlimit", "--nofile=64:64", "--"])
+    write_function(daemon.functions, "fn.toml", "timeout_s = 10\n")
+    write_function(daemon.functions, "fn.py", """
+        import time
+        def handler(event, context):
+            time.sleep(2)
+            return "ran"
+    """)
+    loaded(daemon, "fn")
+    # Each worker holds a few of the daemon's descriptors: thirty at once need more than 64.
+    answers: list[tuple[int, dict[str, str], bytes] | str] = []
+
+    def call() -> None:
+        try:
+            response = daemon.invoke("fn")
+            answers.append((response.status, response.headers, response.body))
+        except OSError as exc:  # a connection reset for want of a descriptor to accept it
+            answers.append(repr(exc))
+
+    threads = [threading.Thread(target=call) for _ in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    refused = [a for a in answers if not isinstance(a, str) and a[2] != b'"ran"']
+    assert refused, answers  # some starts found no descriptor
+    for status, headers, body in refused:
+        # A service fault, as Lambda reports its own: never a Runtime.* error blaming the code.
+        assert status == 503 and headers["x-amzn-errortype"] == "ServiceException", (status, body)
+        assert json.loads(body)["Type"] == "Service" and b"LimitNOFILE" in body, body
+    assert daemon.function("fn")["init_error"] is None
+    # Idle connections take what is left: the ones beyond it are reset, which is said once.
+    held = []
+    try:
+        for _ in range(80):
+            held.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=5))
+        wait_until(lambda: "out of file descriptors" in daemon.output(), message="the shortage to be said")
+        time.sleep(2.5)  # looked at again twice, still short
+    finally:
+        for connection in held:
+            connection.close()
+
+    def served() -> bool:
+        try:
+            return daemon.invoke("fn").status == 200
+        except OSError:  # reset: the daemon has not seen the others close yet
+            return False
+
+    wait_until(served, timeout=30, message="calls to be served again")
+    output = daemon.output()
+    assert output.count("out of file descriptors") == 1, output
+    assert "LimitNOFILE" in output.split("out of file descriptors")[1].splitlines()[0]
+    assert "Runtime.InvalidEntrypoint" not in output
+
+
 def test_a_request_still_arriving_at_sigterm_is_served(daemon):
     # Read before SIGTERM, its body after: it is in flight, and is served.
     write_function(daemon.functions, "echo.py", ECHO)
