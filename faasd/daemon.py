@@ -251,7 +251,8 @@ class Daemon:
                                 idle_log=self.logs.write_idle)
         self.pool = WorkerPool(env, PoolSettings(freeze_after_ms=config.workers.freeze_after_ms,
                                                  keep_warm_s=config.workers.keep_warm_s,
-                                                 zygote=config.workers.zygote))
+                                                 zygote=config.workers.zygote),
+                               code=self.registry)
         self.pool.start()
         self._cleanups.append(self.pool.close)
         self.invoker = Invoker(self.registry, self.pool, self.logs, config.limits.max_concurrency)

@@ -38,7 +38,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from .errors import ShuttingDown
 from .spec import FunctionSpec
@@ -66,6 +66,17 @@ class PoolSettings:
 
 
 WorkerFactory = Callable[[FunctionSpec, WorkerEnvironment], Worker]
+# A worker whose init failed while its code was being written is started again, this many
+# times at most: a file written to without end must not hold calls for ever.
+CODE_RETRIES = 10
+
+
+class CodeState(Protocol):
+    """Whether a function's files are being written (faasd/registry.py)."""
+
+    def writes(self, name: str) -> int | None: ...
+
+    async def settled(self, name: str) -> int: ...
 
 
 def explain_exit(returncode: int | None) -> str:
@@ -85,11 +96,12 @@ class FunctionPool:
     """The workers of one function."""
 
     def __init__(self, spec: FunctionSpec, env: WorkerEnvironment, settings: PoolSettings,
-                 factory: WorkerFactory = create_worker) -> None:
+                 factory: WorkerFactory = create_worker, code: CodeState | None = None) -> None:
         self.spec = spec
         self.env = env
         self.settings = settings
         self.factory = factory
+        self.code = code
         self.workers: dict[str, Worker] = {}
         self._idle: list[Worker] = []    # stack: the most recently used is last
         self._frozen: list[Worker] = []  # stack: the most recently frozen is last
@@ -253,7 +265,33 @@ class FunctionPool:
 
     async def _spawn(self) -> Worker:
         """A new worker, started; whatever keeps it from starting is a WorkerInitError
-        (a HostShortage when the host lacks something: no init error of the function)."""
+        (a HostShortage when the host lacks something: no init error of the function).
+
+        A file being written in place is half there: a worker starts once none
+        of the function's files is, and one whose init failed while its code was
+        written to (it may have read half of it) is started again.
+        """
+        attempts = 0
+        while True:
+            attempts += 1
+            mark = await self._code_settled()
+            try:
+                return await self._spawn_once()
+            except WorkerInitError as exc:
+                if isinstance(exc, HostShortage) or not self._rewritten(mark) or attempts >= CODE_RETRIES:
+                    raise
+            log.info("function %s: a worker's init failed while its code was being written; "
+                     "starting it again once the code is complete", self.spec.name)
+
+    async def _code_settled(self) -> int | None:
+        """Wait until no file of the function is being written; a mark for `_rewritten`."""
+        return await self.code.settled(self.spec.name) if self.code is not None else None
+
+    def _rewritten(self, mark: int | None) -> bool:
+        """Whether the function's files were written to since `mark` was taken."""
+        return self.code is not None and self.code.writes(self.spec.name) != mark
+
+    async def _spawn_once(self) -> Worker:
         try:
             return await self._new_worker()
         except Exception as exc:
@@ -377,15 +415,17 @@ class FunctionPool:
         self._background(self._start_template(template))
 
     async def _start_template(self, template: Template) -> None:
+        mark = await self._code_settled()
         try:
             await template.start()
         except Exception as exc:
             # Its workers would fail the same way; spawned workers report it. A
-            # shortage of the host's passes: the next worker started tries again.
+            # shortage of the host's passes, and so does code read half-written:
+            # the next worker started tries again.
             failure = start_failure(exc)
             if isinstance(failure, HostShortage):
                 SHORTAGES.error("function %s: %s", self.spec.name, failure.error.message)
-            else:
+            elif not self._rewritten(mark):
                 log.warning("no template for %s: %s", self.spec.name, failure)
                 self._template_failed = template.spec.revision
             self._drop_template(template)
@@ -508,10 +548,11 @@ class WorkerPool:
     """Every function's pool, plus the sweeper that retires long-frozen workers."""
 
     def __init__(self, env: WorkerEnvironment, settings: PoolSettings,
-                 factory: WorkerFactory = create_worker) -> None:
+                 factory: WorkerFactory = create_worker, code: CodeState | None = None) -> None:
         self.env = env
         self.settings = settings
         self.factory = factory
+        self.code = code
         self.pools: dict[str, FunctionPool] = {}
         self._sweeper: asyncio.Task | None = None
 
@@ -521,7 +562,8 @@ class WorkerPool:
     def get(self, spec: FunctionSpec) -> FunctionPool:
         pool = self.pools.get(spec.name)
         if pool is None:
-            pool = self.pools[spec.name] = FunctionPool(spec, self.env, self.settings, self.factory)
+            pool = self.pools[spec.name] = FunctionPool(spec, self.env, self.settings, self.factory,
+                                                        self.code)
         elif pool.spec.revision != spec.revision or pool.spec is not spec:
             pool.update(spec)
         return pool

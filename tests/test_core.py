@@ -43,6 +43,49 @@ def test_a_dropped_file_is_served_then_changed_then_deleted_without_restart(daem
     assert daemon.get("/function/hello").json() == {"message": "Not Found"}
 
 
+def test_a_function_rewritten_in_place_while_it_is_called_serves_only_complete_code(daemon):
+    """`cat > f.py`, an editor or scp write the file in place: truncated, then written,
+    which may take a while. No call sees the code half-written: each gets the old or the new."""
+    path = daemon.functions / "inplace.py"
+
+    def code(version: int) -> str:
+        return f"def handler(event, context):\n    return {version}\n" + "# padding\n" * 400
+
+    write_function(daemon.functions, "inplace.py", code(0))
+    wait_until(lambda: daemon.get("/function/inplace").status == 200, message="the function to load")
+    stop = threading.Event()
+    failures: list[str] = []
+    served: list[int] = []
+
+    def call() -> None:
+        while not stop.is_set():
+            response = daemon.invoke("inplace")
+            if response.status == 200 and isinstance(response.json(), int):
+                served.append(response.json())
+            else:  # an init error, or half of the code that happened to run
+                failures.append(response.text)
+
+    callers = [threading.Thread(target=call) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    try:
+        for version in range(1, 21):
+            text = code(version)
+            with open(path, "w") as handle:  # truncates it, in place
+                handle.write(text[:20])
+                handle.flush()
+                time.sleep(0.1)  # a writer that takes its time: part of it is there meanwhile
+                handle.write(text[20:])
+            time.sleep(0.15)
+        wait_until(lambda: served and served[-1] == 20, timeout=20, message="the last version to serve")
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join(30)
+    assert failures == [], f"{len(failures)} of {len(failures) + len(served)} calls failed: {failures[:3]}"
+    assert len(set(served)) > 2, served  # new code was taken up meanwhile, not only at the end
+
+
 def test_lambda_handler_is_used_when_handler_is_absent(daemon):
     write_function(daemon.functions, "lh.py", """
         def lambda_handler(event, context):
