@@ -306,6 +306,57 @@ def test_catch_up_runs_the_latest_tick_no_node_fired_and_not_one_another_node_fi
     assert len(set(everything)) == len(everything), f"a tick ran twice: {everything}"
 
 
+def tick_runs(daemons: list[Daemon]) -> dict[float, list[str]]:
+    """The request ids each scheduled instant ran with, on any of `daemons`."""
+    runs: dict[float, list[str]] = {}
+    for daemon in daemons:
+        for fields in log_lines(daemon, "tick", "TICK"):
+            instant = float(calendar.timegm(time.strptime(fields[0], "%Y-%m-%dT%H:%M:%SZ")))
+            runs.setdefault(instant, []).append(fields[1])
+    return runs
+
+
+@pytest.mark.amqp
+def test_no_tick_is_lost_when_the_schedule_owner_freezes_across_ticks_and_dies(cluster: Cluster):
+    write_function(cluster.functions, "tick.py", TICKER)
+    write_function(cluster.functions, "tick.toml", '[[triggers]]\ntype = "cron"\n'
+                   'schedule = "*/2 * * * * *"\noverlap = "allow"\n')
+    for node in ("a", "b"):
+        cluster.start(node)
+    cluster.wait_formed(2)
+    owner = cluster.view("a")["schedule_owner"]
+    other = "b" if owner == "a" else "a"
+    frozen, survivor = cluster.nodes[owner], cluster.nodes[other]
+    wait_until(lambda: tick_runs([frozen]), 20, interval=0.1, message="the owner to fire a tick")
+    start = max(tick_runs([frozen]))
+
+    # Frozen just before a tick, the owner keeps its connection open: to the
+    # broker and to the other node's heartbeats it is alive (a machine that
+    # hangs or loses power looks the same until the AMQP heartbeat runs out).
+    # It misses two ticks, and dies only then.
+    due = math.floor(time.time() / 2) * 2 + 2
+    if due - time.time() < 0.5:
+        due += 2
+    time.sleep(due - 0.3 - time.time())
+    os.kill(frozen.process.pid, signal.SIGSTOP)
+    time.sleep(due + 2.5 - time.time())
+    frozen.kill9()  # SIGKILL ends a stopped process too
+    wait_until(lambda: cluster.view(other)["schedule_owner"] == other, 15,
+               message="the other node to take the schedules")
+    end = math.floor(time.time() / 2) * 2 + 4
+    wait_until(lambda: max(tick_runs([survivor]), default=0) >= end, 20, interval=0.1,
+               message="the new owner to fire on")
+
+    # Every tick ran at least once, each with the one request id of its
+    # instant (a handler can de-duplicate), and none more than twice.
+    runs = tick_runs([frozen, survivor])
+    expected = [start + 2 * i for i in range(int((end - start) / 2) + 1)]
+    missing = [time.strftime("%H:%M:%S", time.gmtime(t)) for t in expected if t not in runs]
+    assert not missing, f"ticks never fired: {missing}"
+    assert all(len(set(runs[t])) == 1 for t in expected), runs
+    assert all(len(runs[t]) <= 2 for t in expected), runs
+
+
 FAILING = """
 def handler(event, context):
     print("ATTEMPT", event["i"], context.aws_request_id)

@@ -13,7 +13,8 @@ whole distributed engine: faasd adds no protocol of its own.
   * Cron fires once per tick in the whole cluster: only the node holding the
     schedule lease (a token in a single-active-consumer queue,
     faasd/cluster/lease.py) queues ticks; when it dies the broker hands the
-    token to another node at once.
+    token to another node at once, and the node that takes it fires the ticks
+    the old owner may not have (at least once, with the same request ids).
   * Nodes announce themselves (faasd/cluster/members.py): `GET /system/cluster`
     and `faasd list --cluster` show the nodes, their functions and their load.
   * Synchronous HTTP is not routed through the broker: put the nodes behind
@@ -89,7 +90,7 @@ class Cluster:
     def describe_self(self) -> dict[str, Any]:
         return announcement(self.daemon, node=self.node, instance=self.instance,
                             heartbeat_s=self.settings.heartbeat_s, schedule_owner=self.lease.owner,
-                            running=self.queue.load())
+                            running=self.queue.load(), fired_ticks=self.lease.fired_ticks())
 
     async def _on_beat(self, connection: Any) -> None:
         self.queue.forget_stale_callbacks()
@@ -149,9 +150,21 @@ class Cluster:
     def _live_peers(self) -> list[dict[str, Any]]:
         return [n for n in self.members.nodes() if not n.get("self") and n.get("state") != "lost"]
 
-    def schedules_elsewhere(self) -> bool:
-        """Whether another live node fires the schedules now (as its last heartbeat says)."""
-        return any(n.get("schedule_owner") for n in self._live_peers())
+    def schedules_held_elsewhere(self) -> bool:
+        """Whether another node holds the schedule lease now. Connected, this node
+        consumes the lease queue: the broker gives it the token at once unless
+        another connection holds it, alive or not yet noticed dead (its
+        heartbeats may still say it is alive)."""
+        return self.link.connected and not self.lease.owner
+
+    def ticks_fired_elsewhere(self, schedule: str) -> float | None:
+        """The last tick of `schedule` another node is known to have fired: as its
+        heartbeats said (a lost node's last one too), or the token it handed over."""
+        said = [float(tick) for peer in self.members.peers.values()
+                if (tick := (peer.get("fired_ticks") or {}).get(schedule)) is not None]
+        if schedule in self.lease.handed:
+            said.append(self.lease.handed[schedule])
+        return max(said, default=None)
 
     def loaded_elsewhere(self, function: str) -> bool:
         """Whether another live node has `function` loaded (as its last heartbeat says)."""
@@ -181,10 +194,13 @@ async def start(daemon: "Daemon") -> None:
         await cluster.open()
         daemon.queue = cluster.queue
         daemon.on_cleanup(cluster.close)
-        # faasd/triggers/cron.py asks these at each tick, and catches up when this node takes the lease.
+        # faasd/triggers/cron.py asks these at each tick, says what it fired, and
+        # fires what the old owner may not have when this node takes the lease.
         daemon.schedule_owner = cluster.lease.is_owner  # type: ignore[attr-defined]
-        daemon.schedules_elsewhere = cluster.schedules_elsewhere  # type: ignore[attr-defined]
+        daemon.schedules_elsewhere = cluster.schedules_held_elsewhere  # type: ignore[attr-defined]
+        daemon.schedules_fired_elsewhere = cluster.ticks_fired_elsewhere  # type: ignore[attr-defined]
         daemon.schedules_taken = cluster.lease.taken  # type: ignore[attr-defined]
+        daemon.schedules_fired = cluster.lease.fired  # type: ignore[attr-defined]
         daemon.readiness_checks["async_queue"] = cluster.readiness
 
         def describe(name: str, view: dict) -> None:

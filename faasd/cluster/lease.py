@@ -21,9 +21,16 @@ The queue is classic, not quorum: a quorum queue counts every hand-over of
 the token as a redelivery, and brokers that cap redeliveries (RabbitMQ 4's
 default delivery limit) would eventually drop it.
 
-During a network partition the old owner may fire until its heartbeat runs
-out while the new one already does: a tick can then run twice, with the same
-request id (cron's ids are derived from the schedule and the instant).
+What the owner has fired is known to the others (faasd/triggers/cron.py):
+each heartbeat says the last tick it fired of each schedule (`fired_ticks`),
+and a node that stops hands over a fresh token that says so too, since its
+last heartbeat may be older than its last tick. The node that takes the
+token fires the ticks that passed since while it waited (a dead owner holds
+the token until the broker notices): delivery is at least once. A tick the
+old owner fired after its last heartbeat runs twice, with the same request
+id (cron's ids are derived from the schedule and the instant); so can one
+during a network partition, where the old owner may fire until its
+heartbeat runs out while the new one already does.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import time
 from typing import Any, Callable
 
 import aio_pika
+import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from ..broker import let_go
@@ -41,6 +49,8 @@ from .topology import Names
 log = logging.getLogger("faasd.cluster")
 
 TOKEN_TYPE = "faasd.schedule-token"
+# The token's header with the ticks its last owner fired ({schedule: instant}, JSON).
+FIRED_HEADER = "x-faasd-fired-ticks"
 # Heartbeats without any node owning the schedules before a new token is offered.
 OWNERLESS_BEATS = 3
 
@@ -58,8 +68,12 @@ class ScheduleLease:
         self._tag: str | None = None
         self._released = False
         self._ownerless_beats = 0
-        # Called each time this node takes the lease (cron catches up what no node fired).
+        # Called each time this node takes the lease (cron fires what no node fired).
         self.taken: list[Callable[[], None]] = []
+        # Each says the last tick this node fired of its schedules (cron), for the others.
+        self.fired: list[Callable[[], dict[str, float]]] = []
+        # The last ticks the token's previous owners said they fired when they let it go.
+        self.handed: dict[str, float] = {}
 
     def is_owner(self) -> bool:
         return self.owner
@@ -77,12 +91,24 @@ class ScheduleLease:
         self._tag = await queue.consume(self._on_token)
         await self.offer_token()
 
+    def fired_ticks(self) -> dict[str, float]:
+        """The last tick this node fired of each schedule."""
+        merged: dict[str, float] = {}
+        for source in self.fired:
+            for key, tick in source().items():
+                merged[key] = max(tick, merged.get(key, tick))
+        return merged
+
     async def offer_token(self) -> None:
         """Publish a token; harmless when one exists (the owner discards spares)."""
         if self._channel is None or self._released:
             return
+        await self._publish_token({})
+
+    async def _publish_token(self, fired: dict[str, float]) -> None:
+        headers = {FIRED_HEADER: orjson.dumps(fired).decode()} if fired else None
         await self._channel.default_exchange.publish(
-            aio_pika.Message(self.node.encode(), type=TOKEN_TYPE, app_id="faasd",
+            aio_pika.Message(self.node.encode(), type=TOKEN_TYPE, app_id="faasd", headers=headers,
                              delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key=self.names.scheduler)
 
@@ -109,6 +135,7 @@ class ScheduleLease:
             await _quietly(message.ack())  # a spare: one token is enough
             return
         self._token = message
+        self._note_handed(message)
         self.owner = True
         self.since = time.time()
         self.acquired += 1
@@ -118,6 +145,14 @@ class ScheduleLease:
                 callback()
             except Exception:
                 log.exception("cluster: a callback on taking the schedules failed")
+
+    def _note_handed(self, token: AbstractIncomingMessage) -> None:
+        try:
+            fired = orjson.loads(str((token.headers or {}).get(FIRED_HEADER) or "{}"))
+            for key, tick in fired.items():
+                self.handed[str(key)] = max(float(tick), self.handed.get(str(key), float(tick)))
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            log.debug("cluster: a schedule token with unreadable %s; ignored", FIRED_HEADER)
 
     def _closed(self, *_args: Any) -> None:
         # The broker has the token back already; say so before any reconnect.
@@ -140,11 +175,24 @@ class ScheduleLease:
             await _quietly(self._queue.cancel(self._tag))
         token, self._token = self._token, None
         if token is not None:
-            await _quietly(token.nack(requeue=True))
+            await self._hand_over(token)
         if was_owner:
             log.info("cluster: node %s handed the schedules over", self.node)
         if self._channel is not None:
             await _quietly(self._channel.close())
+
+
+    async def _hand_over(self, token: AbstractIncomingMessage) -> None:
+        """Let the token go as a fresh one that says which ticks this node fired
+        (its last heartbeat may not): the next owner fires the ticks after
+        those, no more, no fewer. Failing that, the token as it was: the next
+        owner then goes by this node's heartbeats."""
+        fired = self.fired_ticks()
+        if fired and self._channel is not None and await let_go(
+                self._publish_token(fired), log, "cluster: handing the schedule token over"):
+            await _quietly(token.ack())
+        else:
+            await _quietly(token.nack(requeue=True))
 
 
 async def _quietly(operation: Any) -> None:

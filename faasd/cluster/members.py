@@ -4,7 +4,7 @@ Every `[cluster] heartbeat_s` a node publishes what it is (`announcement()`:
 name, address, pid, version, state, the functions it runs and those that
 fail to load, its load: invocations in flight against `max_concurrency`,
 events running per function, the 1-minute load average, whether it fires
-the schedules) to the fanout exchange `faasd.cluster.<name>.nodes`. Each node
+the schedules and the last tick it fired of each) to the fanout exchange `faasd.cluster.<name>.nodes`. Each node
 reads them from its inbox, a queue bound to that exchange, which also
 receives the outcomes of events it queued with `on_done` (faasd/cluster/
 workqueue.py). A node that stops says so (`leaving`) and is forgotten; one
@@ -62,7 +62,8 @@ def default_node_name(daemon: "Daemon") -> str:
 
 
 def announcement(daemon: "Daemon", *, node: str, instance: str, heartbeat_s: float,
-                 schedule_owner: bool, running: dict[str, int]) -> dict[str, Any]:
+                 schedule_owner: bool, running: dict[str, int],
+                 fired_ticks: dict[str, float] | None = None) -> dict[str, Any]:
     """What this node says about itself."""
     specs = daemon.registry.specs
     try:
@@ -87,6 +88,9 @@ def announcement(daemon: "Daemon", *, node: str, instance: str, heartbeat_s: flo
             "loadavg_1m": loadavg,
         },
         "schedule_owner": schedule_owner,
+        # {function|schedule|time zone: instant}: a node that takes the schedules
+        # over fires what came after (faasd/triggers/cron.py).
+        "fired_ticks": fired_ticks or {},
     }
 
 

@@ -25,10 +25,15 @@ clock jumped so that ticks were missed, they are skipped (and logged),
 except for `catch_up` at start.
 
 In a cluster (faasd/cluster/lease.py) only the node holding the schedule
-lease queues ticks. `catch_up` runs when a node takes the lease, for the
-ticks that passed while no node fired them; a node that is not the owner
-records each tick another live node fires as its last, so that taking over
-does not run them again.
+lease queues ticks. The others note each tick that passes while another node
+holds the lease, until that node's heartbeat says it fired it. A node that
+takes the lease fires the noted ticks not known fired, with their own
+instant and request id, whatever `catch_up` says: the old owner may have
+died before them while it still held the lease (the broker notices a dead
+machine only when its AMQP heartbeat runs out). Delivery is at least once,
+as EventBridge's: a tick fired after the old owner's last heartbeat runs
+again, with the same request id. `catch_up` then runs for the ticks that
+passed while no node fired them (the whole cluster down, or its broker).
 
 Overlap: a tick's run is "still going" from the tick until its event
 finally succeeded or was dead-lettered (retries included). Ticks run by
@@ -70,6 +75,11 @@ MISSED_AFTER_S = 5.0
 # Bound on the croniter steps one lookup may take (a fall-back hour of a
 # per-second schedule is 3,600).
 MAX_STEPS = 100_000
+# A tick noted while another node held the schedules and not known fired after
+# this long is taken as fired: a dead owner loses the lease well within it
+# (two AMQP heartbeats), and an owner alive all along fired it but did not
+# say so (an older faasd, or the function does not load there).
+HELD_ELSEWHERE_S = 30.0
 REQUEST_ID_NAMESPACE = uuid.UUID("0b7f2d6c-51a4-4f0e-8a3e-c9d2e1f40a57")
 
 CRON_SCHEMA = """
@@ -228,13 +238,22 @@ class CronTrigger(RunningTrigger):
     def __init__(self, *, function: str, options: dict[str, Any], index: int, clock: Clock,
                  submit: Submit, store: TickStore, region: str,
                  owner: Callable[[], bool] | None = None,
-                 elsewhere: Callable[[], bool] | None = None) -> None:
+                 elsewhere: Callable[[], bool] | None = None,
+                 fired_elsewhere: Callable[[str], float | None] | None = None,
+                 decided: dict[str, float] | None = None) -> None:
         self.function = function
         # In a cluster only the node that owns the schedules queues ticks (faasd/cluster/lease.py);
-        # `elsewhere` says whether another node does now.
+        # `elsewhere` says whether another node holds them now, `fired_elsewhere`
+        # the last tick of a schedule another node is known to have fired.
         self.owner: Callable[[], bool] = owner or (lambda: True)
         self.elsewhere: Callable[[], bool] = elsewhere or (lambda: False)
+        self.fired_elsewhere: Callable[[str], float | None] = fired_elsewhere or (lambda key: None)
         self.standby = 0  # ticks left to the node that owns the schedules
+        self.held: list[float] = []  # of those, the ticks not yet known fired
+        self.taken_over = 0  # ticks fired on taking the schedules over
+        # The last tick this node fired or skipped, per schedule: shared by the
+        # source's triggers, and kept after they stop (a node hands the lease over last).
+        self.decided: dict[str, float] = decided if decided is not None else {}
         self.index = index
         self.schedule = Schedule(options["schedule"], options.get("timezone", "UTC"))
         self.input = options.get("input")
@@ -293,6 +312,7 @@ class CronTrigger(RunningTrigger):
             "missed": self.missed,
             "caught_up": self.caught_up,
             "standby": self.standby,
+            "taken_over": self.taken_over,
             "failed": self.failed,
             "running": len(self.running),
             "last_lateness_ms": self.last_lateness_ms,
@@ -342,14 +362,41 @@ class CronTrigger(RunningTrigger):
                 await self._put(tick, catching_up=True)
 
     def schedules_taken(self) -> None:
-        """This node has just taken the cluster's schedules: catch up the ticks that
-        passed while no node fired them (the whole cluster down, or its broker)."""
-        if not self.catch_up or self._task is None or self._task.done():
+        """This node has just taken the cluster's schedules: fire the ticks the old
+        owner is not known to have fired, then catch up the ticks that passed
+        while no node fired them (the whole cluster down, or its broker)."""
+        if self._task is None or self._task.done():
+            return
+        self._confirm()
+        held, self.held = self.held, []
+        if not held and not self.catch_up:
             return
         now = self.clock.now()
         # The tick the loop waits for is its own to fire, even if due this instant.
         until = min(now, self.next_at - 0.001) if self.next_at is not None else now
-        self._spawn(self._catch_up(until))
+        self._spawn(self._take_over(held, until))
+
+    async def _take_over(self, held: list[float], until: float) -> None:
+        async with self._catching_up:
+            for tick in held:
+                log.info("function %s: firing the tick of %s, which the node that held the "
+                         "schedules is not known to have fired", self.function, iso_seconds(tick))
+                self.taken_over += 1
+                await self._put(tick)
+        if self.catch_up:
+            await self._catch_up(until)
+
+    def _confirm(self) -> None:
+        """Forget the held ticks another node is known to have fired, or that are
+        too old to be lost (HELD_ELSEWHERE_S); note the latest as this schedule's last."""
+        known = [t for t in self.held if t < self.clock.now() - HELD_ELSEWHERE_S]
+        fired = self.fired_elsewhere(self.key)
+        if fired is not None:
+            known.append(fired)
+        if known:
+            settled = max(known)
+            self.held = [t for t in self.held if t > settled]
+            self.store.record(self.key, settled, "")
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -360,10 +407,11 @@ class CronTrigger(RunningTrigger):
         if not self.owner():
             self.standby += 1
             if self.elsewhere():
-                # Fired by the node that owns the schedules: not one to catch up
-                # should this node take them over.
-                self.store.record(self.key, tick, "")
+                # The owner's to fire; this node's if the owner turns out dead.
+                self.held.append(tick)
+            self._confirm()
             return
+        self._decide(tick)
         if self.overlap == "skip" and self.running:
             self.skipped += 1
             log.info("function %s: cron tick of %s skipped: the run of %s is still going "
@@ -374,7 +422,12 @@ class CronTrigger(RunningTrigger):
             return
         self._spawn(self._put(tick))
 
+    def _decide(self, tick: float) -> None:
+        # Said at once (in heartbeats, in the token handed over), before the event is queued.
+        self.decided[self.key] = max(tick, self.decided.get(self.key, tick))
+
     async def _put(self, tick: float, *, catching_up: bool = False) -> None:
+        self._decide(tick)
         # One id per trigger (rule) and instant: the same tick is the same event,
         # and two triggers of one function on one schedule are two events.
         request_id = str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{self.key}|{self.rule}:{tick:.3f}"))
@@ -409,13 +462,22 @@ class CronSource(TriggerSource):
         super().__init__(daemon)
         self.clock = clock or SystemClock()
         self.store: TickStore = TickStore(daemon.config.paths.data / "triggers" / "cron.db")
-        taken = getattr(daemon, "schedules_taken", None)  # a cluster's (faasd/cluster/lease.py)
+        # A cluster's (faasd/cluster/lease.py).
+        self.decided: dict[str, float] = {}  # see CronTrigger.decided
+        taken = getattr(daemon, "schedules_taken", None)
         if taken is not None:
             taken.append(self.schedules_taken)
+        fired = getattr(daemon, "schedules_fired", None)
+        if fired is not None:
+            fired.append(self.fired_ticks)
 
     def schedules_taken(self) -> None:
         for _, trigger in list(self.running.values()):
             trigger.schedules_taken()  # type: ignore[attr-defined]
+
+    def fired_ticks(self) -> dict[str, float]:
+        """The last tick this node fired or skipped of each schedule."""
+        return dict(self.decided)
 
     def create(self, spec: FunctionSpec, trigger: Trigger, index: int) -> CronTrigger:
         daemon = self.daemon
@@ -426,7 +488,9 @@ class CronSource(TriggerSource):
         return CronTrigger(function=spec.name, options=dict(trigger.options), index=index,
                            clock=self.clock, submit=submit, store=self.store, region=daemon.region,
                            owner=getattr(daemon, "schedule_owner", None),
-                           elsewhere=getattr(daemon, "schedules_elsewhere", None))
+                           elsewhere=getattr(daemon, "schedules_elsewhere", None),
+                           fired_elsewhere=getattr(daemon, "schedules_fired_elsewhere", None),
+                           decided=self.decided)
 
     async def close(self) -> None:
         await super().close()
