@@ -399,11 +399,13 @@ class Proxy:
             threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, target: socket.socket) -> None:
+    @classmethod
+    def _pump(cls, source: socket.socket, target: socket.socket) -> None:
+        forward = cls.forwarding()
         try:
             while data := source.recv(65536):
-                target.sendall(data)
+                if data := forward(data):
+                    target.sendall(data)
         except OSError:
             pass
         for sock in (source, target):
@@ -411,6 +413,11 @@ class Proxy:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    @staticmethod
+    def forwarding():
+        """What one direction of a connection passes on of each chunk it reads (all of it)."""
+        return lambda data: data
 
     def cut(self) -> None:
         """Drop every connection at once, as a broken network would; refuse new ones."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -403,22 +402,17 @@ class BodyStaller(Proxy):
     invocation: the daemon waits for it, then refuses with 408."""
 
     @staticmethod
-    def _pump(source, target) -> None:
+    def forwarding():
         stalled = False
-        try:
-            while data := source.recv(65536):
-                if stalled:
-                    continue
-                if data.startswith(b"POST /system/functions/"):
-                    data, stalled = data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n", True
-                target.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, target):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+
+        def forward(data: bytes) -> bytes:
+            nonlocal stalled
+            if stalled:
+                return b""
+            if data.startswith(b"POST /system/functions/"):
+                data, stalled = data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n", True
+            return data
+        return forward
 
 
 def test_an_invocation_refused_with_408_shows_as_a_refusal(start_daemon, functions_dir, browser):
