@@ -88,10 +88,10 @@ def watching(daemon, name: str = "uploads") -> bool:
 def setup(start_daemon, functions_dir, tmp_path):
     watched = tmp_path / "data" / "uploads"
 
-    def start(**kw):
+    def start(watch_timeout: float = 10, **kw):
         recorder(functions_dir, **kw)
         daemon = start_daemon(functions_dir)
-        wait_until(lambda: watching(daemon), message="the file trigger to watch")
+        wait_until(lambda: watching(daemon), timeout=watch_timeout, message="the file trigger to watch")
         return daemon
 
     return start, watched
@@ -352,11 +352,14 @@ def test_files_written_while_a_new_trigger_takes_its_baseline_fire(setup, tmp_pa
             name = f"race-{len(written):04d}.jpg"
             (watched / name).write_bytes(b"r")
             written.append(name)
+            # A steady stream, not a flood: each file is an invocation, and a flood on a
+            # slow machine would only delay the baseline it waits for.
+            time.sleep(0.002)
 
     writer = threading.Thread(target=write_while_starting)
     writer.start()
     try:
-        daemon = start()
+        daemon = start(watch_timeout=60)  # a scan of 3,000 files on a loaded machine
     finally:
         stop.set()
         writer.join()
