@@ -786,8 +786,14 @@ _ASK_INTERPRETER = ("import json, os, site, sys; print(json.dumps({'version': sy
 
 @functools.cache
 def python_interpreter(python: str) -> Interpreter:
-    """Ask `python` once (a blocking child process) its version and site-packages.
+    """Ask `python` once (a blocking child process) its version and site-packages;
+    the daemon's own interpreter (the default) answers in process.
     Raises InterpreterError if it cannot answer."""
+    if python == sys.executable:
+        import site
+
+        return Interpreter(version=tuple(sys.version_info[:2]),  # type: ignore[arg-type]
+                           site_packages=tuple(p for p in site.getsitepackages() if os.path.isdir(p)))
     try:
         done = subprocess.run([python, "-I", "-c", _ASK_INTERPRETER], capture_output=True,
                               text=True, timeout=30, cwd="/", stdin=subprocess.DEVNULL)
