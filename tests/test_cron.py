@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 
 from faasd.spec import load_spec
 from faasd.triggers.cron import CronTrigger, Schedule, TickStore
-from support import fill, small_disk, wait_until, write_function
+from support import ROOT, fill, small_disk, wait_until, write_function
 
 
 def utc(text: str) -> float:
@@ -462,6 +465,19 @@ def test_a_daemon_started_on_a_full_disk_starts_its_schedules_once_there_is_room
     ('schedule = "* * *"', "triggers[0] (cron): schedule = '* * *': expected 5 cron fields"),
     ('schedule = "rate(5 weeks)"', "triggers[0] (cron): schedule = 'rate(5 weeks)': expected rate(N"),
     ('schedule = "0 0 30 2 *"', "triggers[0] (cron): schedule = '0 0 30 2 *': not a valid cron"),
+    # EventBridge: "If the value is equal to 1, then the unit must be singular. If the value is
+    # greater than 1, the unit must be plural."
+    ('schedule = "rate(1 minutes)"', "schedule = 'rate(1 minutes)': EventBridge takes the unit "
+     "singular for 1 and plural above it: use rate(1 minute)"),
+    ('schedule = "rate(5 hour)"', "schedule = 'rate(5 hour)': EventBridge takes the unit singular "
+     "for 1 and plural above it: use rate(5 hours)"),
+    ('schedule = "rate(1 days)"', "use rate(1 day)"),
+    ('schedule = "rate(0 minutes)"', "schedule = 'rate(0 minutes)': the rate must be at least 1"),
+    ('schedule = "rate(0 minute)"', "use rate(1 minute) or more"),
+    # EventBridge: with #, Day-of-week holds one expression; "3#1,6#3" is two.
+    ('schedule = "cron(0 9 ? * 3#1,6#3 *)"', "schedule = 'cron(0 9 ? * 3#1,6#3 *)': with # the "
+     "Day-of-week field holds one expression"),
+    ('schedule = "cron(0 9 ? * 2,3#2 *)"', "use one cron trigger per weekday"),
     ('schedule = "cron(0 10 * * * *)"', "schedule = 'cron(0 10 * * * *)': one of Day-of-month and Day-of-week must be ?"),
     ('schedule = "cron(0 10 ? * 8 *)"', "schedule = 'cron(0 10 ? * 8 *)': Day-of-week '8' is out of range"),
     ('schedule = "cron(0 10 * * ?)"', "expected cron(Minutes Hours Day-of-month Month Day-of-week Year)"),
@@ -479,3 +495,28 @@ def test_bad_cron_options_name_the_file_and_the_key(tmp_path, trigger, message):
     assert spec.load_error is not None
     assert spec.load_error.startswith("function.toml: "), spec.load_error
     assert message in spec.load_error, spec.load_error
+
+
+def test_rates_eventbridge_refuses_stop_check_and_the_daemon(start_daemon, functions_dir):
+    """`faasd check` names the function, the trigger and the fix; the daemon does not schedule
+    it, and still serves the functions whose schedules are valid."""
+    cron_function(functions_dir, "plural", 'schedule = "rate(1 minutes)"')
+    cron_function(functions_dir, "singular", 'schedule = "rate(5 minute)"')
+    cron_function(functions_dir, "fine", 'schedule = "rate(1 minute)"')
+    check = subprocess.run([sys.executable, "-m", "faasd", "check", "--functions", str(functions_dir)],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert ("plural: error: function.toml: triggers[0] (cron): schedule = 'rate(1 minutes)': "
+            "EventBridge takes the unit singular for 1 and plural above it: use rate(1 minute)"
+            ) in check.stdout, check.stdout
+    assert "singular: error: function.toml: triggers[0] (cron): schedule = 'rate(5 minute)'" in check.stdout
+    assert "use rate(5 minutes)" in check.stdout
+    assert "fine: ok" in check.stdout, check.stdout
+    daemon = start_daemon(functions_dir)
+    wait_until(lambda: cron_state(daemon, "fine").get("next"), timeout=20, message="fine's next tick")
+    assert "use rate(1 minute)" in daemon.function("plural")["load_error"]
+    assert "use rate(5 minutes)" in daemon.function("singular")["load_error"]
+    assert cron_state(daemon, "plural") == {} and cron_state(daemon, "singular") == {}
+    assert "function plural cannot load: function.toml: triggers[0] (cron): schedule = 'rate(1 minutes)'" \
+        in daemon.output()

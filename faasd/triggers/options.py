@@ -79,9 +79,16 @@ def parse_rate(schedule: str) -> int | None:
     match = RATE_RE.match(schedule.strip())
     if match is None:
         return None
-    value, unit = int(match.group(1)), match.group(2).rstrip("s")
+    value, written = int(match.group(1)), match.group(2)
+    unit = written.rstrip("s")
     if value < 1:
-        raise ValueError(f"schedule = {schedule!r}: the rate must be at least 1")
+        raise ValueError(f"schedule = {schedule!r}: the rate must be at least 1, as EventBridge "
+                         f"requires: use rate(1 {unit}) or more")
+    # EventBridge rejects rate(1 hours) and rate(5 hour): one takes the singular, more the plural.
+    expected = unit if value == 1 else unit + "s"
+    if written != expected:
+        raise ValueError(f"schedule = {schedule!r}: EventBridge takes the unit singular for 1 and "
+                         f"plural above it: use rate({value} {expected})")
     seconds = value * RATE_UNITS[unit]
     if seconds > MAX_RATE_S:
         raise ValueError(f"schedule = {schedule!r}: a rate is at most 10 years "
@@ -112,6 +119,10 @@ def aws_cron(schedule: str) -> str | None:
                          "the other not, as EventBridge requires (cron(0 10 * * ? *) is every day at 10:00)")
     if "?" in minutes + hours + month + year:
         raise ValueError(f"schedule = {schedule!r}: ? stands only in Day-of-month or Day-of-week")
+    if "#" in weekday and "," in weekday:
+        raise ValueError(f"schedule = {schedule!r}: with # the Day-of-week field holds one "
+                         "expression, as EventBridge requires (3#1,6#3 is two): use one cron "
+                         "trigger per weekday, e.g. cron(0 9 ? * 3#1 *) and cron(0 9 ? * 6#3 *)")
     if day == "LW":
         raise ValueError(f"schedule = {schedule!r}: LW (the month's last weekday) is not supported")
     _check_years(schedule, year)
@@ -184,7 +195,7 @@ def check_cron(options: dict[str, Any]) -> dict[str, Any]:
     if schedule.strip().startswith("rate"):
         if parse_rate(schedule) is None:
             raise ValueError(f"schedule = {schedule!r}: expected rate(N minutes|hours|days), "
-                             "e.g. rate(5 minutes)")
+                             "e.g. rate(5 minutes), or rate(1 minute|hour|day)")
     else:
         expression, seconds = cron_fields(schedule)
         from croniter import croniter  # imported here: only cron triggers need it
