@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 
 from . import __version__
 from .errors import FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
@@ -36,7 +36,35 @@ def json_response(value: Any, status: int = 200, headers: dict[str, str] | None 
 
 
 BODY_KEY = "faasd.body"  # a body already read (to check its signature) is kept here
+CONTINUED_KEY = "faasd.continued"  # set once 100 Continue was sent
 IDLE_TIMEOUT_KEY = web.AppKey("faasd.idle_timeout_s", float)
+
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    return (request.version == HttpVersion11
+            and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue")
+
+
+async def continue_on_read(request: web.Request) -> None:
+    """The expect_handler of the routes that take a body.
+
+    aiohttp's own answers `Expect: 100-continue` with 100 Continue as soon as
+    the route is found, before any check: the client then uploads a body the
+    size or auth check refuses. Here 100 Continue waits for read_body, the
+    first read of the body, so a request refused on its headers (too large,
+    no or a bad key) gets its final status instead, and sends nothing more.
+    Any other expectation gets 417, as with aiohttp's.
+    """
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version == HttpVersion11 and expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+
+
+async def _send_continue(request: web.Request) -> None:
+    if expects_continue(request) and not request.get(CONTINUED_KEY):
+        request[CONTINUED_KEY] = True
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # not part of the response (as aiohttp's handler does)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -55,6 +83,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return cached
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    await _send_continue(request)  # the checks on the headers are behind: the client may send
     idle = request.app.get(IDLE_TIMEOUT_KEY)
     chunks: list[bytes] = []
     size = 0
@@ -267,6 +296,12 @@ def guard_middleware(daemon: "Daemon"):
                 daemon.http_request_ended()
         if daemon.http_stopping and not response.prepared:
             response.force_close()  # faasd is stopping: no next request on this connection
+        elif (request.body_exists and not request.get(CONTINUED_KEY) and not response.prepared
+              and expects_continue(request)):
+            # Refused before 100 Continue: the client may send its body or not, so the
+            # connection cannot carry another request (Connection: close). aiohttp reads and
+            # drops a body that still comes, for a while, before it closes the connection.
+            response.force_close()
         if isinstance(response, web.Response) and "X-Duration-Seconds" not in response.headers:
             response.headers["X-Duration-Seconds"] = f"{perf_counter() - started:.6f}"
         return response
@@ -293,8 +328,8 @@ def build_app(daemon: "Daemon") -> web.Application:
     lambda_routes(app, daemon)
     for extra in daemon.route_hooks:
         extra(app)
-    app.router.add_route("*", "/function/{name}", by_name)
-    app.router.add_route("*", "/function/{name}/{rest:.*}", by_name)
-    app.router.add_route("*", "/{tail:.*}", by_route)
+    app.router.add_route("*", "/function/{name}", by_name, expect_handler=continue_on_read)
+    app.router.add_route("*", "/function/{name}/{rest:.*}", by_name, expect_handler=continue_on_read)
+    app.router.add_route("*", "/{tail:.*}", by_route, expect_handler=continue_on_read)
     app["server_version"] = __version__
     return app

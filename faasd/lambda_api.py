@@ -580,9 +580,11 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         return not_implemented(request)
 
     name = NAME_SEGMENT
-    app.router.add_post(f"{API}/functions/{name}/invocations", invoke)
+    from .api import continue_on_read  # 100 Continue only once the checks on the headers passed
+
+    app.router.add_post(f"{API}/functions/{name}/invocations", invoke, expect_handler=continue_on_read)
     app.router.add_post(f"/2021-11-15/functions/{name}/response-streaming-invocations",
-                        invoke_with_response_stream)
+                        invoke_with_response_stream, expect_handler=continue_on_read)
     app.router.add_get(f"{API}/functions", list_functions)
     app.router.add_get(f"{API}/functions/", list_functions)  # before GetFunction, whose name may be empty
     app.router.add_get(f"{API}/functions/{name}", read_only(function, QUALIFIED))
@@ -616,4 +618,4 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     # (CreateFunction, DeleteFunction, ...); other paths reach not_implemented
     # through faasd/api.py's by_route, after the functions' own http routes.
     for path in (f"{API}/functions", f"{API}/functions/", f"{API}/functions/{name}"):
-        app.router.add_route("*", path, refuse)
+        app.router.add_route("*", path, refuse, expect_handler=continue_on_read)

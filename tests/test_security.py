@@ -595,3 +595,80 @@ def test_schemathesis_finds_no_server_error(start_daemon, functions_dir, tmp_pat
     assert done.returncode == 0, summary + done.stderr[-2000:]
     assert "generated" in summary and " passed" in summary
     assert "Traceback" not in daemon.output()
+
+
+# -- Expect: 100-continue -------------------------------------------------------------------
+
+def expect_continue(daemon, head: bytes, body: bytes | None = None) -> tuple[bytes, bytes]:
+    """Send a request's head with `Expect: 100-continue` and no body, as curl and the AWS SDKs
+    do, and wait for the first answer; then, if given, send `body` and read the final answer.
+    (The first answer, the final one after the body.)"""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+        sock.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n", 1))
+        first = sock.recv(65536)
+        if body is None:
+            return first, b""
+        sock.sendall(body)
+        rest = b""
+        while not (b"\r\n\r\n" in rest and len(rest.split(b"\r\n\r\n", 1)[1]) >= int(
+                rest.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before the answer was complete: {rest!r}"
+            rest += chunk
+    return first, rest
+
+
+def signed_head(daemon, path: str, body: bytes, content_length: int | None = None) -> bytes:
+    """The head of a POST of `body` signed by botocore; `content_length` to claim another length."""
+    request = AWSRequest(method="POST", url=daemon.url + path, data=body,
+                         headers={"Content-Type": "application/json"})
+    botocore.auth.SigV4Auth(Credentials(KEY_ID, SECRET), "lambda", "us-east-1").add_auth(request)
+    headers = {k: v for k, v in request.prepare().headers.items() if k.lower() != "content-length"}
+    length = len(body) if content_length is None else content_length
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{daemon.port}", f"Content-Length: {length}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_expect_100_continue_is_answered_only_after_the_checks_on_the_headers(start_daemon, functions_dir):
+    """A request the size or auth check refuses gets its final status, not 100 Continue
+    (which would have the client upload a body only to be refused); a request that passes
+    them gets 100 Continue, then its answer."""
+    write_function(functions_dir, "hello.py", HELLO)
+    write_function(functions_dir, "private/handler.py", ECHO_EVENT)
+    write_function(functions_dir, "private/function.toml",
+                   '[[triggers]]\ntype = "http"\npath = "/private"\nauth = "key"\n')
+    daemon = start_daemon(functions_dir, env=KEYS_ENV)
+    huge = 7 * 1024 * 1024  # over the 6 MB limit
+    post = "POST {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n{}\r\n"
+    refused = [
+        (post.format("/function/hello", huge, ""), b"HTTP/1.1 413 "),
+        (post.format("/private", 10, ""), b"HTTP/1.1 401 "),
+        (post.format("/private", 10, "Authorization: Bearer wrong\r\n"), b"HTTP/1.1 403 "),
+        (post.format("/private", huge, f"Authorization: Bearer {SECRET}\r\n"), b"HTTP/1.1 413 "),
+        (post.format("/2015-03-31/functions/hello/invocations", 10, ""), b"HTTP/1.1 403 "),
+        (post.format("/system/functions/hello/invoke", 10, ""), b"HTTP/1.1 401 "),
+    ]
+    for head, status in refused:
+        first, _ = expect_continue(daemon, head.encode())
+        assert first.startswith(status), (head, first[:200])
+        # Whether the client then sends its body or not, the connection carries no other request.
+        assert b"\r\nConnection: close\r\n" in first, (head, first[:300])
+    first, _ = expect_continue(daemon, signed_head(daemon, "/2015-03-31/functions/hello/invocations", b"{}",
+                                                   huge))
+    assert first.startswith(b"HTTP/1.1 413 ") and b"RequestTooLargeException" in first, first[:300]
+    # Accepted on its headers: 100 Continue, then the body, then the answer.
+    body = b'{"name": "expect"}'
+    first, rest = expect_continue(daemon, post.format("/function/hello", len(body), "").encode(), body)
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n", first
+    assert rest.startswith(b"HTTP/1.1 200 "), rest
+    first, rest = expect_continue(
+        daemon, post.format("/private", len(body), f"Authorization: Bearer {SECRET}\r\n").encode(), body)
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n" and rest.startswith(b"HTTP/1.1 200 "), (first, rest)
+    # A signed invocation: 100 Continue comes once the signature's headers passed; the signature
+    # itself covers the body, which is then read and checked.
+    first, rest = expect_continue(daemon, signed_head(daemon, "/2015-03-31/functions/hello/invocations", body),
+                                  body)
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n", first
+    assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b'{"hello": "expect"}'), rest
+    assert daemon.get("/function/hello").status == 200

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from ..api import host_name, read_body
+from ..api import continue_on_read, host_name, read_body
 from ..errors import InvokeRefused, Throttled
 from ..invoker import Invocation
 from ..logs import Entry
@@ -358,7 +358,7 @@ def routes(daemon: "Daemon", activity: Activity, ring: LogRing):
         app.router.add_get("/ui/{asset}", asset)
         app.router.add_get("/system/activity", activity_view)
         app.router.add_get("/system/log", log_view)
-        app.router.add_post("/system/functions/{name}/invoke", invoke)
+        app.router.add_post("/system/functions/{name}/invoke", invoke, expect_handler=continue_on_read)
 
     return install
 
