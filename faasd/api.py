@@ -38,6 +38,7 @@ def json_response(value: Any, status: int = 200, headers: dict[str, str] | None 
 BODY_KEY = "faasd.body"  # a body already read (to check its signature) is kept here
 CONTINUED_KEY = "faasd.continued"  # set once 100 Continue was sent
 IDLE_TIMEOUT_KEY = web.AppKey("faasd.idle_timeout_s", float)
+BODY_TIMEOUT_KEY = web.AppKey("faasd.body_timeout_s", float)
 
 
 def expects_continue(request: web.BaseRequest) -> bool:
@@ -70,8 +71,10 @@ async def _send_continue(request: web.Request) -> None:
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, or PayloadTooLarge past `limit` bytes.
 
-    A client that stops sending for longer than [server] idle_timeout_s gets
-    408: a slow sender cannot hold a connection and its buffers forever.
+    A client that stops sending for longer than [server] idle_timeout_s, or
+    whose body is not complete [server] body_timeout_s after the first read,
+    gets 408: a slow sender, even one that sends a byte every few seconds,
+    cannot hold a request and its buffers forever.
     """
     if not request.body_exists:
         return b""
@@ -85,24 +88,41 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise _too_large(limit)
     await _send_continue(request)  # the checks on the headers are behind: the client may send
     idle = request.app.get(IDLE_TIMEOUT_KEY)
+    whole = request.app.get(BODY_TIMEOUT_KEY)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + whole if whole is not None else None
     chunks: list[bytes] = []
     size = 0
     try:
         while True:
-            chunk = await asyncio.wait_for(request.content.readany(), idle)
+            wait = idle
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise _timed_out(f"the request body was not complete within {whole:g} s")
+                wait = left if wait is None else min(wait, left)
+            try:
+                chunk = await asyncio.wait_for(request.content.readany(), wait)
+            except asyncio.TimeoutError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise _timed_out(f"the request body was not complete within {whole:g} s") from None
+                raise _timed_out(f"the request body stalled for over {idle:g} s") from None
             if not chunk:
                 break
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit)
             chunks.append(chunk)
-    except asyncio.TimeoutError:
-        raise web.HTTPRequestTimeout(
-            text=f'{{"message":"the request body stalled for over {idle:g} s"}}',
-            content_type=JSON) from None
     except asyncio.LimitOverrunError:
         raise _too_large(limit) from None
     return b"".join(chunks)
+
+
+def _timed_out(message: str) -> web.HTTPRequestTimeout:
+    refusal = web.HTTPRequestTimeout(body=orjson.dumps({"message": message}), content_type=JSON)
+    # The rest of the body may still come: the connection carries no next request.
+    refusal.force_close()
+    return refusal
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -315,6 +335,7 @@ def build_app(daemon: "Daemon") -> web.Application:
         client_max_size=daemon.config.server.max_body_bytes + 1024,
     )
     app[IDLE_TIMEOUT_KEY] = daemon.config.server.idle_timeout_s
+    app[BODY_TIMEOUT_KEY] = daemon.config.server.body_timeout_s
     by_name, by_route = http_trigger_handler(daemon)
     healthz, readyz, functions, function, info, logs = system_handlers(daemon)
     from .lambda_api import lambda_routes

@@ -34,7 +34,12 @@ class ServerConfig:
     insecure: bool = False  # allow a non-loopback bind without auth keys
     # A client silent this long while sending a request's headers or body is
     # cut off (slow-loris); an idle keep-alive connection is closed after it.
+    # It also bounds the headers as a whole: aiohttp's keep-alive timer runs
+    # until a request's headers are complete.
     idle_timeout_s: float = 30.0
+    # A request body not complete this long after faasd began to read it gets
+    # 408, however steadily it trickles in (idle_timeout_s is between reads).
+    body_timeout_s: float = 60.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -269,7 +274,8 @@ def _choice(*options: str):
 
 _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
     "server": (ServerConfig, {"host": _str, "port": _port, "max_body_mb": _body_mb,
-                              "insecure": _bool, "idle_timeout_s": _positive_float}),
+                              "insecure": _bool, "idle_timeout_s": _positive_float,
+                              "body_timeout_s": _positive_float}),
     "paths": (PathsConfig, {"functions": _path, "data": _path}),
     "limits": (LimitsConfig, {"max_concurrency": _positive_int}),
     "workers": (WorkersConfig, {"freeze_after_ms": _non_negative_int,

@@ -44,7 +44,8 @@ def _lambda_errors(*statuses: int) -> dict[str, Any]:
     words = {400: "ValidationException (a value outside Lambda's API model), InvalidRequestContentException "
                   "(a payload or ClientContext that is not JSON) or InvalidParameterValueException",
              403: "Missing or wrong SigV4 signature (when [auth] keys are set)",
-             404: "ResourceNotFoundException", 408: "The request body stalled",
+             404: "ResourceNotFoundException",
+             408: "The request body stalled, or was not complete within [server] body_timeout_s",
              413: "RequestTooLargeException", 429: "TooManyRequestsException",
              503: "faasd is shutting down"}
     return {str(s): _json(LAMBDA_ERROR, words[s]) for s in statuses}
@@ -91,7 +92,7 @@ def _invoke_path(summary: str, params: list[dict[str, Any]]) -> dict[str, Any]:
         "403": _json(MESSAGE, "The key or the authorizer refused the request"),
         "404": _json(MESSAGE, "No such function"),
         "405": _json(MESSAGE, "Method not allowed on this route"),
-        "408": _json(MESSAGE, "The request body stalled"),
+        "408": _json(MESSAGE, "The request body stalled, or was not complete within [server] body_timeout_s"),
         "413": _json(MESSAGE, "Body, or the event it makes (a binary body is base64), over [server] max_body_mb"),
         "429": _json(MESSAGE, "Throttled"),
         "502": _json(MESSAGE, "The function (or its authorizer) failed"),

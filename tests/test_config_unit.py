@@ -52,7 +52,7 @@ def test_without_a_file_everything_is_relative_to_the_current_directory(tmp_path
     assert config.paths.data == tmp_path / ".faasd"
 
 
-FLOAT_KEYS = ["server.max_body_mb", "server.idle_timeout_s", "workers.keep_warm_s",
+FLOAT_KEYS = ["server.max_body_mb", "server.idle_timeout_s", "server.body_timeout_s", "workers.keep_warm_s",
               "workers.drain_timeout_s", "cluster.heartbeat_s"]
 INT_KEYS = ["server.port", "limits.max_concurrency", "workers.freeze_after_ms",
             "workers.reply_poll_us", "cluster.prefetch", "log.max_file_mb", "log.keep_files"]

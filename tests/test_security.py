@@ -548,6 +548,29 @@ def test_slow_clients_are_cut_off(start_daemon, functions_dir):
     assert daemon.get("/function/hello").status == 200
 
 
+def test_a_body_that_trickles_in_gets_408_at_its_deadline_while_others_are_served(start_daemon, functions_dir):
+    """A client sending a byte every half second is never silent for idle_timeout_s, yet its
+    body is cut off at body_timeout_s; other requests are served meanwhile."""
+    write_function(functions_dir, "hello.py", HELLO)
+    daemon = start_daemon(functions_dir, env={"FAASD_SERVER_BODY_TIMEOUT_S": "2"})
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=0.5) as sock:
+        sock.sendall(b"POST /function/hello HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n")
+        answer, sent, served = b"", 0, 0
+        while not answer and sent < 60:  # a byte each 0.5 s: the 100 would take 50 s
+            sock.sendall(b"x")
+            sent += 1
+            served += daemon.get("/function/hello").status == 200
+            try:
+                answer = sock.recv(4096)
+            except socket.timeout:
+                pass
+    assert answer.startswith(b"HTTP/1.1 408 "), (sent, answer)
+    assert answer.endswith(b'{"message":"the request body was not complete within 2 s"}'), answer
+    assert b"\r\nConnection: close\r\n" in answer
+    assert sent < 100 and served >= 1, (sent, served)
+    assert daemon.get("/function/hello").status == 200
+
+
 def test_symlinks_out_of_functions_are_refused(start_daemon, functions_dir, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
