@@ -296,9 +296,11 @@ class Invoker:
                     *platform.done(invocation))
             invocation.log_lines = capture.lines
             return
+        # The runtime logs the error while it initialises (awslambdaric's log_error, then
+        # its post_init_error); Lambda writes INIT_REPORT once the init phase has ended.
+        capture(self._init_error_record(spec, error))
         capture(f"INIT_REPORT Init Duration: {invocation.init_ms or 0:.2f} ms\tPhase: init\t"
                 f"Status: error\tError Type: {error.error_type}")
-        capture(self._init_error_record(spec, error))
         capture(f"START RequestId: {invocation.request_id} Version: $LATEST")
         capture(f"END RequestId: {invocation.request_id}")
         capture(self._report(spec, invocation, status="error"))

@@ -233,9 +233,10 @@ def test_a_timeout_and_a_failed_init_are_reported_in_json(daemon):
     request_id = broken.headers["x-amzn-requestid"]
     wait_report(daemon, "broken", request_id)
     texts = request_lines(daemon, "broken", request_id)
+    # The runtime logs the error during init; the platform reports the init once it ended.
     assert [r.get("type", r.get("level")) for r in records(texts)] == [
-        "platform.initReport", "ERROR", "platform.start", "platform.report"]
-    init_report, error, _, report = records(texts)
+        "ERROR", "platform.initReport", "platform.start", "platform.report"]
+    error, init_report, _, report = records(texts)
     assert init_report["record"]["status"] == "error"
     assert init_report["record"]["errorType"] == "Runtime.UserCodeSyntaxError"
     assert error["errorType"] == "Runtime.UserCodeSyntaxError" and error["requestId"] == request_id

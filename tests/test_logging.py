@@ -407,6 +407,31 @@ def test_a_python_error_is_logged_as_awslambdarics_one_record(daemon, where):
     assert "Traceback" not in "\n".join(line for line in tail if line != record), tail
 
 
+@pytest.mark.parametrize("where", ["init", "import", "syntax"])
+def test_a_failed_inits_error_record_comes_before_init_report(daemon, where):
+    # awslambdaric logs the error while it initialises, then reports it (post_init_error);
+    # Lambda writes INIT_REPORT once the init phase has ended: the record comes first.
+    source, error_type = ERRORS[where]
+    write_function(daemon.functions, "broken.py", "print('printed at import')\n" + source
+                   if where != "syntax" else source)
+    loaded(daemon, "broken")
+    response = daemon.invoke("broken", **{"X-Amz-Log-Type": "Tail"})
+    request_id = response.headers["x-amzn-requestid"]
+    assert response.json()["errorType"] == error_type
+    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
+    kinds = [line.split(" ", 1)[0] for line in tail if line]
+    # A syntax error the daemon finds before starting a worker has no INIT_START, nor prints.
+    before = ["INIT_START", "printed"] if where != "syntax" else []
+    start = kinds.index(before[0] if before else "[ERROR]")
+    assert kinds[start:] == [*before, "[ERROR]", "INIT_REPORT", "START", "END", "REPORT"], tail
+    assert tail[kinds.index("INIT_REPORT")].startswith("INIT_REPORT Init Duration: ")
+    assert tail[kinds.index("INIT_REPORT")].endswith(f"Phase: init\tStatus: error\tError Type: {error_type}")
+    # The function's log file has them in the same order.
+    wait_until(lambda: f"REPORT RequestId: {request_id}" in daemon.log_of("broken"), message="the REPORT")
+    logged = daemon.log_of("broken")
+    assert logged.index(f"[ERROR] {error_type}: ") < logged.index("INIT_REPORT Init Duration: "), logged
+
+
 def test_a_python_errors_multi_line_message_stays_one_record(daemon):
     write_function(daemon.functions, "lines.py", "def handler(event, context):\n    raise ValueError('one\\ntwo')\n")
     loaded(daemon, "lines")
