@@ -82,6 +82,13 @@ EVENT_STREAM = "application/vnd.amazon.eventstream"
 STREAM_CHUNK = 64 * 1024  # the most result bytes in one PayloadChunk event
 
 
+def answer(body: Any) -> web.Response:
+    """A read operation's 200 answer: its JSON, and the request id every AWS
+    answer carries (botocore's ResponseMetadata.RequestId)."""
+    return web.Response(body=orjson.dumps(body), content_type="application/json",
+                        headers={"x-amzn-RequestId": new_request_id()})
+
+
 def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
     headers = {"x-amzn-ErrorType": exc.error_type, "x-amzn-RequestId": request_id or new_request_id()}
     body = exc.to_lambda()
@@ -359,7 +366,8 @@ def not_implemented(request: web.Request) -> web.Response:
                f"Lambda API. It serves {SERVED}; functions are files in its functions/ "
                "directory: create, change or delete them there.")
     return web.Response(status=501, body=orjson.dumps({"Type": "User", "message": message}),
-                        content_type="application/json", headers={"x-amzn-ErrorType": "NotImplemented"})
+                        content_type="application/json",
+                        headers={"x-amzn-ErrorType": "NotImplemented", "x-amzn-RequestId": new_request_id()})
 
 
 def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
@@ -509,7 +517,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         body: dict[str, Any] = {"Functions": configs}
         if start + count < len(specs):
             body["NextMarker"] = str(start + count)
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        return answer(body)
 
     def read_only(view: Callable[[FunctionSpec], dict[str, Any]], naming: Naming):
         async def handler(request: web.Request) -> web.Response:
@@ -520,7 +528,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             # Off the event loop: a configuration walks (and, once per
             # revision, hashes) the function's files.
             body = await asyncio.to_thread(view, spec)
-            return web.Response(body=orjson.dumps(body), content_type="application/json")
+            return answer(body)
         return handler
 
     def configuration(spec: FunctionSpec) -> dict[str, Any]:
@@ -548,7 +556,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                              "UnreservedConcurrentExecutions": max(0, total - reserved)},
             "AccountUsage": {"TotalCodeSize": sum(sizes), "FunctionCount": len(specs)},
         }
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        return answer(body)
 
     def function_url(request: web.Request, spec: FunctionSpec) -> dict[str, Any]:
         auth = daemon.http_auth.setting(spec.name, None) if daemon.http_auth is not None else None
@@ -560,7 +568,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                 spec = target(request, naming)[0]
             except InvokeRefused as exc:
                 return service_error(exc)
-            return web.Response(body=orjson.dumps(view(request, spec)), content_type="application/json")
+            return answer(view(request, spec))
         return handler
 
     async def no_policy(request: web.Request) -> web.Response:
@@ -574,7 +582,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             body=b'{"Type":"User","Message":"The resource you requested does not exist."}')
 
     async def no_layers(request: web.Request) -> web.Response:
-        return web.Response(body=b'{"Layers":[]}', content_type="application/json")
+        return answer({"Layers": []})
 
     async def refuse(request: web.Request) -> web.Response:
         return not_implemented(request)

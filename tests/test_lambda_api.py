@@ -941,6 +941,41 @@ def test_inventory_operations_say_what_faasd_does(daemon, lam):
         assert "ghost" in str(missing.value)
 
 
+def test_every_answer_carries_a_request_id_as_aws_answers_do(daemon, lam):
+    # botocore reads ResponseMetadata.RequestId from x-amzn-RequestId, which every AWS
+    # answer carries: reads, refusals and operations faasd does not serve alike.
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:echo"
+    calls = {
+        "list_functions": lambda: lam.list_functions(),
+        "get_function": lambda: lam.get_function(FunctionName="echo"),
+        "get_function_configuration": lambda: lam.get_function_configuration(FunctionName="echo"),
+        "get_function_concurrency": lambda: lam.get_function_concurrency(FunctionName="echo"),
+        "list_versions_by_function": lambda: lam.list_versions_by_function(FunctionName="echo"),
+        "list_aliases": lambda: lam.list_aliases(FunctionName="echo"),
+        "list_tags": lambda: lam.list_tags(Resource=arn),
+        "get_account_settings": lambda: lam.get_account_settings(),
+        "get_function_event_invoke_config": lambda: lam.get_function_event_invoke_config(FunctionName="echo"),
+        "list_function_event_invoke_configs": lambda: lam.list_function_event_invoke_configs(FunctionName="echo"),
+        "get_function_url_config": lambda: lam.get_function_url_config(FunctionName="echo"),
+        "list_function_url_configs": lambda: lam.list_function_url_configs(FunctionName="echo"),
+        "list_layers": lambda: lam.list_layers(),
+        "get_function_recursion_config": lambda: lam.get_function_recursion_config(FunctionName="echo"),
+        "invoke": lambda: lam.invoke(FunctionName="echo"),
+    }
+    seen = set()
+    for operation, call in calls.items():
+        request_id = call()["ResponseMetadata"].get("RequestId")
+        assert request_id and re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+                                           request_id), (operation, request_id)
+        seen.add(request_id)
+    assert len(seen) == len(calls)
+    for call in (lambda: lam.delete_function(FunctionName="echo"), lambda: lam.get_function(FunctionName="ghost"),
+                 lambda: lam.list_functions(FunctionVersion="LATEST")):
+        with pytest.raises(ClientError) as caught:
+            call()
+        assert caught.value.response["ResponseMetadata"].get("RequestId"), caught.value.response
+
+
 def test_list_functions_pages_through_every_function(daemon, lam):
     for name in ("alpha", "beta", "gamma"):
         write_function(daemon.functions, f"{name}.py", ECHO)
