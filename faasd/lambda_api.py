@@ -2,7 +2,8 @@
 
 Invoke (`POST /2015-03-31/functions/NAME/invocations`),
 InvokeWithResponseStream (`POST /2021-11-15/functions/NAME/response-streaming-invocations`,
-whose answer is an event stream: faasd/eventstream.py) and the read-only
+whose answer is an event stream: faasd/eventstream.py), the deprecated
+InvokeAsync (`POST /2014-11-13/functions/NAME/invoke-async`) and the read-only
 operations that deploy scripts, waiters and inventory tools use
 (ListFunctions, GetFunction, GetFunctionConfiguration,
 GetFunctionConcurrency, ListVersionsByFunction, ListAliases, ListTags,
@@ -62,13 +63,15 @@ if TYPE_CHECKING:
 
 API = "/2015-03-31"
 RUNTIME_API_PREFIX = "/2018-06-01/"  # the Lambda Runtime API: workers' own, not the Lambda API
-SERVED = ("Invoke, InvokeWithResponseStream, ListFunctions, GetFunction, GetFunctionConfiguration, "
+SERVED = ("Invoke, InvokeWithResponseStream, InvokeAsync, ListFunctions, GetFunction, GetFunctionConfiguration, "
           "GetFunctionConcurrency, ListVersionsByFunction, ListAliases, ListTags, GetAccountSettings, "
           "GetFunctionEventInvokeConfig, ListFunctionEventInvokeConfigs, GetFunctionUrlConfig, "
           "ListFunctionUrlConfigs, GetPolicy, ListLayers and GetFunctionRecursionConfig")
 # AccountLimit's code sizes, as Lambda states them; faasd enforces none of them.
 CODE_SIZE_LIMITS = {"TotalCodeSize": 80530636800, "CodeSizeUnzipped": 262144000, "CodeSizeZipped": 52428800}
 MAX_EVENT_BYTES = 1024 * 1024  # Lambda's limit for an asynchronous invocation's payload
+MAX_INVOKE_ASYNC_BYTES = 256 * 1024  # and for InvokeAsync's ("The payload limit is 256KB")
+INVOKE_ASYNC = "InvokeAsync"  # read_payload's name for that operation's payload
 # The enums of Lambda's API model, in its order (and so in AWS's refusals).
 LOG_TYPES = ("None", "Tail")
 INVOCATION_TYPES = ("Event", "RequestResponse", "DryRun")
@@ -425,16 +428,18 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                     caller_trace_id(request.headers.get("X-Amzn-Trace-Id")))
 
     async def read_payload(request: web.Request, invocation_type: str) -> bytes:
-        """The request's JSON payload (`{}` when empty), or Lambda's refusal of it."""
+        """The request's JSON payload (`{}` when empty), or Lambda's refusal of it.
+        An Event's (and InvokeAsync's) is held to its own, lower limit."""
         from .api import read_body
 
-        if invocation_type == "Event":
-            event_limit = min(limit, MAX_EVENT_BYTES)
+        queued_limit = {"Event": MAX_EVENT_BYTES, INVOKE_ASYNC: MAX_INVOKE_ASYNC_BYTES}.get(invocation_type)
+        if queued_limit is not None:
+            queued_limit = min(limit, queued_limit)
             size = request.content_length
-            if size is not None and size > event_limit:
-                raise PayloadTooLarge(f"{size} byte payload is too large for the Event invocation type "
-                                      f"(limit {event_limit} bytes)")
-            payload = await read_body(request, event_limit)
+            if size is not None and size > queued_limit:
+                what = "the Event invocation type" if invocation_type == "Event" else "the InvokeAsync operation"
+                raise PayloadTooLarge(f"{size} byte payload is too large for {what} (limit {queued_limit} bytes)")
+            payload = await read_body(request, queued_limit)
         else:
             payload = await read_body(request, limit)
         if not payload:
@@ -445,6 +450,18 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             raise InvalidRequest(
                 f"Could not parse request body into json: Could not parse payload into json: {exc}") from None
         return payload
+
+    async def enqueue(spec: FunctionSpec, payload: bytes, request_id: str, invoked_arn: str | None,
+                      trace_id: str | None) -> web.Response:
+        """202 once the event is committed to the asynchronous queue; InvokeRefused if it cannot be."""
+        if daemon.queue is None:
+            raise InvokeRefused("asynchronous invocation is not available")
+        try:
+            await daemon.queue.put(spec.name, payload, request_id=request_id, source="api",
+                                   invoked_arn=invoked_arn, trace_id=trace_id)
+        except OSError as exc:  # the disk refused: say so, never answer 202
+            raise InvokeRefused(f"the event could not be stored: {exc}") from None
+        return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
 
     async def run(call: Call, request_id: str) -> "Invocation":
         return await invoker.invoke(call.spec.name, call.payload, request_id=request_id, source="api",
@@ -459,14 +476,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             if invocation_type == "DryRun":
                 return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
             if invocation_type == "Event":
-                if daemon.queue is None:
-                    raise InvokeRefused("asynchronous invocation is not available")
-                try:
-                    await daemon.queue.put(call.spec.name, call.payload, request_id=request_id, source="api",
-                                           invoked_arn=call.invoked_arn, trace_id=call.trace_id)
-                except OSError as exc:  # the disk refused: say so, never answer 202
-                    raise InvokeRefused(f"the event could not be stored: {exc}") from None
-                return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
+                return await enqueue(call.spec, call.payload, request_id, call.invoked_arn, call.trace_id)
             invocation = await run(call, request_id)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
@@ -490,6 +500,18 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         except InvokeRefused as exc:
             return service_error(exc, request_id)
         return stream_response(invocation, request_id, call.tail)
+
+    async def invoke_async(request: web.Request) -> web.Response:
+        # Lambda's InvokeAsync, deprecated for Invoke's Event but still served: the
+        # event is queued as an Event's is, from a payload of at most 256 KB. As
+        # Lambda says of it, no trace id is passed on: each run gets a new one.
+        request_id = new_request_id()
+        try:
+            spec, invoked_arn = target(request, Naming(NAMESPACED_FUNCTION_NAME))
+            payload = await read_payload(request, INVOKE_ASYNC)
+            return await enqueue(spec, payload, request_id, invoked_arn, None)
+        except InvokeRefused as exc:
+            return service_error(exc, request_id)
 
     async def list_functions(request: web.Request) -> web.Response:
         # FunctionVersion=ALL lists every version: here $LATEST is the only one.
@@ -593,6 +615,9 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     app.router.add_post(f"{API}/functions/{name}/invocations", invoke, expect_handler=continue_on_read)
     app.router.add_post(f"/2021-11-15/functions/{name}/response-streaming-invocations",
                         invoke_with_response_stream, expect_handler=continue_on_read)
+    # boto3 calls it without the trailing slash Lambda's own documents gave it.
+    for path in (f"/2014-11-13/functions/{name}/invoke-async", f"/2014-11-13/functions/{name}/invoke-async/"):
+        app.router.add_post(path, invoke_async, expect_handler=continue_on_read)
     app.router.add_get(f"{API}/functions", list_functions)
     app.router.add_get(f"{API}/functions/", list_functions)  # before GetFunction, whose name may be empty
     app.router.add_get(f"{API}/functions/{name}", read_only(function, QUALIFIED))

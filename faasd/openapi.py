@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document of faasd's HTTP API, served at `/openapi.json`.
 
 It describes what a client can rely on: the Lambda API (Invoke,
-InvokeWithResponseStream, ListFunctions, GetFunction and the other reads),
+InvokeWithResponseStream, InvokeAsync, ListFunctions, GetFunction and the other reads),
 the `/function/NAME` HTTP invocation path, the health probes and the
 operator views under `/system/`. Response bodies are
 described where faasd fixes their shape; a function's own answers are the
@@ -200,6 +200,14 @@ def document() -> dict[str, Any]:
                                         "LogResult). faasd sends it once the function has finished.",
                          "content": {"application/vnd.amazon.eventstream": {
                              "schema": {"type": "string", "format": "binary"}}}}})},
+            "/2014-11-13/functions/{name}/invoke-async": {"post": {
+                "summary": "InvokeAsync", "tags": ["lambda"], "operationId": "InvokeAsync",
+                "description": "Deprecated by Lambda for Invoke's Event, and still served: the event is "
+                               "queued as an Event's, from a payload of at most 256 KB.",
+                "deprecated": True, "security": [{"sigv4": []}, {}], "parameters": [lambda_name],
+                "requestBody": {"required": False, "content": {"application/json": {"schema": {}}}},
+                "responses": {"202": {"description": "Queued"},
+                              **_lambda_errors(400, 403, 404, 408, 413, 503)}}},
             **{path: {"get": {
                 "summary": operation, "tags": ["lambda"], "operationId": operation,
                 "security": [{"sigv4": []}, {}], "parameters": [lambda_name],

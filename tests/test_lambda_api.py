@@ -355,6 +355,37 @@ def test_an_event_runs_under_its_callers_trace_header_on_every_attempt(daemon, l
     assert_new_trace_id(trace)
 
 
+def test_the_deprecated_invoke_async_queues_the_event_as_lambda_does(daemon, lam):
+    # Lambda still serves InvokeAsync (boto3's invoke_async): 202, the event queued
+    # as an Event's, from a payload of at most 256 KB; no caller's trace id is passed on.
+    write_function(daemon.functions, "teller.py", ARN_TELLER)
+    wait_loaded(daemon, "teller")
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:teller"
+    for name, expected in (("teller", arn), (f"{arn}:$LATEST", f"{arn}:$LATEST")):
+        response = lam.invoke_async(FunctionName=name, InvokeArgs=b'{"k": 1}')
+        assert response["Status"] == 202
+        assert told(daemon, "teller", response["ResponseMetadata"]["RequestId"], "ARN") == [expected]
+    answer = daemon.post("/2014-11-13/functions/teller/invoke-async/", b"{}",
+                         headers={"X-Amzn-Trace-Id": CALLER_TRACE})
+    assert answer.status == 202 and answer.body == b""
+    [trace] = told(daemon, "teller", answer.headers["x-amzn-requestid"], "TRACE")
+    assert_new_trace_id(trace)
+
+    runs = daemon.log_of("teller").count("START RequestId")
+    error = refused(lambda: lam.invoke_async(FunctionName="teller", InvokeArgs=b'"' + b"x" * (256 * 1024) + b'"'),
+                    "RequestTooLargeException", 413)
+    assert error["Error"]["Message"] == (
+        "262146 byte payload is too large for the InvokeAsync operation (limit 262144 bytes)")
+    refused(lambda: lam.invoke_async(FunctionName="teller", InvokeArgs=b"{not json"),
+            "InvalidRequestContentException", 400)
+    error = refused(lambda: lam.invoke_async(FunctionName="ghost", InvokeArgs=b"{}"),
+                    "ResourceNotFoundException", 404)
+    assert error["Error"]["Message"] == "Function not found: arn:aws:lambda:us-east-1:000000000000:function:ghost"
+    refused(lambda: lam.invoke_async(FunctionName="no/such", InvokeArgs=b"{}"), "ValidationException", 400,
+            modeled=False)
+    assert daemon.log_of("teller").count("START RequestId") == runs
+
+
 def test_unknown_functions_raise_resource_not_found(daemon, lam):
     # Well-formed names, as Lambda's model allows them, of functions that do not exist.
     arn = "arn:aws:lambda:us-east-1:000000000000:function"
