@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import functools
 import re
 import time
@@ -518,27 +519,31 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         problems = enum_problems(("functionVersion", request.query.get("FunctionVersion", "ALL"), ("ALL",)))
         if problems:
             return service_error(ValidationFailed(*problems))
-        specs = [daemon.registry.specs[n] for n in sorted(daemon.registry.specs)]
-        try:
-            start = int(request.query.get("Marker", "0") or 0)
-            count = int(request.query.get("MaxItems", "50") or 50)
-        except ValueError:
-            start = -1
-        if start < 0:
+        # A marker is the name the next page starts at, not a position: a function
+        # added or removed between two pages shifts no other in or out of the listing.
+        marker = request.query.get("Marker", "")
+        if marker and not valid_name(marker):
             return service_error(InvalidParameter(
-                "Marker must be a whole number of 0 or more (a NextMarker given before), "
-                "and MaxItems a whole number"))
+                f"Marker must be a NextMarker that ListFunctions gave, not {valid_text(marker)[:100]!r}"))
+        given = request.query.get("MaxItems", "")
+        try:
+            count = int(given) if given else 50
+        except ValueError:
+            return service_error(InvalidParameter(f"MaxItems must be a whole number, not {valid_text(given)[:100]!r}"))
         if not 1 <= count <= MAX_LIST_ITEMS:
             bound = ("greater than or equal to 1" if count < 1
                      else f"less than or equal to {MAX_LIST_ITEMS}")
             return service_error(ValidationFailed(("maxItems", str(count), f"Member must have value {bound}")))
-        page = specs[start:start + count]
+        names = sorted(daemon.registry.specs)
+        start = bisect.bisect_left(names, marker)
+        specs = daemon.registry.specs
+        page = [specs[name] for name in names[start:start + count]]
         # Off the event loop: the configuration walks (and, once per revision,
         # hashes) each function's files.
         configs = await asyncio.to_thread(lambda: [configuration(s) for s in page])
         body: dict[str, Any] = {"Functions": configs}
-        if start + count < len(specs):
-            body["NextMarker"] = str(start + count)
+        if start + count < len(names):
+            body["NextMarker"] = names[start + count]
         return answer(body)
 
     def read_only(view: Callable[[FunctionSpec], dict[str, Any]], naming: Naming):

@@ -1018,8 +1018,8 @@ def test_list_functions_pages_through_every_function(daemon, lam):
              for page in lam.get_paginator("list_functions").paginate(PaginationConfig={"PageSize": 2})
              for f in page["Functions"]]
     assert names == ["alpha", "beta", "echo", "gamma"]
-    error = refused(lambda: lam.list_functions(Marker="-1"), "InvalidParameterValueException", 400)
-    assert error["Error"]["Message"].startswith("Marker must be a whole number of 0 or more")
+    error = refused(lambda: lam.list_functions(Marker="no/such"), "InvalidParameterValueException", 400)
+    assert error["Error"]["Message"] == "Marker must be a NextMarker that ListFunctions gave, not 'no/such'"
     # MaxItems is 1 to 10000 in Lambda's model (botocore itself refuses one below 1).
     error = refused(lambda: lam.list_functions(MaxItems=10001), "ValidationException", 400, modeled=False)
     assert error["Error"]["Message"] == ("1 validation error detected: Value '10001' at 'maxItems' failed to "
@@ -1031,6 +1031,30 @@ def test_list_functions_pages_through_every_function(daemon, lam):
     for key in ("FunctionArn", "Runtime", "Handler", "MemorySize", "Timeout", "LastModified",
                 "State", "CodeSha256", "Role"):
         assert key in echo, key
+
+
+def test_list_functions_pages_stay_whole_while_functions_come_and_go(daemon, lam):
+    # A page's NextMarker holds its place whatever changes before it: a function
+    # removed or added between two pages neither hides nor repeats another.
+    for name in ("alpha", "beta", "gamma"):
+        write_function(daemon.functions, f"{name}.py", ECHO)
+    wait_loaded(daemon, "alpha", "beta", "gamma")
+
+    def names(page: dict) -> list[str]:
+        return [f["FunctionName"] for f in page["Functions"]]
+
+    first = lam.list_functions(MaxItems=2)
+    assert names(first) == ["alpha", "beta"]
+    (daemon.functions / "alpha.py").unlink()
+    wait_until(lambda: daemon.get("/system/functions/alpha").status == 404, message="alpha to go")
+    second = lam.list_functions(MaxItems=2, Marker=first["NextMarker"])
+    assert names(second) == ["echo", "gamma"] and "NextMarker" not in second
+
+    first = lam.list_functions(MaxItems=2)
+    assert names(first) == ["beta", "echo"]
+    write_function(daemon.functions, "aardvark.py", ECHO)
+    wait_loaded(daemon, "aardvark")
+    assert names(lam.list_functions(MaxItems=2, Marker=first["NextMarker"])) == ["gamma"]
 
 
 AWS = str(Path(sys.executable).parent / "aws")
