@@ -104,12 +104,14 @@ def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
                         content_type="application/json", headers=headers)
 
 
-def function_configuration(spec: FunctionSpec, region: str, python: str) -> dict[str, Any]:
-    """FunctionConfiguration as Lambda returns it (`python`: the Python workers' interpreter)."""
+def function_configuration(spec: FunctionSpec, region: str, python: str, version: bool = False) -> dict[str, Any]:
+    """FunctionConfiguration as Lambda returns it (`python`: the Python workers' interpreter).
+    That of the version `$LATEST` (`version`), as a caller that names it gets it,
+    has the version's ARN: the function's, qualified."""
     modified = _modified(spec)
     config: dict[str, Any] = {
         "FunctionName": spec.name,
-        "FunctionArn": function_arn(spec.name, region),
+        "FunctionArn": function_arn(spec.name, region) + (":$LATEST" if version else ""),
         "Runtime": runtime_id(spec.runtime, python),
         "Role": f"arn:aws:iam::000000000000:role/faasd-{spec.name}",
         "Handler": spec.handler,
@@ -558,15 +560,26 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             return answer(body)
         return handler
 
-    def configuration(spec: FunctionSpec) -> dict[str, Any]:
-        return function_configuration(spec, region, python)
+    def read_version(view: Callable[[FunctionSpec, bool], dict[str, Any]]):
+        """GetFunction and GetFunctionConfiguration: `view` is told whether the
+        caller named the version (`$LATEST`, the only one), as a qualifier."""
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                spec, named = target(request, QUALIFIED)
+            except InvokeRefused as exc:
+                return service_error(exc)
+            return answer(await asyncio.to_thread(view, spec, named is not None))
+        return handler
+
+    def configuration(spec: FunctionSpec, version: bool = False) -> dict[str, Any]:
+        return function_configuration(spec, region, python, version)
 
     def concurrency(spec: FunctionSpec) -> dict[str, Any]:
         return {} if spec.concurrency is None else {"ReservedConcurrentExecutions": spec.concurrency}
 
-    def function(spec: FunctionSpec) -> dict[str, Any]:
+    def function(spec: FunctionSpec, version: bool = False) -> dict[str, Any]:
         body = {
-            "Configuration": configuration(spec),
+            "Configuration": configuration(spec, version),
             "Code": {"RepositoryType": "S3", "Location": f"file://{spec.source}"},
         }
         if spec.concurrency is not None:
@@ -625,12 +638,11 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         app.router.add_post(path, invoke_async, expect_handler=continue_on_read)
     app.router.add_get(f"{API}/functions", list_functions)
     app.router.add_get(f"{API}/functions/", list_functions)  # before GetFunction, whose name may be empty
-    app.router.add_get(f"{API}/functions/{name}", read_only(function, QUALIFIED))
-    app.router.add_get(f"{API}/functions/{name}/configuration",
-                       read_only(configuration, QUALIFIED))
+    app.router.add_get(f"{API}/functions/{name}", read_version(function))
+    app.router.add_get(f"{API}/functions/{name}/configuration", read_version(configuration))
     app.router.add_get(f"/2019-09-30/functions/{name}/concurrency", read_only(concurrency, Naming(FUNCTION_NAME)))
     app.router.add_get(f"{API}/functions/{name}/versions",
-                       read_only(lambda spec: {"Versions": [configuration(spec)]},
+                       read_only(lambda spec: {"Versions": [configuration(spec, version=True)]},
                                  Naming(NAMESPACED_FUNCTION_NAME)))
     app.router.add_get(f"{API}/functions/{name}/aliases",
                        read_only(lambda spec: {"Aliases": []}, Naming(FUNCTION_NAME)))

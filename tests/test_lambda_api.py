@@ -766,6 +766,22 @@ def test_get_function_returns_the_configuration_boto3_parses(daemon, lam):
     assert "Runtime.UserCodeSyntaxError" in broken["StateReason"]
 
 
+def test_the_latest_versions_configuration_has_the_versions_arn(daemon, lam):
+    # As Lambda lists versions, and answers a caller that names one: $LATEST's
+    # FunctionArn is qualified; the function's own (unqualified) is the function's.
+    arn = "arn:aws:lambda:us-east-1:000000000000:function:echo"
+    [latest] = lam.list_versions_by_function(FunctionName="echo")["Versions"]
+    assert (latest["Version"], latest["FunctionArn"]) == ("$LATEST", f"{arn}:$LATEST")
+    for named in ({"FunctionName": "echo", "Qualifier": "$LATEST"}, {"FunctionName": "echo:$LATEST"},
+                  {"FunctionName": f"{arn}:$LATEST"}):
+        assert lam.get_function_configuration(**named)["FunctionArn"] == f"{arn}:$LATEST", named
+        assert lam.get_function(**named)["Configuration"]["FunctionArn"] == f"{arn}:$LATEST", named
+    for named in ({"FunctionName": "echo"}, {"FunctionName": arn}):
+        assert lam.get_function_configuration(**named)["FunctionArn"] == arn, named
+        assert lam.get_function(**named)["Configuration"]["FunctionArn"] == arn, named
+    assert [f["FunctionArn"] for f in lam.list_functions()["Functions"]] == [arn]
+
+
 def test_code_sha256_is_the_codes_sha256_and_settings_do_not_change_it(daemon, lam):
     # Lambda's CodeSha256 is base64 SHA-256 of the code; a settings change
     # (memory, env) gives a new RevisionId and leaves CodeSha256 as it was.
