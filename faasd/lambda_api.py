@@ -119,7 +119,7 @@ def function_configuration(spec: FunctionSpec, region: str, python: str, version
         "Description": "",
         "Timeout": max(1, int(round(spec.timeout_s))),
         "MemorySize": spec.memory_mb,
-        "LastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(modified)),
+        "LastModified": lambda_time(modified),
         "CodeSha256": code_sha256(spec),
         "Version": "$LATEST",
         "Environment": {"Variables": dict(spec.env)},
@@ -173,7 +173,7 @@ def url_config(spec: FunctionSpec, region: str, base: str, auth: str | None) -> 
     AWS_IAM where a key guards it (SigV4 is accepted there) and NONE where it
     is public or, beyond what a Lambda URL can say, guarded by an authorizer
     function."""
-    modified = time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(_modified(spec)))
+    modified = lambda_time(_modified(spec))
     return {
         "FunctionUrl": f"{base}/function/{spec.name}/",
         "FunctionArn": function_arn(spec.name, region),
@@ -182,6 +182,12 @@ def url_config(spec: FunctionSpec, region: str, base: str, auth: str | None) -> 
         "LastModifiedTime": modified,
         "InvokeMode": "BUFFERED",
     }
+
+
+def lambda_time(when: float) -> str:
+    """A time as Lambda writes LastModified: UTC, to the millisecond, `+0000`."""
+    seconds, micros = divmod(round(when * 1_000_000), 1_000_000)  # whole microseconds: no float noise
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros // 1000:03d}+0000"
 
 
 def _modified(spec: FunctionSpec) -> float:

@@ -826,9 +826,10 @@ def test_last_modified_follows_the_newest_code_or_settings_file(daemon, lam):
     def last_modified(name: str) -> str:
         return lam.get_function(FunctionName=name)["Configuration"]["LastModified"]
 
-    def stamp(path: Path, when: int) -> str:
-        os.utime(path, (when, when))
-        return time.strftime("%Y-%m-%dT%H:%M:%S.000+0000", time.gmtime(when))
+    def stamp(path: Path, when: int, millis: int) -> str:
+        # To the millisecond, as Lambda writes it ("2019-10-01T16:47:28.490+0000").
+        os.utime(path, ns=((when * 1000 + millis) * 1_000_000,) * 2)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{millis:03d}+0000"
 
     hour = int(time.time()) + 3600
     write_function(daemon.functions, "dated.py", ECHO)
@@ -836,9 +837,9 @@ def test_last_modified_follows_the_newest_code_or_settings_file(daemon, lam):
     write_function(daemon.functions, "dateddir/handler.py", ECHO)
     write_function(daemon.functions, "dateddir/lib/util.py", "X = 1\n")
     wait_loaded(daemon, "dated", "dateddir")
-    expected = stamp(daemon.functions / "dated.toml", hour)  # a settings change is a change, as on Lambda
+    expected = stamp(daemon.functions / "dated.toml", hour, 490)  # a settings change is a change, as on Lambda
     wait_until(lambda: last_modified("dated") == expected, message="the settings' time")
-    expected = stamp(daemon.functions / "dateddir" / "lib" / "util.py", hour + 60)  # so is a nested file's
+    expected = stamp(daemon.functions / "dateddir" / "lib" / "util.py", hour + 60, 7)  # so is a nested file's
     wait_until(lambda: last_modified("dateddir") == expected, message="the nested file's time")
     assert lam.list_functions()["Functions"][0]["LastModified"]
 
