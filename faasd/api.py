@@ -18,6 +18,7 @@ from aiohttp import HttpVersion11, hdrs, web
 from . import __version__
 from .errors import FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
 from .lambda_api import is_lambda_api, not_implemented
+from .sigv4 import signed_for
 from .spec import new_request_id, valid_name
 from .triggers.http import (
     MalformedResponse, Route, RouteTable, build_event, build_response, error_response, failure_response,
@@ -197,9 +198,14 @@ def http_trigger_handler(daemon: "Daemon"):
         return await invoke(request, name, route_key, {"proxy": rest} if rest else None)
 
     async def by_route(request: web.Request) -> web.Response:
+        lambda_path = is_lambda_api(request.path)
+        if lambda_path and signed_for(request.headers, "lambda"):
+            # An AWS client's call of a Lambda operation faasd does not serve: never
+            # a function's, even where an http trigger's route (`/{path+}`) matches.
+            return not_implemented(request)
         found = routes.match(request.method, request.path)
         if found is None:
-            if is_lambda_api(request.path):
+            if lambda_path:
                 return not_implemented(request)
             return error_response(404, "Not Found")
         route, params = found

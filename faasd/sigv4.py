@@ -130,6 +130,21 @@ def _parse_authorization(header: str) -> dict[str, str]:
     return params
 
 
+def signed_for(headers: Any, service: str) -> bool:
+    """Whether the request carries a SigV4 Authorization scoped to `service`
+    (`Credential=KEY/DATE/REGION/SERVICE/aws4_request`): what an AWS client
+    sends, whether or not the signature holds."""
+    header = headers.get("Authorization") or ""
+    if not header.startswith(ALGORITHM + " "):
+        return False
+    try:
+        params = _parse_authorization(header)
+    except AuthError:
+        return False
+    scope = params["Credential"].split("/")
+    return len(scope) == 5 and scope[3] == service
+
+
 def _request_time(headers: Any) -> tuple[str, dt.datetime]:
     amz_date = headers.get("X-Amz-Date")
     if amz_date:

@@ -940,6 +940,31 @@ def test_lambda_operations_faasd_does_not_serve_say_so(daemon, lam):
     # A path outside the Lambda API that no route matches is still a plain 404.
     assert daemon.get("/nowhere/at/all").status == 404
 
+def test_an_unserved_operation_is_refused_even_where_a_catch_all_route_matches(daemon, lam):
+    # A function serving a whole site (`/{path+}`) never gets an AWS client's call
+    # of a Lambda operation faasd does not serve: boto3 would take its page for a
+    # success (get_alias answered with nothing) and the function would run for it.
+    write_function(daemon.functions, "site/function.toml", '[[triggers]]\ntype = "http"\npath = "/{path+}"\n')
+    write_function(daemon.functions, "site/handler.py", """
+def handler(event, context):
+    print("SITE", event["rawPath"])
+    return {"statusCode": 200, "headers": {"content-type": "text/html"}, "body": "<p>site</p>"}
+""")
+    wait_loaded(daemon, "site")
+    for call in (lambda: lam.get_alias(FunctionName="echo", Name="prod"),
+                 lambda: lam.list_event_source_mappings(),
+                 lambda: lam.get_provisioned_concurrency_config(FunctionName="echo", Qualifier="1"),
+                 lambda: lam.create_function(FunctionName="new", Role="arn:aws:iam::000000000000:role/r",
+                                             Code={"ZipFile": b"x"}, Runtime="python3.11", Handler="a.b")):
+        error = refused(call, "NotImplemented", 501, modeled=False)
+        assert "faasd does not implement" in error["Error"]["Message"]
+    assert "SITE" not in daemon.log_of("site")
+    # The site's own visitors, who sign nothing, still reach it on any path.
+    page = daemon.get("/2024-05-01/archive")
+    assert (page.status, page.body) == (200, b"<p>site</p>")
+    assert "SITE /2024-05-01/archive" in daemon.log_of("site")
+
+
 def test_inventory_operations_say_what_faasd_does(daemon, lam):
     write_function(daemon.functions, "limited.toml",
                    'concurrency = 3\n[async]\nmax_retries = 1\nmax_event_age_s = 600\n'
