@@ -299,6 +299,7 @@ TAGGABLE_RESOURCE = Constraint(
 NUMERIC_LATEST_PUBLISHED_OR_ALIAS_QUALIFIER = Constraint(
     "qualifier", r"\$(LATEST(\.PUBLISHED)?)|[a-zA-Z0-9-_$]+", 128)
 FUNCTION_URL_QUALIFIER = Constraint("qualifier", r"((?!^\d+$)^[0-9a-zA-Z-_]+$)", 128)
+TENANT_ID = Constraint("tenantId", r"[a-zA-Z0-9\._:\/=+\-@ ]+", 256)  # Invoke's X-Amz-Tenant-Id
 
 
 @dataclass(frozen=True)
@@ -388,21 +389,22 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
     limit = daemon.config.server.max_body_bytes
     python = daemon.pool.env.python
 
-    def target(request: web.Request, naming: Naming,
-               *enums: tuple[str, str, tuple[str, ...]]) -> tuple[FunctionSpec, str | None]:
+    def target(request: web.Request, naming: Naming, *enums: tuple[str, str, tuple[str, ...]],
+               trailing: list[Problem] | None = None) -> tuple[FunctionSpec, str | None]:
         """The function named, and the ARN it was invoked by when the caller
         named a qualifier (None: the function's own, unqualified ARN).
 
         First, as AWS's front end: ValidationFailed for every member outside
         Lambda's model (the name, the header `enums` given as enum_problems
-        takes them, the qualifier, in the model's order), before anything is
-        looked up. A name the model allows that names no function here is
-        FunctionNotFound."""
+        takes them, the qualifier, then the `trailing` members' problems, in the
+        model's order), before anything is looked up. A name the model allows
+        that names no function here is FunctionNotFound."""
         given = request.match_info["name"]
         queried = request.query.get("Qualifier", "") if naming.qualifier is not None else ""
         problems = naming.function.problems(given) + enum_problems(*enums)
         if queried and naming.qualifier is not None:
             problems += naming.qualifier.problems(queried)
+        problems += trailing or []
         if problems:
             raise ValidationFailed(*problems)
         if given.startswith("arn:") and ":function:" not in given:
@@ -430,8 +432,15 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         """The function, payload and headers of an Invoke-style request, checked
         as Lambda checks them before anything runs (InvokeRefused if wrong)."""
         log_type = request.headers.get("X-Amz-Log-Type", "None")
+        tenant = request.headers.get("X-Amz-Tenant-Id")
         spec, invoked_arn = target(request, QUALIFIED, ("invocationType", invocation_type, invocation_types),
-                                   ("logType", log_type, LOG_TYPES))
+                                   ("logType", log_type, LOG_TYPES),
+                                   trailing=TENANT_ID.problems(tenant) if tenant is not None else None)
+        if tenant is not None:
+            # Lambda's answer for a function without tenant isolation, as every
+            # function here is: never a call run in an environment other tenants share.
+            raise InvalidParameter(f"The function {spec.name} does not have tenant isolation enabled: "
+                                   "invoke it without a TenantId (faasd has no tenant isolation mode)")
         payload = await read_payload(request, invocation_type)
         return Call(spec, invoked_arn, payload, client_context(request), log_type == "Tail",
                     caller_trace_id(request.headers.get("X-Amzn-Trace-Id")))

@@ -553,6 +553,32 @@ def test_names_boto3_refuses_itself_are_validation_exceptions_over_http(daemon, 
     assert "Functions" in daemon.get("/2015-03-31/functions/").json()
 
 
+def test_a_tenant_id_is_refused_as_lambda_refuses_it_for_a_function_without_tenant_isolation(daemon, lam):
+    # faasd has no tenant isolation: a call that asks for it is refused, as Lambda
+    # refuses it for such a function, never run in an environment tenants share.
+    runs = daemon.log_of("echo").count("START RequestId")
+    for invocation_type in ("RequestResponse", "Event", "DryRun"):
+        error = refused(lambda: lam.invoke(FunctionName="echo", TenantId="blue", InvocationType=invocation_type),
+                        "InvalidParameterValueException", 400)
+        assert error["Error"]["Message"] == ("The function echo does not have tenant isolation enabled: invoke "
+                                             "it without a TenantId (faasd has no tenant isolation mode)")
+    refused(lambda: lam.invoke_with_response_stream(FunctionName="echo", TenantId="blue"),
+            "InvalidParameterValueException", 400)
+    refused(lambda: lam.invoke(FunctionName="ghost", TenantId="blue"), "ResourceNotFoundException", 404)
+    # One outside the model's shape is AWS's ValidationException, after the name's, in the model's order.
+    pattern, _ = model_constraint(lam, "Invoke", "TenantId")
+    name_pattern, _ = model_constraint(lam, "Invoke", "FunctionName")
+    error = refused(lambda: lam.invoke(FunctionName="no/such", TenantId="bad#"), "ValidationException", 400,
+                    modeled=False)
+    assert error["Error"]["Message"] == (
+        "2 validation errors detected: Value 'no/such' at 'functionName' failed to satisfy constraint: Member "
+        f"must satisfy regular expression pattern: {name_pattern}; Value 'bad#' at 'tenantId' failed to satisfy "
+        f"constraint: Member must satisfy regular expression pattern: {pattern}")
+    queue = daemon.function("echo")["queue"]
+    assert (queue["depth"], queue["running"], queue["succeeded"], queue["retried"]) == (0, 0, 0, 0)
+    assert daemon.log_of("echo").count("START RequestId") == runs
+
+
 def test_names_arns_and_the_latest_qualifier_reach_the_function(daemon, lam):
     for name in ("echo:$LATEST", "000000000000:function:echo",
                  "arn:aws:lambda:us-east-1:000000000000:function:echo",
