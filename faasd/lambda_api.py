@@ -138,6 +138,16 @@ def function_configuration(spec: FunctionSpec, region: str, python: str, version
     return config
 
 
+# What ListFunctions leaves out of each FunctionConfiguration: GetFunction's to tell.
+NOT_LISTED = frozenset(("State", "StateReason", "StateReasonCode", "LastUpdateStatus", "LastUpdateStatusReason",
+                        "LastUpdateStatusReasonCode", "RuntimeVersionConfig"))
+
+
+def listed(config: dict[str, Any]) -> dict[str, Any]:
+    """A FunctionConfiguration as ListFunctions gives it: without its state."""
+    return {key: value for key, value in config.items() if key not in NOT_LISTED}
+
+
 def logging_config(spec: FunctionSpec) -> dict[str, str]:
     """Lambda's LoggingConfig: the levels only with JSON logs, as Lambda reports them."""
     config = {"LogFormat": spec.log_format}
@@ -557,7 +567,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         page = [specs[name] for name in names[start:start + count]]
         # Off the event loop: the configuration walks (and, once per revision,
         # hashes) each function's files.
-        configs = await asyncio.to_thread(lambda: [configuration(s) for s in page])
+        configs = await asyncio.to_thread(lambda: [listed(configuration(s)) for s in page])
         body: dict[str, Any] = {"Functions": configs}
         if start + count < len(names):
             body["NextMarker"] = names[start + count]
