@@ -78,6 +78,7 @@ LOG_TYPES = ("None", "Tail")
 INVOCATION_TYPES = ("Event", "RequestResponse", "DryRun")
 STREAM_INVOCATION_TYPES = ("RequestResponse", "DryRun")  # InvokeWithResponseStream has no Event
 MAX_LIST_ITEMS = 10000  # ListFunctions' MaxItems: 1 to 10000
+LIST_PAGE = 50  # but "ListFunctions returns a maximum of 50 items in each response"
 # A route's function name: any path segment, an empty one or one with braces
 # too, so that a name outside Lambda's model gets its ValidationException,
 # not an unknown operation's answer.
@@ -561,6 +562,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             bound = ("greater than or equal to 1" if count < 1
                      else f"less than or equal to {MAX_LIST_ITEMS}")
             return service_error(ValidationFailed(("maxItems", str(count), f"Member must have value {bound}")))
+        count = min(count, LIST_PAGE)  # past it, as Lambda: the page still ends at 50, with a NextMarker
         names = sorted(daemon.registry.specs)
         start = bisect.bisect_left(names, marker)
         specs = daemon.registry.specs

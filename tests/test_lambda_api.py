@@ -1107,6 +1107,22 @@ def test_list_functions_pages_through_every_function(daemon, lam):
     assert {k: v for k, v in config.items() if k not in ("ResponseMetadata", "State", "LastUpdateStatus")} == echo
 
 
+def test_list_functions_gives_at_most_50_a_page_whatever_max_items_says(daemon, lam):
+    # As Lambda: a client that asks for more and reads one page sees 50 here too,
+    # not every function, and pages on with NextMarker.
+    names = [f"f{index:02d}" for index in range(55)]
+    for name in names:
+        write_function(daemon.functions, f"{name}.py", ECHO)
+    wait_loaded(daemon, *names)
+    first = lam.list_functions(MaxItems=1000)
+    assert [f["FunctionName"] for f in first["Functions"]] == ["echo", *names[:49]]
+    second = lam.list_functions(MaxItems=1000, Marker=first["NextMarker"])
+    assert [f["FunctionName"] for f in second["Functions"]] == names[49:] and "NextMarker" not in second
+    assert len(lam.list_functions()["Functions"]) == 50
+    pages = list(lam.get_paginator("list_functions").paginate(PaginationConfig={"PageSize": 100}))
+    assert [len(page["Functions"]) for page in pages] == [50, 6]
+
+
 def test_list_functions_pages_stay_whole_while_functions_come_and_go(daemon, lam):
     # A page's NextMarker holds its place whatever changes before it: a function
     # removed or added between two pages neither hides nor repeats another.
