@@ -312,7 +312,8 @@ def routes(daemon: "Daemon", activity: Activity, ring: LogRing):
         limit = daemon.config.server.max_body_bytes
         try:
             payload = await read_body(request, limit)
-        except InvokeRefused as exc:  # too large (413), or sent too slowly (408)
+        except InvokeRefused as exc:  # too large (413); a body sent too slowly raises
+            # web.HTTPRequestTimeout (408), answered as it is through the middleware
             return _error(exc.status, exc.message)
         payload = payload.strip() or b"{}"
         try:
