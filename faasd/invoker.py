@@ -19,8 +19,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, NoReturn
 
+import orjson
+
 from .errors import INIT, FunctionError, FunctionNotFound, ShuttingDown, Throttled
-from .logs import FunctionLogs, LogCapture
+from .logs import FunctionLogs, LogCapture, iso_now
 from .platform_log import billed_ms, json_platform_log
 from .protocol import error_log_record
 from .pool import WorkerPool
@@ -290,15 +292,16 @@ class Invoker:
         error = invocation.error
         assert error is not None and error.kind == INIT
         capture.logged(init_logs)
+        # The runtime logs the error while it initialises (awslambdaric's log_error, then
+        # its post_init_error); Lambda reports the init once its phase has ended.
+        runtime_lines = self._init_error_lines(spec, error, invocation.request_id)
         platform = json_platform_log(spec)
         if platform is not None:
-            capture(*platform.init_failed(invocation), *platform.start(invocation.request_id),
-                    *platform.done(invocation))
+            capture(*runtime_lines, *platform.init_report(invocation),
+                    *platform.start(invocation.request_id), *platform.done(invocation))
             invocation.log_lines = capture.lines
             return
-        # The runtime logs the error while it initialises (awslambdaric's log_error, then
-        # its post_init_error); Lambda writes INIT_REPORT once the init phase has ended.
-        capture(self._init_error_record(spec, error))
+        capture(*runtime_lines)
         capture(f"INIT_REPORT Init Duration: {invocation.init_ms or 0:.2f} ms\tPhase: init\t"
                 f"Status: error\tError Type: {error.error_type}")
         capture(f"START RequestId: {invocation.request_id} Version: $LATEST")
@@ -307,12 +310,29 @@ class Invoker:
         invocation.log_lines = capture.lines
 
     @staticmethod
-    def _init_error_record(spec: FunctionSpec, error: FunctionError) -> str:
-        if spec.runtime == "python" and error.document is not None:
+    def _init_error_lines(spec: FunctionSpec, error: FunctionError, request_id: str) -> list[str]:
+        """What the runtime logs of its failed init, in the function's log format."""
+        python = spec.runtime == "python" and error.document is not None
+        if spec.log_format == "JSON":
+            if spec.application_log_level == "FATAL":
+                return []  # the one level that leaves an ERROR record out
+            if python:
+                # awslambdaric's log_error in JSON: its error document after a timestamp
+                # (to the second) and the level. make_error gives an init error no request
+                # id: "requestId": "" (the invocation's id is not known during init).
+                return [orjson.dumps({
+                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "ERROR",
+                    "errorMessage": error.message, "errorType": error.error_type, "requestId": "",
+                    "stackTrace": error.stack_trace}).decode()]
+            return [orjson.dumps({
+                "timestamp": iso_now(), "level": "ERROR", "errorMessage": error.message,
+                "errorType": error.error_type, "requestId": request_id,
+                "stackTrace": error.stack_trace}).decode()]
+        if python:
             # An error the Python runtime reports itself (or that the daemon's look at
             # the code found first): logged as awslambdaric logs the init errors it catches.
-            return error_log_record(error.error_type, error.message, error.stack_trace)
-        return f"[ERROR] {error.error_type}: {error.message}"
+            return [error_log_record(error.error_type, error.message, error.stack_trace)]
+        return [f"[ERROR] {error.error_type}: {error.message}"]
 
     @staticmethod
     def _report(spec: FunctionSpec, invocation: Invocation, status: str | None = None) -> str:

@@ -63,24 +63,17 @@ class JsonPlatformLog:
             "runtimeVersion": runtime_version, "runtimeVersionArn": runtime_version_arn,
             "functionName": self.spec.name, "functionVersion": "$LATEST"})]
 
-    def init_failed(self, invocation: Invocation) -> list[str]:
-        """A failed init: the error as the runtimes log one (at ERROR, which every
-        application log level but FATAL lets through), then its report. The runtime
-        logs the error during init; the platform reports once init has ended."""
+    def init_report(self, invocation: Invocation) -> list[str]:
+        """A failed init's report, once the init phase has ended (the runtime has
+        logged the error by then: faasd/invoker.py's _init_error_lines)."""
         error = invocation.error
         assert error is not None
-        lines = []
-        if self.spec.application_log_level != "FATAL":
-            lines.append(orjson.dumps({
-                "timestamp": iso_now(), "level": "ERROR", "errorMessage": error.message,
-                "errorType": error.error_type, "requestId": invocation.request_id,
-                "stackTrace": error.stack_trace}).decode())
-        if self.level <= INFO:
-            lines.append(_record("platform.initReport", {
-                "initializationType": "on-demand", "phase": "init", "status": "error",
-                "errorType": error.error_type,
-                "metrics": {"durationMs": round(invocation.init_ms or 0, 3)}}))
-        return lines
+        if self.level > INFO:
+            return []
+        return [_record("platform.initReport", {
+            "initializationType": "on-demand", "phase": "init", "status": "error",
+            "errorType": error.error_type,
+            "metrics": {"durationMs": round(invocation.init_ms or 0, 3)}})]
 
     def start(self, request_id: str) -> list[str]:
         if self.level > INFO:

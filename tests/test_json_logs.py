@@ -239,9 +239,33 @@ def test_a_timeout_and_a_failed_init_are_reported_in_json(daemon):
     error, init_report, _, report = records(texts)
     assert init_report["record"]["status"] == "error"
     assert init_report["record"]["errorType"] == "Runtime.UserCodeSyntaxError"
-    assert error["errorType"] == "Runtime.UserCodeSyntaxError" and error["requestId"] == request_id
+    assert error["errorType"] == "Runtime.UserCodeSyntaxError" and error["requestId"] == ""
     assert report["record"]["status"] == "error"
     assert report["record"]["errorType"] == "Runtime.UserCodeSyntaxError"
+
+
+INIT_ERRORS = {
+    # One the daemon finds before any worker starts, and one a worker reports.
+    "syntax": "def handler(event, context)\n    return 1\n",
+    "import": "raise KeyError('missing at import')\ndef handler(event, context):\n    return 1\n",
+}
+
+
+@pytest.mark.parametrize("where", list(INIT_ERRORS))
+def test_a_python_init_errors_record_is_awslambdarics_with_no_request_id(daemon, where):
+    # awslambdaric logs an init error's document as it posts it (log_error, after a
+    # timestamp to the second and the level), and make_error gives it no request id.
+    write_function(daemon.functions, "unready.py", INIT_ERRORS[where])
+    write_function(daemon.functions, "unready.toml", 'log_format = "JSON"\n')
+    loaded(daemon, "unready")
+    response = daemon.invoke("unready", {})
+    document = response.json()
+    request_id = response.headers["x-amzn-requestid"]
+    wait_report(daemon, "unready", request_id)
+    error = next(r for r in records(request_lines(daemon, "unready", request_id)) if r.get("level") == "ERROR")
+    assert list(error) == ["timestamp", "level", "errorMessage", "errorType", "requestId", "stackTrace"]
+    assert ISO_SECONDS.fullmatch(error.pop("timestamp")) and error.pop("level") == "ERROR"
+    assert error == document and error["requestId"] == "", (error, document)
 
 
 def test_get_function_reports_the_logging_config_boto3_parses(daemon):
