@@ -27,10 +27,24 @@ from .platform_log import billed_ms, json_platform_log
 from .protocol import error_log_record
 from .pool import WorkerPool
 from .registry import Registry
+from .sandbox import SETUP_ERROR
 from .spec import FunctionSpec, new_request_id
 from .workers import HostShortage, Worker, WorkerInitError
 
 log = logging.getLogger("faasd.invoker")
+
+# What awslambdaric (3.1.1 and later) logs through `logging.warning` before the record
+# of an init error it caught (lambda_literals.lambda_unhandled_exception_warning_message,
+# its \r included); not before a handler's error, nor does Node's runtime log it.
+UNHANDLED_WARNING = (
+    "LAMBDA_WARNING: Unhandled exception. The most likely cause is an issue in the function code. "
+    "However, in rare cases, a Lambda runtime update can cause unexpected function behavior. "
+    "For functions using managed runtimes, runtime updates can be triggered by a function change, "
+    "or can be applied automatically. To determine if the runtime has been updated, check the "
+    "runtime version in the INIT_START log entry. If this error correlates with a change in the "
+    "runtime version, you may be able to mitigate this error by temporarily rolling back to the "
+    "previous runtime version. For more information, see "
+    "https://docs.aws.amazon.com/lambda/latest/dg/runtimes-update.html\r")
 
 
 class Limiter:
@@ -313,25 +327,40 @@ class Invoker:
     def _init_error_lines(spec: FunctionSpec, error: FunctionError, request_id: str) -> list[str]:
         """What the runtime logs of its failed init, in the function's log format."""
         python = spec.runtime == "python" and error.document is not None
+        # awslambdaric warns of an error it caught in its init (not of one faasd's
+        # sandbox reports: that is no error of the code), at WARNING on the root logger.
+        warns = python and error.error_type != SETUP_ERROR
         if spec.log_format == "JSON":
-            if spec.application_log_level == "FATAL":
+            level = spec.application_log_level
+            if level == "FATAL":
                 return []  # the one level that leaves an ERROR record out
             if python:
-                # awslambdaric's log_error in JSON: its error document after a timestamp
-                # (to the second) and the level. make_error gives an init error no request
-                # id: "requestId": "" (the invocation's id is not known during init).
-                return [orjson.dumps({
-                    "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "level": "ERROR",
+                seconds = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # awslambdaric's stamp
+                lines = []
+                if warns and level != "ERROR":
+                    # As its JsonFormatter writes a `logging.warning` of the root logger.
+                    lines.append(orjson.dumps({
+                        "timestamp": seconds, "level": "WARNING", "message": UNHANDLED_WARNING,
+                        "logger": "root", "requestId": ""}).decode())
+                # awslambdaric's log_error in JSON: its error document after the timestamp
+                # and the level. make_error gives an init error no request id:
+                # "requestId": "" (the invocation's id is not known during init).
+                lines.append(orjson.dumps({
+                    "timestamp": seconds, "level": "ERROR",
                     "errorMessage": error.message, "errorType": error.error_type, "requestId": "",
-                    "stackTrace": error.stack_trace}).decode()]
+                    "stackTrace": error.stack_trace}).decode())
+                return lines
             return [orjson.dumps({
                 "timestamp": iso_now(), "level": "ERROR", "errorMessage": error.message,
                 "errorType": error.error_type, "requestId": request_id,
                 "stackTrace": error.stack_trace}).decode()]
         if python:
             # An error the Python runtime reports itself (or that the daemon's look at
-            # the code found first): logged as awslambdaric logs the init errors it catches.
-            return [error_log_record(error.error_type, error.message, error.stack_trace)]
+            # the code found first): logged as awslambdaric logs the init errors it catches,
+            # after its warning in Lambda's Text format for `logging` (the root logger is at
+            # WARNING in Text logs; the request id is empty during init).
+            record = error_log_record(error.error_type, error.message, error.stack_trace)
+            return [f"[WARNING]\t{iso_now()}\t\t{UNHANDLED_WARNING}", record] if warns else [record]
         return [f"[ERROR] {error.error_type}: {error.message}"]
 
     @staticmethod

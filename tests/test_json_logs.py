@@ -133,6 +133,7 @@ def test_a_python_function_logs_lambdas_json_records_and_platform_events(daemon)
     assert ISO_SECONDS.fullmatch(error["timestamp"])
     assert error["errorMessage"] == "the input was not what I wanted" and error["requestId"] == failed_id
     assert any("raise ValueError" in frame for frame in error["stackTrace"])
+    assert not any("LAMBDA_WARNING" in text for text in texts)  # awslambdaric warns at init only
     report, = platform(texts, "platform.report")
     assert report["record"]["status"] == "error" and report["record"]["errorType"] == "ValueError"
     assert "initDurationMs" not in report["record"]["metrics"]  # a warm call
@@ -235,8 +236,8 @@ def test_a_timeout_and_a_failed_init_are_reported_in_json(daemon):
     texts = request_lines(daemon, "broken", request_id)
     # The runtime logs the error during init; the platform reports the init once it ended.
     assert [r.get("type", r.get("level")) for r in records(texts)] == [
-        "ERROR", "platform.initReport", "platform.start", "platform.report"]
-    error, init_report, _, report = records(texts)
+        "WARNING", "ERROR", "platform.initReport", "platform.start", "platform.report"]
+    _, error, init_report, _, report = records(texts)
     assert init_report["record"]["status"] == "error"
     assert init_report["record"]["errorType"] == "Runtime.UserCodeSyntaxError"
     assert error["errorType"] == "Runtime.UserCodeSyntaxError" and error["requestId"] == ""
@@ -266,6 +267,32 @@ def test_a_python_init_errors_record_is_awslambdarics_with_no_request_id(daemon,
     assert list(error) == ["timestamp", "level", "errorMessage", "errorType", "requestId", "stackTrace"]
     assert ISO_SECONDS.fullmatch(error.pop("timestamp")) and error.pop("level") == "ERROR"
     assert error == document and error["requestId"] == "", (error, document)
+
+
+@pytest.mark.parametrize("level", ["INFO", "WARN", "ERROR"])
+@pytest.mark.parametrize("where", list(INIT_ERRORS))
+def test_a_python_init_error_is_warned_of_at_warning_level_first(daemon, where, level):
+    # awslambdaric (3.1.1 on) logs lambda_unhandled_exception_warning_message with
+    # logging.warning before an init error's record: a JSON record of the root logger,
+    # which an application log level above WARN leaves out.
+    from awslambdaric.lambda_literals import lambda_unhandled_exception_warning_message
+
+    write_function(daemon.functions, "unready.py", INIT_ERRORS[where])
+    write_function(daemon.functions, "unready.toml",
+                   f'log_format = "JSON"\napplication_log_level = "{level}"\n')
+    loaded(daemon, "unready")
+    request_id = daemon.invoke("unready", {}).headers["x-amzn-requestid"]
+    wait_report(daemon, "unready", request_id)
+    found = records(request_lines(daemon, "unready", request_id))
+    kinds = [r.get("type", r.get("level")) for r in found]
+    warned = ["WARNING"] if level != "ERROR" else []
+    assert kinds == [*warned, "ERROR", "platform.initReport", "platform.start", "platform.report"], kinds
+    if warned:
+        warning = found[0]
+        assert list(warning) == ["timestamp", "level", "message", "logger", "requestId"]
+        assert ISO_SECONDS.fullmatch(warning["timestamp"])
+        assert warning["message"] == lambda_unhandled_exception_warning_message
+        assert (warning["logger"], warning["requestId"]) == ("root", "")
 
 
 def test_get_function_reports_the_logging_config_boto3_parses(daemon):

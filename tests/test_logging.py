@@ -405,6 +405,18 @@ def test_a_python_error_is_logged_as_awslambdarics_one_record(daemon, where):
     assert record.startswith(f"[ERROR] {error_type}: ") and "\rTraceback (most recent call last):" in record
     assert ("\r\u00a0\u00a0File " in record) == bool(error["stackTrace"]), record
     assert "Traceback" not in "\n".join(line for line in tail if line != record), tail
+    # awslambdaric warns of an unhandled exception before an init error's record only.
+    warnings = [line for line in tail if "LAMBDA_WARNING" in line]
+    assert warnings == ([] if where == "invoke" else [tail[tail.index(record) - 1]]), tail
+
+
+def awslambdaric_warning() -> re.Pattern:
+    """The line awslambdaric's `logging.warning(lambda_unhandled_exception_warning_message)`
+    writes at init in Text logs: level, time, an empty request id, the message (its \\r too)."""
+    from awslambdaric.lambda_literals import lambda_unhandled_exception_warning_message
+
+    return re.compile(r"\[WARNING\]\t\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\t\t"
+                      + re.escape(lambda_unhandled_exception_warning_message))
 
 
 @pytest.mark.parametrize("where", ["init", "import", "syntax"])
@@ -419,17 +431,33 @@ def test_a_failed_inits_error_record_comes_before_init_report(daemon, where):
     request_id = response.headers["x-amzn-requestid"]
     assert response.json()["errorType"] == error_type
     tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
-    kinds = [line.split(" ", 1)[0] for line in tail if line]
+    kinds = [re.split(r"[ \t]", line, maxsplit=1)[0] for line in tail if line]
     # A syntax error the daemon finds before starting a worker has no INIT_START, nor prints.
     before = ["INIT_START", "printed"] if where != "syntax" else []
-    start = kinds.index(before[0] if before else "[ERROR]")
-    assert kinds[start:] == [*before, "[ERROR]", "INIT_REPORT", "START", "END", "REPORT"], tail
+    start = kinds.index(before[0] if before else "[WARNING]")
+    assert kinds[start:] == [*before, "[WARNING]", "[ERROR]", "INIT_REPORT", "START", "END", "REPORT"], tail
+    assert awslambdaric_warning().fullmatch(tail[kinds.index("[WARNING]")]), tail
     assert tail[kinds.index("INIT_REPORT")].startswith("INIT_REPORT Init Duration: ")
     assert tail[kinds.index("INIT_REPORT")].endswith(f"Phase: init\tStatus: error\tError Type: {error_type}")
     # The function's log file has them in the same order.
     wait_until(lambda: f"REPORT RequestId: {request_id}" in daemon.log_of("broken"), message="the REPORT")
     logged = daemon.log_of("broken")
-    assert logged.index(f"[ERROR] {error_type}: ") < logged.index("INIT_REPORT Init Duration: "), logged
+    assert logged.index("LAMBDA_WARNING") < logged.index(f"[ERROR] {error_type}: ") < logged.index(
+        "INIT_REPORT Init Duration: "), logged
+
+
+def test_nodes_runtime_logs_no_unhandled_exception_warning(daemon):
+    # Lambda's Node.js runtime logs an init error ("Init Error") and a handler's ("Invoke
+    # Error") with no LAMBDA_WARNING before them: only awslambdaric has one.
+    write_function(daemon.functions, "nodeinit.js", "throw new Error('at load');\n")
+    write_function(daemon.functions, "nodecall.js",
+                   "exports.handler = async () => { throw new Error('in the call'); };\n")
+    for name in ("nodeinit", "nodecall"):
+        loaded(daemon, name)
+        response = daemon.invoke(name, **{"X-Amz-Log-Type": "Tail"})
+        assert response.headers["x-amz-function-error"] == "Unhandled", response.text
+        tail = base64.b64decode(response.headers["x-amz-log-result"]).decode()
+        assert "Error: " in tail and "LAMBDA_WARNING" not in tail, tail
 
 
 def test_a_python_errors_multi_line_message_stays_one_record(daemon):
