@@ -23,7 +23,7 @@ import orjson
 
 from .errors import INIT, FunctionError, FunctionNotFound, ShuttingDown, Throttled
 from .logs import FunctionLogs, LogCapture, iso_now
-from .platform_log import billed_ms, json_platform_log
+from .platform_log import billed_ms, init_start_lines, json_platform_log
 from .protocol import error_log_record
 from .pool import WorkerPool
 from .registry import Registry
@@ -252,7 +252,13 @@ class Invoker:
         invocation = Invocation(request_id=request_id, function=spec.name)
         if spec.load_error:
             invocation.error = FunctionError.from_load_error(spec.load_error, spec.runtime, spec.load_trace)
-            self._log_failed_init(capture, invocation, spec, [])
+            # Found before any worker started: its init fails as a worker's would, and its
+            # log is the same, from Lambda's INIT_START (belonging to no invocation) on.
+            env = self.pool.env
+            init_start = init_start_lines(spec, env.region, env.python)
+            for line in init_start:
+                self.logs.write_idle(spec.name, line)
+            self._log_failed_init(capture, invocation, spec, init_start)
             return invocation
         pool = self.pool.get(spec)
         try:

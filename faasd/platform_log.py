@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from .logs import iso_now
+from .spec import runtime_version
 
 if TYPE_CHECKING:
     from .invoker import Invocation
@@ -113,3 +114,14 @@ class JsonPlatformLog:
 def json_platform_log(spec: FunctionSpec) -> JsonPlatformLog | None:
     """The JSON records for a function with JSON logs; None for Text (the lines stay as they are)."""
     return JsonPlatformLog(spec) if spec.log_format == "JSON" else None
+
+
+def init_start_lines(spec: FunctionSpec, region: str, python: str) -> list[str]:
+    """Lambda's first line of a new execution environment, whatever its init comes to:
+    INIT_START with the runtime version it runs, or in JSON its platform.initStart record
+    (none where the system log level leaves it out). `python`: the Python workers' interpreter."""
+    version, arn = runtime_version(spec.runtime, region, python)
+    platform = json_platform_log(spec)
+    if platform is None:
+        return [f"INIT_START Runtime Version: {version}\tRuntime Version ARN: {arn}"]
+    return platform.init_start(version, arn)

@@ -38,12 +38,12 @@ from .errors import CRASH, HANDLED, INIT, OUT_OF_MEMORY, TIMEOUT, FunctionError,
 from .limits import (
     MB, MemoryLimits, ProcessTree, WorkerCgroup, process_cpu_ms, remove_when_empty, rss_bytes,
 )
-from .platform_log import json_platform_log
+from .platform_log import init_start_lines
 from .sandbox import (
     EXEC_FAILED, EXEC_FAILED_STATUS, PLAN_ENV, SETUP_ERROR, FunctionUsers, MountNamespace, Sandbox,
     SandboxError, WorkerPlan, join_cgroups_of, parent_moves, private_tmpfs_usage, read_pids,
 )
-from .spec import DEFAULT_REGION, FunctionSpec, function_arn, python_interpreter, runtime_id, runtime_version
+from .spec import DEFAULT_REGION, FunctionSpec, function_arn, python_interpreter, runtime_id
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 
 log = logging.getLogger("faasd.worker")
@@ -737,13 +737,8 @@ class ProcessWorker(Worker):
 
     def _log_init_start(self) -> None:
         """Lambda's first line of a new execution environment: the runtime version it runs."""
-        version, arn = runtime_version(self.spec.runtime, self.env.region, self.env.python)
-        platform = json_platform_log(self.spec)
-        if platform is None:
-            self._log_init(f"INIT_START Runtime Version: {version}\tRuntime Version ARN: {arn}")
-        else:
-            for line in platform.init_start(version, arn):
-                self._log_init(line)
+        for line in init_start_lines(self.spec, self.env.region, self.env.python):
+            self._log_init(line)
 
     def _on_control_lost(self) -> None:
         # The process closed its socket: it exited or is about to. The pidfd

@@ -4,6 +4,7 @@ read back as a user reads them (`faasd logs`, the logs API, GetFunction)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -293,6 +294,27 @@ def test_a_python_init_error_is_warned_of_at_warning_level_first(daemon, where, 
         assert ISO_SECONDS.fullmatch(warning["timestamp"])
         assert warning["message"] == lambda_unhandled_exception_warning_message
         assert (warning["logger"], warning["requestId"]) == ("root", "")
+
+
+@pytest.mark.parametrize("where", list(INIT_ERRORS))
+def test_a_failed_inits_json_log_starts_with_init_start_wherever_it_was_found(daemon, where):
+    # A syntax error the daemon finds before starting a worker logs as a worker's failed
+    # init does: platform.initStart (no invocation's: request id `-`) first, in the tail too.
+    write_function(daemon.functions, "unready.py", INIT_ERRORS[where])
+    write_function(daemon.functions, "unready.toml", 'log_format = "JSON"\n')
+    loaded(daemon, "unready")
+    response = daemon.invoke("unready", {}, **{"X-Amz-Log-Type": "Tail"})
+    request_id = response.headers["x-amzn-requestid"]
+    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
+    expected = ["platform.initStart", "WARNING", "ERROR", "platform.initReport", "platform.start",
+                "platform.report"]
+    assert [r.get("type", r.get("level")) for r in records(tail)] == expected, tail
+    wait_report(daemon, "unready", request_id)
+    lines = daemon.log_of("unready").splitlines()
+    init_start, = platform(texts_of(lines, "-"), "platform.initStart")
+    assert init_start["record"]["functionName"] == "unready"
+    assert init_start["record"]["runtimeVersion"].startswith("python3.")
+    assert [r.get("type", r.get("level")) for r in records(texts_of(lines, request_id))] == expected[1:]
 
 
 def test_get_function_reports_the_logging_config_boto3_parses(daemon):

@@ -432,10 +432,9 @@ def test_a_failed_inits_error_record_comes_before_init_report(daemon, where):
     assert response.json()["errorType"] == error_type
     tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
     kinds = [re.split(r"[ \t]", line, maxsplit=1)[0] for line in tail if line]
-    # A syntax error the daemon finds before starting a worker has no INIT_START, nor prints.
-    before = ["INIT_START", "printed"] if where != "syntax" else []
-    start = kinds.index(before[0] if before else "[WARNING]")
-    assert kinds[start:] == [*before, "[WARNING]", "[ERROR]", "INIT_REPORT", "START", "END", "REPORT"], tail
+    # A syntax error the daemon finds before starting a worker has INIT_START too, but no prints.
+    before = ["INIT_START", "printed"] if where != "syntax" else ["INIT_START"]
+    assert kinds == [*before, "[WARNING]", "[ERROR]", "INIT_REPORT", "START", "END", "REPORT"], tail
     assert awslambdaric_warning().fullmatch(tail[kinds.index("[WARNING]")]), tail
     assert tail[kinds.index("INIT_REPORT")].startswith("INIT_REPORT Init Duration: ")
     assert tail[kinds.index("INIT_REPORT")].endswith(f"Phase: init\tStatus: error\tError Type: {error_type}")
@@ -444,6 +443,24 @@ def test_a_failed_inits_error_record_comes_before_init_report(daemon, where):
     logged = daemon.log_of("broken")
     assert logged.index("LAMBDA_WARNING") < logged.index(f"[ERROR] {error_type}: ") < logged.index(
         "INIT_REPORT Init Duration: "), logged
+    # INIT_START belongs to no invocation, as a worker's: `-` for a request id.
+    [init_start] = [line for line in logged.split("\n") if "\tINIT_START " in line]
+    assert init_start.split("\t")[1] == "-" and logged.index(init_start) < logged.index("LAMBDA_WARNING")
+
+
+def test_a_function_that_cannot_load_logs_a_failed_init_from_init_start(daemon):
+    # A setting faasd refuses at load fails the init as the code's errors do: the same
+    # lines, INIT_START first (no awslambdaric warning: no runtime caught it).
+    write_function(daemon.functions, "misset.py", "def handler(event, context):\n    return 1\n")
+    write_function(daemon.functions, "misset.toml", 'timeout_s = "soon"\n')
+    loaded(daemon, "misset")
+    response = daemon.invoke("misset", **{"X-Amz-Log-Type": "Tail"})
+    assert response.json()["errorType"] == "Runtime.InvalidConfiguration", response.text
+    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
+    kinds = [line.split(" ", 1)[0] for line in tail if line]
+    assert kinds == ["INIT_START", "[ERROR]", "INIT_REPORT", "START", "END", "REPORT"], tail
+    runtime = daemon.get("/2015-03-31/functions/misset").json()["Configuration"]["Runtime"]
+    assert tail[0].startswith(f"INIT_START Runtime Version: {runtime}:faasd-{faasd.__version__}\t"), tail
 
 
 def test_nodes_runtime_logs_no_unhandled_exception_warning(daemon):
