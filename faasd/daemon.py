@@ -233,10 +233,10 @@ class Daemon:
             log.warning("%s, but no [auth] keys guard the API, which function code can reach too: "
                         "any function can read another's [env] (GetFunction), invoke it and read "
                         "its logs (/system); set [auth] keys to keep functions' secrets apart", apart)
-        missing = [f"{name} ({entry['note']})" for name, entry in self.isolation.items()
-                   if not entry["active"] and name not in NOT_ISOLATION_GAPS]
-        if missing:
-            log.warning("isolation not in use (details: GET /system/info): %s", "; ".join(missing))
+        # One line each: a note may hold its own "; ", and each gap has its own fix.
+        for name, entry in self.isolation.items():
+            if not entry["active"] and name not in NOT_ISOLATION_GAPS:
+                log.warning("isolation not in use: %s: %s", name, entry["note"])
 
         quiet = config.log.level in ("warning", "error")  # function lines are info
         self.logs = FunctionLogs(data / "logs", echo_format=None if quiet else config.log.format,
