@@ -318,7 +318,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .registry import scan
     from .sandbox import FunctionUsers, missing_python, unknown_run_as
-    from .spec import misnamed, shadowed
+    from .spec import functions_dir_problem, misnamed, shadowed
     from .triggers.http import claim, routes_of
 
     try:
@@ -333,8 +333,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"config: error: {problem}")
         return 1
     print(f"config: ok ({config.source or 'built-in defaults'})")
-    if not config.paths.functions.is_dir():
-        print(f"functions: error: {config.paths.functions} is not a directory")
+    problem = functions_dir_problem(config.paths.functions)
+    if problem:
+        print(f"functions: error: {problem}")
         return 1
     specs = scan(config.paths.functions, config.workers.python or sys.executable)
     # As the daemon starts: functions claim their routes in name order.

@@ -41,7 +41,8 @@ from .registry import Registry
 from .reload import ConfigLoader, ReloadHook, ReloadState, reload, status_line
 from .sandbox import FunctionUsers, Sandbox, missing_python, set_daemon_undumpable, unknown_run_as
 from .sdnotify import Notifier, listen_sockets
-from .spec import DEFAULT_REGION, FunctionSpec, InterpreterError, config_file_of, python_interpreter, runtime_id
+from .spec import (DEFAULT_REGION, FunctionSpec, InterpreterError, config_file_of, functions_dir_problem,
+                   python_interpreter, runtime_id, this_user)
 from .triggers.http import RouteTable
 from .ui import LogRing
 from .workers import HOST_SHORTAGES, Occasional, ReplyPoller, WorkerEnvironment, compile_shim
@@ -407,12 +408,22 @@ class Daemon:
         """Create a missing functions directory, as a first run needs; refuse (ConfigError,
         as `faasd check` words it) one whose parent is missing too: a mistyped path."""
         functions = self.config.paths.functions
-        if functions.is_dir():
-            return
-        if functions.exists() or not functions.parent.is_dir():
-            raise ConfigError(f"functions: {functions} is not a directory")
-        functions.mkdir()
-        log.info("created the functions directory %s", functions)
+        try:
+            missing = not functions.exists() and functions.parent.is_dir()
+        except OSError:  # a directory above it this user may not search: said below
+            missing = False
+        if missing:
+            try:
+                functions.mkdir()
+                log.info("created the functions directory %s", functions)
+            except OSError as exc:
+                raise ConfigError(f"functions: {functions} does not exist and cannot be created "
+                                  f"by {this_user()}, whom faasd runs as ({exc.strerror}): create "
+                                  "it, or set [paths] functions (or --functions) to the directory "
+                                  "that holds them") from None
+        problem = functions_dir_problem(functions)
+        if problem:
+            raise ConfigError(f"functions: {problem}")
 
     def _resolve_run_as(self) -> tuple[int, int] | None:
         name = self.config.workers.run_as

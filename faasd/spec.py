@@ -188,6 +188,35 @@ def _claims(functions_dir: Path) -> tuple[dict[str, Path], dict[str, str]]:
     return found, losers
 
 
+def this_user() -> str:
+    """`uid N (NAME)`: whom faasd runs as, for a message about what it may not read or write."""
+    uid = os.geteuid()
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def functions_dir_problem(functions_dir: Path) -> str | None:
+    """Why faasd cannot serve the functions in `functions_dir`, and the fix; None if it can.
+    `faasd check` prints it and `faasd serve` stops with it."""
+    elsewhere = "set [paths] functions (or --functions) to the directory that holds them"
+    try:
+        with os.scandir(functions_dir):
+            return None
+    except FileNotFoundError:
+        return f"{functions_dir} does not exist: create it, or {elsewhere}"
+    except NotADirectoryError:
+        return f"{functions_dir} is not a directory: {elsewhere}"
+    except PermissionError:
+        return (f"{functions_dir} cannot be read by {this_user()}, whom faasd runs as: make it "
+                f"and every directory above it readable by that user, or {elsewhere}")
+    except OSError as exc:
+        return f"{functions_dir} cannot be read: {exc.strerror}"
+
+
 def config_file_of(source: Path) -> Path | None:
     """The function's settings: `function.toml` in its directory, or the sidecar
     `NAME.toml` of a single file; None where there is none."""

@@ -1155,12 +1155,17 @@ def test_serve_refuses_a_functions_dir_whose_parent_is_missing_and_creates_a_mis
     refused = Daemon(functions=typo, data=tmp_path / "data", port=free_port()).start(wait=False)
     try:
         assert refused.process.wait(timeout=30) == 1
-        assert f"cannot start: functions: {typo} is not a directory" in refused.output()
+        assert (f"cannot start: functions: {typo} does not exist: create it, or set [paths] "
+                "functions (or --functions) to the directory that holds them") in refused.output()
         assert not (tmp_path / "no").exists()
     finally:
         refused.stop()
     check = run_cli("check", "--functions", str(typo))
-    assert check.returncode == 1 and f"functions: error: {typo} is not a directory" in check.stdout
+    assert check.returncode == 1 and f"functions: error: {typo} does not exist: create it" in check.stdout
+    afile = tmp_path / "functions.txt"
+    afile.write_text("")
+    check = run_cli("check", "--functions", str(afile))
+    assert check.returncode == 1 and f"functions: error: {afile} is not a directory: set [paths]" in check.stdout
     fresh = tmp_path / "fresh"
     daemon = Daemon(functions=fresh, data=tmp_path / "data", port=free_port()).start()
     try:

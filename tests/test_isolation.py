@@ -1585,10 +1585,8 @@ def test_an_unprivileged_daemon_serves_and_says_which_isolation_it_could_not_use
         for path in (home, *home.rglob("*")):
             os.chown(path, faasd_user.pw_uid, faasd_user.pw_gid)
         # Started from a working directory that user may not read, as `runuser` from /root is.
-        become = (f'cd /root && exec setpriv --reuid={faasd_user.pw_uid} --regid={faasd_user.pw_gid} '
-                  '--clear-groups -- "$@"')
         daemon = start_daemon(functions, data=data, python=unprivileged_install["FAASD_WORKERS_PYTHON"],
-                              prefix=["sh", "-c", become, "sh"], env=unprivileged_install)
+                              prefix=_as_user(faasd_user), env=unprivileged_install)
         status = Path(f"/proc/{daemon.process.pid}/status").read_text()
         assert f"Uid:\t{faasd_user.pw_uid}\t" in status
         response = daemon.invoke("hello")
@@ -1607,6 +1605,41 @@ def test_an_unprivileged_daemon_serves_and_says_which_isolation_it_could_not_use
                                     "api_closed_to_workers"}}
         assert missing, isolation
         assert sorted(said) == sorted(f"{name}: {isolation[name]['note']}" for name in missing), output
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _as_user(user: pwd.struct_passwd) -> list[str]:
+    """A prefix that runs a command as `user`, from a working directory it may not read."""
+    return ["sh", "-c", f'cd /root && exec setpriv --reuid={user.pw_uid} --regid={user.pw_gid} '
+                        '--clear-groups -- "$@"', "sh"]
+
+
+def test_functions_an_unprivileged_daemon_may_not_read_stop_serve_and_check_saying_how_to_fix_it(
+        start_daemon, faasd_user, unprivileged_install):
+    home = Path(tempfile.mkdtemp(prefix="faasd-unreadable-", dir="/tmp"))
+    try:
+        os.chmod(home, 0o755)
+        functions, data = home / "functions", home / "data"
+        write_function(functions, "hello.py", OK)
+        os.chmod(functions, 0o700)  # root's, as a copy made by root without care is
+        data.mkdir()
+        os.chown(data, faasd_user.pw_uid, faasd_user.pw_gid)
+        said = (f"{functions} cannot be read by uid {faasd_user.pw_uid} (faasd), whom "
+                "faasd runs as: make it and every directory above it readable by that user, or set "
+                "[paths] functions (or --functions) to the directory that holds them")
+        daemon = start_daemon(functions, data=data, wait=False, prefix=_as_user(faasd_user),
+                              python=unprivileged_install["FAASD_WORKERS_PYTHON"], env=unprivileged_install)
+        assert daemon.process.wait(timeout=30) == 1
+        assert f"cannot start: functions: {said}" in daemon.output(), daemon.output()
+        assert "Traceback" not in daemon.output()
+
+        check = _runs_as(faasd_user, [unprivileged_install["FAASD_WORKERS_PYTHON"], "-m", "faasd", "check",
+                                      "--functions", str(functions)],
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": unprivileged_install["PYTHONPATH"]},
+                         cwd="/")
+        assert check.returncode == 1 and f"functions: error: {said}" in check.stdout, check.stdout
+        assert "Traceback" not in check.stderr, check.stderr
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
