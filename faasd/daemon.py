@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -73,6 +74,48 @@ def check_address_free(host: str, port: int) -> None:
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {address[0]} port {address[1]}: "
                                          f"{exc.strerror}") from None
+
+
+# What faasd writes in its data dir: these directories and the files and
+# directories right in them (the function logs, the ledgers, dead letters).
+DATA_SUBDIRS = ("logs", "workers", "triggers", "dead-letter")
+
+
+def unwritable(data: Path) -> list[Path]:
+    """What in the data dir faasd's user may not write: the dir, its files and
+    DATA_SUBDIRS with their entries. Nothing on a read-only file system, which
+    the queue and logs handle as a disk that refuses writes."""
+    try:
+        if os.statvfs(data).f_flag & os.ST_RDONLY:
+            return []
+        entries = list(os.scandir(data))
+    except OSError:
+        return [data]
+    found = [data] if not os.access(data, os.W_OK | os.X_OK) else []
+    for entry in entries:
+        if entry.name in DATA_SUBDIRS:
+            try:
+                inner = [entry, *os.scandir(entry.path)]
+            except OSError:
+                inner = [entry]
+        elif entry.is_file(follow_symlinks=False):
+            inner = [entry]
+        else:
+            continue  # a file trigger's bucket, say: its function's, not faasd's
+        found += [Path(e.path) for e in inner if not os.access(e.path, os.W_OK, follow_symlinks=False)]
+    return found
+
+
+def _data_fix(data: Path) -> str:
+    uid = os.geteuid()
+    try:
+        owner = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        owner = str(uid)
+    mend = (f"give it the data dir (chown -R {owner}: {data})" if os.path.lexists(data) else
+            f"create the data dir for it (install -d -o {owner} {data})")
+    return (f"faasd runs as {this_user()}: {mend}, or set [paths] data (or --data-dir, "
+            "FAASD_PATHS_DATA) to a directory that user may write")
 
 
 class SettingsReadableWarning:
@@ -155,8 +198,7 @@ class Daemon:
         config = self.config
         data = config.paths.data
         self._functions_dir()
-        for sub in ("logs", "workers"):
-            (data / sub).mkdir(parents=True, exist_ok=True)
+        self._data_dir()
         # Tmp dirs of workers from a previous run that died with it.
         for stale in (data / "workers").iterdir():
             shutil.rmtree(stale, ignore_errors=True)
@@ -424,6 +466,26 @@ class Daemon:
         problem = functions_dir_problem(functions)
         if problem:
             raise ConfigError(f"functions: {problem}")
+
+    def _data_dir(self) -> None:
+        """Create the data dir with its logs/ and workers/; refuse (ConfigError, with the fix)
+        one this user may not write, such as one an earlier run as root left behind."""
+        data = self.config.paths.data
+        try:
+            for sub in ("logs", "workers"):
+                (data / sub).mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f"data: {data} is not a directory: set [paths] data (or --data-dir, "
+                              "FAASD_PATHS_DATA) to a directory faasd may write") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM):
+                raise  # a full or read-only disk: said as it is
+            raise ConfigError(f"data: cannot create {exc.filename or data} ({exc.strerror}); "
+                              f"{_data_fix(data)}") from None
+        refused = unwritable(data)
+        if refused:
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            raise ConfigError(f"data: {refused[0]}{more} cannot be written; {_data_fix(data)}")
 
     def _resolve_run_as(self) -> tuple[int, int] | None:
         name = self.config.workers.run_as

@@ -1146,6 +1146,22 @@ def test_cli_takes_config_after_the_command_as_well_as_before_it(start_daemon, f
     assert both.returncode == 0 and "echo" in both.stdout, both.stderr
 
 
+def test_serve_refuses_a_data_dir_that_is_a_file_saying_what_to_set(tmp_path):
+    from support import Daemon
+
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    afile = tmp_path / "data.txt"
+    afile.write_text("")
+    daemon = Daemon(functions=functions, data=afile, port=free_port()).start(wait=False)
+    try:
+        assert daemon.process.wait(timeout=30) == 1
+        assert (f"cannot start: data: {afile} is not a directory: set [paths] data (or --data-dir, "
+                "FAASD_PATHS_DATA) to a directory faasd may write") in daemon.output(), daemon.output()
+    finally:
+        daemon.stop()
+
+
 def test_serve_refuses_a_functions_dir_whose_parent_is_missing_and_creates_a_missing_leaf(tmp_path):
     """A mistyped --functions stops serve with the line `faasd check` prints; the directory
     itself, where its parent exists, is created as a first run needs, and said so."""

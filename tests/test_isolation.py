@@ -1644,6 +1644,49 @@ def test_functions_an_unprivileged_daemon_may_not_read_stop_serve_and_check_sayi
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_data_dir_an_unprivileged_daemon_may_not_write_stops_it_saying_how_to_fix_it(
+        start_daemon, faasd_user, unprivileged_install):
+    """A data dir a run as root left (its queue and logs root's), or one the user may not
+    create, is refused at start with the command that fixes it; given to the user, it serves."""
+    home = Path(tempfile.mkdtemp(prefix="faasd-data-", dir="/tmp"))
+    try:
+        os.chmod(home, 0o755)
+        functions, data = home / "functions", home / "data"
+        write_function(functions, "hello.py", OK)
+        root_run = start_daemon(functions, data=data)  # as root: its files are root's
+        assert root_run.invoke("hello").status == 200
+        assert root_run.stop() == 0
+        assert (data / "queue.db").stat().st_uid == 0
+        os.chmod(data, 0o777)  # the dir itself the user may write: its files still refuse it
+
+        def refused(data_dir: Path) -> str:
+            daemon = start_daemon(functions, data=data_dir, wait=False, prefix=_as_user(faasd_user),
+                                  python=unprivileged_install["FAASD_WORKERS_PYTHON"],
+                                  env=unprivileged_install)
+            assert daemon.process.wait(timeout=30) == 1, daemon.output()
+            assert "Traceback" not in daemon.output(), daemon.output()
+            return daemon.output()
+
+        user = f"uid {faasd_user.pw_uid} (faasd)"
+        output = refused(data)
+        assert re.search(rf"cannot start: data: {re.escape(str(data))}/\S+ \(and \d+ more\) cannot be "
+                         rf"written; faasd runs as {re.escape(user)}: give it the data dir "
+                         rf"\(chown -R faasd: {re.escape(str(data))}\), or set \[paths\] data", output), output
+
+        locked = home / "locked"
+        locked.mkdir(mode=0o755)  # root's: the user cannot create its data dir in it
+        output = refused(locked / "data")
+        assert (f"cannot start: data: cannot create {locked / 'data'} (Permission denied); faasd runs "
+                f"as {user}: create the data dir for it (install -d -o faasd {locked / 'data'})") in output
+
+        subprocess.run(["chown", "-R", "faasd:", str(data)], check=True)
+        daemon = start_daemon(functions, data=data, prefix=_as_user(faasd_user),
+                              python=unprivileged_install["FAASD_WORKERS_PYTHON"], env=unprivileged_install)
+        assert daemon.invoke("hello").json() == {"ok": True}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 # -- the worker half alone, unprivileged ---------------------------------------------------
 
 def test_an_unprivileged_worker_isolates_itself_in_a_user_namespace(faasd_user, readable_install):
