@@ -60,11 +60,18 @@ NOT_ISOLATION_GAPS = {"pid_namespace", "network_namespace", "function_users", "a
 
 
 def check_address_free(host: str, port: int) -> None:
-    """Raise OSError if another process listens on `host`:`port` (0: any port will do)."""
+    """Raise ConfigError, saying what to change, if faasd cannot listen on `host`:`port`:
+    another process listens there, the port needs privileges, or the host is not this
+    machine's (0: any port will do)."""
     if not port:
         return
-    for family, kind, proto, _, address in socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"[server] host = {host!r} is not an address of this machine ({exc.strerror}): "
+                          "set it (or --host) to one, such as 127.0.0.1, or 0.0.0.0 for all") from None
+    for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the site binds
             if family == socket.AF_INET6:
@@ -72,8 +79,21 @@ def check_address_free(host: str, port: int) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {address[0]} port {address[1]}: "
-                                         f"{exc.strerror}") from None
+                raise ConfigError(f"cannot listen on {address[0]} port {address[1]}: {exc.strerror}: "
+                                  f"{_listen_fix(exc.errno, port)}") from None
+
+
+def _listen_fix(code: int | None, port: int) -> str:
+    if code == errno.EADDRINUSE:
+        return (f"another process listens there (ss -ltnp 'sport = :{port}' names it); stop it, "
+                "or set [server] port (or --port) to a free one")
+    if code in (errno.EACCES, errno.EPERM):
+        return ("a port below 1024 needs root or CAP_NET_BIND_SERVICE; set [server] port (or --port) "
+                "to 1024 or above, or let systemd hold the port (systemd/faasd.socket)")
+    if code == errno.EADDRNOTAVAIL:
+        return ("no interface of this machine has that address; set [server] host (or --host) to "
+                "one it has, such as 127.0.0.1, or 0.0.0.0 for all")
+    return "set [server] host and port (or --host, --port) to an address faasd may listen on"
 
 
 # What faasd writes in its data dir: these directories and the files and

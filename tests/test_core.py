@@ -1146,6 +1146,29 @@ def test_cli_takes_config_after_the_command_as_well_as_before_it(start_daemon, f
     assert both.returncode == 0 and "echo" in both.stdout, both.stderr
 
 
+@pytest.mark.parametrize("host, said", [
+    ("192.0.2.1", "cannot listen on 192.0.2.1 port {port}: Cannot assign requested address: no interface "
+                  "of this machine has that address; set [server] host (or --host) to one it has"),
+    ("nosuch.invalid", "[server] host = 'nosuch.invalid' is not an address of this machine ("),
+])
+def test_serve_refuses_a_host_that_is_not_this_machines_saying_what_to_set(tmp_path, host, said):
+    from support import Daemon
+
+    functions = tmp_path / "functions"
+    functions.mkdir()
+    daemon = Daemon(functions=functions, data=tmp_path / "data", port=free_port(),
+                    extra_args=["--host", host, "--insecure"])
+    # The fixture's --host 127.0.0.1 comes first; this one, given after it, wins.
+    daemon.start(wait=False)
+    try:
+        assert daemon.process.wait(timeout=30) == 1
+        output = daemon.output()
+        assert f"cannot start: {said.format(port=daemon.port)}" in output, output
+        assert "Traceback" not in output and "[Errno" not in output, output
+    finally:
+        daemon.stop()
+
+
 def test_serve_refuses_a_data_dir_that_is_a_file_saying_what_to_set(tmp_path):
     from support import Daemon
 

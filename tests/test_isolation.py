@@ -1687,6 +1687,29 @@ def test_a_data_dir_an_unprivileged_daemon_may_not_write_stops_it_saying_how_to_
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_privileged_port_stops_an_unprivileged_daemon_saying_how_to_fix_it(
+        start_daemon, faasd_user, unprivileged_install, tmp_path):
+    first_free = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if first_free == 0:
+        pytest.skip("net.ipv4.ip_unprivileged_port_start = 0: every port is open to every user")
+    home = Path(tempfile.mkdtemp(prefix="faasd-port-", dir="/tmp"))
+    try:
+        os.chmod(home, 0o755)
+        (home / "functions").mkdir()
+        (home / "data").mkdir()
+        for path in (home, *home.iterdir()):
+            os.chown(path, faasd_user.pw_uid, faasd_user.pw_gid)
+        daemon = start_daemon(home / "functions", data=home / "data", port=first_free - 1, wait=False,
+                              prefix=_as_user(faasd_user), env=unprivileged_install,
+                              python=unprivileged_install["FAASD_WORKERS_PYTHON"])
+        assert daemon.process.wait(timeout=30) == 1
+        assert (f"cannot start: cannot listen on 127.0.0.1 port {first_free - 1}: Permission denied: "
+                "a port below 1024 needs root or CAP_NET_BIND_SERVICE; set [server] port (or --port) "
+                "to 1024 or above, or let systemd hold the port (systemd/faasd.socket)") in daemon.output()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 # -- the worker half alone, unprivileged ---------------------------------------------------
 
 def test_an_unprivileged_worker_isolates_itself_in_a_user_namespace(faasd_user, readable_install):

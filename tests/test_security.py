@@ -385,7 +385,9 @@ def test_a_taken_port_stops_the_start_before_any_trigger_fires(start_daemon, fun
         daemon = start_daemon(functions_dir, wait=False, port=holder.getsockname()[1], data=data)
         assert daemon.process.wait(30) == 1
     output = daemon.output()
-    assert f"cannot start: [Errno 98] cannot listen on 127.0.0.1 port {daemon.port}" in output, output
+    assert (f"cannot start: cannot listen on 127.0.0.1 port {daemon.port}: Address already in use: "
+            f"another process listens there (ss -ltnp 'sport = :{daemon.port}' names it); stop it, or "
+            "set [server] port (or --port) to a free one") in output, output
     # Nothing ran for a daemon that could not serve: no tick was caught up or fired,
     # and nothing was in flight to drain.
     assert "catching up" not in output and "TICKED" not in output, output
