@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from .spec import read_file
 
@@ -223,6 +224,25 @@ def _optional_str(value: Any) -> str | None:
     return _str(value)
 
 
+def _amqp_url(value: Any) -> str | None:
+    url = _optional_str(value)
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError("expected amqp://USER:PASSWORD@HOST:PORT/VHOST (amqps:// for TLS)")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("the port is not a number from 0 to 65535") from None
+    return url
+
+
+# Shown in its error without its password, which a log must not hold.
+_amqp_url.shown = lambda value: repr(re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", value)  # type: ignore[attr-defined]
+                                     if isinstance(value, str) else value)
+
+
 def _keys(value: Any) -> dict[str, str]:
     if isinstance(value, str):  # FAASD_AUTH_KEYS="AKID1=secret1,AKID2=secret2"
         pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
@@ -283,7 +303,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
                                 "keep_warm_s": _positive_float, "run_as": _optional_str,
                                 "drain_timeout_s": _positive_float, "zygote": _bool, "tmpfs": _bool,
                                 "python": _optional_str, "function_users": _uid_range}),
-    "amqp": (AmqpConfig, {"url": _optional_str}),
+    "amqp": (AmqpConfig, {"url": _amqp_url}),
     "cluster": (ClusterConfig, {"mode": _choice("local", "amqp"), "name": _cluster_name,
                                 "node": _optional_str, "address": _optional_str,
                                 "heartbeat_s": _positive_float, "prefetch": _positive_int}),
@@ -396,4 +416,5 @@ def _coerce(coercer: Any, value: Any, where: str) -> Any:
     try:
         return coercer(value)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ConfigError(f"{where}: {value!r} is not valid: {exc}") from None
+        shown = getattr(coercer, "shown", repr)(value)
+        raise ConfigError(f"{where}: {shown} is not valid: {exc}") from None

@@ -178,3 +178,26 @@ def test_a_symlink_loop_or_a_nesting_too_deep_is_one_config_error(tmp_path):
     config.write_text("[limits]\nmax_concurrency = " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(ConfigError, match="faasd.toml: cannot be read: arrays or tables nested too deeply"):
         load_config(config, env={})
+
+
+@pytest.mark.parametrize("url, refusal", [
+    ("http://broker:5672/", "'http://broker:5672/' is not valid: expected amqp://USER:PASSWORD@HOST:PORT/VHOST"),
+    ("amqp//faasd:s3cret@broker/", "'amqp//faasd:***@broker/' is not valid: expected amqp://"),
+    ("amqp://faasd:s3cret@broker:56x2/", "'amqp://faasd:***@broker:56x2/' is not valid: the port is not"),
+])
+def test_an_amqp_url_that_is_not_one_is_refused_without_its_password(tmp_path, url, refusal):
+    config = tmp_path / "faasd.toml"
+    config.write_text(f'[amqp]\nurl = "{url}"\n')
+    with pytest.raises(ConfigError) as refused:
+        load_config(config, env={})
+    assert str(refused.value).startswith(f"{config}: amqp.url: {refusal}"), refused.value
+    assert "s3cret" not in str(refused.value)
+    with pytest.raises(ConfigError, match=r"^\$FAASD_AMQP_URL: ") as refused:
+        load_config(None, env={"FAASD_AMQP_URL": url})
+    assert "s3cret" not in str(refused.value)
+
+
+def test_amqp_and_amqps_urls_are_taken(tmp_path):
+    for url in ("amqp://guest:guest@127.0.0.1:5672/", "amqps://faasd:secret@rabbit.internal/prod",
+                "amqp://localhost"):
+        assert load_config(None, env={"FAASD_AMQP_URL": url}).amqp.url == url
