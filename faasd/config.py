@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from .spec import read_file
+from .spec import read_file, this_user
 
 
 class ConfigError(Exception):
@@ -352,6 +352,9 @@ def load_config(
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: byte {exc.start} is not UTF-8, and TOML "
                               "files are UTF-8 text") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: cannot be read by {this_user()}, whom faasd runs as: let its "
+                              f"group read it (chgrp {_group_name()} {source} && chmod 640 {source})") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
         except RecursionError:
@@ -403,6 +406,15 @@ def load_config(
         data=_resolve(path_bases.get("data", base) / paths.data, "paths.data"),
     )
     return Config(**sections, source=source)
+
+
+def _group_name() -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        return str(os.getegid())
 
 
 def _resolve(path: Path, what: str) -> Path:

@@ -119,7 +119,7 @@ def test_a_file_that_cannot_be_read_as_toml_is_one_config_error(tmp_path):
     unreadable.write_text("")
     unreadable.chmod(0)
     if os.geteuid() != 0:
-        with pytest.raises(ConfigError, match="unreadable.toml: cannot be read: Permission denied"):
+        with pytest.raises(ConfigError, match="unreadable.toml: cannot be read by uid "):
             load_config(unreadable, env={})
 
 

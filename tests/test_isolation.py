@@ -1710,6 +1710,22 @@ def test_a_privileged_port_stops_an_unprivileged_daemon_saying_how_to_fix_it(
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_config_file_the_unprivileged_daemon_may_not_read_is_refused_saying_how_to_fix_it(
+        faasd_user, unprivileged_install, tmp_path):
+    config = tmp_path / "faasd.toml"
+    config.write_text('[auth]\nkeys = { AKIDEXAMPLE = "secret" }\n')
+    os.chmod(config, 0o600)  # root's alone, as `install` without -g leaves it
+    os.chmod(tmp_path, 0o755)
+    said = (f"{config}: cannot be read by uid {faasd_user.pw_uid} (faasd), whom faasd runs as: let "
+            f"its group read it (chgrp faasd {config} && chmod 640 {config})")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": unprivileged_install["PYTHONPATH"]}
+    python = unprivileged_install["FAASD_WORKERS_PYTHON"]
+    serve = _runs_as(faasd_user, [python, "-m", "faasd", "--config", str(config), "serve"], env=env, cwd="/")
+    assert serve.returncode == 2 and serve.stderr.strip() == f"faasd: {said}", serve.stderr
+    check = _runs_as(faasd_user, [python, "-m", "faasd", "--config", str(config), "check"], env=env, cwd="/")
+    assert check.returncode == 1 and check.stdout.strip() == f"config: error: {said}", check.stdout
+
+
 # -- the worker half alone, unprivileged ---------------------------------------------------
 
 def test_an_unprivileged_worker_isolates_itself_in_a_user_namespace(faasd_user, readable_install):
