@@ -1119,6 +1119,22 @@ def test_cli_reaches_a_daemon_that_listens_on_every_ipv6_address(start_daemon, f
     assert listing.returncode == 0 and "echo" in listing.stdout, listing.stderr
 
 
+def test_the_readme_names_every_flag_of_faasd_serve():
+    import argparse
+    import re
+
+    from faasd.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {option for action in commands.choices["serve"]._actions for option in action.option_strings
+             if option.startswith("--") and option != "--help"}
+    readme = (ROOT / "README.md").read_text()
+    synopsis = re.search(r"`faasd serve (\[[^`]*)` runs in the foreground", readme)
+    assert synopsis, "README.md: the `faasd serve [...]` synopsis under Operating it"
+    named = set(re.findall(r"\[(--[a-z-]+)", synopsis[1]))
+    assert named == flags, f"missing from README: {sorted(flags - named)}; not a flag: {sorted(named - flags)}"
+
+
 def test_cli_takes_config_after_the_command_as_well_as_before_it(start_daemon, functions_dir, tmp_path):
     port = free_port()
     config = tmp_path / "faasd.toml"
