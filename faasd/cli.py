@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from urllib.parse import quote
@@ -80,7 +81,11 @@ def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | N
     except urllib.error.HTTPError as exc:
         return exc
     except urllib.error.URLError as exc:
-        raise SystemExit(f"faasd: cannot reach the daemon at {url}: {exc.reason}") from None
+        reason = exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
+        base = urllib.parse.urlsplit(url)
+        raise SystemExit(f"faasd: cannot reach the daemon at {base.scheme}://{base.netloc} ({reason}): "
+                         "is `faasd serve` running there? --url, or the config's [server] host and "
+                         "port, say where it listens") from None
 
 
 def _error_message(body: bytes) -> str:

@@ -1119,6 +1119,16 @@ def test_cli_reaches_a_daemon_that_listens_on_every_ipv6_address(start_daemon, f
     assert listing.returncode == 0 and "echo" in listing.stdout, listing.stderr
 
 
+def test_client_commands_without_a_daemon_say_where_they_looked_and_what_to_check():
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for command in (["invoke", "hello"], ["list"], ["logs", "hello"]):
+        done = run_cli(*command, "--url", url)
+        assert done.returncode == 1, done
+        assert done.stderr.strip() == (
+            f"faasd: cannot reach the daemon at {url} (Connection refused): is `faasd serve` running "
+            "there? --url, or the config's [server] host and port, say where it listens"), done.stderr
+
+
 def test_the_readme_names_every_flag_of_faasd_serve():
     import argparse
     import re
