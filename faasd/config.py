@@ -367,6 +367,15 @@ def load_config(
                 f"known sections: {', '.join(_SCHEMA)}"
             )
 
+    for name in sorted(env):
+        # A mistyped variable (FAASD_WORKERS_RUNAS) would otherwise change nothing, unsaid.
+        section, _, key = name.removeprefix("FAASD_").partition("_")
+        if name.startswith("FAASD_") and name.isupper() and section.lower() in _SCHEMA:
+            fields = _SCHEMA[section.lower()][1]
+            if key.lower() not in fields:
+                raise ConfigError(f"${name}: unknown key {section.lower()}.{key.lower()}; known keys: "
+                                  f"{', '.join(fields)} (as FAASD_{section}_<KEY>)")
+
     sections: dict[str, Any] = {}
     # What each [paths] value is relative to: the file's directory for the
     # file's values and the defaults, the current one for environment and flags.

@@ -201,3 +201,18 @@ def test_amqp_and_amqps_urls_are_taken(tmp_path):
     for url in ("amqp://guest:guest@127.0.0.1:5672/", "amqps://faasd:secret@rabbit.internal/prod",
                 "amqp://localhost"):
         assert load_config(None, env={"FAASD_AMQP_URL": url}).amqp.url == url
+
+
+@pytest.mark.parametrize("name, key", [("FAASD_WORKERS_RUNAS", "workers.runas"),
+                                       ("FAASD_PATHS_DAT", "paths.dat"),
+                                       ("FAASD_SERVER_PROT", "server.prot")])
+def test_a_mistyped_environment_variable_of_a_known_section_is_refused(name, key):
+    # A file's unknown key is refused; so is the variable's, which would change nothing unsaid.
+    with pytest.raises(ConfigError, match=rf"^\${name}: unknown key {key}; known keys: .*\(as FAASD_"):
+        load_config(None, env={name: "faasd"})
+
+
+def test_variables_of_no_section_are_not_faasds_settings_and_are_left_alone():
+    config = load_config(None, env={"FAASD_TEST_AMQP_URL": "x", "FAASD_CONFIGURED": "1",
+                                    "FAASD_WORKERS_RUN_AS": "nobody"})
+    assert config.workers.run_as == "nobody"
