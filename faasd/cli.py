@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import urllib.error
 import urllib.parse
@@ -17,7 +18,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .config import ConfigError, load_config
-from .spec import RUNTIMES, reserved_path, valid_name
+from .spec import RUNTIMES, functions_dir_problem, reserved_path, this_user, valid_name
 
 NAME_RULE = "use 1 to 64 of A-Z a-z 0-9 _ -"
 # How the Lambda API takes a function: NAME, NAME:QUALIFIER,
@@ -294,26 +295,52 @@ def cmd_new(args: argparse.Namespace) -> int:
     if not valid_name(args.name):
         return _refuse_name(args.name)
     config = _config(args)
-    target = config.paths.functions / args.name
+    functions = config.paths.functions
+    target = functions / args.name
+    try:
+        if not functions.exists() and functions.parent.is_dir():
+            functions.mkdir()  # as `faasd serve` creates it on a first run
+    except OSError:
+        pass  # said below
+    problem = functions_dir_problem(functions)
+    if problem:
+        print(f"faasd: functions: {problem}", file=sys.stderr)
+        return 2
     existing = [p for p in (target, target.with_suffix(".py"), target.with_suffix(".js"),
                             target.with_suffix(".mjs"), target.with_suffix(".cjs")) if p.exists()]
     if existing:
         print(f"faasd: {existing[0]} already exists", file=sys.stderr)
         return 2
-    target.mkdir(parents=True)
-    for filename, text in TEMPLATES[args.runtime].items():
-        path = target / filename
-        path.write_text(textwrap.dedent(text))
-        if filename == "bootstrap":
-            path.chmod(0o755)
-    route = f"/{args.name}"
-    reserved = reserved_path(route)
-    trigger = "" if reserved else f'\n[[triggers]]\ntype = "http"\npath = "{route}"\n'
-    (target / "function.toml").write_text(textwrap.dedent(f'''\
-        runtime = "{args.runtime}"
-        memory_mb = 128
-        timeout_s = 3
-        ''') + trigger)
+    # Written aside (a dot name is no function) and renamed into place whole, so a
+    # running daemon takes the function complete, its settings and route included.
+    try:
+        draft = Path(tempfile.mkdtemp(prefix=f".new-{args.name}-", dir=functions))
+    except OSError as exc:
+        print(f"faasd: cannot write in {functions} ({exc.strerror}) as {this_user()}: run `faasd new` "
+              "as a user who may write there (the service's functions are root's)", file=sys.stderr)
+        return 1
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        draft.chmod(0o777 & ~umask)  # as a plain mkdir would have made it, not mkdtemp's 0700
+        for filename, text in TEMPLATES[args.runtime].items():
+            path = draft / filename
+            path.write_text(textwrap.dedent(text))
+            if filename == "bootstrap":
+                path.chmod(0o755)
+        route = f"/{args.name}"
+        reserved = reserved_path(route)
+        trigger = "" if reserved else f'\n[[triggers]]\ntype = "http"\npath = "{route}"\n'
+        (draft / "function.toml").write_text(textwrap.dedent(f'''\
+            runtime = "{args.runtime}"
+            memory_mb = 128
+            timeout_s = 3
+            ''') + trigger)
+        os.rename(draft, target)
+    except OSError as exc:
+        shutil.rmtree(draft, ignore_errors=True)
+        print(f"faasd: cannot create {target}: {exc.strerror}", file=sys.stderr)
+        return 1
     print(f"created {target}; try: curl {config.url}/function/{args.name}")
     if reserved:
         print(f"it has no http trigger at {route}: {route} is reserved by faasd")

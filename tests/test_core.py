@@ -1294,6 +1294,24 @@ def test_cli_new_makes_a_function_that_loads_when_its_name_is_a_path_of_faasds(d
     assert daemon.function("metrics")["load_error"] is None
 
 
+def test_cli_new_refuses_a_mistyped_functions_dir_instead_of_creating_it(tmp_path):
+    typo = tmp_path / "no" / "such" / "functions"
+    new = run_cli("new", "fresh", "--functions", str(typo), cwd=tmp_path)
+    assert new.returncode == 2 and new.stderr.strip() == (
+        f"faasd: functions: {typo} does not exist: create it, or set [paths] functions (or "
+        "--functions) to the directory that holds them"), new.stderr
+    assert not (tmp_path / "no").exists()
+    # A missing leaf whose parent exists is a first run's: created, as serve creates it.
+    fresh = tmp_path / "functions"
+    made = subprocess.run(["sh", "-c", 'umask 027; exec "$@"', "sh", sys.executable, "-m", "faasd", "new",
+                           "fresh", "--functions", str(fresh)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in fresh.iterdir()) == ["fresh"]  # nothing left aside
+    assert sorted(p.name for p in (fresh / "fresh").iterdir()) == ["function.toml", "handler.py"]
+    assert (fresh / "fresh").stat().st_mode & 0o777 == 0o750  # the umask's, as mkdir makes it
+
+
 def follow_echo(daemon, lines: int) -> subprocess.Popen:
     """`faasd logs echo --follow -n LINES` against `daemon`, once echo answers."""
     write_function(daemon.functions, "echo.py", ECHO)

@@ -1726,6 +1726,25 @@ def test_a_config_file_the_unprivileged_daemon_may_not_read_is_refused_saying_ho
     assert check.returncode == 1 and check.stdout.strip() == f"config: error: {said}", check.stdout
 
 
+def test_faasd_new_in_functions_its_user_may_not_write_says_so_without_a_traceback(
+        faasd_user, unprivileged_install):
+    home = Path(tempfile.mkdtemp(prefix="faasd-new-", dir="/tmp"))
+    try:
+        os.chmod(home, 0o755)
+        functions = home / "functions"
+        functions.mkdir(mode=0o755)  # root's, as the service's are
+        done = _runs_as(faasd_user, [unprivileged_install["FAASD_WORKERS_PYTHON"], "-m", "faasd", "new",
+                                     "fresh", "--functions", str(functions)],
+                        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": unprivileged_install["PYTHONPATH"]},
+                        cwd="/")
+        assert done.returncode == 1 and done.stderr.strip() == (
+            f"faasd: cannot write in {functions} (Permission denied) as uid {faasd_user.pw_uid} (faasd): "
+            "run `faasd new` as a user who may write there (the service's functions are root's)"), done.stderr
+        assert list(functions.iterdir()) == []
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 # -- the worker half alone, unprivileged ---------------------------------------------------
 
 def test_an_unprivileged_worker_isolates_itself_in_a_user_namespace(faasd_user, readable_install):
