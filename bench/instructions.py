@@ -102,7 +102,9 @@ def instant_workers() -> None:
             if not self.exited.done():
                 self.exited.set_result(0)
 
-    pool.WorkerPool.__init__.__defaults__ = (InstantWorker,)
+    # The factory is the first of WorkerPool's defaults; the others stay as they are.
+    defaults = pool.WorkerPool.__init__.__defaults__
+    pool.WorkerPool.__init__.__defaults__ = (InstantWorker, *defaults[1:])
 
 
 async def serve_faasd(directory: Path, requests: int) -> None:
