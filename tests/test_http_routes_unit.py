@@ -27,3 +27,50 @@ def test_routes_that_differ_only_in_their_parameters_names_clash_and_literal_one
     assert kept == [first, greedy, braced, other_braced]
     assert conflicts == {"b": ["http trigger path '/thumbs/{name}/' is already the route of function 'a'; "
                                "it is not served here"]}
+
+
+def test_the_events_forwarded_port_is_the_port_each_connection_came_in_on(tmp_path):
+    """On TCP every request of a keep-alive connection names the port it reached faasd
+    on (x-forwarded-port); over a unix socket, which has no port, there is none."""
+    import asyncio
+    import socket
+
+    import uvloop
+    from aiohttp import web
+
+    from faasd.triggers.http import build_event
+
+    async def handler(request: web.Request) -> web.Response:
+        event = build_event(request, b"", route_key="ANY /x", path_parameters=None, request_id="r")
+        return web.Response(text=event["headers"].get("x-forwarded-port", "none"))
+
+    async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        writer.write(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        return (await reader.readexactly(length)).decode()
+
+    async def scenario() -> tuple[int, list[str], list[str]]:
+        app = web.Application()
+        app.router.add_get("/x", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        tcp = socket.create_server(("127.0.0.1", 0))
+        port = tcp.getsockname()[1]
+        await web.SockSite(runner, tcp).start()
+        path = str(tmp_path / "faasd.sock")
+        await web.UnixSite(runner, path).start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            over_tcp = [await ask(reader, writer) for _ in range(3)]
+            writer.close()
+            reader, writer = await asyncio.open_unix_connection(path)
+            over_unix = [await ask(reader, writer) for _ in range(2)]
+            writer.close()
+        finally:
+            await runner.cleanup()
+        return port, over_tcp, over_unix
+
+    port, over_tcp, over_unix = uvloop.run(scenario())
+    assert over_tcp == [str(port)] * 3
+    assert over_unix == ["none", "none"]
