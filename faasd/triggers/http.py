@@ -236,7 +236,9 @@ def _add_forwarding(request: web.Request, headers: dict[str, str], now: float) -
             headers["x-forwarded-port"] = str(local[1])
     trace_id = headers.get("x-amzn-trace-id")
     if trace_id is None or caller_trace_id(trace_id) is None:
-        made = request.get(TRACE_KEY)
+        # Stored only where an authorizer's event was built first; a request's storage
+        # is otherwise empty, and Mapping.get would raise and catch a KeyError to say so.
+        made = request.get(TRACE_KEY) if len(request) else None
         if made is None:
             made = request[TRACE_KEY] = new_trace_id(now)
         headers["x-amzn-trace-id"] = made
