@@ -12,7 +12,7 @@ import pytest
 
 from faasd.config import Config
 from faasd.daemon import Daemon
-from faasd.spec import MAX_TRACE_HEADER, caller_trace_id, load_spec, new_trace_id, runtime_id
+from faasd.spec import MAX_TRACE_HEADER, caller_trace_id, load_spec, new_request_id, new_trace_id, runtime_id
 
 HANDLER = "def handler(event, context):\n    return event\n"
 
@@ -147,3 +147,28 @@ def test_a_callers_trace_header_is_passed_on_only_as_a_line_of_printable_ascii()
     made = new_trace_id(0x5759E988)
     assert re.fullmatch(r"Root=1-5759e988-[0-9a-f]{24};Parent=[0-9a-f]{16};Sampled=0", made), made
     assert made != new_trace_id(0x5759E988)
+
+
+def test_a_request_id_is_a_random_version_4_uuid_in_its_usual_text():
+    import uuid
+
+    ids = [new_request_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        value = uuid.UUID(text)
+        assert str(value) == text  # lower case, 8-4-4-4-12
+        assert value.version == 4 and value.variant == uuid.RFC_4122
+    # Every random hex digit takes every value (the fixed ones are the version and variant's).
+    for position in (0, 9, 15, 20, 35):
+        assert len({text[position] for text in ids}) == 16
+
+
+def test_a_new_trace_header_is_lambdas_with_its_root_at_the_given_second():
+    headers = [new_trace_id(1_700_000_000.7) for _ in range(2000)]
+    assert len(set(headers)) == len(headers)
+    shape = re.compile(r"Root=1-6553f100-([0-9a-f]{24});Parent=([0-9a-f]{16});Sampled=0")
+    found = [shape.fullmatch(header) for header in headers]
+    assert all(found)
+    for group in (1, 2):  # the first and last digit of each random part take every value
+        for position in (0, -1):
+            assert len({match[group][position] for match in found}) == 16
