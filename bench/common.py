@@ -116,8 +116,9 @@ def floor_server(workers: int = 16) -> Iterator[Served]:
 
 @contextmanager
 def faasd_server(functions: dict[str, str], *, env: dict[str, str] | None = None,
-                 cpu: int | None = None) -> Iterator[Served]:
-    """faasd serving `functions` ({relative path: source}) from a temporary directory."""
+                 cpu: int | None = None, root: Path | None = None) -> Iterator[Served]:
+    """faasd serving `functions` ({relative path: source}) from a temporary directory,
+    with the code of the checkout `root` (default FAASD_ROOT)."""
     with tempfile.TemporaryDirectory(prefix="faasd-bench-") as tmp:
         fdir = Path(tmp) / "functions"
         for rel, source in functions.items():
@@ -127,7 +128,7 @@ def faasd_server(functions: dict[str, str], *, env: dict[str, str] | None = None
         port = free_port()
         args = [sys.executable, "-m", "faasd", "serve", "--functions", str(fdir),
                 "--data-dir", str(Path(tmp) / "data"), "--port", str(port)]
-        with process(args, env={"PYTHONPATH": str(FAASD_ROOT), **(env or {})}, cwd=Path(tmp),
+        with process(args, env={"PYTHONPATH": str(root or FAASD_ROOT), **(env or {})}, cwd=Path(tmp),
                      ready_url=f"http://127.0.0.1:{port}/readyz", cpu=cpu) as proc:
             yield Served.of(f"http://127.0.0.1:{port}", proc)
 
