@@ -35,7 +35,7 @@ from . import __version__, auth, extensions
 from .api import build_app
 from .config import Config, ConfigError, http_url
 from .invoker import Invoker
-from .limits import MB, MemoryLimits
+from .limits import MB, MemoryLimits, cgroup_name
 from .logs import FunctionLogs
 from .pool import PoolSettings, WorkerPool
 from .registry import Registry
@@ -230,7 +230,7 @@ class Daemon:
             check_address_free(config.server.host, config.server.port)
         undumpable = set_daemon_undumpable()
         raise_open_files_limit()
-        memory = MemoryLimits.detect()
+        memory = MemoryLimits.detect(cgroup_name(data))
         self._cleanups.append(memory.close)
         run_as = self._resolve_run_as()
         users = self._function_users(run_as)

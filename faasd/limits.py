@@ -15,6 +15,7 @@ Whatever the mode, `Max Memory Used` is the worker's true peak.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -29,6 +30,15 @@ log = logging.getLogger("faasd.limits")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MB = 1024 * 1024
 T = TypeVar("T")
+
+
+def cgroup_name(data_dir: str | os.PathLike) -> str:
+    """The prefix of this daemon's cgroup v1 groups, `faasd-<tag>` (each group is
+    `faasd-<tag>-<pid>`): the tag names the data dir, so that a daemon's next start
+    on the same data dir -- its restart -- sweeps what a killed one left, and a
+    daemon of another data dir (another faasd service on the host) does not."""
+    real = os.fsencode(os.path.realpath(data_dir))
+    return f"faasd-{hashlib.sha256(real).hexdigest()[:8]}"
 
 
 class Removable(Protocol):
@@ -129,7 +139,8 @@ class MemoryLimits:
         self.reason = reason
 
     @classmethod
-    def detect(cls, name: str = "faasd") -> "MemoryLimits":
+    def detect(cls, name: str) -> "MemoryLimits":
+        """`name`: cgroup_name() of the data dir."""
         reasons = []
         v2 = cls._try_v2(name)
         if isinstance(v2, MemoryLimits):
@@ -244,15 +255,21 @@ def remove_when_empty(loop: asyncio.AbstractEventLoop, groups: Iterable[Removabl
 SWEEP_WAIT_S = 2.0
 
 
-def sweep_stale_cgroups(root: Path, name: str = "faasd") -> int:
+def sweep_stale_cgroups(root: Path, name: str) -> int:
     """Remove the cgroup trees `<name>-<pid>` of daemons that are gone.
 
-    A daemon killed with SIGKILL cannot remove its cgroups; the next one
-    does, here. Its workers die with it (PR_SET_PDEATHSIG), but what they
-    started -- in a session of its own, or deaf to SIGHUP -- is still in
-    the dead daemon's groups: it is killed first. A group whose daemon's
-    pid is alive (even a reused pid) is left alone; a dead daemon its parent
-    has not reaped yet (a zombie: an init that does not reap) is dead.
+    A daemon killed with SIGKILL cannot remove its cgroups; the next one on
+    its data dir (`name` is cgroup_name's) does, here. Its workers die with
+    it (PR_SET_PDEATHSIG), but what they started -- in a session of its own,
+    or deaf to SIGHUP -- is still in the dead daemon's groups: it is killed
+    first. A group whose daemon's pid is alive (even a reused pid) is left
+    alone; a dead daemon its parent has not reaped yet (a zombie: an init
+    that does not reap) is dead.
+
+    The groups of another data dir -- another faasd service on the host --
+    are that service's to sweep when it restarts, and to report in its own
+    log: this daemon cannot tell one that died from one whose pid it cannot
+    see (in another pid namespace).
     """
     removed = 0
     for base in root.glob(f"{name}-*"):

@@ -798,7 +798,7 @@ class Sandbox:
         hide, hide_note = _hidden_paths(data_dir, config_file, [functions_dir, package_dir, python])
         sandbox = cls(python=python, run_as=run_as, run_as_name=run_as_name,
                       read_only=read_only, hide=hide, hide_note=hide_note, users=users)
-        sandbox._detect_pids(memory)
+        sandbox._detect_pids(memory, data_dir)
         if not tmpfs:
             sandbox.mount_note = "[workers] tmpfs = false: /tmp is a directory on the data disk"
         else:
@@ -857,7 +857,7 @@ class Sandbox:
             return
         self.private_proc = True
 
-    def _detect_pids(self, memory: Any) -> None:
+    def _detect_pids(self, memory: Any, data_dir: str) -> None:
         if memory is not None and getattr(memory, "mode", None) == "cgroup2" and memory.base:
             base = str(memory.base)
             parent = os.path.dirname(base)
@@ -877,10 +877,11 @@ class Sandbox:
         if os.path.isfile(os.path.join(PIDS_V1_ROOT, "cgroup.procs")):
             from pathlib import Path
 
-            from .limits import sweep_stale_cgroups
+            from .limits import cgroup_name, sweep_stale_cgroups
 
-            sweep_stale_cgroups(Path(PIDS_V1_ROOT))  # of daemons killed before they could
-            base = os.path.join(PIDS_V1_ROOT, f"faasd-{os.getpid()}")
+            name = cgroup_name(data_dir)
+            sweep_stale_cgroups(Path(PIDS_V1_ROOT), name)  # of daemons killed before they could
+            base = os.path.join(PIDS_V1_ROOT, f"{name}-{os.getpid()}")
             try:
                 os.makedirs(base, exist_ok=True)
             except OSError as exc:

@@ -25,6 +25,7 @@ from typing import Iterator
 import pytest
 from packaging.requirements import Requirement
 
+from faasd.limits import cgroup_name
 from faasd.sandbox import tree_bytes
 from support import (
     MEMORY_HOLDER, ROOT, concurrent, descendants, free_port, http, loaded, max_memory_used,
@@ -724,8 +725,9 @@ def test_a_stop_removes_every_cgroup_even_while_a_killed_child_is_still_exiting(
     assert error is None, result
     wait_until(lambda: (process_rss_mb(result["child"]) or 0) >= 300, message="the child's 300 MB")
     groups = own_groups(result["worker"])
-    roots = {group.parent for group in groups}  # faasd-<pid> in each hierarchy
-    assert groups and all(root.name == f"faasd-{daemon.process.pid}" for root in roots), groups
+    roots = {group.parent for group in groups}  # faasd-<tag>-<pid> in each hierarchy
+    own = f"{cgroup_name(daemon.data)}-{daemon.process.pid}"
+    assert groups and all(root.name == own for root in roots), groups
     assert daemon.stop() == 0
     assert process_state(result["child"]) in (None, "Z")
     assert not [root for root in roots if root.exists()]  # none left for the next start to sweep
@@ -1004,10 +1006,12 @@ def _marked(marker: str) -> set[int]:
 
 
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
-def test_the_next_daemon_kills_what_workers_of_a_killed_one_left_in_its_cgroups(
-        start_daemon, functions_dir, reaped):
+def test_the_next_daemon_on_its_data_dir_kills_what_workers_of_a_killed_one_left_in_its_cgroups(
+        start_daemon, functions_dir, tmp_path, reaped):
     """Whether or not the killed daemon's parent has reaped it yet (an init that does not
-    reap leaves it a zombie, /proc/PID still there), its groups are swept."""
+    reap leaves it a zombie, /proc/PID still there), its groups are swept by its restart,
+    which says so in its log; a daemon of another data dir (another faasd service on the
+    host) leaves them alone."""
     needs_root()
     write_function(functions_dir, "leaves.py", LEAVES_CHILDREN)
     write_function(functions_dir, "leaves.toml", "timeout_s = 10\n")
@@ -1024,9 +1028,9 @@ def test_the_next_daemon_kills_what_workers_of_a_killed_one_left_in_its_cgroups(
         for pid in leftovers:
             for group in own_groups(pid):
                 index = next(i for i, part in enumerate(group.parts) if part.startswith("faasd-"))
-                bases.add(Path(*group.parts[:index + 1]))  # the daemon's faasd-<pid> group
+                bases.add(Path(*group.parts[:index + 1]))  # the daemon's faasd-<tag>-<pid> group
         if not bases:
-            pytest.skip("workers are in no faasd-<pid> cgroup on this host")
+            pytest.skip("workers are in no faasd-<tag>-<pid> cgroup on this host")
         daemon_pid = daemon.process.pid
         if reaped:
             daemon.kill9()
@@ -1036,6 +1040,10 @@ def test_the_next_daemon_kills_what_workers_of_a_killed_one_left_in_its_cgroups(
         wait_until(lambda: all(process_state(p) in (None, "Z") for p in workers), timeout=10,
                    message="the worker to die with its daemon")
         assert _marked(marker) == leftovers  # what the worker started is still running
+        other = start_daemon(functions_dir, data=tmp_path / "other-service")
+        assert other.stop() == 0
+        assert _marked(marker) == leftovers and all(base.exists() for base in bases)
+        assert "leftover" not in other.output(), other.output()
         again = start_daemon(functions_dir)
         wait_until(lambda: not (_marked(marker) & leftovers), timeout=5,
                    message="the leftovers to be killed")

@@ -15,31 +15,36 @@ import pytest
 
 from support import wait_until
 
-from faasd.limits import MB, ProcessTree, sweep_stale_cgroups
+from faasd.limits import MB, ProcessTree, cgroup_name, sweep_stale_cgroups
 from faasd.sandbox import namespace_key
 
 
-def test_stale_trees_of_dead_daemons_are_removed_and_live_ones_kept(tmp_path):
+def test_stale_trees_of_dead_daemons_of_this_data_dir_are_removed_and_the_rest_kept(tmp_path):
+    name, elsewhere = cgroup_name(tmp_path / "data"), cgroup_name(tmp_path / "other-data")
+    assert name.startswith("faasd-") and name != elsewhere
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    (tmp_path / f"faasd-{dead}" / "fn-1" / "inner").mkdir(parents=True)
-    (tmp_path / f"faasd-{os.getpid()}" / "fn-2").mkdir(parents=True)
+    (tmp_path / f"{name}-{dead}" / "fn-1" / "inner").mkdir(parents=True)
+    (tmp_path / f"{name}-{os.getpid()}" / "fn-2").mkdir(parents=True)
+    (tmp_path / f"{elsewhere}-{dead}" / "fn-4").mkdir(parents=True)  # another service's to sweep
     (tmp_path / "other-123").mkdir()
     leftover = subprocess.Popen(["sleep", "60"])  # in a dead daemon's group: killed
     kept = subprocess.Popen(["sleep", "60"])  # in a live daemon's group: left alone
+    theirs = subprocess.Popen(["sleep", "60"])  # in another data dir's dead daemon's: left alone
     try:
-        busy = tmp_path / f"faasd-{dead}0"
+        busy = tmp_path / f"{name}-{dead}0"
         (busy / "fn-3").mkdir(parents=True)
         (busy / "fn-3" / "cgroup.procs").write_text(f"{leftover.pid}\n")
-        (tmp_path / f"faasd-{os.getpid()}" / "fn-2" / "cgroup.procs").write_text(f"{kept.pid}\n")
+        (tmp_path / f"{name}-{os.getpid()}" / "fn-2" / "cgroup.procs").write_text(f"{kept.pid}\n")
+        (tmp_path / f"{elsewhere}-{dead}" / "fn-4" / "cgroup.procs").write_text(f"{theirs.pid}\n")
         # A plain directory keeps its cgroup.procs file: the busy tree stays, its process killed.
-        assert sweep_stale_cgroups(tmp_path) == 3
+        assert sweep_stale_cgroups(tmp_path, name) == 3
         assert leftover.wait(1) == -signal.SIGKILL
-        assert kept.poll() is None
+        assert kept.poll() is None and theirs.poll() is None
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [f"faasd-{os.getpid()}", "other-123", f"faasd-{dead}0"])
+            [f"{name}-{os.getpid()}", f"{elsewhere}-{dead}", "other-123", f"{name}-{dead}0"])
     finally:
-        for process in (leftover, kept):
+        for process in (leftover, kept, theirs):
             process.kill()
             process.wait()
 
