@@ -243,16 +243,24 @@ _amqp_url.shown = lambda value: repr(re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", v
                                      if isinstance(value, str) else value)
 
 
+_KEYS_TABLE = 'expected a table of access key id = secret, such as keys = { AKID = "secret" }'
+
+
+def _key_pairs(value: str, expected: str) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(expected)
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def _keys(value: Any) -> dict[str, str]:
-    if isinstance(value, str):  # FAASD_AUTH_KEYS="AKID1=secret1,AKID2=secret2"
-        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
-        if any(len(pair) != 2 for pair in pairs):
-            raise ValueError("expected ACCESS_KEY=SECRET pairs separated by commas")
-        value = {k.strip(): v.strip() for k, v in pairs}
+    """[auth] keys in the file: a table (a string of pairs, as in the variable, is taken too)."""
+    if isinstance(value, str):
+        value = _key_pairs(value, _KEYS_TABLE)
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()
     ):
-        raise ValueError("expected a table of access key id = secret")
+        raise ValueError(_KEYS_TABLE)
     for key_id, secret in value.items():
         # A key no client could present would refuse every caller, silently.
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", key_id):
@@ -262,6 +270,14 @@ def _keys(value: Any) -> dict[str, str]:
             raise ValueError(f"the secret of {key_id!r} starts or ends with a space or holds a control "
                              "character, which no Authorization header can carry")
     return dict(value)
+
+
+def _keys_from_env(value: str) -> dict[str, str]:
+    """FAASD_AUTH_KEYS="AKID1=secret1,AKID2=secret2"."""
+    return _keys(_key_pairs(value, "expected ACCESS_KEY=SECRET pairs separated by commas"))
+
+
+_keys.from_env = _keys_from_env  # type: ignore[attr-defined]
 
 
 def _uid_range(value: Any) -> tuple[int, int] | None:
@@ -395,7 +411,8 @@ def load_config(
             env_name = f"FAASD_{section.upper()}_{key.upper()}"
             flag = (overrides or {}).get(section, {}).get(key)
             if env_name in env:
-                values[key] = _coerce(coercer, env[env_name], f"${env_name}")
+                values[key] = _coerce(getattr(coercer, "from_env", coercer), env[env_name],
+                                      f"${env_name}")
             if flag is not None:
                 values[key] = _coerce(coercer, flag, f"--{key.replace('_', '-')}")
             if section == "paths" and (env_name in env or flag is not None):

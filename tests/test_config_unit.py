@@ -101,6 +101,21 @@ def test_auth_keys_no_client_could_present_are_refused(tmp_path, keys, refusal):
         load_config(config, env={})
 
 
+@pytest.mark.parametrize("keys", ['"abc"', '["AKID", "secret"]', "42"])
+def test_auth_keys_in_the_file_that_are_no_table_are_refused_asking_for_a_table(tmp_path, keys):
+    # The file's form is a table; the pairs are the variable's, and not what a file should say.
+    config = tmp_path / "faasd.toml"
+    config.write_text(f"[auth]\nkeys = {keys}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(config, env={})
+    assert str(refused.value).endswith(
+        'is not valid: expected a table of access key id = secret, such as keys = { AKID = "secret" }')
+    assert "ACCESS_KEY=SECRET" not in str(refused.value)
+    with pytest.raises(ConfigError, match=r"^\$FAASD_AUTH_KEYS: .* is not valid: expected "
+                                          r"ACCESS_KEY=SECRET pairs separated by commas$"):
+        load_config(None, env={"FAASD_AUTH_KEYS": "abc"})
+
+
 def test_auth_keys_of_any_printable_secret_are_taken(tmp_path):
     config = tmp_path / "faasd.toml"
     config.write_text('[auth]\nkeys = { AKIDFAASD_1 = "s3cr\u00e9t with spaces/and:colons=" }\n')
