@@ -279,6 +279,16 @@ def _keys_from_env(value: str) -> dict[str, str]:
 
 _keys.from_env = _keys_from_env  # type: ignore[attr-defined]
 
+# Shown in its error without its secrets, which a log must not hold: the key ids
+# (and, in the variable, which item has no `=`) are what tells the fault.
+_KINDS = {str: "a string", list: "an array", bool: "a boolean", int: "a number", float: "a number"}
+_keys.shown = lambda value: (  # type: ignore[attr-defined]
+    repr({key: "***" for key in value}) if isinstance(value, dict)
+    else _KINDS.get(type(value), "a value of another type"))
+_keys_from_env.shown = lambda value: repr(",".join(  # type: ignore[attr-defined]
+    f"{item.split('=', 1)[0].strip()}=***" if "=" in item else "***"
+    for item in value.split(",") if item.strip()))
+
 
 def _uid_range(value: Any) -> tuple[int, int] | None:
     if value is None or value == "":

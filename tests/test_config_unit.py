@@ -116,6 +116,25 @@ def test_auth_keys_in_the_file_that_are_no_table_are_refused_asking_for_a_table(
         load_config(None, env={"FAASD_AUTH_KEYS": "abc"})
 
 
+@pytest.mark.parametrize("keys, said", [
+    ('{ "AK/ID" = "s3cret-value" }', "auth.keys: {'AK/ID': '***'} is not valid: the access key id"),
+    ('{ AKID = "s3cret-value\\t" }', "auth.keys: {'AKID': '***'} is not valid: the secret of 'AKID'"),
+    ('"AKID:s3cret-value"', "auth.keys: a string is not valid: expected a table"),
+])
+def test_a_refused_auth_keys_value_is_shown_without_its_secrets(tmp_path, keys, said):
+    # The refusal goes to the log (at start, and at each SIGHUP that brings it): no secret in it.
+    config = tmp_path / "faasd.toml"
+    config.write_text(f"[auth]\nkeys = {keys}\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(config, env={})
+    assert said in str(refused.value) and "s3cret" not in str(refused.value), str(refused.value)
+    for value, shown in (("AK1=one,AK2:s3cret-value", "'AK1=***,***'"), ("AK/1=s3cret-value", "'AK/1=***'")):
+        with pytest.raises(ConfigError) as refused:
+            load_config(None, env={"FAASD_AUTH_KEYS": value})
+        assert str(refused.value).startswith(f"$FAASD_AUTH_KEYS: {shown} is not valid: "), str(refused.value)
+        assert "s3cret" not in str(refused.value) and "one" not in str(refused.value)
+
+
 def test_auth_keys_of_any_printable_secret_are_taken(tmp_path):
     config = tmp_path / "faasd.toml"
     config.write_text('[auth]\nkeys = { AKIDFAASD_1 = "s3cr\u00e9t with spaces/and:colons=" }\n')
