@@ -15,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Iterable
 from urllib.parse import quote
 
 from .config import ConfigError, load_config
@@ -157,6 +158,12 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 1 if response.headers.get("X-Amz-Function-Error") else 0
 
 
+def trigger_kinds(types: Iterable[str]) -> list[str]:
+    """What fires a function, as `faasd list` and `faasd check` show it: http for all,
+    since /function/NAME always works, then its other trigger types, each once."""
+    return list(dict.fromkeys(["http", *types]))
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.cluster:
         return cmd_list_cluster(args)
@@ -173,7 +180,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     for fn in functions:
         counts = fn.get("worker_counts", {})
         workers = " ".join(f"{k}={v}" for k, v in counts.items() if v) or "-"
-        triggers = ",".join(t["type"] for t in fn["triggers"]) or "-"
+        # A function that did not load shows none, as in `faasd check`: STATUS says why.
+        triggers = "-" if fn["load_error"] else ",".join(trigger_kinds(t["type"] for t in fn["triggers"]))
         init_error = fn.get("init_error")  # the last worker start failed
         if fn["load_error"]:
             status = "error: " + fn["load_error"]
@@ -380,7 +388,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             failed += 1
             print(f"{name}: error: {error}")
         else:
-            triggers = ", ".join(t.type for t in spec.triggers) or "http"
+            triggers = ", ".join(trigger_kinds(t.type for t in spec.triggers))
             print(f"{name}: ok ({spec.runtime}, {spec.handler}; triggers: {triggers})")
     unnamed = misnamed(config.paths.functions)
     for entry in unnamed:

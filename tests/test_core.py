@@ -1254,6 +1254,34 @@ def test_list_shows_a_function_whose_last_init_failed(start_daemon, functions_di
     assert rows["echo"].endswith("  ok"), rows["echo"]
 
 
+def test_list_and_check_name_the_same_triggers_http_for_every_function(start_daemon, functions_dir):
+    """/function/NAME always works: a function with no [[triggers]] is fired by http, and so
+    is one with only a cron trigger; a function that did not load shows none."""
+    write_function(functions_dir, "plain.py", ECHO)
+    write_function(functions_dir, "ticks.py", ECHO)
+    write_function(functions_dir, "ticks.toml", '[[triggers]]\ntype = "cron"\nschedule = "0 0 1 1 *"\n')
+    write_function(functions_dir, "routed.py", ECHO)
+    write_function(functions_dir, "routed.toml", '[[triggers]]\ntype = "http"\npath = "/a"\n'
+                                                 '[[triggers]]\ntype = "http"\npath = "/b"\n'
+                                                 '[[triggers]]\ntype = "cron"\nschedule = "0 0 1 1 *"\n')
+    write_function(functions_dir, "broken.py", "def handler(event, context:\n")
+    daemon = start_daemon(functions_dir)
+    assert daemon.get("/function/plain").status == 200 and daemon.get("/function/ticks").status == 200
+    listing = run_cli("list", "--url", daemon.url)
+    assert listing.returncode == 0, listing.stderr
+    header, *lines = listing.stdout.splitlines()
+    column = header.split().index("TRIGGERS")
+    listed = {line.split()[0]: line.split()[column] for line in lines}
+    assert listed == {"plain": "http", "ticks": "http,cron", "routed": "http,cron", "broken": "-"}, \
+        listing.stdout
+    check = run_cli("check", "--functions", str(functions_dir))
+    checked = {line.split(":")[0]: line.rsplit("triggers: ", 1)[1].rstrip(")")
+               for line in check.stdout.splitlines() if "triggers: " in line}
+    assert checked == {name: kinds.replace(",", ", ") for name, kinds in listed.items() if kinds != "-"}, \
+        check.stdout
+    assert "broken: error:" in check.stdout, check.stdout
+
+
 def test_cli_refuses_an_invalid_function_name_before_any_request(daemon):
     write_function(daemon.functions, "echo.py", ECHO)
     wait_until(lambda: daemon.get("/function/echo").status == 200)
