@@ -156,3 +156,45 @@ def test_socket_unit_feeds_the_service():
     assert "faasd.socket" in one(service, "Requires", "Unit").split()
     assert "faasd.socket" in one(service, "After", "Unit").split()
     assert one(socket_unit, "WantedBy", "Install") == "sockets.target"
+
+
+def installed_by_the_readme() -> dict[str, Path]:
+    """What the README's install steps put where: {installed path: file in this checkout}."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Running as a systemd service", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    installed = {}
+    for line in block.splitlines():
+        for command in " ".join(shlex.split(line, comments=True)).split(" && "):
+            argv = shlex.split(command)
+            if not argv or argv[0] != "install" or "-d" in argv:
+                continue
+            operands, skip = [], False
+            for arg in argv[1:]:
+                if skip:
+                    skip = False
+                elif arg in ("-m", "-g", "-o"):
+                    skip = True
+                elif not arg.startswith("-"):
+                    operands.append(arg)
+            *sources, target = operands
+            for source in sources:
+                dest = target if len(sources) == 1 and not target.endswith("/") else \
+                    f"{target.rstrip('/')}/{Path(source).name}"
+                installed[dest] = ROOT / source
+    return installed
+
+
+def test_the_units_documentation_is_a_file_the_readmes_install_puts_there():
+    installed = installed_by_the_readme()
+    # The parse finds the steps that install the units themselves.
+    assert installed["/etc/systemd/system/faasd.service"] == UNITS / "faasd.service"
+    for name in ("faasd.service", "faasd.socket"):
+        for value in values(UNITS / name, "Documentation", "Unit"):
+            for uri in value.split():
+                if not uri.startswith("file:"):
+                    continue  # man:, https:: not the install's
+                path = uri.removeprefix("file:")
+                assert path in installed, f"{name}: Documentation={uri}, which the README never installs"
+                assert installed[path].is_file(), installed[path]
+    assert "file:/usr/share/doc/faasd/README.md" in one(UNITS / "faasd.service", "Documentation", "Unit")
