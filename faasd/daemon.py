@@ -103,11 +103,8 @@ DATA_SUBDIRS = ("logs", "workers", "triggers", "dead-letter")
 
 def unwritable(data: Path) -> list[Path]:
     """What in the data dir faasd's user may not write: the dir, its files and
-    DATA_SUBDIRS with their entries. Nothing on a read-only file system, which
-    the queue and logs handle as a disk that refuses writes."""
+    DATA_SUBDIRS with their entries (on a file system that takes writes)."""
     try:
-        if os.statvfs(data).f_flag & os.ST_RDONLY:
-            return []
         entries = list(os.scandir(data))
     except OSError:
         return [data]
@@ -136,6 +133,21 @@ def _data_fix(data: Path) -> str:
             f"create the data dir for it (install -d -o {owner} {data})")
     return (f"faasd runs as {this_user()}: {mend}, or set [paths] data (or --data-dir, "
             "FAASD_PATHS_DATA) to a directory that user may write")
+
+
+_DATA_ELSEWHERE = "set [paths] data (or --data-dir, FAASD_PATHS_DATA) to a directory faasd may create"
+# A data dir that cannot be set up for want of a disk that takes writes. (One
+# set up on a disk since full starts: its queue and logs wait for room.)
+_DISK_FIXES = {
+    errno.EROFS: ("its file system is mounted read-only: remount it read-write, or set [paths] "
+                  "data (or --data-dir, FAASD_PATHS_DATA) to a directory on one that is not; under "
+                  "systemd/faasd.service (ProtectSystem=strict) a data dir outside /var/lib/faasd "
+                  "also needs a ReadWritePaths= line (systemctl edit faasd)"),
+    errno.ENOSPC: ("its disk is full: free space on it, or set [paths] data (or --data-dir, "
+                   "FAASD_PATHS_DATA) to a directory on a disk with room"),
+    errno.EDQUOT: ("faasd's user is over its disk quota there: raise the quota, or set [paths] data "
+                   "(or --data-dir, FAASD_PATHS_DATA) to a directory on another disk"),
+}
 
 
 class SettingsReadableWarning:
@@ -498,10 +510,19 @@ class Daemon:
             raise ConfigError(f"data: {data} is not a directory: set [paths] data (or --data-dir, "
                               "FAASD_PATHS_DATA) to a directory faasd may write") from None
         except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM):
-                raise  # a full or read-only disk: said as it is
+            fix = (_data_fix(data) if exc.errno in (errno.EACCES, errno.EPERM)
+                   else _DISK_FIXES.get(exc.errno or 0, _DATA_ELSEWHERE))
             raise ConfigError(f"data: cannot create {exc.filename or data} ({exc.strerror}); "
-                              f"{_data_fix(data)}") from None
+                              f"{fix}") from None
+        try:
+            read_only = bool(os.statvfs(data).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        if read_only:
+            # Not started without it, as on a full disk: no worker could start (each
+            # makes its scratch dir in workers/), nor the queue lock its file.
+            raise ConfigError(f"data: {data} cannot be written ({os.strerror(errno.EROFS)}); "
+                              f"{_DISK_FIXES[errno.EROFS]}")
         refused = unwritable(data)
         if refused:
             more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""

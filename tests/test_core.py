@@ -1211,6 +1211,52 @@ def test_serve_refuses_a_data_dir_that_is_a_file_saying_what_to_set(tmp_path):
         daemon.stop()
 
 
+def _tmpfs(path: Path, options: str) -> None:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "faasd-test", str(path)], check=True)
+
+
+READ_ONLY_FIX = ("(Read-only file system); its file system is mounted read-only: remount it read-write, "
+                 "or set [paths] data (or --data-dir, FAASD_PATHS_DATA) to a directory on one that is "
+                 "not; under systemd/faasd.service (ProtectSystem=strict) a data dir outside "
+                 "/var/lib/faasd also needs a ReadWritePaths= line (systemctl edit faasd)")
+
+
+@pytest.mark.parametrize("disk", ["read-only", "read-only, set up before", "full"])
+def test_serve_refuses_a_data_dir_on_a_disk_that_takes_no_writes_saying_what_to_do(tmp_path, disk):
+    """No worker could start there (each makes its scratch dir in it): serve stops, naming the
+    setting and the fix. (A data dir set up before its disk filled up starts: test_async.)"""
+    from support import Daemon
+
+    functions, data = tmp_path / "functions", tmp_path / "data"
+    functions.mkdir()
+    # Full: a tmpfs with no inode to spare, where no directory can be made.
+    _tmpfs(data, "size=1m,nr_inodes=1" if disk == "full" else "size=1m")
+    try:
+        said = f"cannot create {data / 'logs'} {READ_ONLY_FIX}"
+        if disk == "full":
+            said = (f"cannot create {data / 'logs'} (No space left on device); its disk is full: free "
+                    "space on it, or set [paths] data (or --data-dir, FAASD_PATHS_DATA) to a directory "
+                    "on a disk with room")
+        elif disk == "read-only, set up before":
+            for sub in ("logs", "workers"):
+                (data / sub).mkdir()
+            (data / "queue.lock").write_text("")
+            said = f"{data} cannot be written {READ_ONLY_FIX}"
+        if disk != "full":
+            subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        daemon = Daemon(functions=functions, data=data, port=free_port()).start(wait=False)
+        try:
+            assert daemon.process.wait(timeout=30) == 1
+            output = daemon.output()
+            assert f"cannot start: data: {said}" in output, output
+            assert "Traceback" not in output and "[Errno" not in output, output
+        finally:
+            daemon.stop()
+    finally:
+        subprocess.run(["umount", str(data)], check=True)
+
+
 def test_serve_refuses_a_functions_dir_whose_parent_is_missing_and_creates_a_missing_leaf(tmp_path):
     """A mistyped --functions stops serve with the line `faasd check` prints; the directory
     itself, where its parent exists, is created as a first run needs, and said so."""
