@@ -268,7 +268,7 @@ class Daemon:
             memory_note = (f"{memory.reason}: the daemon counts every process of each worker and "
                            "its private /tmp and /dev/shm (tmpfs mounts, where mount namespaces "
                            "allow), once at init, every 50 ms during a call and at its end, and "
-                           "kills it past memory_mb")
+                           f"kills it past memory_mb; {memory.fix}")
             worker_limit = "memory limit kept by the monitor"
         else:
             memory_note = "a memory cgroup per worker, enforced by the kernel"
@@ -295,7 +295,7 @@ class Daemon:
         log.info("%s", exposure)
         if memory.mode == "monitor":
             log.warning("memory limits by watching each worker's memory (its processes, its /tmp and "
-                        "/dev/shm), not by the kernel: %s", memory.reason)
+                        "/dev/shm), not by the kernel: %s; %s", memory.reason, memory.fix)
         if os.geteuid() == 0 and run_as is None and not config.workers.run_as:
             log.warning("running as root with no [workers] run_as: function code runs as root and "
                         "can do anything root can; set [workers] run_as = \"faasd\" (a user with "

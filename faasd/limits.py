@@ -133,10 +133,11 @@ class WorkerCgroup:
 class MemoryLimits:
     """Creates a memory-limited cgroup for each worker, when it can."""
 
-    def __init__(self, mode: str, base: Path | None, reason: str = "") -> None:
+    def __init__(self, mode: str, base: Path | None, reason: str = "", fix: str = "") -> None:
         self.mode = mode  # "cgroup2" | "cgroup1" | "monitor"
         self.base = base
         self.reason = reason
+        self.fix = fix  # under "monitor": how to get the kernel to enforce the limits
 
     @classmethod
     def detect(cls, name: str) -> "MemoryLimits":
@@ -150,7 +151,23 @@ class MemoryLimits:
         if isinstance(v1, MemoryLimits):
             return v1
         reasons.append(v1)
-        return cls("monitor", None, "; ".join(r for r in reasons if r))
+        return cls("monitor", None, "; ".join(r for r in reasons if r), cls._fix())
+
+    @staticmethod
+    def _fix() -> str:
+        """What gets workers memory cgroups on this host, given what _try_v2 and _try_v1 need."""
+        if (CGROUP_ROOT / "cgroup.controllers").exists():
+            return ("for the kernel to enforce them, run faasd under systemd with Delegate=yes "
+                    "(systemd/faasd.service has Delegate=memory pids), which gives its cgroup "
+                    "the memory controller")
+        if (CGROUP_ROOT / "memory" / "memory.limit_in_bytes").exists():
+            if os.geteuid() != 0:
+                return ("for the kernel to enforce them, start faasd as root: on cgroup v1 only "
+                        "root may create memory cgroups, and systemd's Delegate= does not hand "
+                        "them over (on a cgroup v2 host it does)")
+            return f"for the kernel to enforce them, let faasd write {CGROUP_ROOT / 'memory'}"
+        return ("for the kernel to enforce them, run faasd where the cgroup memory controller "
+                "is mounted: cgroup v2 at /sys/fs/cgroup, under systemd with Delegate=yes")
 
     @classmethod
     def _try_v2(cls, name: str) -> "MemoryLimits | str":
@@ -170,7 +187,7 @@ class MemoryLimits:
         # and puts workers in sibling groups.
         try:
             if "memory" not in (mine / "cgroup.controllers").read_text().split():
-                return "the memory controller is not delegated to faasd's cgroup (systemd Delegate=yes)"
+                return "the memory controller is not delegated to faasd's cgroup"
             leaf = mine / "daemon"
             leaf.mkdir(exist_ok=True)
             (leaf / "cgroup.procs").write_text(str(os.getpid()))

@@ -378,8 +378,8 @@ def _start_without_memory_cgroups(start_daemon, functions_dir):
 
 def test_without_a_cgroup_system_info_says_what_the_monitor_does_instead(start_daemon, functions_dir):
     needs_root()
-    isolation = _start_without_memory_cgroups(start_daemon, functions_dir).get(
-        "/system/info").json()["isolation"]
+    daemon = _start_without_memory_cgroups(start_daemon, functions_dir)
+    isolation = daemon.get("/system/info").json()["isolation"]
     notes = {name: feature["note"] for name, feature in isolation.items()}
     assert not any("memory cgroup" in note for note in notes.values()), notes
     assert "every process of each worker and its private /tmp" in notes["memory_limit"]
@@ -389,6 +389,10 @@ def test_without_a_cgroup_system_info_says_what_the_monitor_does_instead(start_d
     assert "memory limit kept by the monitor" in notes["worker_templates"]
     assert isolation["pids_limit"]["active"] is False
     assert "killed with it by its mount namespace" in notes["pids_limit"]
+    # The start-up warning says what would get the kernel to enforce them instead.
+    assert ("not by the kernel: cgroup v2 is not the mounted hierarchy; no cgroup v1 memory hierarchy; "
+            "for the kernel to enforce them, run faasd where the cgroup memory controller is mounted: "
+            "cgroup v2 at /sys/fs/cgroup, under systemd with Delegate=yes") in daemon.output()
 
 
 # A child in a session of its own, out of the worker's process group, that spins.
@@ -1613,6 +1617,45 @@ def test_an_unprivileged_daemon_serves_and_says_which_isolation_it_could_not_use
                                     "api_closed_to_workers"}}
         assert missing, isolation
         assert sorted(said) == sorted(f"{name}: {isolation[name]['note']}" for name in missing), output
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# The cgroup hierarchies an unprivileged daemon finds, each in a mount namespace of its own.
+_HIERARCHIES = {
+    "cgroup v2": "mount -t cgroup2 none /sys/fs/cgroup",
+    "cgroup v1": ("mount -t tmpfs -o size=4k none /sys/fs/cgroup && mkdir /sys/fs/cgroup/memory && "
+                  "mount -t cgroup -o memory none /sys/fs/cgroup/memory"),
+}
+
+
+@pytest.mark.parametrize("hierarchy, fix", [
+    ("cgroup v2", "for the kernel to enforce them, run faasd under systemd with Delegate=yes "
+                  "(systemd/faasd.service has Delegate=memory pids), which gives its cgroup the "
+                  "memory controller"),
+    ("cgroup v1", "for the kernel to enforce them, start faasd as root: on cgroup v1 only root may "
+                  "create memory cgroups, and systemd's Delegate= does not hand them over (on a "
+                  "cgroup v2 host it does)"),
+])
+def test_an_unprivileged_daemon_without_memory_cgroups_says_how_to_get_them(
+        start_daemon, faasd_user, unprivileged_install, hierarchy, fix):
+    home = Path(tempfile.mkdtemp(prefix="faasd-monitor-", dir="/tmp"))
+    try:
+        os.chmod(home, 0o755)
+        functions, data = home / "functions", home / "data"
+        functions.mkdir()
+        data.mkdir()
+        os.chown(data, faasd_user.pw_uid, faasd_user.pw_gid)
+        prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                  f"set -e; {_HIERARCHIES[hierarchy]}; cd /root; exec setpriv --reuid={faasd_user.pw_uid} "
+                  f'--regid={faasd_user.pw_gid} --clear-groups -- "$@"', "sh"]
+        daemon = start_daemon(functions, data=data, python=unprivileged_install["FAASD_WORKERS_PYTHON"],
+                              prefix=prefix, env=unprivileged_install)
+        assert daemon.get("/system/info").json()["isolation"]["memory_limit"]["mode"] == "monitor"
+        warning = next((line for line in daemon.output().splitlines()
+                        if "memory limits by watching each worker's memory" in line), "")
+        assert warning.endswith(f"; {fix}"), daemon.output()
+        assert daemon.get("/system/info").json()["isolation"]["memory_limit"]["note"].endswith(f"; {fix}")
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
