@@ -10,6 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from faasd.limits import CGROUP_ROOT, cgroup_name, sweep_stale_cgroups  # noqa: E402
+from faasd.sandbox import PIDS_V1_ROOT  # noqa: E402
 from support import Daemon, descendants, free_port, pids_with_env, process_state, wait_until  # noqa: E402
 
 AMQP_URL = os.environ.get("FAASD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -63,6 +65,13 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         wait_until(lambda: not alive(), timeout=5, message="processes to exit")
     except AssertionError:
         pytest.fail(f"processes left behind: {alive()}")
+    finally:
+        # The cgroup v1 groups of a daemon a test killed are swept by the next start on
+        # its data dir, and no daemon starts on these again: sweep them as it would.
+        for data in {daemon.data for daemon in started}:
+            for root in (CGROUP_ROOT / "memory", Path(PIDS_V1_ROOT)):
+                if root.is_dir():
+                    sweep_stale_cgroups(root, cgroup_name(data))
 
 
 def _cmdline(pid: int) -> str:
