@@ -32,6 +32,9 @@ MB = 1024 * 1024
 T = TypeVar("T")
 
 
+LEGACY_NAME = "faasd"  # groups `faasd-<pid>`, of faasd before cgroup_name's tag
+
+
 def cgroup_name(data_dir: str | os.PathLike) -> str:
     """The prefix of this daemon's cgroup v1 groups, `faasd-<tag>` (each group is
     `faasd-<tag>-<pid>`): the tag names the data dir, so that a daemon's next start
@@ -287,10 +290,15 @@ def sweep_stale_cgroups(root: Path, name: str) -> int:
     are that service's to sweep when it restarts, and to report in its own
     log: this daemon cannot tell one that died from one whose pid it cannot
     see (in another pid namespace).
+
+    Groups named `faasd-<pid>`, as faasd named them before the tag, are swept
+    by any daemon: no data dir can be told from such a name, and a daemon
+    killed just before an upgrade left them for no one else.
     """
     removed = 0
-    for base in root.glob(f"{name}-*"):
-        suffix = base.name[len(name) + 1:]
+    groups = [(base, base.name[len(prefix) + 1:])
+              for prefix in (name, LEGACY_NAME) for base in root.glob(f"{prefix}-*")]
+    for base, suffix in groups:
         if not suffix.isdigit() or _alive(int(suffix)) or not base.is_dir():
             continue
         killed, gone = remove_tree(base)

@@ -28,6 +28,8 @@ def test_stale_trees_of_dead_daemons_of_this_data_dir_are_removed_and_the_rest_k
     (tmp_path / f"{name}-{os.getpid()}" / "fn-2").mkdir(parents=True)
     (tmp_path / f"{elsewhere}-{dead}" / "fn-4").mkdir(parents=True)  # another service's to sweep
     (tmp_path / "other-123").mkdir()
+    (tmp_path / f"faasd-{dead}" / "fn-5").mkdir(parents=True)  # named before the tag: anyone's
+    (tmp_path / f"faasd-{os.getpid()}").mkdir()  # a live daemon's, named before the tag
     leftover = subprocess.Popen(["sleep", "60"])  # in a dead daemon's group: killed
     kept = subprocess.Popen(["sleep", "60"])  # in a live daemon's group: left alone
     theirs = subprocess.Popen(["sleep", "60"])  # in another data dir's dead daemon's: left alone
@@ -38,11 +40,12 @@ def test_stale_trees_of_dead_daemons_of_this_data_dir_are_removed_and_the_rest_k
         (tmp_path / f"{name}-{os.getpid()}" / "fn-2" / "cgroup.procs").write_text(f"{kept.pid}\n")
         (tmp_path / f"{elsewhere}-{dead}" / "fn-4" / "cgroup.procs").write_text(f"{theirs.pid}\n")
         # A plain directory keeps its cgroup.procs file: the busy tree stays, its process killed.
-        assert sweep_stale_cgroups(tmp_path, name) == 3
+        assert sweep_stale_cgroups(tmp_path, name) == 5
         assert leftover.wait(1) == -signal.SIGKILL
         assert kept.poll() is None and theirs.poll() is None
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [f"{name}-{os.getpid()}", f"{elsewhere}-{dead}", "other-123", f"{name}-{dead}0"])
+            [f"{name}-{os.getpid()}", f"{elsewhere}-{dead}", "other-123", f"{name}-{dead}0",
+             f"faasd-{os.getpid()}"])
     finally:
         for process in (leftover, kept, theirs):
             process.kill()
