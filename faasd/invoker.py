@@ -29,6 +29,7 @@ from .pool import WorkerPool
 from .registry import Registry
 from .sandbox import SETUP_ERROR
 from .spec import FunctionSpec, new_request_id
+from .streaming import ResponseStream
 from .workers import HostShortage, Worker, WorkerInitError
 
 log = logging.getLogger("faasd.invoker")
@@ -176,7 +177,8 @@ class Invoker:
     async def invoke(self, name: str, event: bytes, *, request_id: str | None = None,
                      wait: bool = False, source: str = "api",
                      client_context: dict | None = None,
-                     invoked_arn: str | None = None, trace_id: str | None = None) -> Invocation:
+                     invoked_arn: str | None = None, trace_id: str | None = None,
+                     stream: ResponseStream | None = None) -> Invocation:
         """Run `name` on `event` (JSON bytes) and report how it went.
 
         `client_context` is the caller's ClientContext (Lambda Invoke API),
@@ -185,6 +187,9 @@ class Invoker:
         handler's `context.invoked_function_arn`; None gives the function's
         own unqualified ARN. `trace_id` is the X-Ray trace header the call
         runs under (`_X_AMZN_TRACE_ID`); None: the runtime makes a new one.
+        `stream` is a streaming caller's (InvokeWithResponseStream): a
+        function that streams its response feeds it as it writes, and the
+        result then holds none of it (faasd/streaming.py).
 
         With `wait` (the queues dispatching an event) it waits for a free
         concurrency slot instead of raising Throttled, and is refused from
@@ -223,7 +228,7 @@ class Invoker:
             # The spec may have changed while we waited for a slot.
             spec = self.registry.get(name) or spec
             invocation = await self._run(spec, event, request_id or new_request_id(), client_context,
-                                         invoked_arn, trace_id, called=not wait)
+                                         invoked_arn, trace_id, called=not wait, stream=stream)
         finally:
             self.inflight -= 1
             fn_limit.release()
@@ -247,7 +252,8 @@ class Invoker:
 
     async def _run(self, spec: FunctionSpec, event: bytes, request_id: str,
                    client_context: dict | None = None, invoked_arn: str | None = None,
-                   trace_id: str | None = None, called: bool = False) -> Invocation:
+                   trace_id: str | None = None, called: bool = False,
+                   stream: ResponseStream | None = None) -> Invocation:
         capture = LogCapture(self.logs, spec.name, request_id)
         invocation = Invocation(request_id=request_id, function=spec.name)
         if spec.load_error:
@@ -286,7 +292,7 @@ class Invoker:
             self._called.add(worker)
         try:
             result = await worker.run(request_id, event, deadline, capture, client_context, invoked_arn,
-                                      trace_id)
+                                      trace_id, stream)
         finally:
             self._called.discard(worker)
             invocation.duration_ms = (time.perf_counter() - started) * 1000

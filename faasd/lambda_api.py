@@ -52,6 +52,7 @@ from .errors import (
     FunctionNotFound, InvalidParameter, InvalidRequest, InvokeRefused, PayloadTooLarge, Throttled, ValidationFailed,
 )
 from .eventstream import encode_event
+from .streaming import ResponseStream
 from .spec import (
     FunctionSpec, caller_trace_id, code_sha256, config_file_of, function_arn, new_request_id, runtime_id,
     valid_name,
@@ -85,6 +86,8 @@ LIST_PAGE = 50  # but "ListFunctions returns a maximum of 50 items in each respo
 NAME_SEGMENT = "{name:[^/]*}"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
 STREAM_CHUNK = 64 * 1024  # the most result bytes in one PayloadChunk event
+# Streamed calls whose caller went away, running on to their end (held: the loop keeps tasks weakly).
+_running_on: set[asyncio.Task] = set()
 
 
 def answer(body: Any) -> web.Response:
@@ -348,31 +351,31 @@ def log_result(invocation: "Invocation") -> str:
     return base64.b64encode(invocation.log_tail.encode()[-4096:]).decode()
 
 
-def stream_response(invocation: "Invocation", request_id: str, tail: bool) -> web.Response:
-    """InvokeWithResponseStream's answer: the result in PayloadChunk events, then
-    InvokeComplete with `ErrorCode`, `ErrorDetails` and `LogResult` where they apply.
+def payload_chunks(data: bytes) -> list[bytes]:
+    """PayloadChunk events of `data`, at most STREAM_CHUNK bytes each."""
+    return [encode_event("PayloadChunk", data[start:start + STREAM_CHUNK], "application/octet-stream")
+            for start in range(0, len(data), STREAM_CHUNK)]
 
-    faasd's functions do not stream: a worker hands over its whole result (a
-    Node `streamifyResponse` handler's too, once its stream has ended), so the
-    chunks are cut from that result and sent together after the function has
-    finished. A client reads the events Lambda would send, only not as the
-    function writes them.
-    """
-    body = response_body(invocation)
+
+def stream_end(invocation: "Invocation", tail: bool, streamed: bool) -> bytes:
+    """The events that end InvokeWithResponseStream's answer: the result in PayloadChunk
+    events, unless the function streamed it (`streamed`: its chunks have gone out as it
+    wrote them), then InvokeComplete with `ErrorCode`, `ErrorDetails` and `LogResult`
+    where they apply. A function that fails after it streamed chunks ends so too: its
+    caller has had the chunks, then gets the error, as Lambda passes on a runtime's
+    error trailers."""
     complete: dict[str, str] = {}
+    events = []
     if invocation.error is None:
-        events = [encode_event("PayloadChunk", body[start:start + STREAM_CHUNK], "application/octet-stream")
-                  for start in range(0, len(body), STREAM_CHUNK)]
+        if not streamed:
+            events = payload_chunks(response_body(invocation))
     else:
-        events = []
-        # As Lambda passes on a runtime's error trailers: the error's type, and its document.
         complete["ErrorCode"] = invocation.error.error_type
-        complete["ErrorDetails"] = body.decode("utf-8", "replace")
+        complete["ErrorDetails"] = invocation.error.to_bytes().decode("utf-8", "replace")
     if tail:
         complete["LogResult"] = log_result(invocation)
     events.append(encode_event("InvokeComplete", orjson.dumps(complete), "application/json"))
-    return web.Response(status=200, body=b"".join(events), content_type=EVENT_STREAM,
-                        headers={"x-amzn-RequestId": request_id, "X-Amz-Executed-Version": "$LATEST"})
+    return b"".join(events)
 
 
 def is_lambda_api(path: str) -> bool:
@@ -492,10 +495,10 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             raise InvokeRefused(f"the event could not be stored: {exc}") from None
         return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
 
-    async def run(call: Call, request_id: str) -> "Invocation":
+    async def run(call: Call, request_id: str, stream: ResponseStream | None = None) -> "Invocation":
         return await invoker.invoke(call.spec.name, call.payload, request_id=request_id, source="api",
                                     client_context=call.client_context, invoked_arn=call.invoked_arn,
-                                    trace_id=call.trace_id)
+                                    trace_id=call.trace_id, stream=stream)
 
     async def invoke(request: web.Request) -> web.StreamResponse:
         request_id = new_request_id()
@@ -518,17 +521,52 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                             headers=headers)
 
     async def invoke_with_response_stream(request: web.Request) -> web.StreamResponse:
-        # Refusals are Invoke's, as plain JSON errors: the event stream has not started.
+        """Lambda's answer as it comes: a function that streams its response (Node's
+        streamifyResponse, a custom runtime's streamed post) has each piece sent on as a
+        PayloadChunk as it writes it, so the caller reads the first bytes while the
+        function still runs, and up to 200 MB of them; any other function's result goes
+        out in PayloadChunk events once it has returned. Refusals are Invoke's, as plain
+        JSON errors: the event stream has not started."""
         request_id = new_request_id()
         invocation_type = request.headers.get("X-Amz-Invocation-Type", "RequestResponse")
+        headers = {"x-amzn-RequestId": request_id, "X-Amz-Executed-Version": "$LATEST"}
         try:
             call = await read_call(request, invocation_type, STREAM_INVOCATION_TYPES)
             if invocation_type == "DryRun":
                 return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
-            invocation = await run(call, request_id)
+            if call.spec.runtime == "python":  # Lambda's Python runtime does not stream
+                invocation = await run(call, request_id)
+                return web.Response(status=200, body=stream_end(invocation, call.tail, False),
+                                    content_type=EVENT_STREAM, headers=headers)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
-        return stream_response(invocation, request_id, call.tail)
+        stream = ResponseStream()
+        running = asyncio.ensure_future(run(call, request_id, stream))
+        running.add_done_callback(lambda _: stream.close())
+        response: web.StreamResponse | None = None
+        try:
+            while (chunk := await stream.read()) is not None:
+                if response is None:  # the first piece: the answer starts
+                    response = web.StreamResponse(status=200, headers=headers)
+                    response.content_type = EVENT_STREAM
+                    await response.prepare(request)
+                await response.write(b"".join(payload_chunks(chunk)))
+        except BaseException:
+            # The caller went away: the function runs on to its end, as on Lambda.
+            stream.abandon()
+            _running_on.add(running)
+            running.add_done_callback(_running_on.discard)
+            raise
+        try:
+            invocation = await running
+        except InvokeRefused as exc:  # before the function ran: nothing was streamed
+            return service_error(exc, request_id)
+        end = stream_end(invocation, call.tail, stream.started)
+        if response is None:
+            return web.Response(status=200, body=end, content_type=EVENT_STREAM, headers=headers)
+        await response.write(end)
+        await response.write_eof()
+        return response
 
     async def invoke_async(request: web.Request) -> web.Response:
         # Lambda's InvokeAsync, deprecated for Invoke's Event but still served: the

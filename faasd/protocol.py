@@ -37,6 +37,15 @@ worker -> daemon
     STATS       optional, just before RESULT or ERROR: uint32 big-endian, the
                 worker's peak resident memory in KiB (so the daemon need not
                 read /proc or the cgroup on every call for `Max Memory Used`).
+    CHUNK       raw bytes: the next piece of a streamed response (a Node
+                `awslambda.streamifyResponse` handler's stream), sent as the
+                handler writes it, before the RESULT or ERROR that ends the
+                invocation. The response is the chunks in order (then the
+                RESULT's bytes, normally none); an ERROR after chunks fails
+                the invocation once its caller has had them, as on Lambda.
+                The daemon stops reading the socket while a slow caller has
+                not taken what came (faasd/streaming.py): a worker's writes
+                then wait, and should wait, for the socket to drain.
     RESULT      the handler's return value as JSON bytes. Ends an invocation.
     ERROR       the error document the caller gets, in the runtime's Lambda
                 shape: {"errorType", "errorMessage", "stackTrace"} (Python),
@@ -87,10 +96,17 @@ HEADER_SIZE = HEADER.size
 MAX_FRAME = 64 * 1024 * 1024  # larger than any payload Lambda accepts
 # Lambda's synchronous response limit ("6 MB": 100 bytes over 6 MiB, as its error
 # says), and its error's message; every runtime refuses a larger result itself
-# (node_worker.js has its own copy), and the daemon makes sure.
+# (node_worker.js has its own copy), and the daemon makes sure. A streamed response
+# (CHUNK frames) is the daemon's to count: its limit is its caller's (faasd/streaming.py).
 MAX_RESPONSE_BYTES = 6291556
-RESPONSE_TOO_LARGE = ("Response payload size exceeded maximum allowed payload size "
-                      f"({MAX_RESPONSE_BYTES} bytes).")
+
+
+def response_too_large(limit: int) -> str:
+    """Lambda's Function.ResponseSizeTooLarge message, for a response over `limit` bytes."""
+    return f"Response payload size exceeded maximum allowed payload size ({limit} bytes)."
+
+
+RESPONSE_TOO_LARGE = response_too_large(MAX_RESPONSE_BYTES)
 
 
 def syntax_error_frame(filename: str | None, lineno: int | None, text: str | None) -> str:
@@ -136,6 +152,7 @@ LOG = 12
 RESULT = 13
 ERROR = 14
 STATS = 15
+CHUNK = 16
 
 # templates
 FORK = 3
@@ -146,7 +163,7 @@ SPARE = 18
 
 KIND_NAMES = {
     INVOKE: "INVOKE", SHUTDOWN: "SHUTDOWN", READY: "READY", INIT_ERROR: "INIT_ERROR",
-    LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR", STATS: "STATS", FORK: "FORK", WAKE: "WAKE",
+    LOG: "LOG", RESULT: "RESULT", ERROR: "ERROR", STATS: "STATS", CHUNK: "CHUNK", FORK: "FORK", WAKE: "WAKE",
     START: "START", JOIN: "JOIN", EXITED: "EXITED", SPARE: "SPARE",
 }
 

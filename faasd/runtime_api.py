@@ -14,8 +14,10 @@ bootstrap in `AWS_LAMBDA_RUNTIME_API` (`127.0.0.1:PORT`):
          Lambda-Runtime-Client-Context when the caller sent a ClientContext.
     POST /2018-06-01/runtime/invocation/ID/response  the result (up to 6 MB)   -> 202
          (or streamed: Lambda-Runtime-Function-Response-Mode: streaming, chunked,
+         each chunk passed on as it comes to a caller that streams, up to 200 MB,
          and an error that ends the stream in the trailers Lambda-Runtime-Function-
-         Error-Type and -Error-Body, base64: the invocation fails with it)
+         Error-Type and -Error-Body, base64: the invocation fails with it, after
+         the chunks)
     POST /2018-06-01/runtime/invocation/ID/error     the error document               -> 202
     POST /2018-06-01/runtime/init/error              the same, before the first /next -> 202
 
@@ -548,6 +550,8 @@ class RuntimeApi:
     async def _response(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
         if request_id != self._current:
             return self._out_of_turn(request_id)
+        if request.headers.get(RESPONSE_MODE_HEADER, "").lower() == "streaming":
+            return await self._streamed_response(request, request_id)
         body, too_large = await _read_body(request, protocol.MAX_RESPONSE_BYTES)
         if request_id != self._current:  # timed out while the body arrived
             return self._out_of_turn(request_id)
@@ -559,11 +563,36 @@ class RuntimeApi:
                 HANDLED, "Function.ResponseSizeTooLarge", protocol.RESPONSE_TOO_LARGE), fatal=True)
             return _refusal(413, "RequestEntityTooLarge",
                             f"Exceeded maximum allowed payload size ({protocol.MAX_RESPONSE_BYTES} bytes).")
+        self.worker.runtime_result(body)
+        return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
+
+    async def _streamed_response(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
+        """A response posted as it is written (chunked): each piece goes on to the call as it
+        comes, so a caller that streams reads it while the function runs; the body is read no
+        faster than that caller takes it. Its limit is the caller's: 6 MB for one that does
+        not stream, 200 MB for one that does."""
+        worker = self.worker
+        limit = worker.response_limit()
+        size = 0
+        async for data in request.content.iter_any():
+            if request_id != self._current:  # timed out while the body arrived
+                return self._out_of_turn(request_id)
+            size += len(data)
+            if size > limit:
+                self._current, self._answered = None, request_id
+                worker.runtime_error(FunctionError(
+                    HANDLED, "Function.ResponseSizeTooLarge", protocol.response_too_large(limit)), fatal=True)
+                return _refusal(413, "RequestEntityTooLarge", f"Exceeded maximum allowed payload size ({limit} bytes).")
+            worker.runtime_chunk(data)
+            await worker.chunk_room()
+        if request_id != self._current:
+            return self._out_of_turn(request_id)
+        self._current, self._answered = None, request_id
         error = _stream_error(request)
         if error is not None:
-            self.worker.runtime_error(error)
+            worker.runtime_error(error)
         else:
-            self.worker.runtime_result(body)
+            worker.runtime_result(b"")
         return web.Response(status=202, body=_ACCEPTED, content_type="application/json")
 
     async def _error(self, request: web.BaseRequest, request_id: str) -> web.StreamResponse:
@@ -665,6 +694,9 @@ class ProvidedWorker(ProcessWorker):
     def runtime_result(self, payload: bytes) -> None:
         self._drain_output()
         self._on_frame(protocol.RESULT, payload)
+
+    def runtime_chunk(self, data: bytes) -> None:
+        self._on_chunk(data)
 
     def runtime_error(self, error: FunctionError, fatal: bool = False) -> None:
         self._drain_output()

@@ -44,6 +44,7 @@ from .sandbox import (
     SandboxError, WorkerPlan, join_cgroups_of, parent_moves, private_tmpfs_usage, read_pids,
 )
 from .spec import DEFAULT_REGION, FunctionSpec, function_arn, python_interpreter, runtime_id
+from .streaming import ResponseStream
 from .triggers.options import file_trigger_dirs  # a file trigger's dir is its function's bucket
 
 log = logging.getLogger("faasd.worker")
@@ -347,10 +348,13 @@ class Worker:
 
     async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink,
                   client_context: dict | None = None, invoked_arn: str | None = None,
-                  trace_id: str | None = None) -> RunResult:
+                  trace_id: str | None = None, stream: ResponseStream | None = None) -> RunResult:
         """Run one invocation. `deadline` is in epoch seconds; `invoked_arn`
         is context.invoked_function_arn when not the function's own (`arn`);
-        `trace_id` the X-Ray trace header, when the runtime is not to make one."""
+        `trace_id` the X-Ray trace header, when the runtime is not to make one.
+        With `stream` (a caller that streams), a streamed response goes there
+        piece by piece as the function writes it, and is not in the result;
+        without, it is the result, held to the 6 MB of a buffered response."""
         raise NotImplementedError
 
     def freeze(self) -> None:
@@ -376,12 +380,16 @@ class _Call:
     """The invocation in flight on a ProcessWorker."""
 
     __slots__ = ("request_id", "future", "sink", "oom", "timed_out", "fatal", "tmp_full", "stopped",
-                 "log_bytes", "last_lines", "left_out")
+                 "log_bytes", "last_lines", "left_out", "stream", "parts", "streamed")
 
-    def __init__(self, request_id: str, future: asyncio.Future, sink: LineSink) -> None:
+    def __init__(self, request_id: str, future: asyncio.Future, sink: LineSink,
+                 stream: ResponseStream | None = None) -> None:
         self.request_id = request_id
         self.future = future
         self.sink = sink
+        self.stream = stream  # the caller's, for a streamed response; None: it is kept in parts
+        self.parts: list[bytes] = []  # a streamed response's pieces, while within MAX_RESPONSE_BYTES
+        self.streamed = 0  # bytes of streamed response so far
         self.oom = False
         self.timed_out = False
         self.fatal = False  # the runtime said it exits after this call's error
@@ -653,11 +661,15 @@ class ProcessWorker(Worker):
                 self._log_partial = ""
             for line in lines:
                 self._on_output(line)
+        elif kind == protocol.CHUNK:
+            self._on_chunk(payload)
         elif kind == protocol.RESULT or kind == protocol.ERROR:
             if call is None or call.future.done():
                 log.warning("worker %s sent a reply with no invocation in flight", self.id)
                 return
-            if kind == protocol.RESULT and len(payload) > protocol.MAX_RESPONSE_BYTES:
+            if kind == protocol.RESULT and call.streamed:
+                self._end_stream(call, payload)
+            elif kind == protocol.RESULT and len(payload) > protocol.MAX_RESPONSE_BYTES:
                 # Every runtime's shim should refuse this itself; the daemon makes sure.
                 call.future.set_result((None, FunctionError(
                     HANDLED, "Function.ResponseSizeTooLarge", protocol.RESPONSE_TOO_LARGE)))
@@ -680,6 +692,53 @@ class ProcessWorker(Worker):
             self._fail_init(FunctionError.from_payload(INIT, _loads(payload)))
         else:
             log.warning("worker %s sent an unknown frame kind %d", self.id, kind)
+
+    def _on_chunk(self, data: bytes) -> None:
+        """A piece of the call's streamed response: on to a caller that streams, as it
+        comes, or kept for the result (counted only, past a buffered response's limit)."""
+        call = self._call
+        if call is None or call.future.done() or not data:
+            return
+        call.streamed += len(data)
+        if call.stream is not None:
+            call.stream.feed(data)
+        elif call.streamed <= protocol.MAX_RESPONSE_BYTES:
+            call.parts.append(data)
+
+    def _end_stream(self, call: _Call, rest: bytes) -> None:
+        """A streamed response has ended well (`rest`: its last bytes, if any): the
+        call's result is what the caller has not had of it."""
+        self._on_chunk(rest)
+        limit = protocol.MAX_RESPONSE_BYTES if call.stream is None else call.stream.limit
+        if call.streamed > limit:
+            call.future.set_result((None, FunctionError(
+                HANDLED, "Function.ResponseSizeTooLarge", protocol.response_too_large(limit))))
+        elif call.stream is not None:
+            call.future.set_result((None, None))
+        else:
+            call.future.set_result((b"".join(call.parts), None))
+
+    def response_limit(self) -> int:
+        """The most bytes the call in flight may stream: a streaming caller's limit, or a
+        buffered response's."""
+        call = self._call
+        return call.stream.limit if call is not None and call.stream is not None else protocol.MAX_RESPONSE_BYTES
+
+    async def chunk_room(self) -> None:
+        """Wait while a streaming caller has not taken what the call streamed so far."""
+        call = self._call
+        if call is not None and call.stream is not None:
+            await call.stream.drained()
+
+    def _pause_reading(self, paused: bool) -> None:
+        """Backpressure from a streaming caller: stop reading the worker's frames, or go on."""
+        transport = self._control.transport if self._control is not None else None
+        if transport is None or transport.is_closing():
+            return
+        if paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     def _fail_call(self, error: FunctionError, fatal: bool = False) -> None:
         """The runtime reported the call in flight failed (`fatal`: and it exits)."""
@@ -837,10 +896,10 @@ class ProcessWorker(Worker):
 
     async def run(self, request_id: str, event: bytes, deadline: float, sink: LineSink,
                   client_context: dict | None = None, invoked_arn: str | None = None,
-                  trace_id: str | None = None) -> RunResult:
+                  trace_id: str | None = None, stream: ResponseStream | None = None) -> RunResult:
         loop = self._loop
         future = loop.create_future()
-        call = self._call = _Call(request_id, future, sink)
+        call = self._call = _Call(request_id, future, sink, stream)
         fields = {"id": request_id, "deadline_ms": int(deadline * 1000), "arn": invoked_arn or self.arn}
         if client_context is not None:
             fields["client_context"] = client_context
@@ -868,9 +927,13 @@ class ProcessWorker(Worker):
         replies = self.env.replies
         polled = replies is not None and replies.begin(self.last_reply_s)
         written = time.monotonic()
+        if stream is not None:
+            stream.attach(self._pause_reading)
         try:
             payload, error = await future
         finally:
+            if stream is not None:
+                stream.detach()
             self.last_reply_s = time.monotonic() - written
             if polled:
                 replies.end()  # type: ignore[union-attr]

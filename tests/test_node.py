@@ -416,6 +416,100 @@ def test_streamify_response_handlers_run_and_their_stream_is_the_result(daemon):
     assert json.loads(prelude)["statusCode"] == 201 and body == b"<p>streamed</p>"
 
 
+# A streamified handler that writes, then waits on the test's probe gate (GET PROBE/gate/NAME,
+# answered once the test releases it), then writes again, or throws, or ends.
+GATED_STREAM = """
+    const http = require("node:http");
+    const gate = (name) => new Promise((resolve, reject) =>
+      http.get(`${process.env.PROBE}/gate/${name}`, (res) => { res.resume(); res.on("end", resolve); })
+        .on("error", reject));
+    exports.handler = awslambda.streamifyResponse(async (event, responseStream) => {
+      responseStream.write("first chunk;");
+      await gate(event.gate);
+      if (event.fail) throw new RangeError("broke after the first chunk");
+      responseStream.end("second chunk");
+    });
+"""
+
+
+@pytest.fixture
+def probe():
+    from probe import Probe
+
+    probe = Probe()
+    yield probe
+    probe.close()
+
+
+def test_a_streamed_chunk_reaches_the_caller_while_the_function_still_runs(daemon, probe):
+    write_function(daemon.functions, "gated.js", GATED_STREAM)
+    write_function(daemon.functions, "gated.toml", f'timeout_s = 60\n[env]\nPROBE = "{probe.url}"\n')
+    loaded(daemon, "gated")
+    lam = lambda_client(daemon.url)
+    answer = lam.invoke_with_response_stream(FunctionName="gated", Payload=b'{"gate": "g"}')
+    assert answer["StatusCode"] == 200
+    events = iter(answer["EventStream"])
+    # The function is waiting on the gate, which only this test opens: the chunk came first.
+    assert next(events) == {"PayloadChunk": {"Payload": b"first chunk;"}}
+    assert not probe.gate("g").is_set()
+    probe.release("g")
+    rest = list(events)
+    assert rest[-1] == {"InvokeComplete": {}}
+    assert b"".join(e["PayloadChunk"]["Payload"] for e in rest[:-1]) == b"second chunk"
+    # The buffered Invoke gets the whole of it, once it has ended.
+    probe.release("g2")
+    assert daemon.invoke("gated", {"gate": "g2"}).body == b"first chunk;second chunk"
+
+
+def test_chunks_written_before_a_streamed_function_throws_reach_the_caller_then_its_error(daemon, probe):
+    write_function(daemon.functions, "gated.js", GATED_STREAM)
+    write_function(daemon.functions, "gated.toml", f'timeout_s = 60\n[env]\nPROBE = "{probe.url}"\n')
+    loaded(daemon, "gated")
+    answer = lambda_client(daemon.url).invoke_with_response_stream(
+        FunctionName="gated", Payload=b'{"gate": "g", "fail": true}', LogType="Tail")
+    events = iter(answer["EventStream"])
+    assert next(events) == {"PayloadChunk": {"Payload": b"first chunk;"}}
+    probe.release("g")
+    [complete] = list(events)
+    ended = complete["InvokeComplete"]
+    assert ended["ErrorCode"] == "RangeError"
+    details = json.loads(ended["ErrorDetails"])
+    assert details["errorType"] == "RangeError" and details["errorMessage"] == "broke after the first chunk"
+    assert "broke after the first chunk" in base64.b64decode(ended["LogResult"]).decode()
+    # The worker goes on serving.
+    probe.release("g2")
+    assert daemon.invoke("gated", {"gate": "g2"}).body == b"first chunk;second chunk"
+
+
+def test_a_streamed_response_may_pass_the_6_mb_of_a_buffered_one(daemon):
+    write_function(daemon.functions, "big.js", """
+        const { Readable } = require("node:stream");
+        const { pipeline } = require("node:stream/promises");
+        exports.handler = awslambda.streamifyResponse(async (event, responseStream) => {
+          const piece = Buffer.alloc(100 * 1024, "z");
+          async function* pieces() { for (let i = 0; i < event.pieces; i++) yield piece; }
+          await pipeline(Readable.from(pieces()), responseStream);
+        });
+    """)
+    write_function(daemon.functions, "big.toml", "timeout_s = 60\nmemory_mb = 256\n")
+    loaded(daemon, "big")
+    lam = lambda_client(daemon.url)
+    pieces = 80  # 8000 KiB: past Lambda's 6291556 bytes of a buffered response
+    answer = lam.invoke_with_response_stream(FunctionName="big", Payload=json.dumps({"pieces": pieces}).encode())
+    *chunks, complete = list(answer["EventStream"])
+    assert complete == {"InvokeComplete": {}}
+    data = b"".join(c["PayloadChunk"]["Payload"] for c in chunks)
+    assert len(data) == pieces * 100 * 1024 and set(data) == {ord("z")}
+    assert all(len(c["PayloadChunk"]["Payload"]) <= 64 * 1024 for c in chunks)
+    # Invoke buffers it, and so holds it to Lambda's limit of a buffered response.
+    failed = daemon.invoke("big", {"pieces": pieces})
+    assert failed.headers["x-amz-function-error"] == "Unhandled"
+    assert failed.json()["errorType"] == "Function.ResponseSizeTooLarge"
+    assert failed.json()["errorMessage"] == (
+        "Response payload size exceeded maximum allowed payload size (6291556 bytes).")
+    assert len(daemon.invoke("big", {"pieces": 60}).body) == 60 * 100 * 1024  # within it: whole
+
+
 def test_callback_waits_for_an_empty_event_loop_unless_told_not_to(daemon):
     write_function(daemon.functions, "later.js", """
         exports.handler = (event, context, callback) => {

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from support import (
-    EXAMPLES, assert_callers_trace_ids_pass_on, loaded, process_state, request_lines, wait_until, write_function,
+    EXAMPLES, assert_callers_trace_ids_pass_on, lambda_client, loaded, process_state, request_lines, wait_until,
+    write_function,
 )
 
 
@@ -656,6 +657,94 @@ def test_an_error_a_streamed_response_ends_with_fails_the_invocation(daemon):
     assert failed.json() == {"errorType": "RangeError", "errorMessage": "mid-stream failure",
                              "trace": ["RangeError: x"]}
     assert daemon.invoke("streamer").body == b"part one, part two"  # the same worker goes on
+
+
+# Streams as AWS's Node client does, one chunk at a time: the first, then (after the probe's
+# gate named in the event opens) the second, or an error in the trailers; or `size` bytes.
+GATED_STREAMING_BOOTSTRAP = """\
+#!{python}
+import base64, json, os, socket, urllib.request
+
+host, port = os.environ["AWS_LAMBDA_RUNTIME_API"].split(":")
+api = socket.create_connection((host, int(port)))
+reader = api.makefile("rb")
+
+def head():
+    reader.readline()
+    headers = {{}}
+    while (line := reader.readline()) != b"\\r\\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return headers
+
+def chunk(data):
+    api.sendall(b"%x\\r\\n%s\\r\\n" % (len(data), data))
+
+while True:
+    api.sendall(b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\\r\\nHost: api\\r\\n\\r\\n")
+    headers = head()
+    event = json.loads(reader.read(int(headers["content-length"])))
+    request_id = headers["lambda-runtime-aws-request-id"]
+    api.sendall(b"POST /2018-06-01/runtime/invocation/" + request_id.encode() + b"/response HTTP/1.1\\r\\n"
+                b"Host: api\\r\\nLambda-Runtime-Function-Response-Mode: streaming\\r\\n"
+                b"Transfer-Encoding: chunked\\r\\nContent-Type: text/plain\\r\\n"
+                b"Trailer: Lambda-Runtime-Function-Error-Type, Lambda-Runtime-Function-Error-Body\\r\\n\\r\\n")
+    trailers = b""
+    if event.get("size"):
+        for _ in range(event["size"] // 65536):
+            chunk(b"z" * 65536)
+    else:
+        chunk(b"first chunk;")
+        urllib.request.urlopen(os.environ["PROBE"] + "/gate/" + event["gate"], timeout=60).read()
+        if event.get("fail"):
+            error = {{"errorType": "RangeError", "errorMessage": "broke mid-stream", "trace": []}}
+            trailers = (b"Lambda-Runtime-Function-Error-Type: RangeError\\r\\n"
+                        b"Lambda-Runtime-Function-Error-Body: " + base64.b64encode(json.dumps(error).encode())
+                        + b"\\r\\n")
+        else:
+            chunk(b"second chunk")
+    api.sendall(b"0\\r\\n" + trailers + b"\\r\\n")
+    length = int(head().get("content-length", 0))
+    reader.read(length)
+"""
+
+
+def test_a_streamed_post_reaches_a_streaming_caller_chunk_by_chunk_then_its_error(daemon):
+    from probe import Probe
+
+    probe = Probe()
+    try:
+        write_function(daemon.functions, "gated/bootstrap", GATED_STREAMING_BOOTSTRAP.format(python=sys.executable))
+        write_function(daemon.functions, "gated/function.toml",
+                       f'timeout_s = 60\nmemory_mb = 256\n[env]\nPROBE = "{probe.url}"\n')
+        loaded(daemon, "gated")
+        lam = lambda_client(daemon.url)
+        events = iter(lam.invoke_with_response_stream(FunctionName="gated", Payload=b'{"gate": "g1"}')["EventStream"])
+        # The bootstrap waits on a gate only this test opens: its first chunk came first.
+        assert next(events) == {"PayloadChunk": {"Payload": b"first chunk;"}}
+        probe.release("g1")
+        *chunks, complete = list(events)
+        assert complete == {"InvokeComplete": {}}
+        assert b"".join(c["PayloadChunk"]["Payload"] for c in chunks) == b"second chunk"
+
+        events = iter(lam.invoke_with_response_stream(
+            FunctionName="gated", Payload=b'{"gate": "g2", "fail": true}')["EventStream"])
+        assert next(events) == {"PayloadChunk": {"Payload": b"first chunk;"}}
+        probe.release("g2")
+        [complete] = list(events)
+        assert complete["InvokeComplete"]["ErrorCode"] == "RangeError"
+        assert json.loads(complete["InvokeComplete"]["ErrorDetails"])["errorMessage"] == "broke mid-stream"
+
+        # Past the 6 MB of a buffered response: streamed whole; Invoke refuses it.
+        size = 100 * 65536
+        *chunks, complete = list(lam.invoke_with_response_stream(
+            FunctionName="gated", Payload=json.dumps({"size": size}).encode())["EventStream"])
+        assert complete == {"InvokeComplete": {}}
+        assert sum(len(c["PayloadChunk"]["Payload"]) for c in chunks) == size
+        failed = daemon.invoke("gated", {"size": size})
+        assert failed.json()["errorType"] == "Function.ResponseSizeTooLarge", failed.text
+    finally:
+        probe.close()
 
 
 def test_a_bootstrap_that_never_polls_fails_init_with_a_timeout(daemon):

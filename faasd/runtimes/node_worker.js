@@ -15,8 +15,9 @@
  * response until the event loop is empty. For that, the control socket is
  * unreferenced while a handler runs, so Node's 'beforeExit' fires when only
  * the handler's own work could have kept the loop alive. Streaming handlers
- * (`awslambda.streamifyResponse`) run too, but faasd has no streaming
- * invoke: what they write is the call's result once their stream has ended.
+ * (`awslambda.streamifyResponse`) send what they write as CHUNK frames, as they
+ * write it (the daemon passes each on to a caller that streams), with the
+ * control socket's backpressure as their stream's.
  *
  * console.* writes Lambda's `time\trequestId\tLEVEL\tmessage` records as LOG
  * frames, one line each (a message's newlines become \r, as on Lambda), or
@@ -44,10 +45,13 @@ const INIT_ERROR = 11;
 const LOG = 12;
 const RESULT = 13;
 const ERROR = 14;
+const CHUNK = 16;
 const HEADER_SIZE = 5; // uint32 big-endian payload length, then one kind byte
 
 // Lambda's "6 MB" response limit: faasd/protocol.py's MAX_RESPONSE_BYTES, which the daemon checks too.
+// A streamed response is the daemon's to count: its limit depends on whether the caller streams.
 const MAX_RESPONSE_BYTES = 6291556;
+const CHUNK_BYTES = 64 * 1024; // the most of a streamed response in one CHUNK frame
 
 const controlFd = Number(process.env._FAASD_CONTROL_FD || 3);
 delete process.env._FAASD_CONTROL_FD;
@@ -275,14 +279,18 @@ const HANDLER_STREAMING = Symbol.for('aws.lambda.runtime.handler.streaming');
 const STREAM_RESPONSE = 'response';
 const HTTP_INTEGRATION_RESPONSE = 'application/vnd.awslambda.http-integration-response';
 
-/** The `responseStream` of a streaming handler. faasd has no streaming invoke, so it
- * keeps what is written, and the whole of it is the call's result. */
+/** The `responseStream` of a streaming handler. As AWS's runtime writes each chunk to its
+ * HTTP request to the Runtime API at once, this sends each as CHUNK frames at once, in order
+ * with the call's log lines and before its RESULT or ERROR: a handler that throws after it
+ * wrote has its chunks delivered, then its error. write() answers false, and 'drain'
+ * follows, while the control socket has more queued than it wants: the daemon reads no
+ * further while the caller has not taken what came, so a pipeline waits for a slow caller. */
 class ResponseStream extends Writable {
-  constructor() {
+  constructor(call) {
     super();
-    this.chunks = [];
-    this.size = 0; // past MAX_RESPONSE_BYTES bytes are counted, not kept
+    this.call = call;
     this.started = false;
+    this.waitingForDrain = false;
     this._onBeforeFirstWrite = undefined; // set by HttpResponseStream.from, as on Lambda
   }
 
@@ -296,17 +304,62 @@ class ResponseStream extends Writable {
     if (!this.started) {
       this.started = true;
       if (typeof this._onBeforeFirstWrite === 'function') {
-        this._onBeforeFirstWrite((data) => super.write(data));
+        this._onBeforeFirstWrite((data) => this.sendChunk(data));
       }
     }
   }
 
   write(chunk, encoding, callback) {
+    if (typeof encoding === 'function') {
+      [encoding, callback] = [undefined, encoding];
+    }
     if (typeof chunk !== 'string' && !Buffer.isBuffer(chunk) && chunk?.constructor !== Uint8Array) {
       chunk = JSON.stringify(chunk);
     }
+    if (this.writableEnded) {
+      return super.write(chunk, encoding, callback); // Node's own error: write after end
+    }
     this.start();
-    return super.write(chunk, encoding, callback);
+    this.sendChunk(typeof chunk === 'string' ? Buffer.from(chunk, encoding || 'utf8') : chunk, callback);
+    if (!control.writableNeedDrain) {
+      return true;
+    }
+    if (!this.waitingForDrain) {
+      this.waitingForDrain = true;
+      control.once('drain', () => {
+        this.waitingForDrain = false;
+        this.emit('drain');
+      });
+    }
+    return false;
+  }
+
+  /** Send `data` on as CHUNK frames; `callback` once the last is handed to the kernel. What a
+   * handler writes after its call has ended (a stray timer) is dropped: it is no call's. */
+  sendChunk(data, callback) {
+    const done = typeof callback === 'function' ? () => callback() : undefined;
+    if (this.call.finished) {
+      if (done) {
+        process.nextTick(done);
+      }
+      return;
+    }
+    let bytes = data;
+    if (typeof data === 'string') {
+      bytes = Buffer.from(data, 'utf8');
+    } else if (!Buffer.isBuffer(data)) {
+      bytes = Buffer.from(data.buffer, data.byteOffset, data.byteLength); // a Uint8Array
+    }
+    if (bytes.length === 0) {
+      if (done) {
+        process.nextTick(done);
+      }
+      return;
+    }
+    for (let start = 0; start < bytes.length; start += CHUNK_BYTES) {
+      const last = start + CHUNK_BYTES >= bytes.length;
+      send(CHUNK, bytes.subarray(start, start + CHUNK_BYTES), last ? done : undefined);
+    }
   }
 
   end(chunk, encoding, callback) {
@@ -323,11 +376,7 @@ class ResponseStream extends Writable {
   }
 
   _write(chunk, _encoding, callback) {
-    this.size += chunk.length;
-    if (this.size <= MAX_RESPONSE_BYTES) {
-      this.chunks.push(chunk);
-    }
-    callback();
+    callback(); // only a write after end() gets here: write() sends everything else itself
   }
 }
 
@@ -509,13 +558,9 @@ function respond(call, result) {
   finish(call, RESULT, data);
 }
 
-/** A streaming handler's answer: the bytes written to its stream, as they are. */
-function respondStreamed(call, stream) {
-  if (stream.size > MAX_RESPONSE_BYTES) {
-    finish(call, ERROR, tooLarge());
-    return;
-  }
-  finish(call, RESULT, Buffer.concat(stream.chunks));
+/** A streaming handler's answer: its stream has ended (its chunks have gone before). */
+function respondStreamed(call) {
+  finish(call, RESULT, Buffer.alloc(0));
 }
 
 function tooLarge() {
@@ -642,18 +687,18 @@ function invokeWithCallback(call, event, environment) {
  * has settled and the stream has ended. */
 function invokeStreaming(call, event, environment) {
   const context = { callbackWaitsForEmptyEventLoop: true, ...environment };
-  const stream = new ResponseStream();
+  const stream = new ResponseStream(call);
   let returned = false;
   const settle = () => {
     if (returned && stream.writableFinished) {
-      respondStreamed(call, stream);
+      respondStreamed(call);
     }
   };
   stream.on('finish', settle);
   stream.on('error', (error) => fail(call, error));
   // The stream has ended but the handler's promise never settles: the response stands.
   onEmptyLoop = () => (stream.writableFinished
-    ? respondStreamed(call, stream)
+    ? respondStreamed(call)
     : fail(call, 'Response stream is not finished.'));
   let result;
   try {
