@@ -16,16 +16,23 @@ import orjson
 from aiohttp import HttpVersion11, hdrs, web
 
 from . import __version__
-from .errors import FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
+from .errors import HANDLED, FunctionError, FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
 from .lambda_api import is_lambda_api, not_implemented
+from .protocol import MAX_RESPONSE_BYTES, RESPONSE_TOO_LARGE
 from .sigv4 import signed_for
 from .spec import new_request_id, valid_name
+from .streaming import ResponseStream
 from .triggers.http import (
     MalformedResponse, Route, RouteTable, build_event, build_response, error_response, failure_response,
+    response_head, streamed_head,
 )
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .invoker import Invocation
+
+# Streamed calls whose caller went away, running on to their end (held: the loop keeps tasks weakly).
+_running_on: set[asyncio.Task] = set()
 
 log = logging.getLogger("faasd.api")
 
@@ -167,25 +174,96 @@ def http_trigger_handler(daemon: "Daemon"):
             if len(payload) > limit:
                 # Lambda's limit is the event's: a binary body grows by a third as base64.
                 raise _too_large(limit)
+            trace_id = event["headers"]["x-amzn-trace-id"]
+            spec = daemon.registry.get(name)
+            if spec is not None and spec.runtime != "python":  # Lambda's Python runtime does not stream
+                return await streamed(request, name, payload, request_id, trace_id)
             invocation = await invoker.invoke(name, payload, request_id=request_id,
-                                              source="http", trace_id=event["headers"]["x-amzn-trace-id"])
+                                              source="http", trace_id=trace_id)
         except InvokeRefused as exc:
-            headers = {"X-Amzn-ErrorType": exc.error_type}
-            message = HTTP_REFUSALS.get(exc.status, exc.message)
-            if isinstance(exc, Throttled):
-                headers["Retry-After"] = "1"
-                return error_response(exc.status, message, headers, reason=exc.reason)
-            return error_response(exc.status, message, headers)
+            return refused(exc)
+        return answer(name, invocation, request_id, invocation.payload)
+
+    def refused(exc: InvokeRefused) -> web.Response:
+        headers = {"X-Amzn-ErrorType": exc.error_type}
+        message = HTTP_REFUSALS.get(exc.status, exc.message)
+        if isinstance(exc, Throttled):
+            headers["Retry-After"] = "1"
+            return error_response(exc.status, message, headers, reason=exc.reason)
+        return error_response(exc.status, message, headers)
+
+    def answer(name: str, invocation: "Invocation", request_id: str, payload: bytes | None) -> web.Response:
+        """The response to a call that ran: its result by payload 2.0's rules, or its failure."""
         if invocation.error is not None:
             return failure_response(invocation.error, request_id)
         try:
-            response = build_response(invocation.payload)
+            response = build_response(payload)
         except MalformedResponse as exc:
             daemon.logs.write(name, request_id, f"Malformed Lambda proxy response: {exc}")
             response = error_response(502, "Internal Server Error")
         response.headers["apigw-requestid"] = request_id
         response.headers["X-Duration-Seconds"] = f"{invocation.duration_ms / 1000:.6f}"
         return response
+
+    async def streamed(request: web.Request, name: str, payload: bytes, request_id: str,
+                       trace_id: str) -> web.StreamResponse:
+        """A call of a function that may stream its response (Node, provided), answered as a
+        function URL answers one: once the stream's HttpResponseStream metadata has come, its
+        status and headers go out, then each piece of the body as the function writes it. A
+        stream without metadata is a return value, read whole (at most 6 MB) and answered by
+        payload 2.0's rules, as is a function's result. A function that fails after its body
+        started leaves the body as far as it got; its log tells the error."""
+        stream = ResponseStream()
+        running = asyncio.ensure_future(invoker.invoke(name, payload, request_id=request_id, source="http",
+                                                       trace_id=trace_id, stream=stream))
+        running.add_done_callback(lambda _: stream.close())
+        head = bytearray()  # what came before the body started, or all of a return value
+        response: web.StreamResponse | None = None
+        buffered = False  # no metadata: a return value
+        try:
+            while (chunk := await stream.read()) is not None:
+                if response is not None:
+                    await response.write(chunk)
+                    continue
+                if len(head) <= MAX_RESPONSE_BYTES:
+                    head += chunk
+                if buffered:
+                    continue
+                found = streamed_head(bytes(head)) if len(head) <= MAX_RESPONSE_BYTES else (None, b"")
+                if found is None:
+                    continue
+                metadata, body = found
+                if metadata is None:
+                    buffered = True
+                    continue
+                try:
+                    status, headers = response_head(metadata)
+                except MalformedResponse:
+                    buffered = True  # answered as malformed once the call has ended
+                    continue
+                headers["apigw-requestid"] = request_id
+                response = web.StreamResponse(status=status, headers=headers)
+                await response.prepare(request)
+                if body:
+                    await response.write(body)
+        except BaseException:
+            # The caller went away: the function runs on to its end, as behind a function URL.
+            stream.abandon()
+            _running_on.add(running)
+            running.add_done_callback(_running_on.discard)
+            raise
+        try:
+            invocation = await running
+        except InvokeRefused as exc:  # before the function ran: nothing was streamed
+            return refused(exc)
+        if response is not None:
+            await response.write_eof()
+            return response
+        if not stream.started:
+            return answer(name, invocation, request_id, invocation.payload)
+        if invocation.error is None and stream.size > MAX_RESPONSE_BYTES:
+            invocation.error = FunctionError(HANDLED, "Function.ResponseSizeTooLarge", RESPONSE_TOO_LARGE)
+        return answer(name, invocation, request_id, bytes(head))
 
     async def by_name(request: web.Request) -> web.Response:
         name = request.match_info["name"]

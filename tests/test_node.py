@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import shutil
@@ -479,6 +480,38 @@ def test_chunks_written_before_a_streamed_function_throws_reach_the_caller_then_
     # The worker goes on serving.
     probe.release("g2")
     assert daemon.invoke("gated", {"gate": "g2"}).body == b"first chunk;second chunk"
+
+
+def test_a_function_url_answers_with_the_streams_metadata_and_then_its_body_as_written(daemon, probe):
+    write_function(daemon.functions, "page.mjs", """
+        import http from "node:http";
+        const gate = (name) => new Promise((resolve, reject) =>
+          http.get(`${process.env.PROBE}/gate/${name}`, (res) => { res.resume(); res.on("end", resolve); })
+            .on("error", reject));
+        export const handler = awslambda.streamifyResponse(async (event, responseStream) => {
+          responseStream = awslambda.HttpResponseStream.from(responseStream, {
+            statusCode: 201, headers: { "content-type": "text/plain", "x-streamed": "yes" } });
+          responseStream.write("first chunk;");
+          await gate(event.rawPath.split("/").pop());
+          responseStream.end("second chunk");
+        });
+    """)
+    write_function(daemon.functions, "page.toml", f'timeout_s = 60\n[env]\nPROBE = "{probe.url}"\n')
+    loaded(daemon, "page")
+    connection = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=50)
+    try:
+        connection.request("GET", "/function/page/g1")
+        response = connection.getresponse()
+        # Status and headers came with the first chunk, while the function waits on the gate.
+        assert response.status == 201
+        assert response.getheader("content-type") == "text/plain" and response.getheader("x-streamed") == "yes"
+        assert response.getheader("apigw-requestid")
+        assert response.read1(65536) == b"first chunk;"
+        assert not probe.gate("g1").is_set()
+        probe.release("g1")
+        assert response.read() == b"second chunk"
+    finally:
+        connection.close()
 
 
 def test_a_streamed_response_may_pass_the_6_mb_of_a_buffered_one(daemon):

@@ -353,6 +353,32 @@ def build_response(payload: bytes | None) -> web.Response:
             raise MalformedResponse("the response is not JSON") from None
     if not isinstance(value, dict) or "statusCode" not in value:
         return web.Response(status=200, body=payload, content_type="application/json")
+    status, headers = response_head(value)
+    body = value.get("body")
+    encoded = value.get("isBase64Encoded")
+    if encoded is not None and not isinstance(encoded, bool):
+        raise MalformedResponse(f"isBase64Encoded must be true or false, not {_kind(encoded)}")
+    if body is None:
+        data = b""
+    elif isinstance(body, bytes):  # a streamed response's body, as it came
+        data = body
+    elif not isinstance(body, str):
+        raise MalformedResponse(f"body must be a string, not {_kind(body)}")
+    elif encoded:
+        try:
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise MalformedResponse("isBase64Encoded is true but the body is not valid base64") from None
+    else:
+        data = body.encode()
+    if "Content-Type" not in headers and data:
+        headers["Content-Type"] = "application/json"
+    return web.Response(status=status, body=data, headers=headers)
+
+
+def response_head(value: dict[str, Any]) -> tuple[int, CIMultiDict[str]]:
+    """The status and headers (cookies among them) of a payload 2.0 response, or of a
+    streamed response's HttpResponseStream metadata; MalformedResponse says what is wrong."""
     status = value["statusCode"]
     if isinstance(status, str) and status.isdigit():
         status = int(status)
@@ -378,32 +404,27 @@ def build_response(payload: bytes | None) -> web.Response:
             if not isinstance(cookie, str):
                 raise MalformedResponse(f"cookies must be a list of strings; one is {_kind(cookie)}")
             headers.add("Set-Cookie", _header_value("Set-Cookie", cookie))
-    body = value.get("body")
-    encoded = value.get("isBase64Encoded")
-    if encoded is not None and not isinstance(encoded, bool):
-        raise MalformedResponse(f"isBase64Encoded must be true or false, not {_kind(encoded)}")
-    if body is None:
-        data = b""
-    elif isinstance(body, bytes):  # a streamed response's body, as it came
-        data = body
-    elif not isinstance(body, str):
-        raise MalformedResponse(f"body must be a string, not {_kind(body)}")
-    elif encoded:
-        try:
-            data = base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError):
-            raise MalformedResponse("isBase64Encoded is true but the body is not valid base64") from None
-    else:
-        data = body.encode()
-    if "Content-Type" not in headers and data:
-        headers["Content-Type"] = "application/json"
-    return web.Response(status=status, body=data, headers=headers)
+    return status, headers
 
 
 # A streamed response with HttpResponseStream metadata (Lambda's
 # application/vnd.awslambda.http-integration-response): a JSON prelude, then
 # eight NUL bytes, then the body.
 PRELUDE_END = bytes(8)
+
+
+def streamed_head(data: bytes) -> tuple[dict[str, Any] | None, bytes] | None:
+    """The start of a streamed response, as a function URL reads it: (the
+    HttpResponseStream metadata, as payload 2.0's response without its body, and the
+    body's first bytes), or (None, b"") when the stream has no metadata (its bytes are
+    a return value); None while `data` is too short to tell."""
+    if not data.startswith(b"{"):
+        return None if not data else (None, b"")
+    prelude, end, body = data.partition(PRELUDE_END)
+    if not end:
+        return None
+    value = _streamed_response(prelude + end)
+    return (value, body) if value is not None else (None, b"")
 
 
 def _streamed_response(payload: bytes) -> dict[str, Any] | None:
