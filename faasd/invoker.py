@@ -7,7 +7,9 @@ worker.run() -> logs (START/END/REPORT, or Lambda's JSON records: faasd/platform
 Limits: a call holds one slot of the global `max_concurrency` and one of the
 function's `concurrency`. A synchronous call that finds either full is
 refused at once (`Throttled`, HTTP 429); an asynchronous one (`wait=True`)
-waits its turn, first come first served.
+waits its turn, first come first served, but for a function whose
+`concurrency` is 0: no turn ever comes, so it is refused too, and the queue
+tries it again later as Lambda retries a throttled event.
 """
 
 from __future__ import annotations
@@ -196,13 +198,16 @@ class Invoker:
         the start of a shutdown (stop_events); other calls only once the
         drain begins.
 
-        Raises FunctionNotFound, Throttled (only when `wait` is false) or
-        ShuttingDown; every failure of the function itself is in the result.
+        Raises FunctionNotFound, Throttled (when `wait` is false, or the
+        function's `concurrency` is 0) or ShuttingDown; every failure of the
+        function itself is in the result.
         """
         if self.draining and (wait or self._calls_refused):
             raise ShuttingDown("faasd is shutting down")
         spec = self.spec(name)
         fn_limit = self.function_limit(spec)
+        if wait and fn_limit.limit == 0:
+            self._throttled(spec, "ReservedFunctionConcurrentInvocationLimitExceeded", source)
         if wait:
             await fn_limit.acquire()
             try:

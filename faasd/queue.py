@@ -87,7 +87,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 import orjson
 
-from .errors import HANDLED, FunctionError, FunctionNotFound, InvokeRefused, ShuttingDown
+from .errors import HANDLED, FunctionError, FunctionNotFound, InvokeRefused, ShuttingDown, Throttled
 from .spec import AsyncConfig, function_arn, new_request_id
 
 if TYPE_CHECKING:
@@ -404,6 +404,20 @@ def next_attempt(config: AsyncConfig, attempts: int, enqueued_at: float,
     if now + delay - enqueued_at > config.max_event_age_s:
         return None, EVENT_AGE_EXCEEDED
     return delay, None
+
+
+# Lambda retries a throttled event "for up to 6 hours by default. The retry interval increases
+# exponentially from 1 second after the first attempt to a maximum of 5 minutes."
+THROTTLE_RETRY_MAX_S = 300.0
+
+
+def throttle_delay(config: AsyncConfig, enqueued_at: float, now: float) -> float:
+    """How long a throttled event (its function's `concurrency` is 0) waits before it is
+    tried again: about its age so far (so the waits double), from 1 s to 5 minutes, and
+    never past its `max_event_age_s`, at which it is given up (EventAgeExceeded) on time.
+    A throttled try is not one of its `max_retries` attempts: the function never ran."""
+    delay = min(THROTTLE_RETRY_MAX_S, max(1.0, now - enqueued_at))
+    return max(0.0, min(delay, enqueued_at + config.max_event_age_s - now + 0.001))
 
 
 def destination_function(registry: "Registry", target: str | None, *, function: str,
@@ -773,7 +787,14 @@ class AsyncQueue:
             if waiting <= 0:
                 continue
             spec = self.registry.get(name)
-            limit = (spec.concurrency or global_limit) if spec is not None else UNKNOWN_FUNCTION_CAP
+            if spec is None:
+                limit = UNKNOWN_FUNCTION_CAP
+            elif spec.concurrency == 0:
+                # Throttled: its due events are taken only to be put back (_throttled),
+                # or given up once too old; none runs.
+                limit = global_limit
+            else:
+                limit = spec.concurrency or global_limit
             take = min(limit - counts.running, waiting)
             if take > 0:
                 found.append((next(iter(counts.pending.values())), name, take))
@@ -909,6 +930,9 @@ class AsyncQueue:
         except ShuttingDown:
             await self._release(event)
             return
+        except Throttled:  # its concurrency is 0: it waits, as Lambda holds a throttled event
+            await self._throttled(event, config)
+            return
         except InvokeRefused as exc:  # the function is gone: an attempt that failed
             error = FunctionError(HANDLED, exc.error_type, exc.message)
         if error is None:
@@ -945,6 +969,27 @@ class AsyncQueue:
             committed(None)
             return
         await self._write_outcome(event, retry, committed)
+
+    async def _throttled(self, event: _Event, config: AsyncConfig) -> None:
+        """Put a throttled event back, due again after throttle_delay; its attempts stay as they were."""
+        now = time.time()
+        next_at = now + throttle_delay(config, event.enqueued_at, now)
+        log.info("async %s %s (from %s): throttled (concurrency 0); tried again in %.0fs",
+                 event.function, event.request_id, event.source, next_at - now)
+
+        def wait(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE events SET running = 0, next_at = ? WHERE id = ?", (next_at, event.id))
+
+        def committed(_: None) -> None:
+            self._count(event.function).running -= 1
+            self._wake.set()
+
+        if event.id < 0:  # held in memory
+            self._held_due[event.id] = next_at
+            self._held_running.discard(event.id)
+            committed(None)
+            return
+        await self._write_outcome(event, wait, committed)
 
     async def _release(self, event: _Event) -> None:
         """Put a claimed event back as it was: it runs again when the dispatcher next looks."""

@@ -402,7 +402,8 @@ def _build(base: FunctionSpec, raw: dict[str, Any], is_dir: bool, python: str) -
         memory_mb=_int(raw, "memory_mb", 128, where, low=16, high=10240),
         timeout_s=_number(raw, "timeout_s", 3.0, where, low=0.001, high=900),
         tmp_mb=_int(raw, "tmp_mb", 512, where, low=1, high=10240),
-        concurrency=_int(raw, "concurrency", None, where, low=1, high=100000),
+        # 0 as Lambda allows it: "To throttle a function, set the reserved concurrency to zero."
+        concurrency=_int(raw, "concurrency", None, where, low=0, high=100000),
         min_warm=_int(raw, "min_warm", 0, where, low=0, high=1000),
         env=env,
         **logging_config,

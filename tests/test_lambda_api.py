@@ -649,6 +649,37 @@ def test_a_busy_function_raises_too_many_requests(daemon, probe):
     assert not probe.seen("start", id="second") and not probe.seen("start", id="streamed")
 
 
+def test_reserved_concurrency_0_throttles_every_call_and_holds_its_events(daemon, probe):
+    # Lambda: "To throttle a function, set the reserved concurrency to zero."
+    write_function(daemon.functions, "stopped.py", PROBE_HANDLER)
+    write_function(daemon.functions, "stopped.toml", f'concurrency = 0\n[env]\nPROBE = "{probe.url}"\n')
+    wait_loaded(daemon, "stopped")
+    lam = lambda_client(daemon.url)
+    assert lam.get_function(FunctionName="stopped")["Concurrency"] == {"ReservedConcurrentExecutions": 0}
+    assert lam.get_function_concurrency(FunctionName="stopped")["ReservedConcurrentExecutions"] == 0
+    for call in (lambda: lam.invoke(FunctionName="stopped", Payload=b'{"id": "sync"}'),
+                 lambda: lam.invoke_with_response_stream(FunctionName="stopped", Payload=b'{"id": "sync"}')):
+        with pytest.raises(lam.exceptions.TooManyRequestsException) as caught:
+            call()
+        error = caught.value.response
+        assert error["ResponseMetadata"]["HTTPStatusCode"] == 429
+        assert error["Reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
+        assert error["Error"]["Message"] == "Rate Exceeded."
+    page = daemon.get("/function/stopped")
+    assert page.status == 429 and page.json()["reason"] == "ReservedFunctionConcurrentInvocationLimitExceeded"
+    # An Event is accepted and waits, tried again as Lambda retries a throttled event ...
+    queued = lam.invoke(FunctionName="stopped", InvocationType="Event", Payload=b'{"id": "held"}')
+    assert queued["StatusCode"] == 202
+    wait_until(lambda: daemon.output().count(f"{queued['ResponseMetadata']['RequestId']} (from api): "
+                                             "throttled") >= 2, timeout=20, message="two throttled tries")
+    assert not probe.seen("start")
+    # ... and runs once the function may run again, with its own request id.
+    write_function(daemon.functions, "stopped.toml", f'concurrency = 1\n[env]\nPROBE = "{probe.url}"\n')
+    [end] = probe.wait_for(1, "end", id="held", timeout=30)
+    assert end["rid"] == queued["ResponseMetadata"]["RequestId"]
+    assert not probe.seen("start", id="sync")
+
+
 def test_a_payload_over_lambdas_limits_is_request_too_large(daemon, lam):
     runs = daemon.log_of("echo").count("START RequestId")
     error = refused(lambda: lam.invoke(FunctionName="echo", Payload=b'"' + b"x" * (6 * 1024 * 1024) + b'"'),

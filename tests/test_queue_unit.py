@@ -117,3 +117,18 @@ async def test_events_queued_by_an_earlier_release_still_run_and_new_ones_keep_a
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # an earlier release still opens it
         assert {"invoked_arn", "trace_id"} <= {row[1] for row in db.execute("PRAGMA table_info(events)")}
         assert db.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 0
+
+
+def test_a_throttled_event_waits_longer_each_time_up_to_5_minutes_and_never_past_its_age():
+    from faasd.queue import throttle_delay
+
+    config = AsyncConfig(max_event_age_s=3600)
+    start = 1_000_000.0
+    assert throttle_delay(config, start, start) == 1.0  # Lambda's first wait: 1 second
+    assert throttle_delay(config, start, start + 1) == 1.0
+    assert throttle_delay(config, start, start + 2) == 2.0  # doubling: as old again
+    assert throttle_delay(config, start, start + 40) == 40.0
+    assert throttle_delay(config, start, start + 1000) == 300.0  # at most 5 minutes
+    # The last wait ends just past its max_event_age_s, where it is given up.
+    assert throttle_delay(config, start, start + 3500) == pytest.approx(100.001)
+    assert throttle_delay(config, start, start + 3700) == 0.0

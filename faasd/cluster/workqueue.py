@@ -105,11 +105,11 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
 from ..broker import let_go
-from ..errors import HANDLED, FunctionError, InvokeRefused, ShuttingDown
+from ..errors import HANDLED, FunctionError, InvokeRefused, ShuttingDown, Throttled
 from ..queue import (
     OUTCOME_RETRY_MAX_S, RETRIES_EXHAUSTED, SUCCESS, EVENT_AGE_EXCEEDED, OnDone, QueuedOutcome, admit,
     dead_letter_path, destination_function, destination_record, next_attempt, notify_done,
-    outcome_retry_delays, write_file_durably,
+    outcome_retry_delays, throttle_delay, write_file_durably,
 )
 from ..spec import AsyncConfig, FunctionSpec, new_request_id
 from .link import BrokerLink
@@ -781,6 +781,10 @@ class ClusterQueue:
             error = invocation.error
         except ShuttingDown:
             return Step(INTERRUPTED)
+        except Throttled as exc:  # its concurrency is 0: tried again later, as Lambda does; no attempt
+            error = FunctionError(HANDLED, exc.error_type, exc.message)
+            return Step(RETRY, job.attempts, None, error,
+                        delay=throttle_delay(config, job.enqueued_at, time.time()))
         except InvokeRefused as exc:  # the function is gone: an attempt that failed
             error = FunctionError(HANDLED, exc.error_type, exc.message)
         finally:

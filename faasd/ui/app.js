@@ -314,7 +314,7 @@ function functionRow(fn) {
   } else {
     status = h("span", { class: "pill pill-ok" }, "ready");
   }
-  const limit = fn.concurrency ? ` / ${fn.concurrency}` : "";
+  const limit = fn.concurrency != null ? ` / ${fn.concurrency}` : "";
   return h("tr", { "data-function": fn.name },
     h("td", {},
       h("div", { class: "fn-name" }, fn.name),
