@@ -16,8 +16,8 @@ import orjson
 from aiohttp import HttpVersion11, hdrs, web
 
 from . import __version__
-from .errors import HANDLED, FunctionError, FunctionNotFound, InvokeRefused, PayloadTooLarge, Throttled
-from .lambda_api import is_lambda_api, not_implemented
+from .errors import HANDLED, FunctionError, FunctionNotFound, InvokeRefused, PayloadTooLarge, RequestTimedOut, Throttled
+from .lambda_api import SERVICE_ERROR, is_lambda_api, not_implemented, service_error as lambda_service_error
 from .protocol import MAX_RESPONSE_BYTES, RESPONSE_TOO_LARGE
 from .sigv4 import signed_for
 from .spec import new_request_id, valid_name
@@ -385,15 +385,23 @@ def guard_middleware(daemon: "Daemon"):
                 refusal = None
             response = refusal if refusal is not None else await handler(request)
         except web.HTTPException as exc:
-            if exc.status < 400 or exc.content_type == JSON:
+            if exc.status == 408 and on_lambda_api(request):
+                # read_body's refusal (a stalled or slow body), in Lambda's error shape
+                response = lambda_service_error(RequestTimedOut(_message_of(exc)))
+                response.force_close()  # the rest of the body may still come
+            elif exc.status < 400 or exc.content_type == JSON:
                 raise
-            message = exc.reason if exc.status != 413 else "Request Entity Too Large"
-            response = error_response(exc.status, message, dict(exc.headers) if exc.status == 405 else None)
+            else:
+                message = exc.reason if exc.status != 413 else "Request Entity Too Large"
+                response = error_response(exc.status, message, dict(exc.headers) if exc.status == 405 else None)
         except FunctionNotFound as exc:
             response = error_response(404, exc.message)
         except Exception:
             log.exception("unhandled error serving %s %s", request.method, request.path)
-            response = error_response(500, "Internal Server Error")
+            if on_lambda_api(request):
+                response = lambda_service_error(InvokeRefused(SERVICE_ERROR))
+            else:
+                response = error_response(500, "Internal Server Error")
         finally:
             daemon.http_active -= 1
             if daemon.http_stopping:
@@ -411,6 +419,20 @@ def guard_middleware(daemon: "Daemon"):
         return response
 
     return guarded
+
+
+def on_lambda_api(request: web.BaseRequest) -> bool:
+    """Whether the request is for the Lambda API (by its decoded or its raw path), whose
+    errors are Lambda's: `x-amzn-ErrorType` and a JSON body botocore reads."""
+    return is_lambda_api(request.path) or is_lambda_api(request.rel_url.raw_path)
+
+
+def _message_of(exc: web.HTTPException) -> str:
+    """The message of a refusal made with error_response's JSON body."""
+    try:
+        return str(orjson.loads(exc.body)["message"])  # type: ignore[arg-type]
+    except (TypeError, ValueError, KeyError):
+        return exc.reason
 
 
 def build_app(daemon: "Daemon") -> web.Application:

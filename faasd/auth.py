@@ -41,7 +41,7 @@ from aiohttp import web
 
 from .api import BODY_KEY, host_name, read_body
 from .config import Config, ConfigError
-from .errors import InvokeRefused
+from .errors import AccessDenied, InvokeRefused
 from .lambda_api import is_lambda_api
 from .sigv4 import ALGORITHM, AuthError, precheck_sigv4, verify_sigv4
 from .spec import ACCOUNT_ID, FunctionSpec, new_request_id
@@ -211,10 +211,14 @@ class LoopbackHosts:
         if allowed:
             return None
         log.info("refused %s %s from %s: Host %r", request.method, request.path, request.remote, host)
-        return web.json_response({"message": (
-            f"Host {host!r} is refused: without [auth] keys faasd answers only requests that name "
-            "it by localhost or an IP address, not a page of another site reaching it through "
-            "DNS rebinding; set [auth] keys to serve other names")}, status=403)
+        message = (f"Host {host!r} is refused: without [auth] keys faasd answers only requests that name "
+                   "it by localhost or an IP address, not a page of another site reaching it through "
+                   "DNS rebinding; set [auth] keys to serve other names")
+        if any(is_lambda_api(path) for path in (request.path, request.rel_url.raw_path)):
+            from .lambda_api import service_error
+
+            return service_error(AccessDenied(message))  # Lambda's 403, which botocore names
+        return web.json_response({"message": message}, status=403)
 
 
 def names_this_machine(host: str) -> bool:

@@ -4,7 +4,9 @@ Two families:
   * `InvokeRefused` subclasses: the invocation never ran (unknown function,
     throttled, payload too large, a request Lambda would refuse). Raised by
     the invoker and the Lambda API; API layers turn them into Lambda's
-    service errors (`{"Type", "message"}` + `x-amzn-ErrorType`). Which one
+    service errors (`{"Type", "message"}` + `x-amzn-ErrorType`), and so does
+    the HTTP layer for what it refuses on a Lambda API path (a stalled body,
+    an unknown Host, an error of faasd's own: a 500 ServiceException). Which one
     a bad request gets is Lambda's choice: a value outside its API model's
     constraints (an InvocationType or LogType not in the enum, a MaxItems
     out of range, a function name or qualifier its patterns or lengths do
@@ -96,6 +98,25 @@ class Throttled(InvokeRefused):
 class PayloadTooLarge(InvokeRefused):
     status = 413
     error_type = "RequestTooLargeException"
+
+
+class RequestTimedOut(InvokeRefused):
+    """A request body that stalled or came too slowly (faasd/api.py read_body): AWS's
+    RequestTimeoutException, which botocore's standard retry mode counts as transient."""
+
+    status = 408
+    error_type = "RequestTimeoutException"
+
+
+class AccessDenied(InvokeRefused):
+    """A request faasd does not serve to its sender (an unknown Host without [auth] keys):
+    Lambda's AccessDeniedException, whose body is `{"Message"}`."""
+
+    status = 403
+    error_type = "AccessDeniedException"
+
+    def to_lambda(self) -> dict[str, Any]:
+        return {"Message": self.message}
 
 
 class ShuttingDown(InvokeRefused):

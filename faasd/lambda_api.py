@@ -108,6 +108,11 @@ def service_error(exc: InvokeRefused, request_id: str = "") -> web.Response:
                         content_type="application/json", headers=headers)
 
 
+# Lambda's ServiceException, as its API reference words it: what faasd answers on a
+# Lambda API path when it fails in a way it did not foresee (the log has the traceback).
+SERVICE_ERROR = "The Lambda service encountered an internal error."
+
+
 def function_configuration(spec: FunctionSpec, region: str, python: str, version: bool = False) -> dict[str, Any]:
     """FunctionConfiguration as Lambda returns it (`python`: the Python workers' interpreter).
     That of the version `$LATEST` (`version`), as a caller that names it gets it,

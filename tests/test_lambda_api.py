@@ -17,7 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from probe import PROBE_HANDLER, Probe
-from support import (CALLER_TRACE, ROOT, assert_new_trace_id, lambda_client, newer_python, request_lines,
+from support import (CALLER_TRACE, ROOT, Proxy, assert_new_trace_id, lambda_client, newer_python, request_lines,
                      wait_until, write_function)
 
 ECHO = """
@@ -1227,3 +1227,54 @@ def test_the_faasd_cli_prints_an_invocations_result(daemon, lam):
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert answer.returncode == 1 and "Traceback" not in answer.stderr, answer.stderr
         assert answer.stderr.startswith(f"faasd: cannot call {url}") and "http://HOST:PORT" in answer.stderr
+
+
+class BodyStaller(Proxy):
+    """Passes requests on to the daemon, but not the body of a Lambda API call: the
+    daemon waits for it, then refuses with 408."""
+
+    @staticmethod
+    def forwarding():
+        stalled = False
+
+        def forward(data: bytes) -> bytes:
+            nonlocal stalled
+            if stalled:
+                return b""
+            if data.startswith(b"POST /2015-03-31/"):
+                data, stalled = data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n", True
+            return data
+        return forward
+
+
+def test_a_stalled_body_on_the_lambda_api_is_a_request_timeout_exception(start_daemon, functions_dir):
+    write_function(functions_dir, "echo.py", ECHO)
+    daemon = start_daemon(functions_dir, env={"FAASD_SERVER_IDLE_TIMEOUT_S": "1"})
+    wait_loaded(daemon, "echo")
+    proxy = BodyStaller(("127.0.0.1", daemon.port))
+    try:
+        lam = lambda_client(f"http://127.0.0.1:{proxy.port}")
+        error = refused(lambda: lam.invoke(FunctionName="echo", Payload=b'{"k": 1}'),
+                        "RequestTimeoutException", 408, modeled=False)
+        assert error["Error"]["Message"] == "the request body stalled for over 1 s"
+        assert error["ResponseMetadata"]["RequestId"]
+    finally:
+        proxy.close()
+
+
+def test_an_unknown_host_on_the_lambda_api_is_access_denied(daemon, lam):
+    def rebound(request, **_):
+        request.headers["Host"] = f"rebind.example:{daemon.port}"
+
+    lam.meta.events.register("before-send.lambda", rebound)
+    error = refused(lambda: lam.get_function(FunctionName="echo"), "AccessDeniedException", 403, modeled=False)
+    assert error["Error"]["Message"].startswith("Host 'rebind.example:")
+    assert "DNS rebinding" in error["Error"]["Message"]
+    assert error["ResponseMetadata"]["RequestId"]
+    # Lambda's body for it: {"Message": ...}, as for an IAM refusal.
+    raw = daemon.get("/2015-03-31/functions/echo", headers={"Host": "rebind.example"})
+    assert raw.status == 403 and raw.headers["x-amzn-errortype"] == "AccessDeniedException"
+    assert list(raw.json()) == ["Message"]
+    # Elsewhere the refusal keeps its own shape.
+    page = daemon.get("/function/echo", headers={"Host": "rebind.example"})
+    assert page.status == 403 and "x-amzn-errortype" not in page.headers and "DNS rebinding" in page.json()["message"]
