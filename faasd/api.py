@@ -31,9 +31,6 @@ if TYPE_CHECKING:
     from .daemon import Daemon
     from .invoker import Invocation
 
-# Streamed calls whose caller went away, running on to their end (held: the loop keeps tasks weakly).
-_running_on: set[asyncio.Task] = set()
-
 log = logging.getLogger("faasd.api")
 
 JSON = "application/json"
@@ -213,54 +210,59 @@ def http_trigger_handler(daemon: "Daemon"):
         stream without metadata is a return value, read whole (at most 6 MB) and answered by
         payload 2.0's rules, as is a function's result. A function that fails after its body
         started leaves the body as far as it got; its log tells the error."""
-        stream = ResponseStream()
-        running = asyncio.ensure_future(invoker.invoke(name, payload, request_id=request_id, source="http",
-                                                       trace_id=trace_id, stream=stream))
-        running.add_done_callback(lambda _: stream.close())
         head = bytearray()  # what came before the body started, or all of a return value
-        response: web.StreamResponse | None = None
-        buffered = False  # no metadata: a return value
+        started: list[web.StreamResponse] = []  # the response, once the metadata has come
+        reading: list[asyncio.Task[None]] = []
+
+        async def read(stream: ResponseStream) -> None:
+            """From the first piece on: the metadata, then the body as it comes."""
+            buffered = False  # no metadata: a return value, read whole
+            try:
+                while (chunk := await stream.read()) is not None:
+                    if started:
+                        await started[0].write(chunk)
+                        continue
+                    if len(head) <= MAX_RESPONSE_BYTES:
+                        head.extend(chunk)
+                    if buffered:
+                        continue
+                    found = streamed_head(bytes(head)) if len(head) <= MAX_RESPONSE_BYTES else (None, b"")
+                    if found is None:
+                        continue
+                    metadata, body = found
+                    try:
+                        if metadata is None:
+                            raise MalformedResponse("no metadata")
+                        status, headers = response_head(metadata)
+                    except MalformedResponse:
+                        buffered = True  # a return value (answered once the call has ended)
+                        continue
+                    headers["apigw-requestid"] = request_id
+                    response = web.StreamResponse(status=status, headers=headers)
+                    started.append(response)
+                    await response.prepare(request)
+                    if body:
+                        await response.write(body)
+            except (ConnectionError, asyncio.CancelledError):
+                stream.abandon()  # the caller went away: the function runs on to its end
+
+        stream = ResponseStream()
+        stream.on_start = lambda: reading.append(asyncio.ensure_future(read(stream)))
         try:
-            while (chunk := await stream.read()) is not None:
-                if response is not None:
-                    await response.write(chunk)
-                    continue
-                if len(head) <= MAX_RESPONSE_BYTES:
-                    head += chunk
-                if buffered:
-                    continue
-                found = streamed_head(bytes(head)) if len(head) <= MAX_RESPONSE_BYTES else (None, b"")
-                if found is None:
-                    continue
-                metadata, body = found
-                if metadata is None:
-                    buffered = True
-                    continue
-                try:
-                    status, headers = response_head(metadata)
-                except MalformedResponse:
-                    buffered = True  # answered as malformed once the call has ended
-                    continue
-                headers["apigw-requestid"] = request_id
-                response = web.StreamResponse(status=status, headers=headers)
-                await response.prepare(request)
-                if body:
-                    await response.write(body)
-        except BaseException:
-            # The caller went away: the function runs on to its end, as behind a function URL.
-            stream.abandon()
-            _running_on.add(running)
-            running.add_done_callback(_running_on.discard)
-            raise
-        try:
-            invocation = await running
+            invocation = await invoker.invoke(name, payload, request_id=request_id, source="http",
+                                              trace_id=trace_id, stream=stream)
         except InvokeRefused as exc:  # before the function ran: nothing was streamed
             return refused(exc)
-        if response is not None:
-            await response.write_eof()
-            return response
-        if not stream.started:
+        finally:
+            stream.close()
+        if not reading:
             return answer(name, invocation, request_id, invocation.payload)
+        await reading[0]
+        if started:
+            response = started[0]
+            if response.prepared and not _gone(request):
+                await response.write_eof()
+            return response
         if invocation.error is None and stream.size > MAX_RESPONSE_BYTES:
             invocation.error = FunctionError(HANDLED, "Function.ResponseSizeTooLarge", RESPONSE_TOO_LARGE)
         return answer(name, invocation, request_id, bytes(head))

@@ -86,8 +86,6 @@ LIST_PAGE = 50  # but "ListFunctions returns a maximum of 50 items in each respo
 NAME_SEGMENT = "{name:[^/]*}"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
 STREAM_CHUNK = 64 * 1024  # the most result bytes in one PayloadChunk event
-# Streamed calls whose caller went away, running on to their end (held: the loop keeps tasks weakly).
-_running_on: set[asyncio.Task] = set()
 
 
 def answer(body: Any) -> web.Response:
@@ -545,32 +543,36 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                                     content_type=EVENT_STREAM, headers=headers)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_type = EVENT_STREAM
+        sent: list[asyncio.Task[bool]] = []
+
+        async def send(stream: ResponseStream) -> bool:
+            """Start the answer at the first piece, then send each as it comes; False
+            if the caller went away (the function runs on to its end, as on Lambda)."""
+            try:
+                await response.prepare(request)
+                while (chunk := await stream.read()) is not None:
+                    await response.write(b"".join(payload_chunks(chunk)))
+            except (ConnectionError, asyncio.CancelledError):
+                stream.abandon()
+                return False
+            return True
+
         stream = ResponseStream()
-        running = asyncio.ensure_future(run(call, request_id, stream))
-        running.add_done_callback(lambda _: stream.close())
-        response: web.StreamResponse | None = None
+        stream.on_start = lambda: sent.append(asyncio.ensure_future(send(stream)))
         try:
-            while (chunk := await stream.read()) is not None:
-                if response is None:  # the first piece: the answer starts
-                    response = web.StreamResponse(status=200, headers=headers)
-                    response.content_type = EVENT_STREAM
-                    await response.prepare(request)
-                await response.write(b"".join(payload_chunks(chunk)))
-        except BaseException:
-            # The caller went away: the function runs on to its end, as on Lambda.
-            stream.abandon()
-            _running_on.add(running)
-            running.add_done_callback(_running_on.discard)
-            raise
-        try:
-            invocation = await running
+            invocation = await run(call, request_id, stream)
         except InvokeRefused as exc:  # before the function ran: nothing was streamed
             return service_error(exc, request_id)
+        finally:
+            stream.close()
         end = stream_end(invocation, call.tail, stream.started)
-        if response is None:
+        if not sent:
             return web.Response(status=200, body=end, content_type=EVENT_STREAM, headers=headers)
-        await response.write(end)
-        await response.write_eof()
+        if await sent[0]:
+            await response.write(end)
+            await response.write_eof()
         return response
 
     async def invoke_async(request: web.Request) -> web.Response:

@@ -34,11 +34,15 @@ Throttle = Callable[[bool], None]  # True: stop reading from the worker; False: 
 class ResponseStream:
     """The pieces of one invocation's streamed response, between its worker and its caller."""
 
-    __slots__ = ("limit", "size", "_chunks", "_queued", "_closed", "_abandoned", "_paused",
+    __slots__ = ("limit", "size", "on_start", "_chunks", "_queued", "_closed", "_abandoned", "_paused",
                  "_readable", "_drained", "_throttle")
 
-    def __init__(self, limit: int = MAX_STREAMED_RESPONSE_BYTES) -> None:
+    def __init__(self, limit: int = MAX_STREAMED_RESPONSE_BYTES,
+                 on_start: Callable[[], None] | None = None) -> None:
         self.limit = limit
+        # Called at the first piece: the caller starts reading then, so a call whose
+        # function does not stream costs no reader (a task) at all.
+        self.on_start = on_start
         self.size = 0  # every byte the function streamed, past the limit too
         self._chunks: deque[bytes] = deque()
         self._queued = 0  # bytes in _chunks
@@ -76,12 +80,15 @@ class ResponseStream:
         """A piece of the response. Past the limit it is only counted: the invocation fails."""
         if not chunk:
             return
+        first = self.size == 0
         self.size += len(chunk)
         if self._abandoned or self.size > self.limit:
             return
         self._chunks.append(chunk)
         self._queued += len(chunk)
         self._readable.set()
+        if first and self.on_start is not None:
+            self.on_start()
         if self._queued >= HIGH_WATER and not self._paused:
             self._paused = True
             self._drained.clear()

@@ -96,3 +96,17 @@ def test_past_its_limit_a_stream_only_counts():
         return await stream.read(), await stream.read(), stream.too_large
 
     assert run(scenario()) == (b"0123456789", None, True)
+
+
+def test_the_caller_is_told_of_the_first_piece_only():
+    async def scenario():
+        starts: list[int] = []
+        stream = ResponseStream()
+        stream.on_start = lambda: starts.append(stream.size)
+        stream.feed(b"")
+        assert starts == []  # nothing streamed yet: no reader needed
+        stream.feed(b"ab")
+        stream.feed(b"cd")
+        return starts
+
+    assert run(scenario()) == [2]
