@@ -15,6 +15,7 @@ tries it again later as Lambda retries a throttled event.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -262,7 +263,8 @@ class Invoker:
         capture = LogCapture(self.logs, spec.name, request_id)
         invocation = Invocation(request_id=request_id, function=spec.name)
         if spec.load_error:
-            invocation.error = FunctionError.from_load_error(spec.load_error, spec.runtime, spec.load_trace)
+            invocation.error = self._init_error(
+                FunctionError.from_load_error(spec.load_error, spec.runtime, spec.load_trace), request_id)
             # Found before any worker started: its init fails as a worker's would, and its
             # log is the same, from Lambda's INIT_START (belonging to no invocation) on.
             env = self.pool.env
@@ -277,7 +279,7 @@ class Invoker:
         except HostShortage as exc:
             raise exc.refusal from None  # faasd's fault, not the function's: refused, a 503
         except WorkerInitError as exc:
-            invocation.error = exc.error
+            invocation.error = self._init_error(exc.error, request_id)
             invocation.init_ms = exc.init_ms
             self._log_failed_init(capture, invocation, spec, exc.logs)
             return invocation
@@ -318,32 +320,47 @@ class Invoker:
         invocation.log_lines = capture.lines
         return invocation
 
+    @staticmethod
+    def _init_error(error: FunctionError, request_id: str) -> FunctionError:
+        """A failed init's error as the caller gets it. One the runtime reported is its
+        document; one Lambda finds itself (the runtime exited, cannot be started, ...) is
+        in Lambda's words for the call it failed, as it reports a runtime that exits during
+        a call: `RequestId: ID Error: Runtime exited with error: exit status 1`."""
+        if error.document is not None:
+            return error
+        return dataclasses.replace(error, message=f"RequestId: {request_id} Error: {error.message}")
+
     def _log_failed_init(self, capture: LogCapture, invocation: Invocation,
                          spec: FunctionSpec, init_logs: list[str]) -> None:
         error = invocation.error
         assert error is not None and error.kind == INIT
         capture.logged(init_logs)
         # The runtime logs the error while it initialises (awslambdaric's log_error, then
-        # its post_init_error); Lambda reports the init once its phase has ended.
+        # its post_init_error); Lambda reports the init once its phase has ended. An error
+        # Lambda found itself is no runtime's record: its words are a line of the call.
         runtime_lines = self._init_error_lines(spec, error, invocation.request_id)
+        said = [error.message] if error.document is None else []
         platform = json_platform_log(spec)
         if platform is not None:
             capture(*runtime_lines, *platform.init_report(invocation),
-                    *platform.start(invocation.request_id), *platform.done(invocation))
+                    *platform.start(invocation.request_id), *said, *platform.done(invocation))
             invocation.log_lines = capture.lines
             return
         capture(*runtime_lines)
         capture(f"INIT_REPORT Init Duration: {invocation.init_ms or 0:.2f} ms\tPhase: init\t"
                 f"Status: error\tError Type: {error.error_type}")
         capture(f"START RequestId: {invocation.request_id} Version: $LATEST")
-        capture(f"END RequestId: {invocation.request_id}")
+        capture(*said, f"END RequestId: {invocation.request_id}")
         capture(self._report(spec, invocation, status="error"))
         invocation.log_lines = capture.lines
 
     @staticmethod
     def _init_error_lines(spec: FunctionSpec, error: FunctionError, request_id: str) -> list[str]:
-        """What the runtime logs of its failed init, in the function's log format."""
-        python = spec.runtime == "python" and error.document is not None
+        """What the runtime logs of its failed init, in the function's log format: nothing
+        where it reported none (it exited, or never started)."""
+        if error.document is None:
+            return []
+        python = spec.runtime == "python"
         # awslambdaric warns of an error it caught in its init (not of one faasd's
         # sandbox reports: that is no error of the code), at WARNING on the root logger.
         warns = python and error.error_type != SETUP_ERROR

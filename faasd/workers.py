@@ -254,7 +254,7 @@ def describe_exit(returncode: int | None) -> str:
         words = {
             "SIGKILL": "killed", "SIGSEGV": "segmentation fault", "SIGABRT": "aborted",
             "SIGTERM": "terminated", "SIGBUS": "bus error", "SIGILL": "illegal instruction",
-            "SIGFPE": "floating point exception",
+            "SIGFPE": "floating point exception", "SIGINT": "interrupt",
         }
         return f"Runtime exited with error: signal: {words.get(name, name)}"
     return f"Runtime exited with error: exit status {returncode}"

@@ -450,17 +450,56 @@ def test_a_failed_inits_error_record_comes_before_init_report(daemon, where):
 
 def test_a_function_that_cannot_load_logs_a_failed_init_from_init_start(daemon):
     # A setting faasd refuses at load fails the init as the code's errors do: the same
-    # lines, INIT_START first (no awslambdaric warning: no runtime caught it).
+    # lines, INIT_START first. No runtime caught it (no awslambdaric warning nor record):
+    # it is said as Lambda says what it finds itself, a line of the call.
     write_function(daemon.functions, "misset.py", "def handler(event, context):\n    return 1\n")
     write_function(daemon.functions, "misset.toml", 'timeout_s = "soon"\n')
     loaded(daemon, "misset")
     response = daemon.invoke("misset", **{"X-Amz-Log-Type": "Tail"})
-    assert response.json()["errorType"] == "Runtime.InvalidConfiguration", response.text
+    error = response.json()
+    assert error["errorType"] == "Runtime.InvalidConfiguration", response.text
+    request_id = response.headers["x-amzn-requestid"]
+    assert error["errorMessage"].startswith(f"RequestId: {request_id} Error: "), error
     tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
     kinds = [line.split(" ", 1)[0] for line in tail if line]
-    assert kinds == ["INIT_START", "[ERROR]", "INIT_REPORT", "START", "END", "REPORT"], tail
+    assert kinds == ["INIT_START", "INIT_REPORT", "START", "RequestId:", "END", "REPORT"], tail
+    assert error["errorMessage"] in tail, tail
     runtime = daemon.get("/2015-03-31/functions/misset").json()["Configuration"]["Runtime"]
     assert tail[0].startswith(f"INIT_START Runtime Version: {runtime}:faasd-{faasd.__version__}\t"), tail
+
+
+EXITS = {
+    # awslambdaric's run() catches Exception at import, not SystemExit or
+    # KeyboardInterrupt: those end the runtime's process as Python ends it.
+    "exit3": ("import sys\nsys.exit(3)\n", "Runtime exited with error: exit status 3", None),
+    "exit0": ("import sys\nsys.exit()\n", "Runtime exited without providing a reason", None),
+    "said": ("raise SystemExit('no config, giving up')\n", "Runtime exited with error: exit status 1",
+             "no config, giving up"),
+    "interrupted": ("raise KeyboardInterrupt\n", "Runtime exited with error: signal: interrupt",
+                    "KeyboardInterrupt"),
+}
+
+
+@pytest.mark.parametrize("how", list(EXITS))
+def test_a_python_module_that_exits_at_import_is_a_runtime_exit_error(daemon, how):
+    # Lambda reports the runtime's exit itself, in its words for the call: no error of the
+    # runtime's (no LAMBDA_WARNING, no [ERROR] record), its line between START and END.
+    source, words, printed = EXITS[how]
+    write_function(daemon.functions, "quits.py", source + "def handler(event, context):\n    return 1\n")
+    loaded(daemon, "quits")
+    response = daemon.invoke("quits", **{"X-Amz-Log-Type": "Tail"})
+    request_id = response.headers["x-amzn-requestid"]
+    assert response.headers["x-amz-function-error"] == "Unhandled", response.text
+    error = response.json()
+    assert (error["errorType"], error["errorMessage"]) == (
+        "Runtime.ExitError", f"RequestId: {request_id} Error: {words}"), error
+    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
+    assert not [line for line in tail if "LAMBDA_WARNING" in line or line.startswith("[ERROR]")], tail
+    start, end = tail.index(f"START RequestId: {request_id} Version: $LATEST"), tail.index(f"END RequestId: {request_id}")
+    assert tail[start + 1:end] == [f"RequestId: {request_id} Error: {words}"], tail
+    assert any(line.startswith("INIT_REPORT ") and line.endswith("Error Type: Runtime.ExitError") for line in tail)
+    if printed:  # what Python itself writes to stderr as it exits
+        assert any(printed in line for line in tail[:start]), tail
 
 
 def test_nodes_runtime_logs_no_unhandled_exception_warning(daemon):

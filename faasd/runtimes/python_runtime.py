@@ -456,8 +456,11 @@ def _load_handler():
         if isinstance(exc, ModuleNotFoundError) and exc.name == dotted.split(".")[0]:
             message += _unreadable(task_root)
         return None, _error("Runtime.ImportModuleError", message)  # no stack trace, as AWS's runtime
-    except BaseException as exc:  # the module's own code raised at import
+    except Exception as exc:  # the module's own code raised at import
         # Not logged here: the daemon logs every init error, from its document.
+        # Exception only, as awslambdaric's run() catches: a SystemExit (sys.exit())
+        # or KeyboardInterrupt ends the process as Python ends it, and the daemon
+        # reports the exit (Runtime.ExitError) as Lambda does.
         return None, _error(type(exc).__name__, str(exc), _user_frames(exc.__traceback__))
     handler = getattr(module, function_name, None)
     if handler is None:
