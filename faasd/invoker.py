@@ -24,7 +24,7 @@ from typing import Callable, NoReturn
 
 import orjson
 
-from .errors import INIT, FunctionError, FunctionNotFound, ShuttingDown, Throttled
+from .errors import FunctionError, FunctionNotFound, ShuttingDown, Throttled
 from .logs import FunctionLogs, LogCapture, iso_now
 from .platform_log import billed_ms, init_start_lines, json_platform_log
 from .protocol import error_log_record
@@ -109,6 +109,9 @@ class Invocation:
     error: FunctionError | None = None
     duration_ms: float = 0.0
     init_ms: float | None = None
+    # Its worker's init ran within the call: Lambda's second try of a failed init, in the
+    # invoke phase. Its REPORT has no Init Duration; its Duration covers that init.
+    init_in_call: bool = False
     max_memory_mb: int = 0
     log_lines: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
@@ -116,6 +119,12 @@ class Invocation:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def reported_init_ms(self) -> float | None:
+        """The Init Duration of its REPORT, billed with it: a cold start's. None where the
+        init was tried again in the call (the failed init phase had an INIT_REPORT)."""
+        return None if self.init_in_call else self.init_ms
 
     @property
     def log_tail(self) -> str:
@@ -263,26 +272,41 @@ class Invoker:
         capture = LogCapture(self.logs, spec.name, request_id)
         invocation = Invocation(request_id=request_id, function=spec.name)
         if spec.load_error:
-            invocation.error = self._init_error(
-                FunctionError.from_load_error(spec.load_error, spec.runtime, spec.load_trace), request_id)
+            error = FunctionError.from_load_error(spec.load_error, spec.runtime, spec.load_trace)
             # Found before any worker started: its init fails as a worker's would, and its
-            # log is the same, from Lambda's INIT_START (belonging to no invocation) on.
+            # log is the same, from Lambda's INIT_START (belonging to no invocation) on;
+            # the runtime would find it again in the invoke phase, in no time either.
             env = self.pool.env
             init_start = init_start_lines(spec, env.region, env.python)
             for line in init_start:
                 self.logs.write_idle(spec.name, line)
-            self._log_failed_init(capture, invocation, spec, init_start)
+            self._log_init_phase(capture, spec, error, 0.0, init_start)
+            invocation.init_in_call = True
+            self._fail_invoke_init(capture, invocation, spec, WorkerInitError(error, 0.0, []))
             return invocation
         pool = self.pool.get(spec)
+        # The invoke phase's start: the call's, or that of the init Lambda tries again in it.
+        started: float | None = None
         try:
             worker, cold = await pool.acquire()
         except HostShortage as exc:
             raise exc.refusal from None  # faasd's fault, not the function's: refused, a 503
         except WorkerInitError as exc:
-            invocation.error = self._init_error(exc.error, request_id)
+            # Lambda reports the failed init phase, then tries the init once more in the
+            # invoke phase of this call, in a new runtime.
+            self._log_init_phase(capture, spec, exc.error, exc.init_ms, exc.logs)
             invocation.init_ms = exc.init_ms
-            self._log_failed_init(capture, invocation, spec, exc.logs)
-            return invocation
+            invocation.init_in_call = True
+            started = time.perf_counter()
+            try:
+                worker = await pool.start_again()
+            except HostShortage as again:
+                raise again.refusal from None
+            except WorkerInitError as again:
+                invocation.duration_ms = (time.perf_counter() - started) * 1000
+                self._fail_invoke_init(capture, invocation, spec, again)
+                return invocation
+            cold = True  # it served: a suppressed init, in the call's Duration (no Init Duration)
         if cold:
             invocation.init_ms = worker.init_ms
             capture.logged(worker.init_logs)
@@ -292,7 +316,8 @@ class Invoker:
         else:
             for line in platform.start(request_id):  # none where the system log level leaves it out
                 capture.opening(line)
-        started = time.perf_counter()
+        if started is None:
+            started = time.perf_counter()
         deadline = time.time() + spec.timeout_s
         result = None
         if called:
@@ -330,28 +355,35 @@ class Invoker:
             return error
         return dataclasses.replace(error, message=f"RequestId: {request_id} Error: {error.message}")
 
-    def _log_failed_init(self, capture: LogCapture, invocation: Invocation,
-                         spec: FunctionSpec, init_logs: list[str]) -> None:
-        error = invocation.error
-        assert error is not None and error.kind == INIT
+    def _log_init_phase(self, capture: LogCapture, spec: FunctionSpec, error: FunctionError,
+                        init_ms: float, init_logs: list[str], phase: str = "init") -> None:
+        """A failed init, in Lambda's `phase`: what the worker printed while it started, the
+        runtime's record of its error, and Lambda's report of the init (INIT_REPORT)."""
         capture.logged(init_logs)
         # The runtime logs the error while it initialises (awslambdaric's log_error, then
-        # its post_init_error); Lambda reports the init once its phase has ended. An error
-        # Lambda found itself is no runtime's record: its words are a line of the call.
-        runtime_lines = self._init_error_lines(spec, error, invocation.request_id)
+        # its post_init_error); Lambda reports the init once it has ended. An error Lambda
+        # found itself is no runtime's record: its words are a line of the call.
+        capture(*self._init_error_lines(spec, error, capture.request_id))
+        platform = json_platform_log(spec)
+        if platform is not None:
+            capture(*platform.init_report(error, init_ms, phase))
+        else:
+            capture(f"INIT_REPORT Init Duration: {init_ms:.2f} ms\tPhase: {phase}\t"
+                    f"Status: error\tError Type: {error.error_type}")
+
+    def _fail_invoke_init(self, capture: LogCapture, invocation: Invocation, spec: FunctionSpec,
+                          failure: WorkerInitError) -> None:
+        """The init Lambda tried again in the call's invoke phase failed too: its report
+        (INIT_REPORT, `Phase: invoke`), then the call's START, END and REPORT."""
+        self._log_init_phase(capture, spec, failure.error, failure.init_ms, failure.logs, "invoke")
+        error = invocation.error = self._init_error(failure.error, invocation.request_id)
         said = [error.message] if error.document is None else []
         platform = json_platform_log(spec)
         if platform is not None:
-            capture(*runtime_lines, *platform.init_report(invocation),
-                    *platform.start(invocation.request_id), *said, *platform.done(invocation))
-            invocation.log_lines = capture.lines
-            return
-        capture(*runtime_lines)
-        capture(f"INIT_REPORT Init Duration: {invocation.init_ms or 0:.2f} ms\tPhase: init\t"
-                f"Status: error\tError Type: {error.error_type}")
-        capture(f"START RequestId: {invocation.request_id} Version: $LATEST")
-        capture(*said, f"END RequestId: {invocation.request_id}")
-        capture(self._report(spec, invocation, status="error"))
+            capture(*platform.start(invocation.request_id), *said, *platform.done(invocation))
+        else:
+            capture(f"START RequestId: {invocation.request_id} Version: $LATEST", *said,
+                    f"END RequestId: {invocation.request_id}", self._report(spec, invocation, status="error"))
         invocation.log_lines = capture.lines
 
     @staticmethod
@@ -400,7 +432,7 @@ class Invoker:
     @staticmethod
     def _report(spec: FunctionSpec, invocation: Invocation, status: str | None = None) -> str:
         duration = invocation.duration_ms
-        init = invocation.init_ms
+        init = invocation.reported_init_ms
         billed = billed_ms(duration, init)
         line = (f"REPORT RequestId: {invocation.request_id}\tDuration: {duration:.2f} ms\t"
                 f"Billed Duration: {billed} ms\t"

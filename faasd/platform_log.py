@@ -28,6 +28,7 @@ from .logs import iso_now
 from .spec import runtime_version
 
 if TYPE_CHECKING:
+    from .errors import FunctionError
     from .invoker import Invocation
     from .spec import FunctionSpec
 
@@ -64,17 +65,16 @@ class JsonPlatformLog:
             "runtimeVersion": runtime_version, "runtimeVersionArn": runtime_version_arn,
             "functionName": self.spec.name, "functionVersion": "$LATEST"})]
 
-    def init_report(self, invocation: Invocation) -> list[str]:
-        """A failed init's report, once the init phase has ended (the runtime has
-        logged the error by then: faasd/invoker.py's _init_error_lines)."""
-        error = invocation.error
-        assert error is not None
+    def init_report(self, error: FunctionError, init_ms: float, phase: str = "init") -> list[str]:
+        """A failed init's report, once it has ended (the runtime has logged the error
+        by then: faasd/invoker.py's _init_error_lines). `phase`: "init", or "invoke" for
+        the init Lambda tries again within the call it failed for."""
         if self.level > INFO:
             return []
         return [_record("platform.initReport", {
-            "initializationType": "on-demand", "phase": "init", "status": "error",
+            "initializationType": "on-demand", "phase": phase, "status": "error",
             "errorType": error.error_type,
-            "metrics": {"durationMs": round(invocation.init_ms or 0, 3)}})]
+            "metrics": {"durationMs": round(init_ms, 3)}})]
 
     def start(self, request_id: str) -> list[str]:
         if self.level > INFO:
@@ -98,7 +98,7 @@ class JsonPlatformLog:
         return lines
 
     def _report(self, invocation: Invocation, outcome: dict[str, Any]) -> str:
-        init = invocation.init_ms
+        init = invocation.reported_init_ms
         metrics: dict[str, Any] = {
             "durationMs": round(invocation.duration_ms, 3),
             "billedDurationMs": billed_ms(invocation.duration_ms, init),

@@ -263,9 +263,22 @@ class FunctionPool:
         self._frozen.append(worker)
         self._frozen_at[worker.id] = time.monotonic()
 
-    async def _spawn(self) -> Worker:
+    async def start_again(self) -> Worker:
+        """A new worker for the call whose worker has just failed its init, started now
+        and for that call alone (BUSY): Lambda tries a failed init again in the invoke
+        phase of the call it failed for. Its start logs no INIT_START, as Lambda writes
+        none for that init. Raises WorkerInitError as the first start did, or ShuttingDown."""
+        if self.closing:
+            raise ShuttingDown("faasd is shutting down")
+        worker = await self._spawn(phase="invoke")
+        worker.set_state(WorkerState.BUSY)
+        self.cold_starts += 1
+        return worker
+
+    async def _spawn(self, phase: str = "init") -> Worker:
         """A new worker, started; whatever keeps it from starting is a WorkerInitError
         (a HostShortage when the host lacks something: no init error of the function).
+        `phase`: Lambda's phase its init runs in (Worker.init_phase).
 
         A file being written in place is half there: a worker starts once none
         of the function's files is, and one whose init failed while its code was
@@ -276,7 +289,7 @@ class FunctionPool:
             attempts += 1
             mark = await self._code_settled()
             try:
-                return await self._spawn_once()
+                return await self._spawn_once(phase)
             except WorkerInitError as exc:
                 if isinstance(exc, HostShortage) or not self._rewritten(mark) or attempts >= CODE_RETRIES:
                     raise
@@ -291,9 +304,9 @@ class FunctionPool:
         """Whether the function's files were written to since `mark` was taken."""
         return self.code is not None and self.code.writes(self.spec.name) != mark
 
-    async def _spawn_once(self) -> Worker:
+    async def _spawn_once(self, phase: str = "init") -> Worker:
         try:
-            return await self._new_worker()
+            return await self._new_worker(phase)
         except Exception as exc:
             failure = start_failure(exc)
             if isinstance(failure, HostShortage):
@@ -306,24 +319,25 @@ class FunctionPool:
                 raise
             raise failure from exc
 
-    async def _new_worker(self) -> Worker:
+    async def _new_worker(self, phase: str = "init") -> Worker:
         """A new worker: forked from the revision's template when one is ready, else spawned."""
         template = self.template
         if template is not None and template.ready and template.spec.revision == self.spec.revision:
             self._template_used = time.monotonic()
             try:
-                return await self._start(ForkedWorker(self.spec, self.env, template))
+                return await self._start(ForkedWorker(self.spec, self.env, template), phase)
             except WorkerInitError as exc:
                 if not isinstance(exc.__cause__, TemplateGone):
                     raise
                 log.warning("template of %s cannot fork (%s); starting a worker from scratch",
                             self.spec.name, exc.__cause__)
                 self._drop_template(template)
-        worker = await self._start(self.factory(self.spec, self.env))
+        worker = await self._start(self.factory(self.spec, self.env), phase)
         self._ensure_template()
         return worker
 
-    async def _start(self, worker: Worker) -> Worker:
+    async def _start(self, worker: Worker, phase: str = "init") -> Worker:
+        worker.init_phase = phase
         self.workers[worker.id] = worker
         worker.exited.add_done_callback(lambda _: self._on_exit(worker))
         try:

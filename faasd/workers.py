@@ -263,6 +263,11 @@ def describe_exit(returncode: int | None) -> str:
 class Worker:
     """Base: state and bookkeeping common to every runtime's worker."""
 
+    # Lambda's phase its init runs in: "init" for a new execution environment, whose
+    # log opens with INIT_START; "invoke" for Lambda's second try of a failed init,
+    # within the call it failed for, of which Lambda's log has no INIT_START.
+    init_phase = "init"
+
     def __init__(self, spec: FunctionSpec, env: WorkerEnvironment) -> None:
         self.spec = spec
         self.env = env
@@ -796,6 +801,8 @@ class ProcessWorker(Worker):
 
     def _log_init_start(self) -> None:
         """Lambda's first line of a new execution environment: the runtime version it runs."""
+        if self.init_phase != "init":
+            return
         for line in init_start_lines(self.spec, self.env.region, self.env.python):
             self._log_init(line)
 

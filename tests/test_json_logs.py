@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
 import subprocess
@@ -235,15 +236,24 @@ def test_a_timeout_and_a_failed_init_are_reported_in_json(daemon):
     request_id = broken.headers["x-amzn-requestid"]
     wait_report(daemon, "broken", request_id)
     texts = request_lines(daemon, "broken", request_id)
-    # The runtime logs the error during init; the platform reports the init once it ended.
+    # The runtime logs the error during init; the platform reports the init once it ended,
+    # then again for the init it tries in the call's invoke phase.
     assert [r.get("type", r.get("level")) for r in records(texts)] == [
-        "WARNING", "ERROR", "platform.initReport", "platform.start", "platform.report"]
-    _, error, init_report, _, report = records(texts)
-    assert init_report["record"]["status"] == "error"
-    assert init_report["record"]["errorType"] == "Runtime.UserCodeSyntaxError"
+        "WARNING", "ERROR", "platform.initReport", "WARNING", "ERROR", "platform.initReport",
+        "platform.start", "platform.report"]
+    _, error, init_report, _, again, invoke_report, _, report = records(texts)
+    assert [r["record"]["phase"] for r in (init_report, invoke_report)] == ["init", "invoke"]
+    for init in (init_report, invoke_report):
+        assert init["record"]["status"] == "error"
+        assert init["record"]["errorType"] == "Runtime.UserCodeSyntaxError"
     assert error["errorType"] == "Runtime.UserCodeSyntaxError" and error["requestId"] == ""
+    assert again == {**error, "timestamp": again["timestamp"]}
     assert report["record"]["status"] == "error"
     assert report["record"]["errorType"] == "Runtime.UserCodeSyntaxError"
+    # No initDurationMs: the init tried again is in the call's duration, billed as it.
+    metrics = report["record"]["metrics"]
+    assert "initDurationMs" not in metrics, metrics
+    assert metrics["billedDurationMs"] == max(1, math.ceil(metrics["durationMs"])), metrics
 
 
 INIT_ERRORS = {
@@ -287,7 +297,8 @@ def test_a_python_init_error_is_warned_of_at_warning_level_first(daemon, where, 
     found = records(request_lines(daemon, "unready", request_id))
     kinds = [r.get("type", r.get("level")) for r in found]
     warned = ["WARNING"] if level != "ERROR" else []
-    assert kinds == [*warned, "ERROR", "platform.initReport", "platform.start", "platform.report"], kinds
+    attempt = [*warned, "ERROR", "platform.initReport"]  # the init phase's, then the invoke phase's
+    assert kinds == [*attempt, *attempt, "platform.start", "platform.report"], kinds
     if warned:
         warning = found[0]
         assert list(warning) == ["timestamp", "level", "message", "logger", "requestId"]
@@ -305,16 +316,19 @@ def test_a_failed_inits_json_log_starts_with_init_start_wherever_it_was_found(da
     loaded(daemon, "unready")
     response = daemon.invoke("unready", {}, **{"X-Amz-Log-Type": "Tail"})
     request_id = response.headers["x-amzn-requestid"]
-    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
-    expected = ["platform.initStart", "WARNING", "ERROR", "platform.initReport", "platform.start",
-                "platform.report"]
-    assert [r.get("type", r.get("level")) for r in records(tail)] == expected, tail
+    attempt = ["WARNING", "ERROR", "platform.initReport"]  # the init phase's, then the invoke phase's
+    expected = ["platform.initStart", *attempt, *attempt, "platform.start", "platform.report"]
     wait_report(daemon, "unready", request_id)
     lines = daemon.log_of("unready").splitlines()
+    # The one initStart: the init tried again in the call is no new one's.
     init_start, = platform(texts_of(lines, "-"), "platform.initStart")
     assert init_start["record"]["functionName"] == "unready"
     assert init_start["record"]["runtimeVersion"].startswith("python3.")
     assert [r.get("type", r.get("level")) for r in records(texts_of(lines, request_id))] == expected[1:]
+    # The tail has them too, from what fits in its 4 KB on (the awslambdaric warnings are long).
+    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
+    kinds = [r.get("type", r.get("level")) for r in records(tail[1:])]  # its first line may be cut
+    assert kinds and kinds == expected[len(expected) - len(kinds):], tail
 
 
 def test_get_function_reports_the_logging_config_boto3_parses(daemon):

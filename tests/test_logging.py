@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +19,7 @@ import pytest
 
 import faasd
 
-from support import lambda_client, loaded, request_lines, wait_until, write_function
+from support import lambda_client, loaded, metric, request_lines, wait_until, write_function
 
 CHATTY = """
 import logging, sys
@@ -398,16 +401,22 @@ def test_a_python_error_is_logged_as_awslambdarics_one_record(daemon, where):
     response = daemon.invoke("failing", **{"X-Amz-Log-Type": "Tail"})
     error = response.json()
     assert response.headers["x-amz-function-error"] == "Unhandled" and error["errorType"] == error_type, error
-    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
-    records = [line for line in tail if line.startswith("[ERROR]")]
-    assert records == [awslambdaric_record(error)], tail
-    [record] = records
+    request_id = response.headers["x-amzn-requestid"]
+    wait_until(lambda: f"REPORT RequestId: {request_id}" in daemon.log_of("failing"), message="the REPORT")
+    # Split at newlines only: a record's lines are joined by \r.
+    lines = [line.split("\t", 2)[2] for line in daemon.log_of("failing").split("\n")
+             if line.split("\t")[1:2] == [request_id]]
+    records = [line for line in lines if line.startswith("[ERROR]")]
+    # An init error is logged twice: Lambda tries the failed init again in the call.
+    assert records == [awslambdaric_record(error)] * (1 if where == "invoke" else 2), lines
+    record = records[0]
     assert record.startswith(f"[ERROR] {error_type}: ") and "\rTraceback (most recent call last):" in record
     assert ("\r\u00a0\u00a0File " in record) == bool(error["stackTrace"]), record
-    assert "Traceback" not in "\n".join(line for line in tail if line != record), tail
+    assert "Traceback" not in "\n".join(line for line in lines if line != record), lines
     # awslambdaric warns of an unhandled exception before an init error's record only.
-    warnings = [line for line in tail if "LAMBDA_WARNING" in line]
-    assert warnings == ([] if where == "invoke" else [tail[tail.index(record) - 1]]), tail
+    warnings = [line for line in lines if "LAMBDA_WARNING" in line]
+    assert warnings == ([] if where == "invoke" else [
+        lines[index - 1] for index, line in enumerate(lines) if line == record]), lines
 
 
 def awslambdaric_warning() -> re.Pattern:
@@ -420,32 +429,99 @@ def awslambdaric_warning() -> re.Pattern:
 
 
 @pytest.mark.parametrize("where", ["init", "import", "syntax"])
-def test_a_failed_inits_error_record_comes_before_init_report(daemon, where):
+def test_a_failed_init_is_tried_again_in_the_calls_invoke_phase(daemon, where):
     # awslambdaric logs the error while it initialises, then reports it (post_init_error);
-    # Lambda writes INIT_REPORT once the init phase has ended: the record comes first.
+    # Lambda writes INIT_REPORT once the init phase has ended, then tries the init again
+    # in the call's invoke phase (a new runtime: no INIT_START), which logs the same and
+    # its own INIT_REPORT, `Phase: invoke`; START, END and REPORT follow.
     source, error_type = ERRORS[where]
-    write_function(daemon.functions, "broken.py", "print('printed at import')\n" + source
+    write_function(daemon.functions, "broken.py", "import os\nprint('imported by', os.getpid())\n" + source
                    if where != "syntax" else source)
     loaded(daemon, "broken")
     response = daemon.invoke("broken", **{"X-Amz-Log-Type": "Tail"})
     request_id = response.headers["x-amzn-requestid"]
     assert response.json()["errorType"] == error_type
-    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
-    kinds = [re.split(r"[ \t]", line, maxsplit=1)[0] for line in tail if line]
-    # A syntax error the daemon finds before starting a worker has INIT_START too, but no prints.
-    before = ["INIT_START", "printed"] if where != "syntax" else ["INIT_START"]
-    assert kinds == [*before, "[WARNING]", "[ERROR]", "INIT_REPORT", "START", "END", "REPORT"], tail
-    assert awslambdaric_warning().fullmatch(tail[kinds.index("[WARNING]")]), tail
-    assert tail[kinds.index("INIT_REPORT")].startswith("INIT_REPORT Init Duration: ")
-    assert tail[kinds.index("INIT_REPORT")].endswith(f"Phase: init\tStatus: error\tError Type: {error_type}")
-    # The function's log file has them in the same order.
     wait_until(lambda: f"REPORT RequestId: {request_id}" in daemon.log_of("broken"), message="the REPORT")
-    logged = daemon.log_of("broken")
-    assert logged.index("LAMBDA_WARNING") < logged.index(f"[ERROR] {error_type}: ") < logged.index(
-        "INIT_REPORT Init Duration: "), logged
-    # INIT_START belongs to no invocation, as a worker's: `-` for a request id.
-    [init_start] = [line for line in logged.split("\n") if "\tINIT_START " in line]
-    assert init_start.split("\t")[1] == "-" and logged.index(init_start) < logged.index("LAMBDA_WARNING")
+    logged = daemon.log_of("broken").split("\n")
+    texts = [line.split("\t", 2)[2] for line in logged if line.count("\t") >= 2]
+    kinds = [re.split(r"[ \t]", text, maxsplit=1)[0] for text in texts]
+    # A syntax error the daemon finds before starting a worker has INIT_START too, but no prints.
+    printed = ["imported"] if where != "syntax" else []
+    attempt = [*printed, "[WARNING]", "[ERROR]", "INIT_REPORT"]
+    assert kinds == ["INIT_START", *attempt, *attempt, "START", "END", "REPORT"], texts
+    init_reports = [text for text in texts if text.startswith("INIT_REPORT ")]
+    assert [report.split("\t")[1:] for report in init_reports] == [
+        [f"Phase: {phase}", "Status: error", f"Error Type: {error_type}"] for phase in ("init", "invoke")]
+    for text in texts:
+        if text.startswith("[WARNING]"):
+            assert awslambdaric_warning().fullmatch(text), text
+    if printed:  # two imports, in two processes
+        pids = {text.split()[-1] for text in texts if text.startswith("imported by ")}
+        assert len(pids) == 2, texts
+    # INIT_START belongs to no invocation, as a worker's: `-` for a request id; the
+    # lines of the call are its own, the retried init's prints are no call's either.
+    [init_start] = [line for line in logged if "\tINIT_START " in line]
+    assert init_start.split("\t")[1] == "-"
+    assert all(line.split("\t")[1] == request_id for line in logged
+               if "\tINIT_REPORT " in line or "LAMBDA_WARNING" in line), logged
+    # The call's REPORT: the init tried again is in its Duration, billed as it; no Init Duration.
+    report = texts[-1]
+    assert "Init Duration" not in report and report.endswith(f"\tStatus: error\tError Type: {error_type}")
+    duration = float(re.search(r"\tDuration: ([\d.]+) ms", report).group(1))
+    billed = int(re.search(r"\tBilled Duration: (\d+) ms", report).group(1))
+    assert billed == max(1, math.ceil(duration)), report
+    invoke_init = float(re.search(r"Init Duration: ([\d.]+) ms", init_reports[1]).group(1))
+    assert duration >= invoke_init, (report, init_reports)
+    # The call's tail has the same, as much as fits in 4 KB.
+    tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
+    assert tail[-4:-1] == texts[-3:], tail
+
+
+def test_an_init_that_fails_once_serves_the_call_from_its_second_try(daemon):
+    # Lambda's init tried again in the invoke phase may succeed: the call is served. It
+    # reports no second init ("a suppressed init": no INIT_REPORT for it); the call's
+    # REPORT has no Init Duration, its Duration covering that init.
+    # Each init asks the test whether to fail (a worker's /tmp is its own): the first does.
+    listener = socket.create_server(("127.0.0.1", 0))
+    answers = iter([b"fail"])
+
+    def answer() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            with connection:
+                connection.sendall(next(answers, b"pass"))
+
+    with listener:
+        threading.Thread(target=answer, daemon=True).start()
+        write_function(daemon.functions, "flaky.py", f"""
+            import socket
+            with socket.create_connection(("127.0.0.1", {listener.getsockname()[1]})) as asking:
+                if asking.recv(4) == b"fail":
+                    raise RuntimeError("the first init fails")
+            print("the second init passes")
+            def handler(event, context):
+                return "served"
+        """)
+        loaded(daemon, "flaky")
+        response = daemon.invoke("flaky", **{"X-Amz-Log-Type": "Tail"})
+        assert "x-amz-function-error" not in response.headers, response.text
+        assert response.json() == "served"
+        request_id = response.headers["x-amzn-requestid"]
+        tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
+        kinds = [re.split(r"[ \t]", line, maxsplit=1)[0] for line in tail if line]
+        assert kinds == ["INIT_START", "[WARNING]", "[ERROR]", "INIT_REPORT", "the", "START", "END", "REPORT"], tail
+        assert tail[3].endswith("\tPhase: init\tStatus: error\tError Type: RuntimeError"), tail
+        report = tail[-2]
+        assert report.startswith(f"REPORT RequestId: {request_id}\t") and "Init Duration" not in report, report
+        assert "Status" not in report, report
+        # The next call is a warm one on the worker that served; the first was a cold start.
+        again = daemon.invoke("flaky", **{"X-Amz-Log-Type": "Tail"})
+        assert again.json() == "served"
+        assert "INIT" not in base64.b64decode(again.headers["x-amz-log-result"]).decode()
+        assert metric(daemon, "faasd_cold_starts_total", function="flaky") == 1
 
 
 def test_a_function_that_cannot_load_logs_a_failed_init_from_init_start(daemon):
@@ -462,7 +538,8 @@ def test_a_function_that_cannot_load_logs_a_failed_init_from_init_start(daemon):
     assert error["errorMessage"].startswith(f"RequestId: {request_id} Error: "), error
     tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
     kinds = [line.split(" ", 1)[0] for line in tail if line]
-    assert kinds == ["INIT_START", "INIT_REPORT", "START", "RequestId:", "END", "REPORT"], tail
+    # Found again in the call's invoke phase, as the runtime would find it: a second INIT_REPORT.
+    assert kinds == ["INIT_START", "INIT_REPORT", "INIT_REPORT", "START", "RequestId:", "END", "REPORT"], tail
     assert error["errorMessage"] in tail, tail
     runtime = daemon.get("/2015-03-31/functions/misset").json()["Configuration"]["Runtime"]
     assert tail[0].startswith(f"INIT_START Runtime Version: {runtime}:faasd-{faasd.__version__}\t"), tail
