@@ -27,11 +27,11 @@ import orjson
 from .errors import FunctionError, FunctionNotFound, ShuttingDown, Throttled
 from .logs import FunctionLogs, LogCapture, iso_now
 from .platform_log import billed_ms, init_start_lines, json_platform_log
-from .protocol import error_log_record
+from .protocol import ensure_ascii, error_log_json, error_log_record, logging_json
 from .pool import WorkerPool
 from .registry import Registry
 from .sandbox import SETUP_ERROR
-from .spec import FunctionSpec, new_request_id
+from .spec import FunctionSpec, new_request_id, python_interpreter
 from .streaming import ResponseStream
 from .workers import HostShortage, Worker, WorkerInitError
 
@@ -386,8 +386,7 @@ class Invoker:
                     f"END RequestId: {invocation.request_id}", self._report(spec, invocation, status="error"))
         invocation.log_lines = capture.lines
 
-    @staticmethod
-    def _init_error_lines(spec: FunctionSpec, error: FunctionError, request_id: str) -> list[str]:
+    def _init_error_lines(self, spec: FunctionSpec, error: FunctionError, request_id: str) -> list[str]:
         """What the runtime logs of its failed init, in the function's log format: nothing
         where it reported none (it exited, or never started)."""
         if error.document is None:
@@ -403,18 +402,20 @@ class Invoker:
             if python:
                 seconds = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # awslambdaric's stamp
                 lines = []
+                # Byte for byte as the worker's Python would write them: the Python
+                # runtime's own encoders, with its separators and its escapes.
                 if warns and level != "ERROR":
                     # As its JsonFormatter writes a `logging.warning` of the root logger.
-                    lines.append(orjson.dumps({
+                    lines.append(logging_json({
                         "timestamp": seconds, "level": "WARNING", "message": UNHANDLED_WARNING,
-                        "logger": "root", "requestId": ""}).decode())
+                        "logger": "root", "requestId": ""}))
                 # awslambdaric's log_error in JSON: its error document after the timestamp
                 # and the level. make_error gives an init error no request id:
                 # "requestId": "" (the invocation's id is not known during init).
-                lines.append(orjson.dumps({
-                    "timestamp": seconds, "level": "ERROR",
-                    "errorMessage": error.message, "errorType": error.error_type, "requestId": "",
-                    "stackTrace": error.stack_trace}).decode())
+                document = {"errorMessage": error.message, "errorType": error.error_type, "requestId": "",
+                            "stackTrace": error.stack_trace}
+                version = python_interpreter(self.pool.env.python).version
+                lines.append(error_log_json(document, seconds, ensure_ascii(version)))
                 return lines
             return [orjson.dumps({
                 "timestamp": iso_now(), "level": "ERROR", "errorMessage": error.message,

@@ -140,6 +140,41 @@ def _no_break_indent(line: str) -> str:
     return "\u00a0" * (len(line) - len(text)) + text
 
 
+def ensure_ascii(version: tuple[int, ...]) -> bool:
+    """Whether awslambdaric on Python `version` writes the non-ASCII characters of a
+    result, an error document or log_error's JSON record as \\uXXXX escapes: on
+    python3.11 and before. Its lambda_runtime_marshaller.Encoder sets ensure_ascii=False
+    for AWS_Lambda_python3.12 and later only."""
+    return tuple(version[:2]) < (3, 12)
+
+
+def error_log_json(error: dict, timestamp: str, ascii_only: bool) -> str:
+    """awslambdaric's JSON log of an error it reports (bootstrap.log_error in JSON logs):
+    the error document after "timestamp" and "level": "ERROR", as its to_json writes it,
+    with json's default separators (", " and ": "), `ascii_only` as ensure_ascii() says.
+    The Python runtime writes a handler's error with it, the daemon an init's."""
+    import json  # loaded already wherever an error is logged; not at the worker's start
+
+    return json.JSONEncoder(ensure_ascii=ascii_only).encode({"timestamp": timestamp, "level": "ERROR", **error})
+
+
+_logging_encode = None  # built at the first record: a function that never logs never needs it
+
+
+def logging_json(record: dict) -> str:
+    """A `logging` record as awslambdaric's JsonFormatter encodes it in JSON logs
+    (lambda_runtime_log_utils: json.JSONEncoder(ensure_ascii=False, default=str),
+    whatever the Python version), without the newline it ends the record with.
+    The Python runtime writes every record with it, the daemon awslambdaric's
+    LAMBDA_WARNING before an init error."""
+    global _logging_encode
+    if _logging_encode is None:
+        import json
+
+        _logging_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+    return _logging_encode(record)
+
+
 # daemon -> worker
 INVOKE = 1
 SHUTDOWN = 2

@@ -493,3 +493,43 @@ def assert_callers_trace_ids_pass_on(daemon, name: str) -> None:
         assert environment == header
         assert_new_trace_id(header)
     assert first != second
+
+
+def awslambdaric_init_records(texts: list[str], document: dict, version: str) -> list[str]:
+    """What awslambdaric on python`version` writes in JSON logs for each WARNING and ERROR
+    record among `texts` (one an init error's, at that record's timestamp): its
+    LAMBDA_WARNING, `logging.warning` through its own filter and JsonFormatter, and
+    log_error's record of the error `document` (to_json under that runtime's
+    AWS_EXECUTION_ENV), each without the newline that ends it."""
+    import calendar
+    import logging
+
+    from awslambdaric.bootstrap import LambdaLoggerFilter
+    from awslambdaric.lambda_literals import lambda_unhandled_exception_warning_message
+    from awslambdaric.lambda_runtime_log_utils import JsonFormatter
+    from awslambdaric.lambda_runtime_marshaller import to_json
+
+    expected = []
+    for text in texts:
+        if not text.startswith("{") or json.loads(text).get("level") not in ("WARNING", "ERROR"):
+            continue
+        timestamp = json.loads(text)["timestamp"]
+        if json.loads(text)["level"] == "WARNING":
+            record = logging.LogRecord("root", logging.WARNING, __file__, 1,
+                                       lambda_unhandled_exception_warning_message, None, None)
+            record.created = calendar.timegm(time.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ"))
+            LambdaLoggerFilter().filter(record)
+            formatter = JsonFormatter()
+            formatter.converter = time.gmtime
+            expected.append(formatter.format(record).removesuffix("\n"))
+            continue
+        saved = os.environ.get("AWS_EXECUTION_ENV")
+        os.environ["AWS_EXECUTION_ENV"] = f"AWS_Lambda_python{version}"
+        try:
+            expected.append(to_json({"timestamp": timestamp, "level": "ERROR", **document}))
+        finally:
+            if saved is None:
+                del os.environ["AWS_EXECUTION_ENV"]
+            else:
+                os.environ["AWS_EXECUTION_ENV"] = saved
+    return expected

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from support import ROOT, loaded, request_lines, wait_until, write_function
+from support import ROOT, awslambdaric_init_records, loaded, request_lines, wait_until, write_function
 
 ORDERS = """
 import logging
@@ -329,6 +329,40 @@ def test_a_failed_inits_json_log_starts_with_init_start_wherever_it_was_found(da
     tail = base64.b64decode(response.headers["x-amz-log-result"]).decode().split("\n")
     kinds = [r.get("type", r.get("level")) for r in records(tail[1:])]  # its first line may be cut
     assert kinds and kinds == expected[len(expected) - len(kinds):], tail
+
+
+NON_ASCII_INIT_ERRORS = {
+    # Where the worker's Python decides how awslambdaric writes "café ☕": in the
+    # syntax error's frame (found by the daemon), in the message (by a worker).
+    "syntax": "x = 'café ☕' +\ndef handler(event, context):\n    return 1\n",
+    "import": "raise ValueError('café ☕')\ndef handler(event, context):\n    return 1\n",
+}
+
+
+def assert_init_records_are_awslambdarics(daemon, where: str, version: str) -> None:
+    """A failed init's JSON records are the bytes awslambdaric on python`version` writes:
+    json's separators, and its escapes (python3.11 and before) or none (3.12 on)."""
+    write_function(daemon.functions, "accents.py", NON_ASCII_INIT_ERRORS[where])
+    write_function(daemon.functions, "accents.toml", 'log_format = "JSON"\n')
+    loaded(daemon, "accents")
+    response = daemon.invoke("accents", {})
+    document = response.json()
+    request_id = response.headers["x-amzn-requestid"]
+    wait_report(daemon, "accents", request_id)
+    texts = [text for text in request_lines(daemon, "accents", request_id)
+             if text.startswith("{") and json.loads(text).get("level") in ("WARNING", "ERROR")]
+    assert [json.loads(text)["level"] for text in texts] == ["WARNING", "ERROR"] * 2, texts
+    assert texts == awslambdaric_init_records(texts, document, version)
+    escaped = tuple(int(part) for part in version.split(".")) < (3, 12)
+    errors = [text for text in texts if '"level": "ERROR"' in text]
+    assert all(("\\u2615" in text) == escaped and ("☕" in text) != escaped for text in errors), errors
+
+
+@pytest.mark.parametrize("where", list(NON_ASCII_INIT_ERRORS))
+def test_a_python_init_errors_json_records_are_the_bytes_awslambdaric_writes(daemon, where):
+    # The daemon writes awslambdaric's records of an init error (its LAMBDA_WARNING and
+    # log_error's record) as the worker's Python would: this daemon's own, here.
+    assert_init_records_are_awslambdarics(daemon, where, "%d.%d" % sys.version_info[:2])
 
 
 def test_get_function_reports_the_logging_config_boto3_parses(daemon):

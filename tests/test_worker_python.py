@@ -93,6 +93,18 @@ def test_code_is_checked_at_load_in_the_grammar_of_the_workers_python(start_daem
         f"Runtime.UserCodeSyntaxError: Syntax error in module 'broken': {reason} (broken.py, line 1)")
 
 
+@pytest.mark.parametrize("where", ["syntax", "import"])
+def test_a_python_init_errors_json_records_are_what_the_workers_python_writes(
+        start_daemon, functions_dir, other_python, where):
+    # awslambdaric writes log_error's record of an init error with \\u escapes on
+    # python3.11 and before, and its characters as they are on 3.12 and later: the
+    # workers' Python's way, not the daemon's.
+    from test_json_logs import assert_init_records_are_awslambdarics
+
+    daemon = start_daemon(functions_dir, env={"FAASD_WORKERS_PYTHON": other_python})
+    assert_init_records_are_awslambdarics(daemon, where, _version(other_python))
+
+
 def _wheel(directory: Path, name: str, version: str, module: str) -> Path:
     """A pure-Python wheel of one module, as a package index serves one."""
     files = {

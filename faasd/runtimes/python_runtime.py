@@ -356,7 +356,7 @@ def _json_formatter(logging):
     """The formatter of AWS's Python runtime in JSON logs: timestamp, level, message,
     logger, the exception's stackTrace, errorType, errorMessage and location where
     there is one, requestId, then the record's `extra` fields; nothing that is None."""
-    encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+    encode = protocol.logging_json
 
     class JsonFormatter(logging.Formatter):
         def format(self, record):
@@ -514,8 +514,7 @@ def _log_error(error):
     if json_logs:
         # The error document, at ERROR.
         if level not in ("FATAL", "CRITICAL"):
-            sys.stdout.write(_encode_json({"timestamp": _iso_time(time.time()), "level": "ERROR",
-                                           **error}) + "\n")
+            sys.stdout.write(protocol.error_log_json(error, _iso_time(time.time()), _ENSURE_ASCII) + "\n")
             sys.stdout.flush()
         return
     sys.stdout.write(protocol.error_log_record(error["errorType"], error["errorMessage"],
@@ -549,7 +548,7 @@ _decode = json.JSONDecoder().decode
 # awslambdaric writes the characters of a result or an error document as they are on
 # Lambda's python3.12 and later, and as \uXXXX escapes on python3.11 and before
 # (lambda_runtime_marshaller.Encoder); a worker's interpreter is its runtime's version.
-_ENSURE_ASCII = sys.version_info < (3, 12)
+_ENSURE_ASCII = protocol.ensure_ascii(sys.version_info)
 # Built once: json.dumps(..., default=) would build a new encoder on every call.
 _encode_with_marks = json.JSONEncoder(default=_default, ensure_ascii=_ENSURE_ASCII).encode
 _encode_json = json.JSONEncoder(ensure_ascii=_ENSURE_ASCII).encode
