@@ -31,6 +31,11 @@ LET_GO_TIMEOUT_S = 5.0
 Setup = Callable[[AbstractRobustConnection], Awaitable[None]]
 
 
+class SetupRefused(Exception):
+    """Raised by a setup step when this process must not use the broker at all (the cluster's
+    node name is another live node's): the connection is closed and not tried again."""
+
+
 def redact(url: str) -> str:
     parsed = URL(url)
     return str(parsed.with_password("***")) if parsed.password else str(parsed)
@@ -197,6 +202,12 @@ class BrokerConnection:
                     await setup(connection)
             except asyncio.CancelledError:
                 raise
+            except SetupRefused as exc:
+                self._closed = True
+                self.connection = None
+                await self._close_quietly(connection)
+                self.set_state("refused", str(exc))
+                return
             except Exception as exc:
                 # A broker object that exists with other settings, or no rights:
                 # said loudly, retried slowly (an operator has to act).

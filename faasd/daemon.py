@@ -51,6 +51,9 @@ from .workers import HOST_SHORTAGES, Occasional, ReplyPoller, WorkerEnvironment,
 log = logging.getLogger("faasd")
 # What is still in progress when the drain ends gets this long before it is cancelled.
 HTTP_GRACE_S = 1.0
+# The exit status of a daemon that must not run as configured (sysexits.h's
+# EX_CONFIG): systemd/faasd.service does not restart it (RestartPreventExitStatus=).
+EXIT_CONFIG = 78
 # An API Gateway HTTP API takes a request line and headers of up to 10240
 # bytes: a large token or a site's cookies pass aiohttp's 8190 a line.
 MAX_HEADER_BYTES = 10240
@@ -197,6 +200,9 @@ class Daemon:
         self.pool: WorkerPool
         self.invoker: Invoker
         self.queue: Any = None  # the asynchronous invocation queue, when running
+        # Set by a stop signal, or by halt(): serve() then stops the daemon.
+        self.stop_requested = asyncio.Event()
+        self.exit_code = 0
         self.route_hooks: list[Callable[[web.Application], None]] = []
         self.readiness_checks: dict[str, Callable[[], tuple[bool, str]]] = {}
         self.describers: list[Callable[[str, dict], None]] = []
@@ -379,6 +385,14 @@ class Daemon:
         where = (http_url(*self.address) if self.address
                  else str(sockets[0].getsockname()) if sockets else "?")
         log.info("listening on %s with %d functions", where, len(self.registry.specs))
+
+    def halt(self, reason: str) -> None:
+        """Stop, as a stop signal does, and exit with EXIT_CONFIG: this node must not run as
+        configured (its cluster node name is taken), and a restart would only be refused again."""
+        if self.exit_code == 0:
+            log.error("stopping: %s", reason)
+            self.exit_code = EXIT_CONFIG
+        self.stop_requested.set()
 
     def on_cleanup(self, callback: Callable[[], Awaitable[None] | None]) -> None:
         """Run `callback` at shutdown, before everything started earlier."""
@@ -694,7 +708,7 @@ async def serve(config: Config, loader: ConfigLoader | None = None) -> int:
     daemon = Daemon(config)
     notifier = Notifier.from_environment()
     passed = listen_sockets()
-    stop = asyncio.Event()
+    stop = daemon.stop_requested
     hangup = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -742,7 +756,7 @@ async def serve(config: Config, loader: ConfigLoader | None = None) -> int:
     watchdog.cancel()  # pinged through the drain: a slow drain is not a hang
     await asyncio.gather(watchdog, *background, return_exceptions=True)
     notifier.close()
-    return 0
+    return daemon.exit_code
 
 
 def run(config: Config, loader: ConfigLoader | None = None) -> int:

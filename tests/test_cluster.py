@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import aio_pika
+import aiormq
 import pytest
 
 from support import CALLER_TRACE, ROOT, Daemon, Proxy, free_port, http, wait_until, write_function
@@ -52,12 +53,15 @@ class Cluster:
     def start(self, node: str, *, wait: bool = True, url: str | None = None,
               functions: Path | None = None) -> Daemon:
         self.dirs.add(functions or self.functions)
-        daemon = self.start_daemon(functions or self.functions, data=self.tmp / f"data-{node}", wait=wait, env={
-            "FAASD_CLUSTER_MODE": "amqp", "FAASD_AMQP_URL": url or self.url,
-            "FAASD_CLUSTER_NAME": self.name, "FAASD_CLUSTER_NODE": node,
-            "FAASD_CLUSTER_HEARTBEAT_S": "0.5"})
+        daemon = self.start_daemon(functions or self.functions, data=self.tmp / f"data-{node}", wait=wait,
+                                   env=self.env(node, url))
         self.nodes[node] = daemon
         return daemon
+
+    def env(self, node: str, url: str | None = None) -> dict[str, str]:
+        return {"FAASD_CLUSTER_MODE": "amqp", "FAASD_AMQP_URL": url or self.url,
+                "FAASD_CLUSTER_NAME": self.name, "FAASD_CLUSTER_NODE": node,
+                "FAASD_CLUSTER_HEARTBEAT_S": "0.5"}
 
     def view(self, node: str) -> dict[str, Any]:
         response = self.nodes[node].get("/system/cluster")
@@ -92,6 +96,7 @@ class Cluster:
             queues += [self.names.delay(self.names.function(f), ms) for f, ms in self.delays]
             queues += [self.names.node_function(n, f) for n in self.nodes for f in functions]
             queues += [self.names.dead_letter, self.names.scheduler, *self.inboxes]
+            queues += [self.names.claim(n) for n in self.nodes]  # gone with their connections
             for queue in queues:
                 await channel.queue_delete(queue)
             await channel.exchange_delete(self.names.nodes)
@@ -507,6 +512,20 @@ def daemon_lines(daemon: Daemon) -> str:
     return "\n".join(line for line in daemon.output().split("\n") if not re.search(r" \[[\w-]+\] ", line))
 
 
+async def name_held(url: str, claim: str) -> bool:
+    """Whether a node's name claim (an exclusive queue) is held by a live connection."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(claim, passive=True)
+        except aiormq.exceptions.ChannelLockedResource:
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return False
+
+
 async def declare_classic(url: str, queue: str) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
@@ -678,6 +697,8 @@ def test_an_event_running_when_the_connection_drops_finishes_as_its_own_invocati
             return queue["running"] == 0 and queue["held_here"] == 0 and "REPORT" in last
 
         wait_until(settled, 60, interval=0.1, message="the event to run again after the reconnect")
+        # The node holds its name again on the new connection.
+        assert asyncio.run(name_held(amqp_url, cluster.names.claim("cut")))
     finally:
         proxy.close()
     lines = [line.split("\t", 2) for line in node.log_of("slow").splitlines()]
@@ -691,6 +712,60 @@ def test_an_event_running_when_the_connection_drops_finishes_as_its_own_invocati
     # The first run's acknowledgement failed with its channel; the warning says why.
     reasons = re.findall(r"could not \w+ an event of slow \((.*?)\);", node.output())
     assert reasons and all(reason.strip() for reason in reasons), reasons
+
+
+@pytest.mark.amqp
+def test_a_second_node_under_a_name_in_use_refuses_to_run_and_the_first_runs_on(cluster: Cluster):
+    # A config copied from another machine: the same [cluster] node twice.
+    write_function(cluster.functions, "work.py", RECORDER)
+    a, b = cluster.start("a"), cluster.start("b")
+    cluster.wait_formed(2)
+    twin = cluster.nodes["a-copy"] = cluster.start_daemon(
+        cluster.functions, data=cluster.tmp / "data-a-copy", wait=False, env=cluster.env("a"))
+    assert twin.process is not None
+    wait_until(lambda: twin.process.poll() is not None, 30, message="the second node named a to stop")
+    assert twin.process.returncode == 78, twin.output()  # EX_CONFIG: systemd does not restart it
+    said = twin.output()
+    assert (f"another node is running as 'a' (pid {a.process.pid} at {a.url}, instance "
+            f"{cluster.view('a')['nodes'][0]['instance']}); node names must be unique: set [cluster] "
+            "node (or FAASD_CLUSTER_NODE) to a name of this node's own") in said, said
+    # It never announced itself: the others saw no second a, and a is as it was.
+    assert "also calls itself" not in a.output() + b.output()
+    nodes = {n["node"]: n for n in cluster.view("b")["nodes"]}
+    assert set(nodes) == {"a", "b"} and nodes["a"]["address"] == a.url and nodes["a"]["state"] == "ready"
+    assert a.get("/readyz").status == 200
+    request_id = event(b, "work", {"i": 1})
+    wait_until(lambda: request_id in {rid for d in (a, b) for _, rid in log_lines(d, "work", "RAN")}, 30,
+               message="an event to run")
+
+
+@pytest.mark.amqp
+def test_a_node_waits_for_its_name_while_the_broker_holds_a_hung_one_then_the_hung_one_stops(
+        cluster: Cluster):
+    # The old process hangs (SIGSTOP): the broker holds its connection, and the
+    # name, until the AMQP heartbeat (3 s here) runs out. The new one waits for
+    # that, then runs; the old one, woken, finds the name taken and stops.
+    write_function(cluster.functions, "work.py", RECORDER)
+    url = cluster.url + "?heartbeat=3"
+    old = cluster.start("a", url=url)
+    cluster.wait_formed(1)
+    assert old.process is not None
+    old.process.send_signal(signal.SIGSTOP)
+    try:
+        new = cluster.nodes["a-new"] = cluster.start_daemon(
+            cluster.functions, data=cluster.tmp / "data-a-new", wait=False, env=cluster.env("a", url))
+        wait_until(lambda: "held on the broker by another connection" in new.output(), 20,
+                   message="the new node to wait for its name")
+        ready = new.get("/readyz")
+        assert ready.status == 503 and "waiting for the node name a" in ready.text, ready.text
+        wait_until(lambda: new.get("/readyz").status == 200, 30, message="the new node to take its name")
+        assert "node name a is free again: this node takes it" in new.output()
+    finally:
+        old.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: old.process.poll() is not None, 30, message="the old node to stop")
+    assert old.process.returncode == 78
+    assert f"another node is running as 'a' (pid {new.process.pid} at {new.url}" in old.output()
+    assert [(n["node"], n["address"]) for n in new.get("/system/cluster").json()["nodes"]] == [("a", new.url)]
 
 
 def _answers(daemon: Daemon) -> bool:

@@ -13,6 +13,7 @@ import pytest
 
 from faasd.cli import build_parser
 from faasd.config import WorkersConfig
+from faasd.daemon import EXIT_CONFIG
 from support import ROOT
 
 UNITS = ROOT / "systemd"
@@ -102,6 +103,8 @@ def test_service_is_a_notify_service_with_watchdog_reload_and_ordered_stop():
     assert reload[0].endswith("kill") and "-HUP" in reload and "$MAINPID" in reload
     assert one(unit, "KillMode") == "mixed"
     assert one(unit, "Restart") == "on-failure"
+    # A daemon that must not run as configured is not restarted in a loop.
+    assert one(unit, "RestartPreventExitStatus") == str(EXIT_CONFIG)
     # systemd must not SIGKILL the daemon while it drains.
     assert seconds(one(unit, "TimeoutStopSec")) > WorkersConfig().drain_timeout_s + 5
 

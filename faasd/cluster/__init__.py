@@ -15,6 +15,8 @@ whole distributed engine: faasd adds no protocol of its own.
     faasd/cluster/lease.py) queues ticks; when it dies the broker hands the
     token to another node at once, and the node that takes it fires the ticks
     the old owner may not have (at least once, with the same request ids).
+  * A node holds its name on the broker while it runs (faasd/cluster/claim.py):
+    a second node started under the same `[cluster] node` refuses to run.
   * Nodes announce themselves (faasd/cluster/members.py): `GET /system/cluster`
     and `faasd list --cluster` show the nodes, their functions and their load.
   * Synchronous HTTP is not routed through the broker: put the nodes behind
@@ -44,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .. import queue as embedded_queue
+from .claim import NameClaim
 from .lease import ScheduleLease
 from .link import BrokerLink
 from .members import Membership, announcement, default_node_name
@@ -74,6 +77,7 @@ class Cluster:
         self.instance = uuid.uuid4().hex[:8]
         client = f"faasd {socket.gethostname()} node {self.node}"
         self.link = BrokerLink(url, client)
+        self.claim = NameClaim(self.names, self.node, self.instance, on_taken=daemon.halt)
         self.lease = ScheduleLease(self.names, self.node)
         self.queue = ClusterQueue(
             link=self.link, names=self.names, registry=daemon.registry, invoker=daemon.invoker,
@@ -101,6 +105,8 @@ class Cluster:
         await self.lease.on_beat(any(n.get("schedule_owner") for n in live))
 
     async def open(self) -> None:
+        # First: a node whose name is taken does nothing else on the broker.
+        self.link.on_connect(self.claim.setup)
         self.link.on_connect(self.queue.setup)
         self.link.on_connect(self.members.setup)
         self.link.on_connect(self.lease.setup)
@@ -124,10 +130,14 @@ class Cluster:
         await self.lease.release()
         await self.queue.close()
         await self.members.close()
+        await self.claim.close()
         await self.link.close()
 
     def readiness(self) -> tuple[bool, str]:
         state = self.link.state
+        if self.claim.waiting:
+            return False, (f"cluster {self.names.cluster}: waiting for the node name {self.node}, held on "
+                           "the broker by another connection (see the log)")
         if not self.link.connected:
             error = state.get("last_error")
             return False, (f"cluster {self.names.cluster}: broker {state['url']} is {state['state']}"

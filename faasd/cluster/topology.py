@@ -11,6 +11,7 @@ and everything of one cluster is easy to find and to delete:
     faasd.cluster.<name>.nodes                       fanout exchange of node heartbeats
     faasd.cluster.<name>.node.<node>.<instance>      a node's inbox (heartbeats, outcomes)
     faasd.cluster.<name>.scheduler                   the schedule lease (single active consumer)
+    faasd.cluster.<name>.claim.<node>                a node's hold on its name (exclusive, see claim.py)
 
 Queue types: quorum queues (replicated, durable, with a delivery limit) when
 the broker is RabbitMQ 3.10 or later, which is also the first version whose
@@ -74,6 +75,9 @@ class Names:
     @property
     def scheduler(self) -> str:
         return f"{self.prefix}.scheduler"
+
+    def claim(self, node: str) -> str:
+        return f"{self.prefix}.claim.{node}"
 
 
 def broker_version(server_properties: dict[str, Any] | None) -> tuple[int, ...] | None:
