@@ -28,7 +28,10 @@ shape Lambda's API model gives that member, as AWS's front end does: a
 value outside it is ValidationException, quoting the shape's pattern or
 length; a well-formed name of no function here is ResourceNotFoundException.
 `InvocationType=Event` answers 202 only once the event is committed to the
-asynchronous queue (faasd/queue.py); its request id, the qualified ARN the
+asynchronous queue (faasd/queue.py); in a cluster, an Event (or InvokeAsync)
+of a function this node does not have is queued too when another live node
+has it (a rolling deploy), as a function exists for Lambda region-wide,
+not per machine. Its request id, the qualified ARN the
 caller named and the caller's `X-Amzn-Trace-Id` are what the handler sees on
 every attempt. A call's `X-Amzn-Trace-Id` is the `_X_AMZN_TRACE_ID` it runs
 under; without one, the runtime makes a new one for it.
@@ -255,7 +258,7 @@ def client_context(request: web.Request) -> dict[str, Any] | None:
 class Call:
     """An Invoke-style request, checked: what to run, on what, and what to send back."""
 
-    spec: FunctionSpec
+    function: str  # an Event's may be on other nodes of the cluster only (queue_target)
     invoked_arn: str | None  # the ARN the caller named with a qualifier; None: the function's own
     payload: bytes
     client_context: dict[str, Any] | None
@@ -416,6 +419,27 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         takes them, the qualifier, then the `trailing` members' problems, in the
         model's order), before anything is looked up. A name the model allows
         that names no function here is FunctionNotFound."""
+        name, arn, invoked_arn = named(request, naming, *enums, trailing=trailing)
+        spec = daemon.registry.get(name)
+        if spec is None:
+            raise FunctionNotFound(arn)  # its message reads "Function not found: ARN", as Lambda's
+        return spec, invoked_arn
+
+    def queue_target(request: web.Request, naming: Naming, *enums: tuple[str, str, tuple[str, ...]],
+                     trailing: list[Problem] | None = None) -> tuple[str, str | None]:
+        """As target(), for an event to queue: the function's name, which may be
+        one this node does not have when another live node of the cluster has it
+        (a rolling deploy): that node takes the event from the broker."""
+        name, arn, invoked_arn = named(request, naming, *enums, trailing=trailing)
+        elsewhere = getattr(daemon.queue, "loaded_elsewhere", None)
+        if daemon.registry.get(name) is None and not (elsewhere is not None and elsewhere(name)):
+            raise FunctionNotFound(arn)
+        return name, invoked_arn
+
+    def named(request: web.Request, naming: Naming, *enums: tuple[str, str, tuple[str, ...]],
+              trailing: list[Problem] | None = None) -> tuple[str, str, str | None]:
+        """target()'s checks: the function's name, the ARN named, and the ARN it is
+        invoked by when the caller named a qualifier (None: its own)."""
         given = request.match_info["name"]
         queried = request.query.get("Qualifier", "") if naming.qualifier is not None else ""
         problems = naming.function.problems(given) + enum_problems(*enums)
@@ -440,26 +464,28 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                                           f"this region ('{region}')")
         qualifier = qualifier or queried
         arn = function_arn(name, region) + (f":{qualifier}" if qualifier else "")
-        spec = daemon.registry.get(name) if valid_name(name) else None
-        if spec is None or qualifier not in ("", "$LATEST"):
+        if not valid_name(name) or qualifier not in ("", "$LATEST"):
             raise FunctionNotFound(arn)  # its message reads "Function not found: ARN", as Lambda's
-        return spec, arn if qualifier else None
+        return name, arn, arn if qualifier else None
 
     async def read_call(request: web.Request, invocation_type: str, invocation_types: tuple[str, ...]) -> Call:
         """The function, payload and headers of an Invoke-style request, checked
         as Lambda checks them before anything runs (InvokeRefused if wrong)."""
         log_type = request.headers.get("X-Amz-Log-Type", "None")
         tenant = request.headers.get("X-Amz-Tenant-Id")
-        spec, invoked_arn = target(request, QUALIFIED, ("invocationType", invocation_type, invocation_types),
-                                   ("logType", log_type, LOG_TYPES),
-                                   trailing=TENANT_ID.problems(tenant) if tenant is not None else None)
+        # An Event is queued: another node of the cluster may run it.
+        find = queue_target if invocation_type == "Event" else target
+        found, invoked_arn = find(request, QUALIFIED, ("invocationType", invocation_type, invocation_types),
+                                  ("logType", log_type, LOG_TYPES),
+                                  trailing=TENANT_ID.problems(tenant) if tenant is not None else None)
+        function = found if isinstance(found, str) else found.name
         if tenant is not None:
             # Lambda's answer for a function without tenant isolation, as every
             # function here is: never a call run in an environment other tenants share.
-            raise InvalidParameter(f"The function {spec.name} does not have tenant isolation enabled: "
+            raise InvalidParameter(f"The function {function} does not have tenant isolation enabled: "
                                    "invoke it without a TenantId (faasd has no tenant isolation mode)")
         payload = await read_payload(request, invocation_type)
-        return Call(spec, invoked_arn, payload, client_context(request), log_type == "Tail",
+        return Call(function, invoked_arn, payload, client_context(request), log_type == "Tail",
                     caller_trace_id(request.headers.get("X-Amzn-Trace-Id")))
 
     async def read_payload(request: web.Request, invocation_type: str) -> bytes:
@@ -486,20 +512,20 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
                 f"Could not parse request body into json: Could not parse payload into json: {exc}") from None
         return payload
 
-    async def enqueue(spec: FunctionSpec, payload: bytes, request_id: str, invoked_arn: str | None,
+    async def enqueue(function: str, payload: bytes, request_id: str, invoked_arn: str | None,
                       trace_id: str | None) -> web.Response:
         """202 once the event is committed to the asynchronous queue; InvokeRefused if it cannot be."""
         if daemon.queue is None:
             raise InvokeRefused("asynchronous invocation is not available")
         try:
-            await daemon.queue.put(spec.name, payload, request_id=request_id, source="api",
+            await daemon.queue.put(function, payload, request_id=request_id, source="api",
                                    invoked_arn=invoked_arn, trace_id=trace_id)
         except OSError as exc:  # the disk refused: say so, never answer 202
             raise InvokeRefused(f"the event could not be stored: {exc}") from None
         return web.Response(status=202, headers={"x-amzn-RequestId": request_id})
 
     async def run(call: Call, request_id: str, stream: ResponseStream | None = None) -> "Invocation":
-        return await invoker.invoke(call.spec.name, call.payload, request_id=request_id, source="api",
+        return await invoker.invoke(call.function, call.payload, request_id=request_id, source="api",
                                     client_context=call.client_context, invoked_arn=call.invoked_arn,
                                     trace_id=call.trace_id, stream=stream)
 
@@ -511,7 +537,7 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             if invocation_type == "DryRun":
                 return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
             if invocation_type == "Event":
-                return await enqueue(call.spec, call.payload, request_id, call.invoked_arn, call.trace_id)
+                return await enqueue(call.function, call.payload, request_id, call.invoked_arn, call.trace_id)
             invocation = await run(call, request_id)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
@@ -537,7 +563,8 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             call = await read_call(request, invocation_type, STREAM_INVOCATION_TYPES)
             if invocation_type == "DryRun":
                 return web.Response(status=204, headers={"x-amzn-RequestId": request_id})
-            if call.spec.runtime == "python":  # Lambda's Python runtime does not stream
+            spec = daemon.registry.get(call.function)  # here: only an Event may be elsewhere
+            if spec is not None and spec.runtime == "python":  # Lambda's Python runtime does not stream
                 invocation = await run(call, request_id)
                 return web.Response(status=200, body=stream_end(invocation, call.tail, False),
                                     content_type=EVENT_STREAM, headers=headers)
@@ -581,9 +608,9 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
         # Lambda says of it, no trace id is passed on: each run gets a new one.
         request_id = new_request_id()
         try:
-            spec, invoked_arn = target(request, Naming(NAMESPACED_FUNCTION_NAME))
+            function, invoked_arn = queue_target(request, Naming(NAMESPACED_FUNCTION_NAME))
             payload = await read_payload(request, INVOKE_ASYNC)
-            return await enqueue(spec, payload, request_id, invoked_arn, None)
+            return await enqueue(function, payload, request_id, invoked_arn, None)
         except InvokeRefused as exc:
             return service_error(exc, request_id)
 

@@ -384,11 +384,14 @@ async def notify_done(callback: OnDone | None, outcome: QueuedOutcome) -> None:
 
 
 def admit(closing: bool, registry: "Registry", function: str, payload: Any,
-          request_id: str | None) -> tuple[str, bytes]:
-    """The checks of put(): the request id to use and the payload as bytes, or the error."""
+          request_id: str | None, elsewhere: Callable[[str], bool] | None = None) -> tuple[str, bytes]:
+    """The checks of put(): the request id to use and the payload as bytes, or the error.
+
+    `elsewhere(name)`: whether another node that takes the event has the function (a cluster's).
+    """
     if closing:
         raise ShuttingDown("faasd is shutting down: the event was not queued")
-    if registry.get(function) is None:
+    if registry.get(function) is None and not (elsewhere is not None and elsewhere(function)):
         raise FunctionNotFound(function)
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError(f"payload must be JSON bytes, not {type(payload).__name__}")

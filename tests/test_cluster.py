@@ -453,6 +453,31 @@ def test_a_destination_function_on_other_nodes_only_gets_its_records(cluster: Cl
 
 
 @pytest.mark.amqp
+def test_an_event_for_a_function_only_other_nodes_have_is_queued_for_them(cluster: Cluster):
+    # A rolling deploy: `work` is on a, not yet on b, and the load balancer sends to b.
+    write_function(cluster.functions, "work.py", RECORDER)
+    behind = cluster.tmp / "functions-behind"
+    write_function(behind, "other.py", SUCCEEDING)
+    a, b = cluster.start("a"), cluster.start("b", functions=behind)
+    cluster.wait_formed(2)
+    invoke = event(b, "work", {"i": 1})
+    response = b.post("/2014-11-13/functions/work/invoke-async/", {"i": 2})
+    assert response.status == 202, response.text
+    queued = response.headers["x-amzn-requestid"]
+    wait_until(lambda: {rid for _, rid in log_lines(a, "work", "RAN")} == {invoke, queued}, 30,
+               interval=0.2, message="both events to run on a")
+    # No live node has it: 404, as before; nor is a call run elsewhere (b has no worker for it).
+    nowhere = b.invoke("nowhere", {}, **{"X-Amz-Invocation-Type": "Event"})
+    assert nowhere.status == 404 and nowhere.json()["Type"] == "User", nowhere.text
+    assert "Function not found: arn:aws:lambda:us-east-1:000000000000:function:nowhere" in nowhere.text
+    assert b.invoke("work", {"i": 3}).status == 404
+    # Once a is gone, b no longer takes events for it.
+    a.stop()
+    wait_until(lambda: b.invoke("work", {}, **{"X-Amz-Invocation-Type": "Event"}).status == 404, 30,
+               message="b to refuse events of a function no live node has")
+
+
+@pytest.mark.amqp
 def test_an_event_keeps_its_qualifier_and_trace_through_the_broker_and_its_retries(cluster: Cluster):
     write_function(cluster.functions, "teller.toml", "[async]\nmax_retries = 1\nretry_delays_s = [1]\n")
     write_function(cluster.functions, "teller.py", ARN_TELLER)

@@ -79,7 +79,8 @@ A function that cannot load on this node is not consumed here: its events
 wait for a node that can load it (or for the fix), instead of being
 dead-lettered because of one broken node. Likewise a destination function
 that another live node has (its heartbeat says so) gets its records from
-this node, which does not have it (yet).
+this node, which does not have it (yet), and so does an Event invoke of it
+sent to this node (`put` with a durable, shared source).
 
 Figures (`stats()`): `depth` is the events waiting on the broker (every
 node's, refreshed at each heartbeat) plus those this node holds; `running`,
@@ -413,8 +414,14 @@ class ClusterQueue:
     async def put(self, function: str, payload: bytes, *, request_id: str | None = None,
                   source: str = "api", on_done: OnDone | None = None, durable: bool = True,
                   invoked_arn: str | None = None, trace_id: str | None = None) -> str:
-        """Queue one event on the broker; return its request id once the broker confirmed it."""
-        request_id, data = admit(self._closing, self.registry, function, payload, request_id)
+        """Queue one event on the broker; return its request id once the broker confirmed it.
+
+        A function this node does not have is taken too when another live node
+        has it (a rolling deploy): that node runs it. Not an event run here
+        (durable=False) or one only this node may run (a file's)."""
+        shared = durable and source not in NODE_LOCAL_SOURCES
+        request_id, data = admit(self._closing, self.registry, function, payload, request_id,
+                                 elsewhere=self.loaded_elsewhere if shared else None)
         job = Job(function, request_id, data, source, time.time(), home=self._home(function, source),
                   invoked_arn=invoked_arn, trace_id=trace_id)
         if not durable:
