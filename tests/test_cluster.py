@@ -699,6 +699,38 @@ def test_a_node_stops_at_once_while_its_broker_is_unreachable(cluster: Cluster, 
 
 
 @pytest.mark.amqp
+def test_a_node_cut_off_from_the_broker_says_so_and_does_not_call_the_others_lost(cluster: Cluster,
+                                                                                  amqp_url: str):
+    write_function(cluster.functions, "work.py", RECORDER)
+    proxy = Proxy(("127.0.0.1", 5672))
+    try:
+        cut = cluster.start("cut", url=amqp_url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}"))
+        cluster.start("other")
+        cluster.wait_formed(2)
+        proxy.cut()
+        wait_until(lambda: cut.get("/readyz").status == 503, 20, message="the cut node to be unready")
+        # Well past the three heartbeats (1.5 s) after which a silent node is lost.
+        time.sleep(3)
+        view = cluster.view("cut")
+        states = {n["node"]: n["state"] for n in view["nodes"]}
+        assert states == {"cut": "disconnected", "other": "unknown"}, view["nodes"]
+        assert view["schedule_owner"] is None and view["broker"]["state"] != "connected"
+        assert "node other is lost" not in cut.output()
+        # The others, which do hear each other, see the cut node lost.
+        assert {n["node"]: n["state"] for n in cluster.view("other")["nodes"]} == {
+            "other": "ready", "cut": "lost"}
+        listing = subprocess.run([sys.executable, "-m", "faasd", "list", "--cluster", "--url", cut.url],
+                                 capture_output=True, text=True, timeout=30, cwd=ROOT)
+        assert re.search(r"^cut\s+\S+\s+disconnected\s", listing.stdout, re.M), listing.stdout
+        assert re.search(r"^other\s+\S+\s+unknown\s", listing.stdout, re.M), listing.stdout
+        proxy.restore()
+        cluster.wait_formed(2)
+        assert "node other is lost" not in cut.output()
+    finally:
+        proxy.close()
+
+
+@pytest.mark.amqp
 def test_an_event_running_when_the_connection_drops_finishes_as_its_own_invocation(cluster: Cluster,
                                                                                    amqp_url: str):
     # The broker takes the event back when the connection drops, and runs it

@@ -158,7 +158,8 @@ class Cluster:
         return True, detail + (f"; {unsent}" if unsent else "")
 
     def _live_peers(self) -> list[dict[str, Any]]:
-        return [n for n in self.members.nodes() if not n.get("self") and n.get("state") != "lost"]
+        return [n for n in self.members.nodes()
+                if not n.get("self") and n.get("state") not in ("lost", "unknown")]
 
     def schedules_held_elsewhere(self) -> bool:
         """Whether another node holds the schedule lease now. Connected, this node

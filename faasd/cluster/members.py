@@ -11,6 +11,12 @@ workqueue.py). A node that stops says so (`leaving`) and is forgotten; one
 not heard from for three intervals is shown as `lost`, and forgotten after
 `FORGET_LOST_S`. Heartbeats are not persisted: a node that misses some is
 only as stale as its last one.
+
+A node whose own broker connection is down hears nobody: it does not take
+that silence for the others' death. Meanwhile its view shows itself as
+`disconnected` and the others as `unknown` (as last heard, with their age);
+none is declared lost, nor forgotten. Once it hears again, a node is lost
+only if it stays silent for three intervals from then.
 """
 
 from __future__ import annotations
@@ -119,6 +125,8 @@ class Membership:
         self._task: asyncio.Task | None = None
         self._warned_twins: set[str] = set()
         self._lost: set[str] = set()  # peers said to be lost, until heard from or forgotten
+        # Since when this node hears the others: None while its broker connection is down.
+        self._hearing_since: float | None = None
 
     async def setup(self, connection: Any) -> None:
         channel = await connection.channel(publisher_confirms=False)
@@ -131,6 +139,9 @@ class Membership:
         self._exchange = exchange
         self._channel = channel
         self._connection = connection
+        self._hearing_since = time.time()
+        connection.close_callbacks.add(self._deaf)
+        connection.reconnect_callbacks.add(self._hearing_again)
         await self._publish(HEARTBEAT_TYPE, self.describe_self())
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._beat_forever(),
@@ -194,10 +205,27 @@ class Membership:
         body["seen_at"] = time.time()
         self.peers[name] = body
 
+    def _deaf(self, *_args: Any) -> None:
+        self._hearing_since = None
+
+    def _hearing_again(self, *_args: Any) -> None:
+        self._hearing_since = time.time()
+
+    @property
+    def hearing(self) -> bool:
+        """Whether this node hears the others (its broker connection is up)."""
+        return self._hearing_since is not None
+
+    def _silent_for(self, peer: dict[str, Any], now: float) -> float:
+        """How long `peer` has been silent while this node could hear it."""
+        return now - max(peer["seen_at"], self._hearing_since or 0.0)
+
     def _forget_lost(self) -> None:
+        if self._hearing_since is None:
+            return  # deaf: the others' silence says nothing
         now = time.time()
         for name, peer in list(self.peers.items()):
-            age = now - peer["seen_at"]
+            age = self._silent_for(peer, now)
             if age > FORGET_LOST_S:
                 log.info("cluster: forgetting node %s, not heard from for %ds", name, age)
                 del self.peers[name]
@@ -212,12 +240,17 @@ class Membership:
         """Every node known, this one first (as it is now), then by name."""
         now = time.time()
         me = dict(self.describe_self(), seen_at=now, last_seen_s=0.0, self=True)
+        hearing = self.hearing
+        if not hearing and me["state"] == "ready":
+            me["state"] = "disconnected"  # serving HTTP, but cut off from the cluster
         others = []
         for name, peer in sorted(self.peers.items()):
-            age = now - peer["seen_at"]
             beat = float(peer.get("heartbeat_s") or self.heartbeat_s)
-            entry = dict(peer, last_seen_s=round(age, 3), self=False)
-            if age > beat * LOST_AFTER_BEATS:
+            entry = dict(peer, last_seen_s=round(now - peer["seen_at"], 3), self=False)
+            if not hearing:
+                entry["state"] = "unknown"
+                entry["schedule_owner"] = False
+            elif self._silent_for(peer, now) > beat * LOST_AFTER_BEATS:
                 entry["state"] = "lost"
                 entry["schedule_owner"] = False
             others.append(entry)
