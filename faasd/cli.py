@@ -215,9 +215,14 @@ def cmd_list_cluster(args: argparse.Namespace) -> int:
         functions = ", ".join(node.get("functions") or []) or "-"
         if node.get("failing"):
             functions += " (failing: " + ", ".join(node["failing"]) + ")"
-        rows.append((name, node.get("address") or "-", node.get("state", "?"),
-                     f"{load.get('inflight', 0)}/{load.get('max_concurrency', '?')}",
-                     str(load.get("loadavg_1m", "-")), functions))
+        state = node.get("state", "?")
+        inflight = f"{load.get('inflight', 0)}/{load.get('max_concurrency', '?')}"
+        loadavg = str(load.get("loadavg_1m", "-"))
+        if state in ("lost", "unknown"):
+            # Not heard from: how long ago, and no load figures that are only its last word.
+            state += f", {float(node.get('last_seen_s') or 0):.0f}s ago"
+            inflight = loadavg = "-"
+        rows.append((name, node.get("address") or "-", state, inflight, loadavg, functions))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5])
