@@ -440,6 +440,25 @@ class Proxy:
         self.cut()
         self.listener.close()
 
+class BodyStaller(Proxy):
+    """Passes requests on to the daemon, but not the body of one whose request
+    line starts with STALLS: the daemon waits for it, then refuses with 408."""
+
+    STALLS = b"POST /"
+
+    @classmethod
+    def forwarding(cls):
+        stalled = False
+
+        def forward(data: bytes) -> bytes:
+            nonlocal stalled
+            if stalled:
+                return b""
+            if data.startswith(cls.STALLS):
+                data, stalled = data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n", True
+            return data
+        return forward
+
 
 def scrape(daemon) -> dict[tuple[str, frozenset], float]:
     """`GET /metrics`, parsed: (sample name, labels) -> value."""

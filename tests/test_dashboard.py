@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from probe import PROBE_HANDLER, Probe
-from support import ROOT, Proxy, descendants, free_port, loaded, wait_until, write_function
+from support import ROOT, BodyStaller, descendants, free_port, loaded, wait_until, write_function
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
@@ -397,28 +397,16 @@ def test_a_function_that_cannot_load_shows_no_memory_figure(start_daemon, functi
     assert "MB" not in text_of(browser, "invoke-meta"), text_of(browser, "invoke-meta")
 
 
-class BodyStaller(Proxy):
-    """Passes the page's requests to the daemon, but not the body of an
-    invocation: the daemon waits for it, then refuses with 408."""
+class InvokeBodyStaller(BodyStaller):
+    """Stalls the body of an invocation."""
 
-    @staticmethod
-    def forwarding():
-        stalled = False
-
-        def forward(data: bytes) -> bytes:
-            nonlocal stalled
-            if stalled:
-                return b""
-            if data.startswith(b"POST /system/functions/"):
-                data, stalled = data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n", True
-            return data
-        return forward
+    STALLS = b"POST /system/functions/"
 
 
 def test_an_invocation_refused_with_408_shows_as_a_refusal(start_daemon, functions_dir, browser):
     write_function(functions_dir, "greet.py", GREET)
     daemon = start_daemon(functions_dir, env={"FAASD_SERVER_IDLE_TIMEOUT_S": "1"})
-    proxy = BodyStaller(("127.0.0.1", daemon.port))
+    proxy = InvokeBodyStaller(("127.0.0.1", daemon.port))
     try:
         browser.get(f"http://127.0.0.1:{proxy.port}/ui/")
         wait_until(lambda: browser.find_elements("css selector", "#invoke-function option[value=greet]"), 20,

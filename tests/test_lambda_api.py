@@ -17,7 +17,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from probe import PROBE_HANDLER, Probe
-from support import (CALLER_TRACE, ROOT, Proxy, assert_new_trace_id, lambda_client, newer_python, request_lines,
+from support import (CALLER_TRACE, ROOT, BodyStaller, assert_new_trace_id, lambda_client, newer_python, request_lines,
                      wait_until, write_function)
 
 ECHO = """
@@ -1229,29 +1229,17 @@ def test_the_faasd_cli_prints_an_invocations_result(daemon, lam):
         assert answer.stderr.startswith(f"faasd: cannot call {url}") and "http://HOST:PORT" in answer.stderr
 
 
-class BodyStaller(Proxy):
-    """Passes requests on to the daemon, but not the body of a Lambda API call: the
-    daemon waits for it, then refuses with 408."""
+class ApiBodyStaller(BodyStaller):
+    """Stalls the body of a Lambda API call."""
 
-    @staticmethod
-    def forwarding():
-        stalled = False
-
-        def forward(data: bytes) -> bytes:
-            nonlocal stalled
-            if stalled:
-                return b""
-            if data.startswith(b"POST /2015-03-31/"):
-                data, stalled = data.partition(b"\r\n\r\n")[0] + b"\r\n\r\n", True
-            return data
-        return forward
+    STALLS = b"POST /2015-03-31/"
 
 
 def test_a_stalled_body_on_the_lambda_api_is_a_request_timeout_exception(start_daemon, functions_dir):
     write_function(functions_dir, "echo.py", ECHO)
     daemon = start_daemon(functions_dir, env={"FAASD_SERVER_IDLE_TIMEOUT_S": "1"})
     wait_loaded(daemon, "echo")
-    proxy = BodyStaller(("127.0.0.1", daemon.port))
+    proxy = ApiBodyStaller(("127.0.0.1", daemon.port))
     try:
         lam = lambda_client(f"http://127.0.0.1:{proxy.port}")
         error = refused(lambda: lam.invoke(FunctionName="echo", Payload=b'{"k": 1}'),
