@@ -215,6 +215,21 @@ def wrk(url: str, *, threads: int = 1, connections: int = 16, seconds: int = 5,
     return result
 
 
+def interleaved(urls: dict[str, str], servers: dict[str, int]) -> dict[str, list[dict]]:
+    """Targets 1 and 2's runs, side by side: each side warmed, then REPS rounds of
+    wrk -c16 on every side in turn (CPU counted for `servers`' pids), then -c1 on
+    every side. Keyed by side, and by side + "1" for the one-connection runs."""
+    for url in urls.values():
+        wrk(url, seconds=2)  # warm each
+    runs: dict[str, list[dict]] = {f"{side}{c}": [] for side in urls for c in ("", "1")}
+    for _ in range(REPS):
+        for side, url in urls.items():
+            runs[side].append(wrk(url, connections=16, server=servers[side]))
+        for side, url in urls.items():
+            runs[side + "1"].append(wrk(url, connections=1, seconds=3))
+    return runs
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

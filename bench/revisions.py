@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common import REPS, ROOT, bare_server, emit_json, faasd_server, median, report, wrk
+from common import REPS, ROOT, bare_server, emit_json, faasd_server, interleaved, median, report
 from throughput import NOOP
 
 
@@ -28,15 +28,7 @@ def main() -> None:
     with bare_server() as bare, faasd_server(NOOP, root=roots["before"]) as before, \
             faasd_server(NOOP, root=roots["after"]) as after:
         urls = {"bare": bare, "before": before + "/function/noop", "after": after + "/function/noop"}
-        pids = {"bare": bare.pid, "before": before.pid, "after": after.pid}
-        for url in urls.values():
-            wrk(url, seconds=2)  # warm each
-        runs: dict[str, list[dict]] = {f"{side}{c}": [] for side in urls for c in ("", "1")}
-        for _ in range(REPS):
-            for side, url in urls.items():
-                runs[side].append(wrk(url, connections=16, server=pids[side]))
-            for side, url in urls.items():
-                runs[side + "1"].append(wrk(url, connections=1, seconds=3))
+        runs = interleaved(urls, {"bare": bare.pid, "before": before.pid, "after": after.pid})
 
     def med(side: str, key: str) -> float:
         return median([r[key] for r in runs[side]])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 
-from common import REPS, bare_server, emit_json, faasd_server, floor_server, median, report, wrk
+from common import REPS, bare_server, emit_json, faasd_server, floor_server, interleaved, median, report
 
 CPU_PARTS = ("cpu_server_us", "cpu_children_us", "cpu_client_us")
 
@@ -32,15 +32,7 @@ def main() -> None:
     with bare_server() as bare, floor_server() as floor, faasd_server(NOOP) as faasd:
         target = faasd + "/function/noop"
         sides = {"bare": bare, "floor": floor, "faasd": target}
-        servers = {"bare": bare.pid, "floor": floor.pid, "faasd": faasd.pid}
-        for url in sides.values():
-            wrk(url, seconds=2)  # warm each
-        runs: dict[str, list[dict]] = {f"{side}{c}": [] for side in sides for c in ("", "1")}
-        for _ in range(REPS):
-            for side, url in sides.items():
-                runs[side].append(wrk(url, connections=16, server=servers[side]))
-            for side, url in sides.items():
-                runs[side + "1"].append(wrk(url, connections=1, seconds=3))
+        runs = interleaved(sides, {"bare": bare.pid, "floor": floor.pid, "faasd": faasd.pid})
 
     def med(side: str, key: str) -> float:
         return median([r[key] for r in runs[side]])
