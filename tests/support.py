@@ -252,6 +252,13 @@ class Daemon:
             return ""
         return self.log_path.read_bytes().decode(errors="replace")
 
+    def refused(self) -> str:
+        """Wait for a start refused as a setting's fault (exit status 1, no traceback); what it said."""
+        status = self.process.wait(timeout=30)
+        output = self.output()
+        assert status == 1 and "Traceback" not in output, (status, output)
+        return output
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int | None:
         """Stop the daemon; then make sure nothing it started survives."""
         if self.process is None:

@@ -1190,10 +1190,9 @@ def test_serve_refuses_a_host_that_is_not_this_machines_saying_what_to_set(tmp_p
     # The fixture's --host 127.0.0.1 comes first; this one, given after it, wins.
     daemon.start(wait=False)
     try:
-        assert daemon.process.wait(timeout=30) == 1
-        output = daemon.output()
+        output = daemon.refused()
         assert f"cannot start: {said.format(port=daemon.port)}" in output, output
-        assert "Traceback" not in output and "[Errno" not in output, output
+        assert "[Errno" not in output, output
     finally:
         daemon.stop()
 
@@ -1207,9 +1206,8 @@ def test_serve_refuses_a_data_dir_that_is_a_file_saying_what_to_set(tmp_path):
     afile.write_text("")
     daemon = Daemon(functions=functions, data=afile, port=free_port()).start(wait=False)
     try:
-        assert daemon.process.wait(timeout=30) == 1
         assert (f"cannot start: data: {afile} is not a directory: set [paths] data (or --data-dir, "
-                "FAASD_PATHS_DATA) to a directory faasd may write") in daemon.output(), daemon.output()
+                "FAASD_PATHS_DATA) to a directory faasd may write") in daemon.refused(), daemon.output()
     finally:
         daemon.stop()
 
@@ -1250,10 +1248,9 @@ def test_serve_refuses_a_data_dir_on_a_disk_that_takes_no_writes_saying_what_to_
             subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
         daemon = Daemon(functions=functions, data=data, port=free_port()).start(wait=False)
         try:
-            assert daemon.process.wait(timeout=30) == 1
-            output = daemon.output()
+            output = daemon.refused()
             assert f"cannot start: data: {said}" in output, output
-            assert "Traceback" not in output and "[Errno" not in output, output
+            assert "[Errno" not in output, output
         finally:
             daemon.stop()
     finally:
@@ -1268,9 +1265,8 @@ def test_serve_refuses_a_functions_dir_whose_parent_is_missing_and_creates_a_mis
     typo = tmp_path / "no" / "such" / "functions"
     refused = Daemon(functions=typo, data=tmp_path / "data", port=free_port()).start(wait=False)
     try:
-        assert refused.process.wait(timeout=30) == 1
         assert (f"cannot start: functions: {typo} does not exist: create it, or set [paths] "
-                "functions (or --functions) to the directory that holds them") in refused.output()
+                "functions (or --functions) to the directory that holds them") in refused.refused()
         assert not (tmp_path / "no").exists()
     finally:
         refused.stop()
