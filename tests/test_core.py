@@ -1634,7 +1634,14 @@ def test_running_out_of_file_descriptors_is_faasds_fault_and_is_said_once_with_t
     try:
         for _ in range(80):
             held.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=5))
-        wait_until(lambda: "out of file descriptors" in daemon.output(), message="the shortage to be said")
+        try:
+            wait_until(lambda: "out of file descriptors" in daemon.output(), timeout=20,
+                       message="the shortage to be said")
+        except AssertionError:  # say what the daemon held, to tell why it was not short
+            held_fds = sorted(os.readlink(f"/proc/{daemon.process.pid}/fd/{fd}")
+                              for fd in os.listdir(f"/proc/{daemon.process.pid}/fd"))
+            raise AssertionError(f"no shortage said with {len(held)} connections made; the daemon "
+                                 f"holds {len(held_fds)}: {held_fds}\n{daemon.output()[-4000:]}") from None
         time.sleep(2.5)  # looked at again twice, still short
     finally:
         for connection in held:
