@@ -39,10 +39,9 @@ import orjson
 from multidict import CIMultiDict
 from aiohttp import web
 
-from .api import BODY_KEY, host_name, read_body
+from .api import BODY_KEY, host_name, on_lambda_api, read_body
 from .config import Config, ConfigError
 from .errors import AccessDenied, InvokeRefused
-from .lambda_api import is_lambda_api
 from .sigv4 import ALGORITHM, AuthError, precheck_sigv4, verify_sigv4
 from .spec import ACCOUNT_ID, FunctionSpec, new_request_id
 
@@ -160,8 +159,7 @@ class RequestGuard:
         keys = self._state.current
         # Classify by the decoded and the raw path alike: `%2F` and friends
         # cannot move a request out from under a check.
-        paths = (request.path, request.rel_url.raw_path)
-        if any(is_lambda_api(p) for p in paths):
+        if on_lambda_api(request):
             try:
                 # The cheap checks first: an unsigned caller costs no upload.
                 precheck_sigv4(request.rel_url.raw_query_string, request.headers, keys,
@@ -178,7 +176,7 @@ class RequestGuard:
                 from .lambda_api import service_error
 
                 return service_error(exc)
-        elif any(is_operator_path(p) for p in paths):
+        elif any(is_operator_path(p) for p in (request.path, request.rel_url.raw_path)):
             header = request.headers.get("Authorization")
             if bearer_key(header, keys) is None:
                 return operator_refusal(bool(header))
@@ -214,7 +212,7 @@ class LoopbackHosts:
         message = (f"Host {host!r} is refused: without [auth] keys faasd answers only requests that name "
                    "it by localhost or an IP address, not a page of another site reaching it through "
                    "DNS rebinding; set [auth] keys to serve other names")
-        if any(is_lambda_api(path) for path in (request.path, request.rel_url.raw_path)):
+        if on_lambda_api(request):
             from .lambda_api import service_error
 
             return service_error(AccessDenied(message))  # Lambda's 403, which botocore names
