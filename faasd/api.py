@@ -212,7 +212,6 @@ def http_trigger_handler(daemon: "Daemon"):
         started leaves the body as far as it got; its log tells the error."""
         head = bytearray()  # what came before the body started, or all of a return value
         started: list[web.StreamResponse] = []  # the response, once the metadata has come
-        reading: list[asyncio.Task[None]] = []
 
         async def read(stream: ResponseStream) -> None:
             """From the first piece on: the metadata, then the body as it comes."""
@@ -247,17 +246,14 @@ def http_trigger_handler(daemon: "Daemon"):
                 stream.abandon()  # the caller went away: the function runs on to its end
 
         stream = ResponseStream()
-        stream.on_start = lambda: reading.append(asyncio.ensure_future(read(stream)))
         try:
-            invocation = await invoker.invoke(name, payload, request_id=request_id, source="http",
-                                              trace_id=trace_id, stream=stream)
+            invocation, reading = await stream.carry(invoker.invoke(
+                name, payload, request_id=request_id, source="http", trace_id=trace_id, stream=stream), read)
         except InvokeRefused as exc:  # before the function ran: nothing was streamed
             return refused(exc)
-        finally:
-            stream.close()
-        if not reading:
+        if reading is None:
             return answer(name, invocation, request_id, invocation.payload)
-        await reading[0]
+        await reading
         if started:
             response = started[0]
             if response.prepared and not _gone(request):

@@ -572,7 +572,6 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             return service_error(exc, request_id)
         response = web.StreamResponse(status=200, headers=headers)
         response.content_type = EVENT_STREAM
-        sent: list[asyncio.Task[bool]] = []
 
         async def send(stream: ResponseStream) -> bool:
             """Start the answer at the first piece, then send each as it comes; False
@@ -587,17 +586,14 @@ def lambda_routes(app: web.Application, daemon: "Daemon") -> None:
             return True
 
         stream = ResponseStream()
-        stream.on_start = lambda: sent.append(asyncio.ensure_future(send(stream)))
         try:
-            invocation = await run(call, request_id, stream)
+            invocation, sending = await stream.carry(run(call, request_id, stream), send)
         except InvokeRefused as exc:  # before the function ran: nothing was streamed
             return service_error(exc, request_id)
-        finally:
-            stream.close()
         end = stream_end(invocation, call.tail, stream.started)
-        if not sent:
+        if sending is None:
             return web.Response(status=200, body=end, content_type=EVENT_STREAM, headers=headers)
-        if await sent[0]:
+        if await sending:
             await response.write(end)
             await response.write_eof()
         return response

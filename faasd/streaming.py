@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 # Lambda's limit for a streamed response: "response streaming functions can return
 # payloads up to 200 MB, compared to the 6 MB maximum for buffered responses".
 MAX_STREAMED_RESPONSE_BYTES = 200 * 1024 * 1024
 HIGH_WATER = 1024 * 1024  # bytes the caller has not taken yet, past which the worker waits
 LOW_WATER = 256 * 1024  # and below which it goes on
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 Throttle = Callable[[bool], None]  # True: stop reading from the worker; False: read again
 
@@ -62,6 +65,20 @@ class ResponseStream:
     @property
     def too_large(self) -> bool:
         return self.size > self.limit
+
+    async def carry(self, call: Awaitable[T],
+                    reader: Callable[[ResponseStream], Awaitable[R]]) -> tuple[T, asyncio.Task[R] | None]:
+        """Await `call`, the invocation that feeds this stream, with `reader` (the caller's
+        side) started as a task at the first piece the function streams: a call that
+        streams nothing starts none. The stream is closed once `call` has ended or raised.
+        `call`'s result, and the reader's task (None: nothing was streamed)."""
+        reading: list[asyncio.Task[R]] = []
+        self.on_start = lambda: reading.append(asyncio.ensure_future(reader(self)))
+        try:
+            result = await call
+        finally:
+            self.close()
+        return result, reading[0] if reading else None
 
     # -- the worker's side -------------------------------------------------------------
 
